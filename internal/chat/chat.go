@@ -63,7 +63,6 @@ func ValidID(s string) bool {
 	return true
 }
 
-
 // Usage counts the model tokens a turn used, when the provider reports them.
 type Usage struct {
 	PromptTokens     int `json:"prompt_tokens"`

@@ -1,0 +1,209 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/gateway"
+)
+
+// config is every setting of every subcommand; each subcommand registers
+// the flags it uses. Defaults live here.
+type config struct {
+	Addr       string
+	DataDir    string
+	StoreURL   string
+	NATSURL    string
+	NATSCreds  string
+	NATSCA     string
+	NATSCert   string
+	NATSKey    string
+	NATSListen string
+	Replicas   int
+	Retention  time.Duration
+	AckWait    time.Duration
+
+	Provider          string
+	Model             string
+	Models            string
+	OpenAIBaseURL     string
+	OpenAIAPIKey      string
+	OpenAIHeaders     stringList
+	SystemPrompt      string
+	ContextBudget     int
+	OpenAIConnect     time.Duration
+	OpenAIFirstToken  time.Duration
+	OpenAIIdle        time.Duration
+	OpenAIMaxRetries  int
+	SimRate           float64
+	SimTokens         int
+	BatchWindow       time.Duration
+	DeltaTimestamps   bool
+	WorkerConcurrency int
+	SnapshotInterval  time.Duration
+
+	Dev            bool
+	devSet         bool
+	JWTSecret      string
+	JWTPublicKey   string
+	JWTIssuer      string
+	JWTAudience    string
+	AllowedOrigins string
+
+	Limits          gateway.Limits
+	TokensPerHour   int
+	CancelWait      time.Duration
+	PingInterval    time.Duration
+	IdleTimeout     time.Duration
+	ShutdownTimeout time.Duration
+	LogLevel        string
+	LogFormat       string
+}
+
+type stringList []string
+
+func (s *stringList) String() string { return strings.Join(*s, ", ") }
+func (s *stringList) Set(v string) error {
+	*s = append(*s, v)
+	return nil
+}
+
+type role int
+
+const (
+	roleServe role = iota
+	roleGateway
+	roleWorker
+	roleMigrate
+)
+
+func (c *config) register(fs *flag.FlagSet, r role) {
+	gw := r == roleServe || r == roleGateway
+	wk := r == roleServe || r == roleWorker
+	if r == roleServe {
+		fs.StringVar(&c.DataDir, "data-dir", "./data", "where serve keeps SQLite and JetStream files")
+		fs.StringVar(&c.NATSListen, "nats-listen", "", "also accept NATS clients on this address (embedded server; default: no port)")
+	}
+	fs.StringVar(&c.StoreURL, "store-url", "", "sqlite:///path/file.db or postgres://… (serve default: SQLite in --data-dir)")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.LogFormat, "log-format", "text", "text or json")
+	if r == roleMigrate {
+		return
+	}
+	fs.StringVar(&c.NATSURL, "nats-url", "", "external NATS servers, comma separated (serve default: embedded)")
+	fs.StringVar(&c.NATSCreds, "nats-creds", "", "NATS credentials file")
+	fs.StringVar(&c.NATSCA, "nats-tls-ca", "", "CA certificate file for NATS TLS")
+	fs.StringVar(&c.NATSCert, "nats-tls-cert", "", "client certificate file for NATS TLS")
+	fs.StringVar(&c.NATSKey, "nats-tls-key", "", "client key file for NATS TLS")
+	fs.IntVar(&c.Replicas, "replicas", 1, "replication factor of streams and buckets (3 on a three-node cluster)")
+	fs.DurationVar(&c.Retention, "retention", 24*time.Hour, "how long turn events stay resumable after the turn ends")
+	fs.DurationVar(&c.AckWait, "ack-wait", 4*time.Second, "how long a silent worker keeps a job before it is redelivered")
+	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "how long a graceful shutdown may take")
+	if gw {
+		fs.StringVar(&c.Addr, "addr", "127.0.0.1:8080", "listen address (:0 picks a free port)")
+		fs.BoolFunc("dev", "accept connections without a token as user dev (default: on when --addr is loopback and no JWT key is set)", func(v string) error {
+			switch v {
+			case "true", "1", "":
+				c.Dev = true
+			case "false", "0":
+				c.Dev = false
+			default:
+				return errors.New("want true or false")
+			}
+			c.devSet = true
+			return nil
+		})
+		fs.StringVar(&c.JWTSecret, "jwt-secret", "", "HS256 secret for Bearer tokens")
+		fs.StringVar(&c.JWTPublicKey, "jwt-public-key", "", "RS256 or ES256 public key: a PEM file path or the PEM itself")
+		fs.StringVar(&c.JWTIssuer, "jwt-issuer", "", "required iss claim, when set")
+		fs.StringVar(&c.JWTAudience, "jwt-audience", "", "required aud claim, when set")
+		fs.StringVar(&c.AllowedOrigins, "allowed-origins", "", "comma-separated origins allowed to open /v1/ws besides the server's own (* for any)")
+		d := gateway.DefaultLimits()
+		c.Limits = d
+		fs.IntVar(&c.Limits.FrameBytes, "limit-frame-bytes", d.FrameBytes, "largest inbound WebSocket frame (close 1009 above it)")
+		fs.IntVar(&c.Limits.TextBytes, "limit-text-bytes", d.TextBytes, "largest message text (too_large)")
+		fs.IntVar(&c.Limits.SendsPerMinute, "limit-sends", d.SendsPerMinute, "sends per minute per user, burst 10 (rate_limited)")
+		fs.IntVar(&c.Limits.Connections, "limit-connections", d.Connections, "open connections per user (close 4009)")
+		fs.IntVar(&c.Limits.Joins, "limit-joins", d.Joins, "conversations joined per connection")
+		fs.IntVar(&c.Limits.Turns, "limit-turns", d.Turns, "turns running at once per user")
+		fs.IntVar(&c.Limits.OutboundBytes, "limit-outbound-bytes", d.OutboundBytes, "queued outbound bytes per connection (close 4008)")
+		fs.IntVar(&c.Limits.BadFrames, "limit-bad-frames", d.BadFrames, "bad frames per connection before close 1008")
+		fs.DurationVar(&c.CancelWait, "cancel-wait", 5*time.Second, "how long a cancel waits for a streaming turn to end before answering")
+		fs.DurationVar(&c.PingInterval, "ping-interval", 30*time.Second, "server ping interval per connection (negative disables)")
+		fs.DurationVar(&c.IdleTimeout, "idle-timeout", 60*time.Second, "a connection that does not answer a ping within this is closed")
+	}
+	fs.BoolVar(&c.DeltaTimestamps, "delta-timestamps", false, "stamp every turn.delta with its emission time (\"ts\", Unix µs)")
+	fs.StringVar(&c.Provider, "provider", "sim", "sim (built-in simulator) or openai (any OpenAI-compatible server)")
+	fs.StringVar(&c.Model, "model", "", "model name sent to the provider (default: the provider's)")
+	fs.StringVar(&c.Models, "models", "", "comma-separated models a send may choose (send.model); the default model is always allowed")
+	if wk {
+		fs.StringVar(&c.OpenAIBaseURL, "openai-base-url", "", "base URL of the OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1")
+		fs.StringVar(&c.OpenAIAPIKey, "openai-api-key", "", "API key sent as a Bearer token")
+		fs.Var(&c.OpenAIHeaders, "openai-header", "extra header \"Name: value\" sent upstream (repeatable)")
+		fs.StringVar(&c.SystemPrompt, "system-prompt", "", "system prompt prepended to every conversation")
+		fs.IntVar(&c.ContextBudget, "context-budget-bytes", 24000, "most bytes of conversation sent upstream as context")
+		fs.DurationVar(&c.OpenAIConnect, "openai-connect-timeout", 10*time.Second, "connect timeout to the model server")
+		fs.DurationVar(&c.OpenAIFirstToken, "openai-first-token-timeout", 60*time.Second, "longest wait for the first token")
+		fs.DurationVar(&c.OpenAIIdle, "openai-idle-timeout", 30*time.Second, "longest gap between tokens")
+		fs.IntVar(&c.OpenAIMaxRetries, "openai-max-retries", 2, "retries before the first token")
+		fs.Float64Var(&c.SimRate, "sim-rate", 30, "simulator tokens per second per turn (0 = as fast as possible)")
+		fs.IntVar(&c.SimTokens, "sim-tokens", 200, "simulator reply length in tokens")
+		fs.DurationVar(&c.BatchWindow, "batch-window", 0, "merge tokens arriving within this window into one delta (0 = off)")
+		fs.IntVar(&c.WorkerConcurrency, "worker-concurrency", 10000, "most turns one worker produces at once")
+		fs.DurationVar(&c.SnapshotInterval, "snapshot-interval", 100*time.Millisecond, "how often a streaming turn's snapshot is saved")
+		fs.IntVar(&c.TokensPerHour, "limit-tokens-per-hour", 0, "model tokens per user per hour (turn ends error); 0 = unlimited")
+	}
+}
+
+// parse reads args, then fills every flag not given on the command line
+// from TOKENRELAY_<NAME> (upper case, - → _).
+func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] || err != nil {
+			return
+		}
+		name := "TOKENRELAY_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		v := getenv(name)
+		if v == "" {
+			return
+		}
+		if e := fs.Set(f.Name, v); e != nil {
+			err = fmt.Errorf("invalid value %q for %s: %v", v, name, e)
+		}
+	})
+	return err
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func readPEM(v string) ([]byte, error) {
+	if strings.HasPrefix(strings.TrimSpace(v), "-----BEGIN") {
+		return []byte(v), nil
+	}
+	b, err := os.ReadFile(v)
+	if err != nil {
+		return nil, fmt.Errorf("read --jwt-public-key: %w", err)
+	}
+	return b, nil
+}

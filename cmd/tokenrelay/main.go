@@ -1,0 +1,70 @@
+// Command tokenrelay streams AI model answers token by token to every tab of
+// a conversation: `serve` runs everything in one process, `gateway` and
+// `worker` scale out on a NATS cluster, `migrate` prepares the store.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "tokenrelay: "+err.Error())
+		}
+		os.Exit(1)
+	}
+}
+
+const usage = `usage: tokenrelay <command> [flags]
+
+commands:
+  serve     everything in one process: gateway, worker, embedded NATS, SQLite
+  gateway   WebSocket/HTTP gateway against an external NATS and store
+  worker    model worker against the same NATS and store
+  migrate   apply the store's migrations and exit
+  version   print the version
+
+Run "tokenrelay <command> -h" for its flags; every flag is also read from
+TOKENRELAY_<NAME> (upper case, - becomes _).
+`
+
+// run is the whole program; main only maps its error to an exit code.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("a command is required")
+	}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "serve":
+		return runServe(ctx, rest, getenv, stdout, stderr)
+	case "gateway":
+		return runGateway(ctx, rest, getenv, stdout, stderr)
+	case "worker":
+		return runWorker(ctx, rest, getenv, stdout, stderr)
+	case "migrate":
+		return runMigrate(ctx, rest, getenv, stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "tokenrelay", version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return fmt.Errorf("unknown command %q", cmd)
+}

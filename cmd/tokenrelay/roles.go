@@ -1,0 +1,140 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+
+	"github.com/tokenrelay/tokenrelay/internal/gateway"
+	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
+	"github.com/tokenrelay/tokenrelay/internal/worker"
+)
+
+// runGateway runs only the gateway, against --nats-url and --store-url.
+func runGateway(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	var c config
+	fs := newFlagSet("gateway", stderr)
+	c.register(fs, roleGateway)
+	if err := parse(fs, args, getenv); err != nil {
+		return err
+	}
+	if c.NATSURL == "" || c.StoreURL == "" {
+		return errors.New("gateway needs --nats-url and --store-url")
+	}
+	log, err := newLogger(&c, stderr)
+	if err != nil {
+		return err
+	}
+	log = log.With("role", "gateway")
+	a, err := newAuth(&c, log)
+	if err != nil {
+		return err
+	}
+	_, allowed, err := newProvider(&c, log)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", c.Addr)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", c.Addr, err)
+	}
+	defer ln.Close()
+	st, err := openStore(ctx, c.StoreURL, "")
+	if err != nil {
+		return fmt.Errorf("open store: %w", err)
+	}
+	defer st.Close()
+	nc, err := connectNATS(&c, "tokenrelay-gateway", log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	b, err := openBus(ctx, &c, nc)
+	if err != nil {
+		return err
+	}
+	reg := newRegistry()
+	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, nil), b, st, a)
+	srv, httpDone := serveHTTP(ln, gw, log)
+	log.Info("listening", "addr", ln.Addr().String())
+	fmt.Fprintf(stdout, "tokenrelay gateway %s listening on http://%s\n", version, ln.Addr())
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-httpDone:
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
+	defer cancel()
+	_ = gw.Shutdown(sctx)
+	_ = srv.Shutdown(sctx)
+	log.Info("stopped")
+	return runErr
+}
+
+// runWorker runs only a model worker. On SIGTERM it stops taking jobs and
+// ends the turns it is producing as interrupted, text saved.
+func runWorker(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	var c config
+	fs := newFlagSet("worker", stderr)
+	c.register(fs, roleWorker)
+	if err := parse(fs, args, getenv); err != nil {
+		return err
+	}
+	if c.NATSURL == "" || c.StoreURL == "" {
+		return errors.New("worker needs --nats-url and --store-url")
+	}
+	log, err := newLogger(&c, stderr)
+	if err != nil {
+		return err
+	}
+	log = log.With("role", "worker")
+	p, _, err := newProvider(&c, log)
+	if err != nil {
+		return err
+	}
+	st, err := openStore(ctx, c.StoreURL, "")
+	if err != nil {
+		return fmt.Errorf("open store: %w", err)
+	}
+	defer st.Close()
+	nc, err := connectNATS(&c, "tokenrelay-worker", log)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	b, err := openBus(ctx, &c, nc)
+	if err != nil {
+		return err
+	}
+	w := worker.New(workerConfig(&c, log, newRegistry()), b, st, p)
+	fmt.Fprintf(stdout, "tokenrelay worker %s running\n", version)
+	return w.Run(ctx)
+}
+
+// runMigrate applies the store's migrations.
+func runMigrate(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	var c config
+	fs := newFlagSet("migrate", stderr)
+	c.register(fs, roleMigrate)
+	if err := parse(fs, args, getenv); err != nil {
+		return err
+	}
+	if c.StoreURL == "" {
+		return errors.New("migrate needs --store-url")
+	}
+	if len(c.StoreURL) > 8 && (c.StoreURL[:8] == "postgres") {
+		if err := postgres.Migrate(ctx, c.StoreURL); err != nil {
+			return err
+		}
+	} else {
+		st, err := openStore(ctx, c.StoreURL, "")
+		if err != nil {
+			return err
+		}
+		st.Close()
+	}
+	fmt.Fprintln(stdout, "migrations applied")
+	return nil
+}

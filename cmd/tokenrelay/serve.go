@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/gateway"
+	"github.com/tokenrelay/tokenrelay/internal/worker"
+)
+
+// runServe runs gateway, worker, an embedded NATS JetStream and the store in
+// one process.
+func runServe(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	var c config
+	fs := newFlagSet("serve", stderr)
+	c.register(fs, roleServe)
+	if err := parse(fs, args, getenv); err != nil {
+		return err
+	}
+	log, err := newLogger(&c, stderr)
+	if err != nil {
+		return err
+	}
+	a, err := newAuth(&c, log)
+	if err != nil {
+		return err
+	}
+	p, allowed, err := newProvider(&c, log)
+	if err != nil {
+		return err
+	}
+	if err := checkWritable(c.DataDir); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", c.Addr)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", c.Addr, err)
+	}
+	defer ln.Close()
+
+	st, err := openStore(ctx, c.StoreURL, c.DataDir)
+	if err != nil {
+		return fmt.Errorf("open store: %w", err)
+	}
+	defer st.Close()
+
+	var emb *bus.Embedded
+	if c.NATSURL == "" {
+		emb, err = bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: filepath.Join(c.DataDir, "nats"), Listen: c.NATSListen})
+		if err != nil {
+			return err
+		}
+		defer emb.Shutdown()
+	}
+	gwNC, err := connect(&c, emb, "tokenrelay-gateway", log)
+	if err != nil {
+		return err
+	}
+	defer gwNC.Close()
+	wkNC, err := connect(&c, emb, "tokenrelay-worker", log)
+	if err != nil {
+		return err
+	}
+	defer wkNC.Close()
+	gwBus, err := openBus(ctx, &c, gwNC)
+	if err != nil {
+		return err
+	}
+	wkBus, err := openBus(ctx, &c, wkNC)
+	if err != nil {
+		return err
+	}
+
+	reg := newRegistry()
+	w := worker.New(workerConfig(&c, log, reg), wkBus, st, p)
+	if c.NATSURL == "" {
+		// serve is the only producer of its embedded bus: a turn left
+		// unfinished belonged to a previous run that stopped or died.
+		n, err := w.RecoverAll(ctx)
+		if err != nil {
+			return fmt.Errorf("recover unfinished turns: %w", err)
+		}
+		if n > 0 {
+			log.Info("ended unfinished turns of the previous run as interrupted", "turns", n)
+		}
+	}
+	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, providerProbe(p)), gwBus, st, a)
+
+	workerCtx, stopWorker := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWorker()
+	workerDone := make(chan error, 1)
+	go func() { workerDone <- w.Run(workerCtx) }()
+
+	srv, httpDone := serveHTTP(ln, gw, log)
+	log.Info("listening", "addr", ln.Addr().String(), "provider", c.Provider, "dev", a.Dev())
+	fmt.Fprintf(stdout, "tokenrelay %s listening on http://%s\n", version, ln.Addr())
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-httpDone:
+	case runErr = <-workerDone:
+		workerDone <- runErr
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
+	defer cancel()
+	// The worker first: its running turns end as interrupted, saved and
+	// announced while the sockets are still open to hear it.
+	stopWorker()
+	select {
+	case err := <-workerDone:
+		if err != nil && runErr == nil {
+			runErr = err
+		}
+	case <-sctx.Done():
+	}
+	_ = gwNC.Flush()
+	_ = gw.Shutdown(sctx)
+	_ = srv.Shutdown(sctx)
+	log.Info("stopped")
+	return runErr
+}
+
+// connect opens a NATS connection: in-process to the embedded server, or to
+// --nats-url.
+func connect(c *config, emb *bus.Embedded, name string, log *slog.Logger) (*nats.Conn, error) {
+	if emb != nil {
+		return emb.Connect(name)
+	}
+	return connectNATS(c, name, log)
+}

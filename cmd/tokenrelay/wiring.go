@@ -1,0 +1,244 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/tokenrelay/tokenrelay/internal/auth"
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/gateway"
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+	"github.com/tokenrelay/tokenrelay/internal/provider/openai"
+	"github.com/tokenrelay/tokenrelay/internal/provider/sim"
+	"github.com/tokenrelay/tokenrelay/internal/store"
+	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
+	"github.com/tokenrelay/tokenrelay/internal/worker"
+	"github.com/tokenrelay/tokenrelay/web"
+)
+
+func newLogger(c *config, w io.Writer) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	switch c.LogFormat {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format must be text or json")
+}
+
+func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("tokenrelay "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+// openStore opens the store named by --store-url, or SQLite in dataDir.
+func openStore(ctx context.Context, url, dataDir string) (store.Store, error) {
+	switch {
+	case url == "" && dataDir != "":
+		return sqlite.Open(ctx, filepath.Join(dataDir, "tokenrelay.db"))
+	case url == "":
+		return nil, errors.New("--store-url is required")
+	case strings.HasPrefix(url, "postgres://"), strings.HasPrefix(url, "postgresql://"):
+		return postgres.Open(ctx, url)
+	case strings.HasPrefix(url, "sqlite://"):
+		return sqlite.Open(ctx, strings.TrimPrefix(url, "sqlite://"))
+	}
+	return nil, fmt.Errorf("--store-url must start with sqlite:// or postgres://")
+}
+
+// checkWritable fails with a clear reason when dir cannot hold files.
+func checkWritable(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("data dir %s is not writable: %w", dir, err)
+	}
+	f, err := os.CreateTemp(dir, ".write-check-*")
+	if err != nil {
+		return fmt.Errorf("data dir %s is not writable: %w", dir, err)
+	}
+	name := f.Name()
+	f.Close()
+	return os.Remove(name)
+}
+
+// connectNATS connects to the external servers of --nats-url.
+func connectNATS(c *config, name string, log *slog.Logger) (*nats.Conn, error) {
+	opts := []nats.Option{
+		nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(250 * time.Millisecond),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("nats disconnected", "err", err) }),
+		nats.ReconnectHandler(func(nc *nats.Conn) { log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
+	}
+	if c.NATSCreds != "" {
+		opts = append(opts, nats.UserCredentials(c.NATSCreds))
+	}
+	if c.NATSCA != "" {
+		opts = append(opts, nats.RootCAs(c.NATSCA))
+	}
+	if c.NATSCert != "" || c.NATSKey != "" {
+		opts = append(opts, nats.ClientCert(c.NATSCert, c.NATSKey))
+	}
+	nc, err := nats.Connect(c.NATSURL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("connect nats: %w", err)
+	}
+	return nc, nil
+}
+
+func openBus(ctx context.Context, c *config, nc *nats.Conn) (*bus.Bus, error) {
+	return bus.Open(ctx, nc, bus.Config{Replicas: c.Replicas, Retention: c.Retention, AckWait: c.AckWait})
+}
+
+// newProvider builds the model provider and the model allow-list check.
+func newProvider(c *config, log *slog.Logger) (provider.Provider, func(string) bool, error) {
+	switch c.Provider {
+	case "sim":
+		allowed := allowList(c)
+		return sim.New(sim.Config{Rate: c.SimRate, Tokens: c.SimTokens}), allowed, nil
+	case "openai":
+		headers := map[string]string{}
+		for _, h := range c.OpenAIHeaders {
+			k, v, ok := strings.Cut(h, ":")
+			if !ok || strings.TrimSpace(k) == "" {
+				return nil, nil, fmt.Errorf("--openai-header %q: want \"Name: value\"", h)
+			}
+			headers[strings.TrimSpace(k)] = strings.TrimSpace(v)
+		}
+		p, err := openai.New(openai.Config{
+			BaseURL: c.OpenAIBaseURL, APIKey: c.OpenAIAPIKey, Model: c.Model, Models: splitList(c.Models),
+			Headers: headers, SystemPrompt: c.SystemPrompt, ContextBudgetBytes: c.ContextBudget,
+			ConnectTimeout: c.OpenAIConnect, FirstTokenTimeout: c.OpenAIFirstToken, IdleTimeout: c.OpenAIIdle,
+			MaxRetries: c.OpenAIMaxRetries, Logger: log,
+		})
+		if err != nil {
+			return nil, nil, err
+		}
+		return p, p.Allowed, nil
+	}
+	return nil, nil, fmt.Errorf("--provider must be sim or openai, not %q", c.Provider)
+}
+
+func allowList(c *config) func(string) bool {
+	models := splitList(c.Models)
+	if len(models) == 0 {
+		return func(m string) bool { return m == "" || m == c.Model || c.Model == "" && m == "sim" }
+	}
+	return func(m string) bool {
+		if m == "" || m == c.Model {
+			return true
+		}
+		for _, x := range models {
+			if x == m {
+				return true
+			}
+		}
+		return false
+	}
+}
+
+// newAuth applies the dev-mode rule of PROTOCOL.md: dev is on by default
+// only on a loopback address with no JWT key; on any other address without
+// a key, starting requires an explicit --dev.
+func newAuth(c *config, log *slog.Logger) (*auth.Authenticator, error) {
+	hasKey := c.JWTSecret != "" || c.JWTPublicKey != ""
+	loopback := auth.IsLoopback(c.Addr)
+	dev := c.Dev
+	if !c.devSet {
+		dev = loopback && !hasKey
+		if !loopback && !hasKey {
+			return nil, fmt.Errorf("refusing to serve %s without authentication: set --jwt-secret or --jwt-public-key, or pass --dev to accept anyone as user dev", c.Addr)
+		}
+	}
+	if dev && !loopback {
+		log.Warn("DEV MODE ON A NON-LOOPBACK ADDRESS: anyone who can reach this server is user dev", "addr", c.Addr)
+	}
+	cfg := auth.Config{Dev: dev, HS256Secret: []byte(c.JWTSecret), Issuer: c.JWTIssuer, Audience: c.JWTAudience}
+	if c.JWTSecret == "" {
+		cfg.HS256Secret = nil
+	}
+	if c.JWTPublicKey != "" {
+		pem, err := readPEM(c.JWTPublicKey)
+		if err != nil {
+			return nil, err
+		}
+		cfg.PublicKeyPEM = pem
+	}
+	return auth.New(cfg)
+}
+
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}
+
+func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowed func(string) bool, probes map[string]func(context.Context) error) gateway.Config {
+	hostname, _ := os.Hostname()
+	return gateway.Config{
+		Limits: c.Limits, AllowedOrigins: splitList(c.AllowedOrigins), DefaultModel: defaultModel(c),
+		ModelAllowed: allowed, DeltaTimestamps: c.DeltaTimestamps, CancelWait: c.CancelWait,
+		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, ReadyProbes: probes,
+		Static: web.Static(), NodeID: hostname + c.Addr, Logger: log, Registry: reg, Gatherer: reg,
+	}
+}
+
+func defaultModel(c *config) string {
+	if c.Model != "" {
+		return c.Model
+	}
+	if c.Provider == "sim" {
+		return "sim"
+	}
+	return ""
+}
+
+func workerConfig(c *config, log *slog.Logger, reg prometheus.Registerer) worker.Config {
+	wc := worker.Config{
+		Concurrency: c.WorkerConcurrency, SnapshotInterval: c.SnapshotInterval, BatchWindow: c.BatchWindow,
+		DeltaTimestamps: c.DeltaTimestamps, Logger: log, Registry: reg,
+	}
+	if c.TokensPerHour > 0 {
+		wc.TokenBudget = worker.NewHourlyBudget(c.TokensPerHour, nil)
+	}
+	return wc
+}
+
+func providerProbe(p provider.Provider) map[string]func(context.Context) error {
+	if pg, ok := p.(provider.Pinger); ok {
+		return map[string]func(context.Context) error{"provider": pg.Ping}
+	}
+	return nil
+}
+
+// serveHTTP runs h on ln until ctx is done, then shuts it down.
+func serveHTTP(ln net.Listener, h http.Handler, log *slog.Logger) (*http.Server, <-chan error) {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	errc := make(chan error, 1)
+	go func() {
+		err := srv.Serve(ln)
+		if errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+		errc <- err
+	}()
+	return srv, errc
+}

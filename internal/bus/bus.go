@@ -1,0 +1,238 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Config sets up the streams and buckets.
+type Config struct {
+	// Replicas is the replication factor of streams and buckets (1, or 3 on a
+	// three-node cluster).
+	Replicas int
+	// Retention is how long turn events, snapshots and tombstones are kept.
+	Retention time.Duration
+	// AckWait is how long a worker may go silent on a job before it is
+	// redelivered to another worker.
+	AckWait time.Duration
+}
+
+func (c *Config) defaults() {
+	if c.Replicas <= 0 {
+		c.Replicas = 1
+	}
+	if c.Retention <= 0 {
+		c.Retention = 24 * time.Hour
+	}
+	if c.AckWait <= 0 {
+		c.AckWait = 4 * time.Second
+	}
+}
+
+// Bus is tokenrelay's view of NATS. It is safe for concurrent use. It does
+// not own the connection: the caller closes it after the Bus is done.
+type Bus struct {
+	nc      *nats.Conn
+	js      jetstream.JetStream
+	events  jetstream.Stream
+	jobs    jetstream.Stream
+	turns   jetstream.KeyValue
+	cancels jetstream.KeyValue
+	cfg     Config
+}
+
+// Open creates (or updates) the streams, the job consumer and the KV buckets
+// tokenrelay needs, idempotently, and returns a Bus using them.
+func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
+	cfg.defaults()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("open bus: %w", err)
+	}
+	b := &Bus{nc: nc, js: js, cfg: cfg}
+	b.events, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        EventsStream,
+		Description: "tokenrelay turn events (start, deltas, end)",
+		Subjects:    []string{eventPrefix + ">"},
+		Storage:     jetstream.FileStorage,
+		Retention:   jetstream.LimitsPolicy,
+		MaxAge:      cfg.Retention,
+		Duplicates:  2 * time.Minute,
+		Replicas:    cfg.Replicas,
+		Discard:     jetstream.DiscardOld,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open bus: events stream: %w", err)
+	}
+	b.jobs, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        JobsStream,
+		Description: "tokenrelay turn jobs, one per turn",
+		Subjects:    []string{JobSubject},
+		Storage:     jetstream.FileStorage,
+		Retention:   jetstream.WorkQueuePolicy,
+		MaxAge:      cfg.Retention,
+		Duplicates:  2 * time.Minute,
+		Replicas:    cfg.Replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open bus: jobs stream: %w", err)
+	}
+	_, err = b.jobs.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
+		Durable:       JobsConsumer,
+		Description:   "tokenrelay workers share this consumer",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       cfg.AckWait,
+		MaxDeliver:    -1,
+		MaxAckPending: 100000,
+		FilterSubject: JobSubject,
+		Replicas:      cfg.Replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open bus: jobs consumer: %w", err)
+	}
+	b.turns, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      TurnsBucket,
+		Description: "tokenrelay turn snapshots (text so far, seq)",
+		History:     1,
+		TTL:         cfg.Retention,
+		Storage:     jetstream.FileStorage,
+		Replicas:    cfg.Replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open bus: turns bucket: %w", err)
+	}
+	b.cancels, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+		Bucket:      CancelBucket,
+		Description: "tokenrelay cancel tombstones",
+		History:     1,
+		TTL:         cfg.Retention,
+		Storage:     jetstream.FileStorage,
+		Replicas:    cfg.Replicas,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open bus: cancel bucket: %w", err)
+	}
+	return b, nil
+}
+
+// Conn returns the underlying connection.
+func (b *Bus) Conn() *nats.Conn { return b.nc }
+
+// AckWait is the configured job ack deadline.
+func (b *Bus) AckWait() time.Duration { return b.cfg.AckWait }
+
+// Ping checks that the broker and JetStream answer.
+func (b *Bus) Ping(ctx context.Context) error {
+	if !b.nc.IsConnected() {
+		return errors.New("not connected to nats")
+	}
+	if _, err := b.js.AccountInfo(ctx); err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+	return nil
+}
+
+// PublishEvent stores e in the events stream (and so delivers it to every
+// subscriber of its conversation) and returns its stream sequence. A
+// repeated publish of the same event within two minutes is not stored twice.
+func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
+	data, err := json.Marshal(e)
+	if err != nil {
+		return 0, fmt.Errorf("publish event: %w", err)
+	}
+	ack, err := b.js.Publish(ctx, e.Subject(), data, jetstream.WithMsgID(e.MsgID()))
+	if err != nil {
+		return 0, fmt.Errorf("publish event: %w", err)
+	}
+	return ack.Sequence, nil
+}
+
+// Subscription is a live subscription; Unsubscribe ends it.
+type Subscription interface {
+	Unsubscribe() error
+}
+
+// SubscribeConversation calls fn, from one goroutine and in publish order,
+// with each live event of the conversation. Undecodable messages are
+// skipped. Live delivery may lose events (a slow subscriber); callers repair
+// gaps with ReadTurn.
+func (b *Bus) SubscribeConversation(conversationID string, fn func(Event)) (Subscription, error) {
+	sub, err := b.nc.Subscribe(ConversationSubject(conversationID), func(m *nats.Msg) {
+		e, err := DecodeEvent(m.Subject, m.Data)
+		if err != nil {
+			return
+		}
+		fn(e)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("subscribe conversation: %w", err)
+	}
+	// Live deltas are small and frequent; let the client buffer generously
+	// rather than drop (a drop is repaired, but costs a read).
+	_ = sub.SetPendingLimits(1<<20, 256<<20)
+	return sub, nil
+}
+
+// SubscribeTurnEnd calls fn with the end event of one turn.
+func (b *Bus) SubscribeTurnEnd(conversationID, turnID string, fn func(Event)) (Subscription, error) {
+	sub, err := b.nc.Subscribe(EventSubject(conversationID, turnID, KindEnd), func(m *nats.Msg) {
+		e, err := DecodeEvent(m.Subject, m.Data)
+		if err != nil {
+			return
+		}
+		fn(e)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("subscribe turn end: %w", err)
+	}
+	return sub, nil
+}
+
+// ReadTurn calls fn with the stored events of one turn whose stream sequence
+// is at least from (1 = from the start), in order, until fn returns false or
+// no event is left. It reads from the stream leader, so it sees every event
+// acknowledged before the call.
+func (b *Bus) ReadTurn(ctx context.Context, conversationID, turnID string, from uint64, fn func(Event) bool) error {
+	if from == 0 {
+		from = 1
+	}
+	subj := TurnSubject(conversationID, turnID)
+	for {
+		raw, err := b.events.GetMsg(ctx, from, jetstream.WithGetMsgSubject(subj))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read turn: %w", err)
+		}
+		e, err := DecodeEvent(raw.Subject, raw.Data)
+		if err != nil {
+			return err
+		}
+		e.StreamSeq = raw.Sequence
+		if !fn(e) {
+			return nil
+		}
+		from = raw.Sequence + 1
+	}
+}
+
+func splitHostPort(addr string) (string, int, error) {
+	host, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", 0, fmt.Errorf("nats listen address %q: %w", addr, err)
+	}
+	port, err := strconv.Atoi(p)
+	if err != nil {
+		return "", 0, fmt.Errorf("nats listen address %q: bad port", addr)
+	}
+	return host, port, nil
+}

@@ -1,0 +1,118 @@
+package bus
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// Job asks a worker to produce one turn.
+type Job struct {
+	TurnID         string `json:"t"`
+	ConversationID string `json:"c"`
+}
+
+// EnqueueJob adds a job to the work queue. Enqueueing the same turn twice
+// within two minutes stores it once.
+func (b *Bus) EnqueueJob(ctx context.Context, j Job) error {
+	data, err := json.Marshal(j)
+	if err != nil {
+		return fmt.Errorf("enqueue job: %w", err)
+	}
+	if _, err := b.js.Publish(ctx, JobSubject, data, jetstream.WithMsgID("job:"+j.TurnID)); err != nil {
+		return fmt.Errorf("enqueue job: %w", err)
+	}
+	return nil
+}
+
+// JobMsg is a job taken from the queue. The worker holding it calls
+// InProgress at least every AckWait/2 while it works, then Ack once. A job
+// neither acked nor kept in progress is redelivered to another worker.
+type JobMsg struct {
+	Job
+	// Redelivered is true when another worker (or an earlier process) was
+	// given this job before.
+	Redelivered bool
+	msg         jetstream.Msg
+}
+
+// InProgress extends the job's ack deadline.
+func (m *JobMsg) InProgress() error { return m.msg.InProgress() }
+
+// Ack removes the job from the queue.
+func (m *JobMsg) Ack() error { return m.msg.Ack() }
+
+// Nak asks for redelivery after delay.
+func (m *JobMsg) Nak(delay time.Duration) error { return m.msg.NakWithDelay(delay) }
+
+// ConsumeJobs calls fn with each job, one at a time from one goroutine, until
+// ctx is done; fn should hand the job off quickly (it may block to apply
+// backpressure). Undecodable jobs are acked and dropped. ConsumeJobs returns
+// when ctx is done and fn has returned.
+func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) error {
+	cons, err := b.jobs.Consumer(ctx, JobsConsumer)
+	if err != nil {
+		return fmt.Errorf("consume jobs: %w", err)
+	}
+	if batch <= 0 {
+		batch = 64
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(batch))
+	if err != nil {
+		return fmt.Errorf("consume jobs: %w", err)
+	}
+	go func() {
+		<-ctx.Done()
+		it.Stop()
+	}()
+	for {
+		m, err := it.Next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if err == jetstream.ErrMsgIteratorClosed {
+				return nil
+			}
+			// Transient errors (heartbeat missed, leadership change) are
+			// retried by the iterator itself.
+			continue
+		}
+		var j Job
+		if err := json.Unmarshal(m.Data(), &j); err != nil || j.TurnID == "" {
+			_ = m.Term()
+			continue
+		}
+		jm := &JobMsg{Job: j, msg: m}
+		if md, err := m.Metadata(); err == nil {
+			jm.Redelivered = md.NumDelivered > 1
+		}
+		fn(jm)
+	}
+}
+
+// ServeWorkerPing answers the readiness probe of gateways until the returned
+// subscription is unsubscribed.
+func (b *Bus) ServeWorkerPing(workerID string) (Subscription, error) {
+	sub, err := b.nc.Subscribe(WorkerPingSubj, func(m *nats.Msg) {
+		_ = m.Respond([]byte(workerID))
+	})
+	if err != nil {
+		return nil, fmt.Errorf("serve worker ping: %w", err)
+	}
+	return sub, nil
+}
+
+// PingWorkers returns the id of one live worker, or an error when none
+// answers before ctx is done.
+func (b *Bus) PingWorkers(ctx context.Context) (string, error) {
+	m, err := b.nc.RequestWithContext(ctx, WorkerPingSubj, nil)
+	if err != nil {
+		return "", fmt.Errorf("no worker answered: %w", err)
+	}
+	return string(m.Data), nil
+}

@@ -1,0 +1,63 @@
+package bus
+
+import "strings"
+
+// Subjects and names. An id may hold '.' and ':' (PROTOCOL.md
+// "Identifiers"); Token maps it into one subject token and KV key segment.
+const (
+	JobSubject     = "tr.job"
+	eventPrefix    = "tr.ev."
+	WorkerPingSubj = "tr.workers.ping"
+
+	EventsStream = "TR_EVENTS"
+	JobsStream   = "TR_JOBS"
+	JobsConsumer = "workers"
+	TurnsBucket  = "TR_TURNS"
+	CancelBucket = "TR_CANCELS"
+)
+
+// Event kinds, the last token of an event subject.
+const (
+	KindStart = "s" // user message stored and turn created
+	KindDelta = "d"
+	KindEnd   = "e"
+)
+
+var tokenReplacer = strings.NewReplacer(".", "/", ":", "=")
+var untokenReplacer = strings.NewReplacer("/", ".", "=", ":")
+
+// Token maps a valid id (chat.ValidID) to a string usable as one NATS subject
+// token and as a KV key: '.' becomes '/' and ':' becomes '='. Neither
+// replacement is a valid id character, so the mapping is reversible.
+func Token(id string) string { return tokenReplacer.Replace(id) }
+
+// Untoken reverses Token.
+func Untoken(tok string) string { return untokenReplacer.Replace(tok) }
+
+// EventSubject is the subject of one kind of event of a turn.
+func EventSubject(conversationID, turnID, kind string) string {
+	return eventPrefix + Token(conversationID) + "." + Token(turnID) + "." + kind
+}
+
+// ConversationSubject matches every event of a conversation.
+func ConversationSubject(conversationID string) string {
+	return eventPrefix + Token(conversationID) + ".>"
+}
+
+// TurnSubject matches every event of one turn.
+func TurnSubject(conversationID, turnID string) string {
+	return eventPrefix + Token(conversationID) + "." + Token(turnID) + ".*"
+}
+
+// parseEventSubject splits tr.ev.<conv>.<turn>.<kind>.
+func parseEventSubject(subj string) (conv, turn, kind string, ok bool) {
+	rest, found := strings.CutPrefix(subj, eventPrefix)
+	if !found {
+		return "", "", "", false
+	}
+	parts := strings.Split(rest, ".")
+	if len(parts) != 3 {
+		return "", "", "", false
+	}
+	return Untoken(parts[0]), Untoken(parts[1]), parts[2], true
+}

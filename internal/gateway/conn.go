@@ -1,0 +1,335 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
+)
+
+// Close codes of PROTOCOL.md.
+const (
+	closeUnauthorized   websocket.StatusCode = 4001
+	closeSlowConsumer   websocket.StatusCode = 4008
+	closeTooManyConns   websocket.StatusCode = 4009
+	closeTooManyBadFrms                      = websocket.StatusPolicyViolation // 1008
+)
+
+// conn is one native WebSocket connection. Its read loop (the handler's
+// goroutine) handles client frames one at a time; its writer goroutine is
+// the only one that writes to the socket; everything else enqueues to q.
+type conn struct {
+	s    *Server
+	ws   *websocket.Conn
+	user string
+	log  *slog.Logger
+	q    *outQueue
+
+	ctx    context.Context // the connection's lifetime
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // repairs and cancels in flight
+
+	mu        sync.Mutex
+	views     map[string]*view // joined conversations; guarded by mu
+	closeOnce sync.Once
+
+	badFrames int // owned by the read loop
+}
+
+var _ sink = (*conn)(nil)
+
+func (c *conn) push(v any) {
+	if !c.q.push(protocol.Encode(v)) {
+		c.s.m.slowCloses.Inc()
+	}
+}
+
+func (c *conn) message(conv string, m chat.Message) {
+	c.push(protocol.MessageFrame{Type: "message", ConversationID: conv, Message: protocol.WireMessage(m)})
+}
+
+func (c *conn) start(conv, turn, replyTo, model string) {
+	c.push(protocol.TurnStart{Type: "turn.start", ConversationID: conv, TurnID: turn, ReplyTo: replyTo, Model: model})
+}
+
+func (c *conn) delta(conv, turn string, from, seq int64, _ int64, text string, ts int64) {
+	if !c.s.cfg.DeltaTimestamps {
+		ts = 0
+	}
+	if !c.q.pushDelta(conv, turn, from, seq, text, ts) {
+		c.s.m.slowCloses.Inc()
+	}
+}
+
+func (c *conn) end(conv, turn string, seq int64, status chat.TurnStatus, errMsg string, usage *chat.Usage) {
+	c.q.forget(turn)
+	c.push(protocol.TurnEnd{Type: "turn.end", ConversationID: conv, TurnID: turn, Seq: seq, Status: status, Error: errMsg, Usage: usage})
+}
+
+func (c *conn) fail(err error) {
+	c.log.Warn("view failed; closing so the client resumes", "err", err)
+	c.closeWith(websocket.StatusInternalError, "resume needed")
+}
+
+func (c *conn) closeWith(code websocket.StatusCode, reason string) {
+	c.closeOnce.Do(func() {
+		go func() {
+			_ = c.ws.Close(code, reason)
+			c.cancel()
+		}()
+	})
+}
+
+func (c *conn) sendError(id string, err error) {
+	pe := protocol.AsError(err)
+	if pe.Code == protocol.CodeInternal {
+		c.log.Error("request failed", "err", err)
+	}
+	c.push(pe.Frame(id))
+}
+
+// writeLoop drains the queue until ctx is done or the queue closes.
+func (c *conn) writeLoop() {
+	var frames [][]byte
+	var buf []byte
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-c.q.notify:
+		}
+		var merged int
+		var overflow bool
+		frames, buf, merged, overflow = c.q.take(frames[:0], buf[:0])
+		if overflow {
+			c.s.m.slowCloses.Inc()
+			c.closeWith(closeSlowConsumer, "slow consumer")
+			return
+		}
+		if merged > 0 {
+			c.s.m.mergedFrames.Add(float64(merged))
+		}
+		for _, f := range frames {
+			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.WriteTimeout)
+			err := c.ws.Write(ctx, websocket.MessageText, f)
+			cancel()
+			if err != nil {
+				if c.ctx.Err() == nil {
+					c.s.m.writeErrors.Inc()
+				}
+				c.cancel()
+				return
+			}
+			c.s.m.framesSent.Inc()
+			c.s.m.bytesSent.Add(float64(len(f)))
+		}
+		if cap(buf) > 64<<10 {
+			buf = nil // do not keep a burst's buffer for an idle connection
+		}
+		if cap(frames) > 1024 {
+			frames = nil
+		}
+	}
+}
+
+// readLoop handles client frames until the connection ends.
+func (c *conn) readLoop() {
+	for {
+		typ, data, err := c.ws.Read(c.ctx)
+		if err != nil {
+			return
+		}
+		if typ != websocket.MessageText {
+			c.badFrame("", "frames must be text")
+			continue
+		}
+		f, err := protocol.DecodeClient(data)
+		if err != nil {
+			var de *protocol.DecodeError
+			id := ""
+			if errors.As(err, &de) {
+				id = de.ID
+			}
+			c.badFrame(id, err.Error())
+			continue
+		}
+		c.handle(f)
+	}
+}
+
+func (c *conn) badFrame(id, msg string) {
+	c.badFrames++
+	c.s.m.badFrames.Inc()
+	c.push(protocol.Errorf(protocol.CodeBadRequest, msg).Frame(id))
+	if lim := c.s.cfg.Limits.BadFrames; lim > 0 && c.badFrames > lim {
+		c.s.m.limitHits.WithLabelValues("bad_frames").Inc()
+		c.closeWith(closeTooManyBadFrms, "too many bad frames")
+	}
+}
+
+func (c *conn) handle(f protocol.ClientFrame) {
+	ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
+	defer cancel()
+	switch f.Type {
+	case protocol.TypePing:
+		c.push(struct {
+			Type string `json:"type"`
+			ID   string `json:"id,omitempty"`
+		}{"pong", f.ID})
+	case protocol.TypeJoin:
+		if err := c.join(ctx, f); err != nil {
+			c.sendError(f.ID, err)
+		}
+	case protocol.TypeLeave:
+		c.leave(f.ConversationID)
+		if f.ID != "" {
+			c.push(protocol.Ack{Type: "ack", ID: f.ID, ConversationID: f.ConversationID})
+		}
+	case protocol.TypeSend:
+		res, err := c.s.send(ctx, sendRequest{User: c.user, ConversationID: f.ConversationID, MessageID: f.MessageID, TurnID: f.TurnID, Text: f.Text, Model: f.Model})
+		if err != nil {
+			c.sendError(f.ID, err)
+			return
+		}
+		c.push(protocol.Ack{Type: "ack", ID: f.ID, MessageID: res.Message.ID, TurnID: res.Turn.ID})
+	case protocol.TypeCancel:
+		// Waiting for the turn's end must not hold up this connection's
+		// other frames.
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout+c.s.cfg.CancelWait)
+			defer cancel()
+			res, err := c.s.cancel(ctx, c.user, f.TurnID)
+			if err != nil {
+				c.sendError(f.ID, err)
+				return
+			}
+			already := res.Already
+			c.push(protocol.Ack{Type: "ack", ID: f.ID, TurnID: res.TurnID, Status: res.Status, Already: &already})
+		}()
+	}
+}
+
+func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
+	if _, err := c.s.store.ClaimConversation(ctx, f.ConversationID, c.user, c.s.now()); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	_, rejoin := c.views[f.ConversationID]
+	n := len(c.views)
+	c.mu.Unlock()
+	if rejoin {
+		c.leave(f.ConversationID)
+	} else if lim := c.s.cfg.Limits.Joins; lim > 0 && n >= lim {
+		c.s.m.limitHits.WithLabelValues("joins").Inc()
+		return &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many conversations joined on this connection (limit " + itoa(lim) + ")"}
+	}
+	v := newView(c.s, c.ctx, &c.wg, f.ConversationID, c)
+	if err := c.s.hub.add(f.ConversationID, v); err != nil {
+		return err
+	}
+	history := protocol.DefaultHistory
+	if f.History != nil {
+		history = *f.History
+	}
+	j, followUps, turns, err := v.join(ctx, history, f.After)
+	if err != nil {
+		c.s.hub.remove(f.ConversationID, v)
+		v.close()
+		return err
+	}
+	c.mu.Lock()
+	c.views[f.ConversationID] = v
+	c.mu.Unlock()
+	j.Type, j.ID, j.ConversationID = "joined", f.ID, f.ConversationID
+	if j.Messages == nil {
+		j.Messages = []protocol.Message{}
+	}
+	c.push(j)
+	if f.ID != "" {
+		c.push(protocol.Ack{Type: "ack", ID: f.ID, ConversationID: f.ConversationID})
+	}
+	for _, fu := range followUps {
+		fu()
+	}
+	v.ready(turns)
+	outcome := "fresh"
+	if f.After != nil {
+		outcome = "after"
+	}
+	c.s.m.joins.WithLabelValues(outcome).Inc()
+	return nil
+}
+
+func (c *conn) leave(conv string) {
+	c.mu.Lock()
+	v := c.views[conv]
+	delete(c.views, conv)
+	c.mu.Unlock()
+	if v != nil {
+		c.s.hub.remove(conv, v)
+		v.close()
+	}
+}
+
+// run serves the connection until it ends, then releases everything.
+func (c *conn) run() {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c.writeLoop()
+	}()
+	if c.s.cfg.PingInterval > 0 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.pingLoop()
+		}()
+	}
+	c.readLoop()
+	c.cancel()
+	c.q.close()
+	wg.Wait()
+	c.mu.Lock()
+	views := c.views
+	c.views = nil
+	c.mu.Unlock()
+	for conv, v := range views {
+		c.s.hub.remove(conv, v)
+		v.close()
+	}
+	c.wg.Wait()
+	_ = c.ws.CloseNow()
+}
+
+// pingLoop reaps dead connections: a peer that does not answer a ping
+// within the idle timeout is disconnected.
+func (c *conn) pingLoop() {
+	t := time.NewTicker(c.s.cfg.PingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.IdleTimeout)
+			err := c.ws.Ping(ctx)
+			cancel()
+			if err != nil {
+				if c.ctx.Err() == nil {
+					c.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
+					c.closeWith(websocket.StatusGoingAway, "idle timeout")
+				}
+				return
+			}
+		}
+	}
+}

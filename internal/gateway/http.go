@@ -1,0 +1,333 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
+)
+
+type userKey struct{}
+
+func userOf(r *http.Request) string {
+	u, _ := r.Context().Value(userKey{}).(string)
+	return u
+}
+
+// authed authenticates the request and passes the user on in its context.
+func (s *Server) authed(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, err := s.auth.Authenticate(r)
+		if err != nil {
+			s.m.authFailures.WithLabelValues("token").Inc()
+			writeError(w, protocol.Errorf(protocol.CodeUnauthorized, "a valid token is required"))
+			return
+		}
+		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), userKey{}, id.UserID)))
+	})
+}
+
+// protoError is an HTTP error outside the protocol's code table.
+type protoError struct {
+	status int
+	code   string
+	msg    string
+}
+
+func (e *protoError) Error() string { return e.msg }
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+type errorBody struct {
+	Error struct {
+		Code         string `json:"code"`
+		Message      string `json:"message"`
+		TurnID       string `json:"turn_id,omitempty"`
+		RetryAfterMS int64  `json:"retry_after_ms,omitempty"`
+	} `json:"error"`
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	var body errorBody
+	var pe *protoError
+	if errors.As(err, &pe) {
+		body.Error.Code, body.Error.Message = pe.code, pe.msg
+		writeJSON(w, pe.status, body)
+		return
+	}
+	e := protocol.AsError(err)
+	body.Error.Code, body.Error.Message, body.Error.TurnID, body.Error.RetryAfterMS = string(e.Code), e.Message, e.TurnID, e.RetryAfterMS
+	if e.RetryAfterMS > 0 {
+		w.Header().Set("Retry-After", strconv.FormatInt((e.RetryAfterMS+999)/1000, 10))
+	}
+	writeJSON(w, e.Code.HTTPStatus(), body)
+}
+
+func badRequest(msg string) error { return protocol.Errorf(protocol.CodeBadRequest, msg) }
+
+func (s *Server) pathID(r *http.Request, name string) (string, error) {
+	v := r.PathValue(name)
+	if !chat.ValidID(v) {
+		return "", badRequest(name + " id must match ^[A-Za-z0-9_.:-]{1,128}$")
+	}
+	return v, nil
+}
+
+func (s *Server) reqCtx(r *http.Request) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(r.Context(), s.cfg.RequestTimeout)
+}
+
+// ownConversation checks that the user may see conversation id.
+func (s *Server) ownConversation(ctx context.Context, id, user string) error {
+	c, err := s.store.Conversation(ctx, id)
+	if err != nil {
+		return err
+	}
+	if c.Owner != user {
+		return chat.ErrForbidden
+	}
+	return nil
+}
+
+func (s *Server) handleListConversations() http.Handler {
+	type item struct {
+		ConversationID string `json:"conversation_id"`
+		Title          string `json:"title"`
+		UpdatedAt      string `json:"updated_at"`
+		ActiveTurnID   string `json:"active_turn_id,omitempty"`
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := s.reqCtx(r)
+		defer cancel()
+		limit := 100
+		if v := r.URL.Query().Get("limit"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 1000 {
+				writeError(w, badRequest("limit must be between 1 and 1000"))
+				return
+			}
+			limit = n
+		}
+		convs, err := s.store.Conversations(ctx, userOf(r), limit)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		out := make([]item, 0, len(convs))
+		for _, c := range convs {
+			out = append(out, item{c.ID, c.Title, protocol.FormatTime(c.UpdatedAt), c.ActiveTurnID})
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"conversations": out})
+	})
+}
+
+func (s *Server) handleListMessages() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := s.reqCtx(r)
+		defer cancel()
+		conv, err := s.pathID(r, "conversation")
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		q := r.URL.Query()
+		limit := protocol.DefaultHistory
+		if v := q.Get("limit"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > protocol.MaxHistory {
+				writeError(w, badRequest("limit must be between 1 and 500"))
+				return
+			}
+			limit = n
+		}
+		before := q.Get("before")
+		if before != "" && !chat.ValidID(before) {
+			writeError(w, badRequest("before must be a message id"))
+			return
+		}
+		if err := s.ownConversation(ctx, conv, userOf(r)); err != nil {
+			writeError(w, err)
+			return
+		}
+		msgs, err := s.store.Messages(ctx, conv, limit, before)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		out := make([]protocol.Message, 0, len(msgs))
+		for _, m := range msgs {
+			out = append(out, protocol.WireMessage(m))
+		}
+		body := map[string]any{"messages": out, "has_more": len(msgs) == limit}
+		writeJSON(w, http.StatusOK, body)
+	})
+}
+
+func (s *Server) handlePostMessage() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := s.reqCtx(r)
+		defer cancel()
+		conv, err := s.pathID(r, "conversation")
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		var body struct {
+			Text      string `json:"text"`
+			MessageID string `json:"message_id"`
+			TurnID    string `json:"turn_id"`
+			Model     string `json:"model"`
+		}
+		limit := int64(1 << 20)
+		if s.cfg.Limits.TextBytes > 0 {
+			limit = int64(s.cfg.Limits.TextBytes)*6 + 4096 // JSON escapes may grow text up to 6×
+		}
+		data, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+		if err != nil {
+			writeError(w, badRequest("cannot read body"))
+			return
+		}
+		if int64(len(data)) > limit {
+			writeError(w, protocol.Errorf(protocol.CodeTooLarge, "request body too large"))
+			return
+		}
+		if err := json.Unmarshal(data, &body); err != nil {
+			writeError(w, badRequest("invalid JSON body"))
+			return
+		}
+		for name, v := range map[string]string{"message_id": body.MessageID, "turn_id": body.TurnID} {
+			if v != "" && !chat.ValidID(v) {
+				writeError(w, badRequest(name+" must match ^[A-Za-z0-9_.:-]{1,128}$"))
+				return
+			}
+		}
+		if body.Text == "" {
+			writeError(w, badRequest("text is required"))
+			return
+		}
+		res, err := s.send(ctx, sendRequest{User: userOf(r), ConversationID: conv, MessageID: body.MessageID, TurnID: body.TurnID, Text: body.Text, Model: body.Model})
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusAccepted, map[string]any{"message": protocol.WireMessage(res.Message), "turn_id": res.Turn.ID})
+	})
+}
+
+func (s *Server) handleDeleteConversation() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := s.reqCtx(r)
+		defer cancel()
+		conv, err := s.pathID(r, "conversation")
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		if err := s.deleteConversation(ctx, conv, userOf(r)); err != nil {
+			writeError(w, err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+}
+
+// deleteConversation cancels the conversation's running turn, then deletes
+// it with its messages.
+func (s *Server) deleteConversation(ctx context.Context, conv, user string) error {
+	if err := s.ownConversation(ctx, conv, user); err != nil {
+		return err
+	}
+	if t, err := s.store.ActiveTurn(ctx, conv); err == nil {
+		cctx, cancel := context.WithTimeout(ctx, s.cfg.CancelWait)
+		_, _ = s.cancel(cctx, user, t.ID)
+		cancel()
+	}
+	return s.store.DeleteConversation(ctx, conv, user)
+}
+
+func (s *Server) handleCancel() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), s.cfg.RequestTimeout+s.cfg.CancelWait)
+		defer cancel()
+		turn, err := s.pathID(r, "turn")
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		res, err := s.cancel(ctx, userOf(r), turn)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"turn_id": res.TurnID, "status": res.Status, "already": res.Already})
+	})
+}
+
+func (s *Server) handleHealthz() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+}
+
+// ready runs the readiness checks and returns each one's result.
+func (s *Server) ready(ctx context.Context) (map[string]string, bool) {
+	checks := map[string]func(context.Context) error{
+		"broker": s.bus.Ping,
+		"store":  s.store.Ping,
+		"worker": func(ctx context.Context) error { _, err := s.bus.PingWorkers(ctx); return err },
+	}
+	for name, f := range s.cfg.ReadyProbes {
+		checks[name] = f
+	}
+	type result struct {
+		name string
+		err  error
+	}
+	ch := make(chan result, len(checks))
+	for name, f := range checks {
+		go func() {
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			ch <- result{name, f(cctx)}
+		}()
+	}
+	out := make(map[string]string, len(checks))
+	ok := true
+	for range checks {
+		r := <-ch
+		if r.err != nil {
+			out[r.name] = "failing: " + r.err.Error()
+			ok = false
+		} else {
+			out[r.name] = "ok"
+		}
+	}
+	return out, ok
+}
+
+func (s *Server) handleReadyz() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		checks, ok := s.ready(r.Context())
+		if !ok {
+			failing := ""
+			for name, v := range checks {
+				if v != "ok" && (failing == "" || name < failing) {
+					failing = name
+				}
+			}
+			writeJSON(w, http.StatusServiceUnavailable, map[string]any{"status": "unavailable", "failing": failing, "checks": checks})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "checks": checks})
+	})
+}

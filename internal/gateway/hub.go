@@ -1,0 +1,91 @@
+package gateway
+
+import (
+	"sync"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+)
+
+// subscriber receives a conversation's live events. deliver is called from
+// the conversation's bus subscription goroutine, in publish order, and must
+// not block.
+type subscriber interface {
+	deliver(e bus.Event)
+}
+
+// hub shares one bus subscription per conversation among all the local
+// subscribers joined to it.
+type hub struct {
+	bus *bus.Bus
+
+	mu     sync.Mutex
+	topics map[string]*topic // conversation id → topic; guarded by mu
+}
+
+type topic struct {
+	sub bus.Subscription
+	// subs is replaced, never modified, so deliveries iterate it without a lock.
+	mu   sync.Mutex
+	subs []subscriber // guarded by mu for writes
+	view []subscriber // copy-on-write snapshot read by dispatch; guarded by mu
+}
+
+func newHub(b *bus.Bus) *hub {
+	return &hub{bus: b, topics: make(map[string]*topic)}
+}
+
+// add subscribes s to conversation id's events. Events published after add
+// returns reach s.
+func (h *hub) add(conversationID string, s subscriber) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	t := h.topics[conversationID]
+	if t == nil {
+		t = &topic{}
+		sub, err := h.bus.SubscribeConversation(conversationID, func(e bus.Event) {
+			t.mu.Lock()
+			view := t.view
+			t.mu.Unlock()
+			for _, s := range view {
+				s.deliver(e)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		t.sub = sub
+		h.topics[conversationID] = t
+	}
+	t.mu.Lock()
+	t.subs = append(t.subs, s)
+	t.view = append([]subscriber(nil), t.subs...)
+	t.mu.Unlock()
+	// Make sure the server has the subscription before anything is read
+	// from the store: otherwise an event published in between is lost.
+	return h.bus.Conn().Flush()
+}
+
+// remove unsubscribes s; the last subscriber of a conversation closes its
+// bus subscription.
+func (h *hub) remove(conversationID string, s subscriber) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	t := h.topics[conversationID]
+	if t == nil {
+		return
+	}
+	t.mu.Lock()
+	for i, x := range t.subs {
+		if x == s {
+			t.subs = append(t.subs[:i], t.subs[i+1:]...)
+			break
+		}
+	}
+	t.view = append([]subscriber(nil), t.subs...)
+	empty := len(t.subs) == 0
+	t.mu.Unlock()
+	if empty {
+		_ = t.sub.Unsubscribe()
+		delete(h.topics, conversationID)
+	}
+}

@@ -1,0 +1,97 @@
+package gateway
+
+import (
+	"sync"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Limits are the per-user and per-connection limits of PROTOCOL.md; 0
+// means unlimited.
+type Limits struct {
+	FrameBytes     int // inbound WebSocket frame (close 1009)
+	TextBytes      int // text of one message (too_large)
+	SendsPerMinute int // sends per minute per user, burst SendBurst
+	SendBurst      int
+	Connections    int // open connections per user (close 4009)
+	Joins          int // conversations joined per connection
+	Turns          int // turns running at once per user
+	OutboundBytes  int // queued outbound bytes per connection (close 4008)
+	BadFrames      int // bad frames per connection before close 1008
+}
+
+// DefaultLimits are PROTOCOL.md's defaults.
+func DefaultLimits() Limits {
+	return Limits{FrameBytes: 65536, TextBytes: 32768, SendsPerMinute: 30, SendBurst: 10, Connections: 20,
+		Joins: 16, Turns: 4, OutboundBytes: 1 << 20, BadFrames: 20}
+}
+
+// userLimits tracks per-user state: send rate and open connections.
+type userLimits struct {
+	l Limits
+
+	mu    sync.Mutex
+	users map[string]*userState // guarded by mu
+}
+
+type userState struct {
+	sends *rate.Limiter
+	conns int
+}
+
+func newUserLimits(l Limits) *userLimits {
+	return &userLimits{l: l, users: make(map[string]*userState)}
+}
+
+func (u *userLimits) stateLocked(user string) *userState {
+	st := u.users[user]
+	if st == nil {
+		st = &userState{}
+		if u.l.SendsPerMinute > 0 {
+			burst := max(u.l.SendBurst, 1)
+			st.sends = rate.NewLimiter(rate.Limit(float64(u.l.SendsPerMinute)/60), burst)
+		}
+		u.users[user] = st
+	}
+	return st
+}
+
+// allowSend takes one send from user's budget, or says how long to wait.
+func (u *userLimits) allowSend(user string) (time.Duration, bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	st := u.stateLocked(user)
+	if st.sends == nil {
+		return 0, true
+	}
+	r := st.sends.Reserve()
+	if d := r.Delay(); d > 0 {
+		r.Cancel()
+		return d, false
+	}
+	return 0, true
+}
+
+// openConn counts a new connection of user, refusing it past the limit.
+func (u *userLimits) openConn(user string) bool {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	st := u.stateLocked(user)
+	if u.l.Connections > 0 && st.conns >= u.l.Connections {
+		return false
+	}
+	st.conns++
+	return true
+}
+
+func (u *userLimits) closeConn(user string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if st := u.users[user]; st != nil {
+		st.conns--
+		if st.conns <= 0 && (st.sends == nil || st.sends.Tokens() >= float64(st.sends.Burst())) {
+			delete(u.users, user)
+		}
+	}
+}

@@ -1,0 +1,57 @@
+package gateway
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	connections       prometheus.Gauge
+	connectsTotal     prometheus.Counter
+	joins             *prometheus.CounterVec
+	sends             prometheus.Counter
+	framesSent        prometheus.Counter
+	bytesSent         prometheus.Counter
+	writeErrors       prometheus.Counter
+	mergedFrames      prometheus.Counter
+	slowCloses        prometheus.Counter
+	gapsRepaired      prometheus.Counter
+	duplicatesDropped prometheus.Counter
+	badFrames         prometheus.Counter
+	cancels           *prometheus.CounterVec
+	cancelLatency     prometheus.Histogram
+	authFailures      *prometheus.CounterVec
+	limitHits         *prometheus.CounterVec
+	sseStreams        prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		connections:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "tokenrelay_connections", Help: "Open WebSocket connections."}),
+		connectsTotal: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_connections_total", Help: "WebSocket connections accepted."}),
+		joins: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_joins_total",
+			Help: "Joins, by kind: fresh (snapshot) or after (resume from a seq)."}, []string{"kind"}),
+		sends:        prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_sends_total", Help: "User messages accepted (turns created)."}),
+		framesSent:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_frames_sent_total", Help: "WebSocket frames written."}),
+		bytesSent:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_bytes_sent_total", Help: "WebSocket payload bytes written."}),
+		writeErrors:  prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_write_errors_total", Help: "Socket writes that failed."}),
+		mergedFrames: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_merged_deltas_total", Help: "Deltas merged into an earlier queued frame of a slow connection."}),
+		slowCloses:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_slow_consumer_closes_total", Help: "Connections closed with 4008 (or frames refused after it)."}),
+		gapsRepaired: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_gap_repairs_total", Help: "Gaps in a connection's live events repaired from JetStream."}),
+		duplicatesDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_duplicate_deltas_dropped_total",
+			Help: "Live deltas dropped because the connection already had them."}),
+		badFrames: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_bad_frames_total", Help: "Client frames rejected as bad_request."}),
+		cancels: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_cancel_requests_total",
+			Help: "Cancel requests, by outcome."}, []string{"outcome"}),
+		cancelLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenrelay_cancel_to_end_seconds",
+			Help: "From a cancel request to the turn's end, as the gateway sees it.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}),
+		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_auth_failures_total",
+			Help: "Rejected authentications, by reason."}, []string{"reason"}),
+		limitHits: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_limit_hits_total",
+			Help: "Requests refused by a limit, by limit."}, []string{"limit"}),
+		sseStreams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "tokenrelay_sse_streams", Help: "Open SSE streams."}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.connections, m.connectsTotal, m.joins, m.sends, m.framesSent, m.bytesSent, m.writeErrors,
+			m.mergedFrames, m.slowCloses, m.gapsRepaired, m.duplicatesDropped, m.badFrames, m.cancels, m.cancelLatency,
+			m.authFailures, m.limitHits, m.sseStreams)
+	}
+	return m
+}

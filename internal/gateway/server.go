@@ -1,0 +1,243 @@
+// Package gateway is tokenrelay's edge: it authenticates clients, validates
+// and stores their messages, enqueues turns, and relays turn events to every
+// joined WebSocket connection and SSE stream, one writer per connection. It
+// also serves the HTTP API, health, metrics and the web page.
+package gateway
+
+import (
+	"context"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tokenrelay/tokenrelay/internal/auth"
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/store"
+)
+
+// Config configures a gateway. Zero durations take the documented defaults.
+type Config struct {
+	Limits Limits
+	// AllowedOrigins lists the origins allowed to open /v1/ws besides the
+	// server's own (see auth.OriginAllowed).
+	AllowedOrigins []string
+	// DefaultModel is recorded on turns that do not name one.
+	DefaultModel string
+	// ModelAllowed validates send.model; nil accepts any.
+	ModelAllowed func(model string) bool
+	// DeltaTimestamps forwards each delta's emission time as "ts".
+	DeltaTimestamps bool
+	// CancelWait is how long a cancel waits for a streaming turn to end
+	// before answering with its current status (default 5s).
+	CancelWait time.Duration
+	// RequestTimeout bounds the work of one request (default 10s).
+	RequestTimeout time.Duration
+	// WriteTimeout bounds one socket write (default 10s).
+	WriteTimeout time.Duration
+	// PingInterval is how often the server pings a connection; a peer that
+	// does not answer within IdleTimeout is disconnected. Defaults 30s/60s;
+	// a negative PingInterval disables pings.
+	PingInterval time.Duration
+	IdleTimeout  time.Duration
+	// ReadyProbes are extra /readyz checks by name (e.g. "provider").
+	ReadyProbes map[string]func(context.Context) error
+	// Static is the web page served at /; nil serves nothing there.
+	Static fs.FS
+	// NodeID names this gateway in health answers.
+	NodeID string
+
+	Logger   *slog.Logger
+	Registry prometheus.Registerer
+	Gatherer prometheus.Gatherer
+	Now      func() time.Time
+}
+
+// Server is a gateway. It is an http.Handler.
+type Server struct {
+	cfg    Config
+	bus    *bus.Bus
+	store  store.Store
+	auth   *auth.Authenticator
+	hub    *hub
+	limits *userLimits
+	m      *metrics
+	log    *slog.Logger
+	mux    *http.ServeMux
+
+	shutdownCtx context.Context // cancelled by Shutdown: every connection derives from it
+	shutdown    context.CancelFunc
+	conns       sync.WaitGroup
+
+	mu      sync.Mutex
+	closing bool                         // guarded by mu
+	open    map[*websocket.Conn]struct{} // guarded by mu
+}
+
+// New returns a gateway using b and st, authenticating with a.
+func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server {
+	if cfg.CancelWait <= 0 {
+		cfg.CancelWait = 5 * time.Second
+	}
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = 10 * time.Second
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = 10 * time.Second
+	}
+	if cfg.PingInterval == 0 {
+		cfg.PingInterval = 30 * time.Second
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = 2 * cfg.PingInterval
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{
+		cfg: cfg, bus: b, store: st, auth: a, hub: newHub(b), limits: newUserLimits(cfg.Limits),
+		m: newMetrics(cfg.Registry), log: cfg.Logger, shutdownCtx: ctx, shutdown: cancel,
+		open: make(map[*websocket.Conn]struct{}),
+	}
+	s.mux = s.routes()
+	return s
+}
+
+func (s *Server) now() time.Time { return s.cfg.Now() }
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+// Shutdown closes every WebSocket connection with 1001 (going away) and
+// waits for their goroutines, or until ctx is done.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closing = true
+	open := make([]*websocket.Conn, 0, len(s.open))
+	for c := range s.open {
+		open = append(open, c)
+	}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, c := range open {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_ = c.Close(websocket.StatusGoingAway, "server shutting down")
+		}()
+	}
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		s.shutdown()
+		s.conns.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.shutdown()
+		return ctx.Err()
+	}
+}
+
+func (s *Server) routes() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("GET /v1/ws", s.handleWS())
+	mux.Handle("GET /v1/conversations", s.authed(s.handleListConversations()))
+	mux.Handle("GET /v1/conversations/{conversation}/messages", s.authed(s.handleListMessages()))
+	mux.Handle("POST /v1/conversations/{conversation}/messages", s.authed(s.handlePostMessage()))
+	mux.Handle("DELETE /v1/conversations/{conversation}", s.authed(s.handleDeleteConversation()))
+	mux.Handle("POST /v1/turns/{turn}/cancel", s.authed(s.handleCancel()))
+	mux.Handle("GET /v1/turns/{turn}/events", s.authed(s.handleSSE()))
+	mux.Handle("GET /healthz", s.handleHealthz())
+	mux.Handle("GET /readyz", s.handleReadyz())
+	if s.cfg.Gatherer != nil {
+		mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
+	}
+	if s.cfg.Static != nil {
+		mux.Handle("GET /", http.FileServerFS(s.cfg.Static))
+	}
+	return mux
+}
+
+func (s *Server) handleWS() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !auth.OriginAllowed(r, s.cfg.AllowedOrigins) {
+			s.m.authFailures.WithLabelValues("origin").Inc()
+			writeError(w, &protoError{status: http.StatusForbidden, code: "forbidden", msg: "origin not allowed"})
+			return
+		}
+		id, authErr := s.auth.Authenticate(r)
+		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+			InsecureSkipVerify: true, // the origin was checked above
+			CompressionMode:    websocket.CompressionDisabled,
+		})
+		if err != nil {
+			return
+		}
+		if authErr != nil {
+			s.m.authFailures.WithLabelValues("token").Inc()
+			_ = ws.Close(closeUnauthorized, "unauthorized")
+			return
+		}
+		if !s.limits.openConn(id.UserID) {
+			s.m.limitHits.WithLabelValues("connections").Inc()
+			_ = ws.Close(closeTooManyConns, "too many connections")
+			return
+		}
+		defer s.limits.closeConn(id.UserID)
+		s.mu.Lock()
+		if s.closing {
+			s.mu.Unlock()
+			_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
+			return
+		}
+		s.open[ws] = struct{}{}
+		s.conns.Add(1)
+		s.mu.Unlock()
+		defer func() {
+			s.mu.Lock()
+			delete(s.open, ws)
+			s.mu.Unlock()
+			s.conns.Done()
+		}()
+		if s.cfg.Limits.FrameBytes > 0 {
+			ws.SetReadLimit(int64(s.cfg.Limits.FrameBytes))
+		} else {
+			ws.SetReadLimit(-1)
+		}
+		ctx, cancel := context.WithCancel(s.shutdownCtx)
+		c := &conn{
+			s: s, ws: ws, user: id.UserID, q: newOutQueue(s.cfg.Limits.OutboundBytes),
+			ctx: ctx, cancel: cancel, views: make(map[string]*view),
+			log: s.log.With("user", id.UserID),
+		}
+		s.m.connections.Inc()
+		s.m.connectsTotal.Inc()
+		defer s.m.connections.Dec()
+		c.run()
+	})
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+func quote(s string) string { return strconv.Quote(s) }
+
+// contextWithCancel is a request's context that also ends on Shutdown.
+func contextWithCancel(r *http.Request, s *Server) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(r.Context())
+	stop := context.AfterFunc(s.shutdownCtx, cancel)
+	return ctx, func() { stop(); cancel() }
+}

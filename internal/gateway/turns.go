@@ -1,0 +1,280 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
+	"github.com/tokenrelay/tokenrelay/internal/store"
+)
+
+// sendRequest is a send from any front end (WebSocket, HTTP, compat).
+type sendRequest struct {
+	User           string
+	ConversationID string
+	MessageID      string
+	TurnID         string
+	Text           string
+	Model          string
+}
+
+// send stores the user message and its turn, announces both and enqueues
+// the job. A repeated message id returns the existing message and turn and
+// starts nothing.
+func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, error) {
+	if s.cfg.Limits.TextBytes > 0 && len(r.Text) > s.cfg.Limits.TextBytes {
+		s.m.limitHits.WithLabelValues("text_bytes").Inc()
+		return store.SendResult{}, protocol.Errorf(protocol.CodeTooLarge, "the message is longer than the limit of "+itoa(s.cfg.Limits.TextBytes)+" bytes")
+	}
+	if strings.TrimSpace(r.Text) == "" {
+		return store.SendResult{}, protocol.Errorf(protocol.CodeBadRequest, "text is empty")
+	}
+	if r.Model != "" && s.cfg.ModelAllowed != nil && !s.cfg.ModelAllowed(r.Model) {
+		return store.SendResult{}, protocol.Errorf(protocol.CodeBadRequest, "model "+quote(r.Model)+" is not available")
+	}
+	if s.limits != nil {
+		if wait, ok := s.limits.allowSend(r.User); !ok {
+			s.m.limitHits.WithLabelValues("sends").Inc()
+			return store.SendResult{}, &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many messages; slow down", RetryAfterMS: wait.Milliseconds() + 1}
+		}
+	}
+	if r.MessageID == "" {
+		r.MessageID = newID()
+	}
+	if r.TurnID == "" {
+		r.TurnID = newID()
+	}
+	if r.Model == "" {
+		r.Model = s.cfg.DefaultModel
+	}
+	res, err := s.store.Send(ctx, store.SendRequest{
+		ConversationID: r.ConversationID, Owner: r.User, MessageID: r.MessageID, TurnID: r.TurnID,
+		Text: r.Text, Model: r.Model, Now: s.now(), MaxActiveTurns: s.cfg.Limits.Turns,
+	})
+	if err != nil {
+		if errors.Is(err, chat.ErrTooManyTurns) {
+			s.m.limitHits.WithLabelValues("turns").Inc()
+		}
+		return res, err
+	}
+	if res.Duplicate {
+		return res, nil
+	}
+	start := &bus.Event{
+		Kind: bus.KindStart, ConversationID: r.ConversationID, TurnID: res.Turn.ID,
+		Message: &bus.WireMessage{ID: res.Message.ID, Content: res.Message.Content, CreatedAt: res.Message.CreatedAt.UnixMilli()},
+		ReplyTo: res.Message.ID, Model: res.Turn.Model,
+	}
+	// The start is stored before the job exists, so every delta a worker
+	// publishes comes after it in the stream.
+	if _, err := s.bus.PublishEvent(ctx, start); err != nil {
+		s.failTurn(res.Turn)
+		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
+	}
+	if err := s.bus.EnqueueJob(ctx, bus.Job{TurnID: res.Turn.ID, ConversationID: r.ConversationID}); err != nil {
+		s.failTurn(res.Turn)
+		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
+	}
+	s.m.sends.Inc()
+	return res, nil
+}
+
+// failTurn ends a turn that could not be enqueued, so it does not block its
+// conversation.
+func (s *Server) failTurn(t chat.Turn) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	final, won, err := s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusError, Error: "the message broker is unavailable", Now: s.now()})
+	if err != nil || !won {
+		return
+	}
+	_, _ = s.bus.PublishEvent(ctx, &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Status: final, Error: "the message broker is unavailable"})
+}
+
+// cancelResult is the answer to a cancel.
+type cancelResult struct {
+	TurnID  string
+	Status  chat.TurnStatus
+	Already bool
+}
+
+// cancel stops a turn, idempotently. It answers with the turn's terminal
+// status: it waits (up to CancelWait) for a streaming turn's producer to
+// publish the end, so that the status in the answer is the one stored and
+// sent to every connection.
+func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult, error) {
+	t, err := s.store.Turn(ctx, turnID)
+	if err != nil {
+		s.m.cancels.WithLabelValues("not_found").Inc()
+		return cancelResult{}, err
+	}
+	if t.Owner != user {
+		s.m.cancels.WithLabelValues("forbidden").Inc()
+		return cancelResult{}, chat.ErrForbidden
+	}
+	res := cancelResult{TurnID: t.ID, Status: t.Status}
+	if t.Status.Terminal() {
+		res.Already = true
+		s.m.cancels.WithLabelValues("already_ended").Inc()
+		return res, nil
+	}
+	// Listen for the end before asking for it.
+	ended := make(chan bus.Event, 1)
+	sub, err := s.bus.SubscribeTurnEnd(t.ConversationID, t.ID, func(e bus.Event) {
+		select {
+		case ended <- e:
+		default:
+		}
+	})
+	if err != nil {
+		return res, err
+	}
+	defer sub.Unsubscribe()
+	created, err := s.bus.MarkCancelled(ctx, t.ID)
+	if err != nil {
+		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
+	}
+	res.Already = !created
+	// A turn no worker has started is ended here: it never reaches the model.
+	final, won, err := s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusCancelled, Now: s.now()}, chat.StatusQueued)
+	if err != nil {
+		return res, err
+	}
+	if won {
+		if _, err := s.bus.PublishEvent(ctx, &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Status: final}); err != nil {
+			s.log.Warn("publish end of cancelled queued turn", "turn_id", t.ID, "err", err)
+		}
+		res.Status = final
+		s.observeCancel(res)
+		return res, nil
+	}
+	if final.Terminal() {
+		res.Status = final
+		res.Already = true
+		s.observeCancel(res)
+		return res, nil
+	}
+	// Streaming: the producer sees the tombstone and ends the turn.
+	wait := time.NewTimer(s.cfg.CancelWait)
+	defer wait.Stop()
+	select {
+	case e := <-ended:
+		res.Status = e.Status
+	case <-wait.C:
+		if t, err := s.store.Turn(ctx, turnID); err == nil {
+			res.Status = t.Status
+		}
+	case <-ctx.Done():
+		return res, ctx.Err()
+	}
+	// The end event carries the stored status, but re-read in case this
+	// cancel raced a producer that was replaced.
+	if t, err := s.store.Turn(ctx, turnID); err == nil && t.Status.Terminal() {
+		res.Status = t.Status
+	}
+	s.observeCancel(res)
+	return res, nil
+}
+
+func (s *Server) observeCancel(r cancelResult) {
+	switch {
+	case r.Already:
+		s.m.cancels.WithLabelValues("already").Inc()
+	case r.Status == chat.StatusCancelled:
+		s.m.cancels.WithLabelValues("cancelled").Inc()
+	default:
+		s.m.cancels.WithLabelValues("lost_race").Inc()
+	}
+}
+
+// catchUpResult is a turn's text from one seq on, as stored on the bus.
+type catchUpResult struct {
+	Text   []byte
+	From   int64 // first seq covered (have+1)
+	To     int64 // last seq covered; To < From means no new text
+	ToLen  int64 // text length after delta To
+	End    *bus.Event
+	Missed bool // the events needed have expired from the stream
+}
+
+// catchUp reads what follows delta have of a turn: from the snapshot when it
+// is ahead, then the tail of the stream. haveLen is the text length after
+// delta have, or -1 when unknown (a client's resume point), in which case it
+// is located from the snapshot's marks with a short replay.
+func (s *Server) catchUp(ctx context.Context, conv, turn string, have, haveLen int64) (catchUpResult, error) {
+	res := catchUpResult{From: have + 1, To: have, ToLen: haveLen}
+	if have == 0 {
+		haveLen, res.ToLen = 0, 0
+	}
+	snap, err := s.bus.ReadSnapshot(ctx, turn)
+	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
+		return res, err
+	}
+	tailFrom := uint64(1)
+	if snap.Seq > have {
+		if haveLen < 0 {
+			mark := snap.Locate(have)
+			haveLen = mark.Len
+			if mark.Seq < have {
+				found := false
+				err := s.bus.ReadTurn(ctx, conv, turn, mark.StreamSeq+1, func(e bus.Event) bool {
+					if e.Kind == bus.KindDelta && e.Seq == have {
+						haveLen = e.Off + int64(len(e.Text))
+						found = true
+						return false
+					}
+					return e.Kind != bus.KindEnd && e.Seq < have
+				})
+				if err != nil {
+					return res, err
+				}
+				if !found {
+					res.Missed = true
+					return res, nil
+				}
+			}
+		}
+		if haveLen > int64(len(snap.Text)) {
+			res.Missed = true
+			return res, nil
+		}
+		res.Text = append(res.Text, snap.Text[haveLen:]...)
+		res.To, res.ToLen = snap.Seq, int64(len(snap.Text))
+		tailFrom = snap.StreamSeq + 1
+	} else if snap.Seq > 0 {
+		tailFrom = snap.StreamSeq + 1
+		if snap.Seq == have && haveLen < 0 {
+			res.ToLen = int64(len(snap.Text))
+		}
+	}
+	err = s.bus.ReadTurn(ctx, conv, turn, tailFrom, func(e bus.Event) bool {
+		switch e.Kind {
+		case bus.KindDelta:
+			if e.Seq == res.To+1 {
+				res.Text = append(res.Text, e.Text...)
+				res.To = e.Seq
+				res.ToLen = e.Off + int64(len(e.Text))
+			}
+		case bus.KindEnd:
+			ev := e
+			res.End = &ev
+			return false
+		}
+		return true
+	})
+	return res, err
+}
+
+func newID() string {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return uuid.NewString()
+	}
+	return id.String()
+}

@@ -1,0 +1,347 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
+)
+
+// sink is where a view sends frames: a WebSocket connection's queue, an SSE
+// stream or a compat connection.
+type sink interface {
+	// message: a user message was stored.
+	message(conv string, m chat.Message)
+	// start: turn t began.
+	start(conv, turn, replyTo, model string)
+	// delta: the text of deltas from..seq; off is the byte offset of text in
+	// the turn's text.
+	delta(conv, turn string, from, seq int64, off int64, text string, ts int64)
+	// end: the turn ended after delta seq.
+	end(conv, turn string, seq int64, status chat.TurnStatus, errMsg string, usage *chat.Usage)
+	// fail: the view cannot continue (a gap it cannot repair); the sink
+	// should make its client resume.
+	fail(err error)
+}
+
+// view is one client's window on one conversation: it turns the
+// conversation's live events into frames so that, per turn, the client gets
+// every seq exactly once and in order, then one end. It remembers per turn
+// the last seq sent, drops duplicates, and repairs a gap from the bus before
+// sending anything later.
+type view struct {
+	s    *Server
+	conv string
+	out  sink
+	// ctx is the view's lifetime (the connection's): repairs stop with it.
+	ctx    context.Context
+	wg     *sync.WaitGroup // repairs in flight, owned by the connection
+	joined time.Time
+
+	mu        sync.Mutex
+	buffering bool                  // join in progress: events wait in buf; guarded by mu
+	buf       []bus.Event           // guarded by mu
+	turns     map[string]*turnState // guarded by mu
+	ended     []string              // ended turn ids, oldest first (bounded); guarded by mu
+	closed    bool                  // guarded by mu
+}
+
+type turnState struct {
+	started   bool  // turn.start sent, or the turn was known at join
+	seq       int64 // last seq sent
+	len       int64 // text bytes sent; -1 when unknown
+	ended     bool
+	repairing bool
+	pending   []bus.Event // events held while repairing
+	attempts  int
+}
+
+const keepEnded = 32
+
+func newView(s *Server, ctx context.Context, wg *sync.WaitGroup, conv string, out sink) *view {
+	return &view{s: s, ctx: ctx, wg: wg, conv: conv, out: out, buffering: true, turns: make(map[string]*turnState), joined: s.now()}
+}
+
+func (v *view) deliver(e bus.Event) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return
+	}
+	if v.buffering {
+		v.buf = append(v.buf, e)
+		return
+	}
+	v.processLocked(e)
+}
+
+func (v *view) close() {
+	v.mu.Lock()
+	v.closed = true
+	v.buf = nil
+	v.mu.Unlock()
+}
+
+// knownLocked records a turn the client already has in full.
+func (v *view) endedLocked(turn string) {
+	ts := v.turns[turn]
+	if ts == nil {
+		ts = &turnState{}
+		v.turns[turn] = ts
+	}
+	if ts.ended {
+		return
+	}
+	ts.ended, ts.pending = true, nil
+	v.ended = append(v.ended, turn)
+	if len(v.ended) > keepEnded {
+		delete(v.turns, v.ended[0])
+		v.ended = v.ended[1:]
+	}
+}
+
+// ready ends the join: the client has been sent the snapshot described by
+// turns; buffered events are now processed.
+func (v *view) ready(turns map[string]*turnState) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for id, ts := range turns {
+		if ts.ended {
+			v.endedLocked(id)
+			continue
+		}
+		v.turns[id] = ts
+	}
+	v.buffering = false
+	buf := v.buf
+	v.buf = nil
+	for _, e := range buf {
+		v.processLocked(e)
+	}
+}
+
+func (v *view) processLocked(e bus.Event) {
+	ts := v.turns[e.TurnID]
+	if e.Kind == bus.KindStart {
+		if ts != nil {
+			return // already known: a duplicate, or covered by the join
+		}
+		v.turns[e.TurnID] = &turnState{started: true}
+		v.out.message(v.conv, e.UserMessage())
+		v.out.start(v.conv, e.TurnID, e.ReplyTo, e.Model)
+		return
+	}
+	if ts == nil {
+		// An event of a turn whose start this view has not seen: lost, or
+		// overtaken on another route. Repair sends the start first.
+		ts = &turnState{len: 0}
+		v.turns[e.TurnID] = ts
+		v.repairLocked(e.TurnID, ts, e)
+		return
+	}
+	if ts.ended {
+		return
+	}
+	if ts.repairing {
+		ts.pending = append(ts.pending, e)
+		return
+	}
+	switch e.Kind {
+	case bus.KindDelta:
+		switch {
+		case e.Seq <= ts.seq:
+			v.s.m.duplicatesDropped.Inc()
+		case e.Seq == ts.seq+1:
+			v.out.delta(v.conv, e.TurnID, e.Seq, e.Seq, e.Off, e.Text, e.TS)
+			ts.seq = e.Seq
+			ts.len = e.Off + int64(len(e.Text))
+		default:
+			v.repairLocked(e.TurnID, ts, e)
+		}
+	case bus.KindEnd:
+		if e.Seq > ts.seq {
+			v.repairLocked(e.TurnID, ts, e)
+			return
+		}
+		v.out.end(v.conv, e.TurnID, ts.seq, e.Status, e.Error, e.Usage)
+		v.endedLocked(e.TurnID)
+	}
+}
+
+// repairLocked fetches what the client misses of a turn from the bus, in
+// the background; events of the turn wait until it is done.
+func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
+	ts.repairing = true
+	ts.pending = append(ts.pending, trigger)
+	ts.attempts++
+	attempt := ts.attempts
+	have, haveLen, needStart := ts.seq, ts.len, !ts.started
+	v.s.m.gapsRepaired.Inc()
+	v.wg.Add(1)
+	go func() {
+		defer v.wg.Done()
+		if attempt > 1 {
+			// The stream may lag the live route by a moment in a cluster.
+			t := time.NewTimer(time.Duration(attempt) * 20 * time.Millisecond)
+			select {
+			case <-t.C:
+			case <-v.ctx.Done():
+				t.Stop()
+				return
+			}
+		}
+		var info chat.Turn
+		var userMsg chat.Message
+		var err error
+		if needStart {
+			info, err = v.s.store.Turn(v.ctx, turn)
+			if err == nil {
+				userMsg, err = v.s.store.Message(v.ctx, v.conv, info.ReplyTo)
+			}
+		}
+		var cu catchUpResult
+		if err == nil {
+			cu, err = v.s.catchUp(v.ctx, v.conv, turn, have, haveLen)
+		}
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		if v.closed {
+			return
+		}
+		if err != nil {
+			if errors.Is(err, chat.ErrNotFound) {
+				v.endedLocked(turn) // deleted
+				return
+			}
+			if v.ctx.Err() == nil {
+				v.out.fail(err)
+			}
+			return
+		}
+		if needStart {
+			if info.Status.Terminal() && !info.FinishedAt.IsZero() && info.FinishedAt.Before(v.joined) {
+				// It ended before this view joined: the client has it in history.
+				v.endedLocked(turn)
+				return
+			}
+			v.out.message(v.conv, userMsg)
+			v.out.start(v.conv, turn, info.ReplyTo, info.Model)
+			ts.started = true
+		}
+		if cu.To >= cu.From {
+			v.out.delta(v.conv, turn, cu.From, cu.To, cu.ToLen-int64(len(cu.Text)), string(cu.Text), 0)
+			ts.seq, ts.len = cu.To, cu.ToLen
+			ts.attempts = 0
+		}
+		if cu.End != nil && cu.End.Seq <= ts.seq {
+			v.out.end(v.conv, turn, ts.seq, cu.End.Status, cu.End.Error, cu.End.Usage)
+			v.endedLocked(turn)
+			return
+		}
+		ts.repairing = false
+		pending := ts.pending
+		ts.pending = nil
+		if ts.attempts > 10 {
+			v.out.fail(errors.New("cannot repair a gap in the turn's events"))
+			return
+		}
+		for _, e := range pending {
+			if ts.ended || ts.repairing {
+				if ts.repairing {
+					ts.pending = append(ts.pending, e)
+				}
+				continue
+			}
+			v.processLocked(e)
+		}
+	}()
+}
+
+// join subscribes the view, then reads the history and the active turn, so
+// that nothing published in between is lost or doubled. It returns the
+// joined frame's content; the caller sends it before calling ready (the
+// events that arrive meanwhile wait).
+func (v *view) join(ctx context.Context, history int, after *protocol.After) (protocol.Joined, []func(), map[string]*turnState, error) {
+	var j protocol.Joined
+	msgs, err := v.s.store.Messages(ctx, v.conv, history+1, "")
+	if err != nil {
+		return j, nil, nil, err
+	}
+	turns := make(map[string]*turnState)
+	var active *chat.Turn
+	if t, err := v.s.store.ActiveTurn(ctx, v.conv); err == nil {
+		active = &t
+	} else if !errors.Is(err, chat.ErrNotFound) {
+		return j, nil, nil, err
+	}
+	wire := make([]protocol.Message, 0, len(msgs))
+	for _, m := range msgs {
+		if m.Role == chat.RoleAssistant {
+			if !m.Status.Terminal() {
+				continue // the active turn is reported in "active"
+			}
+			turns[m.ID] = &turnState{started: true, ended: true}
+		}
+		wire = append(wire, protocol.WireMessage(m))
+	}
+	if len(wire) > history {
+		wire = wire[len(wire)-history:]
+	}
+	j.Messages = wire
+	var followUps []func()
+	if active != nil {
+		have := int64(0)
+		if after != nil && after.TurnID == active.ID {
+			have = after.Seq
+		}
+		cu, err := v.s.catchUp(ctx, v.conv, active.ID, have, -1)
+		if err != nil {
+			return j, nil, nil, err
+		}
+		status := active.Status
+		if cu.To > 0 && status == chat.StatusQueued {
+			status = chat.StatusStreaming
+		}
+		a := &protocol.ActiveTurn{TurnID: active.ID, ReplyTo: active.ReplyTo, Status: status, Seq: cu.To, Text: string(cu.Text), Model: active.Model}
+		if have > 0 {
+			a.From = have + 1
+			if cu.To < have {
+				a.Seq = have
+			}
+		}
+		j.Active = a
+		ts := &turnState{started: true, seq: max(cu.To, have), len: cu.ToLen}
+		if cu.End != nil {
+			end := *cu.End
+			seq := ts.seq
+			followUps = append(followUps, func() { v.out.end(v.conv, active.ID, seq, end.Status, end.Error, end.Usage) })
+			ts.ended = true
+		}
+		turns[active.ID] = ts
+	}
+	if after != nil && (active == nil || after.TurnID != active.ID) {
+		// The client was following a turn that has ended since: send it the
+		// rest and the end.
+		if t, err := v.s.store.Turn(ctx, after.TurnID); err == nil && t.ConversationID == v.conv && t.Status.Terminal() && t.Seq > after.Seq {
+			cu, err := v.s.catchUp(ctx, v.conv, t.ID, after.Seq, -1)
+			if err == nil && !cu.Missed {
+				text, from, to := string(cu.Text), cu.From, cu.To
+				off := cu.ToLen - int64(len(cu.Text))
+				followUps = append(followUps, func() {
+					if to >= from {
+						v.out.delta(v.conv, t.ID, from, to, off, text, 0)
+					}
+					v.out.end(v.conv, t.ID, max(to, after.Seq), t.Status, t.Error, t.Usage)
+				})
+			} else {
+				tid, status, seq, emsg, usage := t.ID, t.Status, t.Seq, t.Error, t.Usage
+				followUps = append(followUps, func() { v.out.end(v.conv, tid, seq, status, emsg, usage) })
+			}
+		}
+	}
+	return j, followUps, turns, nil
+}

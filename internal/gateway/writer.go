@@ -1,0 +1,155 @@
+package gateway
+
+import (
+	"sync"
+
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
+)
+
+// outQueue is a connection's outbound queue: everybody enqueues without
+// blocking, one writer drains it. Queued deltas of the same turn are merged
+// into one frame (lossless: from..seq); past limit bytes the queue closes
+// and the connection is ended as a slow consumer.
+type outQueue struct {
+	limit int // bytes; 0 = unlimited
+
+	mu       sync.Mutex
+	items    []outItem         // guarded by mu
+	pending  map[string]*delta // turn id → its delta still in items; guarded by mu
+	bytes    int               // bytes queued; guarded by mu
+	closed   bool              // guarded by mu
+	overflow bool              // closed for passing limit; guarded by mu
+	merged   int               // merges since the last take; guarded by mu
+	notify   chan struct{}     // capacity 1: "items is not empty" or "closed"
+	free     []*delta          // recycled deltas; guarded by mu
+}
+
+type outItem struct {
+	frame []byte // a pre-encoded frame, or nil for a delta
+	delta *delta
+}
+
+type delta struct {
+	conv, turn string
+	from, seq  int64
+	text       []byte
+	ts         int64
+}
+
+const deltaOverhead = 96 // bytes of a delta frame besides its text
+
+func newOutQueue(limit int) *outQueue {
+	return &outQueue{limit: limit, notify: make(chan struct{}, 1), pending: make(map[string]*delta)}
+}
+
+func (q *outQueue) signal() {
+	select {
+	case q.notify <- struct{}{}:
+	default:
+	}
+}
+
+// push enqueues a pre-encoded frame. It reports false when the queue is
+// closed or overflowed (the queue is then closed).
+func (q *outQueue) push(frame []byte) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return false
+	}
+	q.items = append(q.items, outItem{frame: frame})
+	q.bytes += len(frame)
+	return q.afterPushLocked()
+}
+
+// pushDelta enqueues delta seq (text from..seq) of a turn, merging it into
+// that turn's delta still waiting in the queue when it continues it.
+func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts int64) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return false
+	}
+	if d := q.pending[turn]; d != nil && d.seq+1 == from {
+		d.seq = seq
+		d.text = append(d.text, text...)
+		d.ts = ts
+		q.bytes += len(text)
+		q.merged++
+		return q.afterPushLocked()
+	}
+	var d *delta
+	if n := len(q.free); n > 0 {
+		d, q.free = q.free[n-1], q.free[:n-1]
+	} else {
+		d = new(delta)
+	}
+	d.conv, d.turn, d.from, d.seq, d.ts = conv, turn, from, seq, ts
+	d.text = append(d.text[:0], text...)
+	q.pending[turn] = d
+	q.items = append(q.items, outItem{delta: d})
+	q.bytes += len(text) + deltaOverhead
+	return q.afterPushLocked()
+}
+
+// forget stops merging into turn's queued delta: a frame that must follow
+// it (turn.end) is about to be queued.
+func (q *outQueue) forget(turn string) {
+	q.mu.Lock()
+	delete(q.pending, turn)
+	q.mu.Unlock()
+}
+
+func (q *outQueue) afterPushLocked() bool {
+	if q.limit > 0 && q.bytes > q.limit {
+		q.closed, q.overflow = true, true
+		q.items = nil
+		q.signal()
+		return false
+	}
+	if len(q.items) == 1 {
+		q.signal()
+	}
+	return true
+}
+
+// take returns everything queued, encoded, appending to buf's storage; it
+// reports overflow once the queue was closed for passing its limit. After
+// close, take returns nothing.
+func (q *outQueue) take(frames [][]byte, buf []byte) (_ [][]byte, _ []byte, merged int, overflow bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return frames, buf, 0, q.overflow
+	}
+	for _, it := range q.items {
+		if it.frame != nil {
+			frames = append(frames, it.frame)
+			continue
+		}
+		d := it.delta
+		start := len(buf)
+		buf = protocol.AppendDelta(buf, d.conv, d.turn, d.from, d.seq, d.text, d.ts)
+		frames = append(frames, buf[start:len(buf):len(buf)])
+		delete(q.pending, d.turn)
+		if cap(d.text) <= 4096 {
+			q.free = append(q.free, d)
+		}
+	}
+	clear(q.items)
+	q.items = q.items[:0]
+	q.bytes = 0
+	merged, q.merged = q.merged, 0
+	return frames, buf, merged, false
+}
+
+// close stops the queue; later pushes fail.
+func (q *outQueue) close() {
+	q.mu.Lock()
+	if !q.closed {
+		q.closed = true
+		q.items = nil
+		q.signal()
+	}
+	q.mu.Unlock()
+}

@@ -1,0 +1,204 @@
+// Package sim is tokenrelay's built-in model simulator: a deterministic
+// provider.Provider that streams a reply chosen by the prompt at a set rate,
+// honouring its context exactly as a network provider must.
+package sim
+
+import (
+	"context"
+	"hash/fnv"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+)
+
+// Config sets the simulator's defaults; a prompt's directive overrides them.
+type Config struct {
+	// Rate is tokens per second per turn; 0 streams as fast as possible.
+	Rate float64
+	// Tokens is the reply length in tokens.
+	Tokens int
+}
+
+// Provider is the simulator. The zero value is not usable; call New.
+type Provider struct {
+	cfg Config
+}
+
+var _ provider.Provider = (*Provider)(nil)
+
+// New returns a simulator.
+func New(cfg Config) *Provider {
+	if cfg.Tokens <= 0 {
+		cfg.Tokens = 200
+	}
+	if cfg.Rate < 0 {
+		cfg.Rate = 0
+	}
+	return &Provider{cfg: cfg}
+}
+
+// Directive is what a prompt may ask of the simulator with
+// "[sim tokens=500 rate=200 error_after=40 delay_ms=100 echo=1]" (any subset).
+type Directive struct {
+	Tokens     int
+	Rate       float64
+	ErrorAfter int  // fail after this many tokens; 0 = never
+	DelayMS    int  // wait this long before the first token
+	Echo       bool // reply with the prompt's own text (without the directive)
+}
+
+// ParseDirective extracts the directive of prompt, starting from defaults,
+// and returns the prompt without it.
+func ParseDirective(prompt string, d Directive) (Directive, string) {
+	start := strings.Index(prompt, "[sim")
+	if start < 0 {
+		return d, prompt
+	}
+	end := strings.Index(prompt[start:], "]")
+	if end < 0 {
+		return d, prompt
+	}
+	body := prompt[start+len("[sim") : start+end]
+	if body != "" && body[0] != ' ' {
+		return d, prompt
+	}
+	for _, f := range strings.Fields(body) {
+		k, v, ok := strings.Cut(f, "=")
+		if !ok {
+			continue
+		}
+		switch k {
+		case "tokens":
+			if n, err := strconv.Atoi(v); err == nil && n >= 0 {
+				d.Tokens = n
+			}
+		case "rate":
+			if r, err := strconv.ParseFloat(v, 64); err == nil && r >= 0 {
+				d.Rate = r
+			}
+		case "error_after":
+			if n, err := strconv.Atoi(v); err == nil && n >= 0 {
+				d.ErrorAfter = n
+			}
+		case "delay_ms":
+			if n, err := strconv.Atoi(v); err == nil && n >= 0 {
+				d.DelayMS = n
+			}
+		case "echo":
+			d.Echo = v == "1" || v == "true"
+		}
+	}
+	rest := strings.TrimSpace(prompt[:start] + prompt[start+end+1:])
+	return d, rest
+}
+
+// Reply returns the tokens the simulator streams for prompt: the same prompt
+// always gives the same tokens.
+func (p *Provider) Reply(prompt string) (Directive, []string) {
+	d, rest := ParseDirective(prompt, Directive{Tokens: p.cfg.Tokens, Rate: p.cfg.Rate})
+	if d.Echo {
+		return d, splitEcho(rest)
+	}
+	return d, words(prompt, d.Tokens)
+}
+
+// Stream implements provider.Provider.
+func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(string) error) (provider.Result, error) {
+	d, toks := p.Reply(req.Prompt())
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	wait := func(until time.Time) error {
+		dur := time.Until(until)
+		if dur <= 0 {
+			return ctx.Err()
+		}
+		timer.Reset(dur)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-timer.C:
+			return nil
+		}
+	}
+	start := time.Now()
+	if d.DelayMS > 0 {
+		start = start.Add(time.Duration(d.DelayMS) * time.Millisecond)
+	}
+	var interval time.Duration
+	if d.Rate > 0 {
+		interval = time.Duration(float64(time.Second) / d.Rate)
+	}
+	for i, tok := range toks {
+		if d.ErrorAfter > 0 && i == d.ErrorAfter {
+			return provider.Result{}, &provider.Error{Message: "the simulated model failed after " + strconv.Itoa(i) + " tokens"}
+		}
+		// Token i is due at start + (i+1)·interval: an absolute schedule, so
+		// a late wake-up does not slow the whole reply.
+		if err := wait(start.Add(time.Duration(i+1) * interval)); err != nil {
+			return provider.Result{}, err
+		}
+		if err := emit(tok); err != nil {
+			return provider.Result{}, err
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return provider.Result{}, err
+	}
+	return provider.Result{Usage: &chat.Usage{
+		PromptTokens:     len(strings.Fields(req.Prompt())),
+		CompletionTokens: len(toks),
+	}}, nil
+}
+
+var vocabulary = strings.Fields(`the a token stream reply model answer every word arrives
+in order and none is lost or doubled when the page reloads reconnects or another tab
+joins relay gateway worker snapshot resume cancel stop quickly carefully simply clearly
+message conversation history persisted durable ordered exactly once delivered browser
+server network latency throughput buffer queue writer reader text delta sequence
+number context provider simulated deterministic prompt same gives result quiet
+bright river mountain window garden paper light signal bridge harbor lantern compass
+orbit meadow thunder silver copper marble velvet amber cedar maple falcon sparrow`)
+
+// words picks n words deterministically from the prompt's hash, with a
+// sentence break now and then so replies look like prose.
+func words(prompt string, n int) []string {
+	h := fnv.New64a()
+	h.Write([]byte(prompt))
+	rng := rand.New(rand.NewPCG(h.Sum64(), 0x746f6b656e72))
+	out := make([]string, n)
+	capital := true
+	for i := range out {
+		w := vocabulary[rng.IntN(len(vocabulary))]
+		if capital {
+			w = strings.ToUpper(w[:1]) + w[1:]
+			capital = false
+		}
+		if i > 0 {
+			w = " " + w
+		}
+		if i == n-1 || rng.IntN(12) == 0 {
+			w += "."
+			capital = true
+		}
+		out[i] = w
+	}
+	return out
+}
+
+// splitEcho cuts text into tokens of about four bytes, on rune boundaries.
+func splitEcho(text string) []string {
+	var out []string
+	for len(text) > 0 {
+		n := min(4, len(text))
+		for n < len(text) && text[n]&0xC0 == 0x80 {
+			n++ // do not split a UTF-8 sequence
+		}
+		out = append(out, text[:n])
+		text = text[n:]
+	}
+	return out
+}

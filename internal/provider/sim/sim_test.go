@@ -1,0 +1,108 @@
+package sim
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+)
+
+func req(prompt string) provider.Request {
+	return provider.Request{Messages: []provider.Message{{Role: "user", Content: prompt}}}
+}
+
+func collect(t *testing.T, p *Provider, prompt string) (string, error) {
+	t.Helper()
+	var sb strings.Builder
+	_, err := p.Stream(t.Context(), req(prompt), func(s string) error { sb.WriteString(s); return nil })
+	return sb.String(), err
+}
+
+func TestDeterministic(t *testing.T) {
+	p := New(Config{Rate: 0, Tokens: 50})
+	a, err := collect(t, p, "hello there")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := collect(t, p, "hello there")
+	c, _ := collect(t, p, "something else")
+	if a != b {
+		t.Fatalf("same prompt gave different replies:\n%q\n%q", a, b)
+	}
+	if a == c {
+		t.Fatalf("different prompts gave the same reply")
+	}
+	if n := len(strings.Fields(a)); n != 50 {
+		t.Fatalf("got %d words, want 50", n)
+	}
+}
+
+func TestParseDirective(t *testing.T) {
+	tests := []struct {
+		name   string
+		prompt string
+		want   Directive
+		rest   string
+	}{
+		{"none", "hi", Directive{Tokens: 7}, "hi"},
+		{"all", "go [sim tokens=500 rate=200 error_after=40 delay_ms=5 echo=1] now", Directive{Tokens: 500, Rate: 200, ErrorAfter: 40, DelayMS: 5, Echo: true}, "go  now"},
+		{"subset", "[sim rate=0]x", Directive{Tokens: 7, Rate: 0}, "x"},
+		{"bad values ignored", "[sim tokens=-1 rate=abc]", Directive{Tokens: 7}, ""},
+		{"not a directive", "[simple]", Directive{Tokens: 7}, "[simple]"},
+		{"unclosed", "[sim tokens=3", Directive{Tokens: 7}, "[sim tokens=3"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, rest := ParseDirective(tt.prompt, Directive{Tokens: 7})
+			if got != tt.want || rest != tt.rest {
+				t.Errorf("ParseDirective(%q) = %+v, %q; want %+v, %q", tt.prompt, got, rest, tt.want, tt.rest)
+			}
+		})
+	}
+}
+
+func TestEcho(t *testing.T) {
+	p := New(Config{})
+	got, err := collect(t, p, "[sim echo=1 rate=0] <b>héllo</b> wörld")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != "<b>héllo</b> wörld" {
+		t.Fatalf("echo = %q", got)
+	}
+}
+
+func TestErrorAfter(t *testing.T) {
+	p := New(Config{})
+	var n int
+	_, err := p.Stream(t.Context(), req("[sim tokens=10 rate=0 error_after=4]"), func(string) error { n++; return nil })
+	var pe *provider.Error
+	if !errors.As(err, &pe) {
+		t.Fatalf("err = %v, want *provider.Error", err)
+	}
+	if n != 4 {
+		t.Fatalf("emitted %d tokens before the error, want 4", n)
+	}
+}
+
+func TestCancelStopsAtOnce(t *testing.T) {
+	p := New(Config{Rate: 1, Tokens: 100}) // one token a second
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.Stream(ctx, req("x"), func(string) error { return nil })
+		done <- err
+	}()
+	cancel()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("err = %v, want context.Canceled", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Stream did not return after cancel")
+	}
+}

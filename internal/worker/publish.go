@@ -1,0 +1,123 @@
+package worker
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+)
+
+// publisher turns a provider's tokens into numbered deltas of one turn: it
+// batches tokens within the configured window, publishes each delta to the
+// events stream in order, and keeps the turn's snapshot current.
+type publisher struct {
+	ctx  context.Context
+	w    *Worker
+	turn chat.Turn
+	snap *bus.SnapshotWriter
+
+	mu        sync.Mutex
+	text      []byte      // all text published so far; guarded by mu
+	pending   []byte      // batched text not yet published; guarded by mu
+	pendingTS int64       // emission time of the newest pending token
+	seq       int64       // last published seq; guarded by mu
+	sseq      uint64      // stream sequence of delta seq; guarded by mu
+	err       error       // first publish error; guarded by mu
+	timer     *time.Timer // batch flush timer; guarded by mu
+	firstAt   time.Time   // first delta published
+	lastFlush time.Time
+	snapAt    time.Time // last snapshot written
+	snapLen   int       // text length at the last snapshot
+}
+
+func newPublisher(ctx context.Context, w *Worker, t chat.Turn) *publisher {
+	return &publisher{ctx: ctx, w: w, turn: t, snap: w.bus.NewSnapshotWriter(t.ConversationID, t.ID), snapAt: w.cfg.Now()}
+}
+
+// emit is the provider's callback.
+func (p *publisher) emit(tok string) error {
+	if tok == "" {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.err != nil {
+		return p.err
+	}
+	p.pending = append(p.pending, tok...)
+	if p.w.cfg.DeltaTimestamps {
+		p.pendingTS = p.w.cfg.Now().UnixMicro()
+	}
+	if p.w.cfg.BatchWindow <= 0 {
+		return p.flushLocked()
+	}
+	if p.timer == nil {
+		p.timer = time.AfterFunc(p.w.cfg.BatchWindow, func() {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			p.timer = nil
+			_ = p.flushLocked()
+		})
+	}
+	return nil
+}
+
+// flush publishes what is pending.
+func (p *publisher) flush() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.timer != nil {
+		p.timer.Stop()
+		p.timer = nil
+	}
+	return p.flushLocked()
+}
+
+func (p *publisher) flushLocked() error {
+	if p.err != nil || len(p.pending) == 0 {
+		return p.err
+	}
+	e := &bus.Event{
+		Kind: bus.KindDelta, ConversationID: p.turn.ConversationID, TurnID: p.turn.ID,
+		Seq: p.seq + 1, Off: int64(len(p.text)), Text: string(p.pending), TS: p.pendingTS,
+	}
+	sseq, err := p.w.bus.PublishEvent(p.ctx, e)
+	if err != nil {
+		p.err = err
+		return err
+	}
+	p.seq, p.sseq = e.Seq, sseq
+	p.text = append(p.text, p.pending...)
+	p.pending = p.pending[:0]
+	now := p.w.cfg.Now()
+	if p.firstAt.IsZero() {
+		p.firstAt = now
+	}
+	p.lastFlush = now
+	p.w.m.deltas.Inc()
+	if now.Sub(p.snapAt) >= p.w.cfg.SnapshotInterval || len(p.text)-p.snapLen >= p.w.cfg.SnapshotBytes {
+		if err := p.snap.Write(p.ctx, p.text, p.seq, p.sseq, chat.StatusStreaming); err != nil {
+			// A missed snapshot only lengthens a resume's tail.
+			p.w.log.Warn("write snapshot", "turn_id", p.turn.ID, "err", err)
+		}
+		p.snapAt, p.snapLen = now, len(p.text)
+	}
+	return nil
+}
+
+func (p *publisher) failed() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err != nil
+}
+
+func (p *publisher) stop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.timer != nil {
+		p.timer.Stop()
+		p.timer = nil
+	}
+}

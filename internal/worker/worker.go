@@ -1,0 +1,419 @@
+// Package worker produces turns: it takes jobs from the bus, asks a model
+// provider for the reply, publishes numbered deltas and snapshots, saves the
+// final message and announces the turn's end.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+	"github.com/tokenrelay/tokenrelay/internal/store"
+)
+
+// Config configures a worker. Zero values take the documented defaults.
+type Config struct {
+	// ID names the worker in logs and readiness answers (default: random).
+	ID string
+	// Concurrency is the most turns produced at once (default 10000).
+	Concurrency int
+	// SnapshotInterval is how often a streaming turn's snapshot is written
+	// (default 100ms); SnapshotBytes forces one after that much new text
+	// (default 4 KiB).
+	SnapshotInterval time.Duration
+	SnapshotBytes    int
+	// BatchWindow merges tokens that arrive within this window into one
+	// delta; 0 publishes every token as its own delta.
+	BatchWindow time.Duration
+	// DeltaTimestamps stamps each delta with the time it was emitted.
+	DeltaTimestamps bool
+	// ContextMessages is how many stored messages are offered to the
+	// provider as context (default 100; the provider trims to its budget).
+	ContextMessages int
+	// TokenBudget, when set, is asked before each turn whether its owner
+	// may spend more model tokens; nil means no budget.
+	TokenBudget TokenBudget
+
+	Logger   *slog.Logger
+	Registry prometheus.Registerer
+	Now      func() time.Time
+}
+
+// TokenBudget limits the model tokens a user may spend.
+type TokenBudget interface {
+	// Allow reports whether user may start another turn; a false answer
+	// comes with the message shown to the user.
+	Allow(user string) (bool, string)
+	// Spend records tokens used by user.
+	Spend(user string, tokens int)
+}
+
+// Worker produces turns. Create it with New and run it with Run.
+type Worker struct {
+	cfg      Config
+	bus      *bus.Bus
+	store    store.Store
+	provider provider.Provider
+	log      *slog.Logger
+	m        *metrics
+
+	// shutdown is cancelled (with errShutdown) when Run's ctx is done: every
+	// running turn's context derives from it.
+	shutdownCtx context.Context
+	shutdown    context.CancelCauseFunc
+
+	mu      sync.Mutex
+	running map[string]*run // turn id → run; guarded by mu
+	wg      sync.WaitGroup  // running turns
+}
+
+type run struct {
+	cancel     context.CancelCauseFunc
+	cancelSeen time.Time // when the cancel arrived; guarded by Worker.mu
+}
+
+var (
+	errCancelled = errors.New("turn cancelled")
+	errShutdown  = errors.New("worker shutting down")
+)
+
+// New returns a worker.
+func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
+	if cfg.ID == "" {
+		cfg.ID = "worker-" + uuid.NewString()[:8]
+	}
+	if cfg.Concurrency <= 0 {
+		cfg.Concurrency = 10000
+	}
+	if cfg.SnapshotInterval <= 0 {
+		cfg.SnapshotInterval = 100 * time.Millisecond
+	}
+	if cfg.SnapshotBytes <= 0 {
+		cfg.SnapshotBytes = 4 << 10
+	}
+	if cfg.ContextMessages <= 0 {
+		cfg.ContextMessages = 100
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	ctx, cancel := context.WithCancelCause(context.Background())
+	return &Worker{
+		cfg: cfg, bus: b, store: s, provider: p,
+		log: cfg.Logger.With("worker_id", cfg.ID), m: newMetrics(cfg.Registry),
+		shutdownCtx: ctx, shutdown: cancel,
+		running: make(map[string]*run),
+	}
+}
+
+// Run takes jobs until ctx is done. Then it ends every turn it is producing
+// as interrupted, with its text saved and its end published, and returns
+// once they have all ended.
+func (w *Worker) Run(ctx context.Context) error {
+	defer w.shutdown(errShutdown)
+	// Watch cancels before taking any job, so no cancel can slip between a
+	// job's tombstone check and its registration.
+	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWatch()
+	if err := w.bus.WatchCancels(watchCtx, w.cancelTurn); err != nil {
+		return err
+	}
+	ping, err := w.bus.ServeWorkerPing(w.cfg.ID)
+	if err != nil {
+		return err
+	}
+	defer ping.Unsubscribe()
+
+	sem := make(chan struct{}, w.cfg.Concurrency)
+	w.log.Info("worker started", "concurrency", w.cfg.Concurrency)
+	err = w.bus.ConsumeJobs(ctx, min(w.cfg.Concurrency, 256), func(jm *bus.JobMsg) {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return // not acked: redelivered to another worker
+		}
+		w.wg.Add(1)
+		go func() {
+			defer w.wg.Done()
+			defer func() { <-sem }()
+			w.handle(jm)
+		}()
+	})
+	w.shutdown(errShutdown)
+	w.wg.Wait()
+	w.log.Info("worker stopped")
+	return err
+}
+
+// cancelTurn stops the turn if this worker is producing it.
+func (w *Worker) cancelTurn(turnID string) {
+	w.mu.Lock()
+	r := w.running[turnID]
+	if r != nil && r.cancelSeen.IsZero() {
+		r.cancelSeen = w.cfg.Now()
+	}
+	w.mu.Unlock()
+	if r != nil {
+		r.cancel(errCancelled)
+	}
+}
+
+// handle runs one job to its end. The job is acked once the turn has ended
+// (or was found ended); it is left unacked only when the bus failed, so
+// that another attempt finds the truth in the stream.
+func (w *Worker) handle(jm *bus.JobMsg) {
+	log := w.log.With("turn_id", jm.TurnID, "conversation_id", jm.ConversationID)
+	tctx, cancel := context.WithCancelCause(w.shutdownCtx)
+	defer cancel(nil)
+	r := &run{cancel: cancel}
+	w.mu.Lock()
+	if _, dup := w.running[jm.TurnID]; dup {
+		w.mu.Unlock()
+		return // this worker already produces it; the running copy acks
+	}
+	w.running[jm.TurnID] = r
+	w.mu.Unlock()
+	defer func() {
+		w.mu.Lock()
+		delete(w.running, jm.TurnID)
+		w.mu.Unlock()
+	}()
+
+	// Keep the job ours while we work on it.
+	hbDone := make(chan struct{})
+	defer close(hbDone)
+	go func() {
+		t := time.NewTicker(max(w.bus.AckWait()/4, 50*time.Millisecond))
+		defer t.Stop()
+		for {
+			select {
+			case <-hbDone:
+				return
+			case <-t.C:
+				_ = jm.InProgress()
+			}
+		}
+	}()
+
+	ctx := context.WithoutCancel(tctx) // store and bus calls finish even when the turn is cancelled
+	acked, err := w.produce(ctx, tctx, r, jm, log)
+	if err != nil {
+		log.Error("turn failed", "err", err)
+	}
+	if acked {
+		if err := jm.Ack(); err != nil {
+			log.Warn("ack job", "err", err)
+		}
+	}
+}
+
+// produce does the work of one job and reports whether the job may be acked.
+func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log *slog.Logger) (bool, error) {
+	t, err := w.store.Turn(ctx, jm.TurnID)
+	if errors.Is(err, chat.ErrNotFound) {
+		return true, nil // the conversation was deleted
+	}
+	if err != nil {
+		return false, fmt.Errorf("load turn: %w", err)
+	}
+	if t.Status.Terminal() {
+		return true, nil
+	}
+	if t.Status == chat.StatusStreaming {
+		// Another producer started this turn and lost the job: it died.
+		log.Warn("producer lost; ending turn as interrupted")
+		return true, w.Interrupt(ctx, t)
+	}
+	cancelled, err := w.bus.IsCancelled(ctx, t.ID)
+	if err != nil {
+		return false, err
+	}
+	if cancelled || tctx.Err() != nil {
+		return true, w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil)
+	}
+	if w.cfg.TokenBudget != nil {
+		if ok, msg := w.cfg.TokenBudget.Allow(t.Owner); !ok {
+			return true, w.finish(ctx, t, r, chat.StatusError, nil, 0, msg, nil)
+		}
+	}
+	started, err := w.store.StartTurn(ctx, t.ID, w.cfg.Now())
+	if err != nil {
+		return false, fmt.Errorf("start turn: %w", err)
+	}
+	if !started {
+		return true, nil // a cancel ended it while it was queued
+	}
+	if tctx.Err() != nil {
+		return true, w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil)
+	}
+	req, err := w.request(ctx, t)
+	if err != nil {
+		return false, err
+	}
+	return w.stream(ctx, tctx, r, t, req, log)
+}
+
+// request builds the provider request: the conversation up to the message
+// being answered.
+func (w *Worker) request(ctx context.Context, t chat.Turn) (provider.Request, error) {
+	msgs, err := w.store.Messages(ctx, t.ConversationID, w.cfg.ContextMessages, t.ID)
+	if err != nil {
+		return provider.Request{}, fmt.Errorf("load context: %w", err)
+	}
+	req := provider.Request{TurnID: t.ID, Model: t.Model}
+	for _, m := range msgs {
+		if m.Content == "" {
+			continue
+		}
+		req.Messages = append(req.Messages, provider.Message{Role: string(m.Role), Content: m.Content})
+	}
+	return req, nil
+}
+
+// stream asks the provider for the reply and publishes it.
+func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req provider.Request, log *slog.Logger) (bool, error) {
+	w.m.running.Inc()
+	defer w.m.running.Dec()
+	startedAt := w.cfg.Now()
+	pub := newPublisher(ctx, w, t)
+	defer pub.stop()
+
+	w.m.providerReqs.Inc()
+	res, perr := w.provider.Stream(tctx, req, pub.emit)
+	if err := pub.flush(); err != nil && perr == nil {
+		perr = err
+	}
+	if pub.failed() {
+		// The bus refused a delta: what reached the stream is unknown here,
+		// so leave the job to be redelivered; the next attempt ends the turn
+		// from the stream's truth.
+		log.Error("publish failed; leaving the turn to recovery", "err", pub.err)
+		return false, nil
+	}
+	status, errMsg := chat.StatusComplete, ""
+	switch cause := context.Cause(tctx); {
+	case perr == nil:
+	case errors.Is(cause, errCancelled):
+		status = chat.StatusCancelled
+	case errors.Is(cause, errShutdown):
+		status = chat.StatusInterrupted
+	default:
+		status = chat.StatusError
+		var pe *provider.Error
+		if errors.As(perr, &pe) {
+			errMsg = pe.Message
+		} else {
+			errMsg = "the model provider failed"
+			log.Error("provider failed", "err", perr)
+		}
+	}
+	if w.cfg.TokenBudget != nil && res.Usage != nil {
+		w.cfg.TokenBudget.Spend(t.Owner, res.Usage.PromptTokens+res.Usage.CompletionTokens)
+	}
+	w.m.duration.Observe(w.cfg.Now().Sub(startedAt).Seconds())
+	if !pub.firstAt.IsZero() {
+		w.m.firstDelta.Observe(pub.firstAt.Sub(t.CreatedAt).Seconds())
+	}
+	return true, w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage)
+}
+
+// finish stores the turn's end (exactly once, whoever else tries) and then
+// publishes it with the status that won.
+func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, text []byte, seq int64, errMsg string, usage *chat.Usage) error {
+	final, won, err := w.store.FinishTurn(ctx, store.TurnResult{
+		TurnID: t.ID, Status: status, Content: string(text), Seq: seq,
+		Error: errMsg, Usage: usage, Now: w.cfg.Now(),
+	})
+	if errors.Is(err, chat.ErrNotFound) {
+		return nil // deleted meanwhile
+	}
+	if err != nil {
+		return fmt.Errorf("finish turn: %w", err)
+	}
+	end := &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Seq: seq, Status: final}
+	if won {
+		end.Error, end.Usage = errMsg, usage
+	} else if stored, err := w.store.Turn(ctx, t.ID); err == nil {
+		end.Seq, end.Error, end.Usage = stored.Seq, stored.Error, stored.Usage
+	}
+	if _, err := w.bus.PublishEvent(ctx, end); err != nil {
+		return err
+	}
+	w.m.turns.WithLabelValues(string(final)).Inc()
+	if r != nil {
+		w.mu.Lock()
+		seen := r.cancelSeen
+		w.mu.Unlock()
+		if !seen.IsZero() {
+			w.m.cancelToEnd.Observe(w.cfg.Now().Sub(seen).Seconds())
+		}
+	}
+	return nil
+}
+
+// Interrupt ends a turn whose producer is gone: its text so far (snapshot
+// plus the deltas after it in the stream) is saved with status interrupted
+// and the end is published. A turn that has ended meanwhile is left alone.
+func (w *Worker) Interrupt(ctx context.Context, t chat.Turn) error {
+	snap, err := w.bus.ReadSnapshot(ctx, t.ID)
+	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
+		return err
+	}
+	text := []byte(snap.Text)
+	seq := snap.Seq
+	var ended *bus.Event
+	err = w.bus.ReadTurn(ctx, t.ConversationID, t.ID, snap.StreamSeq+1, func(e bus.Event) bool {
+		switch e.Kind {
+		case bus.KindDelta:
+			if e.Seq == seq+1 {
+				text = append(text, e.Text...)
+				seq = e.Seq
+			}
+		case bus.KindEnd:
+			ended = &e
+			return false
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	if ended != nil {
+		// Its producer published the end but did not store it: store what
+		// the stream says.
+		_, _, err := w.store.FinishTurn(ctx, store.TurnResult{
+			TurnID: t.ID, Status: ended.Status, Content: string(text), Seq: seq,
+			Error: ended.Error, Usage: ended.Usage, Now: w.cfg.Now(),
+		})
+		return err
+	}
+	return w.finish(ctx, t, nil, chat.StatusInterrupted, text, seq, "", nil)
+}
+
+// RecoverAll ends as interrupted every turn still queued or streaming. Only
+// a process that is the sole producer (serve, at start) may call it: with
+// several workers it would end their live turns.
+func (w *Worker) RecoverAll(ctx context.Context) (int, error) {
+	turns, err := w.store.UnfinishedTurns(ctx)
+	if err != nil {
+		return 0, err
+	}
+	for _, t := range turns {
+		if err := w.Interrupt(ctx, t); err != nil {
+			return 0, fmt.Errorf("recover turn %s: %w", t.ID, err)
+		}
+	}
+	return len(turns), nil
+}
