@@ -1,0 +1,176 @@
+package openai
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+)
+
+const msgMalformed = "the model server sent a malformed stream"
+
+// fail returns the *provider.Error with message msg and internal cause
+// cause, both with every secret redacted. unavailable adds
+// provider.ErrUnavailable to the chain.
+func (p *Provider) fail(msg string, cause error, unavailable bool) *provider.Error {
+	var err error
+	if cause != nil {
+		err = &redactedError{text: p.redact(cause.Error()), cause: cause}
+	}
+	if unavailable {
+		if err != nil {
+			err = fmt.Errorf("%w: %w", provider.ErrUnavailable, err)
+		} else {
+			err = provider.ErrUnavailable
+		}
+	}
+	return &provider.Error{Message: p.redact(msg), Err: err}
+}
+
+// redactedError is an internal cause whose text had secrets removed.
+type redactedError struct {
+	text  string
+	cause error
+}
+
+func (e *redactedError) Error() string { return e.text }
+
+// Unwrap returns the cause only when its text held no secret, so that no
+// secret can be reached through the error chain.
+func (e *redactedError) Unwrap() error {
+	if e.text != e.cause.Error() {
+		return nil
+	}
+	return e.cause
+}
+
+// statusFailure reads the error response resp and says what went wrong.
+func (p *Provider) statusFailure(resp *http.Response, model string) *failure {
+	raw, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBodyBytes))
+	detail, code := errorDetail(raw)
+	st := resp.StatusCode
+	cause := fmt.Errorf("status %d", st)
+	switch {
+	case detail != "":
+		cause = fmt.Errorf("status %d: %s", st, detail)
+	case len(raw) > 0:
+		cause = fmt.Errorf("status %d: %s", st, truncate(oneLine(string(raw)), 200))
+	}
+	f := &failure{}
+	var msg string
+	switch {
+	case st == http.StatusUnauthorized:
+		msg = "the model server rejected the API key (401)"
+	case st == http.StatusForbidden:
+		msg = "the model server refused access (403)"
+	case st == http.StatusNotFound && (code == "model_not_found" || strings.Contains(strings.ToLower(detail), "model")):
+		msg = fmt.Sprintf("model %q was not found on the model server", model)
+	case st == http.StatusNotFound:
+		msg = "the model server has no chat completions endpoint at the configured base URL (404)"
+	case st == http.StatusTooManyRequests && code == "insufficient_quota":
+		msg = "the model server account has run out of quota (429)"
+	case st == http.StatusTooManyRequests:
+		msg = "the model server is rate limiting requests (429)"
+		f.retry = true
+	case st == http.StatusRequestTimeout:
+		msg = "the model server timed out (408)"
+		f.retry = true
+	case st >= 500:
+		msg = fmt.Sprintf("the model server failed (%d)", st)
+		f.retry = st != http.StatusNotImplemented && st != http.StatusHTTPVersionNotSupported
+	case st >= 400:
+		msg = fmt.Sprintf("the model server rejected the request (%d)", st)
+		if detail != "" {
+			// For a bad request (context too long, bad parameter) the
+			// server's words are what the person needs.
+			msg += ": " + detail
+		}
+	default:
+		msg = fmt.Sprintf("the model server answered with unexpected status %d", st)
+	}
+	if f.retry {
+		f.retryAfter = p.retryAfter(resp.Header.Get("Retry-After"))
+	}
+	unavailable := st == http.StatusBadGateway || st == http.StatusServiceUnavailable || st == http.StatusGatewayTimeout
+	f.err = p.fail(msg, cause, unavailable)
+	return f
+}
+
+// retryAfter parses a Retry-After value (seconds or an HTTP date), capped at
+// MaxRetryAfter; 0 when absent, invalid or past.
+func (p *Provider) retryAfter(v string) time.Duration {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.ParseInt(v, 10, 64); err == nil {
+		if secs <= 0 {
+			return 0
+		}
+		if secs >= int64(MaxRetryAfter/time.Second) {
+			return MaxRetryAfter
+		}
+		return time.Duration(secs) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		return min(max(t.Sub(p.cfg.Now()), 0), MaxRetryAfter)
+	}
+	return 0
+}
+
+// errorDetail extracts the message and code of an error body in any of the
+// shapes OpenAI-compatible servers use: {"error":{"message","code"}}
+// (OpenAI, Ollama /v1, llama.cpp), {"error":"..."} (Ollama native) and
+// {"object":"error","message","code"} (older vLLM). It returns "" when body
+// is not one of them.
+func errorDetail(body []byte) (detail, code string) {
+	var e struct {
+		Error   json.RawMessage `json:"error"`
+		Message string          `json:"message"`
+		Code    jsonString      `json:"code"`
+	}
+	if json.Unmarshal(body, &e) != nil {
+		return "", ""
+	}
+	detail, code = e.Message, string(e.Code)
+	var nested struct {
+		Message string     `json:"message"`
+		Code    jsonString `json:"code"`
+		Type    string     `json:"type"`
+	}
+	var flat string
+	switch {
+	case len(e.Error) == 0 || string(e.Error) == "null":
+	case json.Unmarshal(e.Error, &nested) == nil:
+		detail, code = nested.Message, string(nested.Code)
+		if code == "" {
+			code = nested.Type
+		}
+	case json.Unmarshal(e.Error, &flat) == nil:
+		detail = flat
+	}
+	return truncate(oneLine(detail), 300), code
+}
+
+// oneLine collapses runs of white space, so that a detail fits a log line
+// and a turn.end error.
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}
+
+// truncate cuts s to at most n bytes without splitting a character.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
+}

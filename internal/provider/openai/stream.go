@@ -1,0 +1,382 @@
+package openai
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptrace"
+	"sync"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+)
+
+// Stream implements [provider.Provider]. It posts req to
+// {BaseURL}/chat/completions with model req.Model (or Config.Model), the
+// system prompt and the latest messages that fit Config.ContextBudgetBytes,
+// and calls emit, from the calling goroutine, with each non-empty piece of
+// content the server streams. The Result carries the usage the server
+// reported, if it did.
+//
+// Failures are *provider.Error; those that mean the server cannot be reached
+// (connection failures, 502/503/504) wrap provider.ErrUnavailable. A failure
+// before the first emit is retried up to Config.MaxRetries times when it may
+// be transient; after the first emit it never is, so the caller keeps the
+// text emitted so far. When emit returns an error Stream stops and returns
+// it unchanged. When ctx is done Stream closes the upstream request at once
+// and returns ctx.Err(). Stream is safe for concurrent use.
+func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(text string) error) (provider.Result, error) {
+	if !p.Allowed(req.Model) {
+		return provider.Result{}, &provider.Error{Message: fmt.Sprintf("model %q is not available on this server", req.Model)}
+	}
+	model := req.Model
+	if model == "" {
+		model = p.cfg.Model
+	}
+	body, err := json.Marshal(p.requestBody(model, req.Messages))
+	if err != nil {
+		return provider.Result{}, p.fail("could not encode the request", err, false)
+	}
+	log := p.log.With("turn_id", req.TurnID, "model", model)
+	emitted := false
+	countEmit := func(text string) error {
+		emitted = true
+		return emit(text)
+	}
+	for attempt := 0; ; attempt++ {
+		log.Debug("model request", "attempt", attempt+1, "bytes", len(body))
+		res, f, err := p.attempt(ctx, body, model, countEmit)
+		switch {
+		case err != nil:
+			return provider.Result{}, err
+		case f == nil:
+			if res.Usage != nil {
+				log.Debug("model answer complete", "prompt_tokens", res.Usage.PromptTokens, "completion_tokens", res.Usage.CompletionTokens)
+			}
+			return res, nil
+		case emitted || !f.retry || attempt >= p.cfg.MaxRetries:
+			return provider.Result{}, f.err
+		}
+		delay := f.retryAfter
+		if delay <= 0 {
+			delay = backoff(attempt)
+		}
+		log.Warn("model request failed, retrying", "attempt", attempt+1, "delay", delay, "error", f.err.Error())
+		if err := p.cfg.Sleep(ctx, delay); err != nil {
+			return provider.Result{}, err
+		}
+	}
+}
+
+// failure is how one attempt failed.
+type failure struct {
+	err        *provider.Error
+	retry      bool          // worth retrying if nothing was emitted yet
+	retryAfter time.Duration // what the server asked for; 0: our backoff
+}
+
+// chunk is one streamed chat.completion.chunk (or an error object some
+// servers send mid-stream).
+type chunk struct {
+	Choices []struct {
+		Index int `json:"index"`
+		Delta struct {
+			Content string `json:"content"`
+			// Reasoning models stream their thinking first under one of
+			// these names; it is not emitted but shows the model is working.
+			ReasoningContent string `json:"reasoning_content"`
+			Reasoning        string `json:"reasoning"`
+		} `json:"delta"`
+		FinishReason *string `json:"finish_reason"`
+	} `json:"choices"`
+	Usage *struct {
+		PromptTokens     int `json:"prompt_tokens"`
+		CompletionTokens int `json:"completion_tokens"`
+	} `json:"usage"`
+	Error json.RawMessage `json:"error"`
+}
+
+// attempt makes one request. It returns the result, or how the attempt
+// failed, or (as err) emit's error or ctx's.
+func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit func(string) error) (provider.Result, *failure, error) {
+	actx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	wd := &watchdog{cancel: cancel}
+	defer wd.stop()
+	wd.arm(&timeoutError{phase: phaseConnect, after: p.cfg.ConnectTimeout})
+	actx = httptrace.WithClientTrace(actx, &httptrace.ClientTrace{
+		GotConn: func(httptrace.GotConnInfo) {
+			wd.arm(&timeoutError{phase: phaseFirstToken, after: p.cfg.FirstTokenTimeout})
+		},
+	})
+
+	hreq, err := http.NewRequestWithContext(actx, http.MethodPost, p.endpoint, bytes.NewReader(body))
+	if err != nil {
+		return provider.Result{}, &failure{err: p.fail("could not build the request to the model server", err, false)}, nil
+	}
+	p.setHeaders(hreq.Header)
+	hreq.Header.Set("Content-Type", "application/json")
+	hreq.Header.Set("Accept", "text/event-stream")
+
+	resp, err := p.client.Do(hreq)
+	if err != nil {
+		if ctx.Err() != nil {
+			return provider.Result{}, nil, ctx.Err()
+		}
+		if f := p.timeoutFailure(actx, err); f != nil {
+			return provider.Result{}, f, nil
+		}
+		return provider.Result{}, &failure{err: p.fail("could not connect to the model server", err, true), retry: true}, nil
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		f := p.statusFailure(resp, model)
+		if ctx.Err() != nil {
+			return provider.Result{}, nil, ctx.Err()
+		}
+		return provider.Result{}, f, nil
+	}
+
+	var (
+		res      provider.Result
+		started  bool // a token (content or reasoning) arrived
+		emitted  bool // emit was called
+		finished bool // a finish_reason arrived
+		sse      = newSSEReader(resp.Body, maxEventBytes)
+	)
+	for {
+		data, err := sse.next()
+		if err != nil {
+			if ctx.Err() != nil {
+				return provider.Result{}, nil, ctx.Err()
+			}
+			if f := p.timeoutFailure(actx, err); f != nil {
+				return provider.Result{}, f, nil
+			}
+			if errors.Is(err, errEventTooLarge) {
+				return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
+			}
+			if err == io.EOF && finished {
+				return res, nil, nil // a server that omits [DONE]
+			}
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			msg := "the connection to the model server was lost before it answered"
+			if emitted {
+				msg = "the connection to the model server was lost mid-answer"
+			}
+			return provider.Result{}, &failure{err: p.fail(msg, err, false), retry: true}, nil
+		}
+		if string(data) == "[DONE]" {
+			// Let the connection be reused: the body ends right after [DONE].
+			_, _ = io.CopyN(io.Discard, resp.Body, 4096)
+			return res, nil, nil
+		}
+		var c chunk
+		if err := json.Unmarshal(data, &c); err != nil {
+			return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
+		}
+		if len(c.Error) > 0 && string(c.Error) != "null" {
+			detail, _ := errorDetail(data)
+			msg := "the model server reported an error"
+			if detail != "" {
+				msg += ": " + detail
+			}
+			return provider.Result{}, &failure{err: p.fail(msg, fmt.Errorf("error event: %s", truncate(string(data), 300)), false)}, nil
+		}
+		if c.Usage != nil {
+			res.Usage = &chat.Usage{PromptTokens: c.Usage.PromptTokens, CompletionTokens: c.Usage.CompletionTokens}
+		}
+		for _, ch := range c.Choices {
+			if ch.Index != 0 {
+				continue // we never ask for n > 1
+			}
+			d := ch.Delta
+			if d.Content != "" || d.ReasoningContent != "" || d.Reasoning != "" {
+				started = true
+			}
+			if d.Content != "" {
+				// emit may block (a slow consumer); that is not the server's
+				// silence, so the watchdog waits.
+				wd.arm(nil)
+				emitted = true
+				if err := emit(d.Content); err != nil {
+					return provider.Result{}, nil, err
+				}
+			}
+			if ch.FinishReason != nil && *ch.FinishReason != "" {
+				finished = true
+			}
+		}
+		if started {
+			wd.arm(&timeoutError{phase: phaseIdle, after: p.cfg.IdleTimeout})
+		}
+	}
+}
+
+// timeoutFailure returns the failure for err when the watchdog cancelled
+// the attempt, else nil.
+func (p *Provider) timeoutFailure(actx context.Context, err error) *failure {
+	var te *timeoutError
+	if !errors.As(context.Cause(actx), &te) {
+		return nil
+	}
+	if errors.Is(err, te) {
+		err = nil // it only repeats te
+	}
+	// Only a connection that never came up is worth another try: a server
+	// that took a minute not to answer will likely do it again.
+	return &failure{err: p.fail(te.Error(), err, te.phase == phaseConnect), retry: te.phase == phaseConnect}
+}
+
+type phase int
+
+const (
+	phaseConnect phase = iota
+	phaseFirstToken
+	phaseIdle
+)
+
+// timeoutError is the cause with which the watchdog cancels an attempt.
+type timeoutError struct {
+	phase phase
+	after time.Duration
+}
+
+func (e *timeoutError) Error() string {
+	switch e.phase {
+	case phaseConnect:
+		return "could not connect to the model server within " + formatDuration(e.after)
+	case phaseFirstToken:
+		return "the model server did not start answering within " + formatDuration(e.after)
+	default:
+		return "the model server stopped sending tokens for " + formatDuration(e.after)
+	}
+}
+
+// watchdog cancels an attempt when the phase it is armed for lasts too long.
+// It is armed from the streaming goroutine and from the transport's
+// GotConn callback.
+type watchdog struct {
+	cancel context.CancelCauseFunc
+
+	mu      sync.Mutex
+	timer   *time.Timer // guarded by mu; nil: disarmed
+	stopped bool        // guarded by mu; the attempt is over
+}
+
+// arm replaces the pending deadline with te's, or disarms the watchdog when te
+// is nil or has no limit.
+func (w *watchdog) arm(te *timeoutError) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return
+	}
+	if w.timer != nil {
+		w.timer.Stop()
+		w.timer = nil
+	}
+	if te != nil && te.after > 0 {
+		w.timer = time.AfterFunc(te.after, func() { w.cancel(te) })
+	}
+}
+
+func (w *watchdog) stop() {
+	w.arm(nil)
+	w.mu.Lock()
+	w.stopped = true
+	w.mu.Unlock()
+}
+
+// backoff returns how long to wait before retry attempt+1: exponential,
+// capped, with jitter in [d/2, d] so that many turns failing together do not
+// come back together.
+func backoff(attempt int) time.Duration {
+	d := backoffMax
+	if attempt < 8 {
+		d = min(backoffBase<<attempt, backoffMax)
+	}
+	return d/2 + rand.N(d/2+1)
+}
+
+// formatDuration writes whole seconds as "60s" rather than time's "1m0s".
+func formatDuration(d time.Duration) string {
+	if d >= time.Second && d%time.Second == 0 {
+		return fmt.Sprintf("%ds", d/time.Second)
+	}
+	return d.String()
+}
+
+type wireMessage struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+type wireRequest struct {
+	Model         string        `json:"model,omitempty"`
+	Messages      []wireMessage `json:"messages"`
+	Stream        bool          `json:"stream"`
+	StreamOptions struct {
+		IncludeUsage bool `json:"include_usage"`
+	} `json:"stream_options"`
+}
+
+// requestBody builds the JSON request for model and msgs: the system prompt,
+// then the latest messages that fit the budget.
+func (p *Provider) requestBody(model string, msgs []provider.Message) wireRequest {
+	budget := p.cfg.ContextBudgetBytes
+	if budget > 0 {
+		budget = max(budget-len(p.cfg.SystemPrompt), 0)
+	}
+	kept := trim(msgs, budget)
+	r := wireRequest{Model: model, Stream: true, Messages: make([]wireMessage, 0, len(kept)+1)}
+	r.StreamOptions.IncludeUsage = true
+	if p.cfg.SystemPrompt != "" {
+		r.Messages = append(r.Messages, wireMessage{Role: "system", Content: p.cfg.SystemPrompt})
+	}
+	for _, m := range kept {
+		r.Messages = append(r.Messages, wireMessage{Role: m.Role, Content: m.Content})
+	}
+	return r
+}
+
+// trim returns the latest messages whose content totals at most budget bytes
+// (negative: no limit). It always keeps the last user message and what
+// follows it, however large. When it drops messages it also drops assistant
+// messages left at the front, whose question is gone: some chat templates
+// require the conversation to start with a user turn.
+func trim(msgs []provider.Message, budget int) []provider.Message {
+	if budget < 0 || len(msgs) == 0 {
+		return msgs
+	}
+	keep := len(msgs) - 1
+	for i := len(msgs) - 1; i >= 0; i-- {
+		if msgs[i].Role == string(chat.RoleUser) {
+			keep = i
+			break
+		}
+	}
+	total := 0
+	for _, m := range msgs[keep:] {
+		total += len(m.Content)
+	}
+	start := keep
+	for start > 0 && total+len(msgs[start-1].Content) <= budget {
+		start--
+		total += len(msgs[start].Content)
+	}
+	if start > 0 {
+		for start < keep && msgs[start].Role == string(chat.RoleAssistant) {
+			start++
+		}
+	}
+	return msgs[start:]
+}
