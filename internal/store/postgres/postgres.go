@@ -1,0 +1,145 @@
+// Package postgres implements [store.Store] on PostgreSQL, which several
+// tokenrelay gateways and workers can share.
+package postgres
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/stdlib"
+	"github.com/pressly/goose/v3"
+	"github.com/pressly/goose/v3/lock"
+
+	"github.com/tokenrelay/tokenrelay/internal/store"
+	"github.com/tokenrelay/tokenrelay/internal/store/migrations"
+)
+
+var _ store.Store = (*DB)(nil)
+
+// DB is the history store in a PostgreSQL database. It is safe for concurrent
+// use, also by several processes sharing the database; Close releases it.
+//
+// Every query runs in the schema that the connection's search_path names
+// first (public by default); a URL may choose another with
+// ?search_path=name.
+type DB struct {
+	pool *pgxpool.Pool
+}
+
+// Open connects to the PostgreSQL database at url (a postgres:// URL or a
+// key=value string, which may carry pgxpool's pool_* settings) and applies
+// any pending migrations, as Migrate does, before returning.
+func Open(ctx context.Context, url string) (*DB, error) {
+	db, err := open(ctx, url)
+	if err != nil {
+		return nil, fmt.Errorf("open postgres store: %w", err)
+	}
+	return db, nil
+}
+
+func open(ctx context.Context, url string) (*DB, error) {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, err
+	}
+	if err := migrate(ctx, cfg); err != nil {
+		return nil, err
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return &DB{pool: pool}, nil
+}
+
+// Migrate applies the pending migrations to the database at url and
+// returns. It holds a PostgreSQL advisory lock while it works, so that
+// processes starting together migrate one at a time and the later ones find
+// nothing left to do; it waits for that lock as long as ctx allows.
+func Migrate(ctx context.Context, url string) error {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	return migrate(ctx, cfg)
+}
+
+func migrate(ctx context.Context, cfg *pgxpool.Config) error {
+	// goose speaks database/sql; a short-lived pool through pgx's adapter
+	// does the migrating with the same connection settings.
+	db := stdlib.OpenDB(*cfg.ConnConfig)
+	defer db.Close()
+	p, err := goose.NewProvider(goose.DialectPostgres, db, migrations.Postgres(),
+		goose.WithTableName(migrations.TableName),
+		goose.WithDisableGlobalRegistry(true),
+		goose.WithLogger(goose.NopLogger()),
+		goose.WithSessionLocker(advisoryLock{}),
+	)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	if _, err := p.Up(ctx); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	return nil
+}
+
+// migrationLockID is the advisory lock key held while migrating. Advisory
+// locks are per database, not per schema, so migrations of different
+// schemas in one database also take turns.
+const migrationLockID int64 = 0x746f6b656e72 // "tokenr"
+
+// advisoryLock is a goose session locker that waits in pg_advisory_lock,
+// bounded by ctx, rather than polling pg_try_advisory_lock every few seconds
+// as goose's own locker does.
+type advisoryLock struct{}
+
+var _ lock.SessionLocker = advisoryLock{}
+
+func (advisoryLock) SessionLock(ctx context.Context, conn *sql.Conn) error {
+	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_lock($1)`, migrationLockID); err != nil {
+		return fmt.Errorf("lock migrations: %w", err)
+	}
+	return nil
+}
+
+func (advisoryLock) SessionUnlock(ctx context.Context, conn *sql.Conn) error {
+	var ok bool
+	if err := conn.QueryRowContext(ctx, `SELECT pg_advisory_unlock($1)`, migrationLockID).Scan(&ok); err != nil {
+		return fmt.Errorf("unlock migrations: %w", err)
+	}
+	if !ok {
+		return errors.New("unlock migrations: lock was not held")
+	}
+	return nil
+}
+
+// Ping checks that the database answers.
+func (s *DB) Ping(ctx context.Context) error {
+	if err := s.pool.Ping(ctx); err != nil {
+		return fmt.Errorf("ping: %w", err)
+	}
+	return nil
+}
+
+// Close closes the pool, waiting for the connections in use to be released.
+func (s *DB) Close() error {
+	s.pool.Close()
+	return nil
+}
+
+// uniqueViolation is PostgreSQL's SQLSTATE for a unique constraint failure.
+const uniqueViolation = "23505"
+
+func isUniqueViolation(err error) bool {
+	var e *pgconn.PgError
+	return errors.As(err, &e) && e.Code == uniqueViolation
+}

@@ -1,0 +1,162 @@
+package postgres
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/store"
+)
+
+// Turn returns turn id (the assistant message) with the owner of its
+// conversation, or chat.ErrNotFound.
+func (s *DB) Turn(ctx context.Context, id string) (chat.Turn, error) {
+	t, err := scanTurn(s.pool.QueryRow(ctx, `SELECT `+turnColumns+`
+		FROM messages m JOIN conversations c ON c.id = m.conversation_id
+		WHERE m.turn_id = $1 AND m.role = 'assistant'`, id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = chat.ErrNotFound
+	}
+	if err != nil {
+		return chat.Turn{}, fmt.Errorf("turn: %w", err)
+	}
+	return t, nil
+}
+
+// ActiveTurn returns the conversation's turn that is queued or streaming, or
+// chat.ErrNotFound when there is none.
+func (s *DB) ActiveTurn(ctx context.Context, conversationID string) (chat.Turn, error) {
+	t, err := scanTurn(s.pool.QueryRow(ctx, `SELECT `+turnColumns+`
+		FROM messages m JOIN conversations c ON c.id = m.conversation_id
+		WHERE m.conversation_id = $1 AND `+activeTurn+` ORDER BY m.position DESC LIMIT 1`, conversationID))
+	if errors.Is(err, pgx.ErrNoRows) {
+		err = chat.ErrNotFound
+	}
+	if err != nil {
+		return chat.Turn{}, fmt.Errorf("active turn: %w", err)
+	}
+	return t, nil
+}
+
+// StartTurn moves turn id from queued to streaming. It reports false, and
+// changes nothing, when the turn is not queued, and chat.ErrNotFound when the
+// turn does not exist. The schema keeps no start time, so now is unused.
+func (s *DB) StartTurn(ctx context.Context, id string, now time.Time) (bool, error) {
+	ok, err := s.startTurn(ctx, id)
+	if err != nil {
+		return false, fmt.Errorf("start turn: %w", err)
+	}
+	return ok, nil
+}
+
+func (s *DB) startTurn(ctx context.Context, id string) (bool, error) {
+	tag, err := s.pool.Exec(ctx, `UPDATE messages SET status = 'streaming'
+		WHERE turn_id = $1 AND role = 'assistant' AND status = 'queued'`, id)
+	if err != nil {
+		return false, err
+	}
+	if tag.RowsAffected() == 1 {
+		return true, nil
+	}
+	if _, err := s.turnStatus(ctx, id); err != nil {
+		return false, err
+	}
+	return false, nil
+}
+
+// turnStatus returns turn id's status or chat.ErrNotFound.
+func (s *DB) turnStatus(ctx context.Context, id string) (chat.TurnStatus, error) {
+	var st string
+	err := s.pool.QueryRow(ctx, `SELECT status FROM messages
+		WHERE turn_id = $1 AND role = 'assistant'`, id).Scan(&st)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", chat.ErrNotFound
+	}
+	return chat.TurnStatus(st), err
+}
+
+// FinishTurn ends a turn exactly once: when the turn is in one of from
+// (queued and streaming when from is empty) it stores r and returns
+// (r.Status, true); otherwise it changes nothing and returns the status the
+// turn already has and false, or chat.ErrNotFound. r.Status must be terminal
+// and from may name only queued and streaming.
+//
+// The UPDATE's WHERE clause is re-checked on the locked row, so of two
+// concurrent calls exactly one changes the turn.
+func (s *DB) FinishTurn(ctx context.Context, r store.TurnResult, from ...chat.TurnStatus) (chat.TurnStatus, bool, error) {
+	st, ok, err := s.finishTurn(ctx, r, from)
+	if err != nil {
+		return "", false, fmt.Errorf("finish turn: %w", err)
+	}
+	return st, ok, nil
+}
+
+func (s *DB) finishTurn(ctx context.Context, r store.TurnResult, from []chat.TurnStatus) (chat.TurnStatus, bool, error) {
+	if err := checkFinish(r, from); err != nil {
+		return "", false, err
+	}
+	if len(from) == 0 {
+		from = []chat.TurnStatus{chat.StatusQueued, chat.StatusStreaming}
+	}
+	statuses := make([]string, len(from))
+	for i, st := range from {
+		statuses[i] = string(st)
+	}
+	var prompt, completion sql.NullInt64
+	if r.Usage != nil {
+		prompt = sql.NullInt64{Int64: int64(r.Usage.PromptTokens), Valid: true}
+		completion = sql.NullInt64{Int64: int64(r.Usage.CompletionTokens), Valid: true}
+	}
+	tag, err := s.pool.Exec(ctx, `UPDATE messages SET status = $1, content = $2, seq = $3, error = $4,
+		prompt_tokens = $5, completion_tokens = $6, finished_at = $7
+		WHERE turn_id = $8 AND role = 'assistant' AND status = ANY($9)`,
+		string(r.Status), r.Content, r.Seq, r.Error, prompt, completion, nullMillis(r.Now), r.TurnID, statuses)
+	if err != nil {
+		return "", false, err
+	}
+	if tag.RowsAffected() == 1 {
+		return r.Status, true, nil
+	}
+	st, err := s.turnStatus(ctx, r.TurnID)
+	if err != nil {
+		return "", false, err
+	}
+	return st, false, nil
+}
+
+// checkFinish rejects a result that would not end the turn, or would end it a
+// second time.
+func checkFinish(r store.TurnResult, from []chat.TurnStatus) error {
+	if !r.Status.Terminal() {
+		return fmt.Errorf("status %q is not terminal", r.Status)
+	}
+	for _, st := range from {
+		if st != chat.StatusQueued && st != chat.StatusStreaming {
+			return fmt.Errorf("cannot finish from status %q", st)
+		}
+	}
+	return nil
+}
+
+// UnfinishedTurns returns every turn still queued or streaming, oldest
+// first.
+func (s *DB) UnfinishedTurns(ctx context.Context) ([]chat.Turn, error) {
+	rows, err := s.pool.Query(ctx, `SELECT `+turnColumns+`
+		FROM messages m JOIN conversations c ON c.id = m.conversation_id
+		WHERE `+activeTurn+` ORDER BY m.created_at, m.position`)
+	if err != nil {
+		return nil, fmt.Errorf("unfinished turns: %w", err)
+	}
+	ts, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (chat.Turn, error) {
+		return scanTurn(r)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("unfinished turns: %w", err)
+	}
+	return ts, nil
+}

@@ -1,0 +1,256 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/google/uuid"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/store"
+)
+
+// Send stores a user message and its queued turn in one transaction, with the
+// errors and the Duplicate retry that [store.Store] documents. Checks come in
+// this order: chat.ErrForbidden (so a retry never shows another user's
+// message), the duplicate retry, *chat.TurnActiveError, chat.ErrConflict,
+// chat.ErrTooManyTurns. An empty req.MessageID or req.TurnID is filled with a
+// new UUIDv7; ids that chat.ValidID rejects are an error. The conversation is
+// created when missing; it takes its title from the first message sent to it
+// while its title is empty, and its updated_at from every send.
+func (s *DB) Send(ctx context.Context, req store.SendRequest) (store.SendResult, error) {
+	res, err := s.send(ctx, req)
+	if err != nil {
+		return store.SendResult{}, fmt.Errorf("send: %w", err)
+	}
+	return res, nil
+}
+
+func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult, error) {
+	if err := fillIDs(&req); err != nil {
+		return store.SendResult{}, err
+	}
+	// BEGIN IMMEDIATE (see Open): the checks below see every committed send
+	// and no other writer can commit until this transaction ends.
+	tx, err := s.write.BeginTx(ctx, nil)
+	if err != nil {
+		return store.SendResult{}, err
+	}
+	defer tx.Rollback()
+
+	now := millis(req.Now)
+	var owner, title string
+	err = tx.QueryRowContext(ctx, `SELECT owner, title FROM conversations WHERE id = ?`, req.ConversationID).Scan(&owner, &title)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		_, err = tx.ExecContext(ctx, `INSERT INTO conversations (id, owner, title, created_at, updated_at)
+			VALUES (?, ?, '', ?, ?)`, req.ConversationID, req.Owner, now, now)
+		if err != nil {
+			return store.SendResult{}, err
+		}
+	case err != nil:
+		return store.SendResult{}, err
+	case owner != req.Owner:
+		return store.SendResult{}, chat.ErrForbidden
+	}
+
+	prev, err := scanMessage(tx.QueryRowContext(ctx, `SELECT `+messageColumns+` FROM messages m
+		WHERE m.conversation_id = ? AND m.id = ?`, req.ConversationID, req.MessageID))
+	switch {
+	case err == nil && prev.Role == chat.RoleUser:
+		t, err := scanTurn(tx.QueryRowContext(ctx, `SELECT `+turnColumns+`
+			FROM messages m JOIN conversations c ON c.id = m.conversation_id
+			WHERE m.turn_id = ? AND m.role = 'assistant'`, prev.TurnID))
+		if err != nil {
+			return store.SendResult{}, fmt.Errorf("turn of duplicate message: %w", err)
+		}
+		return store.SendResult{Message: prev, Turn: t, Duplicate: true}, nil
+	case err == nil:
+		return store.SendResult{}, chat.ErrConflict // the id of an assistant message
+	case !errors.Is(err, sql.ErrNoRows):
+		return store.SendResult{}, err
+	}
+
+	var active string
+	err = tx.QueryRowContext(ctx, `SELECT m.id FROM messages m WHERE m.conversation_id = ? AND `+activeTurn+`
+		ORDER BY m.position DESC LIMIT 1`, req.ConversationID).Scan(&active)
+	switch {
+	case err == nil:
+		return store.SendResult{}, &chat.TurnActiveError{TurnID: active}
+	case !errors.Is(err, sql.ErrNoRows):
+		return store.SendResult{}, err
+	}
+
+	var used bool
+	err = tx.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM messages WHERE turn_id = ? AND role = 'assistant')
+		OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)`,
+		req.TurnID, req.ConversationID, req.TurnID).Scan(&used)
+	if err != nil {
+		return store.SendResult{}, err
+	}
+	if used || req.TurnID == req.MessageID {
+		return store.SendResult{}, chat.ErrConflict
+	}
+
+	if req.MaxActiveTurns > 0 {
+		var n int
+		err = tx.QueryRowContext(ctx, `SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id
+			WHERE c.owner = ? AND `+activeTurn, req.Owner).Scan(&n)
+		if err != nil {
+			return store.SendResult{}, err
+		}
+		if n >= req.MaxActiveTurns {
+			return store.SendResult{}, chat.ErrTooManyTurns
+		}
+	}
+
+	msg, turn := newMessages(req)
+	// The user message is inserted first so that its position sorts it
+	// before the reply.
+	for _, m := range []chat.Message{msg, turn} {
+		_, err = tx.ExecContext(ctx, `INSERT INTO messages (conversation_id, id, role, content, status, turn_id,
+			reply_to, model, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			m.ConversationID, m.ID, m.Role, m.Content, m.Status, m.TurnID, m.ReplyTo, m.Model, now)
+		if isUniqueViolation(err) {
+			return store.SendResult{}, chat.ErrConflict
+		}
+		if err != nil {
+			return store.SendResult{}, err
+		}
+	}
+	_, err = tx.ExecContext(ctx, `UPDATE conversations SET updated_at = ?,
+		title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?`,
+		now, titleFor(req.Text), req.ConversationID)
+	if err != nil {
+		return store.SendResult{}, err
+	}
+	if err := tx.Commit(); err != nil {
+		return store.SendResult{}, err
+	}
+	return store.SendResult{Message: msg, Turn: turnOf(turn, req.Owner)}, nil
+}
+
+// fillIDs gives req new UUIDv7 ids where it has none and checks the rest.
+func fillIDs(req *store.SendRequest) error {
+	for _, id := range []*string{&req.MessageID, &req.TurnID} {
+		if *id != "" {
+			continue
+		}
+		u, err := uuid.NewV7()
+		if err != nil {
+			return fmt.Errorf("new id: %w", err)
+		}
+		*id = u.String()
+	}
+	for _, id := range []string{req.ConversationID, req.MessageID, req.TurnID} {
+		if !chat.ValidID(id) {
+			return fmt.Errorf("invalid id %q", id)
+		}
+	}
+	if req.Owner == "" {
+		return errors.New("empty owner")
+	}
+	return nil
+}
+
+// newMessages are the user message and the queued assistant message that
+// req stores, as Send returns them.
+func newMessages(req store.SendRequest) (msg, turn chat.Message) {
+	now := fromMillis(millis(req.Now)) // the precision stored
+	msg = chat.Message{
+		ID:             req.MessageID,
+		ConversationID: req.ConversationID,
+		Role:           chat.RoleUser,
+		Content:        req.Text,
+		Status:         chat.StatusComplete,
+		TurnID:         req.TurnID,
+		Model:          req.Model,
+		CreatedAt:      now,
+	}
+	turn = chat.Message{
+		ID:             req.TurnID,
+		ConversationID: req.ConversationID,
+		Role:           chat.RoleAssistant,
+		Status:         chat.StatusQueued,
+		TurnID:         req.TurnID,
+		ReplyTo:        req.MessageID,
+		Model:          req.Model,
+		CreatedAt:      now,
+	}
+	return msg, turn
+}
+
+// Messages returns up to limit messages (all when limit <= 0) of conversation
+// conversationID, oldest first: the newest ones, or when before is not empty
+// the newest ones stored before message before (chat.ErrNotFound if the
+// conversation has no message before). An unknown conversation has no
+// messages.
+func (s *DB) Messages(ctx context.Context, conversationID string, limit int, before string) ([]chat.Message, error) {
+	ms, err := s.messages(ctx, conversationID, limit, before)
+	if err != nil {
+		return nil, fmt.Errorf("messages: %w", err)
+	}
+	return ms, nil
+}
+
+func (s *DB) messages(ctx context.Context, conversationID string, limit int, before string) ([]chat.Message, error) {
+	if limit <= 0 {
+		limit = -1 // no limit in SQLite
+	}
+	// One read transaction, so that before's position and the page come from
+	// the same snapshot.
+	tx, err := s.read.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	pos := int64(math.MaxInt64)
+	if before != "" {
+		err = tx.QueryRowContext(ctx, `SELECT position FROM messages WHERE conversation_id = ? AND id = ?`,
+			conversationID, before).Scan(&pos)
+		if errors.Is(err, sql.ErrNoRows) {
+			return nil, fmt.Errorf("before %q: %w", before, chat.ErrNotFound)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	rows, err := tx.QueryContext(ctx, `SELECT `+messageColumns+` FROM messages m
+		WHERE m.conversation_id = ? AND m.position < ? ORDER BY m.position DESC LIMIT ?`,
+		conversationID, pos, limit)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var ms []chat.Message
+	for rows.Next() {
+		m, err := scanMessage(rows)
+		if err != nil {
+			return nil, err
+		}
+		ms = append(ms, m)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	slices.Reverse(ms)
+	return ms, nil
+}
+
+// Message returns message messageID of conversation conversationID, or
+// chat.ErrNotFound.
+func (s *DB) Message(ctx context.Context, conversationID, messageID string) (chat.Message, error) {
+	m, err := scanMessage(s.read.QueryRowContext(ctx, `SELECT `+messageColumns+` FROM messages m
+		WHERE m.conversation_id = ? AND m.id = ?`, conversationID, messageID))
+	if errors.Is(err, sql.ErrNoRows) {
+		err = chat.ErrNotFound
+	}
+	if err != nil {
+		return chat.Message{}, fmt.Errorf("message: %w", err)
+	}
+	return m, nil
+}

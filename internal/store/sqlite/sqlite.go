@@ -1,0 +1,135 @@
+// Package sqlite implements [store.Store] on an SQLite database file, for a
+// single tokenrelay process (or several on one machine) that needs nothing
+// else installed.
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/pressly/goose/v3"
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
+
+	"github.com/tokenrelay/tokenrelay/internal/store"
+	"github.com/tokenrelay/tokenrelay/internal/store/migrations"
+)
+
+var _ store.Store = (*DB)(nil)
+
+// DB is the history store kept in one SQLite file. It is safe for concurrent
+// use; Close releases it.
+//
+// Writes go through a single connection whose transactions begin IMMEDIATE:
+// inside the process the pool serializes them, and across processes the
+// database's write lock does (waiting up to the busy timeout). A check made
+// inside a write transaction, such as Send's "one active turn per
+// conversation", therefore cannot race another writer. Reads use a separate
+// pool of read-only connections and run concurrently with each other and with
+// the writer, which WAL allows.
+type DB struct {
+	write *sql.DB // one connection, BEGIN IMMEDIATE
+	read  *sql.DB // query_only connections
+}
+
+// busyTimeout is how long a connection waits for another process's lock
+// before failing with SQLITE_BUSY.
+const busyTimeout = 5 * time.Second
+
+// Open opens (creating it when missing) the SQLite database at path, a file
+// name, and applies any pending migrations before returning. In-memory
+// databases are not supported: the read and write pools must see one file.
+func Open(ctx context.Context, path string) (*DB, error) {
+	db, err := open(ctx, path)
+	if err != nil {
+		return nil, fmt.Errorf("open sqlite store: %w", err)
+	}
+	return db, nil
+}
+
+func open(ctx context.Context, path string) (*DB, error) {
+	if path == "" || strings.HasPrefix(path, ":memory:") || strings.HasPrefix(path, "file:") || strings.ContainsRune(path, '?') {
+		return nil, fmt.Errorf("unsupported database path %q: want a plain file name", path)
+	}
+	common := fmt.Sprintf("_pragma=busy_timeout(%d)&_pragma=foreign_keys(1)&_pragma=synchronous(NORMAL)", busyTimeout.Milliseconds())
+
+	write, err := sql.Open("sqlite", path+"?"+common+"&_pragma=journal_mode(WAL)&_txlock=immediate")
+	if err != nil {
+		return nil, err
+	}
+	write.SetMaxOpenConns(1)
+	write.SetMaxIdleConns(1)
+	write.SetConnMaxLifetime(0)
+	write.SetConnMaxIdleTime(0)
+	// The writer connects first so that the file exists and is in WAL mode
+	// before a read-only connection opens it.
+	if err := write.PingContext(ctx); err != nil {
+		write.Close()
+		return nil, err
+	}
+	if err := migrate(ctx, write); err != nil {
+		write.Close()
+		return nil, err
+	}
+
+	read, err := sql.Open("sqlite", path+"?"+common+"&_pragma=query_only(1)")
+	if err != nil {
+		write.Close()
+		return nil, err
+	}
+	n := max(4, runtime.NumCPU())
+	read.SetMaxOpenConns(n)
+	read.SetMaxIdleConns(n)
+	if err := read.PingContext(ctx); err != nil {
+		write.Close()
+		read.Close()
+		return nil, err
+	}
+	return &DB{write: write, read: read}, nil
+}
+
+func migrate(ctx context.Context, db *sql.DB) error {
+	p, err := goose.NewProvider(goose.DialectSQLite3, db, migrations.SQLite(),
+		goose.WithTableName(migrations.TableName),
+		goose.WithDisableGlobalRegistry(true),
+		goose.WithLogger(goose.NopLogger()),
+	)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	if _, err := p.Up(ctx); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	return nil
+}
+
+// Ping checks that both connection pools answer.
+func (s *DB) Ping(ctx context.Context) error {
+	if err := s.write.PingContext(ctx); err != nil {
+		return fmt.Errorf("ping: %w", err)
+	}
+	if err := s.read.PingContext(ctx); err != nil {
+		return fmt.Errorf("ping: %w", err)
+	}
+	return nil
+}
+
+// Close closes the database. Calls in flight may fail.
+func (s *DB) Close() error {
+	return errors.Join(s.read.Close(), s.write.Close())
+}
+
+// isUniqueViolation reports whether err is SQLite's UNIQUE or PRIMARY KEY
+// constraint failure.
+func isUniqueViolation(err error) bool {
+	var e *sqlite.Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	return e.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || e.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
+}
