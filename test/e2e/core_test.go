@@ -1,0 +1,333 @@
+package e2e_test
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
+)
+
+const wait = 20 * time.Second
+
+// runTurn sends text on c (joined to conv) and collects the turn to its end.
+func runTurn(t *testing.T, c *trtest.Client, conv, text string, extra map[string]any) *trtest.Turn {
+	t.Helper()
+	m := map[string]any{"type": "send", "conversation_id": conv, "text": text, "id": "s"}
+	for k, v := range extra {
+		m[k] = v
+	}
+	c.Send(m)
+	var tr *trtest.Turn
+	c.Until(wait, func(f trtest.Frame) bool {
+		switch f.Type() {
+		case "error":
+			t.Fatalf("send failed: %v", f)
+		case "turn.start":
+			if tr == nil {
+				tr = &trtest.Turn{ID: f.Str("turn_id")}
+			}
+		}
+		if tr != nil {
+			tr.Apply(f)
+			return tr.Ends > 0
+		}
+		return false
+	})
+	if len(tr.Errors) > 0 {
+		t.Fatalf("delivery rule violations: %v", tr.Errors)
+	}
+	return tr
+}
+
+type message struct {
+	MessageID string `json:"message_id"`
+	Role      string `json:"role"`
+	Content   string `json:"content"`
+	Status    string `json:"status"`
+	TurnID    string `json:"turn_id"`
+	ReplyTo   string `json:"reply_to"`
+	CreatedAt string `json:"created_at"`
+}
+
+func messages(t *testing.T, base, conv, query string) []message {
+	t.Helper()
+	var body struct {
+		Messages []message `json:"messages"`
+	}
+	if code := trtest.Get(t, base+"/v1/conversations/"+conv+"/messages"+query, &body); code != 200 {
+		t.Fatalf("GET messages: %d", code)
+	}
+	return body.Messages
+}
+
+func storedTurn(t *testing.T, base, conv, turn string) message {
+	t.Helper()
+	for _, m := range messages(t, base, conv, "?limit=500") {
+		if m.MessageID == turn {
+			return m
+		}
+	}
+	t.Fatalf("turn %s not stored", turn)
+	return message{}
+}
+
+func TestTurnStreamsAndIsStored(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "200", "--sim-tokens", "60")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	j := c.Join("conv-1", nil)
+	if msgs := j["messages"].([]any); len(msgs) != 0 || j["active"] != nil {
+		t.Fatalf("fresh conversation joined with %v", j)
+	}
+	tr := runTurn(t, c, "conv-1", "hello there", nil)
+	if tr.Status != "complete" || tr.Seq != 60 {
+		t.Fatalf("turn ended %s at seq %d, want complete at 60", tr.Status, tr.Seq)
+	}
+	m := storedTurn(t, p.URL, "conv-1", tr.ID)
+	if m.Content != tr.Text.String() || m.Status != "complete" || m.Role != "assistant" {
+		t.Fatalf("stored %q (%s), streamed %q", m.Content, m.Status, tr.Text.String())
+	}
+	if _, err := time.Parse("2006-01-02T15:04:05.000Z", m.CreatedAt); err != nil {
+		t.Fatalf("created_at %q is not RFC 3339 with milliseconds in UTC", m.CreatedAt)
+	}
+	// The same prompt gives the same text.
+	c2 := trtest.Dial(t, p.WSURL(), nil)
+	c2.Join("conv-2", nil)
+	tr2 := runTurn(t, c2, "conv-2", "hello there", nil)
+	if tr2.Text.String() != tr.Text.String() {
+		t.Fatalf("same prompt, different replies:\n%q\n%q", tr.Text.String(), tr2.Text.String())
+	}
+}
+
+func TestTwoConnectionsSeeTheSameTurn(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "300", "--sim-tokens", "80")
+	a := trtest.Dial(t, p.WSURL(), nil)
+	b := trtest.Dial(t, p.WSURL(), nil)
+	a.Join("shared", nil)
+	b.Join("shared", nil)
+	a.Send(map[string]any{"type": "send", "conversation_id": "shared", "text": "from a", "message_id": "m-a", "id": "1"})
+	collect := func(c *trtest.Client) (*trtest.Turn, string) {
+		var tr *trtest.Turn
+		var userMsg string
+		c.Until(wait, func(f trtest.Frame) bool {
+			switch f.Type() {
+			case "message":
+				userMsg = f.Obj("message").Str("message_id")
+			case "turn.start":
+				tr = &trtest.Turn{ID: f.Str("turn_id")}
+			}
+			if tr != nil {
+				tr.Apply(f)
+				return tr.Ends > 0
+			}
+			return false
+		})
+		return tr, userMsg
+	}
+	ta, ma := collect(a)
+	tb, mb := collect(b)
+	if ma != "m-a" || mb != "m-a" {
+		t.Fatalf("user message seen as %q and %q, want m-a live on both", ma, mb)
+	}
+	if ta.Text.String() != tb.Text.String() || ta.Seq != tb.Seq || len(ta.Errors)+len(tb.Errors) > 0 {
+		t.Fatalf("connections differ: %q/%v vs %q/%v", ta.Text.String(), ta.Errors, tb.Text.String(), tb.Errors)
+	}
+}
+
+func TestDuplicateMessageIDStartsNothing(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--sim-tokens", "5")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("dup", nil)
+	tr := runTurn(t, c, "dup", "once", map[string]any{"message_id": "m1", "turn_id": "t1"})
+	c.Send(map[string]any{"type": "send", "conversation_id": "dup", "text": "once", "message_id": "m1", "id": "again"})
+	fs := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "again" })
+	ack := fs[len(fs)-1]
+	if ack.Type() != "ack" || ack.Str("message_id") != "m1" || ack.Str("turn_id") != tr.ID {
+		t.Fatalf("retry answered %v, want ack naming m1 and %s", ack, tr.ID)
+	}
+	for _, f := range fs {
+		if f.Type() == "turn.start" || f.Type() == "message" {
+			t.Fatalf("retry started something: %v", f)
+		}
+	}
+	if n := len(messages(t, p.URL, "dup", "")); n != 2 {
+		t.Fatalf("%d messages stored, want 2", n)
+	}
+}
+
+func TestSendWhileTurnActive(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "20", "--sim-tokens", "200")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("busy", nil)
+	c.Send(map[string]any{"type": "send", "conversation_id": "busy", "text": "first", "turn_id": "t-first", "id": "1"})
+	c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "ack" && f.Str("id") == "1" })
+	c.Send(map[string]any{"type": "send", "conversation_id": "busy", "text": "second", "id": "2"})
+	fs := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "2" })
+	e := fs[len(fs)-1]
+	if e.Type() != "error" || e.Str("code") != "turn_active" || e.Str("turn_id") != "t-first" {
+		t.Fatalf("second send answered %v, want turn_active naming t-first", e)
+	}
+}
+
+func TestBadInputKeepsConnectionAndStoresNothing(t *testing.T) {
+	p := trtest.Serve(t)
+	c := trtest.Dial(t, p.WSURL(), nil)
+	long := strings.Repeat("x", 129)
+	tests := []struct {
+		name  string
+		frame string
+	}{
+		{"invalid json", `{"type":"send",`},
+		{"not an object", `[1,2]`},
+		{"unknown type", `{"type":"dance","id":"x"}`},
+		{"missing type", `{"conversation_id":"c"}`},
+		{"join without conversation", `{"type":"join"}`},
+		{"conversation id with slash", `{"type":"join","conversation_id":"a/b"}`},
+		{"conversation id too long", `{"type":"join","conversation_id":"` + long + `"}`},
+		{"send without text", `{"type":"send","conversation_id":"bad"}`},
+		{"send bad message id", `{"type":"send","conversation_id":"bad","text":"hi","message_id":"a b"}`},
+		{"send bad turn id", `{"type":"send","conversation_id":"bad","text":"hi","turn_id":"x*"}`},
+		{"cancel without turn", `{"type":"cancel"}`},
+		{"history out of range", `{"type":"join","conversation_id":"bad","history":501}`},
+		{"wrong field type", `{"type":"send","conversation_id":"bad","text":5}`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c.Send(tt.frame)
+			f, err := c.Next(wait)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if f.Type() != "error" || f.Str("code") != "bad_request" || f.Str("message") == "" {
+				t.Fatalf("got %v, want a bad_request error", f)
+			}
+		})
+	}
+	// Still open, and nothing was stored.
+	c.Send(`{"type":"ping","id":"p"}`)
+	if f, err := c.Next(wait); err != nil || f.Type() != "pong" {
+		t.Fatalf("after bad frames: %v %v", f, err)
+	}
+	var convs struct {
+		Conversations []any `json:"conversations"`
+	}
+	trtest.Get(t, p.URL+"/v1/conversations", &convs)
+	if len(convs.Conversations) != 0 {
+		t.Fatalf("bad frames stored conversations: %v", convs.Conversations)
+	}
+}
+
+func TestHistoryPagingAndRestartKeepsIt(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--sim-tokens", "3")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("paged", nil)
+	for i := range 5 {
+		runTurn(t, c, "paged", fmt.Sprintf("question %d", i), nil)
+	}
+	all := messages(t, p.URL, "paged", "?limit=500")
+	if len(all) != 10 {
+		t.Fatalf("%d messages, want 10", len(all))
+	}
+	page := messages(t, p.URL, "paged", "?limit=4")
+	if len(page) != 4 || page[3].MessageID != all[9].MessageID {
+		t.Fatalf("newest page wrong: %+v", page)
+	}
+	older := messages(t, p.URL, "paged", "?limit=4&before="+page[0].MessageID)
+	if len(older) != 4 || older[3].MessageID != all[5].MessageID || older[0].MessageID != all[2].MessageID {
+		t.Fatalf("older page wrong: %+v", older)
+	}
+	if err := p.Stop(); err != nil {
+		t.Fatalf("stop: %v\n%s", err, p.Stderr())
+	}
+	q := p.Restart(t)
+	again := messages(t, q.URL, "paged", "?limit=500")
+	if len(again) != 10 {
+		t.Fatalf("after restart %d messages, want 10", len(again))
+	}
+	for i := range again {
+		if again[i] != all[i] {
+			t.Fatalf("after restart message %d = %+v, want %+v", i, again[i], all[i])
+		}
+	}
+}
+
+func TestServeRefusesToStart(t *testing.T) {
+	bin := trtest.Binary(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ro := filepath.Join(t.TempDir(), "ro")
+	if err := os.MkdirAll(ro, 0o500); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"port taken", []string{"--addr", ln.Addr().String(), "--data-dir", t.TempDir()}, "address already in use"},
+		{"data dir not writable", []string{"--addr", "127.0.0.1:0", "--data-dir", "/proc/tokenrelay"}, "not writable"},
+		{"bad flag", []string{"--sim-rate", "fast"}, "invalid value"},
+		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cmd := exec.Command(bin, append([]string{"serve"}, tt.args...)...)
+			out, err := cmd.CombinedOutput()
+			if err == nil {
+				t.Fatalf("serve started; output:\n%s", out)
+			}
+			lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+			last := lines[len(lines)-1]
+			if !strings.Contains(last, tt.want) || !strings.HasPrefix(last, "tokenrelay:") {
+				t.Fatalf("last line %q, want a one-line reason containing %q\n%s", last, tt.want, out)
+			}
+		})
+	}
+}
+
+func TestSIGTERMShutsDownCleanly(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "20", "--sim-tokens", "500")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("term", nil)
+	c.Send(map[string]any{"type": "send", "conversation_id": "term", "text": "long", "id": "1"})
+	var tr *trtest.Turn
+	c.Until(wait, func(f trtest.Frame) bool {
+		if f.Type() == "turn.start" {
+			tr = &trtest.Turn{ID: f.Str("turn_id")}
+		}
+		if tr != nil {
+			tr.Apply(f)
+		}
+		return tr != nil && tr.Seq >= 3
+	})
+	if err := p.Stop(); err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, p.Stderr())
+	}
+	// The client hears the turn end as interrupted, then 1001.
+	for {
+		f, err := c.Next(wait)
+		if err != nil {
+			break
+		}
+		tr.Apply(f)
+	}
+	if tr.Ends != 1 || tr.Status != "interrupted" {
+		t.Fatalf("turn ended %d times with %q, want once interrupted", tr.Ends, tr.Status)
+	}
+	if code := c.CloseStatus(); code != 1001 {
+		t.Fatalf("close code %d, want 1001", code)
+	}
+	q := p.Restart(t)
+	m := storedTurn(t, q.URL, "term", tr.ID)
+	if m.Status != "interrupted" || m.Content != tr.Text.String() {
+		t.Fatalf("stored %s %q, streamed %q", m.Status, m.Content, tr.Text.String())
+	}
+}
