@@ -214,7 +214,7 @@ func defaultModel(c *config) string {
 func workerConfig(c *config, log *slog.Logger, reg prometheus.Registerer) worker.Config {
 	wc := worker.Config{
 		Concurrency: c.WorkerConcurrency, SnapshotInterval: c.SnapshotInterval, BatchWindow: c.BatchWindow,
-		DeltaTimestamps: c.DeltaTimestamps, Logger: log, Registry: reg,
+		DeltaTimestamps: c.DeltaTimestamps, StartGrace: c.StartGrace, Logger: log, Registry: reg,
 	}
 	if c.TokensPerHour > 0 {
 		wc.TokenBudget = worker.NewHourlyBudget(c.TokensPerHour, nil)

@@ -155,8 +155,10 @@ func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult,
 		return res, nil
 	}
 	if final.Terminal() {
+		// The producer saw the tombstone and ended the turn already, or
+		// the turn ended on its own first.
 		res.Status = final
-		res.Already = true
+		res.Already = res.Already || final != chat.StatusCancelled
 		s.observeCancel(res)
 		return res, nil
 	}
@@ -178,6 +180,7 @@ func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult,
 	if t, err := s.store.Turn(ctx, turnID); err == nil && t.Status.Terminal() {
 		res.Status = t.Status
 	}
+	res.Already = res.Already || (res.Status.Terminal() && res.Status != chat.StatusCancelled)
 	s.observeCancel(res)
 	return res, nil
 }

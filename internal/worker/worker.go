@@ -36,6 +36,12 @@ type Config struct {
 	BatchWindow time.Duration
 	// DeltaTimestamps stamps each delta with the time it was emitted.
 	DeltaTimestamps bool
+	// StartGrace holds a fresh turn back this long after its creation before
+	// the model is called (default 10ms; negative disables), so that a cancel
+	// sent right behind the message ("send" and "cancel" written back to
+	// back) always finds the turn before the model does. It costs at most
+	// this much time to first token and nothing once a turn is older.
+	StartGrace time.Duration
 	// ContextMessages is how many stored messages are offered to the
 	// provider as context (default 100; the provider trims to its budget).
 	ContextMessages int
@@ -99,6 +105,9 @@ func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
 	}
 	if cfg.SnapshotBytes <= 0 {
 		cfg.SnapshotBytes = 4 << 10
+	}
+	if cfg.StartGrace == 0 {
+		cfg.StartGrace = 10 * time.Millisecond
 	}
 	if cfg.ContextMessages <= 0 {
 		cfg.ContextMessages = 100
@@ -236,6 +245,19 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		log.Warn("producer lost; ending turn as interrupted")
 		return true, w.Interrupt(ctx, t)
 	}
+	if w.cfg.StartGrace > 0 {
+		if d := min(t.CreatedAt.Add(w.cfg.StartGrace).Sub(w.cfg.Now()), w.cfg.StartGrace); d > 0 {
+			timer := time.NewTimer(d)
+			select {
+			case <-timer.C:
+			case <-tctx.Done():
+				timer.Stop()
+			}
+		}
+	}
+	if errors.Is(context.Cause(tctx), errShutdown) {
+		return false, nil // not started: the job goes to another worker or the next run
+	}
 	cancelled, err := w.bus.IsCancelled(ctx, t.ID)
 	if err != nil {
 		return false, err
@@ -256,7 +278,11 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		return true, nil // a cancel ended it while it was queued
 	}
 	if tctx.Err() != nil {
-		return true, w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil)
+		status := chat.StatusCancelled
+		if errors.Is(context.Cause(tctx), errShutdown) {
+			status = chat.StatusInterrupted
+		}
+		return true, w.finish(ctx, t, r, status, nil, 0, "", nil)
 	}
 	req, err := w.request(ctx, t)
 	if err != nil {

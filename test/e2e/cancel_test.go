@@ -1,0 +1,281 @@
+package e2e_test
+
+import (
+	"bufio"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
+)
+
+// metric reads one unlabelled sample from /metrics.
+func metric(t *testing.T, base, name string) float64 {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+	}
+	return 0
+}
+
+// startTurn sends a message and waits until the turn has streamed n deltas.
+func startTurn(t *testing.T, c *trtest.Client, conv, text string, n int64) *trtest.Turn {
+	t.Helper()
+	c.Send(map[string]any{"type": "send", "conversation_id": conv, "text": text, "id": "send"})
+	var tr *trtest.Turn
+	c.Until(wait, func(f trtest.Frame) bool {
+		if f.Type() == "error" {
+			t.Fatalf("send: %v", f)
+		}
+		if f.Type() == "turn.start" && tr == nil {
+			tr = &trtest.Turn{ID: f.Str("turn_id")}
+		}
+		if tr != nil {
+			tr.Apply(f)
+		}
+		return tr != nil && tr.Seq >= n
+	})
+	return tr
+}
+
+// finish reads c's frames until tr ends.
+func finish(t *testing.T, c *trtest.Client, tr *trtest.Turn) []trtest.Frame {
+	t.Helper()
+	fs := c.Until(wait, func(f trtest.Frame) bool {
+		tr.Apply(f)
+		return tr.Ends > 0
+	})
+	if len(tr.Errors) > 0 {
+		t.Fatalf("delivery violations: %v", tr.Errors)
+	}
+	return fs
+}
+
+func ackOf(t *testing.T, c *trtest.Client, id string, seen ...*trtest.Turn) trtest.Frame {
+	t.Helper()
+	fs := c.Until(wait, func(f trtest.Frame) bool {
+		for _, tr := range seen {
+			tr.Apply(f)
+		}
+		return f.Str("id") == id && (f.Type() == "ack" || f.Type() == "error")
+	})
+	return fs[len(fs)-1]
+}
+
+func TestCancelDuringStreaming(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "50", "--sim-tokens", "1000")
+	for _, from := range []string{"sender", "other tab", "http"} {
+		t.Run(from, func(t *testing.T) {
+			conv := "cancel-" + strings.ReplaceAll(from, " ", "-")
+			a := trtest.Dial(t, p.WSURL(), nil)
+			b := trtest.Dial(t, p.WSURL(), nil)
+			a.Join(conv, nil)
+			b.Join(conv, nil)
+			tr := startTurn(t, a, conv, "a long answer please", 3)
+			tb := &trtest.Turn{ID: tr.ID}
+			var status string
+			var already bool
+			switch from {
+			case "sender", "other tab":
+				c, seen := a, tr
+				if from == "other tab" {
+					c, seen = b, tb
+				}
+				c.Send(map[string]any{"type": "cancel", "turn_id": tr.ID, "id": "stop"})
+				ack := ackOf(t, c, "stop", seen)
+				status, already = ack.Str("status"), ack["already"] == true
+				if ack.Type() != "ack" || ack.Str("turn_id") != tr.ID {
+					t.Fatalf("cancel answered %v", ack)
+				}
+			case "http":
+				var body map[string]any
+				if code := trtest.Do(t, "POST", p.URL+"/v1/turns/"+tr.ID+"/cancel", "", nil, &body); code != 200 {
+					t.Fatalf("POST cancel: %d %v", code, body)
+				}
+				status, already = body["status"].(string), body["already"] == true
+			}
+			if status != "cancelled" || already {
+				t.Fatalf("cancel ack status=%s already=%v, want cancelled, false", status, already)
+			}
+			finish(t, a, tr)
+			if tr.Status != "cancelled" || tr.Seq >= 1000 {
+				t.Fatalf("turn ended %s at %d", tr.Status, tr.Seq)
+			}
+			if tb.Ends == 0 {
+				b.Until(wait, func(f trtest.Frame) bool { tb.Apply(f); return tb.Ends > 0 })
+			}
+			if tb.Status != "cancelled" || tb.Text.String() != tr.Text.String() {
+				t.Fatalf("other tab saw %s %q", tb.Status, tb.Text.String())
+			}
+			m := storedTurn(t, p.URL, conv, tr.ID)
+			if m.Status != "cancelled" || m.Content != tr.Text.String() {
+				t.Fatalf("stored %s %q, streamed %q", m.Status, m.Content, tr.Text.String())
+			}
+			// A late cancel is acknowledged with the same status.
+			var late map[string]any
+			trtest.Do(t, "POST", p.URL+"/v1/turns/"+tr.ID+"/cancel", "", nil, &late)
+			if late["status"] != "cancelled" || late["already"] != true {
+				t.Fatalf("late cancel answered %v", late)
+			}
+		})
+	}
+}
+
+func TestCancelBeforeStartNeverCallsTheModel(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "100", "--sim-tokens", "20", "--limit-sends", "0")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("early", nil)
+	before := metric(t, p.URL, "tokenrelay_provider_requests_total")
+	for i := range 20 {
+		turn := fmt.Sprintf("early-turn-%d", i)
+		c.Send(fmt.Sprintf(`{"type":"send","conversation_id":"early","text":"hi %d","turn_id":%q,"id":"s%d"}`, i, turn, i))
+		c.Send(fmt.Sprintf(`{"type":"cancel","turn_id":%q,"id":"c%d"}`, turn, i))
+		tr := &trtest.Turn{ID: turn}
+		fs := c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return tr.Ends > 0 })
+		if tr.Status != "cancelled" || tr.Seq != 0 {
+			t.Fatalf("turn %d ended %s after %d deltas, want cancelled after 0", i, tr.Status, tr.Seq)
+		}
+		var ack trtest.Frame
+		for _, f := range fs {
+			if f.Str("id") == fmt.Sprintf("c%d", i) {
+				ack = f
+			}
+		}
+		if ack == nil {
+			ack = ackOf(t, c, fmt.Sprintf("c%d", i))
+		}
+		if ack.Type() != "ack" || ack.Str("status") != "cancelled" {
+			t.Fatalf("cancel %d answered %v", i, ack)
+		}
+	}
+	if after := metric(t, p.URL, "tokenrelay_provider_requests_total"); after != before {
+		t.Fatalf("the provider was called %v times for turns cancelled before they started", after-before)
+	}
+}
+
+func TestConcurrentCancels(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "50", "--sim-tokens", "1000", "--limit-connections", "0")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("many", nil)
+	tr := startTurn(t, c, "many", "go on", 2)
+	const n = 100
+	var wg sync.WaitGroup
+	results := make(chan map[string]any, n)
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var body map[string]any
+			code := trtest.Do(t, "POST", p.URL+"/v1/turns/"+tr.ID+"/cancel", "", nil, &body)
+			body["code"] = code
+			results <- body
+		}()
+	}
+	wg.Wait()
+	close(results)
+	first := 0
+	for r := range results {
+		if r["code"] != 200 || r["status"] != "cancelled" {
+			t.Fatalf("a concurrent cancel answered %v", r)
+		}
+		if r["already"] == false {
+			first++
+		}
+	}
+	if first != 1 {
+		t.Fatalf("%d cancels answered already=false, want exactly 1", first)
+	}
+	finish(t, c, tr)
+	if tr.Status != "cancelled" {
+		t.Fatalf("turn ended %s", tr.Status)
+	}
+}
+
+// TestCancelRacingCompletion cancels turns right as they finish: whichever
+// wins, the store, every connection and every ack agree.
+func TestCancelRacingCompletion(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--limit-sends", "0")
+	a := trtest.Dial(t, p.WSURL(), nil)
+	b := trtest.Dial(t, p.WSURL(), nil)
+	a.Join("race", nil)
+	b.Join("race", nil)
+	outcomes := map[string]int{}
+	for i := range 200 {
+		// Tokens vary so the cancel lands before, during and after the end.
+		tokens := 1 + i%7
+		turn := fmt.Sprintf("race-%d", i)
+		a.Send(fmt.Sprintf(`{"type":"send","conversation_id":"race","text":"[sim tokens=%d] q%d","turn_id":%q,"id":"s%d"}`, tokens, i, turn, i))
+		ackOf(t, a, fmt.Sprintf("s%d", i))
+		b.Send(fmt.Sprintf(`{"type":"cancel","turn_id":%q,"id":"c%d"}`, turn, i))
+		ta := &trtest.Turn{ID: turn}
+		tb := &trtest.Turn{ID: turn}
+		var ack trtest.Frame
+		a.Until(wait, func(f trtest.Frame) bool { ta.Apply(f); return ta.Ends > 0 })
+		b.Until(wait, func(f trtest.Frame) bool {
+			tb.Apply(f)
+			if f.Str("id") == fmt.Sprintf("c%d", i) {
+				ack = f
+			}
+			return tb.Ends > 0 && ack != nil
+		})
+		m := storedTurn(t, p.URL, "race", turn)
+		if len(ta.Errors)+len(tb.Errors) > 0 {
+			t.Fatalf("turn %d: violations %v %v", i, ta.Errors, tb.Errors)
+		}
+		if ta.Status != tb.Status || ta.Status != m.Status || ack.Str("status") != m.Status {
+			t.Fatalf("turn %d: a=%s b=%s ack=%v stored=%s", i, ta.Status, tb.Status, ack, m.Status)
+		}
+		if m.Content != ta.Text.String() || m.Content != tb.Text.String() {
+			t.Fatalf("turn %d: stored %q, streamed %q / %q", i, m.Content, ta.Text.String(), tb.Text.String())
+		}
+		outcomes[m.Status]++
+	}
+	t.Logf("outcomes: %v", outcomes)
+}
+
+func TestCancelErrors(t *testing.T) {
+	p := trtest.Serve(t)
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Send(`{"type":"cancel","turn_id":"no-such-turn","id":"x"}`)
+	if f := ackOf(t, c, "x"); f.Type() != "error" || f.Str("code") != "not_found" {
+		t.Fatalf("unknown turn answered %v", f)
+	}
+	var body map[string]any
+	if code := trtest.Do(t, "POST", p.URL+"/v1/turns/no-such-turn/cancel", "", nil, &body); code != 404 {
+		t.Fatalf("HTTP cancel of an unknown turn: %d %v", code, body)
+	}
+}
+
+func TestDeleteCancelsRunningTurn(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "50", "--sim-tokens", "1000")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("doomed", nil)
+	tr := startTurn(t, c, "doomed", "talk", 2)
+	if code := trtest.Do(t, "DELETE", p.URL+"/v1/conversations/doomed", "", nil, nil); code != 204 {
+		t.Fatalf("DELETE: %d", code)
+	}
+	finish(t, c, tr)
+	if tr.Status != "cancelled" {
+		t.Fatalf("turn of a deleted conversation ended %s", tr.Status)
+	}
+	var body map[string]any
+	if code := trtest.Do(t, "GET", p.URL+"/v1/conversations/doomed/messages", "", nil, &body); code != 404 {
+		t.Fatalf("messages of a deleted conversation: %d %v", code, body)
+	}
+}
