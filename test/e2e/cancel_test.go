@@ -210,23 +210,27 @@ func TestConcurrentCancels(t *testing.T) {
 // TestCancelRacingCompletion cancels turns right as they finish: whichever
 // wins, the store, every connection and every ack agree.
 func TestCancelRacingCompletion(t *testing.T) {
-	p := trtest.Serve(t, "--sim-rate", "0", "--limit-sends", "0")
+	p := trtest.Serve(t, "--sim-rate", "1000", "--limit-sends", "0", "--start-grace", "-1ms")
 	a := trtest.Dial(t, p.WSURL(), nil)
 	b := trtest.Dial(t, p.WSURL(), nil)
 	a.Join("race", nil)
 	b.Join("race", nil)
 	outcomes := map[string]int{}
 	for i := range 200 {
-		// Tokens vary so the cancel lands before, during and after the end.
-		tokens := 1 + i%7
+		// The cancel is sent after k of the turn's deltas have arrived, so
+		// it lands before, during and right at the end.
+		tokens := 2 + i%5
+		k := int64(i % (tokens + 1))
 		turn := fmt.Sprintf("race-%d", i)
 		a.Send(fmt.Sprintf(`{"type":"send","conversation_id":"race","text":"[sim tokens=%d] q%d","turn_id":%q,"id":"s%d"}`, tokens, i, turn, i))
-		ackOf(t, a, fmt.Sprintf("s%d", i))
-		b.Send(fmt.Sprintf(`{"type":"cancel","turn_id":%q,"id":"c%d"}`, turn, i))
 		ta := &trtest.Turn{ID: turn}
 		tb := &trtest.Turn{ID: turn}
+		a.Until(wait, func(f trtest.Frame) bool { ta.Apply(f); return ta.Seq >= k || ta.Ends > 0 })
+		b.Send(fmt.Sprintf(`{"type":"cancel","turn_id":%q,"id":"c%d"}`, turn, i))
 		var ack trtest.Frame
-		a.Until(wait, func(f trtest.Frame) bool { ta.Apply(f); return ta.Ends > 0 })
+		if ta.Ends == 0 {
+			a.Until(wait, func(f trtest.Frame) bool { ta.Apply(f); return ta.Ends > 0 })
+		}
 		b.Until(wait, func(f trtest.Frame) bool {
 			tb.Apply(f)
 			if f.Str("id") == fmt.Sprintf("c%d", i) {
