@@ -1,0 +1,509 @@
+// The chat page: a conversation list, the messages of one conversation with
+// the streaming answer rendered as Markdown, and a composer. All protocol
+// work is in client.js; this file only renders its model.
+import { TokenRelayClient, TERMINAL, newId } from './client.js';
+import { Marked } from './vendor/marked.esm.js';
+import DOMPurify from './vendor/purify.es.js';
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  sidebar: $('sidebar'), scrim: $('scrim'), openSidebar: $('open-sidebar'), closeSidebar: $('close-sidebar'),
+  newChat: $('new-chat'), list: $('conversations'), title: $('title'),
+  connection: $('connection'), connectionLabel: $('connection-label'),
+  scroller: $('scroller'), log: $('log'), empty: $('empty'),
+  alert: $('alert'), alertText: $('alert-text'), alertClose: $('alert-close'),
+  form: $('composer'), input: $('input'), send: $('send'), stop: $('stop'),
+};
+
+const ID_RE = /^[A-Za-z0-9_.:-]{1,128}$/;
+const STORAGE_KEY = 'tokenrelay.conversation';
+
+// ---- Markdown, safely ----------------------------------------------------
+
+const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' })[c]);
+
+// Raw HTML in an answer is shown as text, never interpreted; DOMPurify then
+// removes anything unsafe that Markdown itself could produce (javascript:
+// links and the like).
+const markdown = new Marked({ gfm: true, breaks: true, renderer: { html: ({ text }) => escapeHtml(text) } });
+
+DOMPurify.addHook('afterSanitizeAttributes', (node) => {
+  if (node.tagName === 'A' && node.hasAttribute('href')) {
+    node.setAttribute('target', '_blank');
+    node.setAttribute('rel', 'noopener noreferrer nofollow');
+  }
+  if (node.tagName === 'IMG') {
+    node.setAttribute('referrerpolicy', 'no-referrer');
+    node.setAttribute('loading', 'lazy');
+  }
+});
+
+function renderMarkdown(el, text) {
+  const html = DOMPurify.sanitize(markdown.parse(text), {
+    USE_PROFILES: { html: true },
+    FORBID_TAGS: ['style', 'form', 'button', 'textarea', 'select', 'iframe'],
+    FORBID_ATTR: ['style'],
+  });
+  el.innerHTML = html;
+  for (const code of el.querySelectorAll('pre > code')) {
+    const pre = code.parentElement;
+    const lang = /language-([\w+#.-]+)/.exec(code.className)?.[1];
+    if (lang) {
+      const label = document.createElement('span');
+      label.className = 'lang';
+      label.textContent = lang;
+      pre.prepend(label);
+    }
+    const copy = document.createElement('button');
+    copy.type = 'button';
+    copy.className = 'copy';
+    copy.textContent = 'Copy';
+    copy.setAttribute('aria-label', lang ? `Copy ${lang} code` : 'Copy code');
+    pre.prepend(copy);
+  }
+}
+
+// ---- state ---------------------------------------------------------------
+
+const token = localStorage.getItem('tokenrelay.token') || undefined;
+const client = new TokenRelayClient({ token });
+let current = null; // the conversation on screen
+let conversations = []; // from GET /v1/conversations
+let joinedOnce = false;
+const elements = new Map(); // item key → <article>
+const isTerminal = (s) => TERMINAL.includes(s);
+const keyOf = (item) => (item.role === 'assistant' ? `t:${item.turn_id}` : `m:${item.message_id}`);
+
+// Exposed for debugging and the browser tests.
+window.tokenrelay = { client, get conversationId() { return current; } };
+
+// ---- rendering -----------------------------------------------------------
+
+let frameRaf = 0;
+let frameTimer = 0;
+let forceScroll = false;
+/** schedule re-renders on the next animation frame, so a burst of deltas costs one Markdown render. */
+function schedule() {
+  if (frameRaf || frameTimer) return;
+  // Hidden tabs get no animation frames; a timer keeps them current.
+  if (document.hidden) frameTimer = setTimeout(flush, 200);
+  else frameRaf = requestAnimationFrame(flush);
+}
+function flush() {
+  cancelAnimationFrame(frameRaf);
+  clearTimeout(frameTimer);
+  frameRaf = frameTimer = 0;
+  render();
+}
+
+function render() {
+  const conv = current && client.conversation(current);
+  const s = ui.scroller;
+  const stick = forceScroll || s.scrollHeight - s.scrollTop - s.clientHeight < 120;
+  if (conv) {
+    const seen = new Set();
+    let prev = null;
+    for (const item of conv.items) {
+      const key = keyOf(item);
+      seen.add(key);
+      let el = elements.get(key);
+      if (!el) {
+        el = createMessage(item);
+        elements.set(key, el);
+      }
+      updateMessage(el, item);
+      const next = prev ? prev.nextElementSibling : ui.log.firstElementChild;
+      if (next !== el) ui.log.insertBefore(el, next);
+      prev = el;
+    }
+    for (const [key, el] of elements) {
+      if (!seen.has(key)) {
+        el.remove();
+        elements.delete(key);
+      }
+    }
+    ui.empty.hidden = !(conv.joined || joinedOnce) || conv.items.length > 0;
+  }
+  if (stick) s.scrollTop = s.scrollHeight;
+  forceScroll = false;
+  updateComposer();
+  updateTitle();
+}
+
+function createMessage(item) {
+  const el = document.createElement('article');
+  el.className = `msg ${item.role}`;
+  if (item.role === 'assistant') {
+    el.dataset.turnId = item.turn_id;
+    el.setAttribute('aria-label', 'Answer');
+    el.innerHTML = '<div class="avatar logo" aria-hidden="true"></div><div class="content"><div class="body"></div><div class="meta" hidden></div></div>';
+  } else {
+    el.dataset.messageId = item.message_id;
+    el.setAttribute('aria-label', 'You said');
+    el.innerHTML = '<div class="body"></div>';
+  }
+  return el;
+}
+
+function updateMessage(el, item) {
+  const body = el.querySelector('.body');
+  if (item.role !== 'assistant') {
+    if (el._content !== item.content) body.textContent = item.content; // never HTML
+    el._content = item.content;
+    el.classList.toggle('pending', !!item.pending);
+    return;
+  }
+  const running = !isTerminal(item.status);
+  if (el._content === item.content && el._status === item.status && el._cancelling === !!item.cancelling) return;
+  if (el._content !== item.content || el._status !== item.status) {
+    if (item.content) renderMarkdown(body, item.content);
+    else if (running) body.innerHTML = '<span class="typing" aria-label="Writing"><i></i><i></i><i></i></span>';
+    else body.textContent = '';
+  }
+  el._content = item.content;
+  el._status = item.status;
+  el._cancelling = !!item.cancelling;
+  el.dataset.status = item.status;
+  el.classList.toggle('streaming', running);
+  // The streaming answer is a polite live region; aria-busy holds the
+  // announcement until the answer is complete, since each frame replaces
+  // the rendered Markdown.
+  if (running) {
+    body.setAttribute('aria-live', 'polite');
+    body.setAttribute('aria-busy', 'true');
+  } else if (body.hasAttribute('aria-live')) {
+    body.setAttribute('aria-busy', 'false');
+  }
+  const meta = el.querySelector('.meta');
+  const note = statusNote(item);
+  meta.hidden = !note;
+  meta.textContent = note;
+}
+
+function statusNote(item) {
+  if (item.cancelling && !isTerminal(item.status)) return 'Stopping…';
+  switch (item.status) {
+    case 'cancelled': return 'Stopped';
+    case 'interrupted': return 'Interrupted: the answer was cut off because the server or its model worker went away.';
+    case 'error': return `The model could not finish this answer${item.error ? `: ${item.error}` : '.'}`;
+    default: return '';
+  }
+}
+
+function activeTurn() {
+  const conv = current && client.conversation(current);
+  const t = conv?.active && conv.byTurn.get(conv.active);
+  return t && !isTerminal(t.status) ? t : null;
+}
+
+function updateComposer() {
+  const t = activeTurn();
+  const hadFocus = document.activeElement === ui.stop || document.activeElement === ui.send;
+  ui.stop.hidden = !t;
+  ui.send.hidden = !!t;
+  ui.send.disabled = !ui.input.value.trim();
+  ui.stop.setAttribute('aria-disabled', t?.cancelling ? 'true' : 'false');
+  if (hadFocus && document.activeElement === document.body) ui.input.focus();
+}
+
+function updateTitle() {
+  const c = conversations.find((x) => x.conversation_id === current);
+  let title = c?.title;
+  if (!title) {
+    const first = client.conversation(current)?.items.find((i) => i.role === 'user');
+    title = first?.content;
+  }
+  title = (title || 'New chat').split('\n')[0].slice(0, 120);
+  if (ui.title.textContent !== title) ui.title.textContent = title;
+  const doc = title === 'New chat' ? 'tokenrelay' : `${title} · tokenrelay`;
+  if (document.title !== doc) document.title = doc;
+}
+
+// ---- conversation list ---------------------------------------------------
+
+let listTimer = 0;
+function refreshList(delay = 0) {
+  clearTimeout(listTimer);
+  listTimer = setTimeout(async () => {
+    try {
+      conversations = await client.listConversations();
+    } catch {
+      return; // offline: keep what we have
+    }
+    renderList();
+    updateTitle();
+  }, delay);
+}
+
+function renderList() {
+  const shown = conversations.filter((c) => c.title || c.conversation_id === current);
+  if (!shown.some((c) => c.conversation_id === current)) {
+    shown.unshift({ conversation_id: current, title: '' });
+  }
+  ui.list.replaceChildren(...shown.map((c) => {
+    const li = document.createElement('li');
+    li.dataset.id = c.conversation_id;
+    const title = c.title || 'New chat';
+    if (c.conversation_id === current) li.classList.add('current');
+    const a = document.createElement('a');
+    a.href = `#${c.conversation_id}`;
+    a.textContent = title;
+    a.title = title;
+    if (c.active_turn_id) a.classList.add('busy');
+    if (c.conversation_id === current) a.setAttribute('aria-current', 'page');
+    const del = document.createElement('button');
+    del.type = 'button';
+    del.className = 'delete';
+    del.setAttribute('aria-label', `Delete conversation: ${title}`);
+    del.innerHTML = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 7h16M10 11v6M14 11v6M6 7l1 12a2 2 0 002 2h6a2 2 0 002-2l1-12M9 7V4h6v3"/></svg>';
+    li.append(a, del);
+    return li;
+  }));
+  if (!shown.length) ui.list.innerHTML = '<li class="none">No conversations yet</li>';
+}
+
+ui.list.addEventListener('click', async (e) => {
+  const del = e.target.closest('.delete');
+  if (del) {
+    const id = del.closest('li').dataset.id;
+    // Two clicks: the first arms the button, the second deletes.
+    if (!del.classList.contains('confirm')) {
+      del.classList.add('confirm');
+      del.append('Delete?');
+      del.setAttribute('aria-label', 'Press again to delete this conversation');
+      setTimeout(() => renderList(), 4000);
+      return;
+    }
+    try {
+      await client.deleteConversation(id);
+    } catch (err) {
+      showAlert(describe(err));
+    }
+    conversations = conversations.filter((c) => c.conversation_id !== id);
+    if (id === current) {
+      current = null;
+      const next = conversations.find((c) => c.title);
+      go(next ? next.conversation_id : newId('c'), true);
+    }
+    renderList();
+    refreshList(200);
+    return;
+  }
+  if (e.target.closest('a')) closeSidebar();
+});
+
+// ---- switching -----------------------------------------------------------
+
+function idFromHash() {
+  const h = decodeURIComponent(location.hash.slice(1));
+  return ID_RE.test(h) ? h : null;
+}
+
+/** go shows conversation id, joining it; replace updates the URL without a history entry. */
+function go(id, replace = false) {
+  if (location.hash.slice(1) !== id) {
+    if (replace) history.replaceState(null, '', `#${id}`);
+    else history.pushState(null, '', `#${id}`);
+  }
+  open(id);
+}
+
+function open(id) {
+  if (id === current) return;
+  if (current) client.leave(current);
+  current = id;
+  localStorage.setItem(STORAGE_KEY, id);
+  elements.clear();
+  ui.log.replaceChildren();
+  ui.empty.hidden = true;
+  hideAlert();
+  forceScroll = true;
+  client.join(id).then(() => {
+    joinedOnce = true;
+    forceScroll = true;
+    schedule();
+  }, () => {});
+  renderList();
+  render();
+}
+
+window.addEventListener('hashchange', () => {
+  const id = idFromHash();
+  if (id) open(id);
+});
+
+ui.newChat.addEventListener('click', () => {
+  const conv = client.conversation(current);
+  if (conv && conv.items.length === 0) {
+    closeSidebar();
+    ui.input.focus();
+    return;
+  }
+  go(newId('c'));
+  closeSidebar();
+  ui.input.focus();
+});
+
+// ---- composer ------------------------------------------------------------
+
+function autosize() {
+  ui.input.style.height = 'auto';
+  ui.input.style.height = `${ui.input.scrollHeight}px`;
+}
+
+function submit() {
+  const text = ui.input.value;
+  if (!text.trim() || activeTurn()) return;
+  hideAlert();
+  ui.input.value = '';
+  autosize();
+  forceScroll = true;
+  const { ack } = client.send(current, text);
+  ack.catch((err) => {
+    // Nothing was stored: give the text back so it can be fixed and re-sent.
+    if (!ui.input.value) {
+      ui.input.value = text;
+      autosize();
+      updateComposer();
+    }
+  });
+  refreshList(300);
+}
+
+function stop() {
+  const t = activeTurn();
+  if (!t || t.cancelling) return;
+  client.cancel(t.turn_id).catch(() => {});
+}
+
+ui.form.addEventListener('submit', (e) => {
+  e.preventDefault();
+  submit();
+});
+ui.input.addEventListener('keydown', (e) => {
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing && !e.altKey && !e.ctrlKey && !e.metaKey) {
+    e.preventDefault();
+    submit();
+  }
+});
+ui.input.addEventListener('input', () => {
+  autosize();
+  updateComposer();
+});
+ui.stop.addEventListener('click', stop);
+document.addEventListener('keydown', (e) => {
+  if (e.key !== 'Escape' || e.isComposing) return;
+  if (ui.sidebar.classList.contains('open')) {
+    closeSidebar();
+    ui.openSidebar.focus();
+  } else if (activeTurn()) {
+    e.preventDefault();
+    stop();
+  }
+});
+ui.log.addEventListener('click', (e) => {
+  const btn = e.target.closest('pre .copy');
+  if (!btn) return;
+  const code = btn.parentElement.querySelector('code');
+  navigator.clipboard?.writeText(code.textContent).then(() => {
+    btn.textContent = 'Copied';
+    setTimeout(() => { btn.textContent = 'Copy'; }, 1500);
+  }, () => {});
+});
+
+// ---- sidebar on narrow screens --------------------------------------------
+
+function openSidebar() {
+  ui.sidebar.classList.add('open');
+  ui.scrim.hidden = false;
+  ui.openSidebar.setAttribute('aria-expanded', 'true');
+  ui.newChat.focus();
+}
+function closeSidebar() {
+  ui.sidebar.classList.remove('open');
+  ui.scrim.hidden = true;
+  ui.openSidebar.setAttribute('aria-expanded', 'false');
+}
+ui.openSidebar.addEventListener('click', openSidebar);
+ui.closeSidebar.addEventListener('click', closeSidebar);
+ui.scrim.addEventListener('click', closeSidebar);
+
+// ---- errors and connection -----------------------------------------------
+
+let alertTimer = 0;
+function showAlert(text, ms = 0) {
+  clearTimeout(alertTimer);
+  ui.alertText.textContent = text;
+  ui.alert.hidden = false;
+  if (ms) alertTimer = setTimeout(hideAlert, ms);
+}
+function hideAlert() {
+  clearTimeout(alertTimer);
+  ui.alert.hidden = true;
+}
+ui.alertClose.addEventListener('click', () => {
+  hideAlert();
+  ui.input.focus();
+});
+
+/** describe turns an error (a ClientError or an `error` event's detail) into words for a person. */
+function describe(e) {
+  switch (e.code) {
+    case 'rate_limited': {
+      const s = e.retryAfterMs ? Math.max(1, Math.ceil(e.retryAfterMs / 1000)) : 0;
+      return s ? `You are sending messages too quickly. Try again in ${s} second${s === 1 ? '' : 's'}.`
+        : `Too many requests: ${e.message}.`;
+    }
+    case 'too_large': return 'That message is too long to send. Shorten it and try again.';
+    case 'turn_active': return 'An answer is still being written in this conversation. Wait for it to finish, or press Stop.';
+    case 'unavailable': return 'The model is not available right now. Try again in a moment.';
+    case 'unauthorized': return 'You are not signed in, or your session expired. Reload the page to sign in again.';
+    case 'forbidden': return 'This conversation belongs to someone else.';
+    case 'not_found': return 'That conversation or answer no longer exists.';
+    case 'bad_request': return `The server could not accept that: ${e.message}.`;
+    default: return `Something went wrong on the server${e.message ? `: ${e.message}` : ''}. Try again.`;
+  }
+}
+
+client.addEventListener('error', (e) => {
+  const d = e.detail;
+  if (d.request === 'cancel' && d.code === 'not_found') return; // its send failed; already reported
+  if (d.conversationId && d.conversationId !== current) return;
+  showAlert(describe(d), d.code === 'rate_limited' && d.retryAfterMs ? d.retryAfterMs + 1000 : 0);
+});
+
+const connectionWords = {
+  idle: 'Connecting…', connecting: 'Connecting…', connected: 'Connected',
+  reconnecting: 'Reconnecting…', offline: 'Offline', closed: 'Offline',
+};
+client.addEventListener('status', (e) => {
+  const { state } = e.detail;
+  ui.connection.dataset.state = state;
+  ui.connectionLabel.textContent = connectionWords[state] ?? state;
+  ui.connection.title = state === 'reconnecting' && e.detail.retryInMs
+    ? `Connection lost; retrying in ${Math.ceil(e.detail.retryInMs / 1000)} s` : '';
+  if (state === 'connected') refreshList(100);
+});
+
+client.addEventListener('joined', schedule);
+client.addEventListener('message', (e) => {
+  schedule();
+  if (e.detail.conversationId === current && !e.detail.message.pending) refreshList(100);
+});
+client.addEventListener('turn', (e) => {
+  schedule();
+  if (e.detail.phase === 'end' || e.detail.phase === 'start') refreshList(100);
+});
+document.addEventListener('visibilitychange', () => {
+  if (frameTimer && !document.hidden) flush();
+});
+window.addEventListener('focus', () => refreshList());
+
+// ---- start ---------------------------------------------------------------
+
+client.connect();
+const first = idFromHash() ?? (ID_RE.test(localStorage.getItem(STORAGE_KEY) ?? '') ? localStorage.getItem(STORAGE_KEY) : newId('c'));
+go(first, true);
+refreshList();
+autosize();
+if (matchMedia('(min-width: 761px)').matches) ui.input.focus();

@@ -1,0 +1,614 @@
+// tokenrelay browser client: an ES module with no dependencies.
+//
+//   import { TokenRelayClient } from '/client.js';
+//   const client = new TokenRelayClient();
+//   client.addEventListener('turn', (e) => console.log(e.detail.turn.content));
+//   client.connect();
+//   await client.join('c-123');
+//   const { turnId } = client.send('c-123', 'Hello');
+//   client.cancel(turnId); // works before the server has answered
+//
+// It speaks protocol version 1 (PROTOCOL.md): it reconnects with backoff and
+// jitter, re-joins every joined conversation with `after` so a running answer
+// resumes where it was, re-sends unanswered `send`/`cancel` frames (safe: the
+// ids are chosen here, and the server treats a repeated message_id as a
+// retry), and re-joins with `after` when a delta does not follow the last one
+// it applied. See docs/js-client.md.
+
+/** Statuses after which a turn never changes again. */
+export const TERMINAL = Object.freeze(['complete', 'cancelled', 'error', 'interrupted']);
+
+const isTerminal = (status) => TERMINAL.includes(status);
+
+/** newId returns a fresh id for a conversation, message or turn: `prefix-uuid`. */
+export function newId(prefix) {
+  const uuid = globalThis.crypto?.randomUUID?.() ??
+    Array.from(globalThis.crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, '0')).join('');
+  return `${prefix}-${uuid}`;
+}
+
+/** ClientError is what rejected promises of this module hold: `code` is one of PROTOCOL.md's error codes. */
+export class ClientError extends Error {
+  constructor(code, message, extra = {}) {
+    super(message);
+    this.name = 'ClientError';
+    this.code = code;
+    Object.assign(this, extra);
+  }
+}
+
+const defaults = {
+  history: 50,
+  backoffInitialMs: 500,
+  backoffMaxMs: 15000,
+  pingIntervalMs: 25000,
+  pongTimeoutMs: 10000,
+  stableAfterMs: 5000,
+};
+
+/**
+ * TokenRelayClient keeps one WebSocket to a tokenrelay gateway and a model of
+ * every joined conversation: its messages in order, the assistant replies
+ * with their text so far. It is an EventTarget; every event is a
+ * CustomEvent whose `detail` is described in docs/js-client.md:
+ *
+ * - `status`  {state, previous, code?, reason?, retryInMs?, attempt}: state is
+ *             'idle', 'connecting', 'connected', 'reconnecting', 'offline' or 'closed'.
+ * - `joined`  {conversationId, conversation, resumed}: the conversation's model
+ *             was (re)built from the server's snapshot.
+ * - `message` {conversationId, message}: a user message was added or confirmed.
+ * - `turn`    {conversationId, turn, phase}: phase 'pending' (sent here, not yet
+ *             started), 'start', 'delta', 'end' or 'removed' (its send failed).
+ * - `error`   {conversationId?, code, message, request?, turnId?, messageId?, retryAfterMs?}.
+ * - `gap`     {conversationId, turnId, expected, got}: a delta did not follow; the
+ *             client re-joins with `after` (a correct server never causes this).
+ */
+export class TokenRelayClient extends EventTarget {
+  /**
+   * @param {object} [opts]
+   * @param {string} [opts.url] WebSocket URL; default `ws(s)://<page host>/v1/ws`.
+   * @param {string|(() => string|Promise<string>)} [opts.token] JWT, sent as `?access_token=`
+   *        on the WebSocket and as `Authorization: Bearer` on HTTP calls.
+   * @param {number} [opts.history] messages to load per join (default 50, max 500).
+   * @param {number} [opts.backoffInitialMs] first reconnect delay (default 500).
+   * @param {number} [opts.backoffMaxMs] longest reconnect delay (default 15000).
+   * @param {number} [opts.pingIntervalMs] keep-alive interval (default 25000; 0 = none).
+   * @param {typeof WebSocket} [opts.WebSocket] WebSocket implementation (default: the global one).
+   */
+  constructor(opts = {}) {
+    super();
+    this.opts = { ...defaults, ...opts };
+    if (!this.opts.url) {
+      const loc = globalThis.location;
+      this.opts.url = `${loc.protocol === 'https:' ? 'wss' : 'ws'}://${loc.host}/v1/ws`;
+    }
+    const u = new URL(this.opts.url);
+    u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
+    u.pathname = u.pathname.replace(/\/v1\/ws$/, '') || '/';
+    u.search = '';
+    /** httpBase is the gateway's HTTP root, without a trailing slash. */
+    this.httpBase = u.toString().replace(/\/$/, '');
+
+    this.state = 'idle';
+    this._ws = null;
+    this._attempt = 0;
+    this._wanted = false; // connect() called and close() not
+    this._retryTimer = null;
+    this._pingTimer = null;
+    this._pongTimer = null;
+    this._stableTimer = null;
+    this._reqSeq = 0;
+    /** @type {Map<string, object>} conversation id → model */
+    this._convs = new Map();
+    /** @type {Map<string, object>} frame id → request awaiting its ack or error */
+    this._requests = new Map();
+    this._onOnline = () => { if (this._wanted && !this._ws) this._retryNow(); };
+    this._onOffline = () => { if (this._wanted && !this._ws) this._setState('offline'); };
+  }
+
+  // ---- connection ---------------------------------------------------------
+
+  /** connect opens the connection and keeps it open (reconnecting) until close(). */
+  connect() {
+    if (this._wanted) return;
+    this._wanted = true;
+    globalThis.addEventListener?.('online', this._onOnline);
+    globalThis.addEventListener?.('offline', this._onOffline);
+    this._open();
+  }
+
+  /** close closes the connection and stops reconnecting. Joined conversations stay in the model. */
+  close() {
+    this._wanted = false;
+    globalThis.removeEventListener?.('online', this._onOnline);
+    globalThis.removeEventListener?.('offline', this._onOffline);
+    clearTimeout(this._retryTimer);
+    const ws = this._ws;
+    this._dropSocket();
+    ws?.close(1000, 'client closed');
+    this._setState('closed');
+  }
+
+  async _open() {
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this._setState(this._attempt === 0 && this.state !== 'reconnecting' ? 'connecting' : 'reconnecting');
+    let url = this.opts.url;
+    try {
+      const token = await this._token();
+      if (token) url += (url.includes('?') ? '&' : '?') + 'access_token=' + encodeURIComponent(token);
+    } catch (err) {
+      this._emit('error', { code: 'unauthorized', message: `could not get a token: ${err.message}` });
+      this._scheduleRetry({ code: 4001 });
+      return;
+    }
+    if (!this._wanted) return;
+    const ws = new (this.opts.WebSocket ?? globalThis.WebSocket)(url);
+    this._ws = ws;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (ev) => this._onFrame(ws, ev.data);
+    ws.onclose = (ev) => this._onClose(ws, ev);
+    ws.onerror = () => {}; // onclose follows with the code
+  }
+
+  async _token() {
+    const t = this.opts.token;
+    return typeof t === 'function' ? await t() : t;
+  }
+
+  _onOpen(ws) {
+    if (ws !== this._ws) return;
+    this._setState('connected');
+    // The attempt counter resets only once the connection has proven
+    // itself, so a server that accepts and at once closes (4009, a
+    // restart loop) still gets a growing delay.
+    this._stableTimer = setTimeout(() => { this._attempt = 0; }, this.opts.stableAfterMs);
+    if (this.opts.pingIntervalMs > 0) {
+      this._pingTimer = setInterval(() => this._ping(), this.opts.pingIntervalMs);
+    }
+    for (const conv of this._convs.values()) this._sendJoin(conv);
+    for (const req of this._requests.values()) {
+      if (req.resend) this._write(req.frame);
+    }
+  }
+
+  _ping() {
+    if (!this._write({ type: 'ping' })) return;
+    clearTimeout(this._pongTimer);
+    // A connection that stopped answering (laptop lid, lost Wi-Fi) may
+    // never fire onclose; close it so the reconnect loop takes over.
+    this._pongTimer = setTimeout(() => this._ws?.close(4000, 'no pong'), this.opts.pongTimeoutMs);
+  }
+
+  _onClose(ws, ev) {
+    if (ws !== this._ws) return;
+    this._dropSocket();
+    for (const [id, req] of this._requests) {
+      if (!req.resend) {
+        this._requests.delete(id);
+        req.reject(new ClientError('unavailable', 'connection lost'));
+      }
+    }
+    if (!this._wanted) return;
+    if (ev.code === 4001) {
+      this._emit('error', { code: 'unauthorized', message: 'the server refused the token' });
+      if (typeof this.opts.token !== 'function') {
+        this._setState('offline', { code: ev.code, reason: ev.reason });
+        return; // a fixed token will not get better
+      }
+    }
+    if (ev.code === 4009) {
+      this._emit('error', { code: 'rate_limited', message: 'too many connections are open for this user' });
+    }
+    this._scheduleRetry(ev);
+  }
+
+  _dropSocket() {
+    const ws = this._ws;
+    if (ws) ws.onopen = ws.onmessage = ws.onclose = null;
+    this._ws = null;
+    clearInterval(this._pingTimer);
+    clearTimeout(this._pongTimer);
+    clearTimeout(this._stableTimer);
+    for (const conv of this._convs.values()) conv.joined = false;
+  }
+
+  _scheduleRetry(ev = {}) {
+    // Exponential backoff with "equal jitter": half the delay fixed, half
+    // random, so a server restart does not bring every tab back at once and
+    // no tab retries in a tight loop.
+    const base = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** this._attempt);
+    let delay = base / 2 + Math.random() * base / 2;
+    if (ev.code === 4009) delay = Math.max(delay, 5000 + Math.random() * 5000);
+    this._attempt++;
+    const offline = globalThis.navigator?.onLine === false;
+    this._setState(offline ? 'offline' : 'reconnecting', { code: ev.code, reason: ev.reason, retryInMs: Math.round(delay) });
+    this._retryTimer = setTimeout(() => this._open(), delay);
+  }
+
+  /** _retryNow reconnects at once (the browser came back online). */
+  _retryNow() {
+    clearTimeout(this._retryTimer);
+    this._open();
+  }
+
+  _setState(state, extra = {}) {
+    const previous = this.state;
+    this.state = state;
+    if (previous !== state || extra.retryInMs !== undefined) {
+      this._emit('status', { state, previous, attempt: this._attempt, ...extra });
+    }
+  }
+
+  _write(frame) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _request(frame, { resend }) {
+    const id = `r${++this._reqSeq}`;
+    frame.id = id;
+    return new Promise((resolve, reject) => {
+      const req = { frame, resend, resolve, reject };
+      this._requests.set(id, req);
+      if (!this._write(frame) && !resend) {
+        this._requests.delete(id);
+        reject(new ClientError('unavailable', 'not connected'));
+      }
+    });
+  }
+
+  // ---- conversations ------------------------------------------------------
+
+  /**
+   * join starts following a conversation (the server creates it if it is new)
+   * and resolves with its model once the server's snapshot arrived. The
+   * conversation stays joined across reconnects until leave().
+   */
+  join(conversationId, { history } = {}) {
+    let conv = this._convs.get(conversationId);
+    if (!conv) {
+      conv = newConversation(conversationId, history ?? this.opts.history);
+      this._convs.set(conversationId, conv);
+      this._sendJoin(conv);
+    } else if (conv.joined) {
+      return Promise.resolve(conv);
+    }
+    return new Promise((resolve, reject) => conv.waiters.push({ resolve, reject }));
+  }
+
+  /** leave stops following a conversation and forgets its model. */
+  leave(conversationId) {
+    const conv = this._convs.get(conversationId);
+    if (!conv) return;
+    this._convs.delete(conversationId);
+    for (const w of conv.waiters) w.reject(new ClientError('cancelled', 'left the conversation'));
+    this._write({ type: 'leave', conversation_id: conversationId });
+  }
+
+  /** conversation returns the model of a joined conversation, or undefined. Treat it as read-only. */
+  conversation(conversationId) {
+    return this._convs.get(conversationId);
+  }
+
+  /** _sendJoin (re)joins conv; `after` defaults to the running turn's progress, false forces a plain join. */
+  _sendJoin(conv, after) {
+    conv.joining = true;
+    const frame = { type: 'join', conversation_id: conv.id, history: conv.history };
+    if (after === undefined) {
+      const t = conv.active && conv.byTurn.get(conv.active);
+      if (t && !isTerminal(t.status) && t.seq > 0) after = { turn_id: t.turn_id, seq: t.seq };
+    }
+    if (after) frame.after = after;
+    const id = `j${++this._reqSeq}`;
+    frame.id = id;
+    conv.joinId = id;
+    this._write(frame);
+  }
+
+  // ---- send and cancel ----------------------------------------------------
+
+  /**
+   * send stores a user message and starts a turn replying to it. It returns at
+   * once with the ids (chosen here unless given) so the caller can render the
+   * message and cancel the turn before the server answers; `ack` resolves
+   * with the server's `{message_id, turn_id}` or rejects with a ClientError
+   * (`rate_limited`, `too_large`, `turn_active`, …). Offline, the frame waits
+   * and goes out on reconnect.
+   */
+  send(conversationId, text, { model, messageId, turnId } = {}) {
+    messageId ??= newId('m');
+    turnId ??= newId('t');
+    if (!this._convs.has(conversationId)) this.join(conversationId).catch(() => {});
+    const conv = this._convs.get(conversationId);
+    const user = { message_id: messageId, conversation_id: conversationId, role: 'user', content: text,
+      status: 'pending', turn_id: turnId, pending: true, created_at: new Date().toISOString() };
+    const turn = { message_id: turnId, conversation_id: conversationId, role: 'assistant', content: '',
+      status: 'queued', turn_id: turnId, reply_to: messageId, seq: 0, pending: true, model };
+    addItem(conv, user);
+    addItem(conv, turn);
+    conv.active = turnId;
+    this._emit('message', { conversationId, message: user });
+    this._emit('turn', { conversationId, turn, phase: 'pending' });
+
+    const frame = { type: 'send', conversation_id: conversationId, text, message_id: messageId, turn_id: turnId };
+    if (model) frame.model = model;
+    const ack = this._request(frame, { resend: true }).then((a) => {
+      if (a.turn_id && a.turn_id !== turnId) renameTurn(conv, turnId, a.turn_id);
+      return a;
+    }, (err) => {
+      // Nothing was stored: take the optimistic message and reply away.
+      for (const id of [messageId]) {
+        const m = conv.byMessage.get(id);
+        if (m?.pending) removeItem(conv, m);
+      }
+      const t = conv.byTurn.get(turnId);
+      if (t?.pending) {
+        removeItem(conv, t);
+        if (conv.active === turnId) conv.active = null;
+        this._emit('turn', { conversationId, turn: t, phase: 'removed' });
+      }
+      throw err;
+    });
+    ack.catch(() => {}); // reported through the `error` event too
+    return { messageId, turnId, ack };
+  }
+
+  /**
+   * cancel stops a turn (idempotent; works before the send's ack) and
+   * resolves with `{turn_id, status, already}`. Offline, it waits and goes
+   * out on reconnect.
+   */
+  cancel(turnId) {
+    for (const conv of this._convs.values()) {
+      const t = conv.byTurn.get(turnId);
+      if (t && !isTerminal(t.status)) {
+        t.cancelling = true;
+        this._emit('turn', { conversationId: conv.id, turn: t, phase: 'cancelling' });
+      }
+    }
+    return this._request({ type: 'cancel', turn_id: turnId }, { resend: true });
+  }
+
+  // ---- HTTP helpers -------------------------------------------------------
+
+  /** api calls the gateway's HTTP API and returns the parsed JSON (null for 204); errors reject with ClientError. */
+  async api(method, path, body) {
+    const headers = {};
+    const token = await this._token();
+    if (token) headers.Authorization = `Bearer ${token}`;
+    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    const res = await fetch(this.httpBase + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    if (res.status === 204) return null;
+    const data = await res.json().catch(() => ({}));
+    if (!res.ok) {
+      const e = data.error ?? {};
+      throw new ClientError(e.code ?? 'internal', e.message ?? `HTTP ${res.status}`, { status: res.status });
+    }
+    return data;
+  }
+
+  /** listConversations returns the user's conversations, most recent first. */
+  async listConversations() {
+    return (await this.api('GET', '/v1/conversations')).conversations ?? [];
+  }
+
+  /** deleteConversation deletes a conversation (cancelling its running turn) and leaves it. */
+  async deleteConversation(conversationId) {
+    this.leave(conversationId);
+    await this.api('DELETE', `/v1/conversations/${encodeURIComponent(conversationId)}`);
+  }
+
+  // ---- frames from the server ---------------------------------------------
+
+  _onFrame(ws, data) {
+    if (ws !== this._ws) return;
+    let f;
+    try { f = JSON.parse(data); } catch { return; }
+    switch (f.type) {
+      case 'pong': clearTimeout(this._pongTimer); return;
+      case 'ack': return this._onAck(f);
+      case 'error': return this._onError(f);
+      case 'joined': return this._onJoined(f);
+    }
+    const conv = this._convs.get(f.conversation_id);
+    // While a join is under way, frames of the old view may still be in
+    // flight; the snapshot in `joined` supersedes them.
+    if (!conv || conv.joining) return;
+    switch (f.type) {
+      case 'message': return this._onMessage(conv, f.message);
+      case 'turn.start': return this._onStart(conv, f);
+      case 'turn.delta': return this._onDelta(conv, f);
+      case 'turn.end': return this._onEnd(conv, f);
+    }
+  }
+
+  _onAck(f) {
+    const req = this._requests.get(f.id);
+    if (!req) return;
+    this._requests.delete(f.id);
+    const { type, id, ...rest } = f;
+    req.resolve(rest);
+  }
+
+  _onError(f) {
+    const detail = { code: f.code, message: f.message };
+    if (f.turn_id) detail.turnId = f.turn_id;
+    if (f.retry_after_ms != null) detail.retryAfterMs = f.retry_after_ms;
+    const req = f.id && this._requests.get(f.id);
+    if (req) {
+      this._requests.delete(f.id);
+      detail.request = req.frame.type;
+      if (req.frame.conversation_id) detail.conversationId = req.frame.conversation_id;
+      if (req.frame.type === 'send') detail.messageId = req.frame.message_id;
+      if (req.frame.type === 'cancel') detail.turnId = req.frame.turn_id;
+      req.reject(new ClientError(f.code, f.message, detail));
+    } else if (f.id) {
+      for (const conv of this._convs.values()) {
+        if (conv.joinId !== f.id) continue;
+        detail.request = 'join';
+        detail.conversationId = conv.id;
+        conv.joining = false;
+        for (const w of conv.waiters.splice(0)) w.reject(new ClientError(f.code, f.message, detail));
+      }
+    }
+    this._emit('error', detail);
+  }
+
+  _onJoined(f) {
+    const conv = this._convs.get(f.conversation_id);
+    if (!conv || (f.id && f.id !== conv.joinId)) return;
+    const old = conv;
+    const fresh = newConversation(conv.id, conv.history);
+    for (const m of f.messages ?? []) {
+      const item = { ...m };
+      if (m.role === 'assistant') item.seq = isTerminal(m.status) ? null : 0;
+      addItem(fresh, item);
+    }
+    const a = f.active;
+    let resumed = false;
+    if (a) {
+      const prev = old.byTurn.get(a.turn_id);
+      let content = a.text ?? '';
+      if (a.from != null) {
+        if (!prev || prev.seq !== a.from - 1) {
+          // A snapshot relative to text we do not have: ask for all of it.
+          this._sendJoin(conv, false);
+          return;
+        }
+        content = prev.content + content;
+        resumed = true;
+      }
+      const listed = fresh.byTurn.get(a.turn_id);
+      if (listed) removeItem(fresh, listed);
+      addItem(fresh, { message_id: a.turn_id, conversation_id: conv.id, role: 'assistant', content,
+        status: a.status, turn_id: a.turn_id, reply_to: a.reply_to, model: a.model, seq: a.seq,
+        cancelling: prev?.cancelling });
+      fresh.active = a.turn_id;
+    }
+    // Sends the server has not seen yet (they go out after this join) keep
+    // their optimistic messages.
+    for (const item of old.items) {
+      if (item.pending && !fresh.byMessage.has(item.message_id) && !fresh.byTurn.has(item.turn_id) &&
+          [...this._requests.values()].some((r) => r.frame.type === 'send' && r.frame.turn_id === item.turn_id)) {
+        addItem(fresh, item);
+        if (item.role === 'assistant') fresh.active = item.turn_id;
+      }
+    }
+    conv.items = fresh.items;
+    conv.byMessage = fresh.byMessage;
+    conv.byTurn = fresh.byTurn;
+    conv.active = fresh.active;
+    conv.joining = false;
+    conv.joined = true;
+    this._emit('joined', { conversationId: conv.id, conversation: conv, resumed });
+    for (const w of conv.waiters.splice(0)) w.resolve(conv);
+  }
+
+  _onMessage(conv, m) {
+    let item = conv.byMessage.get(m.message_id);
+    if (item) {
+      Object.assign(item, m);
+      delete item.pending;
+    } else {
+      item = { ...m };
+      addItem(conv, item);
+    }
+    this._emit('message', { conversationId: conv.id, message: item });
+  }
+
+  _turnItem(conv, turnId, replyTo, model) {
+    let t = conv.byTurn.get(turnId);
+    if (!t) {
+      t = { message_id: turnId, conversation_id: conv.id, role: 'assistant', content: '', status: 'queued',
+        turn_id: turnId, reply_to: replyTo, model, seq: 0 };
+      addItem(conv, t);
+    }
+    return t;
+  }
+
+  _onStart(conv, f) {
+    const t = this._turnItem(conv, f.turn_id, f.reply_to, f.model);
+    delete t.pending;
+    if (!isTerminal(t.status)) {
+      t.status = 'streaming';
+      conv.active = t.turn_id;
+    }
+    t.reply_to = f.reply_to;
+    t.model = f.model;
+    this._emit('turn', { conversationId: conv.id, turn: t, phase: 'start' });
+  }
+
+  _onDelta(conv, f) {
+    const from = f.from ?? f.seq;
+    let t = conv.byTurn.get(f.turn_id);
+    if (!t && from === 1) t = this._turnItem(conv, f.turn_id);
+    if (t && (isTerminal(t.status) || t.seq == null)) return; // already have all of it
+    const last = t ? t.seq : 0;
+    if (t && from === last + 1) {
+      t.content += f.text;
+      t.seq = f.seq;
+      t.status = 'streaming';
+      delete t.pending;
+      conv.active = t.turn_id;
+      this._emit('turn', { conversationId: conv.id, turn: t, phase: 'delta' });
+      return;
+    }
+    if (t && f.seq <= last) return; // a repeat of what we applied
+    this._gap(conv, f.turn_id, last + 1, from);
+  }
+
+  _onEnd(conv, f) {
+    const t = conv.byTurn.get(f.turn_id);
+    if (t && (isTerminal(t.status) || t.seq == null)) return;
+    if (!t || f.seq > t.seq) {
+      this._gap(conv, f.turn_id, (t?.seq ?? 0) + 1, f.seq);
+      return;
+    }
+    t.status = f.status;
+    if (f.error) t.error = f.error;
+    if (f.usage) t.usage = f.usage;
+    delete t.pending;
+    delete t.cancelling;
+    if (conv.active === t.turn_id) conv.active = null;
+    this._emit('turn', { conversationId: conv.id, turn: t, phase: 'end' });
+  }
+
+  _gap(conv, turnId, expected, got) {
+    this._emit('gap', { conversationId: conv.id, turnId, expected, got });
+    const t = conv.byTurn.get(turnId);
+    this._sendJoin(conv, t && t.seq > 0 ? { turn_id: turnId, seq: t.seq } : false);
+  }
+}
+
+function newConversation(id, history) {
+  return { id, history, items: [], byMessage: new Map(), byTurn: new Map(), active: null,
+    joined: false, joining: false, joinId: null, waiters: [] };
+}
+
+function addItem(conv, item) {
+  conv.items.push(item);
+  if (item.role === 'assistant') conv.byTurn.set(item.turn_id, item);
+  else conv.byMessage.set(item.message_id, item);
+}
+
+function removeItem(conv, item) {
+  conv.items = conv.items.filter((i) => i !== item);
+  if (item.role === 'assistant') conv.byTurn.delete(item.turn_id);
+  else conv.byMessage.delete(item.message_id);
+}
+
+function renameTurn(conv, from, to) {
+  const t = conv.byTurn.get(from);
+  if (!t || conv.byTurn.has(to)) return;
+  conv.byTurn.delete(from);
+  t.turn_id = t.message_id = to;
+  conv.byTurn.set(to, t);
+  if (conv.active === from) conv.active = to;
+}

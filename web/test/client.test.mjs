@@ -1,0 +1,167 @@
+// Unit tests of web/static/client.js against a scripted WebSocket: the
+// delivery rules a correct server never makes the client exercise (gaps,
+// repeats, stale frames) and the reconnect/resume sequence.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { TokenRelayClient } from '../static/client.js';
+
+class FakeWS {
+  static all = [];
+  constructor(url) {
+    this.url = url;
+    this.readyState = 0;
+    this.sent = [];
+    FakeWS.all.push(this);
+  }
+  send(data) { this.sent.push(JSON.parse(data)); }
+  close(code = 1000) { this.drop(code); }
+  // Test side.
+  open() { this.readyState = 1; this.onopen?.(); }
+  receive(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
+  drop(code) { this.readyState = 3; this.onclose?.({ code, reason: '' }); }
+  frames(type) { return this.sent.filter((f) => f.type === type); }
+}
+
+function newClient(t, opts = {}) {
+  FakeWS.all = [];
+  const c = new TokenRelayClient({ url: 'ws://relay.test/v1/ws', WebSocket: FakeWS, pingIntervalMs: 0,
+    backoffInitialMs: 5, backoffMaxMs: 20, ...opts });
+  const events = [];
+  for (const type of ['status', 'joined', 'message', 'turn', 'error', 'gap']) {
+    c.addEventListener(type, (e) => events.push({ type, ...e.detail }));
+  }
+  c.events = events;
+  t.after(() => c.close());
+  return c;
+}
+
+const until = async (fn, what) => {
+  const deadline = Date.now() + 2000;
+  while (!fn()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+};
+
+const userMsg = (id, turn, content = 'hi') => ({ message_id: id, conversation_id: 'c1', role: 'user', content, status: 'complete', created_at: '2026-01-01T00:00:00.000Z', turn_id: turn });
+
+async function joined(c, { messages = [], active = null } = {}) {
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all.at(-1);
+  const p = c.join('c1');
+  ws.open();
+  const j = ws.frames('join').at(-1);
+  ws.receive({ type: 'joined', id: j.id, conversation_id: 'c1', messages, active });
+  await p;
+  return ws;
+}
+
+test('applies deltas in order, merged ranges too, and ignores repeats', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 2, text: 'ab', model: 'sim' } });
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', seq: 3, text: 'c' });
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', seq: 3, text: 'c' }); // repeat
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', from: 4, seq: 6, text: 'def' });
+  ws.receive({ type: 'turn.end', conversation_id: 'c1', turn_id: 't1', seq: 6, status: 'complete' });
+  const turn = c.conversation('c1').byTurn.get('t1');
+  assert.equal(turn.content, 'abcdef');
+  assert.equal(turn.status, 'complete');
+  assert.equal(c.conversation('c1').active, null);
+  assert.equal(c.events.filter((e) => e.type === 'gap').length, 0);
+});
+
+test('a gap re-joins with after, ignores stale frames, and continues from the snapshot', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 1, text: 'a', model: 'sim' } });
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', seq: 3, text: 'c' }); // seq 2 missing
+  const gap = c.events.find((e) => e.type === 'gap');
+  assert.deepEqual({ expected: gap.expected, got: gap.got }, { expected: 2, got: 3 });
+  const rejoin = ws.frames('join').at(-1);
+  assert.deepEqual(rejoin.after, { turn_id: 't1', seq: 1 });
+  // Frames of the old view still in flight are superseded by the snapshot.
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', seq: 4, text: 'd' });
+  ws.receive({ type: 'joined', id: rejoin.id, conversation_id: 'c1', messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 4, from: 2, text: 'bcd', model: 'sim' } });
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', seq: 5, text: 'e' });
+  assert.equal(c.conversation('c1').byTurn.get('t1').content, 'abcde');
+});
+
+test('a turn that ended during a drop is taken from the stored message, replayed deltas ignored', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 2, text: 'ab', model: 'sim' } });
+  ws.drop(1001);
+  assert.equal(c.state, 'reconnecting');
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  const ws2 = FakeWS.all[1];
+  ws2.open();
+  const j = ws2.frames('join')[0];
+  assert.deepEqual(j.after, { turn_id: 't1', seq: 2 });
+  ws2.receive({ type: 'joined', id: j.id, conversation_id: 'c1', active: null, messages: [userMsg('m1', 't1'),
+    { message_id: 't1', conversation_id: 'c1', role: 'assistant', content: 'abcd', status: 'interrupted', turn_id: 't1', reply_to: 'm1', created_at: '2026-01-01T00:00:00.000Z' }] });
+  ws2.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', from: 3, seq: 4, text: 'cd' });
+  ws2.receive({ type: 'turn.end', conversation_id: 'c1', turn_id: 't1', seq: 4, status: 'interrupted' });
+  const turn = c.conversation('c1').byTurn.get('t1');
+  assert.equal(turn.content, 'abcd');
+  assert.equal(turn.status, 'interrupted');
+  assert.equal(c.state, 'connected');
+});
+
+test('send is optimistic, cancel goes out before the ack, unanswered frames are re-sent after a reconnect', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  const { messageId, turnId, ack } = c.send('c1', 'hello');
+  const cancelled = c.cancel(turnId);
+  assert.deepEqual(ws.sent.slice(-2).map((f) => [f.type, f.turn_id]), [['send', turnId], ['cancel', turnId]]);
+  const conv = c.conversation('c1');
+  assert.equal(conv.byMessage.get(messageId).pending, true);
+  assert.equal(conv.active, turnId);
+  ws.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  const ws2 = FakeWS.all[1];
+  ws2.open();
+  assert.deepEqual(ws2.sent.map((f) => f.type), ['join', 'send', 'cancel'], 'join first, then the unanswered frames in order');
+  const [j, s, x] = ws2.sent;
+  assert.equal(s.message_id, messageId);
+  ws2.receive({ type: 'joined', id: j.id, conversation_id: 'c1', messages: [], active: null });
+  assert.ok(conv.byMessage.get(messageId), 'the unsent message stays on screen across the join');
+  ws2.receive({ type: 'message', conversation_id: 'c1', message: userMsg(messageId, turnId, 'hello') });
+  ws2.receive({ type: 'turn.start', conversation_id: 'c1', turn_id: turnId, reply_to: messageId, model: 'sim' });
+  ws2.receive({ type: 'ack', id: s.id, message_id: messageId, turn_id: turnId });
+  ws2.receive({ type: 'turn.end', conversation_id: 'c1', turn_id: turnId, seq: 0, status: 'cancelled' });
+  ws2.receive({ type: 'ack', id: x.id, turn_id: turnId, status: 'cancelled', already: false });
+  assert.deepEqual(await ack, { message_id: messageId, turn_id: turnId });
+  assert.deepEqual(await cancelled, { turn_id: turnId, status: 'cancelled', already: false });
+  assert.equal(conv.byMessage.get(messageId).pending, undefined);
+  assert.equal(conv.byTurn.get(turnId).status, 'cancelled');
+});
+
+test('a refused send takes its optimistic message away and reports the code', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  const { messageId, turnId, ack } = c.send('c1', 'x'.repeat(10));
+  const s = ws.frames('send')[0];
+  ws.receive({ type: 'error', id: s.id, code: 'rate_limited', message: 'slow down', retry_after_ms: 1500 });
+  await assert.rejects(ack, (err) => err.code === 'rate_limited' && err.retryAfterMs === 1500);
+  const conv = c.conversation('c1');
+  assert.equal(conv.byMessage.get(messageId), undefined);
+  assert.equal(conv.byTurn.get(turnId), undefined);
+  assert.equal(conv.active, null);
+  const err = c.events.find((e) => e.type === 'error');
+  assert.equal(err.request, 'send');
+  assert.equal(err.conversationId, 'c1');
+});
+
+test('another tab\'s question and answer arrive as events', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  ws.receive({ type: 'message', conversation_id: 'c1', message: userMsg('m9', 't9', 'from elsewhere') });
+  ws.receive({ type: 'turn.start', conversation_id: 'c1', turn_id: 't9', reply_to: 'm9', model: 'sim' });
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't9', seq: 1, text: 'ok' });
+  const conv = c.conversation('c1');
+  assert.deepEqual(conv.items.map((i) => [i.role, i.content]), [['user', 'from elsewhere'], ['assistant', 'ok']]);
+  assert.equal(conv.active, 't9');
+});
