@@ -45,21 +45,25 @@ function renderMarkdown(el, text) {
     FORBID_ATTR: ['style'],
   });
   el.innerHTML = html;
+  // Code blocks get a bar with their language and a Copy button; the
+  // elements are made here, after sanitizing, from the class marked set.
   for (const code of el.querySelectorAll('pre > code')) {
     const pre = code.parentElement;
-    const lang = /language-([\w+#.-]+)/.exec(code.className)?.[1];
-    if (lang) {
-      const label = document.createElement('span');
-      label.className = 'lang';
-      label.textContent = lang;
-      pre.prepend(label);
-    }
+    const lang = /language-([\w+#.-]+)/.exec(code.className)?.[1] ?? '';
+    const block = document.createElement('div');
+    block.className = 'codeblock';
+    const bar = document.createElement('div');
+    bar.className = 'codebar';
+    const label = document.createElement('span');
+    label.textContent = lang || 'code';
     const copy = document.createElement('button');
     copy.type = 'button';
     copy.className = 'copy';
     copy.textContent = 'Copy';
     copy.setAttribute('aria-label', lang ? `Copy ${lang} code` : 'Copy code');
-    pre.prepend(copy);
+    bar.append(label, copy);
+    pre.replaceWith(block);
+    block.append(bar, pre);
   }
 }
 
@@ -402,9 +406,9 @@ document.addEventListener('keydown', (e) => {
   }
 });
 ui.log.addEventListener('click', (e) => {
-  const btn = e.target.closest('pre .copy');
+  const btn = e.target.closest('.codeblock .copy');
   if (!btn) return;
-  const code = btn.parentElement.querySelector('code');
+  const code = btn.closest('.codeblock').querySelector('pre code');
   navigator.clipboard?.writeText(code.textContent).then(() => {
     btn.textContent = 'Copied';
     setTimeout(() => { btn.textContent = 'Copy'; }, 1500);

@@ -97,7 +97,7 @@ export async function launchBrowser(t) {
  * openChat opens the page on conversation conv (a new id when omitted) in a
  * new context and waits until it joined. Page errors fail the test.
  */
-export async function openChat(t, browser, server, { conv, context, viewport, colorScheme } = {}) {
+export async function openChat(t, browser, server, { conv, context, viewport, colorScheme, setup } = {}) {
   conv ??= `c-test-${Math.random().toString(36).slice(2, 10)}`;
   context ??= await browser.newContext({ viewport: viewport ?? { width: 1100, height: 800 }, colorScheme });
   const page = await context.newPage();
@@ -110,9 +110,23 @@ export async function openChat(t, browser, server, { conv, context, viewport, co
     }
   });
   page.errors = errors;
+  await setup?.(page);
   await page.goto(`${server.url}/#${conv}`);
   await waitJoined(page, conv);
   return { page, conv, context };
+}
+
+/**
+ * recordFrames collects the page's WebSocket frames, in order, as
+ * {dir: 'sent'|'received', frame}; call it before the page connects.
+ */
+export function recordFrames(page) {
+  const log = [];
+  page.on('websocket', (ws) => {
+    ws.on('framesent', (f) => log.push({ dir: 'sent', frame: JSON.parse(f.payload) }));
+    ws.on('framereceived', (f) => log.push({ dir: 'received', frame: JSON.parse(f.payload) }));
+  });
+  return log;
 }
 
 /** waitJoined waits until the page shows conversation conv and its client has joined it. */

@@ -1,0 +1,51 @@
+// Errors reach the person in words: too large, rate limited, turn_active,
+// and a provider error ending the answer.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as h from './helpers.mjs';
+
+test('refused sends and a failing model are explained in words', async (t) => {
+  const server = await h.startServer(t, { simRate: 0, args: ['--limit-text-bytes', '200'] });
+  const browser = await h.launchBrowser(t);
+  const { page, conv } = await h.openChat(t, browser, server);
+  const alert = page.getByRole('alert');
+  const input = page.getByLabel('Message', { exact: true });
+
+  // too_large: the text comes back to the composer to be shortened.
+  const long = 'x'.repeat(300);
+  await h.send(page, long);
+  await alert.getByText('That message is too long to send').waitFor();
+  assert.equal(await input.inputValue(), long);
+  assert.equal(await page.locator('article.msg').count(), 0, 'the refused message left no bubble');
+
+  // Provider error: the answer ends with the reason shown beside it.
+  await h.send(page, 'Fail soon [sim tokens=50 error_after=5]');
+  assert.equal(await alert.isVisible(), false, 'a new send clears the old alert');
+  const failed = h.lastAnswer(page);
+  assert.equal(await h.waitAnswerEnded(failed), 'error');
+  await failed.locator('.meta', { hasText: 'The model could not finish this answer' }).waitFor();
+  const stored = await h.storedTurn(server, conv, await failed.getAttribute('data-turn-id'));
+  assert.equal(stored.status, 'error');
+
+  // turn_active: a second send (here straight through the client, as a
+  // slow second tab would) while an answer is running.
+  await page.evaluate(() => window.tokenrelay.client.send(window.tokenrelay.conversationId, 'Slow one [sim tokens=400 rate=40]'));
+  await page.getByRole('button', { name: 'Stop answer' }).waitFor();
+  await page.evaluate(() => window.tokenrelay.client.send(window.tokenrelay.conversationId, 'Too eager'));
+  await alert.getByText('An answer is still being written').waitFor();
+  assert.equal(await page.locator('article.msg.user', { hasText: 'Too eager' }).count(), 0);
+  await page.keyboard.press('Escape');
+  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page), 10000), 'cancelled');
+
+  // rate_limited: use up the burst of sends (10) over HTTP, then send.
+  for (let i = 0; i < 12; i++) {
+    const res = await fetch(`${server.url}/v1/conversations/c-burn-${i}/messages`, {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ text: 'x [sim tokens=1]' }),
+    });
+    if (res.status === 429) break;
+  }
+  await h.send(page, 'One more');
+  await alert.getByText(/You are sending messages too quickly\. Try again in \d+ seconds?\./).waitFor();
+  assert.equal(await input.inputValue(), 'One more');
+  h.noPageErrors(assert, page);
+});

@@ -1,0 +1,65 @@
+// Stop: the first click stops the answer, Esc does too, and it works before
+// the server has acknowledged the send.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as h from './helpers.mjs';
+
+test('Stop mid-answer works on the first click and the stored status is cancelled', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  let frames;
+  const { page, conv } = await h.openChat(t, browser, server, { setup: (p) => { frames = h.recordFrames(p); } });
+  await h.send(page, 'Talk for a while [sim tokens=400 rate=40]');
+  const answer = h.lastAnswer(page);
+  await page.waitForFunction(() => {
+    const a = [...document.querySelectorAll('article.msg.assistant')].at(-1);
+    return a?.dataset.status === 'streaming' && a.querySelector('.body').textContent.length > 30;
+  });
+  await page.getByRole('button', { name: 'Stop answer' }).click();
+  assert.equal(await h.waitAnswerEnded(answer, 10000), 'cancelled');
+  await answer.locator('.meta', { hasText: 'Stopped' }).waitFor();
+  await page.getByRole('button', { name: 'Send message' }).waitFor();
+  const turnId = await answer.getAttribute('data-turn-id');
+  const stored = await h.storedTurn(server, conv, turnId);
+  assert.equal(stored.status, 'cancelled');
+  assert.equal((await h.turnState(page, conv, turnId)).content, stored.content);
+  assert.ok(stored.content.length > 30 && stored.content.length < 2000, 'the partial text is kept');
+  const cancels = frames.filter((f) => f.dir === 'sent' && f.frame.type === 'cancel');
+  assert.equal(cancels.length, 1, 'one click, one cancel');
+  const ack = frames.find((f) => f.dir === 'received' && f.frame.type === 'ack' && f.frame.id === cancels[0].frame.id);
+  assert.deepEqual({ status: ack.frame.status, already: ack.frame.already }, { status: 'cancelled', already: false });
+  h.noPageErrors(assert, page);
+});
+
+test('Esc right after Enter stops the turn before the server acknowledged it', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  let frames;
+  const { page, conv } = await h.openChat(t, browser, server, { setup: (p) => { frames = h.recordFrames(p); } });
+  // Enter and Esc in one task: the cancel frame leaves before any answer
+  // from the server can have been processed, with the client-chosen turn id.
+  const turnId = await page.evaluate(() => {
+    const input = document.getElementById('input');
+    input.value = 'Never mind [sim tokens=400 rate=40]';
+    input.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter', bubbles: true }));
+    const conv = window.tokenrelay.client.conversation(window.tokenrelay.conversationId);
+    const id = conv.active;
+    document.dispatchEvent(new KeyboardEvent('keydown', { key: 'Escape', bubbles: true }));
+    return id;
+  });
+  assert.match(turnId, /^t-/);
+  const answer = page.locator(`article[data-turn-id="${turnId}"]`);
+  assert.equal(await h.waitAnswerEnded(answer, 10000), 'cancelled');
+  const stored = await h.storedTurn(server, conv, turnId);
+  assert.equal(stored.status, 'cancelled');
+  assert.ok(stored.content.length < 200, `stopped at once (${stored.content.length} chars)`);
+  assert.equal((await h.storedMessages(server, conv)).filter((m) => m.role === 'user').length, 1, 'the question is stored');
+  const iSend = frames.findIndex((f) => f.dir === 'sent' && f.frame.type === 'send');
+  const iCancel = frames.findIndex((f) => f.dir === 'sent' && f.frame.type === 'cancel');
+  const sendId = frames[iSend].frame.id;
+  const iAck = frames.findIndex((f) => f.dir === 'received' && f.frame.type === 'ack' && f.frame.id === sendId);
+  assert.equal(frames[iCancel].frame.turn_id, turnId);
+  assert.equal(frames[iSend].frame.turn_id, turnId, 'the turn id was chosen by the client');
+  assert.ok(iSend < iCancel && (iAck === -1 || iCancel < iAck), `cancel left before the ack (send ${iSend}, cancel ${iCancel}, ack ${iAck})`);
+  h.noPageErrors(assert, page);
+});

@@ -1,0 +1,51 @@
+// Two tabs on one conversation show the same thing live: each other's
+// questions, the streaming answers, and a Stop pressed in the other tab.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as h from './helpers.mjs';
+
+const streamingText = (page, turnId, n) => page.waitForFunction(([id, n]) => {
+  const a = document.querySelector(`article[data-turn-id="${id}"]`);
+  return a?.dataset.status === 'streaming' && a.querySelector('.body').textContent.length > n;
+}, [turnId, n]);
+
+test('two pages on one conversation see each other\'s questions and answers live', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  const a = await h.openChat(t, browser, server);
+  const b = await h.openChat(t, browser, server, { conv: a.conv, context: a.context });
+  const conv = a.conv;
+
+  await h.send(a.page, 'Question from tab A [sim tokens=80 rate=40]');
+  const turnA = await h.lastAnswer(a.page).getAttribute('data-turn-id');
+  await b.page.locator('article.msg.user', { hasText: 'Question from tab A' }).waitFor();
+  await streamingText(b.page, turnA, 20); // B sees it while it streams
+  await b.page.getByRole('button', { name: 'Stop answer' }).waitFor();
+  for (const p of [a.page, b.page]) {
+    assert.equal(await h.waitAnswerEnded(p.locator(`article[data-turn-id="${turnA}"]`)), 'complete');
+  }
+  const storedA = await h.storedTurn(server, conv, turnA);
+  assert.equal((await h.turnState(a.page, conv, turnA)).content, storedA.content);
+  assert.equal((await h.turnState(b.page, conv, turnA)).content, storedA.content);
+
+  // The other way round, and Stop from the tab that did not ask.
+  await h.send(b.page, 'Question from tab B [sim tokens=400 rate=40]');
+  await a.page.locator('article.msg.user', { hasText: 'Question from tab B' }).waitFor();
+  const turnB = await h.lastAnswer(b.page).getAttribute('data-turn-id');
+  await streamingText(a.page, turnB, 20);
+  await a.page.getByRole('button', { name: 'Stop answer' }).click();
+  for (const p of [a.page, b.page]) {
+    assert.equal(await h.waitAnswerEnded(p.locator(`article[data-turn-id="${turnB}"]`), 10000), 'cancelled');
+  }
+  const storedB = await h.storedTurn(server, conv, turnB);
+  assert.equal(storedB.status, 'cancelled');
+  assert.equal((await h.turnState(a.page, conv, turnB)).content, storedB.content);
+  assert.equal((await h.turnState(b.page, conv, turnB)).content, storedB.content);
+
+  for (const p of [a.page, b.page]) {
+    assert.deepEqual(await p.locator('article.msg.user .body').allTextContents(),
+      ['Question from tab A [sim tokens=80 rate=40]', 'Question from tab B [sim tokens=400 rate=40]']);
+    assert.equal(await p.locator('article.msg.assistant').count(), 2);
+    h.noPageErrors(assert, p);
+  }
+});
