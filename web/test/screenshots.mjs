@@ -57,7 +57,7 @@ try {
       await p.goto(`${server.url}/#${conv}`);
       await h.waitJoined(p, conv);
       await p.locator('#connection[data-state="connected"]').waitFor();
-      await p.locator('#conversations a', { hasText: 'Draft the release notes' }).waitFor();
+      await p.locator('#conversations a', { hasText: 'Draft the release notes' }).waitFor({ state: 'attached' });
       await p.evaluate(() => document.activeElement?.blur());
       await p.waitForFunction(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => r(true)))));
       const file = path.join(out, `${shot.name}-${colorScheme}.png`);
