@@ -169,6 +169,7 @@ func (s *Server) routes() *http.ServeMux {
 	if s.cfg.Static != nil {
 		mux.Handle("GET /", http.FileServerFS(s.cfg.Static))
 	}
+	s.compatRoutes(mux)
 	return mux
 }
 

@@ -1,0 +1,565 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
+)
+
+// closeCompatRejected is the close code COMPAT.md gives for a socket that
+// is refused (bad token): 1003.
+const closeCompatRejected = websocket.StatusUnsupportedData
+
+// compatMarker stands in the queue for a turn's newest streaming frame (see
+// compatConn). It is never a frame: frames are JSON or the text "pong". It
+// is never modified.
+var compatMarker = []byte{0}
+
+func isCompatMarker(f []byte) bool { return len(f) == 1 && f[0] == 0 }
+
+// compatConn is one COMPAT.md WebSocket (/ws/chat): a sink over one view of
+// its session. Its read loop (the handler's goroutine) answers client
+// frames; its writer goroutine is the only one that writes to the socket;
+// everything else enqueues to q.
+//
+// A reply's frames carry the whole text so far, so a newer one makes an
+// older one useless. They are therefore not queued themselves: the queue
+// holds a marker in the place of a turn's first unwritten frame, the turn
+// keeps only its newest frame (streaming or final), and the writer writes
+// that when it reaches the marker. A socket that falls behind skips
+// intermediate frames instead of piling up copies of the text (its queue
+// holds one byte per turn, so a long reply never trips the outbound limit);
+// the content it shows never goes back.
+type compatConn struct {
+	s    *Server
+	cp   *compat
+	ws   *websocket.Conn
+	user string // the authenticated user, owner of conv
+	conv string // the session
+	log  *slog.Logger
+	q    *outQueue
+
+	ctx       context.Context // the connection's lifetime
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup // the view's repairs
+	view      *view          // set by join; owned by the handler's goroutine
+	closeOnce sync.Once
+
+	mu     sync.Mutex
+	turns  map[string]*compatTurn // turns being streamed to this socket; guarded by mu
+	staged []*compatTurn          // turns whose marker is queued, in queue order; guarded by mu
+	closed bool                   // guarded by mu
+}
+
+// compatTurn is a turn as far as one compat socket has it. Guarded by the
+// connection's mu.
+type compatTurn struct {
+	st     *sharedText // held until the turn ends or the socket closes
+	n      int64       // bytes of the text this socket has been given
+	seq    int64       // last delta seq given
+	frame  []byte      // newest frame, written at the marker; nil when none
+	staged bool        // a marker of this turn is queued
+}
+
+var _ sink = (*compatConn)(nil)
+
+func (c *compatConn) nowMS() int64 { return c.s.now().UnixMilli() }
+
+// message is not sent: COMPAT.md's page shows its own bubble for a message
+// it sent, and would show a live one twice. User messages are in history.
+func (c *compatConn) message(string, chat.Message) {}
+
+// start has no frame of its own in COMPAT.md.
+func (c *compatConn) start(string, string, string, string) {}
+
+func (c *compatConn) delta(_, turn string, _, seq int64, off int64, text string, _ int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	ct := c.turnLocked(turn)
+	frame, n, err := ct.st.delta(off, text, c.nowMS())
+	if err != nil {
+		c.fail(err)
+		return
+	}
+	ct.n, ct.seq = n, seq
+	c.stageLocked(ct, frame)
+}
+
+func (c *compatConn) end(_, turn string, _ int64, status chat.TurnStatus, _ string, _ *chat.Usage) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	ct := c.turnLocked(turn)
+	// The final frame supersedes any streaming frame not yet written, and
+	// takes its place in the queue.
+	c.stageLocked(ct, ct.st.finalFrame(ct.n, status, c.nowMS()))
+	delete(c.turns, turn)
+	c.cp.release(ct.st)
+}
+
+func (c *compatConn) fail(err error) {
+	c.log.Warn("compat view failed; closing so the page reconnects", "err", err)
+	c.closeWith(websocket.StatusInternalError, "resume needed")
+}
+
+// turnLocked returns this socket's state of turn, holding its shared text.
+func (c *compatConn) turnLocked(turn string) *compatTurn {
+	ct := c.turns[turn]
+	if ct == nil {
+		ct = &compatTurn{st: c.cp.acquire(turn, c.conv, c.user)}
+		c.turns[turn] = ct
+	}
+	return ct
+}
+
+// stageLocked makes frame the turn's newest streaming frame, queueing a
+// marker for it unless one is queued already.
+func (c *compatConn) stageLocked(ct *compatTurn, frame []byte) {
+	ct.frame = frame
+	if ct.staged {
+		return
+	}
+	if !c.q.push(compatMarker) {
+		c.s.m.slowCloses.Inc()
+		return
+	}
+	ct.staged = true
+	c.staged = append(c.staged, ct)
+}
+
+func (c *compatConn) pushLocked(frame []byte) {
+	if !c.q.push(frame) {
+		c.s.m.slowCloses.Inc()
+	}
+}
+
+func (c *compatConn) push(frame []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.pushLocked(frame)
+}
+
+// resolve returns the frame to write for f, a frame taken from the queue:
+// f itself, or for a marker its turn's newest frame (nil when a later
+// marker of the turn has it).
+func (c *compatConn) resolve(f []byte) []byte {
+	if !isCompatMarker(f) {
+		return f
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.staged) == 0 {
+		return nil
+	}
+	ct := c.staged[0]
+	c.staged[0] = nil
+	c.staged = c.staged[1:]
+	f, ct.frame, ct.staged = ct.frame, nil, false
+	return f
+}
+
+func (c *compatConn) closeWith(code websocket.StatusCode, reason string) {
+	c.closeOnce.Do(func() {
+		go func() {
+			_ = c.ws.Close(code, reason)
+			c.cancel()
+		}()
+	})
+}
+
+// writeLoop drains the queue until the connection ends.
+func (c *compatConn) writeLoop() {
+	var frames [][]byte
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-c.q.notify:
+		}
+		var overflow bool
+		frames, _, _, overflow = c.q.take(frames[:0], nil)
+		if overflow {
+			c.s.m.slowCloses.Inc()
+			c.closeWith(closeSlowConsumer, "slow consumer")
+			return
+		}
+		for i, f := range frames {
+			frames[i] = nil
+			if f = c.resolve(f); f == nil {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.WriteTimeout)
+			err := c.ws.Write(ctx, websocket.MessageText, f)
+			cancel()
+			if err != nil {
+				if c.ctx.Err() == nil {
+					c.s.m.writeErrors.Inc()
+				}
+				c.cancel()
+				return
+			}
+			c.s.m.framesSent.Inc()
+			c.s.m.bytesSent.Add(float64(len(f)))
+		}
+		if cap(frames) > 1024 {
+			frames = nil
+		}
+	}
+}
+
+// pingLoop reaps dead connections, as conn's does.
+func (c *compatConn) pingLoop() {
+	t := time.NewTicker(c.s.cfg.PingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.IdleTimeout)
+			err := c.ws.Ping(ctx)
+			cancel()
+			if err != nil {
+				if c.ctx.Err() == nil {
+					c.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
+					c.closeWith(websocket.StatusGoingAway, "idle timeout")
+				}
+				return
+			}
+		}
+	}
+}
+
+// Fixed answers of COMPAT.md.
+var (
+	compatPong         = []byte(`{"type":"pong"}`)
+	compatHeartbeatAck = []byte(`{"type":"heartbeat_ack"}`)
+	compatTextPong     = []byte("pong")
+)
+
+// compatClientFrame is any client frame of COMPAT.md.
+type compatClientFrame struct {
+	Type           string          `json:"type"`
+	MessageID      string          `json:"messageId"`
+	MessageIDSnake string          `json:"message_id"`
+	LastChunkIndex json.RawMessage `json:"lastChunkIndex"`
+}
+
+// readLoop answers client frames until the connection ends. Frames it does
+// not understand are ignored, as the original server did.
+func (c *compatConn) readLoop() {
+	for {
+		typ, data, err := c.ws.Read(c.ctx)
+		if err != nil {
+			return
+		}
+		if typ != websocket.MessageText {
+			continue
+		}
+		if string(bytes.TrimSpace(data)) == "ping" {
+			c.push(compatTextPong)
+			continue
+		}
+		var f compatClientFrame
+		if json.Unmarshal(data, &f) != nil {
+			continue
+		}
+		switch f.Type {
+		case "ping":
+			c.push(compatPong)
+		case "heartbeat":
+			c.push(compatHeartbeatAck)
+		case "reconnect":
+			id := f.MessageID
+			if id == "" {
+				id = f.MessageIDSnake
+			}
+			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
+			c.reconnect(ctx, id, chunkIndex(f.LastChunkIndex))
+			cancel()
+		}
+	}
+}
+
+// chunkIndex reads lastChunkIndex: a number (0 when absent or not one).
+func chunkIndex(raw json.RawMessage) int64 {
+	f, err := strconv.ParseFloat(string(bytes.Trim(raw, `" `)), 64)
+	if err != nil || f < 0 || f > 1<<53 {
+		return 0
+	}
+	return int64(f)
+}
+
+// recoveryStatus is COMPAT.md's answer to reconnect.
+type recoveryStatus struct {
+	Type            string `json:"type"`
+	Status          string `json:"status"`
+	ChunksRecovered int64  `json:"chunksRecovered"`
+}
+
+// reconnect answers {"type":"reconnect","messageId":id,"lastChunkIndex":k}:
+// the reply's text so far as one frame (or its final frame), then
+// recovery_status. id is the reply's id or the id of the user message it
+// answers; k is read as the last delta seq the page has, so chunksRecovered
+// counts the deltas after it.
+func (c *compatConn) reconnect(ctx context.Context, id string, k int64) {
+	answer := func(status string, seq int64) {
+		c.pushLocked(protocol.Encode(recoveryStatus{Type: "recovery_status", Status: status, ChunksRecovered: max(0, seq-k)}))
+	}
+	if !chat.ValidID(id) {
+		c.mu.Lock()
+		answer("not_found", 0)
+		c.mu.Unlock()
+		return
+	}
+	if c.recoverLive(id, answer) {
+		return
+	}
+	t, err := c.cp.resolveTurn(ctx, c.conv, id)
+	if err == nil && c.recoverLive(t.ID, answer) {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case err != nil:
+		answer("not_found", 0)
+	case t.Status.Terminal():
+		c.pushLocked(compatFinalFrame(t.ID, c.conv, c.user, []byte(t.Content), t.Status, c.nowMS()))
+		answer("completed", t.Seq)
+	default:
+		// Running, and this socket has been given nothing of it yet.
+		answer("recovered", 0)
+	}
+}
+
+// recoverLive answers a reconnect for a turn this socket is streaming: its
+// newest text as one frame, then the status. It reports false when the
+// socket is not streaming turn.
+func (c *compatConn) recoverLive(turn string, answer func(string, int64)) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	ct := c.turns[turn]
+	if ct == nil {
+		return false
+	}
+	if ct.n > 0 {
+		c.stageLocked(ct, ct.st.streamFrame(0, ct.n, c.nowMS()))
+	}
+	answer("recovered", ct.seq)
+	return true
+}
+
+// join attaches the socket's view to the session and queues history and
+// the reply in flight, so that nothing published meanwhile is lost or
+// doubled (see view.join).
+func (c *compatConn) join(ctx context.Context) error {
+	v := newView(c.s, c.ctx, &c.wg, c.conv, c)
+	if err := c.s.hub.add(c.conv, v); err != nil {
+		return err
+	}
+	j, followUps, turns, err := v.join(ctx, compatHistory, nil)
+	if err != nil {
+		c.s.hub.remove(c.conv, v)
+		v.close()
+		return err
+	}
+	c.view = v
+	hist := make([]chatMessage, 0, len(j.Messages))
+	for _, m := range j.Messages {
+		if cm, ok := compatStored(m, c.user); ok {
+			hist = append(hist, cm)
+		}
+	}
+	if len(hist) > 0 {
+		c.push(compatHistoryFrame(hist, c.s.cfg.Limits.OutboundBytes/2))
+	}
+	if a := j.Active; a != nil {
+		c.mu.Lock()
+		ct := c.turnLocked(a.TurnID)
+		ct.st.seed(a.Text)
+		ct.n, ct.seq = int64(len(a.Text)), a.Seq
+		if ct.n > 0 {
+			c.stageLocked(ct, ct.st.streamFrame(0, ct.n, c.nowMS()))
+		}
+		c.mu.Unlock()
+	}
+	for _, fu := range followUps {
+		fu()
+	}
+	v.ready(turns)
+	c.s.m.joins.WithLabelValues("fresh").Inc()
+	return nil
+}
+
+// run serves the connection until it ends, then releases everything.
+func (c *compatConn) run() {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c.writeLoop()
+	}()
+	if c.s.cfg.PingInterval > 0 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.pingLoop()
+		}()
+	}
+	c.push(protocol.Encode(compatWelcome{Type: "welcome", SessionID: c.conv, Timestamp: protocol.FormatTime(c.s.now())}))
+	ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
+	err := c.join(ctx)
+	cancel()
+	if err != nil {
+		if c.ctx.Err() == nil {
+			c.log.Error("compat join", "err", err)
+		}
+		c.closeWith(websocket.StatusInternalError, "cannot load the session")
+	}
+	c.readLoop()
+	c.cancel()
+	c.q.close()
+	wg.Wait()
+	if c.view != nil {
+		c.s.hub.remove(c.conv, c.view)
+		c.view.close()
+	}
+	c.wg.Wait()
+	c.mu.Lock()
+	c.closed = true
+	for _, ct := range c.turns {
+		c.cp.release(ct.st)
+	}
+	c.turns, c.staged = nil, nil
+	c.mu.Unlock()
+	_ = c.ws.CloseNow()
+}
+
+type compatWelcome struct {
+	Type      string `json:"type"`
+	SessionID string `json:"sessionId"`
+	Timestamp string `json:"timestamp"`
+}
+
+type compatErrorFrame struct {
+	Type      string `json:"type"`
+	Error     string `json:"error"`
+	Timestamp string `json:"timestamp"`
+}
+
+// reject sends COMPAT.md's error frame on a socket that is refused, then
+// closes it with 1003. Nothing else writes to ws yet.
+func (cp *compat) reject(ws *websocket.Conn, msg string) {
+	ctx, cancel := context.WithTimeout(cp.s.shutdownCtx, cp.s.cfg.WriteTimeout)
+	defer cancel()
+	frame := protocol.Encode(compatErrorFrame{Type: "error", Error: msg, Timestamp: protocol.FormatTime(cp.s.now())})
+	if err := ws.Write(ctx, websocket.MessageText, frame); err != nil {
+		_ = ws.CloseNow()
+		return
+	}
+	_ = ws.Close(closeCompatRejected, msg)
+}
+
+// handleWS serves GET /ws/chat: query session_id (default "default"),
+// user_id (default "default_user") and token (COMPAT.md). Any origin is
+// accepted: the original page is served from elsewhere, and the token is
+// the check.
+func (cp *compat) handleWS() http.Handler {
+	s := cp.s
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		session, user, token := q.Get("session_id"), q.Get("user_id"), q.Get("token")
+		if session == "" {
+			session = compatDefaultSession
+		}
+		if user == "" {
+			user = compatDefaultUser
+		}
+		if token == "" {
+			token = r.Header.Get("Authorization") // "Bearer …" is accepted
+		}
+		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+			InsecureSkipVerify: true, // COMPAT.md: any origin on this path
+			CompressionMode:    websocket.CompressionDisabled,
+		})
+		if err != nil {
+			return
+		}
+		id, err := s.auth.AuthenticateCompat(user, token)
+		if err != nil {
+			s.m.authFailures.WithLabelValues("token").Inc()
+			cp.reject(ws, "Authentication failed")
+			return
+		}
+		if !chat.ValidID(session) {
+			cp.reject(ws, "Invalid session_id: it must match ^[A-Za-z0-9_.:-]{1,128}$")
+			return
+		}
+		ctx, cancel := s.reqCtx(r)
+		_, err = s.store.ClaimConversation(ctx, session, id.UserID, s.now())
+		cancel()
+		if err != nil {
+			if errors.Is(err, chat.ErrForbidden) {
+				s.m.authFailures.WithLabelValues("forbidden").Inc()
+				cp.reject(ws, "Authentication failed")
+				return
+			}
+			s.log.Error("compat claim session", "err", err)
+			_ = ws.Close(websocket.StatusInternalError, "internal error")
+			return
+		}
+		if !s.limits.openConn(id.UserID) {
+			s.m.limitHits.WithLabelValues("connections").Inc()
+			_ = ws.Close(closeTooManyConns, "too many connections")
+			return
+		}
+		defer s.limits.closeConn(id.UserID)
+		s.mu.Lock()
+		if s.closing {
+			s.mu.Unlock()
+			_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
+			return
+		}
+		s.open[ws] = struct{}{}
+		s.conns.Add(1)
+		s.mu.Unlock()
+		defer func() {
+			s.mu.Lock()
+			delete(s.open, ws)
+			s.mu.Unlock()
+			s.conns.Done()
+		}()
+		if s.cfg.Limits.FrameBytes > 0 {
+			ws.SetReadLimit(int64(s.cfg.Limits.FrameBytes))
+		} else {
+			ws.SetReadLimit(-1)
+		}
+		cctx, ccancel := context.WithCancel(s.shutdownCtx)
+		c := &compatConn{
+			s: s, cp: cp, ws: ws, user: id.UserID, conv: session, q: newOutQueue(s.cfg.Limits.OutboundBytes),
+			ctx: cctx, cancel: ccancel, turns: make(map[string]*compatTurn),
+			log: s.log.With("user", id.UserID, "conversation_id", session, "compat", true),
+		}
+		s.m.connections.Inc()
+		s.m.connectsTotal.Inc()
+		defer s.m.connections.Dec()
+		c.run()
+	})
+}
