@@ -59,6 +59,7 @@ type config struct {
 	TokensPerHour   int
 	CancelWait      time.Duration
 	PingInterval    time.Duration
+	WriteTimeout    time.Duration
 	IdleTimeout     time.Duration
 	ShutdownTimeout time.Duration
 	LogLevel        string
@@ -134,6 +135,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.IntVar(&c.Limits.OutboundBytes, "limit-outbound-bytes", d.OutboundBytes, "queued outbound bytes per connection (close 4008)")
 		fs.IntVar(&c.Limits.BadFrames, "limit-bad-frames", d.BadFrames, "bad frames per connection before close 1008")
 		fs.DurationVar(&c.CancelWait, "cancel-wait", 5*time.Second, "how long a cancel waits for a streaming turn to end before answering")
+		fs.DurationVar(&c.WriteTimeout, "write-timeout", 10*time.Second, "a socket write blocked this long closes the connection (the peer stopped reading)")
 		fs.DurationVar(&c.PingInterval, "ping-interval", 30*time.Second, "server ping interval per connection (negative disables)")
 		fs.DurationVar(&c.IdleTimeout, "idle-timeout", 60*time.Second, "a connection that does not answer a ping within this is closed")
 	}

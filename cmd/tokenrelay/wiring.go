@@ -196,7 +196,7 @@ func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowe
 	return gateway.Config{
 		Limits: c.Limits, AllowedOrigins: splitList(c.AllowedOrigins), DefaultModel: defaultModel(c),
 		ModelAllowed: allowed, DeltaTimestamps: c.DeltaTimestamps, CancelWait: c.CancelWait,
-		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, ReadyProbes: probes,
+		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, WriteTimeout: c.WriteTimeout, ReadyProbes: probes,
 		Static: web.Static(), NodeID: hostname + c.Addr, Logger: log, Registry: reg, Gatherer: reg,
 	}
 }

@@ -45,9 +45,13 @@ type conn struct {
 var _ sink = (*conn)(nil)
 
 func (c *conn) push(v any) {
-	if !c.q.push(protocol.Encode(v)) {
-		c.s.m.slowCloses.Inc()
-	}
+	c.q.push(protocol.Encode(v))
+}
+
+// pushExempt queues a frame that the backlog limit does not count: a
+// joined frame, as large as the history the client asked for.
+func (c *conn) pushExempt(v any) {
+	c.q.pushExempt(protocol.Encode(v))
 }
 
 func (c *conn) message(conv string, m chat.Message) {
@@ -59,12 +63,11 @@ func (c *conn) start(conv, turn, replyTo, model string) {
 }
 
 func (c *conn) delta(conv, turn string, from, seq int64, _ int64, text string, ts int64) {
-	if !c.s.cfg.DeltaTimestamps {
+	exempt := ts == catchUpTS
+	if exempt || !c.s.cfg.DeltaTimestamps {
 		ts = 0
 	}
-	if !c.q.pushDelta(conv, turn, from, seq, text, ts) {
-		c.s.m.slowCloses.Inc()
-	}
+	c.q.pushDelta(conv, turn, from, seq, text, ts, exempt)
 }
 
 func (c *conn) end(conv, turn string, seq int64, status chat.TurnStatus, errMsg string, usage *chat.Usage) {
@@ -122,6 +125,11 @@ func (c *conn) writeLoop() {
 			if err != nil {
 				if c.ctx.Err() == nil {
 					c.s.m.writeErrors.Inc()
+					if errors.Is(err, context.DeadlineExceeded) {
+						// The peer stopped reading: a slow consumer whose
+						// socket is too full to even carry the 4008.
+						c.s.m.slowCloses.Inc()
+					}
 				}
 				c.cancel()
 				return
@@ -252,7 +260,7 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 	if j.Messages == nil {
 		j.Messages = []protocol.Message{}
 	}
-	c.push(j)
+	c.pushExempt(j)
 	if f.ID != "" {
 		c.push(protocol.Ack{Type: "ack", ID: f.ID, ConversationID: f.ConversationID})
 	}

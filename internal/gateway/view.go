@@ -19,7 +19,10 @@ type sink interface {
 	// start: turn t began.
 	start(conv, turn, replyTo, model string)
 	// delta: the text of deltas from..seq; off is the byte offset of text in
-	// the turn's text.
+	// the turn's text. ts is the producer's emission time (Unix µs) of a
+	// live delta, 0 when unknown, or catchUpTS for text read back from the
+	// bus by a join or a repair: a sink's backlog limit does not count
+	// catch-up text, which is as large as the turn and sent once.
 	delta(conv, turn string, from, seq int64, off int64, text string, ts int64)
 	// end: the turn ended after delta seq.
 	end(conv, turn string, seq int64, status chat.TurnStatus, errMsg string, usage *chat.Usage)
@@ -61,6 +64,9 @@ type turnState struct {
 }
 
 const keepEnded = 32
+
+// catchUpTS marks a delta passed to a sink as catch-up text (see sink.delta).
+const catchUpTS = -1
 
 func newView(s *Server, ctx context.Context, wg *sync.WaitGroup, conv string, out sink) *view {
 	return &view{s: s, ctx: ctx, wg: wg, conv: conv, out: out, buffering: true, turns: make(map[string]*turnState), joined: s.now()}
@@ -233,7 +239,7 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 			ts.started = true
 		}
 		if cu.To >= cu.From {
-			v.out.delta(v.conv, turn, cu.From, cu.To, cu.ToLen-int64(len(cu.Text)), string(cu.Text), 0)
+			v.out.delta(v.conv, turn, cu.From, cu.To, cu.ToLen-int64(len(cu.Text)), string(cu.Text), catchUpTS)
 			ts.seq, ts.len = cu.To, cu.ToLen
 			ts.attempts = 0
 		}
@@ -295,7 +301,8 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 	var followUps []func()
 	if active != nil {
 		have := int64(0)
-		if after != nil && after.TurnID == active.ID {
+		resuming := after != nil && after.TurnID == active.ID
+		if resuming {
 			have = after.Seq
 		}
 		cu, err := v.s.catchUp(ctx, v.conv, active.ID, have, -1)
@@ -307,7 +314,7 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 			status = chat.StatusStreaming
 		}
 		a := &protocol.ActiveTurn{TurnID: active.ID, ReplyTo: active.ReplyTo, Status: status, Seq: cu.To, Text: string(cu.Text), Model: active.Model}
-		if have > 0 {
+		if resuming {
 			a.From = have + 1
 			if cu.To < have {
 				a.Seq = have
@@ -325,15 +332,16 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 	}
 	if after != nil && (active == nil || after.TurnID != active.ID) {
 		// The client was following a turn that has ended since: send it the
-		// rest and the end.
-		if t, err := v.s.store.Turn(ctx, after.TurnID); err == nil && t.ConversationID == v.conv && t.Status.Terminal() && t.Seq > after.Seq {
+		// rest and the end (the client names a turn in "after" only while
+		// it waits for that turn's end).
+		if t, err := v.s.store.Turn(ctx, after.TurnID); err == nil && t.ConversationID == v.conv && t.Status.Terminal() {
 			cu, err := v.s.catchUp(ctx, v.conv, t.ID, after.Seq, -1)
 			if err == nil && !cu.Missed {
 				text, from, to := string(cu.Text), cu.From, cu.To
 				off := cu.ToLen - int64(len(cu.Text))
 				followUps = append(followUps, func() {
 					if to >= from {
-						v.out.delta(v.conv, t.ID, from, to, off, text, 0)
+						v.out.delta(v.conv, t.ID, from, to, off, text, catchUpTS)
 					}
 					v.out.end(v.conv, t.ID, max(to, after.Seq), t.Status, t.Error, t.Usage)
 				})

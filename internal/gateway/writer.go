@@ -51,20 +51,29 @@ func (q *outQueue) signal() {
 
 // push enqueues a pre-encoded frame. It reports false when the queue is
 // closed or overflowed (the queue is then closed).
-func (q *outQueue) push(frame []byte) bool {
+func (q *outQueue) push(frame []byte) bool { return q.pushFrame(frame, false) }
+
+// pushExempt enqueues a frame not counted against the limit (a joined frame,
+// as large as the history the client asked for).
+func (q *outQueue) pushExempt(frame []byte) bool { return q.pushFrame(frame, true) }
+
+func (q *outQueue) pushFrame(frame []byte, exempt bool) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
 		return false
 	}
 	q.items = append(q.items, outItem{frame: frame})
-	q.bytes += len(frame)
+	if !exempt {
+		q.bytes += len(frame)
+	}
 	return q.afterPushLocked()
 }
 
 // pushDelta enqueues delta seq (text from..seq) of a turn, merging it into
-// that turn's delta still waiting in the queue when it continues it.
-func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts int64) bool {
+// that turn's delta still waiting in the queue when it continues it. The
+// text of an exempt delta (catch-up) is not counted against the limit.
+func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts int64, exempt bool) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
@@ -74,7 +83,9 @@ func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts
 		d.seq = seq
 		d.text = append(d.text, text...)
 		d.ts = ts
-		q.bytes += len(text)
+		if !exempt {
+			q.bytes += len(text)
+		}
 		q.merged++
 		return q.afterPushLocked()
 	}
@@ -88,7 +99,10 @@ func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts
 	d.text = append(d.text[:0], text...)
 	q.pending[turn] = d
 	q.items = append(q.items, outItem{delta: d})
-	q.bytes += len(text) + deltaOverhead
+	q.bytes += deltaOverhead
+	if !exempt {
+		q.bytes += len(text)
+	}
 	return q.afterPushLocked()
 }
 

@@ -201,7 +201,7 @@ type ActiveTurn struct {
 	ReplyTo string          `json:"reply_to"`
 	Status  chat.TurnStatus `json:"status"`
 	Seq     int64           `json:"seq"`
-	From    int64           `json:"from,omitempty"`
+	From    int64           `json:"from,omitempty"` // set only when resuming with after
 	Text    string          `json:"text"`
 	Model   string          `json:"model"`
 }

@@ -1,0 +1,101 @@
+package gateway
+
+import (
+	"encoding/json"
+	"testing"
+)
+
+func TestOutQueueMerge(t *testing.T) {
+	type step struct {
+		turn      string
+		from, seq int64
+		text      string
+		end       bool // forget + push an end frame
+	}
+	tests := []struct {
+		name   string
+		steps  []step
+		frames []string // "turn:from-seq:text" or "end"
+		merged int
+	}{
+		{"consecutive deltas merge", []step{{"t", 1, 1, "a", false}, {"t", 2, 2, "b", false}, {"t", 3, 4, "cd", false}},
+			[]string{"t:1-4:abcd"}, 2},
+		{"a gap does not merge", []step{{"t", 1, 1, "a", false}, {"t", 3, 3, "c", false}},
+			[]string{"t:1-1:a", "t:3-3:c"}, 0},
+		{"turns merge separately", []step{{"a", 1, 1, "x", false}, {"b", 1, 1, "y", false}, {"a", 2, 2, "z", false}},
+			[]string{"a:1-2:xz", "b:1-1:y"}, 1},
+		{"nothing merges across an end", []step{{"t", 1, 1, "a", false}, {"t", 0, 0, "", true}, {"t", 2, 2, "b", false}},
+			[]string{"t:1-1:a", "end", "t:2-2:b"}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			q := newOutQueue(0)
+			for _, s := range tt.steps {
+				if s.end {
+					q.forget(s.turn)
+					q.push([]byte(`{"type":"turn.end"}`))
+					continue
+				}
+				q.pushDelta("c", s.turn, s.from, s.seq, s.text, 0, false)
+			}
+			frames, _, merged, overflow := q.take(nil, nil)
+			if overflow {
+				t.Fatal("overflow")
+			}
+			if merged != tt.merged {
+				t.Errorf("merged = %d, want %d", merged, tt.merged)
+			}
+			var got []string
+			for _, f := range frames {
+				var d struct {
+					Type, TurnID, Text string
+					Seq, From          int64
+				}
+				if err := json.Unmarshal(f, &d); err != nil {
+					t.Fatalf("invalid frame %s", f)
+				}
+				if d.Type == "turn.end" {
+					got = append(got, "end")
+					continue
+				}
+				var m map[string]any
+				json.Unmarshal(f, &m)
+				from := d.Seq
+				if v, ok := m["from"]; ok {
+					from = int64(v.(float64))
+				}
+				got = append(got, m["turn_id"].(string)+":"+itoa(int(from))+"-"+itoa(int(d.Seq))+":"+d.Text)
+			}
+			if len(got) != len(tt.frames) {
+				t.Fatalf("frames = %v, want %v", got, tt.frames)
+			}
+			for i := range got {
+				if got[i] != tt.frames[i] {
+					t.Fatalf("frames = %v, want %v", got, tt.frames)
+				}
+			}
+		})
+	}
+}
+
+func TestOutQueueOverflow(t *testing.T) {
+	q := newOutQueue(1000)
+	if !q.pushExempt(make([]byte, 5000)) {
+		t.Fatal("an exempt frame overflowed the queue")
+	}
+	if !q.pushDelta("c", "t", 1, 1, string(make([]byte, 4000)), 0, true) {
+		t.Fatal("exempt catch-up text overflowed the queue")
+	}
+	if !q.pushDelta("c", "t", 2, 2, string(make([]byte, 500)), 0, false) {
+		t.Fatal("overflow below the limit")
+	}
+	if q.pushDelta("c", "t", 3, 3, string(make([]byte, 600)), 0, false) {
+		t.Fatal("no overflow past the limit")
+	}
+	if q.push([]byte("{}")) {
+		t.Fatal("push after overflow succeeded")
+	}
+	if _, _, _, overflow := q.take(nil, nil); !overflow {
+		t.Fatal("take did not report the overflow")
+	}
+}

@@ -1,0 +1,570 @@
+package e2e_test
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
+)
+
+// TestResumeAfter joins mid-turn without and with "after": the snapshot is
+// the text so far, and "after" gets exactly what follows the client's seq.
+func TestResumeAfter(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "200", "--sim-tokens", "400")
+	a := trtest.Dial(t, p.WSURL(), nil)
+	a.Join("resume", nil)
+	tr := startTurn(t, a, "resume", "tell me", 50)
+	// A fresh join gets the snapshot, then live deltas continue from it.
+	b := trtest.Dial(t, p.WSURL(), nil)
+	j := b.Join("resume", nil)
+	active := j.Obj("active")
+	if active.Str("turn_id") != tr.ID || active.Int("seq") < 50 || active["from"] != nil {
+		t.Fatalf("joined.active = %v", active)
+	}
+	tb := &trtest.Turn{ID: tr.ID, Seq: active.Int("seq")}
+	tb.Text.WriteString(active.Str("text"))
+	// A join with after gets only what follows.
+	c := trtest.Dial(t, p.WSURL(), nil)
+	jc := c.Join("resume", map[string]any{"after": map[string]any{"turn_id": tr.ID, "seq": 10}})
+	ac := jc.Obj("active")
+	if ac.Int("from") != 11 || ac.Int("seq") < 50 {
+		t.Fatalf("joined.active with after = %v", ac)
+	}
+	tc := &trtest.Turn{ID: tr.ID, Seq: ac.Int("seq")}
+	prefix := tr.Text.String()
+	// Client c had deltas 1..10; rebuild them from a's text via seq count is
+	// not possible, so compare suffixes at the end.
+	tc.Text.WriteString(ac.Str("text"))
+	finish(t, a, tr)
+	finish(t, b, tb)
+	finish(t, c, tc)
+	full := storedTurn(t, p.URL, "resume", tr.ID).Content
+	if tr.Text.String() != full || tb.Text.String() != full {
+		t.Fatalf("texts differ from stored")
+	}
+	if !strings.HasSuffix(full, tc.Text.String()) || !strings.HasPrefix(full, prefix) {
+		t.Fatalf("resumed text is not the rest of the turn")
+	}
+	// The part c skipped is exactly deltas 1..10: a's first 10 frames.
+	if len(full)-len(tc.Text.String()) <= 0 {
+		t.Fatal("after=10 returned the whole text")
+	}
+}
+
+// TestKill9MidTurn kills serve while a turn streams and restarts it on the
+// same data dir: the turn is interrupted with its text saved, joins see no
+// active turn, and a new turn works.
+func TestKill9MidTurn(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "100", "--sim-tokens", "2000")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("killed", nil)
+	tr := startTurn(t, c, "killed", "speak", 30)
+	p.Kill()
+	q := p.Restart(t)
+	m := storedTurn(t, q.URL, "killed", tr.ID)
+	if m.Status != "interrupted" {
+		t.Fatalf("after kill -9 the turn is %s, want interrupted", m.Status)
+	}
+	if !strings.HasPrefix(m.Content, tr.Text.String()) || len(m.Content) == 0 {
+		t.Fatalf("saved text %q does not extend what the client saw %q", m.Content, tr.Text.String())
+	}
+	d := trtest.Dial(t, q.WSURL(), nil)
+	j := d.Join("killed", map[string]any{"after": map[string]any{"turn_id": tr.ID, "seq": tr.Seq}})
+	if j["active"] != nil {
+		t.Fatalf("active turn after restart: %v", j["active"])
+	}
+	// The resuming client gets the rest of the interrupted turn and its end.
+	tr2 := &trtest.Turn{ID: tr.ID, Seq: tr.Seq}
+	tr2.Text.WriteString(tr.Text.String())
+	finish(t, d, tr2)
+	if tr2.Status != "interrupted" || tr2.Text.String() != m.Content {
+		t.Fatalf("resumed to %s %q, stored %q", tr2.Status, tr2.Text.String(), m.Content)
+	}
+	next := runTurn(t, d, "killed", "again [sim tokens=20 rate=0]", nil)
+	if next.Status != "complete" {
+		t.Fatalf("new turn after restart ended %s", next.Status)
+	}
+}
+
+// TestSlowReaderDoesNotDelayOthers stops reading one socket while another
+// reads the same conversation.
+func TestSlowReaderDoesNotDelayOthers(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "2000", "--sim-tokens", "20000", "--delta-timestamps", "--limit-outbound-bytes", "65536")
+	fast := trtest.Dial(t, p.WSURL(), nil)
+	slow := trtest.Dial(t, p.WSURL(), nil)
+	fast.Join("slow", nil)
+	slow.Join("slow", nil)
+	// slow stops reading: its frames pile up in the client's buffer and
+	// then in the kernel and the server's queue.
+	slowConn := slow.Conn
+	_ = slowConn
+	fast.Send(map[string]any{"type": "send", "conversation_id": "slow", "text": "a long one", "id": "s"})
+	tr := &trtest.Turn{}
+	var worst time.Duration
+	fast.Until(60*time.Second, func(f trtest.Frame) bool {
+		if f.Type() == "turn.start" {
+			tr.ID = f.Str("turn_id")
+		}
+		if f.Type() == "turn.delta" {
+			if ts := f.Int("ts"); ts > 0 {
+				if d := time.Since(time.UnixMicro(ts)); d > worst {
+					worst = d
+				}
+			}
+		}
+		tr.Apply(f)
+		return tr.Ends > 0
+	})
+	if len(tr.Errors) > 0 || tr.Status != "complete" {
+		t.Fatalf("fast reader: %s %v", tr.Status, tr.Errors)
+	}
+	t.Logf("fast reader's worst token-to-screen latency with a stalled peer: %v", worst)
+	if worst > 2*time.Second {
+		t.Fatalf("the fast reader was held up %v", worst)
+	}
+}
+
+// TestStalledSocketIsDropped: a socket that stops reading is closed by the
+// server (4008 when the close frame still fits, otherwise dropped once a
+// write has been blocked for --write-timeout), and resumes losslessly.
+func TestStalledSocketIsDropped(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--write-timeout", "1s")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("flood", nil)
+	// A raw socket that joins and then does not read.
+	ctx := trtest.Ctx(t, 2*time.Minute)
+	ws, _, err := websocket.Dial(ctx, p.WSURL(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.CloseNow()
+	ws.SetReadLimit(-1)
+	if err := ws.Write(ctx, websocket.MessageText, []byte(`{"type":"join","conversation_id":"flood"}`)); err != nil {
+		t.Fatal(err)
+	}
+	// 100k frames are more than the kernel buffers hold.
+	tr0 := runTurn(t, c, "flood", "[sim tokens=100000 rate=0] flood", nil)
+	deadline := time.Now().Add(30 * time.Second)
+	for metric(t, p.URL, "tokenrelay_slow_consumer_closes_total") == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled socket was never closed")
+		}
+		time.Sleep(20 * time.Millisecond) // polling a metric, not synchronising
+	}
+	// Read what the stalled socket was sent: valid, contiguous frames.
+	var tr *trtest.Turn
+	for {
+		_, data, err := ws.Read(ctx)
+		if err != nil {
+			code := websocket.CloseStatus(err)
+			if code != 4008 && code != -1 {
+				t.Fatalf("stalled socket ended with %v, want 4008 or a dropped connection", err)
+			}
+			break
+		}
+		var f trtest.Frame
+		if err := json.Unmarshal(data, &f); err != nil {
+			t.Fatalf("invalid frame %q", data)
+		}
+		if f.Type() == "turn.start" {
+			tr = &trtest.Turn{ID: f.Str("turn_id")}
+		}
+		if tr != nil {
+			tr.Apply(f)
+			if len(tr.Errors) > 0 {
+				t.Fatalf("stalled socket: %v", tr.Errors)
+			}
+		}
+	}
+	r := trtest.Dial(t, p.WSURL(), nil)
+	if tr == nil {
+		// The drop discarded everything in flight: a fresh join has it all.
+		j := r.Join("flood", nil)
+		msgs := j["messages"].([]any)
+		last := trtest.Frame(msgs[len(msgs)-1].(map[string]any))
+		if last.Str("message_id") != tr0.ID || last.Str("content") != tr0.Text.String() {
+			t.Fatalf("history after the drop does not hold the turn")
+		}
+		return
+	}
+	if tr.ID != tr0.ID || tr.Ends > 0 {
+		t.Fatalf("stalled socket saw turn %s with %d ends", tr.ID, tr.Ends)
+	}
+	// Resume where the stalled socket stopped.
+	r.Join("flood", map[string]any{"after": map[string]any{"turn_id": tr.ID, "seq": tr.Seq}, "history": 0})
+	finish(t, r, tr)
+	if tr.Text.String() != tr0.Text.String() || tr.Status != "complete" {
+		t.Fatalf("resumed text (%d bytes, %s) differs from streamed (%d bytes)", tr.Text.Len(), tr.Status, tr0.Text.Len())
+	}
+}
+
+// TestSSE streams a turn as Server-Sent Events, live and as a replay, and
+// resumes with Last-Event-ID.
+func TestSSE(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "300", "--sim-tokens", "150")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("sse", nil)
+	tr := startTurn(t, c, "sse", "stream me", 1)
+	read := func(header http.Header, query string) (string, int64, string) {
+		req, _ := http.NewRequest("GET", p.URL+"/v1/turns/"+tr.ID+"/events"+query, nil)
+		for k, v := range header {
+			req.Header[k] = v
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+			t.Fatalf("content type %q", ct)
+		}
+		var text strings.Builder
+		var last int64
+		var event, status string
+		sc := bufio.NewScanner(resp.Body)
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case strings.HasPrefix(line, "event: "):
+				event = strings.TrimPrefix(line, "event: ")
+			case strings.HasPrefix(line, "id: "):
+				fmt.Sscan(strings.TrimPrefix(line, "id: "), &last)
+			case strings.HasPrefix(line, "data: "):
+				var d struct {
+					Text   string `json:"text"`
+					Status string `json:"status"`
+					Seq    int64  `json:"seq"`
+				}
+				json.Unmarshal([]byte(strings.TrimPrefix(line, "data: ")), &d)
+				if event == "delta" {
+					text.WriteString(d.Text)
+				} else if event == "end" {
+					status = d.Status
+					if d.Seq != last {
+						t.Fatalf("end seq %d, last delta id %d", d.Seq, last)
+					}
+					return text.String(), last, status
+				}
+			}
+		}
+		t.Fatalf("stream ended without an end event")
+		return "", 0, ""
+	}
+	live, seq, status := read(nil, "")
+	finish(t, c, tr)
+	if live != tr.Text.String() || seq != tr.Seq || status != "complete" {
+		t.Fatalf("live SSE %q seq %d %s; WS %q seq %d", live, seq, status, tr.Text.String(), tr.Seq)
+	}
+	replay, _, _ := read(nil, "")
+	if replay != live {
+		t.Fatalf("replay differs")
+	}
+	tail, _, _ := read(http.Header{"Last-Event-Id": {"100"}}, "")
+	tail2, _, _ := read(nil, "?after=100")
+	if tail != tail2 || !strings.HasSuffix(live, tail) || len(tail) >= len(live) || tail == "" {
+		t.Fatalf("resume after 100: %q / %q", tail, tail2)
+	}
+	if code := trtest.Get(t, p.URL+"/v1/turns/"+tr.ID+"/events?after=x", nil); code != 400 {
+		t.Fatalf("bad after: %d", code)
+	}
+}
+
+// TestChaos runs random turns while clients disconnect at random points and
+// resume, with and without "after", and one slow reader: every client ends
+// with the stored text of every turn it followed, with contiguous seqs and
+// one end per turn per connection.
+func TestChaos(t *testing.T) {
+	if testing.Short() {
+		t.Skip("chaos test skipped in -short mode")
+	}
+	p := trtest.Serve(t, "--sim-rate", "3000", "--limit-sends", "0", "--limit-connections", "0", "--limit-turns", "0")
+	const (
+		convs       = 4
+		tabsPerConv = 4
+		turnsEach   = 5
+		minDrops    = 1000
+	)
+	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
+	t.Logf("turn lengths drawn from 1..5000 tokens")
+	var drops atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, 1000)
+	type result struct {
+		conv  string
+		turns map[string]string // turn → final text as the client assembled it
+	}
+	results := make(chan result, convs*tabsPerConv)
+	stop := make(chan struct{})
+	for ci := range convs {
+		conv := fmt.Sprintf("chaos-%d", ci)
+		// One producer per conversation: sends turns one after another.
+		lengths := make([]int, turnsEach)
+		for i := range lengths {
+			lengths[i] = 1 + rng.IntN(5000)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := trtest.TryDial(t, p.WSURL(), nil)
+			if err != nil {
+				errs <- err
+				return
+			}
+			c.Send(map[string]any{"type": "join", "conversation_id": conv, "history": 0})
+			for i, n := range lengths {
+				c.Send(map[string]any{"type": "send", "conversation_id": conv, "text": fmt.Sprintf("[sim tokens=%d] turn %d", n, i), "id": "s"})
+				for {
+					f, err := c.Next(60 * time.Second)
+					if err != nil {
+						errs <- fmt.Errorf("%s producer: %v", conv, err)
+						return
+					}
+					if f.Type() == "error" {
+						errs <- fmt.Errorf("%s producer: %v", conv, f)
+						return
+					}
+					if f.Type() == "turn.end" {
+						break
+					}
+				}
+			}
+		}()
+		for tab := range tabsPerConv {
+			seed := rng.Uint64()
+			slow := ci == 0 && tab == 0
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r := rand.New(rand.NewPCG(seed, 1))
+				st := chaosClient{conv: conv, turns: map[string]*trtest.Turn{}, slow: slow}
+				err := st.run(t, p.WSURL(), r, &drops, stop)
+				if err != nil {
+					errs <- fmt.Errorf("%s tab %d: %w", conv, tab, err)
+				}
+				final := map[string]string{}
+				for id, tr := range st.turns {
+					if tr.Ends == 1 {
+						final[id] = tr.Text.String()
+					}
+				}
+				results <- result{conv, final}
+			}()
+		}
+	}
+	// Tabs keep dropping until the producers are done and enough drops happened.
+	go func() {
+		deadline := time.Now().Add(5 * time.Minute)
+		for time.Now().Before(deadline) {
+			if drops.Load() >= minDrops && allEnded(t, p.URL, convs, turnsEach) {
+				break
+			}
+			time.Sleep(50 * time.Millisecond) // polling the store, not synchronising
+		}
+		close(stop)
+	}()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if t.Failed() {
+		return
+	}
+	close(results)
+	checked := 0
+	for r := range results {
+		stored := map[string]string{}
+		for _, m := range messages(t, p.URL, r.conv, "?limit=500") {
+			if m.Role == "assistant" {
+				stored[m.MessageID] = m.Content
+			}
+		}
+		if len(r.turns) != turnsEach {
+			t.Errorf("%s: a client finished %d turns, want %d", r.conv, len(r.turns), turnsEach)
+		}
+		for id, text := range r.turns {
+			if stored[id] != text {
+				t.Errorf("%s turn %s: client text (%d bytes) differs from stored (%d bytes)", r.conv, id, len(text), len(stored[id]))
+			}
+			checked++
+		}
+	}
+	t.Logf("%d disconnects, %d (client, turn) texts checked", drops.Load(), checked)
+	if drops.Load() < minDrops {
+		t.Fatalf("only %d disconnects", drops.Load())
+	}
+}
+
+func allEnded(t *testing.T, base string, convs, turns int) bool {
+	for ci := range convs {
+		n := 0
+		for _, m := range messages(t, base, fmt.Sprintf("chaos-%d", ci), "?limit=500") {
+			if m.Role == "assistant" && m.Status != "queued" && m.Status != "streaming" {
+				n++
+			}
+		}
+		if n < turns {
+			return false
+		}
+	}
+	return true
+}
+
+// chaosClient is one tab that keeps reconnecting.
+type chaosClient struct {
+	conv   string
+	turns  map[string]*trtest.Turn
+	active string // the turn being followed, unfinished
+	slow   bool
+}
+
+func (c *chaosClient) run(t *testing.T, url string, r *rand.Rand, drops *atomic.Int64, stop <-chan struct{}) error {
+	for {
+		select {
+		case <-stop:
+			return c.settle(t, url)
+		default:
+		}
+		cl, err := trtest.TryDial(t, url, nil)
+		if err != nil {
+			return err
+		}
+		useAfter := r.IntN(3) > 0
+		if err := c.join(cl, useAfter); err != nil {
+			return err
+		}
+		budget := 1 + r.IntN(40)
+		for i := 0; i < budget; i++ {
+			f, err := cl.Next(200 * time.Millisecond)
+			if err != nil {
+				break // idle conversation: drop anyway
+			}
+			if err := c.apply(f); err != nil {
+				return err
+			}
+			if c.slow && i%4 == 0 {
+				time.Sleep(time.Millisecond) // the slow reader's behaviour
+			}
+		}
+		_ = cl.Conn.CloseNow()
+		drops.Add(1)
+	}
+}
+
+// settle makes a last connection and reads until every turn it knows of
+// has ended.
+func (c *chaosClient) settle(t *testing.T, url string) error {
+	cl, err := trtest.TryDial(t, url, nil)
+	if err != nil {
+		return err
+	}
+	defer cl.Conn.CloseNow()
+	if err := c.join(cl, true); err != nil {
+		return err
+	}
+	for c.active != "" {
+		f, err := cl.Next(30 * time.Second)
+		if err != nil {
+			return fmt.Errorf("settling: %v", err)
+		}
+		if err := c.apply(f); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *chaosClient) join(cl *trtest.Client, useAfter bool) error {
+	m := map[string]any{"type": "join", "conversation_id": c.conv, "history": 500}
+	tr := c.turns[c.active]
+	if useAfter && tr != nil {
+		m["after"] = map[string]any{"turn_id": tr.ID, "seq": tr.Seq}
+	}
+	cl.Send(m)
+	for {
+		f, err := cl.Next(30 * time.Second)
+		if err != nil {
+			return fmt.Errorf("join: %v", err)
+		}
+		if f.Type() != "joined" {
+			if f.Type() == "error" {
+				return fmt.Errorf("join: %v", f)
+			}
+			continue
+		}
+		withAfter := m["after"] != nil
+		// History: adopt finished turns the client does not follow.
+		for _, x := range f["messages"].([]any) {
+			msg := trtest.Frame(x.(map[string]any))
+			if msg.Str("role") != "assistant" {
+				continue
+			}
+			id := msg.Str("message_id")
+			if withAfter && id == c.active {
+				continue // the server sends the rest and the end
+			}
+			if old := c.turns[id]; old == nil || old.Ends == 0 {
+				tr := &trtest.Turn{ID: id, Ends: 1, Status: msg.Str("status")}
+				tr.Text.WriteString(msg.Str("content"))
+				c.turns[id] = tr
+				if c.active == id {
+					c.active = ""
+				}
+			}
+		}
+		if a := f.Obj("active"); a != nil {
+			id := a.Str("turn_id")
+			if withAfter && id == c.active {
+				if a.Int("from") != tr.Seq+1 {
+					return fmt.Errorf("resume from %d, had %d", a.Int("from"), tr.Seq)
+				}
+			} else {
+				tr = &trtest.Turn{ID: id}
+				c.turns[id] = tr
+			}
+			tr.Text.WriteString(a.Str("text"))
+			tr.Seq = a.Int("seq")
+			c.active = id
+		} else if !withAfter && c.active != "" {
+			c.active = ""
+		}
+		return nil
+	}
+}
+
+func (c *chaosClient) apply(f trtest.Frame) error {
+	switch f.Type() {
+	case "turn.start":
+		id := f.Str("turn_id")
+		if _, ok := c.turns[id]; ok {
+			return fmt.Errorf("turn.start for known turn %s", id)
+		}
+		c.turns[id] = &trtest.Turn{ID: id}
+		c.active = id
+	case "turn.delta", "turn.end":
+		tr := c.turns[f.Str("turn_id")]
+		if tr == nil {
+			return fmt.Errorf("%s for unknown turn %s", f.Type(), f.Str("turn_id"))
+		}
+		tr.Apply(f)
+		if len(tr.Errors) > 0 {
+			return fmt.Errorf("turn %s: %v", tr.ID, tr.Errors)
+		}
+		if tr.Ends > 0 && c.active == tr.ID {
+			c.active = ""
+		}
+	case "error":
+		return fmt.Errorf("error frame %v", f)
+	}
+	return nil
+}
