@@ -24,10 +24,12 @@ type hub struct {
 
 type topic struct {
 	sub bus.Subscription
-	// subs is replaced, never modified, so deliveries iterate it without a lock.
+
 	mu   sync.Mutex
-	subs []subscriber // guarded by mu for writes
-	view []subscriber // copy-on-write snapshot read by dispatch; guarded by mu
+	subs []subscriber // guarded by mu
+	// view is a copy of subs, replaced (never modified) on every change, so
+	// a delivery iterates it without holding mu.
+	view []subscriber // guarded by mu
 }
 
 func newHub(b *bus.Bus) *hub {
@@ -60,9 +62,13 @@ func (h *hub) add(conversationID string, s subscriber) error {
 	t.subs = append(t.subs, s)
 	t.view = append([]subscriber(nil), t.subs...)
 	t.mu.Unlock()
+	h.mu.Unlock()
 	// Make sure the server has the subscription before anything is read
 	// from the store: otherwise an event published in between is lost.
-	return h.bus.Conn().Flush()
+	// Outside the hub's lock: joins of other conversations do not wait.
+	err := h.bus.Conn().Flush()
+	h.mu.Lock()
+	return err
 }
 
 // remove unsubscribes s; the last subscriber of a conversation closes its

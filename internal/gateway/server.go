@@ -75,6 +75,9 @@ type Server struct {
 	shutdown    context.CancelFunc
 	conns       sync.WaitGroup
 
+	workerMu   sync.Mutex
+	workerSeen time.Time // when a worker last answered; guarded by workerMu
+
 	mu      sync.Mutex
 	closing bool                         // guarded by mu
 	open    map[*websocket.Conn]struct{} // guarded by mu

@@ -44,6 +44,9 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 			return store.SendResult{}, &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many messages; slow down", RetryAfterMS: wait.Milliseconds() + 1}
 		}
 	}
+	if !s.workerAlive(ctx) {
+		return store.SendResult{}, protocol.Errorf(protocol.CodeUnavailable, "no model worker is running; try again shortly")
+	}
 	if r.MessageID == "" {
 		r.MessageID = newID()
 	}
@@ -281,3 +284,23 @@ func newID() string {
 	}
 	return id.String()
 }
+
+// workerAlive reports whether a worker answered recently, asking the bus at
+// most every workerCheckEvery; a send with no worker to produce its turn is
+// refused rather than left queued.
+func (s *Server) workerAlive(ctx context.Context) bool {
+	s.workerMu.Lock()
+	defer s.workerMu.Unlock()
+	if s.now().Sub(s.workerSeen) < workerCheckEvery {
+		return true
+	}
+	pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	if _, err := s.bus.PingWorkers(pctx); err != nil {
+		return false
+	}
+	s.workerSeen = s.now()
+	return true
+}
+
+const workerCheckEvery = 3 * time.Second

@@ -273,22 +273,21 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 // events that arrive meanwhile wait).
 func (v *view) join(ctx context.Context, history int, after *protocol.After) (protocol.Joined, []func(), map[string]*turnState, error) {
 	var j protocol.Joined
-	msgs, err := v.s.store.Messages(ctx, v.conv, history+1, "")
+	// One read gives both the history and the active turn, consistently:
+	// a turn's assistant row is stored with its user message, and at most
+	// one turn of a conversation is unfinished, the newest.
+	msgs, err := v.s.store.Messages(ctx, v.conv, max(history, 2)+1, "")
 	if err != nil {
 		return j, nil, nil, err
 	}
 	turns := make(map[string]*turnState)
 	var active *chat.Turn
-	if t, err := v.s.store.ActiveTurn(ctx, v.conv); err == nil {
-		active = &t
-	} else if !errors.Is(err, chat.ErrNotFound) {
-		return j, nil, nil, err
-	}
 	wire := make([]protocol.Message, 0, len(msgs))
 	for _, m := range msgs {
 		if m.Role == chat.RoleAssistant {
 			if !m.Status.Terminal() {
-				continue // the active turn is reported in "active"
+				active = &chat.Turn{ID: m.ID, ConversationID: m.ConversationID, ReplyTo: m.ReplyTo, Model: m.Model, Status: m.Status}
+				continue // reported in "active"
 			}
 			turns[m.ID] = &turnState{started: true, ended: true}
 		}

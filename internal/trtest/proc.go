@@ -6,7 +6,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -130,20 +129,36 @@ func Start(t testing.TB, args ...string) *Proc {
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
 			line := sc.Text()
+			u, ok := "", false
 			if m := listeningRE.FindStringSubmatch(line); m != nil {
-				started <- m[1]
+				u, ok = m[1], true
 			} else if strings.Contains(line, "running") {
-				started <- ""
+				ok = true
+			}
+			if ok {
+				select {
+				case started <- u:
+				default:
+				}
+			}
+		}
+	}()
+	stderrDone := make(chan struct{})
+	go func() {
+		defer close(stderrDone)
+		buf := make([]byte, 4096)
+		for {
+			n, err := stderr.Read(buf)
+			p.mu.Lock()
+			p.stderr.Write(buf[:n])
+			p.mu.Unlock()
+			if err != nil {
+				return
 			}
 		}
 	}()
 	go func() {
-		b, _ := io.ReadAll(stderr)
-		p.mu.Lock()
-		p.stderr.Write(b)
-		p.mu.Unlock()
-	}()
-	go func() {
+		<-stderrDone // Wait closes the pipe: read it to the end first
 		err := p.cmd.Wait()
 		p.mu.Lock()
 		p.exit = err
