@@ -123,11 +123,25 @@ func newProvider(c *config, log *slog.Logger) (provider.Provider, func(string) b
 			}
 			headers[strings.TrimSpace(k)] = strings.TrimSpace(v)
 		}
+		// On the command line 0 means "none"; in openai.Config a zero value
+		// means "the default" and a negative one "none".
+		off := func(d time.Duration) time.Duration {
+			if d == 0 {
+				return -1
+			}
+			return d
+		}
+		offInt := func(n int) int {
+			if n == 0 {
+				return -1
+			}
+			return n
+		}
 		p, err := openai.New(openai.Config{
 			BaseURL: c.OpenAIBaseURL, APIKey: c.OpenAIAPIKey, Model: c.Model, Models: splitList(c.Models),
-			Headers: headers, SystemPrompt: c.SystemPrompt, ContextBudgetBytes: c.ContextBudget,
-			ConnectTimeout: c.OpenAIConnect, FirstTokenTimeout: c.OpenAIFirstToken, IdleTimeout: c.OpenAIIdle,
-			MaxRetries: c.OpenAIMaxRetries, Logger: log,
+			Headers: headers, SystemPrompt: c.SystemPrompt, ContextBudgetBytes: offInt(c.ContextBudget),
+			ConnectTimeout: off(c.OpenAIConnect), FirstTokenTimeout: off(c.OpenAIFirstToken), IdleTimeout: off(c.OpenAIIdle),
+			MaxRetries: offInt(c.OpenAIMaxRetries), Logger: log,
 		})
 		if err != nil {
 			return nil, nil, err
