@@ -63,6 +63,7 @@ type config struct {
 	IdleTimeout     time.Duration
 	ShutdownTimeout time.Duration
 	LogLevel        string
+	DebugAddr       string
 	LogFormat       string
 }
 
@@ -93,6 +94,9 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 	fs.StringVar(&c.StoreURL, "store-url", "", "sqlite:///path/file.db or postgres://… (serve default: SQLite in --data-dir)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "text or json")
+	if r != roleMigrate {
+		fs.StringVar(&c.DebugAddr, "debug-addr", "", "serve Go's profiler (/debug/pprof) on this address, e.g. 127.0.0.1:6060")
+	}
 	if r == roleMigrate {
 		return
 	}

@@ -36,6 +36,11 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	if err != nil {
 		return err
 	}
+	stopDebug, err := startDebug(c.DebugAddr, log)
+	if err != nil {
+		return fmt.Errorf("debug server: %w", err)
+	}
+	defer stopDebug()
 	ln, err := net.Listen("tcp", c.Addr)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", c.Addr, err)

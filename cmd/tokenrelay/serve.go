@@ -36,6 +36,11 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	if err != nil {
 		return err
 	}
+	stopDebug, err := startDebug(c.DebugAddr, log)
+	if err != nil {
+		return fmt.Errorf("debug server: %w", err)
+	}
+	defer stopDebug()
 	if err := checkWritable(c.DataDir); err != nil {
 		return err
 	}
