@@ -54,6 +54,7 @@ const keepEndedTurns = 8
 // ends once, and the end names the last delta. It is owned by the
 // connection's reader goroutine (not safe for concurrent use).
 type Tracker struct {
+	cur   string // the turn seen last: a resume names it in after
 	turns map[string]*turnTrack
 	ended []string // ended turns, oldest first (bounded)
 	V     Violations
@@ -71,6 +72,9 @@ func (t *Tracker) Last(turn string) (int64, bool) {
 	return tt.last, true
 }
 
+// Known reports whether turn was started, joined or seen.
+func (t *Tracker) Known(turn string) bool { return t.turns[turn] != nil }
+
 // Ended reports whether turn has ended.
 func (t *Tracker) Ended(turn string) bool {
 	tt := t.turns[turn]
@@ -84,12 +88,34 @@ func (t *Tracker) Start(turn string) {
 	if t.turns[turn] == nil {
 		t.turns[turn] = &turnTrack{}
 	}
+	t.cur = turn
+}
+
+// Position is what a resume sends as after: the turn seen last and its
+// last applied seq. ok is false before any turn.
+func (t *Tracker) Position() (turn string, seq int64, ok bool) {
+	tt := t.turns[t.cur]
+	if tt == nil {
+		return "", 0, false
+	}
+	return t.cur, tt.last, true
+}
+
+// Abandon forgets the open turns of a connection the client left on
+// purpose (a probe), so they do not count as missing ends.
+func (t *Tracker) Abandon() {
+	for id, tt := range t.turns {
+		if !tt.ended {
+			delete(t.turns, id)
+		}
+	}
 }
 
 // Snapshot records joined.active: the turn's text from..seq, where from = 0
 // means a full snapshot (1..seq, no "from" in the frame). With from > 0 (a
 // join with after) the same contiguity rule as for a delta applies.
 func (t *Tracker) Snapshot(turn string, from, seq int64) Verdict {
+	t.cur = turn
 	if from == 0 {
 		tt := t.turns[turn]
 		if tt == nil {
@@ -121,6 +147,7 @@ func (t *Tracker) Delta(turn string, from, seq int64) (Verdict, int64) {
 		t.V.Unknown++
 		tt = &turnTrack{}
 		t.turns[turn] = tt
+		t.cur = turn
 	}
 	if tt.ended {
 		t.V.AfterEnd++

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Runs trbench against a fresh tokenrelay: builds the server (of the work
+# tree, or of REV), starts it on a free loopback port with a new data dir,
+# runs trbench with the given arguments, stops the server.
+#
+#   bench/run.sh [-r REV] [-f "server flags"] -- trbench args...
+#
+# Examples:
+#   bench/run.sh -- -s "idle conns=10000"
+#   bench/run.sh -f "--batch-window 20ms" -- -s "ramp watchers=10" --json /tmp/b.json
+#   bench/run.sh -r HEAD~1 -- --scenarios stream   # an older server, same tool
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rev="" extra=""
+while [ $# -gt 0 ]; do
+	case "$1" in
+	-r) rev="$2"; shift 2 ;;
+	-f) extra="$2"; shift 2 ;;
+	--) shift; break ;;
+	*) break ;;
+	esac
+done
+work=$(mktemp -d /tmp/trbench-run.XXXXXX)
+trap 'kill "${pid:-}" 2>/dev/null || true; wait "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
+if [ -n "$rev" ]; then
+	mkdir "$work/src"
+	git archive "$rev" | tar -x -C "$work/src"
+	(cd "$work/src" && go build -o "$work/tokenrelay" ./cmd/tokenrelay)
+	commit=$(git rev-parse --short "$rev")
+else
+	go build -o "$work/tokenrelay" ./cmd/tokenrelay
+	commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo "+dirty")
+fi
+go build -o "$work/trbench" ./cmd/trbench
+# The machine may be shared: wait (up to TRBENCH_QUIET_WAIT s, default 300)
+# until under 0.3 cores are busy, so others' work does not skew the figures.
+busy() { # busy cores over 2 s
+	read -r _ a b c d e f g h _ </proc/stat; t1=$((a+b+c+d+e+f+g+h)) i1=$((d+e))
+	sleep 2
+	read -r _ a b c d e f g h _ </proc/stat; t2=$((a+b+c+d+e+f+g+h)) i2=$((d+e))
+	echo $(( ( (t2-t1) - (i2-i1) ) * 100 * $(nproc) / (t2-t1) ))
+}
+waited=0
+while [ "$waited" -lt "${TRBENCH_QUIET_WAIT:-300}" ]; do
+	b=$(busy)
+	[ "$b" -lt 30 ] && break
+	[ "$waited" -eq 0 ] && echo "machine busy ($b% of a core); waiting for it to calm down" >&2
+	waited=$((waited + 2))
+done
+port=${TRBENCH_PORT:-18282}
+# shellcheck disable=SC2086
+"$work/tokenrelay" serve --addr "127.0.0.1:$port" --data-dir "$work/data" --delta-timestamps \
+	--limit-sends 0 --limit-connections 0 --limit-turns 0 --log-level warn $extra >"$work/server.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do
+	curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+	sleep 0.1
+done
+echo "server $commit pid $pid: tokenrelay serve $extra" >&2
+TRBENCH_COMMIT=$commit "$work/trbench" --url "ws://127.0.0.1:$port/v1/ws" --pid "$pid" "$@"
+status=$?
+if grep -qvE 'level=(INFO|DEBUG)|listening on' "$work/server.log"; then
+	echo "--- server log (warnings and errors, last 20 lines)" >&2
+	grep -vE 'level=(INFO|DEBUG)|listening on' "$work/server.log" | tail -20 >&2
+fi
+exit $status
