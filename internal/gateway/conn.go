@@ -97,22 +97,22 @@ func (c *conn) sendError(id string, err error) {
 	c.push(pe.Frame(id))
 }
 
-// writeLoop drains the queue until ctx is done or the queue closes.
-func (c *conn) writeLoop() {
+// drain is the connection's writer: started by the queue when frames
+// arrive and none runs, it writes until the queue is empty, then returns.
+// It is the only code that writes data frames to the socket.
+func (c *conn) drain() {
 	var frames [][]byte
 	var buf []byte
 	for {
-		select {
-		case <-c.ctx.Done():
-			return
-		case <-c.q.notify:
-		}
 		var merged int
-		var overflow bool
-		frames, buf, merged, overflow = c.q.take(frames[:0], buf[:0])
+		var overflow, ok bool
+		frames, buf, merged, overflow, ok = c.q.next(frames[:0], buf[:0])
 		if overflow {
 			c.s.m.slowCloses.Inc()
 			c.closeWith(closeSlowConsumer, "slow consumer")
+			return
+		}
+		if !ok {
 			return
 		}
 		if merged > 0 {
@@ -132,16 +132,11 @@ func (c *conn) writeLoop() {
 					}
 				}
 				c.cancel()
+				c.q.close()
 				return
 			}
 			c.s.m.framesSent.Inc()
 			c.s.m.bytesSent.Add(float64(len(f)))
-		}
-		if cap(buf) > 64<<10 {
-			buf = nil // do not keep a burst's buffer for an idle connection
-		}
-		if cap(frames) > 1024 {
-			frames = nil
 		}
 	}
 }
@@ -289,23 +284,15 @@ func (c *conn) leave(conv string) {
 
 // run serves the connection until it ends, then releases everything.
 func (c *conn) run() {
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		c.writeLoop()
-	}()
+	var writers sync.WaitGroup
+	c.q.spawn, c.q.writers = c.drain, &writers
 	if c.s.cfg.PingInterval > 0 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c.pingLoop()
-		}()
+		c.schedulePing()
 	}
 	c.readLoop()
 	c.cancel()
 	c.q.close()
-	wg.Wait()
+	writers.Wait()
 	c.mu.Lock()
 	views := c.views
 	c.views = nil
@@ -318,26 +305,24 @@ func (c *conn) run() {
 	_ = c.ws.CloseNow()
 }
 
-// pingLoop reaps dead connections: a peer that does not answer a ping
-// within the idle timeout is disconnected.
-func (c *conn) pingLoop() {
-	t := time.NewTicker(c.s.cfg.PingInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-c.ctx.Done():
+// schedulePing pings the peer after PingInterval, from a timer rather than
+// a goroutine of its own; a peer that does not answer within IdleTimeout is
+// disconnected, so dead connections are reaped.
+func (c *conn) schedulePing() {
+	time.AfterFunc(c.s.cfg.PingInterval, func() {
+		if c.ctx.Err() != nil {
 			return
-		case <-t.C:
-			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.IdleTimeout)
-			err := c.ws.Ping(ctx)
-			cancel()
-			if err != nil {
-				if c.ctx.Err() == nil {
-					c.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
-					c.closeWith(websocket.StatusGoingAway, "idle timeout")
-				}
-				return
-			}
 		}
-	}
+		ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.IdleTimeout)
+		err := c.ws.Ping(ctx)
+		cancel()
+		if err != nil {
+			if c.ctx.Err() == nil {
+				c.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
+				c.closeWith(websocket.StatusGoingAway, "idle timeout")
+			}
+			return
+		}
+		c.schedulePing()
+	})
 }

@@ -14,11 +14,12 @@ type subscriber interface {
 }
 
 // hub shares one bus subscription per conversation among all the local
-// subscribers joined to it.
+// subscribers joined to it. Events arrive through a bus.Router: a fixed set
+// of goroutines, each conversation always on the same one, in order.
 type hub struct {
-	bus *bus.Bus
+	router *bus.Router
 
-	mu     sync.Mutex
+	mu     sync.RWMutex
 	topics map[string]*topic // conversation id → topic; guarded by mu
 }
 
@@ -32,9 +33,37 @@ type topic struct {
 	view []subscriber // guarded by mu
 }
 
+// hubShards is how many goroutines deliver live events; each buffers up to
+// hubShardBuffer messages before NATS drops (and views repair the gap).
+const (
+	hubShards      = 8
+	hubShardBuffer = 1 << 16
+)
+
 func newHub(b *bus.Bus) *hub {
-	return &hub{bus: b, topics: make(map[string]*topic)}
+	h := &hub{topics: make(map[string]*topic)}
+	h.router = b.NewRouter(hubShards, hubShardBuffer, h.dispatch)
+	return h
 }
+
+// dispatch hands one event to the conversation's subscribers.
+func (h *hub) dispatch(e bus.Event) {
+	h.mu.RLock()
+	t := h.topics[e.ConversationID]
+	h.mu.RUnlock()
+	if t == nil {
+		return
+	}
+	t.mu.Lock()
+	view := t.view
+	t.mu.Unlock()
+	for _, s := range view {
+		s.deliver(e)
+	}
+}
+
+// close stops delivery.
+func (h *hub) close() { h.router.Close() }
 
 // add subscribes s to conversation id's events. Events published after add
 // returns reach s.
@@ -44,14 +73,7 @@ func (h *hub) add(conversationID string, s subscriber) error {
 	t := h.topics[conversationID]
 	if t == nil {
 		t = &topic{}
-		sub, err := h.bus.SubscribeConversation(conversationID, func(e bus.Event) {
-			t.mu.Lock()
-			view := t.view
-			t.mu.Unlock()
-			for _, s := range view {
-				s.deliver(e)
-			}
-		})
+		sub, err := h.router.Subscribe(conversationID)
 		if err != nil {
 			return err
 		}
@@ -66,7 +88,7 @@ func (h *hub) add(conversationID string, s subscriber) error {
 	// Make sure the server has the subscription before anything is read
 	// from the store: otherwise an event published in between is lost.
 	// Outside the hub's lock: joins of other conversations do not wait.
-	err := h.bus.Conn().Flush()
+	err := h.router.Flush()
 	h.mu.Lock()
 	return err
 }

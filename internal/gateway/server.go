@@ -144,6 +144,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		wg.Wait()
 		s.shutdown()
 		s.conns.Wait()
+		s.hub.close()
 		close(done)
 	}()
 	select {

@@ -21,7 +21,13 @@ type outQueue struct {
 	overflow bool              // closed for passing limit; guarded by mu
 	merged   int               // merges since the last take; guarded by mu
 	notify   chan struct{}     // capacity 1: "items is not empty" or "closed"
-	free     []*delta          // recycled deltas; guarded by mu
+	// spawn, when set, is started in a new goroutine whenever items arrive
+	// and no writer is running, instead of notifying a long-lived writer:
+	// an idle connection then costs no writer goroutine.
+	spawn   func()
+	writing bool            // a spawned writer runs; guarded by mu
+	writers *sync.WaitGroup // counts spawned writers
+	free    []*delta        // recycled deltas; guarded by mu
 }
 
 type outItem struct {
@@ -42,11 +48,40 @@ func newOutQueue(limit int) *outQueue {
 	return &outQueue{limit: limit, notify: make(chan struct{}, 1), pending: make(map[string]*delta)}
 }
 
+// signal wakes the writer; called with mu held.
 func (q *outQueue) signal() {
+	if q.spawn != nil {
+		if !q.writing {
+			q.writing = true
+			q.writers.Add(1)
+			go func() {
+				defer q.writers.Done()
+				q.spawn()
+			}()
+		}
+		return
+	}
 	select {
 	case q.notify <- struct{}{}:
 	default:
 	}
+}
+
+// next is take for a spawned writer: when nothing is queued (or the queue
+// has closed) it marks the writer gone and reports ok=false, so the writer
+// returns and the next push starts a new one.
+func (q *outQueue) next(frames [][]byte, buf []byte) (_ [][]byte, _ []byte, merged int, overflow, ok bool) {
+	q.mu.Lock()
+	empty := q.closed || len(q.items) == 0
+	if empty {
+		q.writing = false
+		overflow = q.overflow
+		q.mu.Unlock()
+		return frames, buf, 0, overflow, false
+	}
+	q.mu.Unlock()
+	frames, buf, merged, overflow = q.take(frames, buf)
+	return frames, buf, merged, overflow, true
 }
 
 // push enqueues a pre-encoded frame. It reports false when the queue is

@@ -1,0 +1,73 @@
+package bus
+
+import (
+	"fmt"
+	"hash/maphash"
+	"sync"
+
+	"github.com/nats-io/nats.go"
+)
+
+// Router delivers the live events of many conversation subscriptions
+// through a fixed set of goroutines: a conversation's events always go
+// through the same shard, in publish order. A subscription therefore costs
+// no goroutine of its own, which matters when every idle connection of a
+// gateway follows its own conversation.
+type Router struct {
+	b      *Bus
+	fn     func(Event)
+	seed   maphash.Seed
+	shards []chan *nats.Msg
+	done   chan struct{}
+	wg     sync.WaitGroup
+}
+
+// NewRouter starts shards goroutines calling fn with the events of the
+// conversations subscribed through the router; each shard buffers up to
+// buffer messages (past that NATS drops them and the subscriber repairs the
+// gap from the stream). Close stops it.
+func (b *Bus) NewRouter(shards, buffer int, fn func(Event)) *Router {
+	r := &Router{b: b, fn: fn, seed: maphash.MakeSeed(), shards: make([]chan *nats.Msg, shards), done: make(chan struct{})}
+	for i := range r.shards {
+		ch := make(chan *nats.Msg, buffer)
+		r.shards[i] = ch
+		r.wg.Add(1)
+		go func() {
+			defer r.wg.Done()
+			for {
+				select {
+				case <-r.done:
+					return
+				case m := <-ch:
+					e, err := DecodeEvent(m.Subject, m.Data)
+					if err != nil {
+						continue
+					}
+					r.fn(e)
+				}
+			}
+		}()
+	}
+	return r
+}
+
+// Subscribe starts the live events of a conversation.
+func (r *Router) Subscribe(conversationID string) (Subscription, error) {
+	ch := r.shards[maphash.String(r.seed, conversationID)%uint64(len(r.shards))]
+	sub, err := r.b.nc.ChanSubscribe(ConversationSubject(conversationID), ch)
+	if err != nil {
+		return nil, fmt.Errorf("subscribe conversation: %w", err)
+	}
+	return sub, nil
+}
+
+// Close stops the shard goroutines. The channels stay open (NATS may still
+// hold a subscription writing to one); what arrives later is dropped.
+func (r *Router) Close() {
+	close(r.done)
+	r.wg.Wait()
+}
+
+// Flush returns once the server has processed every subscription made so
+// far: events published after it reach them.
+func (r *Router) Flush() error { return r.b.nc.Flush() }
