@@ -122,6 +122,12 @@ func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult,
 		return cancelResult{}, chat.ErrForbidden
 	}
 	res := cancelResult{TurnID: t.ID, Status: t.Status}
+	started := s.now()
+	defer func() {
+		if !res.Already && res.Status == chat.StatusCancelled {
+			s.m.cancelLatency.Observe(s.now().Sub(started).Seconds())
+		}
+	}()
 	if t.Status.Terminal() {
 		res.Already = true
 		s.m.cancels.WithLabelValues("already_ended").Inc()

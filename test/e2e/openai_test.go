@@ -1,0 +1,162 @@
+package e2e_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
+)
+
+// fakeModel is an OpenAI-compatible Chat Completions server that streams a
+// fixed answer per request in the real wire format, records every request
+// and reports when a request's connection closes.
+type fakeModel struct {
+	mu       sync.Mutex
+	requests []chatRequest
+	closed   chan time.Time
+	answer   func(n int) []string // the pieces of the n-th answer
+	delay    time.Duration        // between pieces
+}
+
+type chatRequest struct {
+	Model    string `json:"model"`
+	Stream   bool   `json:"stream"`
+	Messages []struct {
+		Role    string `json:"role"`
+		Content string `json:"content"`
+	} `json:"messages"`
+}
+
+func (f *fakeModel) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/v1/models" {
+		w.Write([]byte(`{"object":"list","data":[{"id":"m1","object":"model"}]}`))
+		return
+	}
+	if r.URL.Path != "/v1/chat/completions" || r.Header.Get("Authorization") != "Bearer sk-test-secret" {
+		http.Error(w, `{"error":{"message":"bad request"}}`, 400)
+		return
+	}
+	var req chatRequest
+	json.NewDecoder(r.Body).Decode(&req)
+	f.mu.Lock()
+	f.requests = append(f.requests, req)
+	n := len(f.requests)
+	f.mu.Unlock()
+	w.Header().Set("Content-Type", "text/event-stream")
+	fl := w.(http.Flusher)
+	chunk := func(delta, finish string) {
+		fin := "null"
+		if finish != "" {
+			fin = `"` + finish + `"`
+		}
+		fmt.Fprintf(w, "data: {\"id\":\"chatcmpl-%d\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":%q,\"choices\":[{\"index\":0,\"delta\":%s,\"finish_reason\":%s}]}\n\n", n, req.Model, delta, fin)
+		fl.Flush()
+	}
+	chunk(`{"role":"assistant","content":""}`, "")
+	for _, p := range f.answer(n) {
+		b, _ := json.Marshal(p)
+		chunk(`{"content":`+string(b)+`}`, "")
+		select {
+		case <-r.Context().Done():
+			f.closed <- time.Now()
+			return
+		case <-time.After(f.delay):
+		}
+	}
+	chunk(`{}`, "stop")
+	fmt.Fprintf(w, "data: {\"id\":\"chatcmpl-%d\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":%q,\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":%d,\"total_tokens\":%d}}\n\n", n, req.Model, len(f.answer(n)), 11+len(f.answer(n)))
+	fmt.Fprint(w, "data: [DONE]\n\n")
+	fl.Flush()
+}
+
+func TestOpenAIProviderEndToEnd(t *testing.T) {
+	fm := &fakeModel{closed: make(chan time.Time, 4), answer: func(n int) []string {
+		return []string{"Answer", " number", fmt.Sprintf(" %d", n), "."}
+	}}
+	srv := httptest.NewServer(fm)
+	defer srv.Close()
+	p := trtest.Serve(t, "--provider", "openai", "--openai-base-url", srv.URL+"/v1", "--openai-api-key", "sk-test-secret",
+		"--model", "m1", "--system-prompt", "Be brief.")
+	var ready map[string]any
+	if code := trtest.Get(t, p.URL+"/readyz", &ready); code != 200 || ready["checks"].(map[string]any)["provider"] != "ok" {
+		t.Fatalf("readyz %d %v", code, ready)
+	}
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("oa", nil)
+	first := runTurn(t, c, "oa", "What is one?", nil)
+	if first.Text.String() != "Answer number 1." || first.Status != "complete" {
+		t.Fatalf("first turn %s %q", first.Status, first.Text.String())
+	}
+	second := runTurn(t, c, "oa", "And two?", nil)
+	if second.Text.String() != "Answer number 2." {
+		t.Fatalf("second turn %q", second.Text.String())
+	}
+	fm.mu.Lock()
+	req := fm.requests[1]
+	fm.mu.Unlock()
+	var got []string
+	for _, m := range req.Messages {
+		got = append(got, m.Role+":"+m.Content)
+	}
+	want := []string{"system:Be brief.", "user:What is one?", "assistant:Answer number 1.", "user:And two?"}
+	if strings.Join(got, "|") != strings.Join(want, "|") || req.Model != "m1" || !req.Stream {
+		t.Fatalf("second request carried %v (model %q, stream %v), want %v", got, req.Model, req.Stream, want)
+	}
+	m := storedTurn(t, p.URL, "oa", second.ID)
+	if m.Content != "Answer number 2." {
+		t.Fatalf("stored %q", m.Content)
+	}
+	// Usage reaches turn.end and the store.
+	var body struct {
+		Messages []struct {
+			MessageID string         `json:"message_id"`
+			Usage     map[string]int `json:"usage"`
+		} `json:"messages"`
+	}
+	trtest.Get(t, p.URL+"/v1/conversations/oa/messages", &body)
+	last := body.Messages[len(body.Messages)-1]
+	if last.Usage["prompt_tokens"] != 11 || last.Usage["completion_tokens"] != 4 {
+		t.Fatalf("stored usage %v", last.Usage)
+	}
+	// A model outside the allow-list is refused.
+	c.Send(`{"type":"send","conversation_id":"oa","text":"x","model":"gpt-huge","id":"bad"}`)
+	if f := ackOf(t, c, "bad"); f.Type() != "error" || f.Str("code") != "bad_request" {
+		t.Fatalf("unknown model answered %v", f)
+	}
+}
+
+func TestOpenAICancelClosesUpstream(t *testing.T) {
+	fm := &fakeModel{closed: make(chan time.Time, 4), delay: 20 * time.Millisecond, answer: func(int) []string {
+		return strings.Split(strings.Repeat("tok ", 1000), " ")
+	}}
+	srv := httptest.NewServer(fm)
+	defer srv.Close()
+	p := trtest.Serve(t, "--provider", "openai", "--openai-base-url", srv.URL+"/v1", "--openai-api-key", "sk-test-secret", "--model", "m1")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("oc", nil)
+	tr := startTurn(t, c, "oc", "go", 5)
+	sent := time.Now()
+	c.Send(map[string]any{"type": "cancel", "turn_id": tr.ID, "id": "x"})
+	select {
+	case at := <-fm.closed:
+		t.Logf("the model server saw its request closed %v after the cancel was sent", at.Sub(sent))
+		if d := at.Sub(sent); d > 2*time.Second {
+			t.Fatalf("upstream closed %v after the cancel", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the model server never saw the request closed")
+	}
+	finish(t, c, tr)
+	if tr.Status != "cancelled" {
+		t.Fatalf("turn ended %s", tr.Status)
+	}
+	if strings.Contains(p.Stderr(), "sk-test-secret") {
+		t.Fatal("the API key appears in the server's log")
+	}
+}
