@@ -1,0 +1,280 @@
+package worker_test
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+	"github.com/tokenrelay/tokenrelay/internal/provider/sim"
+	"github.com/tokenrelay/tokenrelay/internal/store"
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
+	"github.com/tokenrelay/tokenrelay/internal/worker"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		// nats-server keeps a few process-wide goroutines once started.
+		goleak.IgnoreAnyFunction("github.com/nats-io/nats-server/v2/server.(*Server).startGoRoutine.func1"),
+		goleak.IgnoreTopFunction("github.com/nats-io/nats-server/v2/server.(*ipQueue[...]).push"),
+		goleak.IgnoreTopFunction("time.Sleep"),
+	)
+}
+
+// countingProvider wraps a provider and counts its calls.
+type countingProvider struct {
+	provider.Provider
+	calls atomic.Int64
+}
+
+func (p *countingProvider) Stream(ctx context.Context, req provider.Request, emit func(string) error) (provider.Result, error) {
+	p.calls.Add(1)
+	return p.Provider.Stream(ctx, req, emit)
+}
+
+type env struct {
+	bus   *bus.Bus
+	store store.Store
+	prov  *countingProvider
+	w     *worker.Worker
+	stop  func()
+}
+
+func setup(t *testing.T, cfg worker.Config, run bool) *env {
+	t.Helper()
+	b := bustest.Start(t)
+	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	p := &countingProvider{Provider: sim.New(sim.Config{Rate: 0, Tokens: 20})}
+	e := &env{bus: b, store: st, prov: p, w: worker.New(cfg, b, st, p), stop: func() {}}
+	if run {
+		e.start(t)
+	}
+	return e
+}
+
+func (e *env) start(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := e.w.Run(ctx); err != nil {
+			t.Error(err)
+		}
+	}()
+	var once sync.Once
+	e.stop = func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(e.stop)
+	// Ready once it answers pings.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ctx, c := context.WithTimeout(t.Context(), 200*time.Millisecond)
+		_, err := e.bus.PingWorkers(ctx)
+		c()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("worker not up")
+		}
+	}
+}
+
+// send stores a turn and enqueues its job; it returns a channel with the
+// turn's end event.
+func (e *env) send(t *testing.T, conv, turn, text string, enqueue bool) <-chan bus.Event {
+	t.Helper()
+	ends := make(chan bus.Event, 4)
+	sub, err := e.bus.SubscribeTurnEnd(conv, turn, func(ev bus.Event) { ends <- ev })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sub.Unsubscribe() })
+	e.bus.Conn().Flush()
+	if _, err := e.store.Send(t.Context(), store.SendRequest{ConversationID: conv, Owner: "u", MessageID: "m-" + turn, TurnID: turn, Text: text, Now: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if enqueue {
+		if err := e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: turn, ConversationID: conv}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ends
+}
+
+func waitEnd(t *testing.T, ends <-chan bus.Event) bus.Event {
+	t.Helper()
+	select {
+	case ev := <-ends:
+		return ev
+	case <-time.After(20 * time.Second):
+		t.Fatal("no end event")
+		return bus.Event{}
+	}
+}
+
+func TestProducesTurn(t *testing.T) {
+	e := setup(t, worker.Config{}, true)
+	end := waitEnd(t, e.send(t, "c", "t1", "hello", true))
+	st, err := e.store.Turn(t.Context(), "t1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end.Status != chat.StatusComplete || st.Status != chat.StatusComplete || end.Seq != 20 || st.Seq != 20 {
+		t.Fatalf("end %+v, stored %+v", end, st)
+	}
+	// The stream holds exactly the stored text.
+	var text strings.Builder
+	var seq int64
+	e.bus.ReadTurn(t.Context(), "c", "t1", 1, func(ev bus.Event) bool {
+		if ev.Kind == bus.KindDelta {
+			if ev.Seq != seq+1 || ev.Off != int64(text.Len()) {
+				t.Fatalf("delta %d at offset %d after seq %d, %d bytes", ev.Seq, ev.Off, seq, text.Len())
+			}
+			seq = ev.Seq
+			text.WriteString(ev.Text)
+		}
+		return true
+	})
+	if text.String() != st.Content {
+		t.Fatalf("stream %q, stored %q", text.String(), st.Content)
+	}
+}
+
+func TestCancelledBeforePickupNeverCallsProvider(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	ends := e.send(t, "c", "t1", "hello", true)
+	if _, err := e.bus.MarkCancelled(t.Context(), "t1"); err != nil {
+		t.Fatal(err)
+	}
+	e.start(t)
+	end := waitEnd(t, ends)
+	if end.Status != chat.StatusCancelled || end.Seq != 0 {
+		t.Fatalf("end %+v", end)
+	}
+	if n := e.prov.calls.Load(); n != 0 {
+		t.Fatalf("provider called %d times", n)
+	}
+}
+
+func TestCancelStreamingTurn(t *testing.T) {
+	e := setup(t, worker.Config{}, true)
+	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=500] long", true)
+	// Wait for the turn to stream, then cancel it.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s, err := e.bus.ReadSnapshot(t.Context(), "t1")
+		if err == nil && s.Seq > 5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("turn did not stream")
+		}
+		time.Sleep(10 * time.Millisecond) // polling the snapshot
+	}
+	if _, err := e.bus.MarkCancelled(t.Context(), "t1"); err != nil {
+		t.Fatal(err)
+	}
+	end := waitEnd(t, ends)
+	st, _ := e.store.Turn(t.Context(), "t1")
+	if end.Status != chat.StatusCancelled || st.Status != chat.StatusCancelled || st.Seq != end.Seq || st.Seq >= 100000 {
+		t.Fatalf("end %+v, stored %s at %d", end, st.Status, st.Seq)
+	}
+}
+
+func TestShutdownInterruptsRunningTurns(t *testing.T) {
+	e := setup(t, worker.Config{}, true)
+	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=200] long", true)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if s, err := e.bus.ReadSnapshot(t.Context(), "t1"); err == nil && s.Seq > 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("turn did not stream")
+		}
+		time.Sleep(10 * time.Millisecond) // polling the snapshot
+	}
+	e.stop()
+	end := waitEnd(t, ends)
+	st, _ := e.store.Turn(t.Context(), "t1")
+	if end.Status != chat.StatusInterrupted || st.Status != chat.StatusInterrupted || st.Content == "" {
+		t.Fatalf("end %+v, stored %s %q", end, st.Status, st.Content)
+	}
+}
+
+// TestRedeliveredStreamingTurnIsInterrupted plays a worker that died: the
+// turn is streaming with a snapshot and deltas after it; the next worker
+// ends it interrupted with exactly the published text.
+func TestRedeliveredStreamingTurnIsInterrupted(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	ends := e.send(t, "c", "t1", "x", false)
+	if ok, err := e.store.StartTurn(t.Context(), "t1", time.Now()); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	snap := e.bus.NewSnapshotWriter("c", "t1")
+	var text []byte
+	for i := int64(1); i <= 10; i++ {
+		piece := strings.Repeat(string(rune('a'+i)), int(i))
+		sseq, err := e.bus.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t1", Seq: i, Off: int64(len(text)), Text: piece})
+		if err != nil {
+			t.Fatal(err)
+		}
+		text = append(text, piece...)
+		if i == 6 {
+			snap.Write(t.Context(), text, i, sseq, chat.StatusStreaming)
+		}
+	}
+	e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: "t1", ConversationID: "c"})
+	e.start(t)
+	end := waitEnd(t, ends)
+	st, _ := e.store.Turn(t.Context(), "t1")
+	if end.Status != chat.StatusInterrupted || st.Content != string(text) || st.Seq != 10 || end.Seq != 10 {
+		t.Fatalf("end %+v, stored %q seq %d; want %q", end, st.Content, st.Seq, text)
+	}
+	if e.prov.calls.Load() != 0 {
+		t.Fatal("the provider was called for an interrupted turn")
+	}
+}
+
+func TestProviderErrorEndsTurnWithTextSaved(t *testing.T) {
+	e := setup(t, worker.Config{}, true)
+	end := waitEnd(t, e.send(t, "c", "t1", "[sim tokens=10 rate=0 error_after=4]", true))
+	st, _ := e.store.Turn(t.Context(), "t1")
+	if end.Status != chat.StatusError || end.Error == "" || st.Seq != 4 || end.Seq != 4 || st.Content == "" {
+		t.Fatalf("end %+v, stored %+v", end, st)
+	}
+}
+
+func TestBatchWindowMergesTokens(t *testing.T) {
+	e := setup(t, worker.Config{BatchWindow: 50 * time.Millisecond}, true)
+	end := waitEnd(t, e.send(t, "c", "t1", "[sim tokens=200 rate=0]", true))
+	st, _ := e.store.Turn(t.Context(), "t1")
+	if end.Status != chat.StatusComplete || end.Seq >= 200 || end.Seq < 1 || len(strings.Fields(st.Content)) != 200 {
+		t.Fatalf("batched turn: end %+v, %d words", end, len(strings.Fields(st.Content)))
+	}
+}
+
+func TestTokenBudget(t *testing.T) {
+	budget := worker.NewHourlyBudget(25, nil)
+	e := setup(t, worker.Config{TokenBudget: budget}, true)
+	first := waitEnd(t, e.send(t, "c1", "t1", "[sim tokens=30 rate=0] a", true))
+	if first.Status != chat.StatusComplete {
+		t.Fatalf("first turn %+v", first)
+	}
+	second := waitEnd(t, e.send(t, "c2", "t2", "[sim tokens=30 rate=0] b", true))
+	if second.Status != chat.StatusError || !strings.Contains(second.Error, "budget") {
+		t.Fatalf("second turn %+v, want an error naming the budget", second)
+	}
+}
