@@ -6,6 +6,7 @@ type metrics struct {
 	connections       prometheus.Gauge
 	connectsTotal     prometheus.Counter
 	joins             *prometheus.CounterVec
+	resumes           *prometheus.CounterVec
 	sends             prometheus.Counter
 	framesSent        prometheus.Counter
 	bytesSent         prometheus.Counter
@@ -28,6 +29,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		connectsTotal: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_connections_total", Help: "WebSocket connections accepted."}),
 		joins: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_joins_total",
 			Help: "Joins, by kind: fresh (snapshot) or after (resume from a seq)."}, []string{"kind"}),
+		resumes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_resumes_total",
+			Help: "Joins with after, by outcome: active (the turn still streams) or ended (the rest and its end were sent)."}, []string{"outcome"}),
 		sends:        prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_sends_total", Help: "User messages accepted (turns created)."}),
 		framesSent:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_frames_sent_total", Help: "WebSocket frames written."}),
 		bytesSent:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_bytes_sent_total", Help: "WebSocket payload bytes written."}),
@@ -49,7 +52,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		sseStreams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "tokenrelay_sse_streams", Help: "Open SSE streams."}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.connections, m.connectsTotal, m.joins, m.sends, m.framesSent, m.bytesSent, m.writeErrors,
+		reg.MustRegister(m.connections, m.connectsTotal, m.joins, m.resumes, m.sends, m.framesSent, m.bytesSent, m.writeErrors,
 			m.mergedFrames, m.slowCloses, m.gapsRepaired, m.duplicatesDropped, m.badFrames, m.cancels, m.cancelLatency,
 			m.authFailures, m.limitHits, m.sseStreams)
 	}

@@ -329,6 +329,13 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 		}
 		turns[active.ID] = ts
 	}
+	switch {
+	case after == nil:
+	case active != nil && after.TurnID == active.ID:
+		v.s.m.resumes.WithLabelValues("active").Inc()
+	default:
+		v.s.m.resumes.WithLabelValues("ended").Inc()
+	}
 	if after != nil && (active == nil || after.TurnID != active.ID) {
 		// The client was following a turn that has ended since: send it the
 		// rest and the end (the client names a turn in "after" only while
