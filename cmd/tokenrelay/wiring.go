@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -231,9 +232,52 @@ func workerConfig(c *config, log *slog.Logger, reg prometheus.Registerer) worker
 		DeltaTimestamps: c.DeltaTimestamps, StartGrace: c.StartGrace, Logger: log, Registry: reg,
 	}
 	if c.TokensPerHour > 0 {
-		wc.TokenBudget = worker.NewHourlyBudget(c.TokensPerHour, nil)
+		wc.TokenBudget = &countedBudget{TokenBudget: worker.NewHourlyBudget(c.TokensPerHour, nil), reg: reg, log: log}
 	}
 	return wc
+}
+
+// countedBudget counts the turns its budget refuses as
+// tokenrelay_limit_hits_total{limit="tokens_per_hour"}, beside the
+// gateway's own limits.
+type countedBudget struct {
+	worker.TokenBudget
+	reg  prometheus.Registerer
+	log  *slog.Logger
+	once sync.Once
+	hits prometheus.Counter // set by once
+}
+
+func (b *countedBudget) Allow(user string) (bool, string) {
+	ok, msg := b.TokenBudget.Allow(user)
+	if !ok {
+		b.counter().Inc()
+	}
+	return ok, msg
+}
+
+// counter registers the counter on first use, not at start: serve's gateway
+// registers the same vector after the worker is built, and an identical
+// registration now returns the gateway's (a worker alone keeps its own).
+func (b *countedBudget) counter() prometheus.Counter {
+	b.once.Do(func() {
+		vec := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_limit_hits_total",
+			Help: "Requests refused by a limit, by limit."}, []string{"limit"})
+		if b.reg != nil {
+			var are prometheus.AlreadyRegisteredError
+			err := b.reg.Register(vec)
+			switch {
+			case errors.As(err, &are):
+				if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
+					vec = existing
+				}
+			case err != nil:
+				b.log.Warn("token budget hits are not exported", "err", err)
+			}
+		}
+		b.hits = vec.WithLabelValues("tokens_per_hour")
+	})
+	return b.hits
 }
 
 func providerProbe(p provider.Provider) map[string]func(context.Context) error {

@@ -267,6 +267,9 @@ func (c *compatConn) readLoop() {
 	for {
 		typ, data, err := c.ws.Read(c.ctx)
 		if err != nil {
+			if errors.Is(err, websocket.ErrMessageTooBig) {
+				c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
+			}
 			return
 		}
 		if typ != websocket.MessageText {

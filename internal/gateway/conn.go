@@ -146,6 +146,10 @@ func (c *conn) readLoop() {
 	for {
 		typ, data, err := c.ws.Read(c.ctx)
 		if err != nil {
+			if errors.Is(err, websocket.ErrMessageTooBig) {
+				// The library has already closed with 1009.
+				c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
+			}
 			return
 		}
 		if typ != websocket.MessageText {
