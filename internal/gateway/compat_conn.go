@@ -528,41 +528,13 @@ func (cp *compat) handleWS() http.Handler {
 			_ = ws.Close(websocket.StatusInternalError, "internal error")
 			return
 		}
-		if !s.limits.openConn(id.UserID) {
-			s.m.limitHits.WithLabelValues("connections").Inc()
-			_ = ws.Close(closeTooManyConns, "too many connections")
-			return
-		}
-		defer s.limits.closeConn(id.UserID)
-		s.mu.Lock()
-		if s.closing {
-			s.mu.Unlock()
-			_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
-			return
-		}
-		s.open[ws] = struct{}{}
-		s.conns.Add(1)
-		s.mu.Unlock()
-		defer func() {
-			s.mu.Lock()
-			delete(s.open, ws)
-			s.mu.Unlock()
-			s.conns.Done()
-		}()
-		if s.cfg.Limits.FrameBytes > 0 {
-			ws.SetReadLimit(int64(s.cfg.Limits.FrameBytes))
-		} else {
-			ws.SetReadLimit(-1)
-		}
-		cctx, ccancel := context.WithCancel(s.shutdownCtx)
-		c := &compatConn{
-			s: s, cp: cp, ws: ws, user: id.UserID, conv: session, q: newOutQueue(s.cfg.Limits.OutboundBytes),
-			ctx: cctx, cancel: ccancel, turns: make(map[string]*compatTurn),
-			log: s.log.With("user", id.UserID, "conversation_id", session, "compat", true),
-		}
-		s.m.connections.Inc()
-		s.m.connectsTotal.Inc()
-		defer s.m.connections.Dec()
-		c.run()
+		s.serveSocket(ws, id.UserID, func(ctx context.Context, cancel context.CancelFunc) {
+			c := &compatConn{
+				s: s, cp: cp, ws: ws, user: id.UserID, conv: session, q: newOutQueue(s.cfg.Limits.OutboundBytes),
+				ctx: ctx, cancel: cancel, turns: make(map[string]*compatTurn),
+				log: s.log.With("user", id.UserID, "conversation_id", session, "compat", true),
+			}
+			c.run()
+		})
 	})
 }

@@ -197,43 +197,53 @@ func (s *Server) handleWS() http.Handler {
 			_ = ws.Close(closeUnauthorized, "unauthorized")
 			return
 		}
-		if !s.limits.openConn(id.UserID) {
-			s.m.limitHits.WithLabelValues("connections").Inc()
-			_ = ws.Close(closeTooManyConns, "too many connections")
-			return
-		}
-		defer s.limits.closeConn(id.UserID)
-		s.mu.Lock()
-		if s.closing {
-			s.mu.Unlock()
-			_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
-			return
-		}
-		s.open[ws] = struct{}{}
-		s.conns.Add(1)
-		s.mu.Unlock()
-		defer func() {
-			s.mu.Lock()
-			delete(s.open, ws)
-			s.mu.Unlock()
-			s.conns.Done()
-		}()
-		if s.cfg.Limits.FrameBytes > 0 {
-			ws.SetReadLimit(int64(s.cfg.Limits.FrameBytes))
-		} else {
-			ws.SetReadLimit(-1)
-		}
-		ctx, cancel := context.WithCancel(s.shutdownCtx)
-		c := &conn{
-			s: s, ws: ws, user: id.UserID, q: newOutQueue(s.cfg.Limits.OutboundBytes),
-			ctx: ctx, cancel: cancel, views: make(map[string]*view),
-			log: s.log.With("user", id.UserID),
-		}
-		s.m.connections.Inc()
-		s.m.connectsTotal.Inc()
-		defer s.m.connections.Dec()
-		c.run()
+		s.serveSocket(ws, id.UserID, func(ctx context.Context, cancel context.CancelFunc) {
+			c := &conn{
+				s: s, ws: ws, user: id.UserID, q: newOutQueue(s.cfg.Limits.OutboundBytes),
+				ctx: ctx, cancel: cancel, views: make(map[string]*view),
+				log: s.log.With("user", id.UserID),
+			}
+			c.run()
+		})
 	})
+}
+
+// serveSocket runs an accepted WebSocket of user (native or compat) under
+// the per-user connection limit, registered for Shutdown, with the inbound
+// frame limit set; run gets the connection's context, which Shutdown ends.
+func (s *Server) serveSocket(ws *websocket.Conn, user string, run func(ctx context.Context, cancel context.CancelFunc)) {
+	if !s.limits.openConn(user) {
+		s.m.limitHits.WithLabelValues("connections").Inc()
+		_ = ws.Close(closeTooManyConns, "too many connections")
+		return
+	}
+	defer s.limits.closeConn(user)
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
+		return
+	}
+	s.open[ws] = struct{}{}
+	s.conns.Add(1)
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.open, ws)
+		s.mu.Unlock()
+		s.conns.Done()
+	}()
+	if s.cfg.Limits.FrameBytes > 0 {
+		ws.SetReadLimit(int64(s.cfg.Limits.FrameBytes))
+	} else {
+		ws.SetReadLimit(-1)
+	}
+	ctx, cancel := context.WithCancel(s.shutdownCtx)
+	defer cancel()
+	s.m.connections.Inc()
+	s.m.connectsTotal.Inc()
+	defer s.m.connections.Dec()
+	run(ctx, cancel)
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
