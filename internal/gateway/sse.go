@@ -17,11 +17,16 @@ func ParseLastEventID(s string) (int64, bool) {
 	if s == "" {
 		return 0, true
 	}
-	if len(s) > 18 {
+	if len(s) > 19 { // the digits of the largest int64
 		return 0, false
 	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, false // ParseInt would also take "-0" and "+5"
+		}
+	}
 	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n < 0 || s[0] == '+' {
+	if err != nil {
 		return 0, false
 	}
 	return n, true

@@ -1,0 +1,77 @@
+package security_test
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
+)
+
+// deadSocket opens a WebSocket on a raw TCP connection with token and then
+// never reads or answers again: a peer that vanished without a FIN.
+func deadSocket(t *testing.T, p *trtest.Proc, token string) net.Conn {
+	t.Helper()
+	addr := strings.TrimPrefix(p.URL, "http://")
+	nc, err := net.DialTimeout("tcp", addr, wait)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	req := "GET /v1/ws HTTP/1.1\r\nHost: " + addr + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n" +
+		"Authorization: Bearer " + token + "\r\n\r\n"
+	if _, err := io.WriteString(nc, req); err != nil {
+		t.Fatal(err)
+	}
+	nc.SetReadDeadline(time.Now().Add(wait))
+	resp, err := http.ReadResponse(bufio.NewReader(nc), nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("raw upgrade: %v %v", resp, err)
+	}
+	return nc
+}
+
+// TestIdleTimeout checks --ping-interval and --idle-timeout: a connection
+// whose peer stops answering pings is closed and its per-user slot freed,
+// while a live connection that answers them stays open however quiet it
+// is.
+func TestIdleTimeout(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--ping-interval", "200ms", "--idle-timeout", "500ms", "--limit-connections", "2")
+	tok := tokenFor(t, "alice")
+	live := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
+	start := time.Now()
+	dead := deadSocket(t, p, tok)
+	waitMetric(t, p.URL, "tokenrelay_limit_hits_total", `limit="idle_timeout"`, 1)
+	// The slot is freed: alice may connect again (limit 2: live + new).
+	deadline := time.Now().Add(wait)
+	for metric(t, p.URL, "tokenrelay_connections", "") > 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the dead connection was never released")
+		}
+		time.Sleep(20 * time.Millisecond) // polling a metric, not synchronising
+	}
+	reaped := time.Since(start)
+	t.Logf("dead connection reaped after %v (ping 200ms + idle timeout 500ms + close handshake)", reaped.Round(10*time.Millisecond))
+	if code := closeCode(t, p.WSURL(), &trtest.DialOptions{Token: tok}, 300*time.Millisecond); code != -1 {
+		t.Fatalf("a new connection after the reap: close %d", code)
+	}
+	// The server closed the TCP connection.
+	dead.SetReadDeadline(time.Now().Add(wait))
+	if _, err := io.Copy(io.Discard, dead); err != nil {
+		t.Fatalf("dead socket: %v, want EOF", err)
+	}
+	// The live connection, quiet all along, is still open.
+	live.Send(`{"type":"ping","id":"still"}`)
+	if f := reply(t, live, "still"); f.Type() != "pong" {
+		t.Fatalf("live connection: %v", f)
+	}
+	if got := metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="idle_timeout"`); got != 1 {
+		t.Errorf("idle_timeout hits = %v, want 1", got)
+	}
+}
