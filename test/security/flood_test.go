@@ -215,7 +215,7 @@ func TestConnectionFloodDoesNotSlowOthers(t *testing.T) {
 	if fmax > 2*time.Second || maxGap > 2*time.Second {
 		t.Errorf("the victim's stream stalled during the flood: max latency %v, longest gap %v", fmax, maxGap)
 	}
-	if want := int64(dur.Seconds() * rate / 2); floodSeqs < want {
+	if want := int64(dur.Seconds() * rate / 4); floodSeqs < want {
 		t.Errorf("the victim got %d deltas during a %v flood, want at least %d", floodSeqs, dur, want)
 	}
 }
