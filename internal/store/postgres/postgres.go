@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/migrations"
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlstore"
 )
 
 var _ store.Store = (*DB)(nil)
@@ -27,7 +27,8 @@ var _ store.Store = (*DB)(nil)
 // first (public by default); a URL may choose another with
 // ?search_path=name.
 type DB struct {
-	pool *pgxpool.Pool
+	*sqlstore.DB // the queries, on pool
+	pool         *pgxpool.Pool
 }
 
 // Open connects to the PostgreSQL database at url (a postgres:// URL or a
@@ -57,7 +58,7 @@ func open(ctx context.Context, url string) (*DB, error) {
 		pool.Close()
 		return nil, err
 	}
-	return &DB{pool: pool}, nil
+	return &DB{DB: sqlstore.New(conn{pool}, conn{pool}, dialect{pool}), pool: pool}, nil
 }
 
 // Migrate applies the pending migrations to the database at url and
@@ -134,12 +135,4 @@ func (s *DB) Ping(ctx context.Context) error {
 func (s *DB) Close() error {
 	s.pool.Close()
 	return nil
-}
-
-// uniqueViolation is PostgreSQL's SQLSTATE for a unique constraint failure.
-const uniqueViolation = "23505"
-
-func isUniqueViolation(err error) bool {
-	var e *pgconn.PgError
-	return errors.As(err, &e) && e.Code == uniqueViolation
 }

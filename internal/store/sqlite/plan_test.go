@@ -4,6 +4,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlstore"
 )
 
 // TestActiveTurnPlan checks that the queries for active turns use the
@@ -21,13 +23,13 @@ func TestActiveTurnPlan(t *testing.T) {
 		query string
 		args  []any
 	}{
-		{"conversation", `SELECT m.id FROM messages m WHERE m.conversation_id = ? AND ` + activeTurn +
+		{"conversation", `SELECT m.id FROM messages m WHERE m.conversation_id = ? AND ` + sqlstore.ActiveTurn +
 			` ORDER BY m.position DESC LIMIT 1`, []any{"c"}},
-		{"all", `SELECT ` + turnColumns + ` FROM messages m JOIN conversations c ON c.id = m.conversation_id
-			WHERE ` + activeTurn + ` ORDER BY m.created_at, m.position`, nil},
+		{"all", `SELECT ` + sqlstore.TurnColumns + ` FROM messages m JOIN conversations c ON c.id = m.conversation_id
+			WHERE ` + sqlstore.ActiveTurn + ` ORDER BY m.created_at, m.position`, nil},
 		{"owner", `SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id
-			WHERE c.owner = ? AND ` + activeTurn, []any{"alice"}},
-		{"listed", `SELECT ` + conversationColumns + ` FROM conversations c WHERE c.id = ?`, []any{"c"}},
+			WHERE c.owner = ? AND ` + sqlstore.ActiveTurn, []any{"alice"}},
+		{"listed", `SELECT ` + sqlstore.ConversationColumns + ` FROM conversations c WHERE c.id = ?`, []any{"c"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

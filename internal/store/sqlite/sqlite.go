@@ -13,11 +13,10 @@ import (
 	"time"
 
 	"github.com/pressly/goose/v3"
-	"modernc.org/sqlite"
-	sqlite3 "modernc.org/sqlite/lib"
 
 	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/migrations"
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlstore"
 )
 
 var _ store.Store = (*DB)(nil)
@@ -33,8 +32,9 @@ var _ store.Store = (*DB)(nil)
 // pool of read-only connections and run concurrently with each other and with
 // the writer, which WAL allows.
 type DB struct {
-	write *sql.DB // one connection, BEGIN IMMEDIATE
-	read  *sql.DB // query_only connections
+	*sqlstore.DB         // the queries, on read and write
+	write        *sql.DB // one connection, BEGIN IMMEDIATE
+	read         *sql.DB // query_only connections
 }
 
 // busyTimeout is how long a connection waits for another process's lock
@@ -90,7 +90,8 @@ func open(ctx context.Context, path string) (*DB, error) {
 		read.Close()
 		return nil, err
 	}
-	return &DB{write: write, read: read}, nil
+	d := dialect{write: write, read: read}
+	return &DB{DB: sqlstore.New(conn{read}, conn{write}, d), write: write, read: read}, nil
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -122,14 +123,4 @@ func (s *DB) Ping(ctx context.Context) error {
 // Close closes the database. Calls in flight may fail.
 func (s *DB) Close() error {
 	return errors.Join(s.read.Close(), s.write.Close())
-}
-
-// isUniqueViolation reports whether err is SQLite's UNIQUE or PRIMARY KEY
-// constraint failure.
-func isUniqueViolation(err error) bool {
-	var e *sqlite.Error
-	if !errors.As(err, &e) {
-		return false
-	}
-	return e.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || e.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
 }

@@ -1,4 +1,4 @@
-package postgres
+package sqlstore
 
 import (
 	"database/sql"
@@ -9,24 +9,21 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 )
 
-// activeTurn selects the assistant messages whose turn is queued or
+// ActiveTurn selects the assistant messages whose turn is queued or
 // streaming. It repeats the predicate of the messages_active partial index
-// word for word: SQLite needs that, and PostgreSQL is glad of it.
-const activeTurn = `m.role = 'assistant' AND m.status IN ('queued', 'streaming')`
+// word for word: SQLite uses that index only when it does, and PostgreSQL is
+// glad of it.
+const ActiveTurn = `m.role = 'assistant' AND m.status IN ('queued', 'streaming')`
 
-// messageColumns are the columns scanMessage reads, from messages m.
-const messageColumns = `m.conversation_id, m.id, m.role, m.content, m.status, m.turn_id, m.reply_to,
+// MessageColumns are the columns scanMessage reads, from messages m.
+const MessageColumns = `m.conversation_id, m.id, m.role, m.content, m.status, m.turn_id, m.reply_to,
 	m.model, m.error, m.seq, m.prompt_tokens, m.completion_tokens, m.created_at, m.finished_at`
 
-// turnColumns are the columns scanTurn reads, from messages m joined with
+// TurnColumns are the columns scanTurn reads, from messages m joined with
 // conversations c.
-const turnColumns = messageColumns + `, c.owner`
+const TurnColumns = MessageColumns + `, c.owner`
 
-type scanner interface {
-	Scan(dest ...any) error
-}
-
-func scanMessage(r scanner, extra ...any) (chat.Message, error) {
+func scanMessage(r Scanner, extra ...any) (chat.Message, error) {
 	var (
 		m                  chat.Message
 		prompt, completion sql.NullInt64
@@ -48,7 +45,7 @@ func scanMessage(r scanner, extra ...any) (chat.Message, error) {
 	return m, nil
 }
 
-func scanTurn(r scanner) (chat.Turn, error) {
+func scanTurn(r Scanner) (chat.Turn, error) {
 	var owner string
 	m, err := scanMessage(r, &owner)
 	if err != nil {
@@ -94,8 +91,7 @@ const maxTitleRunes = 80
 // titleFor makes a conversation title from the text of its first message:
 // whitespace collapsed, and when too long cut at a word boundary (or
 // mid-word when a word is very long) with an ellipsis, never inside a
-// UTF-8 sequence. The SQLite store has the same function; storetest
-// checks both.
+// UTF-8 sequence.
 func titleFor(text string) string {
 	t := strings.Join(strings.Fields(text), " ")
 	if utf8.RuneCountInString(t) <= maxTitleRunes {

@@ -1,23 +1,18 @@
-package postgres
+package sqlstore
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"math"
 	"slices"
 
 	"github.com/google/uuid"
-	"github.com/jackc/pgx/v5"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/store"
 )
-
-// ownerLockSpace is the first key of the transaction advisory lock that
-// serializes one owner's sends while Send counts the owner's active turns;
-// the second key is hashtext(owner).
-const ownerLockSpace int32 = 0x7472 // "tr"
 
 // Send stores a user message and its queued turn in one transaction, with the
 // errors and the Duplicate retry that [store.Store] documents. Checks come in
@@ -28,9 +23,9 @@ const ownerLockSpace int32 = 0x7472 // "tr"
 // created when missing; it takes its title from the first message sent to it
 // while its title is empty, and its updated_at from every send.
 //
-// Concurrent sends to one conversation queue on its row lock (SELECT … FOR
-// UPDATE), so that the second sees the first's turn; with MaxActiveTurns
-// set, one owner's sends also queue on an advisory lock for the count.
+// The dialect's Begin and LockConversation keep concurrent sends to one
+// conversation from passing the checks together; with MaxActiveTurns set,
+// its LockOwner does the same for one owner's sends.
 func (s *DB) Send(ctx context.Context, req store.SendRequest) (store.SendResult, error) {
 	res, err := s.send(ctx, req)
 	if err != nil {
@@ -43,64 +38,54 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 	if err := fillIDs(&req); err != nil {
 		return store.SendResult{}, err
 	}
-	tx, err := s.pool.Begin(ctx)
+	tx, err := s.d.Begin(ctx)
 	if err != nil {
 		return store.SendResult{}, err
 	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
+	defer tx.Rollback(ctx)
 
 	now := millis(req.Now)
-	// Create the conversation if need be, so that there is a row to lock.
-	_, err = tx.Exec(ctx, `INSERT INTO conversations (id, owner, title, created_at, updated_at)
-		VALUES ($1, $2, '', $3, $3) ON CONFLICT (id) DO NOTHING`, req.ConversationID, req.Owner, now)
+	owner, err := s.d.LockConversation(ctx, tx, req.ConversationID, req.Owner, now)
 	if err != nil {
-		return store.SendResult{}, err
-	}
-	var owner string
-	err = tx.QueryRow(ctx, `SELECT owner FROM conversations WHERE id = $1 FOR UPDATE`, req.ConversationID).Scan(&owner)
-	if err != nil {
-		// ErrNoRows too: deleted between the two statements.
 		return store.SendResult{}, err
 	}
 	if owner != req.Owner {
 		return store.SendResult{}, chat.ErrForbidden
 	}
 
-	// Under READ COMMITTED every statement from here on sees the sends that
-	// committed while this one waited for the lock.
-	prev, err := scanMessage(tx.QueryRow(ctx, `SELECT `+messageColumns+` FROM messages m
-		WHERE m.conversation_id = $1 AND m.id = $2`, req.ConversationID, req.MessageID))
+	prev, err := scanMessage(tx.QueryRow(ctx, `SELECT `+MessageColumns+` FROM messages m
+		WHERE m.conversation_id = ? AND m.id = ?`, req.ConversationID, req.MessageID))
 	switch {
 	case err == nil && prev.Role == chat.RoleUser:
-		t, err := scanTurn(tx.QueryRow(ctx, `SELECT `+turnColumns+`
+		t, err := scanTurn(tx.QueryRow(ctx, `SELECT `+TurnColumns+`
 			FROM messages m JOIN conversations c ON c.id = m.conversation_id
-			WHERE m.turn_id = $1 AND m.role = 'assistant'`, prev.TurnID))
+			WHERE m.turn_id = ? AND m.role = 'assistant'`, prev.TurnID))
 		if err != nil {
 			return store.SendResult{}, fmt.Errorf("turn of duplicate message: %w", err)
 		}
 		return store.SendResult{Message: prev, Turn: t, Duplicate: true}, nil
 	case err == nil:
 		return store.SendResult{}, chat.ErrConflict // the id of an assistant message
-	case !errors.Is(err, pgx.ErrNoRows):
+	case !errors.Is(err, sql.ErrNoRows):
 		return store.SendResult{}, err
 	}
 
 	var active string
-	err = tx.QueryRow(ctx, `SELECT m.id FROM messages m WHERE m.conversation_id = $1 AND `+activeTurn+`
+	err = tx.QueryRow(ctx, `SELECT m.id FROM messages m WHERE m.conversation_id = ? AND `+ActiveTurn+`
 		ORDER BY m.position DESC LIMIT 1`, req.ConversationID).Scan(&active)
 	switch {
 	case err == nil:
 		return store.SendResult{}, &chat.TurnActiveError{TurnID: active}
-	case !errors.Is(err, pgx.ErrNoRows):
+	case !errors.Is(err, sql.ErrNoRows):
 		return store.SendResult{}, err
 	}
 
-	// A turn id taken by a send still in flight elsewhere passes this check;
-	// the unique index then fails the insert below, mapped to ErrConflict.
+	// Where a turn id taken by a send still in flight elsewhere passes this
+	// check, the unique index fails the insert below, mapped to ErrConflict.
 	var used bool
-	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM messages WHERE turn_id = $1 AND role = 'assistant')
-		OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = $2 AND id = $1)`,
-		req.TurnID, req.ConversationID).Scan(&used)
+	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM messages WHERE turn_id = ? AND role = 'assistant')
+		OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)`,
+		req.TurnID, req.ConversationID, req.TurnID).Scan(&used)
 	if err != nil {
 		return store.SendResult{}, err
 	}
@@ -109,14 +94,14 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 	}
 
 	if req.MaxActiveTurns > 0 {
-		// Taken after the conversation row, as every Send does, so that two
+		// Locked after the conversation, as every Send does, so that two
 		// sends cannot wait for each other.
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1, hashtext($2))`, ownerLockSpace, req.Owner); err != nil {
+		if err := s.d.LockOwner(ctx, tx, req.Owner); err != nil {
 			return store.SendResult{}, err
 		}
 		var n int
 		err = tx.QueryRow(ctx, `SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id
-			WHERE c.owner = $1 AND `+activeTurn, req.Owner).Scan(&n)
+			WHERE c.owner = ? AND `+ActiveTurn, req.Owner).Scan(&n)
 		if err != nil {
 			return store.SendResult{}, err
 		}
@@ -130,17 +115,17 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 	// before the reply.
 	for _, m := range []chat.Message{msg, turn} {
 		_, err = tx.Exec(ctx, `INSERT INTO messages (conversation_id, id, role, content, status, turn_id,
-			reply_to, model, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
-			m.ConversationID, m.ID, string(m.Role), m.Content, string(m.Status), m.TurnID, m.ReplyTo, m.Model, now)
-		if isUniqueViolation(err) {
+			reply_to, model, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			m.ConversationID, m.ID, m.Role, m.Content, m.Status, m.TurnID, m.ReplyTo, m.Model, now)
+		if s.d.IsUniqueViolation(err) {
 			return store.SendResult{}, chat.ErrConflict
 		}
 		if err != nil {
 			return store.SendResult{}, err
 		}
 	}
-	_, err = tx.Exec(ctx, `UPDATE conversations SET updated_at = $1,
-		title = CASE WHEN title = '' THEN $2 ELSE title END WHERE id = $3`,
+	_, err = tx.Exec(ctx, `UPDATE conversations SET updated_at = ?,
+		title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?`,
 		now, titleFor(req.Text), req.ConversationID)
 	if err != nil {
 		return store.SendResult{}, err
@@ -215,31 +200,25 @@ func (s *DB) Messages(ctx context.Context, conversationID string, limit int, bef
 }
 
 func (s *DB) messages(ctx context.Context, conversationID string, limit int, before string) ([]chat.Message, error) {
-	var lim *int // NULL: no limit
-	if limit > 0 {
-		lim = &limit
-	}
-	pos := int64(math.MaxInt64)
-	if before != "" {
-		// Positions only grow, so reading before's position outside the
-		// page's snapshot cannot change which messages precede it.
-		err := s.pool.QueryRow(ctx, `SELECT position FROM messages WHERE conversation_id = $1 AND id = $2`,
-			conversationID, before).Scan(&pos)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return nil, fmt.Errorf("before %q: %w", before, chat.ErrNotFound)
+	var ms []chat.Message
+	err := s.d.Snapshot(ctx, func(q Queryer) error {
+		pos := int64(math.MaxInt64)
+		if before != "" {
+			err := q.QueryRow(ctx, `SELECT position FROM messages WHERE conversation_id = ? AND id = ?`,
+				conversationID, before).Scan(&pos)
+			if errors.Is(err, sql.ErrNoRows) {
+				return fmt.Errorf("before %q: %w", before, chat.ErrNotFound)
+			}
+			if err != nil {
+				return err
+			}
 		}
-		if err != nil {
-			return nil, err
-		}
-	}
-	rows, err := s.pool.Query(ctx, `SELECT `+messageColumns+` FROM messages m
-		WHERE m.conversation_id = $1 AND m.position < $2 ORDER BY m.position DESC LIMIT $3`,
-		conversationID, pos, lim)
-	if err != nil {
-		return nil, err
-	}
-	ms, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (chat.Message, error) {
-		return scanMessage(r)
+		var err error
+		ms, err = queryAll(ctx, q, func(r Scanner) (chat.Message, error) { return scanMessage(r) },
+			`SELECT `+MessageColumns+` FROM messages m
+			WHERE m.conversation_id = ? AND m.position < ? ORDER BY m.position DESC LIMIT ?`,
+			conversationID, pos, s.limit(limit))
+		return err
 	})
 	if err != nil {
 		return nil, err
@@ -251,9 +230,9 @@ func (s *DB) messages(ctx context.Context, conversationID string, limit int, bef
 // Message returns message messageID of conversation conversationID, or
 // chat.ErrNotFound.
 func (s *DB) Message(ctx context.Context, conversationID, messageID string) (chat.Message, error) {
-	m, err := scanMessage(s.pool.QueryRow(ctx, `SELECT `+messageColumns+` FROM messages m
-		WHERE m.conversation_id = $1 AND m.id = $2`, conversationID, messageID))
-	if errors.Is(err, pgx.ErrNoRows) {
+	m, err := scanMessage(s.read.QueryRow(ctx, `SELECT `+MessageColumns+` FROM messages m
+		WHERE m.conversation_id = ? AND m.id = ?`, conversationID, messageID))
+	if errors.Is(err, sql.ErrNoRows) {
 		err = chat.ErrNotFound
 	}
 	if err != nil {

@@ -1,4 +1,4 @@
-package sqlite
+package sqlstore
 
 import (
 	"context"
@@ -15,7 +15,7 @@ import (
 // Turn returns turn id (the assistant message) with the owner of its
 // conversation, or chat.ErrNotFound.
 func (s *DB) Turn(ctx context.Context, id string) (chat.Turn, error) {
-	t, err := scanTurn(s.read.QueryRowContext(ctx, `SELECT `+turnColumns+`
+	t, err := scanTurn(s.read.QueryRow(ctx, `SELECT `+TurnColumns+`
 		FROM messages m JOIN conversations c ON c.id = m.conversation_id
 		WHERE m.turn_id = ? AND m.role = 'assistant'`, id))
 	if errors.Is(err, sql.ErrNoRows) {
@@ -30,9 +30,9 @@ func (s *DB) Turn(ctx context.Context, id string) (chat.Turn, error) {
 // ActiveTurn returns the conversation's turn that is queued or streaming, or
 // chat.ErrNotFound when there is none.
 func (s *DB) ActiveTurn(ctx context.Context, conversationID string) (chat.Turn, error) {
-	t, err := scanTurn(s.read.QueryRowContext(ctx, `SELECT `+turnColumns+`
+	t, err := scanTurn(s.read.QueryRow(ctx, `SELECT `+TurnColumns+`
 		FROM messages m JOIN conversations c ON c.id = m.conversation_id
-		WHERE m.conversation_id = ? AND `+activeTurn+` ORDER BY m.position DESC LIMIT 1`, conversationID))
+		WHERE m.conversation_id = ? AND `+ActiveTurn+` ORDER BY m.position DESC LIMIT 1`, conversationID))
 	if errors.Is(err, sql.ErrNoRows) {
 		err = chat.ErrNotFound
 	}
@@ -54,12 +54,9 @@ func (s *DB) StartTurn(ctx context.Context, id string, now time.Time) (bool, err
 }
 
 func (s *DB) startTurn(ctx context.Context, id string) (bool, error) {
-	res, err := s.write.ExecContext(ctx, `UPDATE messages SET status = 'streaming'
+	n, err := s.write.Exec(ctx, `UPDATE messages SET status = 'streaming'
 		WHERE turn_id = ? AND role = 'assistant' AND status = 'queued'`, id)
-	if err != nil {
-		return false, err
-	}
-	if n, err := res.RowsAffected(); err != nil || n == 1 {
+	if err != nil || n == 1 {
 		return n == 1, err
 	}
 	if _, err := s.turnStatus(ctx, id); err != nil {
@@ -72,7 +69,7 @@ func (s *DB) startTurn(ctx context.Context, id string) (bool, error) {
 // the writer so that it sees what the writer just did.
 func (s *DB) turnStatus(ctx context.Context, id string) (chat.TurnStatus, error) {
 	var st chat.TurnStatus
-	err := s.write.QueryRowContext(ctx, `SELECT status FROM messages
+	err := s.write.QueryRow(ctx, `SELECT status FROM messages
 		WHERE turn_id = ? AND role = 'assistant'`, id).Scan(&st)
 	if errors.Is(err, sql.ErrNoRows) {
 		return "", chat.ErrNotFound
@@ -85,6 +82,9 @@ func (s *DB) turnStatus(ctx context.Context, id string) (chat.TurnStatus, error)
 // (r.Status, true); otherwise it changes nothing and returns the status the
 // turn already has and false, or chat.ErrNotFound. r.Status must be terminal
 // and from may name only queued and streaming.
+//
+// The UPDATE's condition is checked under the row's write lock, so of two
+// concurrent calls exactly one changes the turn.
 func (s *DB) FinishTurn(ctx context.Context, r store.TurnResult, from ...chat.TurnStatus) (chat.TurnStatus, bool, error) {
 	st, ok, err := s.finishTurn(ctx, r, from)
 	if err != nil {
@@ -109,13 +109,9 @@ func (s *DB) finishTurn(ctx context.Context, r store.TurnResult, from []chat.Tur
 	for _, st := range from {
 		args = append(args, st)
 	}
-	res, err := s.write.ExecContext(ctx, `UPDATE messages SET status = ?, content = ?, seq = ?, error = ?,
+	n, err := s.write.Exec(ctx, `UPDATE messages SET status = ?, content = ?, seq = ?, error = ?,
 		prompt_tokens = ?, completion_tokens = ?, finished_at = ?
 		WHERE turn_id = ? AND role = 'assistant' AND status IN (?`+strings.Repeat(", ?", len(from)-1)+`)`, args...)
-	if err != nil {
-		return "", false, err
-	}
-	n, err := res.RowsAffected()
 	if err != nil {
 		return "", false, err
 	}
@@ -146,22 +142,10 @@ func checkFinish(r store.TurnResult, from []chat.TurnStatus) error {
 // UnfinishedTurns returns every turn still queued or streaming, oldest
 // first.
 func (s *DB) UnfinishedTurns(ctx context.Context) ([]chat.Turn, error) {
-	rows, err := s.read.QueryContext(ctx, `SELECT `+turnColumns+`
+	ts, err := queryAll(ctx, s.read, scanTurn, `SELECT `+TurnColumns+`
 		FROM messages m JOIN conversations c ON c.id = m.conversation_id
-		WHERE `+activeTurn+` ORDER BY m.created_at, m.position`)
+		WHERE `+ActiveTurn+` ORDER BY m.created_at, m.position`)
 	if err != nil {
-		return nil, fmt.Errorf("unfinished turns: %w", err)
-	}
-	defer rows.Close()
-	var ts []chat.Turn
-	for rows.Next() {
-		t, err := scanTurn(rows)
-		if err != nil {
-			return nil, fmt.Errorf("unfinished turns: %w", err)
-		}
-		ts = append(ts, t)
-	}
-	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("unfinished turns: %w", err)
 	}
 	return ts, nil

@@ -1,0 +1,156 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlstore"
+)
+
+// pgxConn is what *pgxpool.Pool and pgx.Tx share.
+type pgxConn interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+// conn runs the shared queries on the pool or in a transaction, their ?
+// placeholders numbered as PostgreSQL wants them.
+type conn struct{ c pgxConn }
+
+var _ sqlstore.Queryer = conn{}
+
+func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Scanner {
+	return c.c.QueryRow(ctx, rebind(query), args...)
+}
+
+func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
+	rows, err := c.c.Query(ctx, rebind(query), args...)
+	if err != nil {
+		return nil, err
+	}
+	return pgxRows{rows}, nil
+}
+
+func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
+	tag, err := c.c.Exec(ctx, rebind(query), args...)
+	if err != nil {
+		return 0, err
+	}
+	return tag.RowsAffected(), nil
+}
+
+// pgxRows gives pgx.Rows the Close of [sqlstore.Rows]; its errors come from
+// Err.
+type pgxRows struct{ pgx.Rows }
+
+func (r pgxRows) Close() error {
+	r.Rows.Close()
+	return nil
+}
+
+// rebind numbers the ? placeholders of query outside single-quoted literals
+// as $1, $2, ….
+func rebind(query string) string {
+	if !strings.Contains(query, "?") {
+		return query
+	}
+	var b strings.Builder
+	b.Grow(len(query) + 16)
+	n, quoted := 0, false
+	for i := range len(query) {
+		switch c := query[i]; {
+		case c == '\'':
+			quoted = !quoted // '' inside a literal toggles twice
+			b.WriteByte(c)
+		case c == '?' && !quoted:
+			n++
+			b.WriteByte('$')
+			b.WriteString(strconv.Itoa(n))
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
+
+// writeTx is Send's transaction.
+type writeTx struct {
+	conn
+	tx pgx.Tx
+}
+
+func (t writeTx) Commit(ctx context.Context) error { return t.tx.Commit(ctx) }
+
+// Rollback rolls back even when ctx is done, so that the connection goes
+// back to the pool clean rather than being closed.
+func (t writeTx) Rollback(ctx context.Context) error {
+	return t.tx.Rollback(context.WithoutCancel(ctx))
+}
+
+// dialect is how PostgreSQL keeps concurrent sends apart: row and advisory
+// locks in READ COMMITTED transactions.
+type dialect struct {
+	pool *pgxpool.Pool
+}
+
+var _ sqlstore.Dialect = dialect{}
+
+func (d dialect) Begin(ctx context.Context) (sqlstore.Tx, error) {
+	t, err := d.pool.Begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return writeTx{conn{t}, t}, nil
+}
+
+// LockConversation makes concurrent sends to one conversation queue on its
+// row lock (SELECT … FOR UPDATE). Under READ COMMITTED every later statement
+// of the transaction sees the sends that committed while it waited.
+func (dialect) LockConversation(ctx context.Context, tx sqlstore.Queryer, id, owner string, now int64) (string, error) {
+	// Create the conversation if need be, so that there is a row to lock.
+	_, err := tx.Exec(ctx, `INSERT INTO conversations (id, owner, title, created_at, updated_at)
+		VALUES (?, ?, '', ?, ?) ON CONFLICT (id) DO NOTHING`, id, owner, now, now)
+	if err != nil {
+		return "", err
+	}
+	var got string
+	// ErrNoRows too is an error: deleted between the two statements.
+	err = tx.QueryRow(ctx, `SELECT owner FROM conversations WHERE id = ? FOR UPDATE`, id).Scan(&got)
+	return got, err
+}
+
+// ownerLockSpace is the first key of the transaction advisory lock that
+// serializes one owner's sends while Send counts the owner's active turns;
+// the second key is hashtext(owner).
+const ownerLockSpace int32 = 0x7472 // "tr"
+
+// LockOwner takes the owner's transaction advisory lock.
+func (dialect) LockOwner(ctx context.Context, tx sqlstore.Queryer, owner string) error {
+	_, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(?, hashtext(?))`, ownerLockSpace, owner)
+	return err
+}
+
+// uniqueViolation is PostgreSQL's SQLSTATE for a unique constraint failure.
+const uniqueViolation = "23505"
+
+func (dialect) IsUniqueViolation(err error) bool {
+	var e *pgconn.PgError
+	return errors.As(err, &e) && e.Code == uniqueViolation
+}
+
+// Snapshot needs no transaction: positions only grow, so reading before's
+// position outside the page's snapshot cannot change which messages precede
+// it.
+func (d dialect) Snapshot(ctx context.Context, fn func(q sqlstore.Queryer) error) error {
+	return fn(conn{d.pool})
+}
+
+// NoLimit is NULL, which PostgreSQL's LIMIT takes as no limit.
+func (dialect) NoLimit() any { return nil }
