@@ -54,6 +54,7 @@ type config struct {
 	JWTIssuer      string
 	JWTAudience    string
 	AllowedOrigins string
+	CompatOrigins  string
 
 	Limits          gateway.Limits
 	TokensPerHour   int
@@ -127,6 +128,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.StringVar(&c.JWTPublicKey, "jwt-public-key", "", "RS256 or ES256 public key: a PEM file path or the PEM itself")
 		fs.StringVar(&c.JWTIssuer, "jwt-issuer", "", "required iss claim, when set")
 		fs.StringVar(&c.JWTAudience, "jwt-audience", "", "required aud claim, when set")
+		fs.StringVar(&c.CompatOrigins, "compat-allowed-origins", "", "comma-separated origins allowed on the compatibility paths /ws/chat and /api/… (default: any)")
 		fs.StringVar(&c.AllowedOrigins, "allowed-origins", "", "comma-separated origins allowed to open /v1/ws besides the server's own (* for any)")
 		d := gateway.DefaultLimits()
 		c.Limits = d

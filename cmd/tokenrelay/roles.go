@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
 	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
@@ -28,7 +31,7 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 		return err
 	}
 	log = log.With("role", "gateway")
-	a, err := newAuth(&c, log)
+	a, err := newAuth(&c, log, stderr)
 	if err != nil {
 		return err
 	}
@@ -79,11 +82,13 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 }
 
 // runWorker runs only a model worker. On SIGTERM it stops taking jobs and
-// ends the turns it is producing as interrupted, text saved.
+// ends the turns it is producing as interrupted, text saved. A worker has no
+// HTTP port unless --metrics-addr gives it one for /metrics and /healthz.
 func runWorker(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	var c config
 	fs := newFlagSet("worker", stderr)
 	c.register(fs, roleWorker)
+	metricsAddr := fs.String("metrics-addr", "", "serve /metrics and /healthz on this address (default: no HTTP port)")
 	if err := parse(fs, args, getenv); err != nil {
 		return err
 	}
@@ -99,6 +104,13 @@ func runWorker(ctx context.Context, args []string, getenv func(string) string, s
 	if err != nil {
 		return err
 	}
+	var ln net.Listener
+	if *metricsAddr != "" {
+		if ln, err = net.Listen("tcp", *metricsAddr); err != nil {
+			return fmt.Errorf("listen %s: %w", *metricsAddr, err)
+		}
+		defer ln.Close()
+	}
 	st, err := openStore(ctx, c.StoreURL, "")
 	if err != nil {
 		return fmt.Errorf("open store: %w", err)
@@ -113,9 +125,20 @@ func runWorker(ctx context.Context, args []string, getenv func(string) string, s
 	if err != nil {
 		return err
 	}
-	w := worker.New(workerConfig(&c, log, newRegistry()), b, st, p)
-	fmt.Fprintf(stdout, "tokenrelay worker %s running\n", version)
-	return w.Run(ctx)
+	reg := newRegistry()
+	w := worker.New(workerConfig(&c, log, reg), b, st, p)
+	if ln == nil {
+		fmt.Fprintf(stdout, "tokenrelay worker %s running\n", version)
+		return w.Run(ctx)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	srv, _ := serveHTTP(ln, mux, log)
+	fmt.Fprintf(stdout, "tokenrelay worker %s running, metrics listening on http://%s\n", version, ln.Addr())
+	err = w.Run(ctx)
+	_ = srv.Close()
+	return err
 }
 
 // runMigrate applies the store's migrations.

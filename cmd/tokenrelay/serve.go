@@ -28,7 +28,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	if err != nil {
 		return err
 	}
-	a, err := newAuth(&c, log)
+	a, err := newAuth(&c, log, stderr)
 	if err != nil {
 		return err
 	}

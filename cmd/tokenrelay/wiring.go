@@ -173,7 +173,7 @@ func allowList(c *config) func(string) bool {
 // newAuth applies the dev-mode rule of PROTOCOL.md: dev is on by default
 // only on a loopback address with no JWT key; on any other address without
 // a key, starting requires an explicit --dev.
-func newAuth(c *config, log *slog.Logger) (*auth.Authenticator, error) {
+func newAuth(c *config, log *slog.Logger, stderr io.Writer) (*auth.Authenticator, error) {
 	hasKey := c.JWTSecret != "" || c.JWTPublicKey != ""
 	loopback := auth.IsLoopback(c.Addr)
 	dev := c.Dev
@@ -185,6 +185,8 @@ func newAuth(c *config, log *slog.Logger) (*auth.Authenticator, error) {
 	}
 	if dev && !loopback {
 		log.Warn("DEV MODE ON A NON-LOOPBACK ADDRESS: anyone who can reach this server is user dev", "addr", c.Addr)
+		// Also past any --log-level: this must not go unseen.
+		fmt.Fprintf(stderr, "tokenrelay: WARNING: --dev on %s: no authentication, anyone who can reach this address is user dev\n", c.Addr)
 	}
 	cfg := auth.Config{Dev: dev, HS256Secret: []byte(c.JWTSecret), Issuer: c.JWTIssuer, Audience: c.JWTAudience}
 	if c.JWTSecret == "" {
@@ -209,7 +211,7 @@ func newRegistry() *prometheus.Registry {
 func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowed func(string) bool, probes map[string]func(context.Context) error) gateway.Config {
 	hostname, _ := os.Hostname()
 	return gateway.Config{
-		Limits: c.Limits, AllowedOrigins: splitList(c.AllowedOrigins), DefaultModel: defaultModel(c),
+		Limits: c.Limits, AllowedOrigins: splitList(c.AllowedOrigins), CompatOrigins: splitList(c.CompatOrigins), DefaultModel: defaultModel(c),
 		ModelAllowed: allowed, DeltaTimestamps: c.DeltaTimestamps, CancelWait: c.CancelWait,
 		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, WriteTimeout: c.WriteTimeout, ReadyProbes: probes,
 		Static: web.Static(), NodeID: hostname + c.Addr, Logger: log, Registry: reg, Gatherer: reg,

@@ -148,11 +148,52 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
-	ack, err := b.js.Publish(ctx, e.Subject(), data, jetstream.WithMsgID(e.MsgID()))
+	ack, err := b.publish(ctx, e.Subject(), data, e.MsgID())
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
 	return ack.Sequence, nil
+}
+
+// A stream whose leader is lost (its node stopped or cut off) answers no
+// publish until the other replicas have elected a new leader, which takes
+// a few seconds; a publish sent meanwhile gets no answer at all. So one
+// attempt waits at most publishAttempt and is then repeated with the same
+// Nats-Msg-Id, which the stream deduplicates: a message stored by an
+// attempt whose answer was lost is not stored twice. Attempts go on while
+// the caller's ctx allows, or for publishRetryFor when it has no deadline.
+const (
+	publishAttempt  = time.Second
+	publishRetryFor = 30 * time.Second
+)
+
+// publish stores data in a stream under msgID, retrying as described above.
+func (b *Bus) publish(ctx context.Context, subj string, data []byte, msgID string) (*jetstream.PubAck, error) {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, publishRetryFor)
+		defer cancel()
+	}
+	for {
+		actx, cancel := context.WithTimeout(ctx, publishAttempt)
+		ack, err := b.js.Publish(actx, subj, data, jetstream.WithMsgID(msgID))
+		cancel()
+		if err == nil {
+			return ack, nil
+		}
+		retry := errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
+			errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
+		if !retry || ctx.Err() != nil {
+			return nil, err
+		}
+		t := time.NewTimer(100 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		case <-t.C:
+		}
+	}
 }
 
 // Subscription is a live subscription; Unsubscribe ends it.

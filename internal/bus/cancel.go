@@ -5,21 +5,25 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// MarkCancelled writes the durable cancel tombstone of a turn. It reports
-// true when this call wrote it, false when it existed already (a cancel was
-// already under way).
+// MarkCancelled writes the durable cancel tombstone of a turn, then signals
+// the cancel on CancelSubj. It reports true when this call wrote the
+// tombstone, false when it existed already (a cancel was already under way).
 func (b *Bus) MarkCancelled(ctx context.Context, turnID string) (bool, error) {
 	_, err := b.cancels.Create(ctx, Token(turnID), []byte{'1'})
-	if errors.Is(err, jetstream.ErrKeyExists) {
-		return false, nil
-	}
-	if err != nil {
+	created := err == nil
+	if err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
 		return false, fmt.Errorf("mark cancelled: %w", err)
 	}
-	return true, nil
+	// The watch of WatchCancels delivers the tombstone too, but it rides a
+	// JetStream consumer that, when the NATS node holding it is lost, is
+	// only recreated after missed heartbeats: seconds. The signal takes any
+	// live route. A lost signal costs nothing: the tombstone stays.
+	_ = b.nc.Publish(CancelSubj, []byte(turnID))
+	return created, nil
 }
 
 // IsCancelled reports whether the turn has a cancel tombstone.
@@ -35,20 +39,35 @@ func (b *Bus) IsCancelled(ctx context.Context, turnID string) (bool, error) {
 }
 
 // WatchCancels calls fn with the id of every turn cancelled from now on,
-// from one goroutine, until ctx is done. The watch is backed by JetStream,
-// so a cancel written while the connection was briefly down still arrives.
-// It returns once the watch is established.
+// from one goroutine, until ctx is done; fn may be called more than once
+// for one turn. Each cancel arrives by two routes: the core signal of
+// MarkCancelled, at once over any live connection, and a watch of the
+// tombstones backed by JetStream, so a cancel written while the connection
+// was briefly down still arrives. It returns once both are established.
 func (b *Bus) WatchCancels(ctx context.Context, fn func(turnID string)) error {
+	signals := make(chan *nats.Msg, 1024)
+	sub, err := b.nc.ChanSubscribe(CancelSubj, signals)
+	if err != nil {
+		return fmt.Errorf("watch cancels: %w", err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		_ = sub.Unsubscribe()
+		return fmt.Errorf("watch cancels: %w", err)
+	}
 	w, err := b.cancels.WatchAll(ctx, jetstream.UpdatesOnly(), jetstream.IgnoreDeletes())
 	if err != nil {
+		_ = sub.Unsubscribe()
 		return fmt.Errorf("watch cancels: %w", err)
 	}
 	go func() {
 		defer w.Stop()
+		defer sub.Unsubscribe()
 		for {
 			select {
 			case <-ctx.Done():
 				return
+			case m := <-signals:
+				fn(string(m.Data))
 			case e, ok := <-w.Updates():
 				if !ok {
 					return

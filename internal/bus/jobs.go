@@ -23,7 +23,7 @@ func (b *Bus) EnqueueJob(ctx context.Context, j Job) error {
 	if err != nil {
 		return fmt.Errorf("enqueue job: %w", err)
 	}
-	if _, err := b.js.Publish(ctx, JobSubject, data, jetstream.WithMsgID("job:"+j.TurnID)); err != nil {
+	if _, err := b.publish(ctx, JobSubject, data, "job:"+j.TurnID); err != nil {
 		return fmt.Errorf("enqueue job: %w", err)
 	}
 	return nil

@@ -1,6 +1,7 @@
 package bus
 
 import (
+	"context"
 	"fmt"
 	"hash/maphash"
 	"sync"
@@ -20,6 +21,44 @@ type Router struct {
 	shards []chan *nats.Msg
 	done   chan struct{}
 	wg     sync.WaitGroup
+
+	mu       sync.Mutex
+	barriers map[*nats.Msg]chan struct{} // marker → closed when its shard reaches it; guarded by mu
+}
+
+// barrierSubject marks a barrier message; no event subject looks like it.
+const barrierSubject = "_tokenrelay.barrier"
+
+// Barrier returns once every message received before the call has been
+// handed to fn (each shard reaches a marker queued behind them), or when
+// ctx is done.
+func (r *Router) Barrier(ctx context.Context) error {
+	// Messages in flight from the server are received first.
+	if err := r.b.nc.FlushWithContext(ctx); err != nil {
+		return err
+	}
+	var waits []chan struct{}
+	for _, ch := range r.shards {
+		m := &nats.Msg{Subject: barrierSubject}
+		w := make(chan struct{})
+		r.mu.Lock()
+		r.barriers[m] = w
+		r.mu.Unlock()
+		select {
+		case ch <- m:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		waits = append(waits, w)
+	}
+	for _, w := range waits {
+		select {
+		case <-w:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
 }
 
 // NewRouter starts shards goroutines calling fn with the events of the
@@ -27,7 +66,8 @@ type Router struct {
 // buffer messages (past that NATS drops them and the subscriber repairs the
 // gap from the stream). Close stops it.
 func (b *Bus) NewRouter(shards, buffer int, fn func(Event)) *Router {
-	r := &Router{b: b, fn: fn, seed: maphash.MakeSeed(), shards: make([]chan *nats.Msg, shards), done: make(chan struct{})}
+	r := &Router{b: b, fn: fn, seed: maphash.MakeSeed(), shards: make([]chan *nats.Msg, shards), done: make(chan struct{}),
+		barriers: make(map[*nats.Msg]chan struct{})}
 	for i := range r.shards {
 		ch := make(chan *nats.Msg, buffer)
 		r.shards[i] = ch
@@ -39,6 +79,13 @@ func (b *Bus) NewRouter(shards, buffer int, fn func(Event)) *Router {
 				case <-r.done:
 					return
 				case m := <-ch:
+					if m.Subject == barrierSubject {
+						r.mu.Lock()
+						close(r.barriers[m])
+						delete(r.barriers, m)
+						r.mu.Unlock()
+						continue
+					}
 					e, err := DecodeEvent(m.Subject, m.Data)
 					if err != nil {
 						continue

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -108,9 +109,20 @@ func (b *Bus) NewSnapshotWriter(conversationID, turnID string) *SnapshotWriter {
 	return &SnapshotWriter{b: b, turnID: turnID, conv: conversationID}
 }
 
+// snapshotWriteTimeout bounds a Write whose ctx has no deadline. A snapshot
+// is best effort (a missed one only lengthens a resume's tail) and its
+// writer holds up the turn's next deltas: a write sent to a NATS node that
+// stopped gets no answer, and must not wait out JetStream's 5s default.
+const snapshotWriteTimeout = time.Second
+
 // Write records that the turn's text after delta seq (stream sequence sseq)
 // is text. text only ever grows between calls.
 func (w *SnapshotWriter) Write(ctx context.Context, text []byte, seq int64, sseq uint64, status chat.TurnStatus) error {
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, snapshotWriteTimeout)
+		defer cancel()
+	}
 	for (w.chunks+1)*ChunkSize <= len(text) {
 		c := text[w.chunks*ChunkSize : (w.chunks+1)*ChunkSize]
 		if _, err := w.b.turns.Put(ctx, chunkKey(w.turnID, w.chunks), c); err != nil {

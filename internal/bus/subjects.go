@@ -8,6 +8,9 @@ const (
 	JobSubject     = "tr.job"
 	eventPrefix    = "tr.ev."
 	WorkerPingSubj = "tr.workers.ping"
+	// CancelSubj carries a cancelled turn's id as a core NATS signal, next to
+	// its durable tombstone (see MarkCancelled).
+	CancelSubj = "tr.cancel"
 
 	EventsStream = "TR_EVENTS"
 	JobsStream   = "TR_JOBS"

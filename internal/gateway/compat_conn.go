@@ -13,6 +13,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/tokenrelay/tokenrelay/internal/auth"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/protocol"
 )
@@ -498,8 +499,13 @@ func (cp *compat) handleWS() http.Handler {
 		if token == "" {
 			token = r.Header.Get("Authorization") // "Bearer …" is accepted
 		}
+		if len(s.cfg.CompatOrigins) > 0 && !auth.OriginAllowed(r, s.cfg.CompatOrigins) {
+			s.m.authFailures.WithLabelValues("origin").Inc()
+			http.Error(w, "origin not allowed", http.StatusForbidden)
+			return
+		}
 		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
-			InsecureSkipVerify: true, // COMPAT.md: any origin on this path
+			InsecureSkipVerify: true, // COMPAT.md: any origin unless configured (checked above)
 			CompressionMode:    websocket.CompressionDisabled,
 		})
 		if err != nil {
@@ -528,9 +534,10 @@ func (cp *compat) handleWS() http.Handler {
 			_ = ws.Close(websocket.StatusInternalError, "internal error")
 			return
 		}
-		s.serveSocket(ws, id.UserID, func(ctx context.Context, cancel context.CancelFunc) {
+		oq := newOutQueue(s.cfg.Limits.OutboundBytes)
+		s.serveSocket(ws, id.UserID, oq, func(ctx context.Context, cancel context.CancelFunc) {
 			c := &compatConn{
-				s: s, cp: cp, ws: ws, user: id.UserID, conv: session, q: newOutQueue(s.cfg.Limits.OutboundBytes),
+				s: s, cp: cp, ws: ws, user: id.UserID, conv: session, q: oq,
 				ctx: ctx, cancel: cancel, turns: make(map[string]*compatTurn),
 				log: s.log.With("user", id.UserID, "conversation_id", session, "compat", true),
 			}

@@ -23,21 +23,35 @@ const compatProbeTimeout = 2 * time.Second
 // handle registers h for method and path with COMPAT.md's CORS (any
 // origin).
 func (cp *compat) handle(mux *http.ServeMux, method, path string, h http.Handler) {
-	mux.Handle(method+" "+path, withCompatCORS(h))
+	mux.Handle(method+" "+path, cp.cors(h))
 }
 
 // preflight answers CORS preflight requests for path.
 func (cp *compat) preflight(mux *http.ServeMux, path string) {
-	mux.Handle("OPTIONS "+path, withCompatCORS(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+	mux.Handle("OPTIONS "+path, cp.cors(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 	})))
 }
 
-// withCompatCORS lets any origin call h, as the original services did.
-func withCompatCORS(h http.Handler) http.Handler {
+// cors lets browsers of the allowed origins call h: any origin unless
+// Config.CompatOrigins names some (as the original services did). A request
+// from another origin is refused with 403.
+func (cp *compat) cors(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		hd := w.Header()
-		hd.Set("Access-Control-Allow-Origin", "*")
+		allowed := cp.s.cfg.CompatOrigins
+		switch origin := r.Header.Get("Origin"); {
+		case len(allowed) == 0:
+			hd.Set("Access-Control-Allow-Origin", "*")
+		case origin == "":
+		case auth.OriginAllowed(r, allowed):
+			hd.Set("Access-Control-Allow-Origin", origin)
+			hd.Add("Vary", "Origin")
+		default:
+			cp.s.m.authFailures.WithLabelValues("origin").Inc()
+			cp.writeCompatError(w, &compatError{status: http.StatusForbidden, err: "Forbidden", detail: "origin not allowed"})
+			return
+		}
 		if r.Method == http.MethodOptions {
 			hd.Set("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
 			hd.Set("Access-Control-Allow-Headers", "Content-Type, Authorization")

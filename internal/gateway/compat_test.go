@@ -343,7 +343,7 @@ func TestCompatCaller(t *testing.T) {
 
 func TestCompatCORSPreflight(t *testing.T) {
 	mux := http.NewServeMux()
-	cp := &compat{}
+	cp := &compat{s: &Server{}}
 	cp.handle(mux, "POST", "/api/chat", http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(200) }))
 	cp.preflight(mux, "/api/chat")
 	for _, m := range []string{http.MethodOptions, http.MethodPost} {

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/tokenrelay/tokenrelay/internal/auth"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/protocol"
 )
@@ -23,6 +24,15 @@ func userOf(r *http.Request) string {
 // authed authenticates the request and passes the user on in its context.
 func (s *Server) authed(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// A browser on another site may POST or DELETE here without a
+		// preflight (a dev-mode server needs no token): refuse requests
+		// that change something when they come from an origin that may not
+		// open /v1/ws either.
+		if r.Method != http.MethodGet && r.Method != http.MethodHead && !auth.OriginAllowed(r, s.cfg.AllowedOrigins) {
+			s.m.authFailures.WithLabelValues("origin").Inc()
+			writeError(w, protocol.Errorf(protocol.CodeForbidden, "origin not allowed"))
+			return
+		}
 		id, err := s.auth.Authenticate(r)
 		if err != nil {
 			s.m.authFailures.WithLabelValues("token").Inc()

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"sync"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
@@ -64,6 +65,10 @@ func (h *hub) dispatch(e bus.Event) {
 
 // close stops delivery.
 func (h *hub) close() { h.router.Close() }
+
+// barrier returns once every event received from the bus before the call
+// has been handed to the subscribers.
+func (h *hub) barrier(ctx context.Context) error { return h.router.Barrier(ctx) }
 
 // add subscribes s to conversation id's events. Events published after add
 // returns reach s.

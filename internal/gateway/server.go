@@ -28,6 +28,9 @@ type Config struct {
 	// AllowedOrigins lists the origins allowed to open /v1/ws besides the
 	// server's own (see auth.OriginAllowed).
 	AllowedOrigins []string
+	// CompatOrigins lists the origins allowed on the compatibility paths
+	// (/ws/chat, /api/…); empty allows any, as COMPAT.md says.
+	CompatOrigins []string
 	// DefaultModel is recorded on turns that do not name one.
 	DefaultModel string
 	// ModelAllowed validates send.model; nil accepts any.
@@ -79,8 +82,8 @@ type Server struct {
 	workerSeen time.Time // when a worker last answered; guarded by workerMu
 
 	mu      sync.Mutex
-	closing bool                         // guarded by mu
-	open    map[*websocket.Conn]struct{} // guarded by mu
+	closing bool                          // guarded by mu
+	open    map[*websocket.Conn]*outQueue // guarded by mu
 }
 
 // New returns a gateway using b and st, authenticating with a.
@@ -110,7 +113,7 @@ func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server 
 	s := &Server{
 		cfg: cfg, bus: b, store: st, auth: a, hub: newHub(b), limits: newUserLimits(cfg.Limits),
 		m: newMetrics(cfg.Registry), log: cfg.Logger, shutdownCtx: ctx, shutdown: cancel,
-		open: make(map[*websocket.Conn]struct{}),
+		open: make(map[*websocket.Conn]*outQueue),
 	}
 	s.mux = s.routes()
 	return s
@@ -122,20 +125,37 @@ func (s *Server) now() time.Time { return s.cfg.Now() }
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
 
 // Shutdown closes every WebSocket connection with 1001 (going away) and
-// waits for their goroutines, or until ctx is done.
+// waits for their goroutines, or until ctx is done. Events already received
+// from the bus (a turn's end published by a stopping worker, say) are
+// written before the close.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing = true
-	open := make([]*websocket.Conn, 0, len(s.open))
-	for c := range s.open {
-		open = append(open, c)
+	open := make(map[*websocket.Conn]*outQueue, len(s.open))
+	for c, q := range s.open {
+		open[c] = q
 	}
 	s.mu.Unlock()
+	// Everything the bus has delivered so far reaches the queues...
+	bctx, cancel := context.WithTimeout(ctx, time.Second)
+	_ = s.hub.barrier(bctx)
+	cancel()
 	var wg sync.WaitGroup
-	for _, c := range open {
+	for c, q := range open {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			// ...and the queues reach the sockets, for a moment at most.
+			wait := time.NewTimer(time.Second)
+			defer wait.Stop()
+			for !q.idle() {
+				select {
+				case <-wait.C:
+				case <-time.After(5 * time.Millisecond):
+					continue
+				}
+				break
+			}
 			_ = c.Close(websocket.StatusGoingAway, "server shutting down")
 		}()
 	}
@@ -197,9 +217,10 @@ func (s *Server) handleWS() http.Handler {
 			_ = ws.Close(closeUnauthorized, "unauthorized")
 			return
 		}
-		s.serveSocket(ws, id.UserID, func(ctx context.Context, cancel context.CancelFunc) {
+		q := newOutQueue(s.cfg.Limits.OutboundBytes)
+		s.serveSocket(ws, id.UserID, q, func(ctx context.Context, cancel context.CancelFunc) {
 			c := &conn{
-				s: s, ws: ws, user: id.UserID, q: newOutQueue(s.cfg.Limits.OutboundBytes),
+				s: s, ws: ws, user: id.UserID, q: q,
 				ctx: ctx, cancel: cancel, views: make(map[string]*view),
 				log: s.log.With("user", id.UserID),
 			}
@@ -208,10 +229,11 @@ func (s *Server) handleWS() http.Handler {
 	})
 }
 
-// serveSocket runs an accepted WebSocket of user (native or compat) under
-// the per-user connection limit, registered for Shutdown, with the inbound
-// frame limit set; run gets the connection's context, which Shutdown ends.
-func (s *Server) serveSocket(ws *websocket.Conn, user string, run func(ctx context.Context, cancel context.CancelFunc)) {
+// serveSocket runs an accepted WebSocket of user (native or compat), whose
+// outbound queue is q, under the per-user connection limit, registered for
+// Shutdown, with the inbound frame limit set; run gets the connection's
+// context, which Shutdown ends.
+func (s *Server) serveSocket(ws *websocket.Conn, user string, q *outQueue, run func(ctx context.Context, cancel context.CancelFunc)) {
 	if !s.limits.openConn(user) {
 		s.m.limitHits.WithLabelValues("connections").Inc()
 		_ = ws.Close(closeTooManyConns, "too many connections")
@@ -224,7 +246,7 @@ func (s *Server) serveSocket(ws *websocket.Conn, user string, run func(ctx conte
 		_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
 		return
 	}
-	s.open[ws] = struct{}{}
+	s.open[ws] = q
 	s.conns.Add(1)
 	s.mu.Unlock()
 	defer func() {

@@ -202,3 +202,10 @@ func (q *outQueue) close() {
 	}
 	q.mu.Unlock()
 }
+
+// idle reports whether nothing is queued and no spawned writer runs.
+func (q *outQueue) idle() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.items) == 0 && !q.writing
+}

@@ -75,7 +75,7 @@ func DecodeClient(data []byte) (ClientFrame, error) {
 		}
 		return ClientFrame{}, &DecodeError{ID: s, Message: "invalid JSON frame: " + jsonErrText(err)}
 	}
-	if dec.More() {
+	if rest := bytes.TrimLeft(data[dec.InputOffset():], " \t\r\n"); len(rest) > 0 {
 		return ClientFrame{}, &DecodeError{ID: f.ID, Message: "one JSON object per frame"}
 	}
 	if len(f.ID) > MaxFrameIDLen {
