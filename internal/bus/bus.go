@@ -58,7 +58,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		return nil, fmt.Errorf("open bus: %w", err)
 	}
 	b := &Bus{nc: nc, js: js, cfg: cfg}
-	b.events, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	b.events, err = ensureStream(ctx, js, jetstream.StreamConfig{
 		Name:        EventsStream,
 		Description: "tokenrelay turn events (start, deltas, end)",
 		Subjects:    []string{eventPrefix + ">"},
@@ -72,7 +72,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bus: events stream: %w", err)
 	}
-	b.jobs, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+	b.jobs, err = ensureStream(ctx, js, jetstream.StreamConfig{
 		Name:        JobsStream,
 		Description: "tokenrelay turn jobs, one per turn",
 		Subjects:    []string{JobSubject},
@@ -98,7 +98,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bus: jobs consumer: %w", err)
 	}
-	b.turns, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	b.turns, err = ensureKeyValue(ctx, js, jetstream.KeyValueConfig{
 		Bucket:      TurnsBucket,
 		Description: "tokenrelay turn snapshots (text so far, seq)",
 		History:     1,
@@ -109,7 +109,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bus: turns bucket: %w", err)
 	}
-	b.cancels, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+	b.cancels, err = ensureKeyValue(ctx, js, jetstream.KeyValueConfig{
 		Bucket:      CancelBucket,
 		Description: "tokenrelay cancel tombstones",
 		History:     1,
@@ -121,6 +121,29 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		return nil, fmt.Errorf("open bus: cancel bucket: %w", err)
 	}
 	return b, nil
+}
+
+// ensureStream creates the stream, or updates it when it exists with
+// another config. Create comes first because it is idempotent: gateways and
+// workers starting together on a new cluster all create the same streams,
+// and jetstream's CreateOrUpdateStream, which tries an update first, then
+// gets no answer (an update of a stream whose creation is still in flight)
+// and every process fails to start.
+func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
+	s, err := js.CreateStream(ctx, cfg)
+	if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+		return js.UpdateStream(ctx, cfg)
+	}
+	return s, err
+}
+
+// ensureKeyValue is ensureStream for a bucket.
+func ensureKeyValue(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
+	kv, err := js.CreateKeyValue(ctx, cfg)
+	if errors.Is(err, jetstream.ErrBucketExists) {
+		return js.UpdateKeyValue(ctx, cfg)
+	}
+	return kv, err
 }
 
 // Conn returns the underlying connection.
