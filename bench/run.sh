@@ -3,7 +3,11 @@
 # tree, or of REV), starts it on a free loopback port with a new data dir,
 # runs trbench with the given arguments, stops the server.
 #
-#   bench/run.sh [-r REV] [-f "server flags"] -- trbench args...
+#   bench/run.sh [-r REV] [-f "server flags"] [-p PROFILE_PREFIX] -- trbench args...
+#
+# TRBENCH_SERVER_LOG=path keeps the server's log.
+# -p serves the server's pprof on the next port and saves a CPU profile of
+# each measured window as PROFILE_PREFIX-<scenario>-<n>.pb.gz.
 #
 # Examples:
 #   bench/run.sh -- -s "idle conns=10000"
@@ -11,11 +15,12 @@
 #   bench/run.sh -r HEAD~1 -- --scenarios stream   # an older server, same tool
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rev="" extra=""
+rev="" extra="" prof=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	-r) rev="$2"; shift 2 ;;
 	-f) extra="$2"; shift 2 ;;
+	-p) prof="$2"; shift 2 ;;
 	--) shift; break ;;
 	*) break ;;
 	esac
@@ -48,6 +53,11 @@ while [ "$waited" -lt "${TRBENCH_QUIET_WAIT:-300}" ]; do
 	waited=$((waited + 2))
 done
 port=${TRBENCH_PORT:-18282}
+profargs=()
+if [ -n "$prof" ]; then
+	extra="$extra --debug-addr 127.0.0.1:$((port + 1))"
+	profargs=(--pprof "http://127.0.0.1:$((port + 1))" --pprof-out "$prof")
+fi
 # shellcheck disable=SC2086
 "$work/tokenrelay" serve --addr "127.0.0.1:$port" --data-dir "$work/data" --delta-timestamps \
 	--limit-sends 0 --limit-connections 0 --limit-turns 0 --log-level warn $extra >"$work/server.log" 2>&1 &
@@ -57,10 +67,12 @@ for _ in $(seq 100); do
 	sleep 0.1
 done
 echo "server $commit pid $pid: tokenrelay serve $extra" >&2
-TRBENCH_COMMIT=$commit "$work/trbench" --url "ws://127.0.0.1:$port/v1/ws" --pid "$pid" "$@"
+set +e
+TRBENCH_COMMIT=$commit "$work/trbench" --url "ws://127.0.0.1:$port/v1/ws" --pid "$pid" "${profargs[@]}" "$@"
 status=$?
 if grep -qvE 'level=(INFO|DEBUG)|listening on' "$work/server.log"; then
 	echo "--- server log (warnings and errors, last 20 lines)" >&2
 	grep -vE 'level=(INFO|DEBUG)|listening on' "$work/server.log" | tail -20 >&2
 fi
+[ -n "${TRBENCH_SERVER_LOG:-}" ] && cp "$work/server.log" "$TRBENCH_SERVER_LOG"
 exit $status

@@ -31,9 +31,10 @@ type bench struct {
 	sends, ends            atomic.Int64 // turns sent and ended (all time)
 	errs                   errorCounts
 
-	mu    sync.Mutex
-	conns []*conn // every connection of the run, for the totals; guarded by mu
-	next  int     // guarded by mu
+	mu         sync.Mutex
+	violations []string // the first few violations in detail; guarded by mu
+	conns      []*conn  // every connection of the run, for the totals; guarded by mu
+	next       int      // guarded by mu
 }
 
 func newBench(cfg *config, d *dialer, runID string) *bench {
@@ -43,6 +44,16 @@ func newBench(cfg *config, d *dialer, runID string) *bench {
 func (b *bench) latShard(idx int) *Histogram { return &b.lat[idx%latShards] }
 
 func (b *bench) count(name string) { b.errs.add(name, 1) }
+
+const keepViolations = 10
+
+func (b *bench) violationSample(s string) {
+	b.mu.Lock()
+	if len(b.violations) < keepViolations {
+		b.violations = append(b.violations, s)
+	}
+	b.mu.Unlock()
+}
 
 // latency merges the shards.
 func (b *bench) latency() *Histogram {
@@ -94,8 +105,10 @@ func (b *bench) totals() (frames, deltaFrames, deltas, bytes int64, v Violations
 		deltas += c.c.deltas.Load()
 		bytes += c.c.bytes.Load()
 	}
+	conns := append([]*conn(nil), b.conns...)
+	b.mu.Unlock()
 	seen := map[*Tracker]bool{}
-	for _, c := range b.conns {
+	for _, c := range conns {
 		if seen[c.trk] {
 			continue // carried over to a reconnected connection
 		}
@@ -103,6 +116,7 @@ func (b *bench) totals() (frames, deltaFrames, deltas, bytes int64, v Violations
 		c.trk.Finish()
 		v.Add(c.trk.V)
 	}
+	b.mu.Lock()
 	return
 }
 

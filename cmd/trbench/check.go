@@ -58,6 +58,15 @@ type Tracker struct {
 	turns map[string]*turnTrack
 	ended []string // ended turns, oldest first (bounded)
 	V     Violations
+	// OnViolation, when set, hears of each violation as it is counted,
+	// with the frame's from..seq and the last seq applied before it.
+	OnViolation func(kind, turn string, from, seq, last int64)
+}
+
+func (t *Tracker) report(kind, turn string, from, seq, last int64) {
+	if t.OnViolation != nil {
+		t.OnViolation(kind, turn, from, seq, last)
+	}
 }
 
 // NewTracker returns an empty tracker.
@@ -145,12 +154,14 @@ func (t *Tracker) Delta(turn string, from, seq int64) (Verdict, int64) {
 	tt := t.turns[turn]
 	if tt == nil {
 		t.V.Unknown++
+		t.report("unknown turn", turn, from, seq, 0)
 		tt = &turnTrack{}
 		t.turns[turn] = tt
 		t.cur = turn
 	}
 	if tt.ended {
 		t.V.AfterEnd++
+		t.report("delta after end", turn, from, seq, tt.last)
 		return Ignored, 0
 	}
 	switch {
@@ -160,6 +171,7 @@ func (t *Tracker) Delta(turn string, from, seq int64) (Verdict, int64) {
 		return Applied, n
 	case from <= tt.last:
 		t.V.Dups++
+		t.report("duplicate", turn, from, seq, tt.last)
 		if seq <= tt.last {
 			return Ignored, 0
 		}
@@ -168,6 +180,7 @@ func (t *Tracker) Delta(turn string, from, seq int64) (Verdict, int64) {
 		return Applied, n
 	default:
 		t.V.Gaps++
+		t.report("gap", turn, from, seq, tt.last)
 		return GapSeen, 0
 	}
 }
@@ -177,18 +190,22 @@ func (t *Tracker) End(turn string, seq int64) {
 	tt := t.turns[turn]
 	if tt == nil {
 		t.V.Unknown++
+		t.report("end of unknown turn", turn, seq, seq, 0)
 		tt = &turnTrack{last: seq}
 		t.turns[turn] = tt
 	}
 	if tt.ended {
 		t.V.DoubleEnds++
+		t.report("second end", turn, seq, seq, tt.last)
 		return
 	}
 	switch {
 	case seq > tt.last:
 		t.V.Gaps++
+		t.report("end past last delta", turn, seq, seq, tt.last)
 	case seq < tt.last:
 		t.V.EndSeq++
+		t.report("end below last delta", turn, seq, seq, tt.last)
 	}
 	tt.ended = true
 	t.ended = append(t.ended, turn)
@@ -212,5 +229,8 @@ func (t *Tracker) Open() []string {
 // Finish counts the turns still open as missing ends; call it once the
 // run is over and every turn should have ended.
 func (t *Tracker) Finish() {
-	t.V.MissingEnds += int64(len(t.Open()))
+	for _, id := range t.Open() {
+		t.V.MissingEnds++
+		t.report("missing end", id, 0, 0, t.turns[id].last)
+	}
 }

@@ -130,9 +130,19 @@ type conn struct {
 	done     chan struct{}   // closed when the reader ends
 	err      error           // why the reader ended; set before done closes
 
-	resync   bool   // a gap was seen; deltas wait for the re-join's joined (reader-owned)
+	resync   bool     // a gap was seen; deltas wait for the re-join's joined (reader-owned)
+	recent   [16]seen // the last frames seen, for violation reports (reader-owned)
+	nrecent  int
 	turnStr  string // interned id of the last turn seen (reader-owned)
 	turnSeen []byte
+}
+
+// seen is one frame in a connection's recent history.
+type seen struct {
+	at        time.Time
+	what      string // frame type, or "> join …" for what the tool sent
+	turn      string
+	from, seq int64
 }
 
 type joinedInfo struct {
@@ -147,7 +157,30 @@ func newConn(b *bench, ws *websocket.Conn, idx int, trk *Tracker, ends chan stri
 	if trk == nil {
 		trk = NewTracker()
 	}
-	return &conn{b: b, ws: ws, idx: idx, trk: trk, lat: b.latShard(idx), joined: make(chan joinedInfo, 1), ends: ends, done: make(chan struct{})}
+	c := &conn{b: b, ws: ws, idx: idx, trk: trk, lat: b.latShard(idx), joined: make(chan joinedInfo, 1), ends: ends, done: make(chan struct{})}
+	trk.OnViolation = c.violation // the reader now owns the tracker
+	return c
+}
+
+func (c *conn) note(s seen) {
+	c.recent[c.nrecent%len(c.recent)] = s
+	c.nrecent++
+}
+
+// violation keeps the first few violations with the frames before them,
+// so that a bug can be reported with what the client saw.
+func (c *conn) violation(kind, turn string, from, seq, last int64) {
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "%s: turn %s frame %d..%d after last %d on connection %d", kind, turn, from, seq, last, c.idx)
+	if c.conv != nil {
+		fmt.Fprintf(&sb, " (conversation %s)", c.conv.id)
+	}
+	sb.WriteString("; recent frames:")
+	for i := max(0, c.nrecent-len(c.recent)); i < c.nrecent; i++ {
+		s := c.recent[i%len(c.recent)]
+		fmt.Fprintf(&sb, " [%s %s %s %d..%d]", s.at.Format("15:04:05.000"), s.what, s.turn, s.from, s.seq)
+	}
+	c.b.violationSample(sb.String())
 }
 
 // start runs the reader.
@@ -258,6 +291,11 @@ func (c *conn) handle(data []byte, f *frame) {
 	if err := parseFrame(data, f); err != nil {
 		c.b.count("client: unparsable frame")
 		return
+	}
+	if f.hasActive {
+		c.note(seen{at: now, what: string(f.typ) + " active", turn: c.intern(f.active.turn), from: f.active.from, seq: f.active.seq})
+	} else {
+		c.note(seen{at: now, what: string(f.typ), turn: c.intern(f.turn), from: f.from, seq: f.seq})
 	}
 	switch string(f.typ) {
 	case "turn.delta":

@@ -92,5 +92,6 @@ func runIdle(ctx context.Context, e *env, n int, hold time.Duration) (*Result, e
 	b.closeAll()
 	_, _, _, _, r.Violations = b.totals()
 	r.Events = b.errs.snapshot()
+	r.ViolationDetails = b.violations
 	return r, nil
 }

@@ -17,6 +17,7 @@ func runLong(ctx context.Context, e *env, lengths []int, secs float64, probes in
 		b.closeAll()
 		_, _, _, _, v := b.totals()
 		r.Violations.Add(v)
+		r.ViolationDetails = append(r.ViolationDetails, b.violations...)
 		if r.Events == nil {
 			r.Events = map[string]int64{}
 		}

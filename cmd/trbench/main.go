@@ -48,6 +48,8 @@ type config struct {
 	History         bool
 	Label           string
 	Quiet           bool
+	PprofURL        string
+	PprofOut        string
 
 	IdleConns int
 	IdleHold  time.Duration
@@ -110,11 +112,36 @@ Examples:
   trbench --url ws://127.0.0.1:18282/v1/ws --scenarios idle --conns 10000
   trbench --scenarios stream,cancel,resume --turns 1000 --rate 20 --json out.json
   trbench -s "ramp watchers=10 ramp=50,100,200" -s "stream turns=100 watchers=10"
+  trbench compare old.json new.json      # ratios of two runs' figures
+  trbench show run.json                  # print a JSON report again
 
 Flags:
 `
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "compare" {
+		if len(args) != 3 {
+			return errors.New("usage: trbench compare OLD.json NEW.json")
+		}
+		return compare(args[1], args[2], stdout)
+	}
+	if len(args) > 0 && args[0] == "show" {
+		for _, p := range args[1:] {
+			data, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			var rep report
+			if err := json.Unmarshal(data, &rep); err != nil {
+				return fmt.Errorf("%s: %w", p, err)
+			}
+			for _, r := range rep.Results {
+				r.print(stdout)
+				fmt.Fprintln(stdout)
+			}
+		}
+		return nil
+	}
 	cfg := &config{
 		URL: "ws://127.0.0.1:8080/v1/ws", DialConcurrency: 128,
 		IdleConns: 10000, IdleHold: 10 * time.Second,
@@ -142,6 +169,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	fs.StringVar(&cfg.JSON, "json", "", "also write the results as JSON to this file")
 	fs.BoolVar(&cfg.History, "history", false, "print rows for the history table of docs/benchmarks.md")
 	fs.BoolVar(&cfg.Quiet, "q", false, "no progress lines")
+	fs.StringVar(&cfg.PprofURL, "pprof", "", "server debug address (tokenrelay --debug-addr), e.g. http://127.0.0.1:6060: take a CPU profile over each measured window")
+	fs.StringVar(&cfg.PprofOut, "pprof-out", "trbench", "CPU profiles go to <this>-<scenario>-<n>.pb.gz")
 	bindScenarioFlags(fs, cfg)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -307,6 +336,13 @@ func runRamp(ctx context.Context, e *env, c *config, p streamParams) (*Result, e
 		r.Steps = append(r.Steps, s)
 		r.Params.Tokens = s.Params.Tokens
 		r.Violations.Add(s.Violations)
+		r.ViolationDetails = append(r.ViolationDetails, s.ViolationDetails...)
+		for k, v := range s.Events {
+			if r.Events == nil {
+				r.Events = map[string]int64{}
+			}
+			r.Events[fmt.Sprintf("step %d: %s", n, k)] += v
+		}
 		ok := s.Latency != nil && s.Latency.Count > 0 &&
 			s.Latency.P99 <= float64(c.P99Target)/float64(time.Millisecond) &&
 			s.KeepUp >= 0.95 && s.Violations.Total() == 0 && s.ConnFailures == 0

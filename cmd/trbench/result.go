@@ -64,6 +64,9 @@ type Result struct {
 	Steps []*Result `json:"ramp_steps,omitempty"`
 	Best  *RampBest `json:"ramp_best,omitempty"`
 	Notes []string  `json:"notes,omitempty"`
+	// ViolationDetails are the first violations, with the frames the
+	// connection saw before each.
+	ViolationDetails []string `json:"violation_details,omitempty"`
 }
 
 // LongRow is one resume measurement on a long turn.
@@ -196,6 +199,9 @@ func (r *Result) printRest(row func(k, f string, a ...any)) {
 	}
 	for _, n := range r.Notes {
 		row("note", "%s", n)
+	}
+	for _, d := range r.ViolationDetails {
+		row("violation", "%s", d)
 	}
 }
 

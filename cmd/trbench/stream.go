@@ -3,8 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net/http"
+	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -167,6 +172,13 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 			b.probes(sctx, convs, p)
 		}()
 	}
+	if e.cfg.PprofURL != "" && p.Duration >= 2*time.Second {
+		side.Add(1)
+		go func() {
+			defer side.Done()
+			e.cpuProfile(sctx, name, p.Duration-time.Second, r)
+		}()
+	}
 	sleepCtx(ctx, p.Duration)
 	b.recording.Store(false)
 	window := time.Since(wstart)
@@ -241,6 +253,7 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 	r.ServerCounters = counterDelta(m0, m1)
 	r.RuntimePer = runtimeDelta(rt0, m1, r.AvgActive)
 	r.Events = b.errs.snapshot()
+	r.ViolationDetails = b.violations
 	return r, nil
 }
 
@@ -292,9 +305,11 @@ func (b *bench) reconnect(ctx context.Context, cs *convState, w int) {
 		return
 	}
 	old.close()
+	// Name a turn in after only while waiting for its end: the server
+	// answers an after naming an ended turn with its end, again.
 	turn, seq, ok := old.trk.Position()
 	var a *after
-	if ok {
+	if ok && !old.trk.Ended(turn) {
 		a = &after{TurnID: turn, Seq: seq}
 	}
 	// Use a context that outlives the storm so a resume is not cut short.
@@ -374,4 +389,31 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	case <-ctx.Done():
 		return false
 	}
+}
+
+// cpuProfile fetches a CPU profile of the server over d and saves it.
+func (e *env) cpuProfile(ctx context.Context, name string, d time.Duration, r *Result) {
+	secs := max(1, int(d.Seconds()))
+	u := strings.TrimSuffix(e.cfg.PprofURL, "/") + "/debug/pprof/profile?seconds=" + strconv.Itoa(secs)
+	req, err := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodGet, u, nil)
+	if err != nil {
+		return
+	}
+	resp, err := (&http.Client{Timeout: d + 30*time.Second}).Do(req)
+	if err != nil {
+		r.Notes = append(r.Notes, "cpu profile: "+err.Error())
+		return
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		r.Notes = append(r.Notes, fmt.Sprintf("cpu profile: status %d %v", resp.StatusCode, err))
+		return
+	}
+	path := fmt.Sprintf("%s-%s-%d.pb.gz", e.cfg.PprofOut, strings.ReplaceAll(name, " ", "-"), e.runs.Load())
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		r.Notes = append(r.Notes, "cpu profile: "+err.Error())
+		return
+	}
+	r.Notes = append(r.Notes, fmt.Sprintf("server CPU profile over %ds of the window: %s", secs, path))
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The benchmark suite of docs/benchmarks.md: each scenario against a fresh
+# server (so RSS figures start from a clean baseline). Results go to
+# OUT (default /tmp/trbench-suite): one .txt and one .json per scenario,
+# and history.md with rows for the history table.
+#
+#   bench/suite.sh [OUT] [-r REV]      (REV defaults to HEAD: the committed
+#                                      server, not the work tree others edit)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-/tmp/trbench-suite}
+shift || true
+mkdir -p "$out"
+: >"$out/history.md"
+run() { # name "server flags" trbench args...
+	local name=$1 flags=$2
+	shift 2
+	echo "=== $name" >&2
+	bench/run.sh "$@" -f "$flags" -- --json "$out/$name.json" --history "${ARGS[@]}" >"$out/$name.txt" 2>"$out/$name.log"
+	grep '^| ' "$out/$name.txt" | sed "s/| $/| /" >>"$out/history.md"
+	grep -v '^| ' "$out/$name.txt"
+}
+REV=("$@")
+[ ${#REV[@]} -eq 0 ] && REV=(-r HEAD)
+ARGS=(-s "idle conns=10000 hold=10s");                                                    run idle "" "${REV[@]}"
+ARGS=(-s "stream turns=1000 rate=20 watchers=1");                                          run stream-1k "" "${REV[@]}"
+ARGS=(-s "cancel turns=1000 rate=20 watchers=1");                                          run cancel-1k "" "${REV[@]}"
+ARGS=(-s "resume turns=1000 rate=20 watchers=1 probe-rate=20 long=1000,10000,100000");     run resume-1k "" "${REV[@]}"
+ARGS=(-s "reconnect turns=500 rate=20 watchers=2 storm-pct=10 storm-every=2s");            run reconnect "" "${REV[@]}"
+ramp1="ramp watchers=1 warmup=6s duration=12s ramp=100,200,300,400,600,800,1000"
+ramp10="ramp watchers=10 warmup=6s duration=12s ramp=10,20,40,60,80,100,150"
+ARGS=(-s "$ramp1 label=batch_off");                                                        run ramp-1w "" "${REV[@]}"
+ARGS=(-s "$ramp10 label=batch_off");                                                       run ramp-10w "" "${REV[@]}"
+ARGS=(-s "$ramp1 label=batch_20ms");                                                       run ramp-1w-batch "--batch-window 20ms" "${REV[@]}"
+ARGS=(-s "$ramp10 label=batch_20ms");                                                      run ramp-10w-batch "--batch-window 20ms" "${REV[@]}"
+echo "history rows: $out/history.md" >&2
