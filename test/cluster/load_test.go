@@ -220,13 +220,13 @@ func followTurn(c *trtest.Client, tr *trtest.Turn, each func(trtest.Frame)) erro
 	return nil
 }
 
-// cpuTimes reads the CPU time (user+system) used so far by each gateway
-// and worker process of c, found in /proc by their store URL.
+// cpuTimes reads the CPU time (user+system) used so far by the gateway and
+// worker processes of c, found in /proc by their store URL, and by this
+// test process (the three NATS nodes and every client).
 func cpuTimes(t *testing.T, c *cluster) map[string]time.Duration {
 	t.Helper()
-	out := map[string]time.Duration{}
+	out := map[string]time.Duration{"nats+clients": procCPU("/proc/self")}
 	pids, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	tick := 100.0 // USER_HZ on Linux
 	for _, p := range pids {
 		b, err := os.ReadFile(p)
 		if err != nil || !strings.Contains(string(b), c.store) {
@@ -236,19 +236,24 @@ func cpuTimes(t *testing.T, c *cluster) map[string]time.Duration {
 		if len(args) < 2 || (args[1] != "gateway" && args[1] != "worker") {
 			continue
 		}
-		st, err := os.ReadFile(filepath.Join(filepath.Dir(p), "stat"))
-		if err != nil {
-			continue
-		}
-		// Fields after the command name's closing parenthesis: utime is
-		// the 12th, stime the 13th.
-		f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+2:]))
-		if len(f) < 13 {
-			continue
-		}
-		ut, _ := strconv.ParseFloat(f[11], 64)
-		stt, _ := strconv.ParseFloat(f[12], 64)
-		out[args[1]+"s"] += time.Duration((ut + stt) / tick * float64(time.Second))
+		out[args[1]+"s"] += procCPU(filepath.Dir(p))
 	}
 	return out
+}
+
+// procCPU is the user+system CPU time of the process at dir (/proc/<pid>).
+func procCPU(dir string) time.Duration {
+	st, err := os.ReadFile(filepath.Join(dir, "stat"))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name's closing parenthesis: utime is the
+	// 12th, stime the 13th, in USER_HZ (100 on Linux) ticks.
+	f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+2:]))
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	stt, _ := strconv.ParseFloat(f[12], 64)
+	return time.Duration((ut + stt) / 100 * float64(time.Second))
 }
