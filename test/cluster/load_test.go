@@ -15,6 +15,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -88,6 +89,9 @@ func TestClusterLoad(t *testing.T) {
 			l, r.turns, r.elapsed.Round(time.Millisecond), float64(r.turns)/r.elapsed.Seconds(), float64(r.deltas)/r.elapsed.Seconds(),
 			q(0.5), q(0.99), q(1), r.cpu, r.perWorker)
 	}
+	// What a delta costs in the events stream, for sizing its storage.
+	st := c.nats.streamInfo(t, c.nats.connect(t), bus.EventsStream).State
+	t.Logf("%s holds %d events in %d bytes per replica: %d bytes per event", bus.EventsStream, st.Msgs, st.Bytes, st.Bytes/max(st.Msgs, 1))
 }
 
 // runLoad runs l on c and checks every turn: complete, whole, identical in
