@@ -30,6 +30,7 @@ type publisher struct {
 	lastFlush time.Time
 	snapAt    time.Time // last snapshot written
 	snapLen   int       // text length at the last snapshot
+	snapSeq   int64     // seq at the last snapshot
 }
 
 func newPublisher(ctx context.Context, w *Worker, t chat.Turn) *publisher {
@@ -97,15 +98,41 @@ func (p *publisher) flushLocked() error {
 	}
 	p.lastFlush = now
 	p.w.m.deltas.Inc()
-	if now.Sub(p.snapAt) >= p.w.cfg.SnapshotInterval || len(p.text)-p.snapLen >= p.w.cfg.SnapshotBytes {
+	if p.snapshotDue(now) {
 		if err := p.snap.Write(p.ctx, p.text, p.seq, p.sseq, chat.StatusStreaming); err != nil {
 			// A missed snapshot only lengthens a resume's tail.
 			p.w.log.Warn("write snapshot", "turn_id", p.turn.ID, "err", err)
 		}
-		p.snapAt, p.snapLen = now, len(p.text)
+		p.snapAt, p.snapLen, p.snapSeq = now, len(p.text), p.seq
 	}
 	return nil
 }
+
+// snapshotDue says whether the snapshot should be written after this
+// delta. A resume reads the snapshot and then the deltas after it one by
+// one, so the snapshot must never lag far behind: it is written when
+// SnapshotBytes of new text have piled up, or once SnapshotInterval has
+// passed with at least snapshotMinDeltas new deltas, and in any case a
+// second after the last one. A slow turn (20 tokens/s) thus writes one
+// snapshot a second instead of ten, and a resume still replays at most a
+// second or SnapshotBytes of its deltas.
+func (p *publisher) snapshotDue(now time.Time) bool {
+	since := now.Sub(p.snapAt)
+	switch {
+	case len(p.text)-p.snapLen >= p.w.cfg.SnapshotBytes:
+		return true
+	case since >= p.w.cfg.SnapshotInterval && p.seq-p.snapSeq >= snapshotMinDeltas:
+		return true
+	case since >= snapshotMaxAge:
+		return true
+	}
+	return false
+}
+
+const (
+	snapshotMinDeltas = 32
+	snapshotMaxAge    = time.Second
+)
 
 func (p *publisher) failed() bool {
 	p.mu.Lock()
