@@ -165,8 +165,8 @@ func (r *Result) printRamp(row func(k, f string, a ...any)) {
 		if lat == nil {
 			lat = &Summary{}
 		}
-		row(fmt.Sprintf("step %d turns", s.Params.Turns), "%.0f tok/s delivered (keep-up %.1f%%), p99 %.2f ms, max %.2f ms, server %.2f cores, violations %d",
-			s.TokensS, 100*s.KeepUp, lat.P99, lat.Max, s.ServerCPUs, s.Violations.Total())
+		row(fmt.Sprintf("step %d turns", s.Params.Turns), "%.0f tok/s delivered (keep-up %.1f%%, %.2f tok/delta), p50 %.2f p99 %.2f max %.2f ms, server %.2f cores (%.3f CPU-s/1k tok), tool %.2f, others %.2f, violations %d",
+			s.TokensS, 100*s.KeepUp, s.TokensPerDelt, lat.P50, lat.P99, lat.Max, s.ServerCPUs, s.ServerCPUPer1k, s.ClientCPUs, s.OtherCPUs, s.Violations.Total())
 	}
 	if r.Best != nil {
 		row("highest sustained", "%d turns: %.0f tok/s delivered, p99 %.2f ms", r.Best.Turns, r.Best.TokensS, r.Best.P99MS)
