@@ -233,6 +233,9 @@ func workerConfig(c *config, log *slog.Logger, reg prometheus.Registerer) worker
 		Concurrency: c.WorkerConcurrency, SnapshotInterval: c.SnapshotInterval, BatchWindow: c.BatchWindow,
 		DeltaTimestamps: c.DeltaTimestamps, StartGrace: c.StartGrace, Logger: log, Registry: reg,
 	}
+	if c.Provider == "sim" {
+		wc.ContextMessages = 1 // the simulator reads only the message it answers
+	}
 	if c.TokensPerHour > 0 {
 		wc.TokenBudget = &countedBudget{TokenBudget: worker.NewHourlyBudget(c.TokensPerHour, nil), reg: reg, log: log}
 	}

@@ -53,7 +53,17 @@ type Bus struct {
 // tokenrelay needs, idempotently, and returns a Bus using them.
 func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	cfg.defaults()
-	js, err := jetstream.New(nc)
+	js, err := jetstream.New(nc,
+		// Deltas are published asynchronously; an ack that does not come
+		// within publishAttempt fails the future and the publisher repeats
+		// the event (see PublishDeltaAsync). Each acknowledged delta is
+		// announced live at once, in acknowledgement order.
+		jetstream.WithPublishAsyncMaxPending(1<<16),
+		jetstream.WithPublishAsyncTimeout(publishAttempt),
+		jetstream.WithPublishAsyncAckHandler(func(_ jetstream.JetStream, m *nats.Msg, _ *jetstream.PubAck) {
+			_ = nc.Publish(liveSubject(m.Subject), m.Data)
+		}),
+	)
 	if err != nil {
 		return nil, fmt.Errorf("open bus: %w", err)
 	}
@@ -61,7 +71,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	b.events, err = ensureStream(ctx, js, jetstream.StreamConfig{
 		Name:        EventsStream,
 		Description: "tokenrelay turn events (start, deltas, end)",
-		Subjects:    []string{eventPrefix + ">"},
+		Subjects:    []string{storedPrefix + ">"},
 		Storage:     jetstream.FileStorage,
 		Retention:   jetstream.LimitsPolicy,
 		MaxAge:      cfg.Retention,
@@ -163,17 +173,89 @@ func (b *Bus) Ping(ctx context.Context) error {
 	return nil
 }
 
-// PublishEvent stores e in the events stream (and so delivers it to every
-// subscriber of its conversation) and returns its stream sequence. A
-// repeated publish of the same event within two minutes is not stored twice.
+// PublishEvent stores e in the events stream, then announces it to the
+// live subscribers of its conversation, and returns its stream sequence. A start
+// or end repeated within two minutes is not stored twice; a delta carries
+// no Nats-Msg-Id (deduplicating every delta would cost the stream a map
+// entry per delta for two minutes), and readers drop a repeated delta by
+// its seq instead.
 func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 	data, err := json.Marshal(e)
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
-	ack, err := b.publish(ctx, e.Subject(), data, e.MsgID())
+	subj := e.storedSubject()
+	ack, err := b.publish(ctx, subj, data, e.MsgID())
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
+	}
+	if err := b.nc.Publish(liveSubject(subj), data); err != nil {
+		return 0, fmt.Errorf("announce event: %w", err)
+	}
+	return ack.Sequence, nil
+}
+
+// PendingDelta is a delta published without waiting for its
+// acknowledgement.
+type PendingDelta struct {
+	Seq  int64
+	subj string
+	data []byte
+	f    jetstream.PubAckFuture
+}
+
+// PublishDeltaAsync publishes a delta and returns at once; it is announced
+// live once the stream has acknowledged it. Deltas of one
+// turn published this way reach the stream in order; the caller checks
+// each with Result and, when one failed, republishes it and every later
+// one in order with Republish, so that the stream again holds the turn's
+// deltas contiguously after the failure (readers drop the repeats).
+func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
+	data, err := json.Marshal(e)
+	if err != nil {
+		return nil, fmt.Errorf("publish delta: %w", err)
+	}
+	subj := e.storedSubject()
+	f, err := b.js.PublishAsync(subj, data)
+	if err != nil {
+		return nil, fmt.Errorf("publish delta: %w", err)
+	}
+	return &PendingDelta{Seq: e.Seq, subj: subj, data: data, f: f}, nil
+}
+
+// Result reports the delta's stream sequence once acknowledged (done and
+// err == nil), or its failure; done is false while the answer is pending.
+// With wait it blocks until the answer comes or ctx is done.
+func (p *PendingDelta) Result(ctx context.Context, wait bool) (sseq uint64, done bool, err error) {
+	if !wait {
+		select {
+		case ack := <-p.f.Ok():
+			return ack.Sequence, true, nil
+		case err := <-p.f.Err():
+			return 0, true, err
+		default:
+			return 0, false, nil
+		}
+	}
+	select {
+	case ack := <-p.f.Ok():
+		return ack.Sequence, true, nil
+	case err := <-p.f.Err():
+		return 0, true, err
+	case <-ctx.Done():
+		return 0, false, ctx.Err()
+	}
+}
+
+// Republish stores the delta again, synchronously, retrying as PublishEvent
+// does, and returns its stream sequence.
+func (b *Bus) Republish(ctx context.Context, p *PendingDelta) (uint64, error) {
+	ack, err := b.publish(ctx, p.subj, p.data, "")
+	if err != nil {
+		return 0, fmt.Errorf("republish delta: %w", err)
+	}
+	if err := b.nc.Publish(liveSubject(p.subj), p.data); err != nil {
+		return 0, fmt.Errorf("announce delta: %w", err)
 	}
 	return ack.Sequence, nil
 }
@@ -199,7 +281,11 @@ func (b *Bus) publish(ctx context.Context, subj string, data []byte, msgID strin
 	}
 	for {
 		actx, cancel := context.WithTimeout(ctx, publishAttempt)
-		ack, err := b.js.Publish(actx, subj, data, jetstream.WithMsgID(msgID))
+		var opts []jetstream.PublishOpt
+		if msgID != "" {
+			opts = append(opts, jetstream.WithMsgID(msgID))
+		}
+		ack, err := b.js.Publish(actx, subj, data, opts...)
 		cancel()
 		if err == nil {
 			return ack, nil

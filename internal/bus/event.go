@@ -3,7 +3,6 @@ package bus
 import (
 	"encoding/json"
 	"fmt"
-	"strconv"
 	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
@@ -46,18 +45,22 @@ type WireMessage struct {
 }
 
 // MsgID is the Nats-Msg-Id that makes a retried publish of the event a no-op.
+// A delta has none (see PublishEvent).
 func (e *Event) MsgID() string {
-	switch e.Kind {
-	case KindDelta:
-		return e.TurnID + ":d:" + strconv.FormatInt(e.Seq, 10)
-	default:
-		return e.TurnID + ":" + e.Kind
+	if e.Kind == KindDelta {
+		return ""
 	}
+	return e.TurnID + ":" + e.Kind
 }
 
-// Subject is where the event is published.
+// Subject is where the event is announced live.
 func (e *Event) Subject() string {
 	return EventSubject(e.ConversationID, e.TurnID, e.Kind)
+}
+
+// storedSubject is where the event is stored.
+func (e *Event) storedSubject() string {
+	return storedSubject(e.ConversationID, e.TurnID, e.Kind)
 }
 
 // UserMessage rebuilds the user message a start event carries.

@@ -6,7 +6,11 @@ import "strings"
 // "Identifiers"); Token maps it into one subject token and KV key segment.
 const (
 	JobSubject     = "tr.job"
-	eventPrefix    = "tr.ev."
+	// Events are stored under tr.evs.… and, once the stream has
+	// acknowledged them, announced live under tr.ev.…: a live subscriber
+	// never sees an event the stream could still lose.
+	storedPrefix = "tr.evs."
+	eventPrefix  = "tr.ev."
 	WorkerPingSubj = "tr.workers.ping"
 	// CancelSubj carries a cancelled turn's id as a core NATS signal, next to
 	// its durable tombstone (see MarkCancelled).
@@ -47,16 +51,28 @@ func ConversationSubject(conversationID string) string {
 	return eventPrefix + Token(conversationID) + ".>"
 }
 
-// TurnSubject matches every event of one turn.
-func TurnSubject(conversationID, turnID string) string {
-	return eventPrefix + Token(conversationID) + "." + Token(turnID) + ".*"
+// storedSubject is where an event is stored in the events stream.
+func storedSubject(conversationID, turnID, kind string) string {
+	return storedPrefix + Token(conversationID) + "." + Token(turnID) + "." + kind
 }
 
-// parseEventSubject splits tr.ev.<conv>.<turn>.<kind>.
+// liveSubject maps a stored event's subject to its live one.
+func liveSubject(stored string) string {
+	return eventPrefix + strings.TrimPrefix(stored, storedPrefix)
+}
+
+// TurnSubject matches every stored event of one turn.
+func TurnSubject(conversationID, turnID string) string {
+	return storedPrefix + Token(conversationID) + "." + Token(turnID) + ".*"
+}
+
+// parseEventSubject splits tr.ev.<conv>.<turn>.<kind> (or tr.evs.…).
 func parseEventSubject(subj string) (conv, turn, kind string, ok bool) {
 	rest, found := strings.CutPrefix(subj, eventPrefix)
 	if !found {
-		return "", "", "", false
+		if rest, found = strings.CutPrefix(subj, storedPrefix); !found {
+			return "", "", "", false
+		}
 	}
 	parts := strings.Split(rest, ".")
 	if len(parts) != 3 {

@@ -118,11 +118,13 @@ func (c *conn) drain() {
 		if merged > 0 {
 			c.s.m.mergedFrames.Add(float64(merged))
 		}
+		// One deadline per batch: a timer per frame cost more than the
+		// frame's encoding.
+		ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.WriteTimeout)
 		for _, f := range frames {
-			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.WriteTimeout)
 			err := c.ws.Write(ctx, websocket.MessageText, f)
-			cancel()
 			if err != nil {
+				cancel()
 				if c.ctx.Err() == nil {
 					c.s.m.writeErrors.Inc()
 					if errors.Is(err, context.DeadlineExceeded) {
@@ -138,6 +140,7 @@ func (c *conn) drain() {
 			c.s.m.framesSent.Inc()
 			c.s.m.bytesSent.Add(float64(len(f)))
 		}
+		cancel()
 	}
 }
 

@@ -23,14 +23,29 @@ type publisher struct {
 	pending   []byte      // batched text not yet published; guarded by mu
 	pendingTS int64       // emission time of the newest pending token
 	seq       int64       // last published seq; guarded by mu
-	sseq      uint64      // stream sequence of delta seq; guarded by mu
 	err       error       // first publish error; guarded by mu
 	timer     *time.Timer // batch flush timer; guarded by mu
 	firstAt   time.Time   // first delta published
 	lastFlush time.Time
-	snapAt    time.Time // last snapshot written
-	snapLen   int       // text length at the last snapshot
-	snapSeq   int64     // seq at the last snapshot
+	snapAt    time.Time  // last snapshot written
+	snapLen   int        // text length at the last snapshot
+	snapSeq   int64      // seq at the last snapshot
+	inflight  []sent     // published, not yet acknowledged, oldest first; guarded by mu
+	acked     ackedDelta // the newest acknowledged delta; guarded by mu
+}
+
+// sent is a delta awaiting its acknowledgement; end is the text length
+// after it.
+type sent struct {
+	pd  *bus.PendingDelta
+	end int
+}
+
+// ackedDelta is a delta the stream has stored, at stream sequence sseq.
+type ackedDelta struct {
+	seq  int64
+	sseq uint64
+	end  int
 }
 
 func newPublisher(ctx context.Context, w *Worker, t chat.Turn) *publisher {
@@ -65,7 +80,8 @@ func (p *publisher) emit(tok string) error {
 	return nil
 }
 
-// flush publishes what is pending.
+// flush publishes what is pending and waits until every delta of the turn
+// is acknowledged: the end must follow them in the stream.
 func (p *publisher) flush() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -73,8 +89,18 @@ func (p *publisher) flush() error {
 		p.timer.Stop()
 		p.timer = nil
 	}
-	return p.flushLocked()
+	if err := p.flushLocked(); err != nil {
+		return err
+	}
+	for len(p.inflight) > 0 && p.err == nil {
+		p.reapLocked(true)
+	}
+	return p.err
 }
+
+// maxInflight bounds the deltas of one turn published but not yet
+// acknowledged.
+const maxInflight = 64
 
 func (p *publisher) flushLocked() error {
 	if p.err != nil || len(p.pending) == 0 {
@@ -84,28 +110,69 @@ func (p *publisher) flushLocked() error {
 		Kind: bus.KindDelta, ConversationID: p.turn.ConversationID, TurnID: p.turn.ID,
 		Seq: p.seq + 1, Off: int64(len(p.text)), Text: string(p.pending), TS: p.pendingTS,
 	}
-	sseq, err := p.w.bus.PublishEvent(p.ctx, e)
+	pd, err := p.w.bus.PublishDeltaAsync(e)
 	if err != nil {
 		p.err = err
 		return err
 	}
-	p.seq, p.sseq = e.Seq, sseq
+	p.seq = e.Seq
 	p.text = append(p.text, p.pending...)
 	p.pending = p.pending[:0]
+	p.inflight = append(p.inflight, sent{pd: pd, end: len(p.text)})
 	now := p.w.cfg.Now()
 	if p.firstAt.IsZero() {
 		p.firstAt = now
 	}
 	p.lastFlush = now
 	p.w.m.deltas.Inc()
-	if p.snapshotDue(now) {
-		if err := p.snap.Write(p.ctx, p.text, p.seq, p.sseq, chat.StatusStreaming); err != nil {
+	p.reapLocked(len(p.inflight) >= maxInflight)
+	if p.err != nil {
+		return p.err
+	}
+	if p.acked.seq > p.snapSeq && p.snapshotDue(now) {
+		if err := p.snap.Write(p.ctx, p.text[:p.acked.end], p.acked.seq, p.acked.sseq, chat.StatusStreaming); err != nil {
 			// A missed snapshot only lengthens a resume's tail.
 			p.w.log.Warn("write snapshot", "turn_id", p.turn.ID, "err", err)
 		}
-		p.snapAt, p.snapLen, p.snapSeq = now, len(p.text), p.seq
+		p.snapAt, p.snapLen, p.snapSeq = now, p.acked.end, p.acked.seq
 	}
 	return nil
+}
+
+// reapLocked takes the acknowledged deltas off the front of inflight,
+// waiting for the first one when block is set. When one failed (no answer
+// in time, a stream leader lost), it and every later one are published
+// again in order, synchronously with retries; the stream then holds the
+// turn's deltas contiguously from there (readers drop the repeats).
+func (p *publisher) reapLocked(block bool) {
+	for len(p.inflight) > 0 {
+		head := p.inflight[0]
+		sseq, done, err := head.pd.Result(p.ctx, block)
+		block = false
+		if !done {
+			return
+		}
+		if err != nil {
+			p.republishLocked()
+			return
+		}
+		p.acked = ackedDelta{seq: head.pd.Seq, sseq: sseq, end: head.end}
+		p.inflight[0] = sent{}
+		p.inflight = p.inflight[1:]
+	}
+}
+
+func (p *publisher) republishLocked() {
+	for _, x := range p.inflight {
+		sseq, err := p.w.bus.Republish(p.ctx, x.pd)
+		if err != nil {
+			p.err = err
+			return
+		}
+		p.acked = ackedDelta{seq: x.pd.Seq, sseq: sseq, end: x.end}
+	}
+	clear(p.inflight)
+	p.inflight = p.inflight[:0]
 }
 
 // snapshotDue says whether the snapshot should be written after this

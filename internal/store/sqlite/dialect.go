@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"sync"
 
 	"modernc.org/sqlite"
 	sqlite3 "modernc.org/sqlite/lib"
@@ -19,17 +20,96 @@ type sqlConn interface {
 }
 
 // conn runs the shared queries on a pool or in a transaction; SQLite takes
-// their ? placeholders as they are.
-type conn struct{ c sqlConn }
+// their ? placeholders as they are. Statements are prepared once per pool
+// and reused (in a transaction through tx.StmtContext): parsing the SQL
+// cost more than running it.
+type conn struct {
+	c     sqlConn
+	cache *stmtCache // the pool's statements
+	tx    *sql.Tx    // set inside a transaction
+}
 
 var _ sqlstore.Queryer = conn{}
 
+// stmtCache holds a pool's prepared statements by query text. A statement
+// is never prepared inside a transaction (the write pool has one
+// connection, which the transaction holds): a transaction asks for it
+// with want, and the next Begin prepares it before taking the connection.
+type stmtCache struct {
+	db     *sql.DB
+	m      sync.Map // query → *sql.Stmt
+	wanted sync.Map // query → struct{}: used in a transaction, not prepared yet
+}
+
+// want notes a query met in a transaction.
+func (c *stmtCache) want(query string) { c.wanted.Store(query, struct{}{}) }
+
+// prepareWanted prepares the queries transactions asked for; call it while
+// holding no connection of the pool.
+func (c *stmtCache) prepareWanted(ctx context.Context) {
+	c.wanted.Range(func(q, _ any) bool {
+		c.wanted.Delete(q)
+		_, _ = c.stmt(ctx, q.(string))
+		return true
+	})
+}
+
+func (c *stmtCache) stmt(ctx context.Context, query string) (*sql.Stmt, error) {
+	if st, ok := c.m.Load(query); ok {
+		return st.(*sql.Stmt), nil
+	}
+	st, err := c.db.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	if prev, loaded := c.m.LoadOrStore(query, st); loaded {
+		st.Close()
+		return prev.(*sql.Stmt), nil
+	}
+	return st, nil
+}
+
+func (c *stmtCache) close() {
+	c.m.Range(func(_, st any) bool {
+		st.(*sql.Stmt).Close()
+		return true
+	})
+}
+
+// stmt returns the prepared statement of query, or nil to run it as text.
+func (c conn) stmt(ctx context.Context, query string) *sql.Stmt {
+	if c.cache == nil {
+		return nil
+	}
+	if c.tx != nil {
+		if st, ok := c.cache.m.Load(query); ok {
+			return c.tx.StmtContext(ctx, st.(*sql.Stmt))
+		}
+		c.cache.want(query)
+		return nil
+	}
+	st, err := c.cache.stmt(ctx, query)
+	if err != nil {
+		return nil // run it as text: the error, if any, comes back from there
+	}
+	return st
+}
+
 func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Scanner {
+	if st := c.stmt(ctx, query); st != nil {
+		return st.QueryRowContext(ctx, args...)
+	}
 	return c.c.QueryRowContext(ctx, query, args...)
 }
 
 func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
-	rows, err := c.c.QueryContext(ctx, query, args...)
+	var rows *sql.Rows
+	var err error
+	if st := c.stmt(ctx, query); st != nil {
+		rows, err = st.QueryContext(ctx, args...)
+	} else {
+		rows, err = c.c.QueryContext(ctx, query, args...)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -37,7 +117,13 @@ func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Ro
 }
 
 func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
-	res, err := c.c.ExecContext(ctx, query, args...)
+	var res sql.Result
+	var err error
+	if st := c.stmt(ctx, query); st != nil {
+		res, err = st.ExecContext(ctx, args...)
+	} else {
+		res, err = c.c.ExecContext(ctx, query, args...)
+	}
 	if err != nil {
 		return 0, err
 	}
@@ -56,7 +142,8 @@ func (t writeTx) Rollback(context.Context) error { return t.tx.Rollback() }
 // dialect is how SQLite serializes writes: through one connection whose
 // transactions begin IMMEDIATE (see [DB]).
 type dialect struct {
-	write, read *sql.DB
+	write, read           *sql.DB
+	writeStmts, readStmts *stmtCache
 }
 
 var _ sqlstore.Dialect = dialect{}
@@ -64,11 +151,12 @@ var _ sqlstore.Dialect = dialect{}
 // Begin begins IMMEDIATE (see Open): the transaction sees every committed
 // send, and no other writer can commit until it ends.
 func (d dialect) Begin(ctx context.Context) (sqlstore.Tx, error) {
+	d.writeStmts.prepareWanted(ctx)
 	t, err := d.write.BeginTx(ctx, nil)
 	if err != nil {
 		return nil, err
 	}
-	return writeTx{conn{t}, t}, nil
+	return writeTx{conn{c: t, cache: d.writeStmts, tx: t}, t}, nil
 }
 
 // LockConversation needs no lock of its own: the transaction holds the
@@ -100,12 +188,13 @@ func (dialect) IsUniqueViolation(err error) bool {
 // Snapshot runs fn in one read transaction, so that a page and the position
 // it starts from come from the same snapshot.
 func (d dialect) Snapshot(ctx context.Context, fn func(q sqlstore.Queryer) error) error {
+	d.readStmts.prepareWanted(ctx)
 	t, err := d.read.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
 	if err != nil {
 		return err
 	}
 	defer t.Rollback()
-	return fn(conn{t})
+	return fn(conn{c: t, cache: d.readStmts, tx: t})
 }
 
 // NoLimit is SQLite's LIMIT -1.

@@ -35,6 +35,7 @@ type DB struct {
 	*sqlstore.DB         // the queries, on read and write
 	write        *sql.DB // one connection, BEGIN IMMEDIATE
 	read         *sql.DB // query_only connections
+	d            dialect
 }
 
 // busyTimeout is how long a connection waits for another process's lock
@@ -90,8 +91,8 @@ func open(ctx context.Context, path string) (*DB, error) {
 		read.Close()
 		return nil, err
 	}
-	d := dialect{write: write, read: read}
-	return &DB{DB: sqlstore.New(conn{read}, conn{write}, d), write: write, read: read}, nil
+	d := dialect{write: write, read: read, writeStmts: &stmtCache{db: write}, readStmts: &stmtCache{db: read}}
+	return &DB{DB: sqlstore.New(conn{c: read, cache: d.readStmts}, conn{c: write, cache: d.writeStmts}, d), write: write, read: read, d: d}, nil
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
@@ -122,5 +123,7 @@ func (s *DB) Ping(ctx context.Context) error {
 
 // Close closes the database. Calls in flight may fail.
 func (s *DB) Close() error {
+	s.d.readStmts.close()
+	s.d.writeStmts.close()
 	return errors.Join(s.read.Close(), s.write.Close())
 }
