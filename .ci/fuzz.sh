@@ -12,6 +12,7 @@ targets=(
   "FuzzDecodeClient ./internal/protocol"
   "FuzzValidID ./internal/chat"
   "FuzzParseLastEventID ./internal/gateway"
+  "FuzzDecodeDelta ./internal/bus"
 )
 for t in "${targets[@]}"; do
   read -r name pkg <<<"$t"

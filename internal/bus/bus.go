@@ -2,7 +2,6 @@ package bus
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -180,7 +179,7 @@ func (b *Bus) Ping(ctx context.Context) error {
 // entry per delta for two minutes), and readers drop a repeated delta by
 // its seq instead.
 func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
-	data, err := json.Marshal(e)
+	data, err := e.encode()
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
@@ -211,7 +210,7 @@ type PendingDelta struct {
 // one in order with Republish, so that the stream again holds the turn's
 // deltas contiguously after the failure (readers drop the repeats).
 func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
-	data, err := json.Marshal(e)
+	data, err := e.encode()
 	if err != nil {
 		return nil, fmt.Errorf("publish delta: %w", err)
 	}

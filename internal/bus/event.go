@@ -86,9 +86,20 @@ func DecodeEvent(subject string, data []byte) (Event, error) {
 		return Event{}, fmt.Errorf("decode event: bad subject %q", subject)
 	}
 	var e Event
-	if err := json.Unmarshal(data, &e); err != nil {
-		return Event{}, fmt.Errorf("decode event: %w", err)
+	if kind != KindDelta || !decodeDelta(data, &e) {
+		e = Event{}
+		if err := json.Unmarshal(data, &e); err != nil {
+			return Event{}, fmt.Errorf("decode event: %w", err)
+		}
 	}
 	e.Kind, e.ConversationID, e.TurnID = kind, conv, turn
 	return e, nil
+}
+
+// encode returns the event's JSON.
+func (e *Event) encode() ([]byte, error) {
+	if e.Kind == KindDelta {
+		return appendDelta(make([]byte, 0, 48+len(e.Text)), e), nil
+	}
+	return json.Marshal(e)
 }

@@ -5,12 +5,12 @@ import "strings"
 // Subjects and names. An id may hold '.' and ':' (PROTOCOL.md
 // "Identifiers"); Token maps it into one subject token and KV key segment.
 const (
-	JobSubject     = "tr.job"
+	JobSubject = "tr.job"
 	// Events are stored under tr.evs.… and, once the stream has
 	// acknowledged them, announced live under tr.ev.…: a live subscriber
 	// never sees an event the stream could still lose.
-	storedPrefix = "tr.evs."
-	eventPrefix  = "tr.ev."
+	storedPrefix   = "tr.evs."
+	eventPrefix    = "tr.ev."
 	WorkerPingSubj = "tr.workers.ping"
 	// CancelSubj carries a cancelled turn's id as a core NATS signal, next to
 	// its durable tombstone (see MarkCancelled).

@@ -68,6 +68,16 @@ const keepEnded = 32
 // catchUpTS marks a delta passed to a sink as catch-up text (see sink.delta).
 const catchUpTS = -1
 
+// A gap is read back from the stream up to repairAttempts times, the waits
+// growing to half a second: about 20 s in all, more than a stream leader
+// election and the publisher's retries take. Then the connection is closed
+// so that its client resumes.
+const repairAttempts = 48
+
+func repairBackoff(attempt int) time.Duration {
+	return min(time.Duration(attempt)*25*time.Millisecond, 500*time.Millisecond)
+}
+
 func newView(s *Server, ctx context.Context, wg *sync.WaitGroup, conv string, out sink) *view {
 	return &view{s: s, ctx: ctx, wg: wg, conv: conv, out: out, buffering: true, turns: make(map[string]*turnState), joined: s.now()}
 }
@@ -191,8 +201,10 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 	go func() {
 		defer v.wg.Done()
 		if attempt > 1 {
-			// The stream may lag the live route by a moment in a cluster.
-			t := time.NewTimer(time.Duration(attempt) * 20 * time.Millisecond)
+			// The missing delta is not in the stream yet: its publish is
+			// being repeated (a stream leader was lost, which takes a few
+			// seconds to replace). Wait and read again.
+			t := time.NewTimer(repairBackoff(attempt))
 			select {
 			case <-t.C:
 			case <-v.ctx.Done():
@@ -251,7 +263,7 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 		ts.repairing = false
 		pending := ts.pending
 		ts.pending = nil
-		if ts.attempts > 10 {
+		if ts.attempts > repairAttempts {
 			v.out.fail(errors.New("cannot repair a gap in the turn's events"))
 			return
 		}
