@@ -20,6 +20,7 @@ type bench struct {
 	runID string
 
 	recording atomic.Bool // samples and counters count only while set
+	stopping  atomic.Bool // the run is closing its connections: no more resumes
 
 	lat    [latShards]Histogram // token-to-screen, µs
 	join   Histogram            // join → joined, fresh joins, µs
@@ -132,23 +133,33 @@ func (b *bench) openTurns() int64 {
 	return n
 }
 
-// closeAll closes every connection and waits for the readers.
+// closeAll closes every connection and waits for the readers; a resume
+// in flight may add one, so it goes round until none is left.
 func (b *bench) closeAll() {
-	b.mu.Lock()
-	conns := append([]*conn(nil), b.conns...)
-	b.mu.Unlock()
-	sem := make(chan struct{}, 64)
-	var wg sync.WaitGroup
-	for _, c := range conns {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c.close()
-			<-sem
-		}()
+	b.stopping.Store(true)
+	done := 0
+	for {
+		b.mu.Lock()
+		conns := append([]*conn(nil), b.conns[done:]...)
+		b.mu.Unlock()
+		if len(conns) == 0 {
+			return
+		}
+		done += len(conns)
+		sem := make(chan struct{}, 64)
+		var wg sync.WaitGroup
+		for _, c := range conns {
+			sem <- struct{}{}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c.close()
+				<-sem
+			}()
+		}
+		wg.Wait()
+		time.Sleep(50 * time.Millisecond)
 	}
-	wg.Wait()
 }
 
 // convState is one conversation of a stream scenario and the driver that
@@ -242,6 +253,7 @@ func (cs *convState) driver(ctx context.Context, p streamParams, stagger time.Du
 	}
 	rng := rand.New(rand.NewPCG(uint64(cs.idx), uint64(time.Now().UnixNano())))
 	turnWait := 2*p.turnDur() + 15*time.Second
+	failures := 0
 	for k := 0; time.Now().Before(stopSending) && ctx.Err() == nil; k++ {
 		cs.connsMu.Lock()
 		sender := cs.conns[0]
@@ -253,9 +265,14 @@ func (cs *convState) driver(ctx context.Context, p streamParams, stagger time.Du
 		sendID := fmt.Sprintf("s%d", k)
 		text := fmt.Sprintf("[sim tokens=%d rate=%g] trbench %s conversation %d turn %d", p.Tokens, p.Rate, b.runID, cs.idx, k)
 		if err := sender.write(ctx, clientFrame{Type: "send", ID: sendID, ConversationID: cs.id, Text: text, MessageID: "m" + turn[1:], TurnID: turn}); err != nil {
+			// The sender is being resumed on a new connection: try again.
 			b.count("send write: " + shortErr(err))
-			return
+			if failures++; failures > 10 || !sleepCtx(ctx, 500*time.Millisecond) {
+				return
+			}
+			continue
 		}
+		failures = 0
 		b.sends.Add(1)
 		var cancelC <-chan time.Time
 		var cancelT *time.Timer

@@ -243,6 +243,12 @@ func (c *conn) readLoop() {
 			c.err = err
 			if !c.closing.Load() {
 				c.b.count("connection ended: " + closeReason(err))
+				if c.conv != nil && !c.b.stopping.Load() {
+					// A careful client resumes whatever ended its
+					// connection (1001, 4008, a dropped socket).
+					c.b.count("resumes after the server ended a connection")
+					go c.b.reconnect(context.Background(), c.conv, c)
+				}
 			}
 			return
 		}

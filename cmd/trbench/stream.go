@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -285,24 +286,33 @@ func (b *bench) storms(ctx context.Context, convs []*convState, p streamParams) 
 				case <-ctx.Done():
 					return
 				}
+				cs.connsMu.Lock()
+				c := cs.conns[w]
+				cs.connsMu.Unlock()
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
 					defer func() { <-sem }()
-					b.reconnect(ctx, cs, w)
+					b.count("reconnects")
+					b.reconnect(ctx, cs, c)
 				}()
 			}
 		}
 	}
 }
 
-// reconnect replaces watcher w of cs: drop, dial, join with after.
-func (b *bench) reconnect(ctx context.Context, cs *convState, w int) {
-	cs.connsMu.Lock()
-	old := cs.conns[w]
-	cs.connsMu.Unlock()
-	if old == nil {
+// reconnect replaces connection old of cs (dropped by a storm, or by the
+// server): close, dial, join with after. The new connection keeps old's
+// tracker, so the delivery rules are checked across the gap.
+func (b *bench) reconnect(ctx context.Context, cs *convState, old *conn) {
+	if b.stopping.Load() {
 		return
+	}
+	cs.connsMu.Lock()
+	w := slices.Index(cs.conns, old)
+	cs.connsMu.Unlock()
+	if w < 0 {
+		return // replaced already
 	}
 	old.close()
 	// Name a turn in after only while waiting for its end: the server
@@ -315,16 +325,21 @@ func (b *bench) reconnect(ctx context.Context, cs *convState, w int) {
 	// Use a context that outlives the storm so a resume is not cut short.
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	nc, err := b.connect(rctx, connOpts{trk: old.trk, conv: cs})
-	if err != nil {
-		b.count("reconnect lost a watcher")
-		return
+	var nc *conn
+	var err error
+	for try := 0; ; try++ {
+		if nc, err = b.connect(rctx, connOpts{trk: old.trk, conv: cs, sender: old.sender}); err == nil {
+			break
+		}
+		if try == 5 || b.stopping.Load() || !sleepCtx(rctx, time.Duration(200<<try)*time.Millisecond) {
+			b.count("reconnect lost a watcher")
+			return
+		}
 	}
 	nc.open.Store(old.open.Swap(0))
 	cs.connsMu.Lock()
 	cs.conns[w] = nc
 	cs.connsMu.Unlock()
-	b.count("reconnects")
 	if _, err := nc.join(rctx, cs.id, a, zeroHistory); err != nil {
 		b.count("resume join: " + shortErr(err))
 	}
