@@ -169,7 +169,16 @@ func (c *conn) readLoop() {
 			c.badFrame(id, err.Error())
 			continue
 		}
-		c.handle(f)
+		// Handle the frame on a goroutine of its own, and wait for it:
+		// frames stay in order, and the store and bus calls a join makes,
+		// which run deep, grow that goroutine's stack instead of this one,
+		// which stays small for as long as the connection idles.
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			c.handle(f)
+		}()
+		<-done
 	}
 }
 
