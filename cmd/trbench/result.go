@@ -29,6 +29,7 @@ type Result struct {
 	DeltasS       float64 `json:"delivered_deltas_per_s"` // seqs applied by all connections
 	TokensS       float64 `json:"delivered_tokens_per_s"` // deltas × tokens per delta
 	FramesS       float64 `json:"frames_per_s"`
+	DeltaFramesS  float64 `json:"delta_frames_per_s"` // turn.delta frames; deltas ÷ these = merging by the server
 	BytesS        float64 `json:"bytes_per_s"`
 	TokensPerDelt float64 `json:"tokens_per_delta"`
 	KeepUp        float64 `json:"keep_up"` // delivered tokens / (offered × watchers)
@@ -120,7 +121,8 @@ func (r *Result) print(w io.Writer) {
 	row("connections", "%d (failed %d, setup %.1fs)", r.Conns, r.ConnFailures, r.SetupS)
 	if r.TurnsSent > 0 {
 		row("turns", "%d sent, %.0f active on average; offered %.0f tok/s", r.TurnsSent, r.AvgActive, r.OfferedTokS)
-		row("delivered", "%.0f deltas/s, %.0f tokens/s (%.2f tok/delta), %.0f frames/s, %s/s; keep-up %.1f%%", r.DeltasS, r.TokensS, r.TokensPerDelt, r.FramesS, kib(r.BytesS), 100*r.KeepUp)
+		row("delivered", "%.0f deltas/s in %.0f delta frames/s, %.0f tokens/s (%.2f tok/delta), %.0f frames/s, %s/s; keep-up %.1f%%",
+			r.DeltasS, r.DeltaFramesS, r.TokensS, r.TokensPerDelt, r.FramesS, kib(r.BytesS), 100*r.KeepUp)
 	}
 	if r.Latency != nil {
 		row("token→screen", "%s", sumLine(r.Latency))
@@ -240,5 +242,8 @@ func (r *Result) historyRow(date, commit string) string {
 		}
 	}
 	f = append(f, fmt.Sprintf("violations %d", r.Violations.Total()))
+	if r.OtherCPUs > 0.3 {
+		f = append(f, fmt.Sprintf("disturbed: others %.2f cores", r.OtherCPUs))
+	}
 	return fmt.Sprintf("| %s | %s | %s | %s | — |", date, commit, name, strings.Join(f, ", "))
 }

@@ -201,7 +201,6 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 	b.closeAll()
 
 	frames, deltaFrames, deltas, bytes, v := b.totals()
-	_ = deltaFrames
 	w := window.Seconds()
 	r.WindowS = w
 	r.Violations = v
@@ -216,6 +215,7 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 	r.DeltasS = float64(deltas) / w
 	r.TokensS = r.DeltasS * r.TokensPerDelt
 	r.FramesS = float64(frames) / w
+	r.DeltaFramesS = float64(deltaFrames) / w
 	r.BytesS = float64(bytes) / w
 	if r.OfferedTokS > 0 {
 		r.KeepUp = r.TokensS / (r.OfferedTokS * float64(watchers) / float64(len(convs)))
