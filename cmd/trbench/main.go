@@ -109,9 +109,9 @@ Scenarios (--scenarios a,b or repeated -s "name flag=value ..."):
   idle       --conns N idle connections, each joined to its own conversation
   stream     --turns M conversations × --watchers W, one turn at a time at --rate tok/s
   cancel     stream, cancelling --cancel-frac of turns at a random point
-  reconnect  stream, dropping --storm-pct %% of watchers every --storm-every; they resume
+  reconnect  stream, dropping --storm-pct % of watchers every --storm-every; they resume
   resume     stream with --probe-rate resume probes/s, then long turns (--long)
-  ramp       stream steps of --ramp turns until p99 > --p99, keep-up < 95%% or a violation
+  ramp       stream steps of --ramp turns until p99 > --p99, keep-up < 95% or a violation
 
 Examples:
   trbench --url ws://127.0.0.1:18282/v1/ws --scenarios idle --conns 10000
