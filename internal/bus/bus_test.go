@@ -43,16 +43,20 @@ func TestMarkCancelledOnce(t *testing.T) {
 	}
 }
 
-func TestSnapshotChunksAndMarks(t *testing.T) {
+func TestSnapshotChunksAndIndex(t *testing.T) {
 	b := bustest.Start(t)
 	w := b.NewSnapshotWriter("c.1", "t:1")
 	var text []byte
+	var ends []int64
 	var seq int64
-	// Grow past three chunks with deltas of varying size.
-	for len(text) < 3*bus.ChunkSize+1000 {
+	// Grow past three text chunks and several index chunks, with deltas of
+	// varying size, writing a snapshot now and then.
+	for len(text) < 3*bus.ChunkSize+1000 || seq < 3*bus.IndexSize+7 {
 		seq++
-		piece := strings.Repeat(string(rune('a'+seq%26)), int(seq%700)+1)
+		piece := strings.Repeat(string(rune('a'+seq%26)), int(seq%97)+1)
 		text = append(text, piece...)
+		ends = append(ends, int64(len(text)))
+		w.Record(len(text))
 		if seq%50 == 0 {
 			if err := w.Write(t.Context(), text, seq, uint64(seq*10), chat.StatusStreaming); err != nil {
 				t.Fatal(err)
@@ -69,23 +73,29 @@ func TestSnapshotChunksAndMarks(t *testing.T) {
 	if s.Text != string(text) || s.Seq != seq || s.StreamSeq != uint64(seq*10) || s.ConversationID != "c.1" {
 		t.Fatalf("snapshot seq=%d sseq=%d len=%d conv=%s, want seq=%d len=%d", s.Seq, s.StreamSeq, len(s.Text), s.ConversationID, seq, len(text))
 	}
-	if len(s.Marks) == 0 {
-		t.Fatal("no marks")
+	h, err := b.ReadHead(t.Context(), "t:1")
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, m := range s.Marks {
-		if m.StreamSeq != uint64(m.Seq*10) {
-			t.Fatalf("mark %+v inconsistent", m)
+	for _, have := range []int64{0, 1, 2, bus.IndexSize - 1, bus.IndexSize, bus.IndexSize + 1, 2*bus.IndexSize + 5, seq - 1, seq} {
+		end, ok, err := b.EndOf(t.Context(), h, have)
+		if err != nil || !ok {
+			t.Fatalf("EndOf(%d) = %v, %v", have, ok, err)
+		}
+		want := int64(0)
+		if have > 0 {
+			want = ends[have-1]
+		}
+		if end != want {
+			t.Fatalf("EndOf(%d) = %d, want %d", have, end, want)
+		}
+		rest, err := b.ReadText(t.Context(), h, end)
+		if err != nil || rest != string(text[end:]) {
+			t.Fatalf("ReadText(%d): %d bytes, %v; want %d bytes", end, len(rest), err, len(text)-int(end))
 		}
 	}
-	tests := []struct {
-		name string
-		seq  int64
-	}{{"start", 0}, {"before first mark", bus.MarkEvery - 1}, {"middle", seq / 2}, {"end", seq}, {"past end", seq + 5}}
-	for _, tt := range tests {
-		m := s.Locate(tt.seq)
-		if m.Seq > tt.seq && tt.seq < seq {
-			t.Errorf("%s: Locate(%d) = %+v, beyond the seq", tt.name, tt.seq, m)
-		}
+	if _, ok, _ := b.EndOf(t.Context(), h, seq+1); ok {
+		t.Fatal("EndOf past the snapshot answered")
 	}
 	if _, err := b.ReadSnapshot(t.Context(), "missing"); err != bus.ErrNoSnapshot {
 		t.Fatalf("missing snapshot: %v", err)

@@ -2,10 +2,10 @@ package bus
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -17,44 +17,20 @@ import (
 
 // The text of a turn is kept in the turns bucket as immutable chunks of
 // ChunkSize bytes (key "<turn>.<i>") plus a head (key "<turn>") holding the
-// rest of the text, the seq it reaches and sparse marks. A snapshot write
-// therefore costs the new text since the last write, not the whole answer,
-// and reading one costs one head and len/ChunkSize chunk reads however many
-// deltas the turn had.
+// rest of the text and the seq it reaches. Beside the text, an index gives
+// the text's length after every delta: immutable chunks of IndexSize
+// lengths (key "<turn>.x<k>") and the newest ones in the head. A snapshot
+// write costs the text and lengths added since the last one; a resume after
+// any seq costs the head, at most one index chunk, and the text chunks
+// after that seq, however long the answer is.
 const (
 	ChunkSize = 64 << 10
-	// MarkEvery is the spacing, in deltas, of the marks that map a seq to a
-	// byte offset; locating an arbitrary seq replays at most about this many
-	// events from the stream.
-	MarkEvery = 256
+	IndexSize = 1024
 )
 
-// ErrNoSnapshot is returned by ReadSnapshot when a turn has none (it has not
+// ErrNoSnapshot is returned when a turn has no snapshot (it has not
 // produced text yet, or its snapshot expired).
 var ErrNoSnapshot = errors.New("no snapshot")
-
-// Mark says that after delta Seq the turn's text was Len bytes long, and that
-// delta Seq's event has stream sequence StreamSeq.
-type Mark struct {
-	Seq       int64
-	Len       int64
-	StreamSeq uint64
-}
-
-// MarshalJSON encodes a mark compactly as [seq,len,sseq].
-func (m Mark) MarshalJSON() ([]byte, error) {
-	return json.Marshal([3]uint64{uint64(m.Seq), uint64(m.Len), m.StreamSeq})
-}
-
-// UnmarshalJSON decodes [seq,len,sseq].
-func (m *Mark) UnmarshalJSON(b []byte) error {
-	var a [3]uint64
-	if err := json.Unmarshal(b, &a); err != nil {
-		return err
-	}
-	m.Seq, m.Len, m.StreamSeq = int64(a[0]), int64(a[1]), a[2]
-	return nil
-}
 
 // Snapshot is a turn's text up to delta Seq.
 type Snapshot struct {
@@ -62,21 +38,23 @@ type Snapshot struct {
 	Seq            int64
 	StreamSeq      uint64 // stream sequence of delta Seq; 0 when Seq is 0
 	Text           string
-	Marks          []Mark // ascending; the snapshot point itself is not included
 	Status         chat.TurnStatus
 }
 
-// Locate returns the best known mark at or before seq: the text length after
-// a delta ≤ seq and that delta's stream sequence (zeros mean "from the start").
-func (s *Snapshot) Locate(seq int64) Mark {
-	if seq >= s.Seq && s.Seq > 0 {
-		return Mark{Seq: s.Seq, Len: int64(len(s.Text)), StreamSeq: s.StreamSeq}
-	}
-	i := sort.Search(len(s.Marks), func(i int) bool { return s.Marks[i].Seq > seq })
-	if i == 0 {
-		return Mark{}
-	}
-	return s.Marks[i-1]
+// Head is a snapshot without its text: what a resume reads first.
+type Head struct {
+	ConversationID string
+	Seq            int64
+	StreamSeq      uint64
+	Len            int64 // text length after delta Seq
+	Status         chat.TurnStatus
+
+	turnID    string
+	chunks    int
+	tail      []byte
+	indexed   int64    // deltas whose length is known: 1..indexed
+	idxChunks int      // full index chunks written
+	ends      []uint32 // lengths after deltas idxChunks*IndexSize+1 .. indexed
 }
 
 type snapshotHead struct {
@@ -85,7 +63,9 @@ type snapshotHead struct {
 	StreamSeq uint64          `json:"ss,omitempty"`
 	Chunks    int             `json:"n,omitempty"`
 	Tail      []byte          `json:"tl,omitempty"`
-	Marks     []Mark          `json:"mk,omitempty"`
+	Indexed   int64           `json:"ix,omitempty"`
+	IdxChunks int             `json:"xn,omitempty"`
+	Ends      []byte          `json:"xe,omitempty"` // little-endian uint32s
 	Status    chat.TurnStatus `json:"st"`
 }
 
@@ -93,20 +73,48 @@ func chunkKey(turnID string, i int) string {
 	return Token(turnID) + "." + strconv.Itoa(i)
 }
 
+func indexKey(turnID string, k int) string {
+	return Token(turnID) + ".x" + strconv.Itoa(k)
+}
+
+func packEnds(ends []uint32) []byte {
+	b := make([]byte, 4*len(ends))
+	for i, e := range ends {
+		binary.LittleEndian.PutUint32(b[4*i:], e)
+	}
+	return b
+}
+
+func unpackEnds(b []byte) []uint32 {
+	ends := make([]uint32, len(b)/4)
+	for i := range ends {
+		ends[i] = binary.LittleEndian.Uint32(b[4*i:])
+	}
+	return ends
+}
+
 // SnapshotWriter keeps one turn's snapshot current. It is used by the one
 // worker producing the turn and is not safe for concurrent use.
 type SnapshotWriter struct {
-	b        *Bus
-	turnID   string
-	conv     string
-	chunks   int // chunks already written
-	marks    []Mark
-	lastMark int64
+	b         *Bus
+	turnID    string
+	conv      string
+	chunks    int      // text chunks already written
+	idxChunks int      // index chunks already written
+	ends      []uint32 // lengths after the deltas not in a written index chunk
+	recorded  int64    // deltas recorded
 }
 
 // NewSnapshotWriter returns a writer for a turn starting with no text.
 func (b *Bus) NewSnapshotWriter(conversationID, turnID string) *SnapshotWriter {
 	return &SnapshotWriter{b: b, turnID: turnID, conv: conversationID}
+}
+
+// Record notes the text length after the next delta (seq 1, 2, …). Call it
+// for every delta, in order, before a Write that covers it.
+func (w *SnapshotWriter) Record(end int) {
+	w.ends = append(w.ends, uint32(end))
+	w.recorded++
 }
 
 // snapshotWriteTimeout bounds a Write whose ctx has no deadline. A snapshot
@@ -130,13 +138,18 @@ func (w *SnapshotWriter) Write(ctx context.Context, text []byte, seq int64, sseq
 		}
 		w.chunks++
 	}
-	if seq-w.lastMark >= MarkEvery && sseq != 0 {
-		w.marks = append(w.marks, Mark{Seq: seq, Len: int64(len(text)), StreamSeq: sseq})
-		w.lastMark = seq
+	indexed := min(seq, w.recorded)
+	for int64(w.idxChunks+1)*IndexSize <= indexed {
+		if _, err := w.b.turns.Put(ctx, indexKey(w.turnID, w.idxChunks), packEnds(w.ends[:IndexSize])); err != nil {
+			return fmt.Errorf("write snapshot index: %w", err)
+		}
+		w.ends = append(w.ends[:0], w.ends[IndexSize:]...)
+		w.idxChunks++
 	}
 	h := snapshotHead{
-		Conv: w.conv, Seq: seq, StreamSeq: sseq, Chunks: w.chunks,
-		Tail: text[w.chunks*ChunkSize:], Marks: w.marks, Status: status,
+		Conv: w.conv, Seq: seq, StreamSeq: sseq, Chunks: w.chunks, Tail: text[w.chunks*ChunkSize:],
+		Indexed: indexed, IdxChunks: w.idxChunks,
+		Ends: packEnds(w.ends[:indexed-int64(w.idxChunks)*IndexSize]), Status: status,
 	}
 	data, err := json.Marshal(h)
 	if err != nil {
@@ -148,33 +161,93 @@ func (w *SnapshotWriter) Write(ctx context.Context, text []byte, seq int64, sseq
 	return nil
 }
 
-// ReadSnapshot returns the latest snapshot of a turn, or ErrNoSnapshot.
-func (b *Bus) ReadSnapshot(ctx context.Context, turnID string) (Snapshot, error) {
+// ReadHead returns the head of a turn's latest snapshot, or ErrNoSnapshot.
+func (b *Bus) ReadHead(ctx context.Context, turnID string) (Head, error) {
 	e, err := b.turns.Get(ctx, Token(turnID))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
-		return Snapshot{}, ErrNoSnapshot
+		return Head{}, ErrNoSnapshot
 	}
 	if err != nil {
-		return Snapshot{}, fmt.Errorf("read snapshot: %w", err)
+		return Head{}, fmt.Errorf("read snapshot: %w", err)
 	}
 	var h snapshotHead
 	if err := json.Unmarshal(e.Value(), &h); err != nil {
-		return Snapshot{}, fmt.Errorf("read snapshot: %w", err)
+		return Head{}, fmt.Errorf("read snapshot: %w", err)
+	}
+	return Head{
+		ConversationID: h.Conv, Seq: h.Seq, StreamSeq: h.StreamSeq,
+		Len: int64(h.Chunks*ChunkSize + len(h.Tail)), Status: h.Status,
+		turnID: turnID, chunks: h.Chunks, tail: h.Tail,
+		indexed: h.Indexed, idxChunks: h.IdxChunks, ends: unpackEnds(h.Ends),
+	}, nil
+}
+
+// EndOf returns the text length after delta seq, reading at most one
+// index chunk; ok is false when the snapshot does not know it.
+func (b *Bus) EndOf(ctx context.Context, h Head, seq int64) (end int64, ok bool, err error) {
+	switch {
+	case seq == 0:
+		return 0, true, nil
+	case seq == h.Seq:
+		return h.Len, true, nil
+	case seq < 0 || seq > h.indexed:
+		return 0, false, nil
+	}
+	k := int((seq - 1) / IndexSize)
+	i := int((seq - 1) % IndexSize)
+	if k >= h.idxChunks {
+		return int64(h.ends[i]), true, nil
+	}
+	e, err := b.turns.Get(ctx, indexKey(h.turnID, k))
+	if err != nil {
+		return 0, false, fmt.Errorf("read snapshot index: %w", err)
+	}
+	ends := e.Value()
+	if 4*(i+1) > len(ends) {
+		return 0, false, nil
+	}
+	return int64(binary.LittleEndian.Uint32(ends[4*i:])), true, nil
+}
+
+// ReadText returns the snapshot's text from byte from on: the text chunks
+// it needs and the head's tail.
+func (b *Bus) ReadText(ctx context.Context, h Head, from int64) (string, error) {
+	if from < 0 || from > h.Len {
+		return "", fmt.Errorf("read snapshot text: offset %d outside 0..%d", from, h.Len)
 	}
 	var sb strings.Builder
-	sb.Grow(h.Chunks*ChunkSize + len(h.Tail))
-	for i := 0; i < h.Chunks; i++ {
-		c, err := b.turns.Get(ctx, chunkKey(turnID, i))
+	sb.Grow(int(h.Len - from))
+	for i := int(from / ChunkSize); i < h.chunks; i++ {
+		c, err := b.turns.Get(ctx, chunkKey(h.turnID, i))
 		if err != nil {
-			return Snapshot{}, fmt.Errorf("read snapshot chunk %d: %w", i, err)
+			return "", fmt.Errorf("read snapshot chunk %d: %w", i, err)
 		}
 		// A chunk is immutable once written, so it is consistent with any
 		// head that counts it.
-		sb.Write(c.Value())
+		v := c.Value()
+		if start := int64(i) * ChunkSize; from > start {
+			v = v[from-start:]
+		}
+		sb.Write(v)
 	}
-	sb.Write(h.Tail)
-	return Snapshot{
-		ConversationID: h.Conv, Seq: h.Seq, StreamSeq: h.StreamSeq,
-		Text: sb.String(), Marks: h.Marks, Status: h.Status,
-	}, nil
+	tail := h.tail
+	if start := int64(h.chunks) * ChunkSize; from > start {
+		tail = tail[from-start:]
+	}
+	sb.Write(tail)
+	return sb.String(), nil
+}
+
+// ReadSnapshot returns the latest snapshot of a turn with its whole text,
+// or ErrNoSnapshot.
+func (b *Bus) ReadSnapshot(ctx context.Context, turnID string) (Snapshot, error) {
+	h, err := b.ReadHead(ctx, turnID)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	text, err := b.ReadText(ctx, h, 0)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	return Snapshot{ConversationID: h.ConversationID, Seq: h.Seq, StreamSeq: h.StreamSeq, Text: text, Status: h.Status}, nil
 }

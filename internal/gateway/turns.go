@@ -218,51 +218,59 @@ type catchUpResult struct {
 // catchUp reads what follows delta have of a turn: from the snapshot when it
 // is ahead, then the tail of the stream. haveLen is the text length after
 // delta have, or -1 when unknown (a client's resume point), in which case it
-// is located from the snapshot's marks with a short replay.
+// is located through the snapshot's index.
 func (s *Server) catchUp(ctx context.Context, conv, turn string, have, haveLen int64) (catchUpResult, error) {
 	res := catchUpResult{From: have + 1, To: have, ToLen: haveLen}
 	if have == 0 {
 		haveLen, res.ToLen = 0, 0
 	}
-	snap, err := s.bus.ReadSnapshot(ctx, turn)
+	head, err := s.bus.ReadHead(ctx, turn)
 	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 		return res, err
 	}
 	tailFrom := uint64(1)
-	if snap.Seq > have {
+	if head.Seq > have {
+		// The snapshot is ahead: its text from the end of delta have on,
+		// located through the snapshot's index (one read at most).
 		if haveLen < 0 {
-			mark := snap.Locate(have)
-			haveLen = mark.Len
-			if mark.Seq < have {
-				found := false
-				err := s.bus.ReadTurn(ctx, conv, turn, mark.StreamSeq+1, func(e bus.Event) bool {
+			end, ok, err := s.bus.EndOf(ctx, head, have)
+			if err != nil {
+				return res, err
+			}
+			if !ok {
+				// Not indexed: find the delta in the stream.
+				err := s.bus.ReadTurn(ctx, conv, turn, 1, func(e bus.Event) bool {
 					if e.Kind == bus.KindDelta && e.Seq == have {
-						haveLen = e.Off + int64(len(e.Text))
-						found = true
+						end, ok = e.Off+int64(len(e.Text)), true
 						return false
 					}
-					return e.Kind != bus.KindEnd && e.Seq < have
+					return e.Kind != bus.KindEnd
 				})
 				if err != nil {
 					return res, err
 				}
-				if !found {
+				if !ok {
 					res.Missed = true
 					return res, nil
 				}
 			}
+			haveLen = end
 		}
-		if haveLen > int64(len(snap.Text)) {
+		if haveLen > head.Len {
 			res.Missed = true
 			return res, nil
 		}
-		res.Text = append(res.Text, snap.Text[haveLen:]...)
-		res.To, res.ToLen = snap.Seq, int64(len(snap.Text))
-		tailFrom = snap.StreamSeq + 1
-	} else if snap.Seq > 0 {
-		tailFrom = snap.StreamSeq + 1
-		if snap.Seq == have && haveLen < 0 {
-			res.ToLen = int64(len(snap.Text))
+		text, err := s.bus.ReadText(ctx, head, haveLen)
+		if err != nil {
+			return res, err
+		}
+		res.Text = append(res.Text, text...)
+		res.To, res.ToLen = head.Seq, head.Len
+		tailFrom = head.StreamSeq + 1
+	} else if head.Seq > 0 {
+		tailFrom = head.StreamSeq + 1
+		if head.Seq == have && haveLen < 0 {
+			res.ToLen = head.Len
 		}
 	}
 	err = s.bus.ReadTurn(ctx, conv, turn, tailFrom, func(e bus.Event) bool {

@@ -354,7 +354,12 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 		// it waits for that turn's end).
 		if t, err := v.s.store.Turn(ctx, after.TurnID); err == nil && t.ConversationID == v.conv && t.Status.Terminal() {
 			cu, err := v.s.catchUp(ctx, v.conv, t.ID, after.Seq, -1)
-			if err == nil && !cu.Missed {
+			if err != nil {
+				// Sending the end without the text before it would leave
+				// the client with a gap: fail the join, the client retries.
+				return j, nil, nil, err
+			}
+			if !cu.Missed {
 				text, from, to := string(cu.Text), cu.From, cu.To
 				off := cu.ToLen - int64(len(cu.Text))
 				followUps = append(followUps, func() {

@@ -119,6 +119,7 @@ func (p *publisher) flushLocked() error {
 	p.text = append(p.text, p.pending...)
 	p.pending = p.pending[:0]
 	p.inflight = append(p.inflight, sent{pd: pd, end: len(p.text)})
+	p.snap.Record(len(p.text))
 	now := p.w.cfg.Now()
 	if p.firstAt.IsZero() {
 		p.firstAt = now
