@@ -216,3 +216,17 @@ func (p *publisher) stop() {
 		p.timer = nil
 	}
 }
+
+// finalSnapshot writes the snapshot of the whole turn once every delta is
+// acknowledged, so that a resume of the finished turn reads no stream tail.
+func (p *publisher) finalSnapshot(status chat.TurnStatus) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.err != nil || len(p.inflight) > 0 || p.acked.seq == 0 || p.acked.seq == p.snapSeq {
+		return
+	}
+	if err := p.snap.Write(p.ctx, p.text[:p.acked.end], p.acked.seq, p.acked.sseq, status); err != nil {
+		p.w.log.Warn("write final snapshot", "turn_id", p.turn.ID, "err", err)
+	}
+	p.snapSeq = p.acked.seq
+}

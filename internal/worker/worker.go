@@ -321,6 +321,9 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	if err := pub.flush(); err != nil && perr == nil {
 		perr = err
 	}
+	if !pub.failed() {
+		pub.finalSnapshot(chat.StatusStreaming)
+	}
 	if pub.failed() {
 		// The bus refused a delta: what reached the stream is unknown here,
 		// so leave the job to be redelivered; the next attempt ends the turn
