@@ -4,6 +4,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -65,6 +67,7 @@ type config struct {
 	ShutdownTimeout time.Duration
 	LogLevel        string
 	DebugAddr       string
+	MetricsAddr     string
 	LogFormat       string
 }
 
@@ -100,6 +103,9 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 	}
 	if r == roleMigrate {
 		return
+	}
+	if r == roleWorker {
+		fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve /metrics and /healthz on this address (default: no HTTP port)")
 	}
 	fs.StringVar(&c.NATSURL, "nats-url", "", "external NATS servers, comma separated (serve default: embedded)")
 	fs.StringVar(&c.NATSCreds, "nats-creds", "", "NATS credentials file")
@@ -216,4 +222,20 @@ func readPEM(v string) ([]byte, error) {
 		return nil, fmt.Errorf("read --jwt-public-key: %w", err)
 	}
 	return b, nil
+}
+
+// load parses a subcommand's flags and environment into a config and
+// builds its logger.
+func load(name string, r role, args []string, getenv func(string) string, stderr io.Writer) (*config, *slog.Logger, error) {
+	c := new(config)
+	fs := newFlagSet(name, stderr)
+	c.register(fs, r)
+	if err := parse(fs, args, getenv); err != nil {
+		return nil, nil, err
+	}
+	log, err := newLogger(c, stderr)
+	if err != nil {
+		return nil, nil, err
+	}
+	return c, log, nil
 }

@@ -17,18 +17,13 @@ import (
 
 // runGateway runs only the gateway, against --nats-url and --store-url.
 func runGateway(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	var c config
-	fs := newFlagSet("gateway", stderr)
-	c.register(fs, roleGateway)
-	if err := parse(fs, args, getenv); err != nil {
-		return err
-	}
-	if c.NATSURL == "" || c.StoreURL == "" {
-		return errors.New("gateway needs --nats-url and --store-url")
-	}
-	log, err := newLogger(&c, stderr)
+	cp, log, err := load("gateway", roleGateway, args, getenv, stderr)
 	if err != nil {
 		return err
+	}
+	c := *cp
+	if c.NATSURL == "" || c.StoreURL == "" {
+		return errors.New("gateway needs --nats-url and --store-url")
 	}
 	log = log.With("role", "gateway")
 	a, err := newAuth(&c, log, stderr)
@@ -85,19 +80,14 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 // ends the turns it is producing as interrupted, text saved. A worker has no
 // HTTP port unless --metrics-addr gives it one for /metrics and /healthz.
 func runWorker(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	var c config
-	fs := newFlagSet("worker", stderr)
-	c.register(fs, roleWorker)
-	metricsAddr := fs.String("metrics-addr", "", "serve /metrics and /healthz on this address (default: no HTTP port)")
-	if err := parse(fs, args, getenv); err != nil {
-		return err
-	}
-	if c.NATSURL == "" || c.StoreURL == "" {
-		return errors.New("worker needs --nats-url and --store-url")
-	}
-	log, err := newLogger(&c, stderr)
+	cp, log, err := load("worker", roleWorker, args, getenv, stderr)
 	if err != nil {
 		return err
+	}
+	c := *cp
+	metricsAddr := &c.MetricsAddr
+	if c.NATSURL == "" || c.StoreURL == "" {
+		return errors.New("worker needs --nats-url and --store-url")
 	}
 	log = log.With("role", "worker")
 	p, _, err := newProvider(&c, log)

@@ -18,16 +18,11 @@ import (
 // runServe runs gateway, worker, an embedded NATS JetStream and the store in
 // one process.
 func runServe(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	var c config
-	fs := newFlagSet("serve", stderr)
-	c.register(fs, roleServe)
-	if err := parse(fs, args, getenv); err != nil {
-		return err
-	}
-	log, err := newLogger(&c, stderr)
+	cp, log, err := load("serve", roleServe, args, getenv, stderr)
 	if err != nil {
 		return err
 	}
+	c := *cp
 	a, err := newAuth(&c, log, stderr)
 	if err != nil {
 		return err

@@ -5,22 +5,18 @@
 package cluster_test
 
 import (
+	"github.com/tokenrelay/tokenrelay/internal/store/postgres/pgtest"
+
 	"bufio"
-	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
-	"os"
 	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -31,10 +27,6 @@ import (
 
 // wait bounds every wait for an event of a turn.
 const wait = 30 * time.Second
-
-// envPostgres names the variable holding the URL of a PostgreSQL database
-// the tests may create schemas in.
-const envPostgres = "TOKENRELAY_TEST_POSTGRES"
 
 // freePorts returns n TCP ports that were free a moment ago (a route port
 // must be known before any node starts, so Port: -1 does not do).
@@ -201,45 +193,7 @@ func (c *natsCluster) node(t testing.TB, name string) int {
 // postgresURL returns a URL for a new, empty schema of the test database,
 // dropped at the end of the test, or skips the test when
 // TOKENRELAY_TEST_POSTGRES is unset.
-func postgresURL(t testing.TB) string {
-	t.Helper()
-	base := os.Getenv(envPostgres)
-	if base == "" {
-		t.Skipf("cluster tests skipped: set %s to a PostgreSQL URL the tests may create schemas in, e.g. postgres://postgres@127.0.0.1:5432/test?sslmode=disable", envPostgres)
-	}
-	u, err := url.Parse(base)
-	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
-		t.Fatalf("%s must be a postgres:// URL", envPostgres)
-	}
-	var b [6]byte
-	rand.Read(b[:])
-	schema := "tr_" + hex.EncodeToString(b[:])
-	conn, err := pgx.Connect(t.Context(), base)
-	if err != nil {
-		t.Fatalf("connect to %s: %v", envPostgres, err)
-	}
-	defer conn.Close(context.Background())
-	if _, err := conn.Exec(t.Context(), "CREATE SCHEMA "+pgx.Identifier{schema}.Sanitize()); err != nil {
-		t.Fatalf("create schema: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, base)
-		if err != nil {
-			t.Errorf("drop schema: %v", err)
-			return
-		}
-		defer conn.Close(ctx)
-		if _, err := conn.Exec(ctx, "DROP SCHEMA "+pgx.Identifier{schema}.Sanitize()+" CASCADE"); err != nil {
-			t.Errorf("drop schema: %v", err)
-		}
-	})
-	q := u.Query()
-	q.Set("search_path", schema)
-	u.RawQuery = q.Encode()
-	return u.String()
-}
+func postgresURL(t testing.TB) string { return pgtest.SchemaURL(t) }
 
 // cluster is tokenrelay scaled out: gateways and workers sharing one NATS
 // cluster and one PostgreSQL schema.
