@@ -77,6 +77,11 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		Duplicates:  2 * time.Minute,
 		Replicas:    cfg.Replicas,
 		Discard:     jetstream.DiscardOld,
+		// Reads of a turn's events (resumes, gap repairs, recovery) may be
+		// answered by any replica, so they go on while a new leader is
+		// elected; a replica a moment behind only makes a repair wait and
+		// read again.
+		AllowDirect: true,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open bus: events stream: %w", err)

@@ -61,6 +61,7 @@ type turnState struct {
 	repairing bool
 	pending   []bus.Event // events held while repairing
 	attempts  int
+	gen       int // repair generation: a repair's result applies only to its own
 }
 
 const keepEnded = 32
@@ -164,6 +165,7 @@ func (v *view) processLocked(e bus.Event) {
 	}
 	if ts.repairing {
 		ts.pending = append(ts.pending, e)
+		v.fillLocked(ts)
 		return
 	}
 	switch e.Kind {
@@ -188,12 +190,58 @@ func (v *view) processLocked(e bus.Event) {
 	}
 }
 
+// fillLocked applies, while a repair is under way, the held live deltas
+// that continue the turn (the missing delta may arrive live again: a
+// publisher repeats a delta whose acknowledgement failed, with every later
+// one). When that closes the gap, the repair's own result is dropped and
+// the held events are processed as usual.
+func (v *view) fillLocked(ts *turnState) {
+	for progressed := true; progressed; {
+		progressed = false
+		kept := make([]bus.Event, 0, len(ts.pending))
+		for _, e := range ts.pending {
+			switch {
+			case e.Kind == bus.KindDelta && e.Seq <= ts.seq:
+				v.s.m.duplicatesDropped.Inc()
+			case e.Kind == bus.KindDelta && e.Seq == ts.seq+1 && ts.started:
+				v.out.delta(v.conv, e.TurnID, e.Seq, e.Seq, e.Off, e.Text, e.TS)
+				ts.seq, ts.len = e.Seq, e.Off+int64(len(e.Text))
+				progressed = true
+			default:
+				kept = append(kept, e)
+			}
+		}
+		ts.pending = kept
+	}
+	for _, e := range ts.pending {
+		if (e.Kind == bus.KindDelta && e.Seq > ts.seq+1) || (e.Kind == bus.KindEnd && e.Seq > ts.seq) || !ts.started {
+			return // still a gap: the repair goes on
+		}
+	}
+	ts.repairing = false
+	ts.gen++
+	ts.attempts = 0
+	pending := ts.pending
+	ts.pending = nil
+	for _, e := range pending {
+		if ts.ended || ts.repairing {
+			if ts.repairing {
+				ts.pending = append(ts.pending, e)
+			}
+			continue
+		}
+		v.processLocked(e)
+	}
+}
+
 // repairLocked fetches what the client misses of a turn from the bus, in
 // the background; events of the turn wait until it is done.
 func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 	ts.repairing = true
 	ts.pending = append(ts.pending, trigger)
 	ts.attempts++
+	ts.gen++
+	gen := ts.gen
 	attempt := ts.attempts
 	have, haveLen, needStart := ts.seq, ts.len, !ts.started
 	v.s.m.gapsRepaired.Inc()
@@ -214,21 +262,35 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 		}
 		var info chat.Turn
 		var userMsg chat.Message
-		var err error
-		if needStart {
-			info, err = v.s.store.Turn(v.ctx, turn)
-			if err == nil {
-				userMsg, err = v.s.store.Message(v.ctx, v.conv, info.ReplyTo)
-			}
-		}
 		var cu catchUpResult
-		if err == nil {
-			cu, err = v.s.catchUp(v.ctx, v.conv, turn, have, haveLen)
+		var err error
+		for try := attempt; ; try++ {
+			if needStart {
+				info, err = v.s.store.Turn(v.ctx, turn)
+				if err == nil {
+					userMsg, err = v.s.store.Message(v.ctx, v.conv, info.ReplyTo)
+				}
+			}
+			if err == nil {
+				cu, err = v.s.catchUp(v.ctx, v.conv, turn, have, haveLen)
+			}
+			if err == nil || errors.Is(err, chat.ErrNotFound) || v.ctx.Err() != nil || try >= repairAttempts {
+				break
+			}
+			// A read failed (the bus or the store is briefly away, e.g. a
+			// stream leader election): wait and read again.
+			t := time.NewTimer(repairBackoff(try + 1))
+			select {
+			case <-t.C:
+			case <-v.ctx.Done():
+				t.Stop()
+				return
+			}
 		}
 		v.mu.Lock()
 		defer v.mu.Unlock()
-		if v.closed {
-			return
+		if v.closed || ts.gen != gen || !ts.repairing {
+			return // the live route closed the gap meanwhile (see fillLocked)
 		}
 		if err != nil {
 			if errors.Is(err, chat.ErrNotFound) {
@@ -250,10 +312,21 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 			v.out.start(v.conv, turn, info.ReplyTo, info.Model)
 			ts.started = true
 		}
-		if cu.To >= cu.From {
-			v.out.delta(v.conv, turn, cu.From, cu.To, cu.ToLen-int64(len(cu.Text)), string(cu.Text), catchUpTS)
-			ts.seq, ts.len = cu.To, cu.ToLen
-			ts.attempts = 0
+		if cu.To > ts.seq {
+			from, text, off := cu.From, cu.Text, cu.ToLen-int64(len(cu.Text))
+			if ts.seq > have {
+				// Live deltas advanced the turn meanwhile: send only the rest.
+				if ts.len < off || ts.len-off > int64(len(text)) {
+					text = nil
+				} else {
+					text, off, from = text[ts.len-off:], ts.len, ts.seq+1
+				}
+			}
+			if text != nil || from == cu.From {
+				v.out.delta(v.conv, turn, from, cu.To, off, string(text), catchUpTS)
+				ts.seq, ts.len = cu.To, cu.ToLen
+				ts.attempts = 0
+			}
 		}
 		if cu.End != nil && cu.End.Seq <= ts.seq {
 			v.out.end(v.conv, turn, ts.seq, cu.End.Status, cu.End.Error, cu.End.Usage)

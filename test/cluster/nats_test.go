@@ -61,6 +61,13 @@ func TestNATSNodeStoppedMidTurn(t *testing.T) {
 	}
 	a := trtest.Dial(t, c.gw[0].WSURL(), nil)
 	b := trtest.Dial(t, c.gw[1].WSURL(), nil)
+	t.Cleanup(func() {
+		if t.Failed() {
+			for i, g := range c.gw {
+				t.Logf("gateway %d stderr:\n%s", i, g.Stderr())
+			}
+		}
+	})
 	const conv = "nats-node"
 	a.Join(conv, nil)
 	b.Join(conv, nil)
