@@ -76,11 +76,11 @@ func DecodeClient(data []byte) (ClientFrame, error) {
 		}
 		return ClientFrame{}, &DecodeError{ID: s, Message: "invalid JSON frame: " + jsonErrText(err)}
 	}
-	if rest := bytes.TrimLeft(data[dec.InputOffset():], " \t\r\n"); len(rest) > 0 {
-		return ClientFrame{}, &DecodeError{ID: f.ID, Message: "one JSON object per frame"}
-	}
 	if len(f.ID) > MaxFrameIDLen {
 		return ClientFrame{}, &DecodeError{Message: "id longer than 64 characters"}
+	}
+	if rest := bytes.TrimLeft(data[dec.InputOffset():], " \t\r\n"); len(rest) > 0 {
+		return ClientFrame{}, &DecodeError{ID: f.ID, Message: "one JSON object per frame"}
 	}
 	bad := func(msg string) (ClientFrame, error) { return ClientFrame{}, &DecodeError{ID: f.ID, Message: msg} }
 	checkID := func(field, v string, required bool) error {
