@@ -36,7 +36,10 @@ test('the page reconnects and resumes after a server restart', async (t) => {
 
   // The same page goes on working on the new server.
   await h.send(page, 'Still there? [sim tokens=20 rate=0]');
-  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page)), 'complete');
+  // Wait for the new answer's bubble first: until it exists, the last
+  // answer on the page is the interrupted one.
+  await page.locator('article.msg.assistant').nth(1).waitFor();
+  assert.equal(await h.waitAnswerEnded(page.locator('article.msg.assistant').nth(1)), 'complete');
   const second = await h.lastAnswer(page).getAttribute('data-turn-id');
   assert.equal((await h.turnState(page, conv, second)).content, (await h.storedTurn(server, conv, second)).content);
   h.noPageErrors(assert, page);
