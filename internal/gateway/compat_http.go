@@ -398,6 +398,28 @@ func (cp *compat) handleCancel() http.Handler {
 	})
 }
 
+// session reads the {sid} of a history request and the session's owner as
+// the caller may see it; on failure it has answered the request and
+// reports false.
+func (cp *compat) session(ctx context.Context, w http.ResponseWriter, r *http.Request) (sid, owner string, exists, ok bool) {
+	sid = r.PathValue("sid")
+	if !chat.ValidID(sid) {
+		cp.writeCompatError(w, compatBadRequest("session_id must match ^[A-Za-z0-9_.:-]{1,128}$"))
+		return "", "", false, false
+	}
+	c, err := cp.caller(r, "")
+	if err != nil {
+		cp.writeCompatError(w, err)
+		return "", "", false, false
+	}
+	owner, exists, err = cp.owner(ctx, c, sid)
+	if err != nil {
+		cp.writeCompatError(w, err)
+		return "", "", false, false
+	}
+	return sid, owner, exists, true
+}
+
 // handleHistory serves GET /api/history/{sid}: the session's finished
 // messages, oldest first (the newest compatHistory of them).
 func (cp *compat) handleHistory() http.Handler {
@@ -405,19 +427,8 @@ func (cp *compat) handleHistory() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := s.reqCtx(r)
 		defer cancel()
-		sid := r.PathValue("sid")
-		if !chat.ValidID(sid) {
-			cp.writeCompatError(w, compatBadRequest("session_id must match ^[A-Za-z0-9_.:-]{1,128}$"))
-			return
-		}
-		c, err := cp.caller(r, "")
-		if err != nil {
-			cp.writeCompatError(w, err)
-			return
-		}
-		owner, exists, err := cp.owner(ctx, c, sid)
-		if err != nil {
-			cp.writeCompatError(w, err)
+		sid, owner, exists, ok := cp.session(ctx, w, r)
+		if !ok {
 			return
 		}
 		out := []chatMessage{}
@@ -445,19 +456,8 @@ func (cp *compat) handleClearHistory() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), s.cfg.RequestTimeout+s.cfg.CancelWait)
 		defer cancel()
-		sid := r.PathValue("sid")
-		if !chat.ValidID(sid) {
-			cp.writeCompatError(w, compatBadRequest("session_id must match ^[A-Za-z0-9_.:-]{1,128}$"))
-			return
-		}
-		c, err := cp.caller(r, "")
-		if err != nil {
-			cp.writeCompatError(w, err)
-			return
-		}
-		owner, exists, err := cp.owner(ctx, c, sid)
-		if err != nil {
-			cp.writeCompatError(w, err)
+		sid, owner, exists, ok := cp.session(ctx, w, r)
+		if !ok {
 			return
 		}
 		if exists {
