@@ -5,12 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
+	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
 	"github.com/tokenrelay/tokenrelay/internal/worker"
 )
@@ -44,20 +47,11 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 		return fmt.Errorf("listen %s: %w", c.Addr, err)
 	}
 	defer ln.Close()
-	st, err := openStore(ctx, c.StoreURL, "")
-	if err != nil {
-		return fmt.Errorf("open store: %w", err)
-	}
-	defer st.Close()
-	nc, err := connectNATS(&c, "tokenrelay-gateway", log)
+	st, b, closeBackends, err := openBackends(ctx, &c, "tokenrelay-gateway", log)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	b, err := openBus(ctx, &c, nc)
-	if err != nil {
-		return err
-	}
+	defer closeBackends()
 	reg := newRegistry()
 	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, nil), b, st, a)
 	srv, httpDone := serveHTTP(ln, gw, log)
@@ -101,20 +95,11 @@ func runWorker(ctx context.Context, args []string, getenv func(string) string, s
 		}
 		defer ln.Close()
 	}
-	st, err := openStore(ctx, c.StoreURL, "")
-	if err != nil {
-		return fmt.Errorf("open store: %w", err)
-	}
-	defer st.Close()
-	nc, err := connectNATS(&c, "tokenrelay-worker", log)
+	st, b, closeBackends, err := openBackends(ctx, &c, "tokenrelay-worker", log)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	b, err := openBus(ctx, &c, nc)
-	if err != nil {
-		return err
-	}
+	defer closeBackends()
 	reg := newRegistry()
 	w := worker.New(workerConfig(&c, log, reg), b, st, p)
 	if ln == nil {
@@ -155,4 +140,25 @@ func runMigrate(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	fmt.Fprintln(stdout, "migrations applied")
 	return nil
+}
+
+// openBackends opens the store of --store-url and the bus on --nats-url, as
+// the gateway and worker roles share them; close releases both.
+func openBackends(ctx context.Context, c *config, name string, log *slog.Logger) (_ store.Store, _ *bus.Bus, close func(), err error) {
+	st, err := openStore(ctx, c.StoreURL, "")
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("open store: %w", err)
+	}
+	nc, err := connectNATS(c, name, log)
+	if err != nil {
+		st.Close()
+		return nil, nil, nil, err
+	}
+	b, err := openBus(ctx, c, nc)
+	if err != nil {
+		nc.Close()
+		st.Close()
+		return nil, nil, nil, err
+	}
+	return st, b, func() { nc.Close(); st.Close() }, nil
 }
