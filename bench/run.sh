@@ -3,7 +3,10 @@
 # tree, or of REV), starts it on a free loopback port with a new data dir,
 # runs trbench with the given arguments, stops the server.
 #
-#   bench/run.sh [-r REV] [-f "server flags"] [-p PROFILE_PREFIX] -- trbench args...
+#   bench/run.sh [-r REV | -b BINARY] [-f "server flags"] [-p PROFILE_PREFIX] -- trbench args...
+#
+# -b runs an already built server binary (to repeat runs of several builds
+# interleaved without rebuilding).
 #
 # TRBENCH_SERVER_LOG=path keeps the server's log.
 # -p serves the server's pprof on the next port and saves a CPU profile of
@@ -15,10 +18,11 @@
 #   bench/run.sh -r HEAD~1 -- --scenarios stream   # an older server, same tool
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rev="" extra="" prof=""
+rev="" bin="" extra="" prof=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	-r) rev="$2"; shift 2 ;;
+	-b) bin="$2"; shift 2 ;;
 	-f) extra="$2"; shift 2 ;;
 	-p) prof="$2"; shift 2 ;;
 	--) shift; break ;;
@@ -27,7 +31,10 @@ while [ $# -gt 0 ]; do
 done
 work=$(mktemp -d /tmp/trbench-run.XXXXXX)
 trap 'kill "${pid:-}" 2>/dev/null || true; wait "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
-if [ -n "$rev" ]; then
+if [ -n "$bin" ]; then
+	cp "$bin" "$work/tokenrelay"
+	commit=$(basename "$bin")
+elif [ -n "$rev" ]; then
 	mkdir "$work/src"
 	git archive "$rev" | tar -x -C "$work/src"
 	(cd "$work/src" && go build -o "$work/tokenrelay" ./cmd/tokenrelay)
@@ -59,7 +66,7 @@ if [ -n "$prof" ]; then
 	profargs=(--pprof "http://127.0.0.1:$((port + 1))" --pprof-out "$prof")
 fi
 # shellcheck disable=SC2086
-"$work/tokenrelay" serve --addr "127.0.0.1:$port" --data-dir "$work/data" --delta-timestamps \
+${TRBENCH_SERVER_ENV:+env $TRBENCH_SERVER_ENV} "$work/tokenrelay" serve --addr "127.0.0.1:$port" --data-dir "$work/data" --delta-timestamps \
 	--limit-sends 0 --limit-connections 0 --limit-turns 0 --log-level warn $extra >"$work/server.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do
