@@ -45,6 +45,7 @@ type Bus struct {
 	jobs    jetstream.Stream
 	turns   jetstream.KeyValue
 	cancels jetstream.KeyValue
+	acks    *acks
 	cfg     Config
 }
 
@@ -52,21 +53,11 @@ type Bus struct {
 // tokenrelay needs, idempotently, and returns a Bus using them.
 func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	cfg.defaults()
-	js, err := jetstream.New(nc,
-		// Deltas are published asynchronously; an ack that does not come
-		// within publishAttempt fails the future and the publisher repeats
-		// the event (see PublishDeltaAsync). Each acknowledged delta is
-		// announced live at once, in acknowledgement order.
-		jetstream.WithPublishAsyncMaxPending(1<<16),
-		jetstream.WithPublishAsyncTimeout(publishAttempt),
-		jetstream.WithPublishAsyncAckHandler(func(_ jetstream.JetStream, m *nats.Msg, _ *jetstream.PubAck) {
-			_ = nc.Publish(liveSubject(m.Subject), m.Data)
-		}),
-	)
+	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("open bus: %w", err)
 	}
-	b := &Bus{nc: nc, js: js, cfg: cfg}
+	b := &Bus{nc: nc, js: js, cfg: cfg, acks: newAcks(nc)}
 	b.events, err = ensureStream(ctx, js, jetstream.StreamConfig{
 		Name:        EventsStream,
 		Description: "tokenrelay turn events (start, deltas, end)",
@@ -199,56 +190,18 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 	return ack.Sequence, nil
 }
 
-// PendingDelta is a delta published without waiting for its
-// acknowledgement.
-type PendingDelta struct {
-	Seq  int64
-	subj string
-	data []byte
-	f    jetstream.PubAckFuture
-}
-
 // PublishDeltaAsync publishes a delta and returns at once; it is announced
-// live once the stream has acknowledged it. Deltas of one
-// turn published this way reach the stream in order; the caller checks
-// each with Result and, when one failed, republishes it and every later
-// one in order with Republish, so that the stream again holds the turn's
-// deltas contiguously after the failure (readers drop the repeats).
+// live once the stream has acknowledged it (see acks). Deltas of one turn
+// published this way reach the stream in order; the caller checks each with
+// Result and, when one failed, republishes it and every later one in order
+// with Republish, so that the stream again holds the turn's deltas
+// contiguously after the failure (readers drop the repeats).
 func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
 	data, err := e.encode()
 	if err != nil {
 		return nil, fmt.Errorf("publish delta: %w", err)
 	}
-	subj := e.storedSubject()
-	f, err := b.js.PublishAsync(subj, data)
-	if err != nil {
-		return nil, fmt.Errorf("publish delta: %w", err)
-	}
-	return &PendingDelta{Seq: e.Seq, subj: subj, data: data, f: f}, nil
-}
-
-// Result reports the delta's stream sequence once acknowledged (done and
-// err == nil), or its failure; done is false while the answer is pending.
-// With wait it blocks until the answer comes or ctx is done.
-func (p *PendingDelta) Result(ctx context.Context, wait bool) (sseq uint64, done bool, err error) {
-	if !wait {
-		select {
-		case ack := <-p.f.Ok():
-			return ack.Sequence, true, nil
-		case err := <-p.f.Err():
-			return 0, true, err
-		default:
-			return 0, false, nil
-		}
-	}
-	select {
-	case ack := <-p.f.Ok():
-		return ack.Sequence, true, nil
-	case err := <-p.f.Err():
-		return 0, true, err
-	case <-ctx.Done():
-		return 0, false, ctx.Err()
-	}
+	return b.acks.publish(e.storedSubject(), data, e.Seq)
 }
 
 // Republish stores the delta again, synchronously, retrying as PublishEvent

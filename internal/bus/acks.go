@@ -1,0 +1,178 @@
+package bus
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+)
+
+// Deltas are published asynchronously with a reply subject of the bus's
+// own (prefix + a counter) and one wildcard subscription takes every
+// acknowledgement: the stream's answer is parsed by hand and the delta is
+// announced live right there. This is what jetstream's PublishAsync does,
+// without its per-message timer, channel pair and JSON decoding, which cost
+// more than the publish itself at tens of thousands of deltas a second.
+
+// acks tracks the deltas of one Bus awaiting their acknowledgement.
+type acks struct {
+	nc     *nats.Conn
+	prefix string // reply subjects are prefix + base-36 id
+
+	mu      sync.Mutex
+	sub     *nats.Subscription       // guarded by mu; made on first use
+	next    uint64                   // guarded by mu
+	pending map[uint64]*PendingDelta // guarded by mu
+	sweep   *time.Timer              // armed while pending is not empty; guarded by mu
+}
+
+// PendingDelta is a delta published without waiting for its
+// acknowledgement.
+type PendingDelta struct {
+	Seq  int64
+	subj string
+	data []byte
+
+	sent time.Time
+	done chan struct{} // closed once sseq or err is set
+	sseq uint64
+	err  error
+}
+
+// errAckTimeout fails a delta whose acknowledgement did not come within
+// publishAttempt; the publisher then stores it again (see Republish).
+var errAckTimeout = errors.New("publish delta: no acknowledgement in time")
+
+func newAcks(nc *nats.Conn) *acks {
+	return &acks{nc: nc, prefix: nc.NewRespInbox() + ".", pending: make(map[uint64]*PendingDelta)}
+}
+
+// publish sends data to the stream subject subj and tracks its answer.
+func (a *acks) publish(subj string, data []byte, seq int64) (*PendingDelta, error) {
+	pd := &PendingDelta{Seq: seq, subj: subj, data: data, sent: time.Now(), done: make(chan struct{})}
+	a.mu.Lock()
+	if a.sub == nil {
+		sub, err := a.nc.Subscribe(a.prefix+"*", a.answer)
+		if err != nil {
+			a.mu.Unlock()
+			return nil, fmt.Errorf("publish delta: subscribe to acknowledgements: %w", err)
+		}
+		// Acknowledgements are tiny and must not be dropped.
+		_ = sub.SetPendingLimits(-1, -1)
+		a.sub = sub
+	}
+	a.next++
+	id := a.next
+	a.pending[id] = pd
+	if a.sweep == nil {
+		a.sweep = time.AfterFunc(publishAttempt/4, a.expire)
+	}
+	a.mu.Unlock()
+	var reply [64]byte
+	r := strconv.AppendUint(append(reply[:0], a.prefix...), id, 36)
+	if err := a.nc.PublishRequest(subj, string(r), data); err != nil {
+		a.mu.Lock()
+		delete(a.pending, id)
+		a.mu.Unlock()
+		return nil, fmt.Errorf("publish delta: %w", err)
+	}
+	return pd, nil
+}
+
+// answer handles one acknowledgement: it settles the delta and, when the
+// stream stored it, announces it live.
+func (a *acks) answer(m *nats.Msg) {
+	id, err := strconv.ParseUint(m.Subject[len(a.prefix):], 36, 64)
+	if err != nil {
+		return
+	}
+	a.mu.Lock()
+	pd := a.pending[id]
+	delete(a.pending, id)
+	a.mu.Unlock()
+	if pd == nil {
+		return // expired already
+	}
+	pd.sseq, pd.err = parseAck(m)
+	close(pd.done)
+	if pd.err == nil {
+		_ = a.nc.Publish(liveSubject(pd.subj), pd.data)
+	}
+}
+
+// expire fails the deltas that have waited publishAttempt for an answer
+// (the stream's leader was lost, the message dropped).
+func (a *acks) expire() {
+	now := time.Now()
+	var late []*PendingDelta
+	a.mu.Lock()
+	for id, pd := range a.pending {
+		if now.Sub(pd.sent) >= publishAttempt {
+			late = append(late, pd)
+			delete(a.pending, id)
+		}
+	}
+	if len(a.pending) > 0 {
+		a.sweep.Reset(publishAttempt / 4)
+	} else {
+		a.sweep = nil
+	}
+	a.mu.Unlock()
+	for _, pd := range late {
+		pd.err = errAckTimeout
+		close(pd.done)
+	}
+}
+
+// parseAck reads the stream sequence from a JetStream publish answer,
+// {"stream":"…","seq":N[,…]}, or the error it reports.
+func parseAck(m *nats.Msg) (uint64, error) {
+	if len(m.Data) == 0 {
+		if m.Header.Get("Status") == "503" {
+			return 0, nats.ErrNoResponders
+		}
+		return 0, errors.New("publish delta: empty acknowledgement")
+	}
+	if bytes.Contains(m.Data, []byte(`"error"`)) {
+		return 0, fmt.Errorf("publish delta: stream refused it: %s", m.Data)
+	}
+	i := bytes.Index(m.Data, []byte(`"seq":`))
+	if i < 0 {
+		return 0, fmt.Errorf("publish delta: unexpected acknowledgement %q", m.Data)
+	}
+	i += len(`"seq":`)
+	j := i
+	for j < len(m.Data) && m.Data[j] >= '0' && m.Data[j] <= '9' {
+		j++
+	}
+	seq, err := strconv.ParseUint(string(m.Data[i:j]), 10, 64)
+	if err != nil || seq == 0 {
+		return 0, fmt.Errorf("publish delta: unexpected acknowledgement %q", m.Data)
+	}
+	return seq, nil
+}
+
+// Result reports the delta's stream sequence once acknowledged (done and
+// err == nil), or its failure; done is false while the answer is pending.
+// With wait it blocks until the answer comes or ctx is done.
+func (p *PendingDelta) Result(ctx context.Context, wait bool) (sseq uint64, done bool, err error) {
+	if !wait {
+		select {
+		case <-p.done:
+			return p.sseq, true, p.err
+		default:
+			return 0, false, nil
+		}
+	}
+	select {
+	case <-p.done:
+		return p.sseq, true, p.err
+	case <-ctx.Done():
+		return 0, false, ctx.Err()
+	}
+}
