@@ -39,7 +39,8 @@ type conn struct {
 	views     map[string]*view // joined conversations; guarded by mu
 	closeOnce sync.Once
 
-	badFrames int // owned by the read loop
+	badFrames int         // owned by the read loop
+	stall     *time.Timer // write stall timer; owned by the writer (drain)
 }
 
 var _ sink = (*conn)(nil)
@@ -118,20 +119,17 @@ func (c *conn) drain() {
 		if merged > 0 {
 			c.s.m.mergedFrames.Add(float64(merged))
 		}
-		// One deadline per batch: a timer per frame cost more than the
-		// frame's encoding.
-		ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.WriteTimeout)
+		// A write that blocks for WriteTimeout means the peer stopped
+		// reading: the stall timer closes the socket, which fails the
+		// write. One reused timer armed per batch; a context per write
+		// costs a timer and a registration each.
+		c.armStall()
 		for _, f := range frames {
-			err := c.ws.Write(ctx, websocket.MessageText, f)
+			err := c.ws.Write(context.Background(), websocket.MessageText, f)
 			if err != nil {
-				cancel()
+				c.stall.Stop()
 				if c.ctx.Err() == nil {
 					c.s.m.writeErrors.Inc()
-					if errors.Is(err, context.DeadlineExceeded) {
-						// The peer stopped reading: a slow consumer whose
-						// socket is too full to even carry the 4008.
-						c.s.m.slowCloses.Inc()
-					}
 				}
 				c.cancel()
 				c.q.close()
@@ -140,8 +138,30 @@ func (c *conn) drain() {
 			c.s.m.framesSent.Inc()
 			c.s.m.bytesSent.Add(float64(len(f)))
 		}
-		cancel()
+		c.stall.Stop()
 	}
+}
+
+// armStall starts the write stall timer of the writer (see drain).
+func (c *conn) armStall() {
+	if c.stall == nil {
+		c.stall = time.AfterFunc(c.s.cfg.WriteTimeout, c.stalled)
+		return
+	}
+	c.stall.Reset(c.s.cfg.WriteTimeout)
+}
+
+// stalled closes a connection whose write has been blocked for
+// WriteTimeout: a slow consumer whose socket is too full to even carry
+// the 4008.
+func (c *conn) stalled() {
+	if c.ctx.Err() != nil {
+		return
+	}
+	c.s.m.slowCloses.Inc()
+	c.log.Debug("write stalled; closing", "timeout", c.s.cfg.WriteTimeout)
+	_ = c.ws.CloseNow()
+	c.cancel()
 }
 
 // readLoop handles client frames until the connection ends.
