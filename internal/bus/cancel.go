@@ -9,20 +9,24 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// MarkCancelled writes the durable cancel tombstone of a turn, then signals
-// the cancel on CancelSubj. It reports true when this call wrote the
-// tombstone, false when it existed already (a cancel was already under way).
+// MarkCancelled signals the cancel of a turn on CancelSubj, then writes its
+// durable tombstone. It reports true when this call wrote the tombstone,
+// false when it existed already (a cancel was already under way).
+//
+// The signal goes first: the worker producing the turn stops at once,
+// without waiting for the tombstone's round trip. The tombstone still
+// follows: a worker that picks the job up later checks it, and the watch of
+// WatchCancels delivers it too. That watch rides a JetStream consumer that,
+// when the NATS node holding it is lost, is only recreated after missed
+// heartbeats (seconds); the signal takes any live route. A lost signal
+// costs nothing: the tombstone stays.
 func (b *Bus) MarkCancelled(ctx context.Context, turnID string) (bool, error) {
+	_ = b.nc.Publish(CancelSubj, []byte(turnID))
 	_, err := b.cancels.Create(ctx, Token(turnID), []byte{'1'})
 	created := err == nil
 	if err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
 		return false, fmt.Errorf("mark cancelled: %w", err)
 	}
-	// The watch of WatchCancels delivers the tombstone too, but it rides a
-	// JetStream consumer that, when the NATS node holding it is lost, is
-	// only recreated after missed heartbeats: seconds. The signal takes any
-	// live route. A lost signal costs nothing: the tombstone stays.
-	_ = b.nc.Publish(CancelSubj, []byte(turnID))
 	return created, nil
 }
 

@@ -151,7 +151,19 @@ func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult,
 	}
 	res.Already = !created
 	// A turn no worker has started is ended here: it never reaches the model.
-	final, won, err := s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusCancelled, Now: s.now()}, chat.StatusQueued)
+	// One that was streaming when read cannot be queued again: its producer
+	// ends it, and only its current status is read (it may have ended
+	// meanwhile), without asking the store's writer for an update that
+	// cannot apply.
+	var final chat.TurnStatus
+	var won bool
+	if t.Status == chat.StatusQueued {
+		final, won, err = s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusCancelled, Now: s.now()}, chat.StatusQueued)
+	} else {
+		var now chat.Turn
+		now, err = s.store.Turn(ctx, t.ID)
+		final = now.Status
+	}
 	if err != nil {
 		return res, err
 	}

@@ -321,9 +321,6 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	if err := pub.flush(); err != nil && perr == nil {
 		perr = err
 	}
-	if !pub.failed() {
-		pub.finalSnapshot(chat.StatusStreaming)
-	}
 	if pub.failed() {
 		// The bus refused a delta: what reached the stream is unknown here,
 		// so leave the job to be redelivered; the next attempt ends the turn
@@ -355,7 +352,13 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	if !pub.firstAt.IsZero() {
 		w.m.firstDelta.Observe(pub.firstAt.Sub(t.CreatedAt).Seconds())
 	}
-	return true, w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage)
+	if err := w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage); err != nil {
+		return true, err
+	}
+	// After the end: a resume of the finished turn then reads no stream
+	// tail, and the end did not wait for this write.
+	pub.finalSnapshot(status)
+	return true, nil
 }
 
 // finish stores the turn's end (exactly once, whoever else tries) and then
