@@ -154,7 +154,7 @@ func openBackends(ctx context.Context, c *config, name string, log *slog.Logger)
 		st.Close()
 		return nil, nil, nil, err
 	}
-	b, err := openBus(ctx, c, nc)
+	b, err := openBus(ctx, c, nc, nil)
 	if err != nil {
 		nc.Close()
 		st.Close()

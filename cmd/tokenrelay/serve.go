@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
@@ -69,16 +70,29 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return err
 	}
 	defer wkNC.Close()
-	gwBus, err := openBus(ctx, &c, gwNC)
+	// With no other process able to reach the embedded server, the
+	// gateway is the only live subscriber: the worker hands it live
+	// events in-process (bus.Local) instead of through NATS.
+	var local *bus.Local
+	if c.NATSURL == "" && c.NATSListen == "" {
+		local = bus.NewLocal()
+	}
+	gwBus, err := openBus(ctx, &c, gwNC, local)
 	if err != nil {
 		return err
 	}
-	wkBus, err := openBus(ctx, &c, wkNC)
+	wkBus, err := openBus(ctx, &c, wkNC, local)
 	if err != nil {
 		return err
 	}
 
 	reg := newRegistry()
+	if local != nil {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "tokenrelay_local_dropped_total",
+			Help: "Live events the in-process path dropped because the gateway's router was full (each gap is repaired from the stream).",
+		}, func() float64 { return float64(local.Dropped()) }))
+	}
 	w := worker.New(workerConfig(&c, log, reg), wkBus, st, p)
 	if c.NATSURL == "" {
 		// serve is the only producer of its embedded bus: a turn left

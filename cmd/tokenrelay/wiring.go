@@ -105,8 +105,10 @@ func connectNATS(c *config, name string, log *slog.Logger) (*nats.Conn, error) {
 	return nc, nil
 }
 
-func openBus(ctx context.Context, c *config, nc *nats.Conn) (*bus.Bus, error) {
-	return bus.Open(ctx, nc, bus.Config{Replicas: c.Replicas, Retention: c.Retention, AckWait: c.AckWait})
+// openBus opens the bus on nc; local, when not nil, carries live events
+// inside the process (see bus.Local).
+func openBus(ctx context.Context, c *config, nc *nats.Conn, local *bus.Local) (*bus.Bus, error) {
+	return bus.Open(ctx, nc, bus.Config{Replicas: c.Replicas, Retention: c.Retention, AckWait: c.AckWait, Local: local})
 }
 
 // newProvider builds the model provider and the model allow-list check.

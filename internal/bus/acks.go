@@ -21,6 +21,7 @@ import (
 
 // acks tracks the deltas of one Bus awaiting their acknowledgement.
 type acks struct {
+	b      *Bus
 	nc     *nats.Conn
 	prefix string // reply subjects are prefix + base-36 id
 
@@ -48,8 +49,8 @@ type PendingDelta struct {
 // publishAttempt; the publisher then stores it again (see Republish).
 var errAckTimeout = errors.New("publish delta: no acknowledgement in time")
 
-func newAcks(nc *nats.Conn) *acks {
-	return &acks{nc: nc, prefix: nc.NewRespInbox() + ".", pending: make(map[uint64]*PendingDelta)}
+func newAcks(b *Bus) *acks {
+	return &acks{b: b, nc: b.nc, prefix: b.nc.NewRespInbox() + ".", pending: make(map[uint64]*PendingDelta)}
 }
 
 // publish sends data to the stream subject subj and tracks its answer.
@@ -101,7 +102,7 @@ func (a *acks) answer(m *nats.Msg) {
 	pd.sseq, pd.err = parseAck(m)
 	close(pd.done)
 	if pd.err == nil {
-		_ = a.nc.Publish(liveSubject(pd.subj), pd.data)
+		_ = a.b.announce(pd.subj, pd.data, KindDelta)
 	}
 }
 

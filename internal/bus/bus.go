@@ -22,6 +22,8 @@ type Config struct {
 	// AckWait is how long a worker may go silent on a job before it is
 	// redelivered to another worker.
 	AckWait time.Duration
+	// Local, when set, carries live events inside the process (see Local).
+	Local *Local
 }
 
 func (c *Config) defaults() {
@@ -57,7 +59,8 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bus: %w", err)
 	}
-	b := &Bus{nc: nc, js: js, cfg: cfg, acks: newAcks(nc)}
+	b := &Bus{nc: nc, js: js, cfg: cfg}
+	b.acks = newAcks(b)
 	b.events, err = ensureStream(ctx, js, jetstream.StreamConfig{
 		Name:        EventsStream,
 		Description: "tokenrelay turn events (start, deltas, end)",
@@ -184,7 +187,7 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
-	if err := b.nc.Publish(liveSubject(subj), data); err != nil {
+	if err := b.announce(subj, data, e.Kind); err != nil {
 		return 0, fmt.Errorf("announce event: %w", err)
 	}
 	return ack.Sequence, nil
@@ -211,7 +214,7 @@ func (b *Bus) Republish(ctx context.Context, p *PendingDelta) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("republish delta: %w", err)
 	}
-	if err := b.nc.Publish(liveSubject(p.subj), p.data); err != nil {
+	if err := b.announce(p.subj, p.data, KindDelta); err != nil {
 		return 0, fmt.Errorf("announce delta: %w", err)
 	}
 	return ack.Sequence, nil

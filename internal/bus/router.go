@@ -95,11 +95,17 @@ func (b *Bus) NewRouter(shards, buffer int, fn func(Event)) *Router {
 			}
 		}()
 	}
+	if b.cfg.Local != nil {
+		b.cfg.Local.attach(r)
+	}
 	return r
 }
 
 // Subscribe starts the live events of a conversation.
 func (r *Router) Subscribe(conversationID string) (Subscription, error) {
+	if r.b.cfg.Local != nil {
+		return noSubscription{}, nil // every event comes through the Local
+	}
 	ch := r.shards[maphash.String(r.seed, conversationID)%uint64(len(r.shards))]
 	sub, err := r.b.nc.ChanSubscribe(ConversationSubject(conversationID), ch)
 	if err != nil {
@@ -111,6 +117,9 @@ func (r *Router) Subscribe(conversationID string) (Subscription, error) {
 // Close stops the shard goroutines. The channels stay open (NATS may still
 // hold a subscription writing to one); what arrives later is dropped.
 func (r *Router) Close() {
+	if r.b.cfg.Local != nil {
+		r.b.cfg.Local.detach(r)
+	}
 	close(r.done)
 	r.wg.Wait()
 }

@@ -1,0 +1,128 @@
+package bus_test
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+)
+
+// Two buses of one process share a Local: the producer's live events reach
+// the other's router without NATS, once each, in order; ends are also
+// published on NATS for SubscribeTurnEnd.
+func TestLocalCarriesLiveEventsInProcess(t *testing.T) {
+	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emb.Shutdown)
+	local := bus.NewLocal()
+	open := func(name string) *bus.Bus {
+		nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server), nats.Name(name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		b, err := bus.Open(t.Context(), nc, bus.Config{AckWait: 2 * time.Second, Local: local})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	producer, gateway := open("worker"), open("gateway")
+
+	got := make(chan bus.Event, 64)
+	r := gateway.NewRouter(2, 64, func(e bus.Event) { got <- e })
+	defer r.Close()
+	if _, err := r.Subscribe("c.1"); err != nil {
+		t.Fatal(err)
+	}
+	// Deltas do not go through NATS at all.
+	var natsDeltas atomic.Int64
+	spy, err := gateway.Conn().Subscribe(bus.EventSubject("c.1", "t:1", bus.KindDelta), func(*nats.Msg) { natsDeltas.Add(1) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer spy.Unsubscribe()
+	ends := make(chan bus.Event, 1)
+	sub, err := gateway.SubscribeTurnEnd("c.1", "t:1", func(e bus.Event) { ends <- e })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := gateway.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := producer.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindStart, ConversationID: "c.1", TurnID: "t:1"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := int64(1); i <= 20; i++ {
+		if _, err := producer.PublishDeltaAsync(&bus.Event{Kind: bus.KindDelta, ConversationID: "c.1", TurnID: "t:1", Seq: i, Text: "w"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The end follows every delta's acknowledgement, as the worker's does.
+	next := func() bus.Event {
+		t.Helper()
+		select {
+		case e := <-got:
+			return e
+		case <-t.Context().Done():
+			t.Fatal("no live event")
+			return bus.Event{}
+		}
+	}
+	if e := next(); e.Kind != bus.KindStart {
+		t.Fatalf("first event %+v, want the start", e)
+	}
+	for want := int64(1); want <= 20; want++ {
+		if e := next(); e.Kind != bus.KindDelta || e.Seq != want {
+			t.Fatalf("event %+v, want delta %d", e, want)
+		}
+	}
+	if _, err := producer.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c.1", TurnID: "t:1", Seq: 20, Status: "complete"}); err != nil {
+		t.Fatal(err)
+	}
+	if e := next(); e.Kind != bus.KindEnd || e.Seq != 20 {
+		t.Fatalf("event %+v, want the end", e)
+	}
+	select {
+	case e := <-ends:
+		if e.Seq != 20 {
+			t.Fatalf("SubscribeTurnEnd got %+v", e)
+		}
+	case <-t.Context().Done():
+		t.Fatal("the end was not published on NATS")
+	}
+	// Nothing came twice.
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := r.Barrier(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-got:
+		t.Fatalf("extra event %+v", e)
+	default:
+	}
+	if err := producer.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := gateway.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if n := natsDeltas.Load(); n != 0 {
+		t.Fatalf("%d deltas were published on NATS", n)
+	}
+	if n := local.Dropped(); n != 0 {
+		t.Fatalf("%d events dropped", n)
+	}
+}
