@@ -100,10 +100,13 @@ func (a *acks) answer(m *nats.Msg) {
 		return // expired already
 	}
 	pd.sseq, pd.err = parseAck(m)
-	close(pd.done)
+	// Announce before settling: the publisher publishes the turn's end once
+	// every delta is settled, so the end is never announced ahead of the
+	// last delta.
 	if pd.err == nil {
 		_ = a.b.announce(pd.subj, pd.data, KindDelta)
 	}
+	close(pd.done)
 }
 
 // expire fails the deltas that have waited publishAttempt for an answer
