@@ -48,9 +48,12 @@ func (l *Local) detach(r *Router) {
 	l.mu.Unlock()
 }
 
-// deliver hands one live event to the router, never blocking: a full shard
-// drops it, as NATS drops messages for a slow subscriber.
-func (l *Local) deliver(liveSubj string, data []byte) {
+// deliver hands one live event to the router. A delta never blocks: a full
+// shard drops it, as NATS drops messages for a slow subscriber, and the
+// view repairs the gap when the next delta or the end arrives. A start or
+// an end (two per turn) waits for room instead: nothing would follow an
+// end to reveal that it was lost.
+func (l *Local) deliver(liveSubj string, data []byte, kind string) {
 	l.mu.RLock()
 	r := l.router
 	l.mu.RUnlock()
@@ -59,8 +62,16 @@ func (l *Local) deliver(liveSubj string, data []byte) {
 	}
 	conv, _, _ := strings.Cut(strings.TrimPrefix(liveSubj, eventPrefix), ".")
 	ch := r.shards[maphash.String(r.seed, conv)%uint64(len(r.shards))]
+	m := &nats.Msg{Subject: liveSubj, Data: data}
+	if kind != KindDelta {
+		select {
+		case ch <- m:
+		case <-r.done:
+		}
+		return
+	}
 	select {
-	case ch <- &nats.Msg{Subject: liveSubj, Data: data}:
+	case ch <- m:
 	default:
 		l.dropped.Add(1)
 	}
@@ -71,7 +82,7 @@ func (l *Local) deliver(liveSubj string, data []byte) {
 func (b *Bus) announce(storedSubj string, data []byte, kind string) error {
 	live := liveSubject(storedSubj)
 	if b.cfg.Local != nil {
-		b.cfg.Local.deliver(live, data)
+		b.cfg.Local.deliver(live, data, kind)
 		if kind == KindDelta {
 			return nil
 		}
