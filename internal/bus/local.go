@@ -25,6 +25,7 @@ type Local struct {
 	mu      sync.RWMutex
 	router  *Router // guarded by mu
 	dropped atomic.Uint64
+	full    func(kind string) // test hook: called when a shard is full
 }
 
 // NewLocal returns a Local to put in the Config of every Bus of a process.
@@ -63,6 +64,9 @@ func (l *Local) deliver(liveSubj string, data []byte, kind string) {
 	conv, _, _ := strings.Cut(strings.TrimPrefix(liveSubj, eventPrefix), ".")
 	ch := r.shards[maphash.String(r.seed, conv)%uint64(len(r.shards))]
 	m := &nats.Msg{Subject: liveSubj, Data: data}
+	if l.full != nil && len(ch) == cap(ch) {
+		l.full(kind)
+	}
 	if kind != KindDelta {
 		select {
 		case ch <- m:
