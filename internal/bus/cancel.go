@@ -9,25 +9,35 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// MarkCancelled signals the cancel of a turn on CancelSubj, then writes its
-// durable tombstone. It reports true when this call wrote the tombstone,
-// false when it existed already (a cancel was already under way).
+// MarkCancelled writes the durable cancel tombstone of a turn, then signals
+// the cancel on CancelSubj. It reports true when this call wrote the
+// tombstone, false when it existed already (a cancel was already under way).
 //
-// The signal goes first: the worker producing the turn stops at once,
-// without waiting for the tombstone's round trip. The tombstone still
-// follows: a worker that picks the job up later checks it, and the watch of
-// WatchCancels delivers it too. That watch rides a JetStream consumer that,
-// when the NATS node holding it is lost, is only recreated after missed
-// heartbeats (seconds); the signal takes any live route. A lost signal
-// costs nothing: the tombstone stays.
+// The order matters for a turn no worker has started: a worker that picks
+// the job up after the tombstone is written finds it, and one that picked it
+// up before hears the signal, which follows the tombstone. (Signalling
+// first would let a worker pick the job up between the signal and the
+// tombstone, miss both, and call the model.)
 func (b *Bus) MarkCancelled(ctx context.Context, turnID string) (bool, error) {
-	_ = b.nc.Publish(CancelSubj, []byte(turnID))
 	_, err := b.cancels.Create(ctx, Token(turnID), []byte{'1'})
 	created := err == nil
 	if err != nil && !errors.Is(err, jetstream.ErrKeyExists) {
 		return false, fmt.Errorf("mark cancelled: %w", err)
 	}
+	// The watch of WatchCancels delivers the tombstone too, but it rides a
+	// JetStream consumer that, when the NATS node holding it is lost, is
+	// only recreated after missed heartbeats: seconds. The signal takes any
+	// live route. A lost signal costs nothing: the tombstone stays.
+	b.SignalCancel(turnID)
 	return created, nil
+}
+
+// SignalCancel sends only the cancel signal. For a turn already streaming,
+// whose worker is known to be running it, the caller sends it before
+// MarkCancelled: the worker stops without waiting for the tombstone's round
+// trip (MarkCancelled signals again; a repeated signal is harmless).
+func (b *Bus) SignalCancel(turnID string) {
+	_ = b.nc.Publish(CancelSubj, []byte(turnID))
 }
 
 // IsCancelled reports whether the turn has a cancel tombstone.

@@ -145,35 +145,51 @@ func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult,
 		return res, err
 	}
 	defer sub.Unsubscribe()
-	created, err := s.bus.MarkCancelled(ctx, t.ID)
-	if err != nil {
-		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
-	}
-	res.Already = !created
-	// A turn no worker has started is ended here: it never reaches the model.
-	// One that was streaming when read cannot be queued again: its producer
-	// ends it, and only its current status is read (it may have ended
-	// meanwhile), without asking the store's writer for an update that
-	// cannot apply.
+	// A turn no worker has started is ended in the store first: a worker's
+	// start and this update are both conditional on "queued", so exactly
+	// one wins, and a worker that loses never calls the model, however
+	// long the rest of this cancel takes.
 	var final chat.TurnStatus
 	var won bool
 	if t.Status == chat.StatusQueued {
 		final, won, err = s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusCancelled, Now: s.now()}, chat.StatusQueued)
-	} else {
-		var now chat.Turn
-		now, err = s.store.Turn(ctx, t.ID)
-		final = now.Status
+		if err != nil {
+			return res, err
+		}
 	}
-	if err != nil {
-		return res, err
+	if t.Status == chat.StatusStreaming {
+		s.bus.SignalCancel(t.ID) // its worker stops at once (see SignalCancel)
+	}
+	created, err := s.bus.MarkCancelled(ctx, t.ID)
+	if err != nil && !won {
+		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
 	}
 	if won {
+		if err != nil {
+			// The store has ended the turn; no worker will start it.
+			s.log.Warn("write tombstone of cancelled queued turn", "turn_id", t.ID, "err", err)
+		}
 		if _, err := s.bus.PublishEvent(ctx, &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Status: final}); err != nil {
 			s.log.Warn("publish end of cancelled queued turn", "turn_id", t.ID, "err", err)
 		}
 		res.Status = final
 		s.observeCancel(res)
 		return res, nil
+	}
+	res.Already = !created
+	if t.Status == chat.StatusQueued {
+		if final == chat.StatusCancelled {
+			res.Already = true // another cancel ended it first
+		}
+	} else {
+		// Streaming when read: it may have ended meanwhile. Only its
+		// status is read, without asking the store's single writer for
+		// an update that cannot apply.
+		var now chat.Turn
+		if now, err = s.store.Turn(ctx, t.ID); err != nil {
+			return res, err
+		}
+		final = now.Status
 	}
 	if final.Terminal() {
 		// The producer saw the tombstone and ended the turn already, or

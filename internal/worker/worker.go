@@ -36,11 +36,15 @@ type Config struct {
 	BatchWindow time.Duration
 	// DeltaTimestamps stamps each delta with the time it was emitted.
 	DeltaTimestamps bool
-	// StartGrace holds a fresh turn back this long after its creation before
-	// the model is called (default 10ms; negative disables), so that a cancel
-	// sent right behind the message ("send" and "cancel" written back to
-	// back) always finds the turn before the model does. It costs at most
-	// this much time to first token and nothing once a turn is older.
+	// StartGrace holds a fresh turn back this long after the worker takes
+	// its job, before the model is called (default 50ms; negative
+	// disables), so that a cancel sent right behind the message ("send" and
+	// "cancel" written back to back) finds the turn before the model does.
+	// It counts from the job, not from the turn's creation: the gateway
+	// stores the turn, announces it and queues the job before it reads the
+	// sender's next frame, and under load that alone can take longer than
+	// the grace. It costs this much time to first token, and nothing for a
+	// turn older than freshTurn (a redelivered job).
 	StartGrace time.Duration
 	// ContextMessages is how many stored messages are offered to the
 	// provider as context (default 100; the provider trims to its budget).
@@ -87,6 +91,9 @@ type run struct {
 	cancelSeen time.Time // when the cancel arrived; guarded by Worker.mu
 }
 
+// freshTurn is how old a turn may be and still be held back by StartGrace.
+const freshTurn = time.Second
+
 var (
 	errCancelled = errors.New("turn cancelled")
 	errShutdown  = errors.New("worker shutting down")
@@ -107,7 +114,7 @@ func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
 		cfg.SnapshotBytes = 4 << 10
 	}
 	if cfg.StartGrace == 0 {
-		cfg.StartGrace = 10 * time.Millisecond
+		cfg.StartGrace = 50 * time.Millisecond
 	}
 	if cfg.ContextMessages <= 0 {
 		cfg.ContextMessages = 100
@@ -245,14 +252,12 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		log.Warn("producer lost; ending turn as interrupted")
 		return true, w.Interrupt(ctx, t)
 	}
-	if w.cfg.StartGrace > 0 {
-		if d := min(t.CreatedAt.Add(w.cfg.StartGrace).Sub(w.cfg.Now()), w.cfg.StartGrace); d > 0 {
-			timer := time.NewTimer(d)
-			select {
-			case <-timer.C:
-			case <-tctx.Done():
-				timer.Stop()
-			}
+	if w.cfg.StartGrace > 0 && w.cfg.Now().Sub(t.CreatedAt) < freshTurn {
+		timer := time.NewTimer(w.cfg.StartGrace)
+		select {
+		case <-timer.C:
+		case <-tctx.Done():
+			timer.Stop()
 		}
 	}
 	if errors.Is(context.Cause(tctx), errShutdown) {
