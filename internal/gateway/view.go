@@ -221,6 +221,12 @@ func (v *view) fillLocked(ts *turnState) {
 	ts.repairing = false
 	ts.gen++
 	ts.attempts = 0
+	v.releaseLocked(ts)
+}
+
+// releaseLocked processes the events held during a repair that has ended.
+// One of them may start another repair: the rest wait for that one.
+func (v *view) releaseLocked(ts *turnState) {
 	pending := ts.pending
 	ts.pending = nil
 	for _, e := range pending {
@@ -334,21 +340,12 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 			return
 		}
 		ts.repairing = false
-		pending := ts.pending
-		ts.pending = nil
 		if ts.attempts > repairAttempts {
+			ts.pending = nil
 			v.out.fail(errors.New("cannot repair a gap in the turn's events"))
 			return
 		}
-		for _, e := range pending {
-			if ts.ended || ts.repairing {
-				if ts.repairing {
-					ts.pending = append(ts.pending, e)
-				}
-				continue
-			}
-			v.processLocked(e)
-		}
+		v.releaseLocked(ts)
 	}()
 }
 
