@@ -2,9 +2,12 @@ package bus
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"hash/maphash"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 )
@@ -24,7 +27,11 @@ type Router struct {
 
 	mu       sync.Mutex
 	barriers map[*nats.Msg]chan struct{} // marker → closed when its shard reaches it; guarded by mu
+	lost     func(conversationID string) // see OnLoss; guarded by mu
+	watching map[*nats.Subscription]bool // slow subscriptions being watched; guarded by mu
 }
+
+var errRouterClosed = errors.New("router closed")
 
 // barrierSubject marks a barrier message; no event subject looks like it.
 const barrierSubject = "_tokenrelay.barrier"
@@ -48,6 +55,8 @@ func (r *Router) Barrier(ctx context.Context) error {
 		case ch <- m:
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-r.done:
+			return errRouterClosed
 		}
 		waits = append(waits, w)
 	}
@@ -56,6 +65,8 @@ func (r *Router) Barrier(ctx context.Context) error {
 		case <-w:
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-r.done:
+			return errRouterClosed
 		}
 	}
 	return nil
@@ -97,8 +108,117 @@ func (b *Bus) NewRouter(shards, buffer int, fn func(Event)) *Router {
 	}
 	if b.cfg.Local != nil {
 		b.cfg.Local.attach(r)
+		return r
 	}
+	r.watchLosses()
 	return r
+}
+
+// OnLoss sets fn to be told when live events may have been lost with
+// nothing after them to reveal it: fn(c) when NATS dropped messages of
+// conversation c's subscription (its shard was full), fn("") when the
+// connection to NATS was lost and is back (whatever was published
+// meanwhile never arrived). fn is called on its own goroutine once every
+// event received before the loss was noticed has been handed on, and once
+// the subscriptions are in place again, so a read of the stream made by fn
+// sees everything the live route will not bring.
+//
+// A lost delta is revealed by the next one; a lost turn end is not, and
+// fn is the subscriber's chance to read it from the stream. Under a Local
+// nothing is reported: ends are never dropped there.
+func (r *Router) OnLoss(fn func(conversationID string)) {
+	r.mu.Lock()
+	r.lost = fn
+	r.mu.Unlock()
+}
+
+// lossRecheck is how long after reporting a slow subscription's loss the
+// router looks again at its drop count: drops that went on meanwhile are
+// reported once more.
+const lossRecheck = 250 * time.Millisecond
+
+// watchLosses chains the router's loss reports to the connection's
+// reconnect and asynchronous error handlers, keeping those already set.
+func (r *Router) watchLosses() {
+	nc := r.b.nc
+	prevReconnect := nc.ReconnectHandler()
+	nc.SetReconnectHandler(func(c *nats.Conn) {
+		if prevReconnect != nil {
+			prevReconnect(c)
+		}
+		go r.reportLoss("", nil)
+	})
+	prevErr := nc.ErrorHandler()
+	nc.SetErrorHandler(func(c *nats.Conn, sub *nats.Subscription, err error) {
+		if prevErr != nil {
+			prevErr(c, sub, err)
+		}
+		if sub == nil || !errors.Is(err, nats.ErrSlowConsumer) || !strings.HasPrefix(sub.Subject, eventPrefix) {
+			return
+		}
+		r.mu.Lock()
+		watched := r.watching[sub]
+		if !watched {
+			if r.watching == nil {
+				r.watching = make(map[*nats.Subscription]bool)
+			}
+			r.watching[sub] = true
+		}
+		r.mu.Unlock()
+		if !watched {
+			conv := Untoken(strings.TrimSuffix(strings.TrimPrefix(sub.Subject, eventPrefix), ".>"))
+			go r.reportLoss(conv, sub)
+		}
+	})
+}
+
+// reportLoss waits until what was received before is handed on, then
+// reports the loss; for a slow subscription, again for as long as its drop
+// count keeps growing (NATS reports a slow subscription once until one of
+// its messages gets through).
+func (r *Router) reportLoss(conv string, sub *nats.Subscription) {
+	defer func() {
+		if sub != nil {
+			r.mu.Lock()
+			delete(r.watching, sub)
+			r.mu.Unlock()
+		}
+	}()
+	for {
+		select {
+		case <-r.done:
+			return
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := r.Barrier(ctx)
+		cancel()
+		var dropped int
+		if sub != nil {
+			dropped, _ = sub.Dropped()
+		}
+		r.mu.Lock()
+		fn := r.lost
+		r.mu.Unlock()
+		if fn != nil && err == nil {
+			fn(conv)
+		}
+		if sub == nil && err == nil {
+			return
+		}
+		t := time.NewTimer(lossRecheck)
+		select {
+		case <-t.C:
+		case <-r.done:
+			t.Stop()
+			return
+		}
+		if sub != nil && err == nil {
+			if now, derr := sub.Dropped(); derr != nil || now == dropped {
+				return // unsubscribed, or no drop since the report
+			}
+		}
+	}
 }
 
 // Subscribe starts the live events of a conversation.

@@ -41,10 +41,29 @@ const (
 	hubShardBuffer = 1 << 16
 )
 
-func newHub(b *bus.Bus) *hub {
+// newHub starts the hub's router; lost is called as bus.Router.OnLoss says.
+func newHub(b *bus.Bus, lost func(conversationID string)) *hub {
 	h := &hub{topics: make(map[string]*topic)}
 	h.router = b.NewRouter(hubShards, hubShardBuffer, h.dispatch)
+	h.router.OnLoss(lost)
 	return h
+}
+
+// subscribers returns the subscribers of conversation id, or of every
+// conversation when id is "", by conversation.
+func (h *hub) subscribers(id string) map[string][]subscriber {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	out := make(map[string][]subscriber)
+	for conv, t := range h.topics {
+		if id != "" && conv != id {
+			continue
+		}
+		t.mu.Lock()
+		out[conv] = t.view
+		t.mu.Unlock()
+	}
+	return out
 }
 
 // dispatch hands one event to the conversation's subscribers.

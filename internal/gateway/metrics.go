@@ -21,6 +21,7 @@ type metrics struct {
 	authFailures      *prometheus.CounterVec
 	limitHits         *prometheus.CounterVec
 	sseStreams        prometheus.Gauge
+	resyncs           *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -50,11 +51,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		limitHits: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_limit_hits_total",
 			Help: "Requests refused by a limit, by limit."}, []string{"limit"}),
 		sseStreams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "tokenrelay_sse_streams", Help: "Open SSE streams."}),
+		resyncs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_resyncs_total",
+			Help: "Conversations whose views read their open turns again after live events may have been lost, by reason: reconnect (the bus connection was down) or slow_consumer (the bus dropped messages)."}, []string{"reason"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.connections, m.connectsTotal, m.joins, m.resumes, m.sends, m.framesSent, m.bytesSent, m.writeErrors,
 			m.mergedFrames, m.slowCloses, m.gapsRepaired, m.duplicatesDropped, m.badFrames, m.cancels, m.cancelLatency,
-			m.authFailures, m.limitHits, m.sseStreams)
+			m.authFailures, m.limitHits, m.sseStreams, m.resyncs)
 	}
 	return m
 }

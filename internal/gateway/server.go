@@ -19,6 +19,7 @@ import (
 
 	"github.com/tokenrelay/tokenrelay/internal/auth"
 	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/store"
 )
 
@@ -111,12 +112,61 @@ func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server 
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
-		cfg: cfg, bus: b, store: st, auth: a, hub: newHub(b), limits: newUserLimits(cfg.Limits),
+		cfg: cfg, bus: b, store: st, auth: a, limits: newUserLimits(cfg.Limits),
 		m: newMetrics(cfg.Registry), log: cfg.Logger, shutdownCtx: ctx, shutdown: cancel,
 		open: make(map[*websocket.Conn]*outQueue),
 	}
+	s.hub = newHub(b, s.resync)
 	s.mux = s.routes()
 	return s
+}
+
+// resyncRecent is how many of a conversation's newest messages a resync
+// reads to find turns whose start was lost; resyncParallel bounds the
+// conversations resynced at once after a reconnect.
+const (
+	resyncRecent   = 8
+	resyncParallel = 16
+)
+
+// resync is told by the bus when live events of conversation conv (of
+// every conversation when conv is "") may have been lost with nothing
+// after them to reveal it. Every view of it reads its open turns again
+// (see view.resync), so that a turn's end lost on the way still arrives.
+func (s *Server) resync(conv string) {
+	reason := "slow_consumer"
+	if conv == "" {
+		reason = "reconnect"
+	}
+	convs := s.hub.subscribers(conv)
+	if len(convs) == 0 {
+		return
+	}
+	s.log.Warn("live events may have been lost; reading open turns again", "reason", reason, "conversations", len(convs))
+	s.m.resyncs.WithLabelValues(reason).Add(float64(len(convs)))
+	sem := make(chan struct{}, resyncParallel)
+	var wg sync.WaitGroup
+	for id, subs := range convs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			ctx, cancel := context.WithTimeout(s.shutdownCtx, s.cfg.RequestTimeout)
+			recent, err := s.store.Messages(ctx, id, resyncRecent, "")
+			cancel()
+			if err != nil && s.shutdownCtx.Err() == nil {
+				// The open turns are still read again; only a turn whose
+				// start was lost too stays unknown until the client resumes.
+				s.log.Warn("resync: read recent messages", "conversation", id, "err", err)
+			}
+			for _, sub := range subs {
+				if v, ok := sub.(interface{ resync([]chat.Message) }); ok {
+					v.resync(recent)
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 func (s *Server) now() time.Time { return s.cfg.Now() }

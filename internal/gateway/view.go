@@ -51,6 +51,10 @@ type view struct {
 	turns     map[string]*turnState // guarded by mu
 	ended     []string              // ended turn ids, oldest first (bounded); guarded by mu
 	closed    bool                  // guarded by mu
+	// resyncAfterJoin holds a resync asked for while the join was reading:
+	// it runs once the join is done. Guarded by mu.
+	resyncAfterJoin []chat.Message
+	resyncPending   bool
 }
 
 type turnState struct {
@@ -61,7 +65,8 @@ type turnState struct {
 	repairing bool
 	pending   []bus.Event // events held while repairing
 	attempts  int
-	gen       int // repair generation: a repair's result applies only to its own
+	gen       int  // repair generation: a repair's result applies only to its own
+	recheck   bool // a resync came during a repair: read the turn again after it
 }
 
 const keepEnded = 32
@@ -139,6 +144,53 @@ func (v *view) ready(turns map[string]*turnState) {
 	for _, e := range buf {
 		v.processLocked(e)
 	}
+	if v.resyncPending {
+		recent := v.resyncAfterJoin
+		v.resyncPending, v.resyncAfterJoin = false, nil
+		v.resyncLocked(recent)
+	}
+}
+
+// resync makes up for live events that may have been lost with nothing
+// after them to reveal it (bus.Router.OnLoss): the connection to the bus
+// was down for a moment, or the bus dropped messages of a slow
+// subscription. Each turn the client has not seen end is read again from
+// the stream past the client's position, and a turn among recent (the
+// conversation's newest messages, read after the loss) that the view never
+// heard of is sent from its start.
+func (v *view) resync(recent []chat.Message) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed {
+		return
+	}
+	if v.buffering {
+		v.resyncPending, v.resyncAfterJoin = true, recent
+		return
+	}
+	v.resyncLocked(recent)
+}
+
+func (v *view) resyncLocked(recent []chat.Message) {
+	for id, ts := range v.turns {
+		switch {
+		case ts.ended:
+		case ts.repairing:
+			ts.recheck = true
+		default:
+			v.fetchLocked(id, ts, 0)
+		}
+	}
+	for _, m := range recent {
+		if m.Role != chat.RoleAssistant || v.turns[m.ID] != nil {
+			continue
+		}
+		// Its start was lost: the repair sends it, or finds that the turn
+		// ended before the view joined (the client has it in history).
+		ts := &turnState{len: 0}
+		v.turns[m.ID] = ts
+		v.fetchLocked(m.ID, ts, 0)
+	}
 }
 
 func (v *view) processLocked(e bus.Event) {
@@ -165,7 +217,7 @@ func (v *view) processLocked(e bus.Event) {
 	}
 	if ts.repairing {
 		ts.pending = append(ts.pending, e)
-		v.fillLocked(ts)
+		v.fillLocked(e.TurnID, ts)
 		return
 	}
 	switch e.Kind {
@@ -195,7 +247,7 @@ func (v *view) processLocked(e bus.Event) {
 // publisher repeats a delta whose acknowledgement failed, with every later
 // one). When that closes the gap, the repair's own result is dropped and
 // the held events are processed as usual.
-func (v *view) fillLocked(ts *turnState) {
+func (v *view) fillLocked(turn string, ts *turnState) {
 	for progressed := true; progressed; {
 		progressed = false
 		kept := make([]bus.Event, 0, len(ts.pending))
@@ -221,12 +273,13 @@ func (v *view) fillLocked(ts *turnState) {
 	ts.repairing = false
 	ts.gen++
 	ts.attempts = 0
-	v.releaseLocked(ts)
+	v.releaseLocked(turn, ts)
 }
 
 // releaseLocked processes the events held during a repair that has ended.
-// One of them may start another repair: the rest wait for that one.
-func (v *view) releaseLocked(ts *turnState) {
+// One of them may start another repair: the rest wait for that one. A
+// resync that came during the repair reads the turn again now.
+func (v *view) releaseLocked(turn string, ts *turnState) {
 	pending := ts.pending
 	ts.pending = nil
 	for _, e := range pending {
@@ -238,19 +291,30 @@ func (v *view) releaseLocked(ts *turnState) {
 		}
 		v.processLocked(e)
 	}
+	if ts.recheck && !ts.ended && !ts.repairing {
+		ts.recheck = false
+		v.fetchLocked(turn, ts, 0)
+	}
 }
 
 // repairLocked fetches what the client misses of a turn from the bus, in
 // the background; events of the turn wait until it is done.
 func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
-	ts.repairing = true
 	ts.pending = append(ts.pending, trigger)
 	ts.attempts++
+	v.s.m.gapsRepaired.Inc()
+	v.fetchLocked(turn, ts, ts.attempts)
+}
+
+// fetchLocked reads, in the background, what the bus has of a turn past
+// the client's position and sends it; events of the turn wait until it is
+// done. attempt counts the repairs of one gap (the later ones wait before
+// reading); 0 is a resync's check, which expects no gap and counts none.
+func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
+	ts.repairing = true
 	ts.gen++
 	gen := ts.gen
-	attempt := ts.attempts
 	have, haveLen, needStart := ts.seq, ts.len, !ts.started
-	v.s.m.gapsRepaired.Inc()
 	v.wg.Add(1)
 	go func() {
 		defer v.wg.Done()
@@ -270,7 +334,7 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 		var userMsg chat.Message
 		var cu catchUpResult
 		var err error
-		for try := attempt; ; try++ {
+		for try := max(attempt, 1); ; try++ {
 			if needStart {
 				info, err = v.s.store.Turn(v.ctx, turn)
 				if err == nil {
@@ -345,7 +409,7 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 			v.out.fail(errors.New("cannot repair a gap in the turn's events"))
 			return
 		}
-		v.releaseLocked(ts)
+		v.releaseLocked(turn, ts)
 	}()
 }
 

@@ -2,6 +2,9 @@
 package bustest
 
 import (
+	"errors"
+	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -27,9 +30,9 @@ func Start(t testing.TB) *bus.Bus {
 }
 
 // Open connects a new Bus to url.
-func Open(t testing.TB, url string) *bus.Bus {
+func Open(t testing.TB, url string, opts ...nats.Option) *bus.Bus {
 	t.Helper()
-	nc, err := nats.Connect(url)
+	nc, err := nats.Connect(url, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,4 +42,58 @@ func Open(t testing.TB, url string) *bus.Bus {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// Cutter dials NATS for a connection that a test can cut off, as a network
+// failure would: Cut closes its sockets and refuses new ones until Restore.
+// Use it with nats.SetCustomDialer.
+type Cutter struct {
+	mu    sync.Mutex
+	conns []net.Conn // guarded by mu
+	cut   bool       // guarded by mu
+}
+
+// Dial implements nats.CustomDialer.
+func (c *Cutter) Dial(network, address string) (net.Conn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cut {
+		return nil, &net.OpError{Op: "dial", Net: network, Err: errCut}
+	}
+	conn, err := net.Dial(network, address)
+	if err != nil {
+		return nil, err
+	}
+	c.conns = append(c.conns, conn)
+	return conn, nil
+}
+
+// Cut closes every socket dialled so far and refuses new ones.
+func (c *Cutter) Cut() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.cut = true
+	for _, conn := range c.conns {
+		conn.Close()
+	}
+	c.conns = nil
+}
+
+// Restore lets the connection dial again.
+func (c *Cutter) Restore() {
+	c.mu.Lock()
+	c.cut = false
+	c.mu.Unlock()
+}
+
+var errCut = errors.New("connection cut by the test")
+
+// OpenCuttable connects a new Bus to url through a Cutter, reconnecting
+// every 20ms while it is cut.
+func OpenCuttable(t testing.TB, url string) (*bus.Bus, *Cutter) {
+	t.Helper()
+	c := &Cutter{}
+	b := Open(t, url, nats.SetCustomDialer(c), nats.MaxReconnects(-1),
+		nats.ReconnectWait(20*time.Millisecond), nats.ReconnectJitter(0, 0))
+	return b, c
 }

@@ -1,0 +1,123 @@
+package e2e_test
+
+import (
+	"context"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/auth"
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
+	"github.com/tokenrelay/tokenrelay/internal/gateway"
+	"github.com/tokenrelay/tokenrelay/internal/provider/sim"
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
+	"github.com/tokenrelay/tokenrelay/internal/worker"
+)
+
+// TestGatewayCutOffFromNATSMissesNoEnd runs two gateways and a worker in
+// one process on a real NATS server and SQLite. Gateway A's connection to
+// NATS is cut while a turn it streams ends, and again while a whole turn
+// runs on gateway B: live events published meanwhile never reach A, the
+// ends among them. Once A is back, its client gets each turn whole and
+// ended once, as B's client does, without resuming.
+func TestGatewayCutOffFromNATSMissesNoEnd(t *testing.T) {
+	server := bustest.Start(t)
+	url := server.Conn().ConnectedUrl()
+	busA, cut := bustest.OpenCuttable(t, url)
+	st, err := sqlite.Open(t.Context(), filepath.Join(t.TempDir(), "tokenrelay.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	a, err := auth.New(auth.Config{Dev: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	w := worker.New(worker.Config{}, bustest.Open(t, url), st, sim.New(sim.Config{}))
+	wctx, stopWorker := context.WithCancel(context.Background())
+	workerDone := make(chan error, 1)
+	go func() { workerDone <- w.Run(wctx) }()
+	t.Cleanup(func() { stopWorker(); <-workerDone })
+	wsURL := func(gw *gateway.Server) string {
+		srv := httptest.NewServer(gw)
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = gw.Shutdown(ctx)
+			srv.Close()
+		})
+		return "ws" + strings.TrimPrefix(srv.URL, "http") + "/v1/ws"
+	}
+	onA := trtest.Dial(t, wsURL(gateway.New(gateway.Config{}, busA, st, a)), nil)
+	onB := trtest.Dial(t, wsURL(gateway.New(gateway.Config{}, bustest.Open(t, url), st, a)), nil)
+	const conv = "cut-off"
+	onA.Join(conv, nil)
+	onB.Join(conv, nil)
+	// endOf returns a channel that gets the turn's end once the worker has
+	// published it (seen on a connection that is never cut).
+	endOf := func(turn string) <-chan bus.Event {
+		ch := make(chan bus.Event, 1)
+		sub, err := server.SubscribeTurnEnd(conv, turn, func(e bus.Event) { ch <- e })
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = sub.Unsubscribe() })
+		if err := server.Conn().Flush(); err != nil {
+			t.Fatal(err)
+		}
+		return ch
+	}
+	waitEnd := func(ch <-chan bus.Event) {
+		t.Helper()
+		select {
+		case <-ch:
+		case <-time.After(wait):
+			t.Fatal("the worker published no end")
+		}
+	}
+
+	// 1. The end (and the last deltas) of a turn A streams.
+	ended := endOf("t1")
+	onA.Send(map[string]any{"type": "send", "conversation_id": conv, "turn_id": "t1", "text": "one [sim tokens=60 rate=100]", "id": "s1"})
+	t1A, t1B := &trtest.Turn{ID: "t1"}, &trtest.Turn{ID: "t1"}
+	onA.Until(wait, func(f trtest.Frame) bool { t1A.Apply(f); return t1A.Seq >= 5 })
+	cut.Cut()
+	waitEnd(ended)
+	cut.Restore()
+	finish(t, onA, t1A)
+	finish(t, onB, t1B)
+	if t1A.Status != "complete" || t1A.Ends != 1 || t1A.Text.String() != t1B.Text.String() || t1A.Seq != 60 {
+		t.Fatalf("A got t1 %s, %d ends, %d deltas, %q; B got %q", t1A.Status, t1A.Ends, t1A.Seq, t1A.Text.String(), t1B.Text.String())
+	}
+
+	// 2. A whole turn, sent on B while A is cut off.
+	ended = endOf("t2")
+	cut.Cut()
+	onB.Send(map[string]any{"type": "send", "conversation_id": conv, "turn_id": "t2", "text": "two [sim tokens=20 rate=0]", "id": "s2"})
+	t2A, t2B := &trtest.Turn{ID: "t2"}, &trtest.Turn{ID: "t2"}
+	finish(t, onB, t2B)
+	waitEnd(ended)
+	cut.Restore()
+	var sawMessage, sawStart bool
+	onA.Until(wait, func(f trtest.Frame) bool {
+		switch f.Type() {
+		case "message":
+			sawMessage = sawMessage || strings.HasPrefix(f.Obj("message").Str("content"), "two")
+		case "turn.start":
+			sawStart = sawStart || f.Str("turn_id") == "t2"
+		}
+		t2A.Apply(f)
+		return t2A.Ends > 0
+	})
+	if len(t2A.Errors) > 0 || !sawMessage || !sawStart {
+		t.Fatalf("A got t2 with violations %v, user message %v, start %v", t2A.Errors, sawMessage, sawStart)
+	}
+	if t2A.Status != "complete" || t2A.Text.String() != t2B.Text.String() {
+		t.Fatalf("A got t2 %s %q; B got %q", t2A.Status, t2A.Text.String(), t2B.Text.String())
+	}
+}
