@@ -504,7 +504,7 @@ func (cp *compat) handleWS() http.Handler {
 			http.Error(w, "origin not allowed", http.StatusForbidden)
 			return
 		}
-		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+		ws, err := acceptWS(w, r, &websocket.AcceptOptions{
 			InsecureSkipVerify: true, // COMPAT.md: any origin unless configured (checked above)
 			CompressionMode:    websocket.CompressionDisabled,
 		})

@@ -21,14 +21,13 @@ const (
 	closeTooManyBadFrms                      = websocket.StatusPolicyViolation // 1008
 )
 
-// conn is one native WebSocket connection. Its read loop (the handler's
-// goroutine) handles client frames one at a time; its writer goroutine is
+// conn is one native WebSocket connection. Its read loop handles client
+// frames one at a time; its writer goroutine is
 // the only one that writes to the socket; everything else enqueues to q.
 type conn struct {
 	s    *Server
 	ws   *websocket.Conn
 	user string
-	log  *slog.Logger
 	q    *outQueue
 
 	ctx    context.Context // the connection's lifetime
@@ -44,6 +43,10 @@ type conn struct {
 }
 
 var _ sink = (*conn)(nil)
+
+// logger is the connection's logger, made when something is logged: an
+// idle connection keeps none.
+func (c *conn) logger() *slog.Logger { return c.s.log.With("user", c.user) }
 
 func (c *conn) push(v any) {
 	c.q.push(protocol.Encode(v))
@@ -77,7 +80,7 @@ func (c *conn) end(conv, turn string, seq int64, status chat.TurnStatus, errMsg 
 }
 
 func (c *conn) fail(err error) {
-	c.log.Warn("view failed; closing so the client resumes", "err", err)
+	c.logger().Warn("view failed; closing so the client resumes", "err", err)
 	c.closeWith(websocket.StatusInternalError, "resume needed")
 }
 
@@ -93,7 +96,7 @@ func (c *conn) closeWith(code websocket.StatusCode, reason string) {
 func (c *conn) sendError(id string, err error) {
 	pe := protocol.AsError(err)
 	if pe.Code == protocol.CodeInternal {
-		c.log.Error("request failed", "err", err)
+		c.logger().Error("request failed", "err", err)
 	}
 	c.push(pe.Frame(id))
 }
@@ -159,7 +162,7 @@ func (c *conn) stalled() {
 		return
 	}
 	c.s.m.slowCloses.Inc()
-	c.log.Debug("write stalled; closing", "timeout", c.s.cfg.WriteTimeout)
+	c.logger().Debug("write stalled; closing", "timeout", c.s.cfg.WriteTimeout)
 	_ = c.ws.CloseNow()
 	c.cancel()
 }
@@ -175,31 +178,37 @@ func (c *conn) readLoop() {
 			}
 			return
 		}
-		if typ != websocket.MessageText {
-			c.badFrame("", "frames must be text")
-			continue
-		}
-		f, err := protocol.DecodeClient(data)
-		if err != nil {
-			var de *protocol.DecodeError
-			id := ""
-			if errors.As(err, &de) {
-				id = de.ID
-			}
-			c.badFrame(id, err.Error())
-			continue
-		}
-		// Handle the frame on a goroutine of its own, and wait for it:
-		// frames stay in order, and the store and bus calls a join makes,
-		// which run deep, grow that goroutine's stack instead of this one,
-		// which stays small for as long as the connection idles.
+		// Decode and handle the frame on a goroutine of its own, and wait
+		// for it: frames stay in order, and the JSON decoding and the store
+		// and bus calls a join makes, which run deep, grow that goroutine's
+		// stack instead of this one, which stays small for as long as the
+		// connection idles.
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			c.handle(f)
+			c.frame(typ, data)
 		}()
 		<-done
 	}
+}
+
+// frame handles one client frame.
+func (c *conn) frame(typ websocket.MessageType, data []byte) {
+	if typ != websocket.MessageText {
+		c.badFrame("", "frames must be text")
+		return
+	}
+	f, err := protocol.DecodeClient(data)
+	if err != nil {
+		var de *protocol.DecodeError
+		id := ""
+		if errors.As(err, &de) {
+			id = de.ID
+		}
+		c.badFrame(id, err.Error())
+		return
+	}
+	c.handle(f)
 }
 
 func (c *conn) badFrame(id, msg string) {

@@ -5,9 +5,11 @@
 package gateway
 
 import (
+	"bufio"
 	"context"
 	"io/fs"
 	"log/slog"
+	"net"
 	"net/http"
 	"strconv"
 	"sync"
@@ -255,7 +257,7 @@ func (s *Server) handleWS() http.Handler {
 			return
 		}
 		id, authErr := s.auth.Authenticate(r)
-		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{
+		ws, err := acceptWS(w, r, &websocket.AcceptOptions{
 			InsecureSkipVerify: true, // the origin was checked above
 			CompressionMode:    websocket.CompressionDisabled,
 		})
@@ -272,7 +274,6 @@ func (s *Server) handleWS() http.Handler {
 			c := &conn{
 				s: s, ws: ws, user: id.UserID, q: q,
 				ctx: ctx, cancel: cancel, views: make(map[string]*view),
-				log: s.log.With("user", id.UserID),
 			}
 			c.run()
 		})
@@ -283,39 +284,93 @@ func (s *Server) handleWS() http.Handler {
 // outbound queue is q, under the per-user connection limit, registered for
 // Shutdown, with the inbound frame limit set; run gets the connection's
 // context, which Shutdown ends.
+//
+// run is called on a goroutine of its own and serveSocket returns at once,
+// so that the HTTP handler returns too: net/http then lets go of the
+// upgrade request (its headers, contexts and response), and the goroutine
+// that idles with the connection has a stack of its own size instead of
+// one grown through the HTTP server's handler chain.
 func (s *Server) serveSocket(ws *websocket.Conn, user string, q *outQueue, run func(ctx context.Context, cancel context.CancelFunc)) {
 	if !s.limits.openConn(user) {
 		s.m.limitHits.WithLabelValues("connections").Inc()
 		_ = ws.Close(closeTooManyConns, "too many connections")
 		return
 	}
-	defer s.limits.closeConn(user)
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
+		s.limits.closeConn(user)
 		_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
 		return
 	}
 	s.open[ws] = q
 	s.conns.Add(1)
 	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.open, ws)
-		s.mu.Unlock()
-		s.conns.Done()
-	}()
 	if s.cfg.Limits.FrameBytes > 0 {
 		ws.SetReadLimit(int64(s.cfg.Limits.FrameBytes))
 	} else {
 		ws.SetReadLimit(-1)
 	}
 	ctx, cancel := context.WithCancel(s.shutdownCtx)
-	defer cancel()
 	s.m.connections.Inc()
 	s.m.connectsTotal.Inc()
-	defer s.m.connections.Dec()
-	run(ctx, cancel)
+	go func() {
+		defer func() {
+			s.m.connections.Dec()
+			cancel()
+			s.mu.Lock()
+			delete(s.open, ws)
+			s.mu.Unlock()
+			s.limits.closeConn(user)
+			s.conns.Done()
+		}()
+		run(ctx, cancel)
+	}()
+}
+
+// WebSocket buffer sizes. net/http hands a hijacked connection 4 KiB read
+// and write buffers, which every idle connection would keep for its life.
+// Chat frames are small: a delta frame is ~150 bytes, client frames a few
+// hundred. A larger frame (a joined frame with history, a long message)
+// still goes through: the bufio buffers then read and write it directly,
+// at the cost of one more syscall.
+const (
+	wsReadBuffer  = 512
+	wsWriteBuffer = 1 << 10
+)
+
+// acceptWS upgrades a request to a WebSocket with buffers of the sizes
+// above.
+func acceptWS(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, error) {
+	if hj, ok := w.(http.Hijacker); ok {
+		w = smallBuffers{ResponseWriter: w, hj: hj}
+	}
+	return websocket.Accept(w, r, opts)
+}
+
+// smallBuffers hijacks with buffers of wsReadBuffer and wsWriteBuffer bytes.
+type smallBuffers struct {
+	http.ResponseWriter
+	hj http.Hijacker
+}
+
+func (b smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	c, brw, err := b.hj.Hijack()
+	if err != nil {
+		return c, brw, err
+	}
+	if brw.Writer.Buffered() > 0 {
+		if err := brw.Writer.Flush(); err != nil {
+			return c, brw, err
+		}
+	}
+	r := brw.Reader
+	if r.Buffered() == 0 {
+		// Bytes the client sent behind the upgrade request stay in
+		// net/http's reader, which is then kept.
+		r = bufio.NewReaderSize(c, wsReadBuffer)
+	}
+	return c, bufio.NewReadWriter(r, bufio.NewWriterSize(c, wsWriteBuffer)), nil
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
