@@ -330,13 +330,13 @@ func (s *Server) serveSocket(ws *websocket.Conn, user string, q *outQueue, run f
 
 // WebSocket buffer sizes. net/http hands a hijacked connection 4 KiB read
 // and write buffers, which every idle connection would keep for its life.
-// Chat frames are small: a delta frame is ~150 bytes, client frames a few
-// hundred. A larger frame (a joined frame with history, a long message)
-// still goes through: the bufio buffers then read and write it directly,
-// at the cost of one more syscall.
+// A delta frame is ~150 bytes and client frames are read whole into a
+// message buffer, so small ones do: a frame larger than the write buffer
+// costs one more write syscall, a payload larger than the read buffer is
+// read straight into the message.
 const (
-	wsReadBuffer  = 512
-	wsWriteBuffer = 1 << 10
+	wsReadBuffer  = 256
+	wsWriteBuffer = 512
 )
 
 // acceptWS upgrades a request to a WebSocket with buffers of the sizes
