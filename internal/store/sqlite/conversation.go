@@ -21,6 +21,10 @@ func (s *DB) DeleteConversation(ctx context.Context, id, owner string) error {
 }
 
 func (s *DB) deleteConversation(ctx context.Context, id, owner string) error {
+	if err := s.d.gate.enter(ctx); err != nil {
+		return err
+	}
+	defer s.d.gate.leave()
 	tx, err := s.write.BeginTx(ctx, nil)
 	if err != nil {
 		return err

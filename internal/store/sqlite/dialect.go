@@ -27,7 +27,32 @@ type conn struct {
 	c     sqlConn
 	cache *stmtCache // the pool's statements
 	tx    *sql.Tx    // set inside a transaction
+	gate  writeGate  // the write pool's gate; nil on the read pool and in a transaction
 }
+
+// writeGate lets one writer at a time at the write pool, in the order they
+// came. The pool has one connection, and database/sql hands a released
+// connection to a random waiter: under load a turn's end could wait behind
+// any number of later writes. A channel serves its blocked senders in order.
+type writeGate chan struct{}
+
+func newWriteGate() writeGate { return make(writeGate, 1) }
+
+func (g writeGate) enter(ctx context.Context) error {
+	select {
+	case g <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (g writeGate) leave() { <-g }
+
+// errRow is a row that failed before its query ran.
+type errRow struct{ err error }
+
+func (r errRow) Scan(...any) error { return r.err }
 
 var _ sqlstore.Queryer = conn{}
 
@@ -96,6 +121,14 @@ func (c conn) stmt(ctx context.Context, query string) *sql.Stmt {
 }
 
 func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Scanner {
+	if c.gate != nil {
+		// The row holds the connection until it is scanned; the next
+		// writer through the gate waits for it in the pool, alone.
+		if err := c.gate.enter(ctx); err != nil {
+			return errRow{err}
+		}
+		defer c.gate.leave()
+	}
 	if st := c.stmt(ctx, query); st != nil {
 		return st.QueryRowContext(ctx, args...)
 	}
@@ -103,6 +136,12 @@ func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.
 }
 
 func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
+	if c.gate != nil {
+		if err := c.gate.enter(ctx); err != nil {
+			return nil, err
+		}
+		defer c.gate.leave()
+	}
 	var rows *sql.Rows
 	var err error
 	if st := c.stmt(ctx, query); st != nil {
@@ -117,6 +156,12 @@ func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Ro
 }
 
 func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
+	if c.gate != nil {
+		if err := c.gate.enter(ctx); err != nil {
+			return 0, err
+		}
+		defer c.gate.leave()
+	}
 	var res sql.Result
 	var err error
 	if st := c.stmt(ctx, query); st != nil {
@@ -130,20 +175,29 @@ func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error
 	return res.RowsAffected()
 }
 
-// writeTx is Send's transaction.
+// writeTx is Send's transaction. It holds the write gate until it ends.
 type writeTx struct {
 	conn
-	tx *sql.Tx
+	tx    *sql.Tx
+	leave func() // leaves the gate, once
 }
 
-func (t writeTx) Commit(context.Context) error   { return t.tx.Commit() }
-func (t writeTx) Rollback(context.Context) error { return t.tx.Rollback() }
+func (t writeTx) Commit(context.Context) error {
+	defer t.leave()
+	return t.tx.Commit()
+}
+
+func (t writeTx) Rollback(context.Context) error {
+	defer t.leave()
+	return t.tx.Rollback()
+}
 
 // dialect is how SQLite serializes writes: through one connection whose
 // transactions begin IMMEDIATE (see [DB]).
 type dialect struct {
 	write, read           *sql.DB
 	writeStmts, readStmts *stmtCache
+	gate                  writeGate
 }
 
 var _ sqlstore.Dialect = dialect{}
@@ -152,11 +206,15 @@ var _ sqlstore.Dialect = dialect{}
 // send, and no other writer can commit until it ends.
 func (d dialect) Begin(ctx context.Context) (sqlstore.Tx, error) {
 	d.writeStmts.prepareWanted(ctx)
-	t, err := d.write.BeginTx(ctx, nil)
-	if err != nil {
+	if err := d.gate.enter(ctx); err != nil {
 		return nil, err
 	}
-	return writeTx{conn{c: t, cache: d.writeStmts, tx: t}, t}, nil
+	t, err := d.write.BeginTx(ctx, nil)
+	if err != nil {
+		d.gate.leave()
+		return nil, err
+	}
+	return writeTx{conn{c: t, cache: d.writeStmts, tx: t}, t, sync.OnceFunc(d.gate.leave)}, nil
 }
 
 // LockConversation needs no lock of its own: the transaction holds the

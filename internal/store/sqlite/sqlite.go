@@ -91,8 +91,8 @@ func open(ctx context.Context, path string) (*DB, error) {
 		read.Close()
 		return nil, err
 	}
-	d := dialect{write: write, read: read, writeStmts: &stmtCache{db: write}, readStmts: &stmtCache{db: read}}
-	return &DB{DB: sqlstore.New(conn{c: read, cache: d.readStmts}, conn{c: write, cache: d.writeStmts}, d), write: write, read: read, d: d}, nil
+	d := dialect{write: write, read: read, writeStmts: &stmtCache{db: write}, readStmts: &stmtCache{db: read}, gate: newWriteGate()}
+	return &DB{DB: sqlstore.New(conn{c: read, cache: d.readStmts}, conn{c: write, cache: d.writeStmts, gate: d.gate}, d), write: write, read: read, d: d}, nil
 }
 
 func migrate(ctx context.Context, db *sql.DB) error {
