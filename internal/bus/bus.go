@@ -171,8 +171,9 @@ func (b *Bus) Ping(ctx context.Context) error {
 	return nil
 }
 
-// PublishEvent stores e in the events stream, then announces it to the
-// live subscribers of its conversation, and returns its stream sequence. A start
+// PublishEvent stores e in the events stream and announces it to the live
+// subscribers of its conversation (a start once stored, an end at once:
+// see below), and returns its stream sequence. A start
 // or end repeated within two minutes is not stored twice; a delta carries
 // no Nats-Msg-Id (deduplicating every delta would cost the stream a map
 // entry per delta for two minutes), and readers drop a repeated delta by
@@ -183,12 +184,25 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
 	subj := e.storedSubject()
+	if e.Kind == KindEnd {
+		// An end is announced before it is stored. Every end is published
+		// after the chat store has recorded the turn's final status and
+		// text (FinishTurn), so the live end shows nothing a crash could
+		// take back, and the turn's deltas were all stored and announced
+		// before it. This saves the end, and so every cancel, a stream
+		// round trip.
+		if err := b.announce(subj, data, e.Kind); err != nil {
+			return 0, fmt.Errorf("announce event: %w", err)
+		}
+	}
 	ack, err := b.publish(ctx, subj, data, e.MsgID())
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
-	if err := b.announce(subj, data, e.Kind); err != nil {
-		return 0, fmt.Errorf("announce event: %w", err)
+	if e.Kind != KindEnd {
+		if err := b.announce(subj, data, e.Kind); err != nil {
+			return 0, fmt.Errorf("announce event: %w", err)
+		}
 	}
 	return ack.Sequence, nil
 }
