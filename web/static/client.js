@@ -333,6 +333,7 @@ export class TokenRelayClient extends EventTarget {
       status: 'queued', turn_id: turnId, reply_to: messageId, seq: 0, pending: true, model };
     addItem(conv, user);
     addItem(conv, turn);
+    const previous = conv.active; // an answer still running, whose Stop must keep working
     conv.active = turnId;
     this._emit('message', { conversationId, message: user });
     this._emit('turn', { conversationId, turn, phase: 'pending' });
@@ -351,7 +352,12 @@ export class TokenRelayClient extends EventTarget {
       const t = conv.byTurn.get(turnId);
       if (t?.pending) {
         removeItem(conv, t);
-        if (conv.active === turnId) conv.active = null;
+        if (conv.active === turnId) {
+          // A refused send (turn_active, say) leaves the answer it met the
+          // active one.
+          const p = previous && conv.byTurn.get(previous);
+          conv.active = p && !isTerminal(p.status) ? previous : null;
+        }
         this._emit('turn', { conversationId, turn: t, phase: 'removed' });
       }
       throw err;

@@ -155,6 +155,21 @@ test('a refused send takes its optimistic message away and reports the code', as
   assert.equal(err.conversationId, 'c1');
 });
 
+test('a send refused while an answer runs leaves that answer active, so Stop still reaches it', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  ws.receive({ type: 'message', conversation_id: 'c1', message: userMsg('m9', 't9', 'a long one') });
+  ws.receive({ type: 'turn.start', conversation_id: 'c1', turn_id: 't9', reply_to: 'm9', model: 'sim' });
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't9', seq: 1, text: 'so' });
+  const { ack } = c.send('c1', 'too eager');
+  const s = ws.frames('send')[0];
+  ws.receive({ type: 'error', id: s.id, code: 'turn_active', message: 'an answer is still being written' });
+  await assert.rejects(ack, (err) => err.code === 'turn_active');
+  assert.equal(c.conversation('c1').active, 't9');
+  c.cancel('t9').catch(() => {});
+  assert.equal(ws.frames('cancel')[0]?.turn_id, 't9');
+});
+
 test('another tab\'s question and answer arrive as events', async (t) => {
   const c = newClient(t);
   const ws = await joined(c);
