@@ -62,6 +62,7 @@ type config struct {
 	TokensPerHour   int
 	CancelWait      time.Duration
 	PingInterval    time.Duration
+	QuietCheck      time.Duration
 	WriteTimeout    time.Duration
 	IdleTimeout     time.Duration
 	ShutdownTimeout time.Duration
@@ -150,6 +151,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.DurationVar(&c.WriteTimeout, "write-timeout", 10*time.Second, "a socket write blocked this long closes the connection (the peer stopped reading)")
 		fs.DurationVar(&c.PingInterval, "ping-interval", 30*time.Second, "server ping interval per connection (negative disables)")
 		fs.DurationVar(&c.IdleTimeout, "idle-timeout", 60*time.Second, "a connection that does not answer a ping within this is closed")
+		fs.DurationVar(&c.QuietCheck, "quiet-check", 10*time.Second, "an open turn silent this long is read again from the stream, in case its end was lost (negative disables)")
 	}
 	fs.BoolVar(&c.DeltaTimestamps, "delta-timestamps", false, "stamp every turn.delta with its emission time (\"ts\", Unix µs)")
 	fs.StringVar(&c.Provider, "provider", "sim", "sim (built-in simulator) or openai (any OpenAI-compatible server)")

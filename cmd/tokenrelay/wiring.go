@@ -215,7 +215,7 @@ func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowe
 	return gateway.Config{
 		Limits: c.Limits, AllowedOrigins: splitList(c.AllowedOrigins), CompatOrigins: splitList(c.CompatOrigins), DefaultModel: defaultModel(c),
 		ModelAllowed: allowed, DeltaTimestamps: c.DeltaTimestamps, CancelWait: c.CancelWait,
-		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, WriteTimeout: c.WriteTimeout, ReadyProbes: probes,
+		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, QuietCheck: c.QuietCheck, WriteTimeout: c.WriteTimeout, ReadyProbes: probes,
 		Static: web.Static(), NodeID: hostname + c.Addr, Logger: log, Registry: reg, Gatherer: reg,
 	}
 }

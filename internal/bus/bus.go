@@ -183,7 +183,7 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
-	subj := e.storedSubject()
+	subj := e.StoredSubject()
 	if e.Kind == KindEnd {
 		// An end is announced before it is stored. Every end is published
 		// after the chat store has recorded the turn's final status and
@@ -218,7 +218,7 @@ func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
 	if err != nil {
 		return nil, fmt.Errorf("publish delta: %w", err)
 	}
-	return b.acks.publish(e.storedSubject(), data, e.Seq)
+	return b.acks.publish(e.StoredSubject(), data, e.Seq)
 }
 
 // Republish stores the delta again, synchronously, retrying as PublishEvent

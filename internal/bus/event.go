@@ -58,9 +58,9 @@ func (e *Event) Subject() string {
 	return EventSubject(e.ConversationID, e.TurnID, e.Kind)
 }
 
-// storedSubject is where the event is stored.
-func (e *Event) storedSubject() string {
-	return storedSubject(e.ConversationID, e.TurnID, e.Kind)
+// StoredSubject is where the event is stored.
+func (e *Event) StoredSubject() string {
+	return StoredSubject(e.ConversationID, e.TurnID, e.Kind)
 }
 
 // UserMessage rebuilds the user message a start event carries.

@@ -51,8 +51,9 @@ func ConversationSubject(conversationID string) string {
 	return eventPrefix + Token(conversationID) + ".>"
 }
 
-// storedSubject is where an event is stored in the events stream.
-func storedSubject(conversationID, turnID, kind string) string {
+// StoredSubject is where an event is stored in the events stream; it is
+// announced live under EventSubject.
+func StoredSubject(conversationID, turnID, kind string) string {
 	return storedPrefix + Token(conversationID) + "." + Token(turnID) + "." + kind
 }
 

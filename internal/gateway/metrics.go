@@ -22,6 +22,7 @@ type metrics struct {
 	limitHits         *prometheus.CounterVec
 	sseStreams        prometheus.Gauge
 	resyncs           *prometheus.CounterVec
+	quietChecks       prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -53,11 +54,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		sseStreams: prometheus.NewGauge(prometheus.GaugeOpts{Name: "tokenrelay_sse_streams", Help: "Open SSE streams."}),
 		resyncs: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_resyncs_total",
 			Help: "Conversations whose views read their open turns again after live events may have been lost, by reason: reconnect (the bus connection was down) or slow_consumer (the bus dropped messages)."}, []string{"reason"}),
+		quietChecks: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_quiet_turn_checks_total",
+			Help: "Open turns read again from the stream because no event of theirs came for --quiet-check."}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.connections, m.connectsTotal, m.joins, m.resumes, m.sends, m.framesSent, m.bytesSent, m.writeErrors,
 			m.mergedFrames, m.slowCloses, m.gapsRepaired, m.duplicatesDropped, m.badFrames, m.cancels, m.cancelLatency,
-			m.authFailures, m.limitHits, m.sseStreams, m.resyncs)
+			m.authFailures, m.limitHits, m.sseStreams, m.resyncs, m.quietChecks)
 	}
 	return m
 }

@@ -52,6 +52,11 @@ type Config struct {
 	// a negative PingInterval disables pings.
 	PingInterval time.Duration
 	IdleTimeout  time.Duration
+	// QuietCheck is how long a turn a view has open may go without an
+	// event before the view reads it again from the stream: the last
+	// resort for a lost end that nothing reported (see view.checkQuiet).
+	// Default 10s; negative disables.
+	QuietCheck time.Duration
 	// ReadyProbes are extra /readyz checks by name (e.g. "provider").
 	ReadyProbes map[string]func(context.Context) error
 	// Static is the web page served at /; nil serves nothing there.
@@ -86,6 +91,7 @@ type Server struct {
 
 	mu      sync.Mutex
 	closing bool                          // guarded by mu
+	quiet   *time.Timer                   // runs checkQuiet; nil when disabled; guarded by mu
 	open    map[*websocket.Conn]*outQueue // guarded by mu
 }
 
@@ -106,6 +112,9 @@ func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server 
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 2 * cfg.PingInterval
 	}
+	if cfg.QuietCheck == 0 {
+		cfg.QuietCheck = 10 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -120,7 +129,38 @@ func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server 
 	}
 	s.hub = newHub(b, s.resync)
 	s.mux = s.routes()
+	if cfg.QuietCheck > 0 {
+		s.armQuiet()
+	}
 	return s
+}
+
+// armQuiet schedules the next checkQuiet, unless the server is shutting
+// down.
+func (s *Server) armQuiet() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closing {
+		s.quiet = time.AfterFunc(s.cfg.QuietCheck, s.checkQuiet)
+	}
+}
+
+// checkQuiet has every view look for turns that have been silent for a
+// whole QuietCheck, then runs again after QuietCheck. A timer rather than
+// a goroutine: nothing runs between sweeps.
+func (s *Server) checkQuiet() {
+	n := 0
+	for _, subs := range s.hub.subscribers("") {
+		for _, sub := range subs {
+			if v, ok := sub.(*view); ok {
+				n += v.checkQuiet()
+			}
+		}
+	}
+	if n > 0 {
+		s.m.quietChecks.Add(float64(n))
+	}
+	s.armQuiet()
 }
 
 // resyncRecent is how many of a conversation's newest messages a resync
@@ -183,6 +223,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.Serve
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing = true
+	if s.quiet != nil {
+		s.quiet.Stop()
+	}
 	open := make(map[*websocket.Conn]*outQueue, len(s.open))
 	for c, q := range s.open {
 		open[c] = q

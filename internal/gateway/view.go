@@ -67,6 +67,10 @@ type turnState struct {
 	attempts  int
 	gen       int  // repair generation: a repair's result applies only to its own
 	recheck   bool // a resync came during a repair: read the turn again after it
+	// quietSeq is seq as the last quiet sweep saw it, quiet whether it saw
+	// the turn at all (see checkQuiet).
+	quietSeq int64
+	quiet    bool
 }
 
 const keepEnded = 32
@@ -169,6 +173,34 @@ func (v *view) resync(recent []chat.Message) {
 		return
 	}
 	v.resyncLocked(recent)
+}
+
+// checkQuiet reads again from the stream each open turn whose seq has
+// not moved since the previous sweep, and returns how many. It is the
+// last resort for an end lost with nothing to report it (a NATS route
+// between cluster nodes that dropped it, say): such a turn's client
+// otherwise waits until it resumes. A turn that is merely slow (a queued
+// turn, a model thinking) costs one read of the stream per sweep.
+func (v *view) checkQuiet() int {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.closed || v.buffering {
+		return 0
+	}
+	n := 0
+	for id, ts := range v.turns {
+		switch {
+		case ts.ended || ts.repairing:
+			ts.quiet = false
+		case ts.quiet && ts.quietSeq == ts.seq:
+			ts.quiet = false
+			v.fetchLocked(id, ts, 0)
+			n++
+		default:
+			ts.quiet, ts.quietSeq = true, ts.seq
+		}
+	}
+	return n
 }
 
 func (v *view) resyncLocked(recent []chat.Message) {

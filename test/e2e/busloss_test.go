@@ -2,17 +2,22 @@ package e2e_test
 
 import (
 	"context"
+	"encoding/json"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/tokenrelay/tokenrelay/internal/auth"
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
 	"github.com/tokenrelay/tokenrelay/internal/provider/sim"
+	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 	"github.com/tokenrelay/tokenrelay/internal/worker"
@@ -43,18 +48,8 @@ func TestGatewayCutOffFromNATSMissesNoEnd(t *testing.T) {
 	workerDone := make(chan error, 1)
 	go func() { workerDone <- w.Run(wctx) }()
 	t.Cleanup(func() { stopWorker(); <-workerDone })
-	wsURL := func(gw *gateway.Server) string {
-		srv := httptest.NewServer(gw)
-		t.Cleanup(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			_ = gw.Shutdown(ctx)
-			srv.Close()
-		})
-		return "ws" + strings.TrimPrefix(srv.URL, "http") + "/v1/ws"
-	}
-	onA := trtest.Dial(t, wsURL(gateway.New(gateway.Config{}, busA, st, a)), nil)
-	onB := trtest.Dial(t, wsURL(gateway.New(gateway.Config{}, bustest.Open(t, url), st, a)), nil)
+	onA := trtest.Dial(t, serveGateway(t, gateway.New(gateway.Config{}, busA, st, a)), nil)
+	onB := trtest.Dial(t, serveGateway(t, gateway.New(gateway.Config{}, bustest.Open(t, url), st, a)), nil)
 	const conv = "cut-off"
 	onA.Join(conv, nil)
 	onB.Join(conv, nil)
@@ -119,5 +114,84 @@ func TestGatewayCutOffFromNATSMissesNoEnd(t *testing.T) {
 	}
 	if t2A.Status != "complete" || t2A.Text.String() != t2B.Text.String() {
 		t.Fatalf("A got t2 %s %q; B got %q", t2A.Status, t2A.Text.String(), t2B.Text.String())
+	}
+}
+
+// serveGateway serves gw over HTTP until the end of the test and returns
+// its WebSocket URL.
+func serveGateway(t *testing.T, gw *gateway.Server) string {
+	srv := httptest.NewServer(gw)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = gw.Shutdown(ctx)
+		srv.Close()
+	})
+	return "ws" + strings.TrimPrefix(srv.URL, "http") + "/v1/ws"
+}
+
+// TestGatewayReadsAQuietTurnAgain: a turn's deltas and end reach the
+// events stream and the chat store but never the gateway live (a loss
+// nothing reports, as a NATS route between cluster nodes dropping them).
+// Once the turn has been quiet for --quiet-check, the view reads it again
+// from the stream and the client gets the text and the end.
+func TestGatewayReadsAQuietTurnAgain(t *testing.T) {
+	server := bustest.Start(t)
+	st, err := sqlite.Open(t.Context(), filepath.Join(t.TempDir(), "tokenrelay.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	a, err := auth.New(auth.Config{Dev: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gw := gateway.New(gateway.Config{QuietCheck: 100 * time.Millisecond}, bustest.Open(t, server.Conn().ConnectedUrl()), st, a)
+	c := trtest.Dial(t, serveGateway(t, gw), nil)
+	const conv = "quiet"
+	c.Join(conv, nil)
+	// No worker runs (the test answers the gateways' worker probe): the
+	// turn stays queued until the test produces it.
+	ping, err := server.ServeWorkerPing("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ping.Unsubscribe() })
+	if err := server.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	c.Send(map[string]any{"type": "send", "conversation_id": conv, "turn_id": "q1", "text": "hello?", "id": "s"})
+	tr := &trtest.Turn{ID: "q1"}
+	c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return f.Type() == "turn.start" })
+
+	// A worker's output, stored but never announced.
+	js, err := jetstream.New(server.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	store1 := func(e bus.Event) {
+		t.Helper()
+		e.ConversationID, e.TurnID = conv, "q1"
+		data, err := json.Marshal(e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := js.Publish(t.Context(), e.StoredSubject(), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ok, err := st.StartTurn(t.Context(), "q1", time.Now()); !ok || err != nil {
+		t.Fatalf("start turn: %v %v", ok, err)
+	}
+	store1(bus.Event{Kind: bus.KindDelta, Seq: 1, Text: "hello"})
+	store1(bus.Event{Kind: bus.KindDelta, Seq: 2, Off: 5, Text: " world"})
+	if _, _, err := st.FinishTurn(t.Context(), store.TurnResult{TurnID: "q1", Status: chat.StatusComplete, Content: "hello world", Seq: 2, Now: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	store1(bus.Event{Kind: bus.KindEnd, Seq: 2, Status: chat.StatusComplete})
+
+	c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return tr.Ends > 0 })
+	if len(tr.Errors) > 0 || tr.Status != "complete" || tr.Text.String() != "hello world" {
+		t.Fatalf("got %s %q %v, want complete \"hello world\"", tr.Status, tr.Text.String(), tr.Errors)
 	}
 }
