@@ -26,10 +26,14 @@ export function binary() {
   return builtBin;
 }
 
-/** tempDir makes a directory that the caller's cleanup removes. */
+/**
+ * tempDir makes a directory that the caller's cleanup removes. A server
+ * using it may still be writing there when the hook runs (the hooks of a
+ * test do not wait for each other's processes), so the removal is retried.
+ */
 export function tempDir(t, prefix = 'tokenrelay-test-') {
   const dir = mkdtempSync(path.join(tmpdir(), prefix));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  t.after(() => rmSync(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 }));
   return dir;
 }
 
@@ -39,7 +43,9 @@ export function tempDir(t, prefix = 'tokenrelay-test-') {
  * stopped (SIGTERM, then SIGKILL) when the test ends.
  */
 export async function startServer(t, { dataDir, addr = '127.0.0.1:0', args = [], simRate = 40 } = {}) {
-  dataDir ??= tempDir(t);
+  // A data dir of its own is removed once the server has exited (below).
+  const ownDir = !dataDir;
+  dataDir ??= mkdtempSync(path.join(tmpdir(), 'tokenrelay-test-'));
   const proc = spawn(binary(), ['serve', '--addr', addr, '--data-dir', dataDir, '--sim-rate', String(simRate), ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -76,7 +82,10 @@ export async function startServer(t, { dataDir, addr = '127.0.0.1:0', args = [],
     },
     stderr: () => stderr,
   };
-  t.after(() => server.stop());
+  t.after(async () => {
+    await server.stop();
+    if (ownDir) rmSync(dataDir, { recursive: true, force: true, maxRetries: 10, retryDelay: 100 });
+  });
   return server;
 }
 
