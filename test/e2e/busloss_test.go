@@ -33,15 +33,7 @@ func TestGatewayCutOffFromNATSMissesNoEnd(t *testing.T) {
 	server := bustest.Start(t)
 	url := server.Conn().ConnectedUrl()
 	busA, cut := bustest.OpenCuttable(t, url)
-	st, err := sqlite.Open(t.Context(), filepath.Join(t.TempDir(), "tokenrelay.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	a, err := auth.New(auth.Config{Dev: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, a := storeAndAuth(t)
 
 	w := worker.New(worker.Config{}, bustest.Open(t, url), st, sim.New(sim.Config{}))
 	wctx, stopWorker := context.WithCancel(context.Background())
@@ -117,6 +109,22 @@ func TestGatewayCutOffFromNATSMissesNoEnd(t *testing.T) {
 	}
 }
 
+// storeAndAuth opens a SQLite store for the test and a dev-mode
+// authenticator.
+func storeAndAuth(t *testing.T) (*sqlite.DB, *auth.Authenticator) {
+	t.Helper()
+	st, err := sqlite.Open(t.Context(), filepath.Join(t.TempDir(), "tokenrelay.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	a, err := auth.New(auth.Config{Dev: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, a
+}
+
 // serveGateway serves gw over HTTP until the end of the test and returns
 // its WebSocket URL.
 func serveGateway(t *testing.T, gw *gateway.Server) string {
@@ -137,15 +145,7 @@ func serveGateway(t *testing.T, gw *gateway.Server) string {
 // from the stream and the client gets the text and the end.
 func TestGatewayReadsAQuietTurnAgain(t *testing.T) {
 	server := bustest.Start(t)
-	st, err := sqlite.Open(t.Context(), filepath.Join(t.TempDir(), "tokenrelay.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	a, err := auth.New(auth.Config{Dev: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	st, a := storeAndAuth(t)
 	gw := gateway.New(gateway.Config{QuietCheck: 100 * time.Millisecond}, bustest.Open(t, server.Conn().ConnectedUrl()), st, a)
 	c := trtest.Dial(t, serveGateway(t, gw), nil)
 	const conv = "quiet"
