@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 
 	"github.com/nats-io/nats.go"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
@@ -87,12 +86,6 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	}
 
 	reg := newRegistry()
-	if local != nil {
-		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
-			Name: "tokenrelay_local_dropped_total",
-			Help: "Live events the in-process path dropped because the gateway's router was full (each gap is repaired from the stream).",
-		}, func() float64 { return float64(local.Dropped()) }))
-	}
 	w := worker.New(workerConfig(&c, log, reg), wkBus, st, p)
 	if c.NATSURL == "" {
 		// serve is the only producer of its embedded bus: a turn left

@@ -23,7 +23,8 @@ import (
 type acks struct {
 	b      *Bus
 	nc     *nats.Conn
-	prefix string // reply subjects are prefix + base-36 id
+	prefix string        // reply subjects are prefix + base-36 id
+	wait   time.Duration // how long an answer may take before the delta fails
 
 	mu      sync.Mutex
 	sub     *nats.Subscription       // guarded by mu; made on first use
@@ -36,8 +37,9 @@ type acks struct {
 // acknowledgement.
 type PendingDelta struct {
 	Seq  int64
-	subj string
-	data []byte
+	ev   *Event
+	subj string // where it is stored
+	data []byte // ev encoded
 
 	sent time.Time
 	done chan struct{} // closed once sseq or err is set
@@ -46,16 +48,29 @@ type PendingDelta struct {
 }
 
 // errAckTimeout fails a delta whose acknowledgement did not come within
-// publishAttempt; the publisher then stores it again (see Republish).
+// acks.wait; the publisher then stores it again (see Republish).
 var errAckTimeout = errors.New("publish delta: no acknowledgement in time")
 
 func newAcks(b *Bus) *acks {
-	return &acks{b: b, nc: b.nc, prefix: b.nc.NewRespInbox() + ".", pending: make(map[uint64]*PendingDelta)}
+	a := &acks{b: b, nc: b.nc, prefix: b.nc.NewRespInbox() + ".", wait: publishAttempt, pending: make(map[uint64]*PendingDelta)}
+	if b.cfg.Local != nil {
+		// The stream is in this process and loses no answer; the answers
+		// are taken one at a time by a goroutine that also hands each delta
+		// to the gateway (see Local), so under a heavy load one can wait
+		// its turn longer than an attempt, and failing it would only store
+		// it again.
+		a.wait = localAckWait
+	}
+	return a
 }
 
-// publish sends data to the stream subject subj and tracks its answer.
-func (a *acks) publish(subj string, data []byte, seq int64) (*PendingDelta, error) {
-	pd := &PendingDelta{Seq: seq, subj: subj, data: data, sent: time.Now(), done: make(chan struct{})}
+// localAckWait is acks.wait under a Local.
+const localAckWait = 10 * time.Second
+
+// publish sends data, e encoded, to the stream subject subj and tracks its
+// answer. The caller no longer changes e.
+func (a *acks) publish(e *Event, subj string, data []byte) (*PendingDelta, error) {
+	pd := &PendingDelta{Seq: e.Seq, ev: e, subj: subj, data: data, sent: time.Now(), done: make(chan struct{})}
 	a.mu.Lock()
 	if a.sub == nil {
 		sub, err := a.nc.Subscribe(a.prefix+"*", a.answer)
@@ -71,7 +86,7 @@ func (a *acks) publish(subj string, data []byte, seq int64) (*PendingDelta, erro
 	id := a.next
 	a.pending[id] = pd
 	if a.sweep == nil {
-		a.sweep = time.AfterFunc(publishAttempt/4, a.expire)
+		a.sweep = time.AfterFunc(a.wait/4, a.expire)
 	}
 	a.mu.Unlock()
 	var reply [64]byte
@@ -104,25 +119,25 @@ func (a *acks) answer(m *nats.Msg) {
 	// every delta is settled, so the end is never announced ahead of the
 	// last delta.
 	if pd.err == nil {
-		_ = a.b.announce(pd.subj, pd.data, KindDelta)
+		_ = a.b.announce(pd.ev, pd.data)
 	}
 	close(pd.done)
 }
 
-// expire fails the deltas that have waited publishAttempt for an answer
+// expire fails the deltas that have waited a.wait for an answer
 // (the stream's leader was lost, the message dropped).
 func (a *acks) expire() {
 	now := time.Now()
 	var late []*PendingDelta
 	a.mu.Lock()
 	for id, pd := range a.pending {
-		if now.Sub(pd.sent) >= publishAttempt {
+		if now.Sub(pd.sent) >= a.wait {
 			late = append(late, pd)
 			delete(a.pending, id)
 		}
 	}
 	if len(a.pending) > 0 {
-		a.sweep.Reset(publishAttempt / 4)
+		a.sweep.Reset(a.wait / 4)
 	} else {
 		a.sweep = nil
 	}

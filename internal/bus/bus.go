@@ -191,7 +191,7 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 		// take back, and the turn's deltas were all stored and announced
 		// before it. This saves the end, and so every cancel, a stream
 		// round trip.
-		if err := b.announce(subj, data, e.Kind); err != nil {
+		if err := b.announce(e, data); err != nil {
 			return 0, fmt.Errorf("announce event: %w", err)
 		}
 	}
@@ -200,7 +200,7 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
 	if e.Kind != KindEnd {
-		if err := b.announce(subj, data, e.Kind); err != nil {
+		if err := b.announce(e, data); err != nil {
 			return 0, fmt.Errorf("announce event: %w", err)
 		}
 	}
@@ -218,7 +218,7 @@ func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
 	if err != nil {
 		return nil, fmt.Errorf("publish delta: %w", err)
 	}
-	return b.acks.publish(e.StoredSubject(), data, e.Seq)
+	return b.acks.publish(e, e.StoredSubject(), data)
 }
 
 // Republish stores the delta again, synchronously, retrying as PublishEvent
@@ -228,7 +228,7 @@ func (b *Bus) Republish(ctx context.Context, p *PendingDelta) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("republish delta: %w", err)
 	}
-	if err := b.announce(p.subj, p.data, KindDelta); err != nil {
+	if err := b.announce(p.ev, p.data); err != nil {
 		return 0, fmt.Errorf("announce delta: %w", err)
 	}
 	return ack.Sequence, nil

@@ -1,12 +1,7 @@
 package bus
 
 import (
-	"hash/maphash"
-	"strings"
 	"sync"
-	"sync/atomic"
-
-	"github.com/nats-io/nats.go"
 )
 
 // Local carries live events from the producers of one process to its own
@@ -15,25 +10,28 @@ import (
 // --nats-url): its gateway is then the only live subscriber there can be.
 //
 // With a Local, every Bus sharing it hands each live event to the Router
-// made on one of them instead of publishing it: a delta costs no NATS
-// publish, no server-side routing and no parse on the way back. Starts and
-// ends are published on NATS as well, for SubscribeTurnEnd. The Router
-// makes no NATS subscriptions: it receives every conversation's events and
-// its callback drops those nobody follows, as a NATS subscription would
-// never have delivered them.
+// made on one of them instead of publishing it: the router's callback runs
+// on the announcing goroutine (for a delta, the one that took the stream's
+// acknowledgement), with the event the producer built, so a delta costs no
+// NATS publish, no server-side routing, no parse on the way back, no hop
+// through a router shard and nothing is ever dropped. Starts and ends are
+// published on NATS as well, for SubscribeTurnEnd. The Router makes no
+// NATS subscriptions: it receives every conversation's events and its
+// callback drops those nobody follows, as a NATS subscription would never
+// have delivered them.
+//
+// Order is kept without a queue: a turn's start is announced before its
+// job is enqueued, so before any delta exists; its deltas are announced by
+// the one goroutine that takes the producer's acknowledgements, in
+// acknowledgement order; its end is published once every delta was
+// announced (see acks.answer).
 type Local struct {
-	mu      sync.RWMutex
-	router  *Router // guarded by mu
-	dropped atomic.Uint64
-	full    func(kind string) // test hook: called when a shard is full
+	mu     sync.RWMutex
+	router *Router // guarded by mu
 }
 
 // NewLocal returns a Local to put in the Config of every Bus of a process.
 func NewLocal() *Local { return &Local{} }
-
-// Dropped counts events lost because the router's shard was full; the
-// gateway repairs such gaps from the stream as it does for NATS drops.
-func (l *Local) Dropped() uint64 { return l.dropped.Load() }
 
 func (l *Local) attach(r *Router) {
 	l.mu.Lock()
@@ -49,49 +47,30 @@ func (l *Local) detach(r *Router) {
 	l.mu.Unlock()
 }
 
-// deliver hands one live event to the router. A delta never blocks: a full
-// shard drops it, as NATS drops messages for a slow subscriber, and the
-// view repairs the gap when the next delta or the end arrives. A start or
-// an end (two per turn) waits for room instead: nothing would follow an
-// end to reveal that it was lost.
-func (l *Local) deliver(liveSubj string, data []byte, kind string) {
+// deliver hands one live event to the router's callback, which must not
+// block (see NewRouter).
+func (l *Local) deliver(e *Event) {
 	l.mu.RLock()
 	r := l.router
 	l.mu.RUnlock()
 	if r == nil {
 		return
 	}
-	conv, _, _ := strings.Cut(strings.TrimPrefix(liveSubj, eventPrefix), ".")
-	ch := r.shards[maphash.String(r.seed, conv)%uint64(len(r.shards))]
-	m := &nats.Msg{Subject: liveSubj, Data: data}
-	if l.full != nil && len(ch) == cap(ch) {
-		l.full(kind)
-	}
-	if kind != KindDelta {
-		select {
-		case ch <- m:
-		case <-r.done:
-		}
-		return
-	}
-	select {
-	case ch <- m:
-	default:
-		l.dropped.Add(1)
-	}
+	live := *e
+	live.StreamSeq = 0 // as a live NATS delivery has none
+	r.fn(live)
 }
 
 // announce makes a stored event live: through the Local when there is one
-// (deltas only there), else on NATS.
-func (b *Bus) announce(storedSubj string, data []byte, kind string) error {
-	live := liveSubject(storedSubj)
+// (deltas only there), else on NATS. data is e encoded.
+func (b *Bus) announce(e *Event, data []byte) error {
 	if b.cfg.Local != nil {
-		b.cfg.Local.deliver(live, data, kind)
-		if kind == KindDelta {
+		b.cfg.Local.deliver(e)
+		if e.Kind == KindDelta {
 			return nil
 		}
 	}
-	return b.nc.Publish(live, data)
+	return b.nc.Publish(e.Subject(), data)
 }
 
 // noSubscription is a Router subscription under a Local.

@@ -75,7 +75,10 @@ func (r *Router) Barrier(ctx context.Context) error {
 // NewRouter starts shards goroutines calling fn with the events of the
 // conversations subscribed through the router; each shard buffers up to
 // buffer messages (past that NATS drops them and the subscriber repairs the
-// gap from the stream). Close stops it.
+// gap from the stream). Close stops it. Under a Local, fn is instead called
+// on the goroutine that announces the event (see Local), so a
+// conversation's events may come from more than one goroutine, each turn's
+// still in order; fn must not block either way.
 func (b *Bus) NewRouter(shards, buffer int, fn func(Event)) *Router {
 	r := &Router{b: b, fn: fn, seed: maphash.MakeSeed(), shards: make([]chan *nats.Msg, shards), done: make(chan struct{}),
 		barriers: make(map[*nats.Msg]chan struct{})}

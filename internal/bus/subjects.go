@@ -57,11 +57,6 @@ func StoredSubject(conversationID, turnID, kind string) string {
 	return storedPrefix + Token(conversationID) + "." + Token(turnID) + "." + kind
 }
 
-// liveSubject maps a stored event's subject to its live one.
-func liveSubject(stored string) string {
-	return eventPrefix + strings.TrimPrefix(stored, storedPrefix)
-}
-
 // TurnSubject matches every stored event of one turn.
 func TurnSubject(conversationID, turnID string) string {
 	return storedPrefix + Token(conversationID) + "." + Token(turnID) + ".*"

@@ -7,9 +7,10 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 )
 
-// subscriber receives a conversation's live events. deliver is called from
-// the conversation's bus subscription goroutine, in publish order, and must
-// not block.
+// subscriber receives a conversation's live events. deliver is called, in
+// publish order per turn, from the conversation's bus subscription
+// goroutine (or, in serve, the goroutine that announced the event: see
+// bus.Local), and must not block.
 type subscriber interface {
 	deliver(e bus.Event)
 }
