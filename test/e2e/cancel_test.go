@@ -1,38 +1,13 @@
 package e2e_test
 
 import (
-	"bufio"
 	"fmt"
-	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
-
-// metric reads one unlabelled sample from /metrics.
-func metric(t *testing.T, base, name string) float64 {
-	t.Helper()
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		line := sc.Text()
-		if v, ok := strings.CutPrefix(line, name+" "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return f
-		}
-	}
-	return 0
-}
 
 // startTurn sends a message and waits until the turn has streamed n deltas.
 func startTurn(t *testing.T, c *trtest.Client, conv, text string, n int64) *trtest.Turn {
@@ -144,7 +119,7 @@ func TestCancelBeforeStartNeverCallsTheModel(t *testing.T) {
 	p := trtest.Serve(t, "--sim-rate", "100", "--sim-tokens", "20", "--limit-sends", "0")
 	c := trtest.Dial(t, p.WSURL(), nil)
 	c.Join("early", nil)
-	before := metric(t, p.URL, "tokenrelay_provider_requests_total")
+	before := trtest.Metric(t, p.URL, "tokenrelay_provider_requests_total", "")
 	for i := range 20 {
 		turn := fmt.Sprintf("early-turn-%d", i)
 		c.Send(fmt.Sprintf(`{"type":"send","conversation_id":"early","text":"hi %d","turn_id":%q,"id":"s%d"}`, i, turn, i))
@@ -167,7 +142,7 @@ func TestCancelBeforeStartNeverCallsTheModel(t *testing.T) {
 			t.Fatalf("cancel %d answered %v", i, ack)
 		}
 	}
-	if after := metric(t, p.URL, "tokenrelay_provider_requests_total"); after != before {
+	if after := trtest.Metric(t, p.URL, "tokenrelay_provider_requests_total", ""); after != before {
 		t.Fatalf("the provider was called %v times for turns cancelled before they started", after-before)
 	}
 }

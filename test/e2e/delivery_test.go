@@ -157,7 +157,7 @@ func TestStalledSocketIsDropped(t *testing.T) {
 	// takes several megabytes of text).
 	streamed := map[string]string{}
 	deadline := time.Now().Add(90 * time.Second)
-	for i := 0; metric(t, p.URL, "tokenrelay_slow_consumer_closes_total") == 0; i++ {
+	for i := 0; trtest.Metric(t, p.URL, "tokenrelay_slow_consumer_closes_total", "") == 0; i++ {
 		if time.Now().After(deadline) || i == 30 {
 			t.Fatal("the stalled socket was never closed")
 		}

@@ -156,7 +156,7 @@ func TestJWT(t *testing.T) {
 		}
 	})
 
-	if got := metric(t, p.URL, "tokenrelay_auth_failures_total", `reason="token"`); got != float64(failures) {
+	if got := trtest.Metric(t, p.URL, "tokenrelay_auth_failures_total", `reason="token"`); got != float64(failures) {
 		t.Errorf("tokenrelay_auth_failures_total{reason=\"token\"} = %v, want %d", got, failures)
 	}
 	// Nothing the server logged quotes a token or a signature, nor the

@@ -5,7 +5,6 @@
 package security_test
 
 import (
-	"bufio"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -16,7 +15,6 @@ import (
 	"encoding/pem"
 	"io"
 	"net/http"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -125,47 +123,10 @@ func httpErr(t testing.TB, method, url, token, body string) (int, errorBody) {
 	return code, e
 }
 
-// metric returns the value of the sample name{labels} (labels as written in
-// the exposition, e.g. `limit="sends"`; "" for none) at base/metrics, or 0.
-func metric(t testing.TB, base, name, labels string) float64 {
-	t.Helper()
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	want := name
-	if labels != "" {
-		want += "{" + labels + "}"
-	}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), want+" "); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				t.Fatalf("metric %s: %v", want, err)
-			}
-			return f
-		}
-	}
-	return 0
-}
-
 // waitMetric polls until metric name{labels} reaches at least want.
 func waitMetric(t testing.TB, base, name, labels string, want float64) {
 	t.Helper()
-	deadline := time.Now().Add(wait)
-	for {
-		got := metric(t, base, name, labels)
-		if got >= want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s{%s} = %v, want at least %v", name, labels, got, want)
-		}
-		time.Sleep(20 * time.Millisecond) // polling a metric, not synchronising
-	}
+	trtest.WaitMetric(t, base, name, labels, wait, func(v float64) bool { return v >= want })
 }
 
 // reply waits for the ack or error answering the frame with id, skipping

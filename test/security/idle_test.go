@@ -49,13 +49,7 @@ func TestIdleTimeout(t *testing.T) {
 	dead := deadSocket(t, p, tok)
 	waitMetric(t, p.URL, "tokenrelay_limit_hits_total", `limit="idle_timeout"`, 1)
 	// The slot is freed: alice may connect again (limit 2: live + new).
-	deadline := time.Now().Add(wait)
-	for metric(t, p.URL, "tokenrelay_connections", "") > 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("the dead connection was never released")
-		}
-		time.Sleep(20 * time.Millisecond) // polling a metric, not synchronising
-	}
+	trtest.WaitMetric(t, p.URL, "tokenrelay_connections", "", wait, func(v float64) bool { return v <= 1 })
 	reaped := time.Since(start)
 	t.Logf("dead connection reaped after %v (ping 200ms + idle timeout 500ms + close handshake)", reaped.Round(10*time.Millisecond))
 	if code := closeCode(t, p.WSURL(), &trtest.DialOptions{Token: tok}, 300*time.Millisecond); code != -1 {
@@ -71,7 +65,7 @@ func TestIdleTimeout(t *testing.T) {
 	if f := reply(t, live, "still"); f.Type() != "pong" {
 		t.Fatalf("live connection: %v", f)
 	}
-	if got := metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="idle_timeout"`); got != 1 {
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="idle_timeout"`); got != 1 {
 		t.Errorf("idle_timeout hits = %v, want 1", got)
 	}
 }

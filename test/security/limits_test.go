@@ -62,7 +62,7 @@ func TestFrameAndTextSize(t *testing.T) {
 	if code != 413 || e.Error.Code != "too_large" {
 		t.Fatalf("HTTP 1 MiB body: %d %+v", code, e)
 	}
-	if got := metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="text_bytes"`); got != 3 {
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="text_bytes"`); got != 3 {
 		t.Errorf("text_bytes hits = %v, want 3", got)
 	}
 	// Nothing over the limit was stored.
@@ -103,7 +103,7 @@ func TestSendRate(t *testing.T) {
 	if code != 202 {
 		t.Fatalf("bob's send: %d %s", code, body)
 	}
-	if got := metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="sends"`); got != 2 {
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="sends"`); got != 2 {
 		t.Errorf("sends hits = %v, want 2", got)
 	}
 }
@@ -139,7 +139,7 @@ func TestConnectionsPerUser(t *testing.T) {
 			t.Fatal("a closed connection's slot was never freed")
 		}
 	}
-	if got := metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="connections"`); got < 2 {
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="connections"`); got < 2 {
 		t.Errorf("connections hits = %v, want at least 2", got)
 	}
 }
@@ -185,7 +185,7 @@ func TestJoinsPerConnection(t *testing.T) {
 	// Events still reach the joined conversations after the refusals.
 	tr := startTurn(t, c, "j4", "still joined")
 	finish(t, c, tr)
-	if got := metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="joins"`); got != 2 {
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="joins"`); got != 2 {
 		t.Errorf("joins hits = %v, want 2", got)
 	}
 }
@@ -223,7 +223,7 @@ func TestConcurrentTurns(t *testing.T) {
 	if f := reply(t, c, "again"); f.Type() != "ack" {
 		t.Fatalf("send after a turn ended: %v", f)
 	}
-	if got := metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="turns"`); got != 2 {
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="turns"`); got != 2 {
 		t.Errorf("turns hits = %v, want 2", got)
 	}
 }
@@ -321,7 +321,7 @@ func TestBadFrames(t *testing.T) {
 	if f := reply(t, d, "alive"); f.Type() != "pong" {
 		t.Fatalf("after not_found errors: %v", f)
 	}
-	if got := metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="bad_frames"`); got != 1 {
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="bad_frames"`); got != 1 {
 		t.Errorf("bad_frames hits = %v, want 1", got)
 	}
 }

@@ -98,7 +98,7 @@ func TestOrigin(t *testing.T) {
 					refused++
 				}
 			}
-			if got := metric(t, p.URL, "tokenrelay_auth_failures_total", `reason="origin"`); got != float64(refused) {
+			if got := trtest.Metric(t, p.URL, "tokenrelay_auth_failures_total", `reason="origin"`); got != float64(refused) {
 				t.Errorf("auth failures for origin = %v, want %d", got, refused)
 			}
 		})
