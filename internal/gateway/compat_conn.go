@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
-	"time"
 
 	"github.com/coder/websocket"
 
@@ -30,9 +29,11 @@ var compatMarker = []byte{0}
 func isCompatMarker(f []byte) bool { return len(f) == 1 && f[0] == 0 }
 
 // compatConn is one COMPAT.md WebSocket (/ws/chat): a sink over one view of
-// its session. Its read loop (the handler's goroutine) answers client
-// frames; its writer goroutine is the only one that writes to the socket;
-// everything else enqueues to q.
+// its session. Its read loop answers client frames (each on a goroutine of
+// its own, see onOwnStack); its writer, started when frames are queued and
+// gone when the queue is empty, is the only code that writes to the
+// socket; everything else enqueues to q. Like a native connection it idles
+// on one small goroutine, and pings from a timer.
 //
 // A reply's frames carry the whole text so far, so a newer one makes an
 // older one useless. They are therefore not queued themselves: the queue
@@ -54,7 +55,7 @@ type compatConn struct {
 	ctx       context.Context // the connection's lifetime
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup // the view's repairs
-	view      *view          // set by join; owned by the handler's goroutine
+	view      *view          // set by join; owned by run
 	closeOnce sync.Once
 
 	mu     sync.Mutex
@@ -184,20 +185,21 @@ func (c *compatConn) closeWith(code websocket.StatusCode, reason string) {
 	})
 }
 
-// writeLoop drains the queue until the connection ends.
-func (c *compatConn) writeLoop() {
+// drain is the connection's writer: started by the queue when frames
+// arrive and none runs, it writes until the queue is empty, then returns
+// (see conn.drain). It is the only code that writes data frames to the
+// socket.
+func (c *compatConn) drain() {
 	var frames [][]byte
 	for {
-		select {
-		case <-c.ctx.Done():
-			return
-		case <-c.q.notify:
-		}
-		var overflow bool
-		frames, _, _, overflow = c.q.take(frames[:0], nil)
+		var overflow, ok bool
+		frames, _, _, overflow, ok = c.q.next(frames[:0], nil)
 		if overflow {
 			c.s.m.slowCloses.Inc()
 			c.closeWith(closeSlowConsumer, "slow consumer")
+			return
+		}
+		if !ok {
 			return
 		}
 		for i, f := range frames {
@@ -213,6 +215,7 @@ func (c *compatConn) writeLoop() {
 					c.s.m.writeErrors.Inc()
 				}
 				c.cancel()
+				c.q.close()
 				return
 			}
 			c.s.m.framesSent.Inc()
@@ -220,29 +223,6 @@ func (c *compatConn) writeLoop() {
 		}
 		if cap(frames) > 1024 {
 			frames = nil
-		}
-	}
-}
-
-// pingLoop reaps dead connections, as conn's does.
-func (c *compatConn) pingLoop() {
-	t := time.NewTicker(c.s.cfg.PingInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-c.ctx.Done():
-			return
-		case <-t.C:
-			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.IdleTimeout)
-			err := c.ws.Ping(ctx)
-			cancel()
-			if err != nil {
-				if c.ctx.Err() == nil {
-					c.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
-					c.closeWith(websocket.StatusGoingAway, "idle timeout")
-				}
-				return
-			}
 		}
 	}
 }
@@ -276,28 +256,33 @@ func (c *compatConn) readLoop() {
 		if typ != websocket.MessageText {
 			continue
 		}
-		if string(bytes.TrimSpace(data)) == "ping" {
-			c.push(compatTextPong)
-			continue
+		onOwnStack(func() { c.frame(data) })
+	}
+}
+
+// frame answers one client text frame.
+func (c *compatConn) frame(data []byte) {
+	if string(bytes.TrimSpace(data)) == "ping" {
+		c.push(compatTextPong)
+		return
+	}
+	var f compatClientFrame
+	if json.Unmarshal(data, &f) != nil {
+		return
+	}
+	switch f.Type {
+	case "ping":
+		c.push(compatPong)
+	case "heartbeat":
+		c.push(compatHeartbeatAck)
+	case "reconnect":
+		id := f.MessageID
+		if id == "" {
+			id = f.MessageIDSnake
 		}
-		var f compatClientFrame
-		if json.Unmarshal(data, &f) != nil {
-			continue
-		}
-		switch f.Type {
-		case "ping":
-			c.push(compatPong)
-		case "heartbeat":
-			c.push(compatHeartbeatAck)
-		case "reconnect":
-			id := f.MessageID
-			if id == "" {
-				id = f.MessageIDSnake
-			}
-			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
-			c.reconnect(ctx, id, chunkIndex(f.LastChunkIndex))
-			cancel()
-		}
+		ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
+		c.reconnect(ctx, id, chunkIndex(f.LastChunkIndex))
+		cancel()
 	}
 }
 
@@ -414,33 +399,25 @@ func (c *compatConn) join(ctx context.Context) error {
 
 // run serves the connection until it ends, then releases everything.
 func (c *compatConn) run() {
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		c.writeLoop()
-	}()
-	if c.s.cfg.PingInterval > 0 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c.pingLoop()
-		}()
-	}
+	var writers sync.WaitGroup
+	c.q.spawn, c.q.writers = c.drain, &writers
+	c.s.keepAlive(c.ctx, c.ws, c.closeWith)
 	c.push(protocol.Encode(compatWelcome{Type: "welcome", SessionID: c.conv, Timestamp: protocol.FormatTime(c.s.now())}))
-	ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
-	err := c.join(ctx)
-	cancel()
-	if err != nil {
-		if c.ctx.Err() == nil {
-			c.log.Error("compat join", "err", err)
+	onOwnStack(func() {
+		ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
+		err := c.join(ctx)
+		cancel()
+		if err != nil {
+			if c.ctx.Err() == nil {
+				c.log.Error("compat join", "err", err)
+			}
+			c.closeWith(websocket.StatusInternalError, "cannot load the session")
 		}
-		c.closeWith(websocket.StatusInternalError, "cannot load the session")
-	}
+	})
 	c.readLoop()
 	c.cancel()
 	c.q.close()
-	wg.Wait()
+	writers.Wait()
 	if c.view != nil {
 		c.s.hub.remove(c.conv, c.view)
 		c.view.close()

@@ -178,17 +178,9 @@ func (c *conn) readLoop() {
 			}
 			return
 		}
-		// Decode and handle the frame on a goroutine of its own, and wait
-		// for it: frames stay in order, and the JSON decoding and the store
-		// and bus calls a join makes, which run deep, grow that goroutine's
-		// stack instead of this one, which stays small for as long as the
-		// connection idles.
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			c.frame(typ, data)
-		}()
-		<-done
+		// Frames stay in order; the JSON decoding and the store and bus
+		// calls a join makes run deep, on a stack that is then let go.
+		onOwnStack(func() { c.frame(typ, data) })
 	}
 }
 
@@ -331,9 +323,7 @@ func (c *conn) leave(conv string) {
 func (c *conn) run() {
 	var writers sync.WaitGroup
 	c.q.spawn, c.q.writers = c.drain, &writers
-	if c.s.cfg.PingInterval > 0 {
-		c.schedulePing()
-	}
+	c.s.keepAlive(c.ctx, c.ws, c.closeWith)
 	c.readLoop()
 	c.cancel()
 	c.q.close()
@@ -348,26 +338,4 @@ func (c *conn) run() {
 	}
 	c.wg.Wait()
 	_ = c.ws.CloseNow()
-}
-
-// schedulePing pings the peer after PingInterval, from a timer rather than
-// a goroutine of its own; a peer that does not answer within IdleTimeout is
-// disconnected, so dead connections are reaped.
-func (c *conn) schedulePing() {
-	time.AfterFunc(c.s.cfg.PingInterval, func() {
-		if c.ctx.Err() != nil {
-			return
-		}
-		ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.IdleTimeout)
-		err := c.ws.Ping(ctx)
-		cancel()
-		if err != nil {
-			if c.ctx.Err() == nil {
-				c.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
-				c.closeWith(websocket.StatusGoingAway, "idle timeout")
-			}
-			return
-		}
-		c.schedulePing()
-	})
 }

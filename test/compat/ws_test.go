@@ -2,6 +2,7 @@ package compat_test
 
 import (
 	"context"
+	"fmt"
 	"net/url"
 	"strings"
 	"sync"
@@ -461,4 +462,21 @@ func TestManySockets(t *testing.T) {
 			t.Fatalf("socket %d ended with %q, stored %q", i, f, stored)
 		}
 	}
+}
+
+// An idle socket costs the server one goroutine, its read loop: the writer
+// runs only while frames are queued, pings come from a timer, and the join
+// runs on a goroutine that ends with it.
+func TestIdleSocketHoldsOneGoroutine(t *testing.T) {
+	t.Parallel()
+	p := serve(t)
+	before := trtest.Metric(t, p.URL, "go_goroutines", "")
+	const n = 20
+	for i := range n {
+		c := page(t, p, fmt.Sprintf("idle-%d", i), "demo_user")
+		pingPong(t, c) // the join is over and every frame so far written
+	}
+	// A writer returns once it finds the queue empty, a moment after its
+	// last frame reached the client.
+	trtest.WaitMetric(t, p.URL, "go_goroutines", "", wait, func(v float64) bool { return v-before <= n })
 }
