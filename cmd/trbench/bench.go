@@ -33,9 +33,10 @@ type bench struct {
 	errs                   errorCounts
 
 	mu         sync.Mutex
-	violations []string // the first few violations in detail; guarded by mu
-	conns      []*conn  // every connection of the run, for the totals; guarded by mu
-	next       int      // guarded by mu
+	violations []string      // the first few violations in detail; guarded by mu
+	conns      []*conn       // every connection of the run, for the totals; guarded by mu
+	compat     []*compatConn // legacy-protocol connections (idle compat=1); guarded by mu
+	next       int           // guarded by mu
 }
 
 func newBench(cfg *config, d *dialer, runID string) *bench {
@@ -134,9 +135,11 @@ func (b *bench) openTurns() int64 {
 }
 
 // closeAll closes every connection and waits for the readers; a resume
-// in flight may add one, so it goes round until none is left.
+// in flight may add one, so it goes round until none is left. Legacy
+// connections are closed with a close handshake, native ones dropped.
 func (b *bench) closeAll() {
 	b.stopping.Store(true)
+	b.closeCompat()
 	done := 0
 	for {
 		b.mu.Lock()
@@ -231,6 +234,7 @@ type streamParams struct {
 	StormPct   float64       `json:"storm_pct"`           // % of non-sender watchers dropped per storm
 	StormEvery time.Duration `json:"storm_every_ns"`      // storm period
 	ProbeRate  float64       `json:"resume_probes_per_s"` // resume probes per second
+	Protocol   string        `json:"protocol,omitempty"`  // idle: "compat" for the legacy /ws/chat protocol; empty: native
 }
 
 func (p streamParams) turnDur() time.Duration {

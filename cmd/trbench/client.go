@@ -78,10 +78,16 @@ func newDialer(wsURL, token string, srcIPs int) (*dialer, error) {
 
 // dial opens one connection; the caller owns it.
 func (d *dialer) dial(ctx context.Context) (*websocket.Conn, error) {
+	return d.dialURL(ctx, d.url)
+}
+
+// dialURL opens one connection to u (another path of the same server,
+// e.g. the legacy socket) with the dialer's clients; the caller owns it.
+func (d *dialer) dialURL(ctx context.Context, u string) (*websocket.Conn, error) {
 	hc := d.clients[d.next.Add(1)%uint64(len(d.clients))]
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	ws, resp, err := websocket.Dial(ctx, d.url, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: d.header})
+	ws, resp, err := websocket.Dial(ctx, u, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: d.header})
 	if resp != nil && resp.Body != nil && err != nil {
 		resp.Body.Close()
 	}

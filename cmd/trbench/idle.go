@@ -12,15 +12,26 @@ import (
 // runIdle opens n connections, each joined to its own new conversation,
 // holds them for hold, and reports the server's memory per connection:
 // (RSS with n joined − RSS before) / n, and its CPU while they idle.
-func runIdle(ctx context.Context, e *env, n int, hold time.Duration) (*Result, error) {
+// With compat the connections speak the legacy protocol (COMPAT.md): each
+// opens /ws/chat on its own new session as user dev and gets its welcome.
+func runIdle(ctx context.Context, e *env, n int, hold time.Duration, compat bool) (*Result, error) {
 	b := newBench(e.cfg, e.d, e.nextRunID())
 	r := &Result{Scenario: "idle", Label: e.cfg.Label, Started: time.Now()}
 	r.Params.Watchers = 1
+	proto := "native"
+	if compat {
+		if _, err := compatURL(e.cfg.URL, "", compatUser, compatToken); err != nil {
+			return nil, fmt.Errorf("idle compat: %w", err)
+		}
+		r.Params.Protocol = "compat"
+		proto = "compat"
+		r.Notes = append(r.Notes, "legacy /ws/chat protocol: join→1st frame is from the dial's end to the welcome frame")
+	}
 	base := e.server.settledRSS(ctx, 5)
 	r.ServerRSSBase = base.RSS
 	rt0 := e.server.scrape(ctx)
 
-	e.logf("idle: opening %d connections", n)
+	e.logf("idle: opening %d %s connections", n, proto)
 	b.recording.Store(true)
 	t0 := time.Now()
 	sem := make(chan struct{}, e.cfg.DialConcurrency)
@@ -35,11 +46,22 @@ func runIdle(ctx context.Context, e *env, n int, hold time.Duration) (*Result, e
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			c, err := b.connect(ctx, connOpts{})
-			if err == nil {
-				if _, err = c.join(ctx, fmt.Sprintf("i-%s-%d", b.runID, i), nil, zeroHistory); err != nil {
-					b.count("join: " + shortErr(err))
-					c.close()
+			var err error
+			if compat {
+				session := fmt.Sprintf("ic-%s-%d", b.runID, i)
+				var u string
+				if u, err = compatURL(e.cfg.URL, session, compatUser, compatToken); err != nil {
+					b.count("compat url: " + shortErr(err))
+				} else {
+					_, err = b.connectCompat(ctx, u, session)
+				}
+			} else {
+				var c *conn
+				if c, err = b.connect(ctx, connOpts{}); err == nil {
+					if _, err = c.join(ctx, fmt.Sprintf("i-%s-%d", b.runID, i), nil, zeroHistory); err != nil {
+						b.count("join: " + shortErr(err))
+						c.close()
+					}
 				}
 			}
 			if err != nil {

@@ -54,8 +54,9 @@ type config struct {
 	SelfProfile     string
 	PprofOut        string
 
-	IdleConns int
-	IdleHold  time.Duration
+	IdleConns  int
+	IdleHold   time.Duration
+	IdleCompat bool
 
 	Turns      int
 	Rate       float64
@@ -84,6 +85,7 @@ func (s *specList) Set(v string) error { *s = append(*s, v); return nil }
 func bindScenarioFlags(fs *flag.FlagSet, c *config) {
 	fs.IntVar(&c.IdleConns, "conns", c.IdleConns, "idle: connections, each joined to its own conversation")
 	fs.DurationVar(&c.IdleHold, "hold", c.IdleHold, "idle: how long the connections stay open after joining (CPU is measured over it)")
+	fs.BoolVar(&c.IdleCompat, "compat", c.IdleCompat, "idle: connect with the legacy /ws/chat protocol (COMPAT.md) instead, each to its own session, and wait for welcome")
 	fs.IntVar(&c.Turns, "turns", c.Turns, "concurrent turns: conversations, each running one turn after another")
 	fs.Float64Var(&c.Rate, "rate", c.Rate, "tokens per second per turn ([sim rate=R])")
 	fs.IntVar(&c.Tokens, "tokens", c.Tokens, "tokens per turn (0: rate × 5 s, at least 20)")
@@ -107,6 +109,7 @@ const usage = `trbench drives a running tokenrelay with LLM-shaped load.
 
 Scenarios (--scenarios a,b or repeated -s "name flag=value ..."):
   idle       --conns N idle connections, each joined to its own conversation
+             (--compat: on the legacy /ws/chat protocol, each welcomed to its own session)
   stream     --turns M conversations × --watchers W, one turn at a time at --rate tok/s
   cancel     stream, cancelling --cancel-frac of turns at a random point
   reconnect  stream, dropping --storm-pct % of watchers every --storm-every; they resume
@@ -297,7 +300,7 @@ func runOne(ctx context.Context, e *env, c *config) (*Result, error) {
 	p := streamParams{Turns: c.Turns, Rate: c.Rate, Tokens: c.Tokens, Watchers: c.Watchers, Warmup: c.Warmup, Duration: c.Duration}
 	switch c.Scenarios {
 	case "idle":
-		return runIdle(ctx, e, c.IdleConns, c.IdleHold)
+		return runIdle(ctx, e, c.IdleConns, c.IdleHold, c.IdleCompat)
 	case "stream":
 		return runStream(ctx, e, "stream", p)
 	case "cancel":

@@ -118,7 +118,11 @@ func (r *Result) print(w io.Writer) {
 	if r.Scenario != "idle" && p.Turns > 0 {
 		row("load", "%d conversations × %d watcher(s), %g tok/s per turn, %d tokens/turn, window %.0fs", p.Turns, p.Watchers, p.Rate, p.Tokens, r.WindowS)
 	}
-	row("connections", "%d (failed %d, setup %.1fs)", r.Conns, r.ConnFailures, r.SetupS)
+	proto := ""
+	if p.Protocol != "" {
+		proto = " " + p.Protocol
+	}
+	row("connections", "%d%s (failed %d, setup %.1fs)", r.Conns, proto, r.ConnFailures, r.SetupS)
 	if r.TurnsSent > 0 {
 		row("turns", "%d sent, %.0f active on average; offered %.0f tok/s", r.TurnsSent, r.AvgActive, r.OfferedTokS)
 		row("delivered", "%.0f deltas/s in %.0f delta frames/s, %.0f tokens/s (%.2f tok/delta), %.0f frames/s, %s/s; keep-up %.1f%%",
@@ -218,7 +222,11 @@ func (r *Result) historyRow(date, commit string) string {
 	p := r.Params
 	switch r.Scenario {
 	case "idle":
-		f = append(f, fmt.Sprintf("%d conns, %s/conn", r.Conns, kib(r.RSSPerConn)))
+		proto := ""
+		if p.Protocol != "" {
+			proto = p.Protocol + " "
+		}
+		f = append(f, fmt.Sprintf("%d %sconns, %s/conn", r.Conns, proto, kib(r.RSSPerConn)))
 	case "ramp":
 		if r.Best != nil {
 			f = append(f, fmt.Sprintf("best %d×%g tok/s ×%dw: %.0f tok/s p99 %.1f ms", r.Best.Turns, p.Rate, p.Watchers, r.Best.TokensS, r.Best.P99MS))
