@@ -48,17 +48,17 @@ func (l *Local) detach(r *Router) {
 }
 
 // deliver hands one live event to the router's callback, which must not
-// block (see NewRouter).
+// block (see NewRouter). The read lock is held meanwhile, so once the
+// router's Close has detached it no callback is running or will run.
 func (l *Local) deliver(e *Event) {
 	l.mu.RLock()
-	r := l.router
-	l.mu.RUnlock()
-	if r == nil {
+	defer l.mu.RUnlock()
+	if l.router == nil {
 		return
 	}
 	live := *e
 	live.StreamSeq = 0 // as a live NATS delivery has none
-	r.fn(live)
+	l.router.fn(live)
 }
 
 // announce makes a stored event live: through the Local when there is one
