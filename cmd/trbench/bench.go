@@ -149,20 +149,25 @@ func (b *bench) closeAll() {
 			return
 		}
 		done += len(conns)
-		sem := make(chan struct{}, 64)
-		var wg sync.WaitGroup
-		for _, c := range conns {
-			sem <- struct{}{}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				c.close()
-				<-sem
-			}()
-		}
-		wg.Wait()
+		closeEach(conns)
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// closeEach closes conns, 64 at a time.
+func closeEach[C interface{ close() }](conns []C) {
+	sem := make(chan struct{}, 64)
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.close()
+			<-sem
+		}()
+	}
+	wg.Wait()
 }
 
 // convState is one conversation of a stream scenario and the driver that

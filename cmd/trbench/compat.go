@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/url"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -132,16 +131,5 @@ func (b *bench) closeCompat() {
 	conns := b.compat
 	b.compat = nil
 	b.mu.Unlock()
-	sem := make(chan struct{}, 64)
-	var wg sync.WaitGroup
-	for _, c := range conns {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c.close()
-			<-sem
-		}()
-	}
-	wg.Wait()
+	closeEach(conns)
 }

@@ -45,6 +45,14 @@ const until = async (fn, what) => {
 
 const userMsg = (id, turn, content = 'hi') => ({ message_id: id, conversation_id: 'c1', role: 'user', content, status: 'complete', created_at: '2026-01-01T00:00:00.000Z', turn_id: turn });
 
+// answerFromElsewhere delivers a question and the start of its answer, as
+// another tab's send shows them: user message m9, turn t9, first delta text.
+function answerFromElsewhere(ws, question, text) {
+  ws.receive({ type: 'message', conversation_id: 'c1', message: userMsg('m9', 't9', question) });
+  ws.receive({ type: 'turn.start', conversation_id: 'c1', turn_id: 't9', reply_to: 'm9', model: 'sim' });
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't9', seq: 1, text });
+}
+
 async function joined(c, { messages = [], active = null } = {}) {
   c.connect();
   await until(() => FakeWS.all.length === 1, 'a connection');
@@ -158,9 +166,7 @@ test('a refused send takes its optimistic message away and reports the code', as
 test('a send refused while an answer runs leaves that answer active, so Stop still reaches it', async (t) => {
   const c = newClient(t);
   const ws = await joined(c);
-  ws.receive({ type: 'message', conversation_id: 'c1', message: userMsg('m9', 't9', 'a long one') });
-  ws.receive({ type: 'turn.start', conversation_id: 'c1', turn_id: 't9', reply_to: 'm9', model: 'sim' });
-  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't9', seq: 1, text: 'so' });
+  answerFromElsewhere(ws, 'a long one', 'so');
   const { ack } = c.send('c1', 'too eager');
   const s = ws.frames('send')[0];
   ws.receive({ type: 'error', id: s.id, code: 'turn_active', message: 'an answer is still being written' });
@@ -173,9 +179,7 @@ test('a send refused while an answer runs leaves that answer active, so Stop sti
 test('another tab\'s question and answer arrive as events', async (t) => {
   const c = newClient(t);
   const ws = await joined(c);
-  ws.receive({ type: 'message', conversation_id: 'c1', message: userMsg('m9', 't9', 'from elsewhere') });
-  ws.receive({ type: 'turn.start', conversation_id: 'c1', turn_id: 't9', reply_to: 'm9', model: 'sim' });
-  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't9', seq: 1, text: 'ok' });
+  answerFromElsewhere(ws, 'from elsewhere', 'ok');
   const conv = c.conversation('c1');
   assert.deepEqual(conv.items.map((i) => [i.role, i.content]), [['user', 'from elsewhere'], ['assistant', 'ok']]);
   assert.equal(conv.active, 't9');
