@@ -72,6 +72,7 @@ type compatTurn struct {
 	seq    int64       // last delta seq given
 	frame  []byte      // newest frame, written at the marker; nil when none
 	staged bool        // a marker of this turn is queued
+	from   int64       // while staged: the bytes the client had when it was queued
 }
 
 var _ sink = (*compatConn)(nil)
@@ -97,8 +98,14 @@ func (c *compatConn) delta(_, turn string, _, seq int64, off int64, text string,
 		c.fail(err)
 		return
 	}
+	if ct.staged && ct.from < off {
+		// The frame this one replaces was never written: its chunk goes on
+		// in this one, so chunk is all the client has not been given (after
+		// a reload, the first frame's chunk is still the whole text).
+		frame = ct.st.streamFrame(ct.from, n, c.nowMS())
+	}
 	ct.n, ct.seq = n, seq
-	c.stageLocked(ct, frame)
+	c.stageLocked(ct, frame, off)
 }
 
 func (c *compatConn) end(_, turn string, _ int64, status chat.TurnStatus, _ string, _ *chat.Usage) {
@@ -110,7 +117,7 @@ func (c *compatConn) end(_, turn string, _ int64, status chat.TurnStatus, _ stri
 	ct := c.turnLocked(turn)
 	// The final frame supersedes any streaming frame not yet written, and
 	// takes its place in the queue.
-	c.stageLocked(ct, ct.st.finalFrame(ct.n, status, c.nowMS()))
+	c.stageLocked(ct, ct.st.finalFrame(ct.n, status, c.nowMS()), ct.n)
 	delete(c.turns, turn)
 	c.cp.release(ct.st)
 }
@@ -131,12 +138,15 @@ func (c *compatConn) turnLocked(turn string) *compatTurn {
 }
 
 // stageLocked makes frame the turn's newest streaming frame, queueing a
-// marker for it unless one is queued already.
-func (c *compatConn) stageLocked(ct *compatTurn, frame []byte) {
+// marker for it unless one is queued already; from is the bytes of text
+// the client has before frame.
+func (c *compatConn) stageLocked(ct *compatTurn, frame []byte, from int64) {
 	ct.frame = frame
 	if ct.staged {
+		ct.from = min(ct.from, from)
 		return
 	}
+	ct.from = from
 	if !c.q.push(compatMarker) {
 		c.s.m.slowCloses.Inc()
 		return
@@ -349,7 +359,7 @@ func (c *compatConn) recoverLive(turn string, answer func(string, int64)) bool {
 		return false
 	}
 	if ct.n > 0 {
-		c.stageLocked(ct, ct.st.streamFrame(0, ct.n, c.nowMS()))
+		c.stageLocked(ct, ct.st.streamFrame(0, ct.n, c.nowMS()), 0)
 	}
 	answer("recovered", ct.seq)
 	return true
@@ -385,7 +395,7 @@ func (c *compatConn) join(ctx context.Context) error {
 		ct.st.seed(a.Text)
 		ct.n, ct.seq = int64(len(a.Text)), a.Seq
 		if ct.n > 0 {
-			c.stageLocked(ct, ct.st.streamFrame(0, ct.n, c.nowMS()))
+			c.stageLocked(ct, ct.st.streamFrame(0, ct.n, c.nowMS()), 0)
 		}
 		c.mu.Unlock()
 	}

@@ -185,20 +185,30 @@ func written(c *compatConn) []string {
 
 func content(t *testing.T, frame string) (string, bool) {
 	t.Helper()
+	s, _, done := contentAndChunk(t, frame)
+	return s, done
+}
+
+func contentAndChunk(t *testing.T, frame string) (content, chunk string, complete bool) {
+	t.Helper()
 	var msg struct {
 		Type string
 		Data struct {
 			Content    *string
+			Chunk      *string
 			IsComplete bool `json:"is_complete"`
 		}
 	}
 	if err := json.Unmarshal([]byte(frame), &msg); err != nil || msg.Type != "message" {
 		t.Fatalf("not a message frame: %s", frame)
 	}
-	if msg.Data.Content == nil {
-		return "", msg.Data.IsComplete
+	if msg.Data.Content != nil {
+		content = *msg.Data.Content
 	}
-	return *msg.Data.Content, msg.Data.IsComplete
+	if msg.Data.Chunk != nil {
+		chunk = *msg.Data.Chunk
+	}
+	return content, chunk, msg.Data.IsComplete
 }
 
 func TestCompatConnWritesNewestText(t *testing.T) {
@@ -220,8 +230,10 @@ func TestCompatConnWritesNewestText(t *testing.T) {
 	if len(got) != 1 {
 		t.Fatalf("wrote %d frames, want the newest only", len(got))
 	}
-	if s, done := content(t, got[0]); s != text || done {
-		t.Errorf("wrote content %q complete=%v", s, done)
+	// The frames it skipped were never written: the chunk carries all the
+	// client lacks, as the first frame after a reload must.
+	if s, ch, done := contentAndChunk(t, got[0]); s != text || ch != text || done {
+		t.Errorf("wrote content %q chunk %q complete=%v", s, ch, done)
 	}
 
 	// A delta, a pong, another delta: the marker stays in the first place
@@ -233,8 +245,8 @@ func TestCompatConnWritesNewestText(t *testing.T) {
 	if len(got) != 2 || got[1] != string(compatPong) {
 		t.Fatalf("wrote %q", got)
 	}
-	if s, _ := content(t, got[0]); s != text+"xy" {
-		t.Errorf("wrote %q", s)
+	if s, ch, _ := contentAndChunk(t, got[0]); s != text+"xy" || ch != "xy" {
+		t.Errorf("wrote %q, chunk %q", s, ch)
 	}
 	c.delta("s", "t1", 1003, 1003, int64(len(text))+2, "z", 0)
 	c.end("s", "t1", 1003, chat.StatusCancelled, "", nil)
