@@ -82,6 +82,9 @@ func (r *Router) Barrier(ctx context.Context) error {
 func (b *Bus) NewRouter(shards, buffer int, fn func(Event)) *Router {
 	r := &Router{b: b, fn: fn, seed: maphash.MakeSeed(), shards: make([]chan *nats.Msg, shards), done: make(chan struct{}),
 		barriers: make(map[*nats.Msg]chan struct{})}
+	if b.cfg.Local != nil {
+		buffer = 1 // events do not pass through the shards, only Barrier's markers
+	}
 	for i := range r.shards {
 		ch := make(chan *nats.Msg, buffer)
 		r.shards[i] = ch

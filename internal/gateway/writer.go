@@ -20,10 +20,9 @@ type outQueue struct {
 	closed   bool              // guarded by mu
 	overflow bool              // closed for passing limit; guarded by mu
 	merged   int               // merges since the last take; guarded by mu
-	notify   chan struct{}     // capacity 1: "items is not empty" or "closed"
-	// spawn, when set, is started in a new goroutine whenever items arrive
-	// and no writer is running, instead of notifying a long-lived writer:
-	// an idle connection then costs no writer goroutine.
+	// spawn, the connection's writer, is started in a new goroutine
+	// whenever items arrive and no writer is running: an idle connection
+	// costs no writer goroutine. Until it is set, items only wait.
 	spawn   func()
 	writing bool            // a spawned writer runs; guarded by mu
 	writers *sync.WaitGroup // counts spawned writers
@@ -45,26 +44,20 @@ type delta struct {
 const deltaOverhead = 96 // bytes of a delta frame besides its text
 
 func newOutQueue(limit int) *outQueue {
-	return &outQueue{limit: limit, notify: make(chan struct{}, 1), pending: make(map[string]*delta)}
+	return &outQueue{limit: limit, pending: make(map[string]*delta)}
 }
 
-// signal wakes the writer; called with mu held.
+// signal starts the writer unless one runs; called with mu held.
 func (q *outQueue) signal() {
-	if q.spawn != nil {
-		if !q.writing {
-			q.writing = true
-			q.writers.Add(1)
-			go func() {
-				defer q.writers.Done()
-				q.spawn()
-			}()
-		}
+	if q.spawn == nil || q.writing {
 		return
 	}
-	select {
-	case q.notify <- struct{}{}:
-	default:
-	}
+	q.writing = true
+	q.writers.Add(1)
+	go func() {
+		defer q.writers.Done()
+		q.spawn()
+	}()
 }
 
 // next is take for a spawned writer: when nothing is queued (or the queue
