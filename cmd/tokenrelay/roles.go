@@ -154,7 +154,7 @@ func openBackends(ctx context.Context, c *config, name string, log *slog.Logger)
 		st.Close()
 		return nil, nil, nil, err
 	}
-	b, err := openBus(ctx, c, nc, nil)
+	b, err := openBus(ctx, c, nc, nil, nil)
 	if err != nil {
 		nc.Close()
 		st.Close()

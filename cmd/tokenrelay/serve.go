@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -71,16 +72,27 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	defer wkNC.Close()
 	// With no other process able to reach the embedded server, the
 	// gateway is the only live subscriber: the worker hands it live
-	// events in-process (bus.Local) instead of through NATS.
+	// events in-process (bus.Local) instead of through NATS, and its
+	// deltas are live once in the delta journal, before the stream stores
+	// them (see startJournal).
 	var local *bus.Local
 	if c.NATSURL == "" && c.NATSListen == "" {
 		local = bus.NewLocal()
 	}
-	gwBus, err := openBus(ctx, &c, gwNC, local)
+	gwBus, err := openBus(ctx, &c, gwNC, local, nil)
 	if err != nil {
 		return err
 	}
-	wkBus, err := openBus(ctx, &c, wkNC, local)
+	journal, err := startJournal(ctx, &c, local, gwBus, log)
+	if err != nil {
+		return err
+	}
+	if journal != nil {
+		// Deferred after the worker's connection is, so closed before
+		// it, once the worker has stopped (below).
+		defer journal.Close()
+	}
+	wkBus, err := openBus(ctx, &c, wkNC, local, journal)
 	if err != nil {
 		return err
 	}
@@ -143,4 +155,34 @@ func connect(c *config, emb *bus.Embedded, name string, log *slog.Logger) (*nats
 		return emb.Connect(name)
 	}
 	return connectNATS(c, name, log)
+}
+
+// startJournal opens serve's delta journal (see bus.Journal) when live
+// events stay in the process, first storing in the stream, through b, the
+// deltas the previous run journaled and announced but had not stored when
+// it died: recovery, which comes next, reads them there. Where the journal
+// is not supported, deltas are announced once stored, as without a Local.
+func startJournal(ctx context.Context, c *config, local *bus.Local, b *bus.Bus, log *slog.Logger) (*bus.Journal, error) {
+	if local == nil {
+		return nil, nil
+	}
+	j, err := bus.OpenJournal(filepath.Join(c.DataDir, "journal"), log)
+	if err != nil {
+		return nil, err
+	}
+	n, err := j.Replay(ctx, b)
+	if err != nil {
+		return nil, err
+	}
+	if n > 0 {
+		log.Info("stored the previous run's journaled deltas", "deltas", n)
+	}
+	if err := j.Start(); err != nil {
+		if errors.Is(err, errors.ErrUnsupported) {
+			log.Info("no delta journal on this system: deltas are announced once stored")
+			return nil, nil
+		}
+		return nil, err
+	}
+	return j, nil
 }

@@ -106,9 +106,10 @@ func connectNATS(c *config, name string, log *slog.Logger) (*nats.Conn, error) {
 }
 
 // openBus opens the bus on nc; local, when not nil, carries live events
-// inside the process (see bus.Local).
-func openBus(ctx context.Context, c *config, nc *nats.Conn, local *bus.Local) (*bus.Bus, error) {
-	return bus.Open(ctx, nc, bus.Config{Replicas: c.Replicas, Retention: c.Retention, AckWait: c.AckWait, Local: local})
+// inside the process (see bus.Local), and journal, when not nil, makes the
+// deltas published through it live once journaled (see bus.Journal).
+func openBus(ctx context.Context, c *config, nc *nats.Conn, local *bus.Local, journal *bus.Journal) (*bus.Bus, error) {
+	return bus.Open(ctx, nc, bus.Config{Replicas: c.Replicas, Retention: c.Retention, AckWait: c.AckWait, Local: local, Journal: journal})
 }
 
 // newProvider builds the model provider and the model allow-list check.

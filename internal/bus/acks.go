@@ -41,10 +41,25 @@ type PendingDelta struct {
 	subj string // where it is stored
 	data []byte // ev encoded
 
+	a    *acks
 	sent time.Time
 	done chan struct{} // closed once sseq or err is set
 	sseq uint64
 	err  error
+
+	// Under a Journal: the segment holding the delta until the stream
+	// has stored it, and whether the journal announced it.
+	seg       *segment
+	announced bool
+}
+
+// settle records the stream's answer and wakes the publisher.
+func (p *PendingDelta) settle(sseq uint64, err error) {
+	p.sseq, p.err = sseq, err
+	if err == nil && p.a.b.cfg.Journal != nil {
+		p.a.b.cfg.Journal.stored(p)
+	}
+	close(p.done)
 }
 
 // errAckTimeout fails a delta whose acknowledgement did not come within
@@ -67,16 +82,27 @@ func newAcks(b *Bus) *acks {
 // localAckWait is acks.wait under a Local.
 const localAckWait = 10 * time.Second
 
-// publish sends data, e encoded, to the stream subject subj and tracks its
-// answer. The caller no longer changes e.
-func (a *acks) publish(e *Event, subj string, data []byte) (*PendingDelta, error) {
-	pd := &PendingDelta{Seq: e.Seq, ev: e, subj: subj, data: data, sent: time.Now(), done: make(chan struct{})}
+// newPending makes the PendingDelta of e, stored at subj as data. The
+// caller no longer changes e.
+func (a *acks) newPending(e *Event, subj string, data []byte) *PendingDelta {
+	return &PendingDelta{Seq: e.Seq, ev: e, subj: subj, data: data, a: a, done: make(chan struct{})}
+}
+
+// send publishes pd to the stream and tracks its answer; a failure to send
+// settles it.
+func (a *acks) send(pd *PendingDelta) {
+	if err := a.trySend(pd); err != nil {
+		pd.settle(0, err)
+	}
+}
+
+func (a *acks) trySend(pd *PendingDelta) error {
 	a.mu.Lock()
 	if a.sub == nil {
 		sub, err := a.nc.Subscribe(a.prefix+"*", a.answer)
 		if err != nil {
 			a.mu.Unlock()
-			return nil, fmt.Errorf("publish delta: subscribe to acknowledgements: %w", err)
+			return fmt.Errorf("publish delta: subscribe to acknowledgements: %w", err)
 		}
 		// Acknowledgements are tiny and must not be dropped.
 		_ = sub.SetPendingLimits(-1, -1)
@@ -84,6 +110,7 @@ func (a *acks) publish(e *Event, subj string, data []byte) (*PendingDelta, error
 	}
 	a.next++
 	id := a.next
+	pd.sent = time.Now()
 	a.pending[id] = pd
 	if a.sweep == nil {
 		a.sweep = time.AfterFunc(a.wait/4, a.expire)
@@ -91,17 +118,17 @@ func (a *acks) publish(e *Event, subj string, data []byte) (*PendingDelta, error
 	a.mu.Unlock()
 	var reply [64]byte
 	r := strconv.AppendUint(append(reply[:0], a.prefix...), id, 36)
-	if err := a.nc.PublishRequest(subj, string(r), data); err != nil {
+	if err := a.nc.PublishRequest(pd.subj, string(r), pd.data); err != nil {
 		a.mu.Lock()
 		delete(a.pending, id)
 		a.mu.Unlock()
-		return nil, fmt.Errorf("publish delta: %w", err)
+		return fmt.Errorf("publish delta: %w", err)
 	}
-	return pd, nil
+	return nil
 }
 
 // answer handles one acknowledgement: it settles the delta and, when the
-// stream stored it, announces it live.
+// stream stored it, announces it live unless the journal has already.
 func (a *acks) answer(m *nats.Msg) {
 	id, err := strconv.ParseUint(m.Subject[len(a.prefix):], 36, 64)
 	if err != nil {
@@ -114,14 +141,14 @@ func (a *acks) answer(m *nats.Msg) {
 	if pd == nil {
 		return // expired already
 	}
-	pd.sseq, pd.err = parseAck(m)
+	sseq, err := parseAck(m)
 	// Announce before settling: the publisher publishes the turn's end once
 	// every delta is settled, so the end is never announced ahead of the
 	// last delta.
-	if pd.err == nil {
+	if err == nil && !pd.announced {
 		_ = a.b.announce(pd.ev, pd.data)
 	}
-	close(pd.done)
+	pd.settle(sseq, err)
 }
 
 // expire fails the deltas that have waited a.wait for an answer
@@ -143,8 +170,7 @@ func (a *acks) expire() {
 	}
 	a.mu.Unlock()
 	for _, pd := range late {
-		pd.err = errAckTimeout
-		close(pd.done)
+		pd.settle(0, errAckTimeout)
 	}
 }
 

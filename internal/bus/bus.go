@@ -24,6 +24,11 @@ type Config struct {
 	AckWait time.Duration
 	// Local, when set, carries live events inside the process (see Local).
 	Local *Local
+	// Journal, when set (with Local only), makes deltas published through
+	// this Bus live once written to it, before the stream stores them (see
+	// Journal). The caller has started it and closes it after the Bus's
+	// last delta.
+	Journal *Journal
 }
 
 func (c *Config) defaults() {
@@ -55,6 +60,9 @@ type Bus struct {
 // tokenrelay needs, idempotently, and returns a Bus using them.
 func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	cfg.defaults()
+	if cfg.Journal != nil && cfg.Local == nil {
+		return nil, errors.New("open bus: a delta journal needs an in-process bus (Local)")
+	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, fmt.Errorf("open bus: %w", err)
@@ -208,7 +216,8 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 }
 
 // PublishDeltaAsync publishes a delta and returns at once; it is announced
-// live once the stream has acknowledged it (see acks). Deltas of one turn
+// live once the stream has acknowledged it (see acks), or under a Journal
+// once the journal has it, before the stream stores it. Deltas of one turn
 // published this way reach the stream in order; the caller checks each with
 // Result and, when one failed, republishes it and every later one in order
 // with Republish, so that the stream again holds the turn's deltas
@@ -218,7 +227,17 @@ func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
 	if err != nil {
 		return nil, fmt.Errorf("publish delta: %w", err)
 	}
-	return b.acks.publish(e, e.StoredSubject(), data)
+	pd := b.acks.newPending(e, e.StoredSubject(), data)
+	if b.cfg.Journal != nil {
+		if err := b.cfg.Journal.append(pd); err != nil {
+			return nil, err
+		}
+		return pd, nil
+	}
+	if err := b.acks.trySend(pd); err != nil {
+		return nil, err
+	}
+	return pd, nil
 }
 
 // Republish stores the delta again, synchronously, retrying as PublishEvent
@@ -227,6 +246,12 @@ func (b *Bus) Republish(ctx context.Context, p *PendingDelta) (uint64, error) {
 	ack, err := b.publish(ctx, p.subj, p.data, "")
 	if err != nil {
 		return 0, fmt.Errorf("republish delta: %w", err)
+	}
+	if b.cfg.Journal != nil {
+		b.cfg.Journal.stored(p)
+	}
+	if p.announced {
+		return ack.Sequence, nil
 	}
 	if err := b.announce(p.ev, p.data); err != nil {
 		return 0, fmt.Errorf("announce delta: %w", err)

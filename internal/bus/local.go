@@ -12,7 +12,8 @@ import (
 // With a Local, every Bus sharing it hands each live event to the Router
 // made on one of them instead of publishing it: the router's callback runs
 // on the announcing goroutine (for a delta, the one that took the stream's
-// acknowledgement), with the event the producer built, so a delta costs no
+// acknowledgement, or under a Journal the producer's), with the event the
+// producer built, so a delta costs no
 // NATS publish, no server-side routing, no parse on the way back, no hop
 // through a router shard and nothing is ever dropped. Starts and ends are
 // published on NATS as well, for SubscribeTurnEnd. The Router makes no
@@ -23,8 +24,9 @@ import (
 // Order is kept without a queue: a turn's start is announced before its
 // job is enqueued, so before any delta exists; its deltas are announced by
 // the one goroutine that takes the producer's acknowledgements, in
-// acknowledgement order; its end is published once every delta was
-// announced (see acks.answer).
+// acknowledgement order, or under a Journal by the producer, in its order;
+// its end is published once every delta was acknowledged, so announced
+// (see acks.answer).
 type Local struct {
 	mu     sync.RWMutex
 	router *Router // guarded by mu

@@ -96,6 +96,33 @@ func TestKill9MidTurn(t *testing.T) {
 	}
 }
 
+// TestKill9KeepsEveryDeltaSeen kills serve while a turn streams as fast as
+// the simulator can: deltas are then announced from the delta journal
+// before the stream has stored them, so the client has seen some the
+// stream lacks when the process dies. The restart stores them from the
+// journal before ending the turn, and the saved text extends everything the
+// client saw.
+func TestKill9KeepsEveryDeltaSeen(t *testing.T) {
+	p := trtest.Serve(t, "--log-level", "info")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("journal", nil)
+	tr := startTurn(t, c, "journal", "fast [sim tokens=1000000 rate=0]", 3000)
+	p.Kill()
+	q := p.Restart(t)
+	m := storedTurn(t, q.URL, "journal", tr.ID)
+	if m.Status != "interrupted" {
+		t.Fatalf("after kill -9 the turn is %s, want interrupted", m.Status)
+	}
+	if !strings.HasPrefix(m.Content, tr.Text.String()) {
+		t.Fatalf("saved text (%d bytes) does not extend the %d bytes the client saw", len(m.Content), tr.Text.Len())
+	}
+	for _, l := range strings.Split(q.Stderr(), "\n") {
+		if strings.Contains(l, "journaled deltas") {
+			t.Log(l)
+		}
+	}
+}
+
 // TestSlowReaderDoesNotDelayOthers stops reading one socket while another
 // reads the same conversation.
 func TestSlowReaderDoesNotDelayOthers(t *testing.T) {

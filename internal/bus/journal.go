@@ -1,0 +1,357 @@
+package bus
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+)
+
+// Journal is serve's write-ahead log of deltas. Under a Local, a delta that
+// must wait for the events stream's acknowledgement before it may be
+// announced waits for the store loop of the embedded JetStream, which is
+// where the tail of token-to-screen latency was. With a Journal the
+// producer's deltas are instead appended to a local file, announced once
+// written, and then stored in the stream as before. A delta a client has seen is thus always in the journal
+// or the stream: a write that returned survives the process being killed,
+// as the stream's own in-place writes do (neither syncs to disk on every
+// message).
+//
+// The journal is read only when serve starts: Replay stores in the stream
+// whatever deltas of the journal the stream lacks (the ones that were
+// written but not yet acknowledged when the previous run died), before
+// recovery ends that run's turns. While running, a segment file is removed
+// once it is no longer written to and every delta in it is acknowledged.
+//
+// Only serve with its in-process bus uses one: with NATS between gateways
+// and workers, a delta announced before it is stored could be taken back by
+// the loss of the worker's node along with its journal.
+type Journal struct {
+	dir string
+	log *slog.Logger
+	// segmentBytes is how large a segment grows before the next one is
+	// started.
+	segmentBytes int64
+
+	mu     sync.RWMutex // writes take it shared, starting a segment exclusively
+	closed bool         // guarded by mu
+	cur    *segment     // guarded by mu
+	nextID uint64       // guarded by mu (and Replay before Start)
+}
+
+// segment is one journal file.
+type segment struct {
+	path string
+	mem  []byte       // the file, mapped; nil once sealed
+	next atomic.Int64 // where the next record goes (may pass len(mem))
+	// unacked counts the deltas written to it that the stream has not
+	// stored yet, plus one while it is the current segment.
+	unacked atomic.Int64
+	sealed  atomic.Bool // no longer written to
+}
+
+const (
+	journalSuffix       = ".journal"
+	journalSegmentBytes = 4 << 20
+	// A record is: payload length (uint32), CRC-32C of the payload
+	// (uint32), then the payload: the stored subject's length (uint16),
+	// the subject, the event as stored.
+	journalHeader = 8
+	journalAlign  = 8
+)
+
+var journalCRC = crc32.MakeTable(crc32.Castagnoli)
+
+// OpenJournal opens the journal in dir, creating dir if needed. Segments
+// left by an earlier run stay until Replay; Start begins a new one.
+func OpenJournal(dir string, log *slog.Logger) (*Journal, error) {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("open journal: %w", err)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	j := &Journal{dir: dir, log: log, segmentBytes: journalSegmentBytes}
+	old, err := j.segments()
+	if err != nil {
+		return nil, err
+	}
+	for _, id := range old {
+		j.nextID = max(j.nextID, id+1)
+	}
+	return j, nil
+}
+
+// segments lists the segment ids in dir, oldest first.
+func (j *Journal) segments() ([]uint64, error) {
+	ents, err := os.ReadDir(j.dir)
+	if err != nil {
+		return nil, fmt.Errorf("read journal: %w", err)
+	}
+	var ids []uint64
+	for _, e := range ents {
+		name, ok := strings.CutSuffix(e.Name(), journalSuffix)
+		if !ok {
+			continue
+		}
+		id, err := strconv.ParseUint(name, 10, 64)
+		if err != nil {
+			continue
+		}
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids, nil
+}
+
+func (j *Journal) segmentPath(id uint64) string {
+	return filepath.Join(j.dir, fmt.Sprintf("%016d%s", id, journalSuffix))
+}
+
+// Replay stores in the stream, through b, every delta of the journal's
+// segments that the stream does not hold, each turn's in order, and then
+// removes the segments. It returns how many deltas it stored. It runs before
+// Start, while nothing else publishes the turns it reads.
+func (j *Journal) Replay(ctx context.Context, b *Bus) (int, error) {
+	ids, err := j.segments()
+	if err != nil {
+		return 0, err
+	}
+	type turnLog struct {
+		first  Event // identifies the turn
+		deltas []Event
+	}
+	var order []string
+	turns := make(map[string]*turnLog)
+	for _, id := range ids {
+		err := readSegment(j.segmentPath(id), func(e Event) {
+			t := turns[e.TurnID]
+			if t == nil {
+				t = &turnLog{first: e}
+				turns[e.TurnID] = t
+				order = append(order, e.TurnID)
+			}
+			t.deltas = append(t.deltas, e)
+		})
+		if err != nil {
+			return 0, err
+		}
+	}
+	stored := 0
+	for _, id := range order {
+		t := turns[id]
+		// What the stream holds of the turn without a gap.
+		var have int64
+		err := b.ReadTurn(ctx, t.first.ConversationID, t.first.TurnID, 1, func(e Event) bool {
+			if e.Kind == KindDelta && e.Seq == have+1 {
+				have = e.Seq
+			}
+			return true
+		})
+		if err != nil {
+			return stored, fmt.Errorf("replay journal: read turn %s: %w", id, err)
+		}
+		for i := range t.deltas {
+			e := &t.deltas[i]
+			if e.Seq != have+1 {
+				continue // stored already, or a repeat
+			}
+			data, err := e.encode()
+			if err != nil {
+				return stored, fmt.Errorf("replay journal: %w", err)
+			}
+			if _, err := b.publish(ctx, e.StoredSubject(), data, ""); err != nil {
+				return stored, fmt.Errorf("replay journal: store delta %d of turn %s: %w", e.Seq, id, err)
+			}
+			have = e.Seq
+			stored++
+		}
+	}
+	for _, id := range ids {
+		if err := os.Remove(j.segmentPath(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return stored, fmt.Errorf("replay journal: %w", err)
+		}
+	}
+	return stored, nil
+}
+
+// readSegment calls fn with the deltas of one segment, in file order.
+// Records start at multiples of journalAlign. Producers write their
+// records side by side, so a run that died may have left one cut short (or
+// only reserved, all zeros) before others that are whole: such a record
+// was never announced, and the reader steps over it to the next whole one.
+func readSegment(path string, fn func(Event)) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read journal: %w", err)
+	}
+	for pos := 0; pos+journalHeader <= len(data); {
+		n := int(binary.LittleEndian.Uint32(data[pos:]))
+		sum := binary.LittleEndian.Uint32(data[pos+4:])
+		if n < 2 || len(data)-pos-journalHeader < n {
+			pos += journalAlign
+			continue
+		}
+		p := data[pos+journalHeader : pos+journalHeader+n]
+		if crc32.Checksum(p, journalCRC) != sum {
+			pos += journalAlign
+			continue
+		}
+		sl := int(binary.LittleEndian.Uint16(p))
+		if 2+sl <= len(p) {
+			if e, err := DecodeEvent(string(p[2:2+sl]), p[2+sl:]); err == nil && e.Kind == KindDelta {
+				fn(e)
+			}
+		}
+		pos += recordSize(n)
+	}
+	return nil
+}
+
+// recordSize is the space a record with an n-byte payload takes.
+func recordSize(n int) int {
+	return (journalHeader + n + journalAlign - 1) &^ (journalAlign - 1)
+}
+
+// putRecord writes the record of the event stored at subj as data into
+// dst, which is recordSize(2+len(subj)+len(data)) long. The checksum goes
+// last, so a record cut short by a crash never reads as whole.
+func putRecord(dst []byte, subj string, data []byte) {
+	n := 2 + len(subj) + len(data)
+	binary.LittleEndian.PutUint32(dst, uint32(n))
+	binary.LittleEndian.PutUint16(dst[journalHeader:], uint16(len(subj)))
+	copy(dst[journalHeader+2:], subj)
+	copy(dst[journalHeader+2+len(subj):], data)
+	binary.LittleEndian.PutUint32(dst[4:], crc32.Checksum(dst[journalHeader:journalHeader+n], journalCRC))
+}
+
+// Start opens a new segment; deltas may be appended from then on.
+func (j *Journal) Start() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.rotateLocked(j.segmentBytes)
+}
+
+// Close seals the segment once the writes in progress are done. Deltas
+// appended after Close fail.
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.closed {
+		return nil
+	}
+	j.closed = true
+	if j.cur != nil {
+		j.seal(j.cur)
+		j.cur = nil
+	}
+	return nil
+}
+
+// errJournalClosed fails a delta appended after Close.
+var errJournalClosed = errors.New("publish delta: journal closed")
+
+// append journals pd, then announces it and hands it to its acks for
+// storing in the stream. Every delta is written by its own producer, with
+// no system call: the segment is mapped into memory (MAP_SHARED), a record's
+// space is reserved with one atomic add, and the record is copied in. The
+// page cache holds it from then on, so it survives the process being
+// killed, as a write(2) would. Producers of different turns never wait for
+// each other, and a producer's deltas are written and announced in its
+// order. (Measured against the alternatives at 20k deltas/s: one write(2)
+// per delta cost 0.15 cores more; a writer grouping deltas made every
+// delta wait for it, which on a busy machine doubled the latency tail.)
+func (j *Journal) append(pd *PendingDelta) error {
+	size := recordSize(2 + len(pd.subj) + len(pd.data))
+	for {
+		j.mu.RLock()
+		if j.closed {
+			j.mu.RUnlock()
+			return errJournalClosed
+		}
+		seg := j.cur
+		end := seg.next.Add(int64(size))
+		if end <= int64(len(seg.mem)) {
+			seg.unacked.Add(1)
+			putRecord(seg.mem[end-int64(size):end], pd.subj, pd.data)
+			j.mu.RUnlock()
+			pd.seg = seg
+			pd.announced = true
+			_ = pd.a.b.announce(pd.ev, pd.data)
+			pd.a.send(pd)
+			return nil
+		}
+		j.mu.RUnlock()
+		// Full: the first producer to get here starts the next segment.
+		j.mu.Lock()
+		if !j.closed && j.cur == seg {
+			if err := j.rotateLocked(max(j.segmentBytes, int64(size))); err != nil {
+				j.mu.Unlock()
+				// Not journaled (the disk is full, say): the delta is
+				// stored and then announced, as without a journal.
+				j.log.Error("start delta journal segment", "err", err)
+				pd.a.send(pd)
+				return nil
+			}
+		}
+		j.mu.Unlock()
+	}
+}
+
+// rotateLocked seals the current segment and starts the next one, of size
+// bytes.
+func (j *Journal) rotateLocked(size int64) error {
+	path := j.segmentPath(j.nextID)
+	mem, err := mapSegment(path, int(size))
+	if err != nil {
+		return fmt.Errorf("journal: %w", err)
+	}
+	j.nextID++
+	old := j.cur
+	j.cur = &segment{path: path, mem: mem}
+	j.cur.unacked.Store(1)
+	if old != nil {
+		j.seal(old)
+	}
+	return nil
+}
+
+// seal unmaps s, whose records are all written (the caller holds mu
+// exclusively), and drops the reference it held as the current segment.
+func (j *Journal) seal(s *segment) {
+	if err := unmapSegment(s.mem); err != nil {
+		j.log.Warn("unmap delta journal segment", "path", s.path, "err", err)
+	}
+	s.mem = nil
+	s.sealed.Store(true)
+	j.release(s)
+}
+
+// stored notes that the stream holds pd: its segment may go.
+func (j *Journal) stored(pd *PendingDelta) {
+	if s := pd.seg; s != nil {
+		pd.seg = nil
+		j.release(s)
+	}
+}
+
+// release drops one reference to s, removing its file when it was the last
+// one of a sealed segment. The current segment holds one reference of its
+// own until it is sealed, so a segment goes once it is sealed and every
+// delta in it is stored.
+func (j *Journal) release(s *segment) {
+	if s.unacked.Add(-1) == 0 && s.sealed.Load() {
+		if err := os.Remove(s.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			j.log.Warn("remove delta journal segment", "path", s.path, "err", err)
+		}
+	}
+}

@@ -1,0 +1,252 @@
+package bus_test
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+)
+
+// journalSetup starts an embedded server that accepts no other process, as
+// serve's, and returns a function opening a bus on a new connection to it.
+func journalSetup(t *testing.T) func(local *bus.Local, j *bus.Journal) (*bus.Bus, *nats.Conn) {
+	t.Helper()
+	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emb.Shutdown)
+	return func(local *bus.Local, j *bus.Journal) (*bus.Bus, *nats.Conn) {
+		t.Helper()
+		nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		b, err := bus.Open(t.Context(), nc, bus.Config{AckWait: 2 * time.Second, Local: local, Journal: j})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, nc
+	}
+}
+
+func segmentFiles(t *testing.T, dir string) []string {
+	t.Helper()
+	m, err := filepath.Glob(filepath.Join(dir, "*.journal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func delta(seq int64) *bus.Event {
+	return &bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t", Seq: seq, Off: seq - 1, Text: "w"}
+}
+
+// A journaled delta is live before the stream has it: here the stream
+// never gets deltas 6..10 (the producer's connection is gone), yet the
+// gateway saw them. The next run's Replay stores them after the five the
+// stream holds, and a reader of the stream then finds the turn whole, once
+// each, in order. A record cut short at the end of a segment is ignored.
+func TestJournalReplayStoresWhatTheStreamLacks(t *testing.T) {
+	open := journalSetup(t)
+	dir := t.TempDir()
+	j, err := bus.OpenJournal(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(); err != nil {
+		t.Fatal(err)
+	}
+	local := bus.NewLocal()
+	producer, pnc := open(local, j)
+	gateway, _ := open(local, nil)
+	got := make(chan bus.Event, 64)
+	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })
+	defer r.Close()
+
+	if _, err := producer.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindStart, ConversationID: "c", TurnID: "t"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := int64(1); i <= 5; i++ {
+		pd, err := producer.PublishDeltaAsync(delta(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := pd.Result(t.Context(), true); err != nil {
+			t.Fatalf("delta %d: %v", i, err)
+		}
+	}
+	pnc.Close()
+	for i := int64(6); i <= 10; i++ {
+		pd, err := producer.PublishDeltaAsync(delta(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := pd.Result(t.Context(), true); err == nil {
+			t.Fatalf("delta %d stored over a closed connection", i)
+		}
+	}
+	if e := <-got; e.Kind != bus.KindStart {
+		t.Fatalf("first live event %+v, want the start", e)
+	}
+	for want := int64(1); want <= 10; want++ {
+		if e := <-got; e.Kind != bus.KindDelta || e.Seq != want {
+			t.Fatalf("live event %+v, want delta %d", e, want)
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	segs := segmentFiles(t, dir)
+	if len(segs) != 1 {
+		t.Fatalf("segments %v, want the one written", segs)
+	}
+	// A write cut short by the crash.
+	f, err := os.OpenFile(segs[0], os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write([]byte{40, 0, 0, 0, 1, 2, 3, 4, 5}); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	next, err := bus.OpenJournal(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := open(nil, nil)
+	n, err := next.Replay(t.Context(), b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 5 {
+		t.Fatalf("replay stored %d deltas, want 5", n)
+	}
+	var seqs []int64
+	if err := b.ReadTurn(t.Context(), "c", "t", 1, func(e bus.Event) bool {
+		if e.Kind == bus.KindDelta {
+			seqs = append(seqs, e.Seq)
+		}
+		return true
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(seqs) != 10 {
+		t.Fatalf("stream holds deltas %v, want 1..10", seqs)
+	}
+	for i, s := range seqs {
+		if s != int64(i+1) {
+			t.Fatalf("stream holds deltas %v, want 1..10", seqs)
+		}
+	}
+	if segs := segmentFiles(t, dir); len(segs) != 0 {
+		t.Fatalf("segments %v left after replay", segs)
+	}
+	// Replaying again stores nothing.
+	if n, err := next.Replay(t.Context(), b); err != nil || n != 0 {
+		t.Fatalf("second replay: %d, %v", n, err)
+	}
+}
+
+// Segments no longer written to go once the stream has every delta in
+// them; the one being written stays.
+func TestJournalRemovesStoredSegments(t *testing.T) {
+	open := journalSetup(t)
+	dir := t.TempDir()
+	j, err := bus.OpenJournal(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.SetSegmentBytes(300)
+	if err := j.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	local := bus.NewLocal()
+	producer, _ := open(local, j)
+	var pds []*bus.PendingDelta
+	for i := int64(1); i <= 100; i++ {
+		pd, err := producer.PublishDeltaAsync(delta(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		pds = append(pds, pd)
+	}
+	for _, pd := range pds {
+		if _, _, err := pd.Result(t.Context(), true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The last write may have started a new segment, or not.
+	if segs := segmentFiles(t, dir); len(segs) != 1 {
+		t.Fatalf("segments %v, want only the current one", segs)
+	}
+}
+
+// A journal belongs to serve's in-process bus only.
+func TestJournalNeedsLocal(t *testing.T) {
+	j, err := bus.OpenJournal(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := bus.Open(t.Context(), nil, bus.Config{Journal: j}); err == nil {
+		t.Fatal("a journal without a Local was accepted")
+	}
+}
+
+// When the journal cannot start a segment (its directory is gone, the disk
+// is full), deltas are stored and then announced, as without a journal:
+// none is lost or failed.
+func TestJournalFallsBackToTheStream(t *testing.T) {
+	open := journalSetup(t)
+	dir := t.TempDir()
+	j, err := bus.OpenJournal(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.SetSegmentBytes(300)
+	if err := j.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	local := bus.NewLocal()
+	producer, _ := open(local, j)
+	gateway, _ := open(local, nil)
+	got := make(chan bus.Event, 64)
+	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })
+	defer r.Close()
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	for i := int64(1); i <= 20; i++ {
+		pd, err := producer.PublishDeltaAsync(delta(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := pd.Result(t.Context(), true); err != nil {
+			t.Fatalf("delta %d: %v", i, err)
+		}
+	}
+	for want := int64(1); want <= 20; want++ {
+		if e := <-got; e.Kind != bus.KindDelta || e.Seq != want {
+			t.Fatalf("live event %+v, want delta %d", e, want)
+		}
+	}
+	var n int
+	if err := producer.ReadTurn(t.Context(), "c", "t", 1, func(e bus.Event) bool {
+		n++
+		return true
+	}); err != nil || n != 20 {
+		t.Fatalf("stream holds %d deltas (%v), want 20", n, err)
+	}
+}
