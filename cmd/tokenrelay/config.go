@@ -93,7 +93,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 	gw := r == roleServe || r == roleGateway
 	wk := r == roleServe || r == roleWorker
 	if r == roleServe {
-		fs.StringVar(&c.DataDir, "data-dir", "./data", "where serve keeps SQLite and JetStream files")
+		fs.StringVar(&c.DataDir, "data-dir", "./data", "where serve keeps SQLite, JetStream and delta journal files")
 		fs.StringVar(&c.NATSListen, "nats-listen", "", "also accept NATS clients on this address (embedded server; default: no port)")
 	}
 	fs.StringVar(&c.StoreURL, "store-url", "", "sqlite:///path/file.db or postgres://… (serve default: SQLite in --data-dir)")

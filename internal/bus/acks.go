@@ -53,6 +53,11 @@ type PendingDelta struct {
 	announced bool
 }
 
+// Announced reports whether the delta went live once journaled (see
+// Journal); false when it goes live once stored. Known once
+// PublishDeltaAsync has returned.
+func (p *PendingDelta) Announced() bool { return p.announced }
+
 // settle records the stream's answer and wakes the publisher.
 func (p *PendingDelta) settle(sseq uint64, err error) {
 	p.sseq, p.err = sseq, err

@@ -187,6 +187,19 @@ func (b *Bus) Ping(ctx context.Context) error {
 // entry per delta for two minutes), and readers drop a repeated delta by
 // its seq instead.
 func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
+	return b.PublishEnd(ctx, e, nil)
+}
+
+// Journaled reports whether deltas published through b are announced once
+// journaled, before the stream has stored them (see Journal).
+func (b *Bus) Journaled() bool { return b.cfg.Journal != nil }
+
+// PublishEnd is PublishEvent, with settled, when not nil, called after an
+// end is announced and before it is stored; when it fails the end is not
+// stored. The stream must hold a turn's deltas before its end, and under a
+// Journal the last ones may still be on their way to it when the end can
+// already go live: settled waits for them.
+func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (uint64, error) {
 	data, err := e.encode()
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
@@ -196,11 +209,16 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 		// An end is announced before it is stored. Every end is published
 		// after the chat store has recorded the turn's final status and
 		// text (FinishTurn), so the live end shows nothing a crash could
-		// take back, and the turn's deltas were all stored and announced
-		// before it. This saves the end, and so every cancel, a stream
+		// take back, and the turn's deltas were all announced before it
+		// (and stored, or journaled and settled below). This saves the end, and so every cancel, a stream
 		// round trip.
 		if err := b.announce(e, data); err != nil {
 			return 0, fmt.Errorf("announce event: %w", err)
+		}
+		if settled != nil {
+			if err := settled(); err != nil {
+				return 0, fmt.Errorf("publish event: %w", err)
+			}
 		}
 	}
 	ack, err := b.publish(ctx, subj, data, e.MsgID())

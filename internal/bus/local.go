@@ -30,6 +30,44 @@ import (
 type Local struct {
 	mu     sync.RWMutex
 	router *Router // guarded by mu
+
+	live sync.Map // turn id → LiveTurn
+}
+
+// LiveTurn is a turn being produced in this process under a Journal: every
+// delta it has journaled is live, so its text so far is known here and a
+// join or a repair need not read it back from the stream, which may not
+// have stored the newest deltas yet.
+type LiveTurn interface {
+	// TextAfter returns the text after delta have, the last seq it
+	// covers and the text length after that seq; ok is false when it
+	// cannot tell (have is ahead of it, or a delta went live another way),
+	// and the stream is read instead.
+	TextAfter(have int64) (text []byte, to, toLen int64, ok bool)
+}
+
+// AddLiveTurn makes t answer TextAfter for its turn until the returned
+// function is called. Only a Bus with a Journal has live turns.
+func (b *Bus) AddLiveTurn(turnID string, t LiveTurn) (remove func()) {
+	l := b.cfg.Local
+	if l == nil || b.cfg.Journal == nil {
+		return func() {}
+	}
+	l.live.Store(turnID, t)
+	return func() { l.live.CompareAndDelete(turnID, t) }
+}
+
+// LiveText is TextAfter of the turn when it is being produced in this
+// process (see LiveTurn); ok is false otherwise.
+func (b *Bus) LiveText(turnID string, have int64) (text []byte, to, toLen int64, ok bool) {
+	if b.cfg.Local == nil {
+		return nil, 0, 0, false
+	}
+	t, found := b.cfg.Local.live.Load(turnID)
+	if !found {
+		return nil, 0, 0, false
+	}
+	return t.(LiveTurn).TextAfter(have)
 }
 
 // NewLocal returns a Local to put in the Config of every Bus of a process.

@@ -2,6 +2,7 @@ package bus_test
 
 import (
 	"context"
+	"errors"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -177,5 +178,57 @@ func TestLocalLosesNothingWhenTheRouterFallsBehind(t *testing.T) {
 	}
 	if e := <-got; e.Kind != bus.KindEnd {
 		t.Fatalf("event %+v, want the end", e)
+	}
+}
+
+// PublishEnd announces an end, then waits for settled, then stores it: a
+// journaled turn's end goes live without waiting for its last deltas to be
+// stored, and is stored after them. When settled fails the end is not
+// stored.
+func TestPublishEndSettlesBeforeStoring(t *testing.T) {
+	_, producer, gateway := localPair(t)
+	got := make(chan bus.Event, 4)
+	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })
+	defer r.Close()
+	storedEnds := func(turn string) int {
+		n := 0
+		if err := gateway.ReadTurn(t.Context(), "c", turn, 1, func(e bus.Event) bool {
+			if e.Kind == bus.KindEnd {
+				n++
+			}
+			return true
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for _, fail := range []bool{false, true} {
+		turn := "ok"
+		if fail {
+			turn = "failed"
+		}
+		settled := func() error {
+			if e := <-got; e.Kind != bus.KindEnd || e.TurnID != turn {
+				t.Errorf("live event %+v before settling, want the end", e)
+			}
+			if n := storedEnds(turn); n != 0 {
+				t.Errorf("the end was stored before settling")
+			}
+			if fail {
+				return errors.New("a delta could not be stored")
+			}
+			return nil
+		}
+		_, err := producer.PublishEnd(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c", TurnID: turn, Status: "complete"}, settled)
+		if fail != (err != nil) {
+			t.Fatalf("PublishEnd (settle fails: %v): %v", fail, err)
+		}
+		want := 1
+		if fail {
+			want = 0
+		}
+		if n := storedEnds(turn); n != want {
+			t.Fatalf("stream holds %d ends of turn %s, want %d", n, turn, want)
+		}
 	}
 }

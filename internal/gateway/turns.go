@@ -252,6 +252,12 @@ func (s *Server) catchUp(ctx context.Context, conv, turn string, have, haveLen i
 	if have == 0 {
 		haveLen, res.ToLen = 0, 0
 	}
+	if text, to, toLen, ok := s.bus.LiveText(turn, have); ok {
+		// Produced in this process: its text so far is in memory, ahead of
+		// the stream (serve with its delta journal).
+		res.Text, res.To, res.ToLen = text, to, toLen
+		return res, nil
+	}
 	head, err := s.bus.ReadHead(ctx, turn)
 	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 		return res, err

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"bytes"
 	"context"
 	"sync"
 	"time"
@@ -17,6 +18,8 @@ type publisher struct {
 	w    *Worker
 	turn chat.Turn
 	snap *bus.SnapshotWriter
+	// journaled: deltas go live once journaled (bus.Bus.Journaled).
+	journaled bool
 
 	mu        sync.Mutex
 	text      []byte      // all text published so far; guarded by mu
@@ -32,6 +35,11 @@ type publisher struct {
 	snapSeq   int64      // seq at the last snapshot
 	inflight  []sent     // published, not yet acknowledged, oldest first; guarded by mu
 	acked     ackedDelta // the newest acknowledged delta; guarded by mu
+
+	// Under a journal (see TextAfter): the text length after each delta,
+	// and whether every delta so far went live once journaled.
+	ends         []uint32 // guarded by mu
+	notJournaled bool     // guarded by mu
 }
 
 // sent is a delta awaiting its acknowledgement; end is the text length
@@ -49,7 +57,7 @@ type ackedDelta struct {
 }
 
 func newPublisher(ctx context.Context, w *Worker, t chat.Turn) *publisher {
-	return &publisher{ctx: ctx, w: w, turn: t, snap: w.bus.NewSnapshotWriter(t.ConversationID, t.ID), snapAt: w.cfg.Now()}
+	return &publisher{ctx: ctx, w: w, turn: t, snap: w.bus.NewSnapshotWriter(t.ConversationID, t.ID), snapAt: w.cfg.Now(), journaled: w.bus.Journaled()}
 }
 
 // emit is the provider's callback.
@@ -83,19 +91,41 @@ func (p *publisher) emit(tok string) error {
 // flush publishes what is pending and waits until every delta of the turn
 // is acknowledged: the end must follow them in the stream.
 func (p *publisher) flush() error {
+	if err := p.flushPending(); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for len(p.inflight) > 0 && p.err == nil {
+		p.reapLocked(true)
+	}
+	return p.err
+}
+
+// TextAfter implements bus.LiveTurn: the text after delta have, from
+// memory, while every delta of the turn so far went live once journaled.
+func (p *publisher) TextAfter(have int64) (text []byte, to, toLen int64, ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.notJournaled || have < 0 || have > p.seq {
+		return nil, 0, 0, false
+	}
+	from := 0
+	if have > 0 {
+		from = int(p.ends[have-1])
+	}
+	return bytes.Clone(p.text[from:]), p.seq, int64(len(p.text)), true
+}
+
+// flushPending publishes what is pending without waiting for the stream.
+func (p *publisher) flushPending() error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.timer != nil {
 		p.timer.Stop()
 		p.timer = nil
 	}
-	if err := p.flushLocked(); err != nil {
-		return err
-	}
-	for len(p.inflight) > 0 && p.err == nil {
-		p.reapLocked(true)
-	}
-	return p.err
+	return p.flushLocked()
 }
 
 // maxInflight bounds the deltas of one turn published but not yet
@@ -118,6 +148,10 @@ func (p *publisher) flushLocked() error {
 	p.seq = e.Seq
 	p.text = append(p.text, p.pending...)
 	p.pending = p.pending[:0]
+	if p.journaled {
+		p.ends = append(p.ends, uint32(len(p.text)))
+		p.notJournaled = p.notJournaled || !pd.Announced()
+	}
 	p.inflight = append(p.inflight, sent{pd: pd, end: len(p.text)})
 	p.snap.Record(len(p.text))
 	now := p.w.cfg.Now()

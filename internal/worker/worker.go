@@ -268,11 +268,11 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		return false, err
 	}
 	if cancelled || tctx.Err() != nil {
-		return true, w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil)
+		return true, w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil, nil)
 	}
 	if w.cfg.TokenBudget != nil {
 		if ok, msg := w.cfg.TokenBudget.Allow(t.Owner); !ok {
-			return true, w.finish(ctx, t, r, chat.StatusError, nil, 0, msg, nil)
+			return true, w.finish(ctx, t, r, chat.StatusError, nil, 0, msg, nil, nil)
 		}
 	}
 	started, err := w.store.StartTurn(ctx, t.ID, w.cfg.Now())
@@ -287,7 +287,7 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		if errors.Is(context.Cause(tctx), errShutdown) {
 			status = chat.StatusInterrupted
 		}
-		return true, w.finish(ctx, t, r, status, nil, 0, "", nil)
+		return true, w.finish(ctx, t, r, status, nil, 0, "", nil, nil)
 	}
 	req, err := w.request(ctx, t)
 	if err != nil {
@@ -320,10 +320,24 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	startedAt := w.cfg.Now()
 	pub := newPublisher(ctx, w, t)
 	defer pub.stop()
+	// Joins and repairs read the turn's text from here while it runs
+	// (see bus.LiveTurn); until the end is stored, so the stream has it
+	// all when they read it there instead.
+	defer w.bus.AddLiveTurn(t.ID, pub)()
 
 	w.m.providerReqs.Inc()
 	res, perr := w.provider.Stream(tctx, req, pub.emit)
-	if err := pub.flush(); err != nil && perr == nil {
+	// The end may go live once every delta is: under a journal that is as
+	// soon as the pending text is published, and only the end's storing
+	// waits for the stream (settle); otherwise deltas are live once
+	// stored, so the end waits for that.
+	var settle func() error
+	if w.bus.Journaled() {
+		if err := pub.flushPending(); err != nil && perr == nil {
+			perr = err
+		}
+		settle = pub.flush
+	} else if err := pub.flush(); err != nil && perr == nil {
 		perr = err
 	}
 	if pub.failed() {
@@ -357,7 +371,7 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	if !pub.firstAt.IsZero() {
 		w.m.firstDelta.Observe(pub.firstAt.Sub(t.CreatedAt).Seconds())
 	}
-	if err := w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage); err != nil {
+	if err := w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage, settle); err != nil {
 		return true, err
 	}
 	// After the end: a resume of the finished turn then reads no stream
@@ -367,8 +381,9 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 }
 
 // finish stores the turn's end (exactly once, whoever else tries) and then
-// publishes it with the status that won.
-func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, text []byte, seq int64, errMsg string, usage *chat.Usage) error {
+// publishes it with the status that won; settle, when not nil, is called
+// before the end is stored in the stream (see bus.PublishEnd).
+func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, text []byte, seq int64, errMsg string, usage *chat.Usage, settle func() error) error {
 	final, won, err := w.store.FinishTurn(ctx, store.TurnResult{
 		TurnID: t.ID, Status: status, Content: string(text), Seq: seq,
 		Error: errMsg, Usage: usage, Now: w.cfg.Now(),
@@ -385,7 +400,7 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 	} else if stored, err := w.store.Turn(ctx, t.ID); err == nil {
 		end.Seq, end.Error, end.Usage = stored.Seq, stored.Error, stored.Usage
 	}
-	if _, err := w.bus.PublishEvent(ctx, end); err != nil {
+	if _, err := w.bus.PublishEnd(ctx, end, settle); err != nil {
 		return err
 	}
 	w.m.turns.WithLabelValues(string(final)).Inc()
@@ -436,7 +451,7 @@ func (w *Worker) Interrupt(ctx context.Context, t chat.Turn) error {
 		})
 		return err
 	}
-	return w.finish(ctx, t, nil, chat.StatusInterrupted, text, seq, "", nil)
+	return w.finish(ctx, t, nil, chat.StatusInterrupted, text, seq, "", nil, nil)
 }
 
 // RecoverAll ends as interrupted every turn still queued or streaming. Only

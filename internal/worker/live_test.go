@@ -1,0 +1,99 @@
+package worker_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
+	"github.com/tokenrelay/tokenrelay/internal/worker"
+)
+
+// pausingProvider emits three tokens, then waits for release.
+type pausingProvider struct {
+	paused  chan struct{}
+	release chan struct{}
+}
+
+func (p *pausingProvider) Stream(ctx context.Context, _ provider.Request, emit func(string) error) (provider.Result, error) {
+	for _, tok := range []string{"one ", "two ", "three"} {
+		if err := emit(tok); err != nil {
+			return provider.Result{}, err
+		}
+	}
+	close(p.paused)
+	select {
+	case <-p.release:
+	case <-ctx.Done():
+	}
+	return provider.Result{}, nil
+}
+
+// Under serve's journal a running turn's text is read from its producer
+// (bus.LiveText), ahead of the stream, from any delta on; a position ahead
+// of the producer is left to the stream, and so is the turn once it ends.
+func TestLiveTextOfARunningTurn(t *testing.T) {
+	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emb.Shutdown)
+	j, err := bus.OpenJournal(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := bus.NewLocal()
+	b, err := bus.Open(t.Context(), nc, bus.Config{Local: local, Journal: j})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &pausingProvider{paused: make(chan struct{}), release: make(chan struct{})}
+	e := &env{bus: b, store: st, w: worker.New(worker.Config{}, b, st, p), stop: func() {}}
+	// Cleanups run last first: the worker stops before the journal, the
+	// connection and the store close.
+	t.Cleanup(func() { st.Close() })
+	t.Cleanup(nc.Close)
+	t.Cleanup(func() { j.Close() })
+	e.start(t)
+	ends := e.send(t, "c", "t", "hello", true)
+	<-p.paused
+
+	for _, c := range []struct {
+		have int64
+		want string
+	}{{0, "one two three"}, {1, "two three"}, {2, "three"}, {3, ""}} {
+		text, to, toLen, ok := b.LiveText("t", c.have)
+		if !ok || string(text) != c.want || to != 3 || toLen != int64(len("one two three")) {
+			t.Fatalf("LiveText after %d = %q, to %d, len %d, %v; want %q to 3", c.have, text, to, toLen, ok, c.want)
+		}
+	}
+	if _, _, _, ok := b.LiveText("t", 4); ok {
+		t.Fatal("LiveText answered for a position ahead of the producer")
+	}
+	if _, _, _, ok := b.LiveText("other", 0); ok {
+		t.Fatal("LiveText answered for a turn not running here")
+	}
+	close(p.release)
+	waitEnd(t, ends)
+	e.stop()
+	if _, _, _, ok := b.LiveText("t", 0); ok {
+		t.Fatal("LiveText still answers once the turn has ended")
+	}
+}
