@@ -22,7 +22,7 @@ type publisher struct {
 	journaled bool
 
 	mu        sync.Mutex
-	text      []byte      // all text published so far; guarded by mu
+	text      []byte      // all text published so far; guarded by mu, and written under liveMu too
 	pending   []byte      // batched text not yet published; guarded by mu
 	pendingTS int64       // emission time of the newest pending token
 	seq       int64       // last published seq; guarded by mu
@@ -38,8 +38,9 @@ type publisher struct {
 
 	// Under a journal (see TextAfter): the text length after each delta,
 	// and whether every delta so far went live once journaled.
-	ends         []uint32 // guarded by mu
-	notJournaled bool     // guarded by mu
+	liveMu       sync.Mutex
+	ends         []uint32 // guarded by liveMu
+	notJournaled bool     // guarded by liveMu
 }
 
 // sent is a delta awaiting its acknowledgement; end is the text length
@@ -104,17 +105,22 @@ func (p *publisher) flush() error {
 
 // TextAfter implements bus.LiveTurn: the text after delta have, from
 // memory, while every delta of the turn so far went live once journaled.
+//
+// It takes only liveMu, never mu: mu is held across the publisher's waits
+// for the stream (a snapshot write, the acknowledgements at the end), and a
+// join must not wait for those.
 func (p *publisher) TextAfter(have int64) (text []byte, to, toLen int64, ok bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.notJournaled || have < 0 || have > p.seq {
+	p.liveMu.Lock()
+	defer p.liveMu.Unlock()
+	seq := int64(len(p.ends))
+	if p.notJournaled || have < 0 || have > seq {
 		return nil, 0, 0, false
 	}
 	from := 0
 	if have > 0 {
 		from = int(p.ends[have-1])
 	}
-	return bytes.Clone(p.text[from:]), p.seq, int64(len(p.text)), true
+	return bytes.Clone(p.text[from:]), seq, int64(len(p.text)), true
 }
 
 // flushPending publishes what is pending without waiting for the stream.
@@ -146,12 +152,14 @@ func (p *publisher) flushLocked() error {
 		return err
 	}
 	p.seq = e.Seq
+	p.liveMu.Lock()
 	p.text = append(p.text, p.pending...)
-	p.pending = p.pending[:0]
 	if p.journaled {
 		p.ends = append(p.ends, uint32(len(p.text)))
 		p.notJournaled = p.notJournaled || !pd.Announced()
 	}
+	p.liveMu.Unlock()
+	p.pending = p.pending[:0]
 	p.inflight = append(p.inflight, sent{pd: pd, end: len(p.text)})
 	p.snap.Record(len(p.text))
 	now := p.w.cfg.Now()
