@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
@@ -16,13 +15,7 @@ import (
 // serve's, and returns a function opening a bus on a new connection to it.
 func journalSetup(t *testing.T) func(local *bus.Local, j *bus.Journal) (*bus.Bus, *nats.Conn) {
 	t.Helper()
-	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
-		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(emb.Shutdown)
+	emb := startUnlistened(t)
 	return func(local *bus.Local, j *bus.Journal) (*bus.Bus, *nats.Conn) {
 		t.Helper()
 		nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
@@ -36,6 +29,24 @@ func journalSetup(t *testing.T) func(local *bus.Local, j *bus.Journal) (*bus.Bus
 		}
 		return b, nc
 	}
+}
+
+// smallSegments starts a journal in dir whose segments hold about three
+// deltas, and opens a producer's bus with it.
+func smallSegments(t *testing.T, open func(*bus.Local, *bus.Journal) (*bus.Bus, *nats.Conn), dir string) (*bus.Local, *bus.Bus) {
+	t.Helper()
+	j, err := bus.OpenJournal(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.SetSegmentBytes(300)
+	if err := j.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	local := bus.NewLocal()
+	producer, _ := open(local, j)
+	return local, producer
 }
 
 func segmentFiles(t *testing.T, dir string) []string {
@@ -163,17 +174,7 @@ func TestJournalReplayStoresWhatTheStreamLacks(t *testing.T) {
 func TestJournalRemovesStoredSegments(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
-	j, err := bus.OpenJournal(dir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	j.SetSegmentBytes(300)
-	if err := j.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
-	local := bus.NewLocal()
-	producer, _ := open(local, j)
+	_, producer := smallSegments(t, open, dir)
 	var pds []*bus.PendingDelta
 	for i := int64(1); i <= 100; i++ {
 		pd, err := producer.PublishDeltaAsync(delta(i))
@@ -210,17 +211,7 @@ func TestJournalNeedsLocal(t *testing.T) {
 func TestJournalFallsBackToTheStream(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
-	j, err := bus.OpenJournal(dir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	j.SetSegmentBytes(300)
-	if err := j.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
-	local := bus.NewLocal()
-	producer, _ := open(local, j)
+	local, producer := smallSegments(t, open, dir)
 	gateway, _ := open(local, nil)
 	got := make(chan bus.Event, 64)
 	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })

@@ -105,9 +105,9 @@ func TestLocalCarriesLiveEventsInProcess(t *testing.T) {
 	}
 }
 
-// localPair starts an embedded server that accepts no other process and
-// opens two buses on it sharing a Local, as serve does.
-func localPair(t *testing.T) (*bus.Local, *bus.Bus, *bus.Bus) {
+// startUnlistened starts an embedded server that accepts no other process,
+// as serve's.
+func startUnlistened(t *testing.T) *bus.Embedded {
 	t.Helper()
 	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
 		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
@@ -116,6 +116,14 @@ func localPair(t *testing.T) (*bus.Local, *bus.Bus, *bus.Bus) {
 		t.Fatal(err)
 	}
 	t.Cleanup(emb.Shutdown)
+	return emb
+}
+
+// localPair starts an embedded server that accepts no other process and
+// opens two buses on it sharing a Local, as serve does.
+func localPair(t *testing.T) (*bus.Local, *bus.Bus, *bus.Bus) {
+	t.Helper()
+	emb := startUnlistened(t)
 	local := bus.NewLocal()
 	open := func(name string) *bus.Bus {
 		nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server), nats.Name(name))

@@ -61,22 +61,36 @@ func TestResumeAfter(t *testing.T) {
 	}
 }
 
+// killMidTurn starts serve with args, kills it (SIGKILL) once a client has
+// seen n deltas of a turn of conv, and restarts it on the same data dir. The
+// turn must then be stored as interrupted with a text that extends what the
+// client saw. It returns the restarted server, the client's turn and the
+// stored message.
+func killMidTurn(t *testing.T, conv, text string, n int64, args ...string) (*trtest.Proc, *trtest.Turn, message) {
+	t.Helper()
+	p := trtest.Serve(t, args...)
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join(conv, nil)
+	tr := startTurn(t, c, conv, text, n)
+	p.Kill()
+	q := p.Restart(t)
+	m := storedTurn(t, q.URL, conv, tr.ID)
+	if m.Status != "interrupted" {
+		t.Fatalf("after kill -9 the turn is %s, want interrupted", m.Status)
+	}
+	if !strings.HasPrefix(m.Content, tr.Text.String()) {
+		t.Fatalf("saved text (%d bytes) does not extend the %d bytes the client saw", len(m.Content), tr.Text.Len())
+	}
+	return q, tr, m
+}
+
 // TestKill9MidTurn kills serve while a turn streams and restarts it on the
 // same data dir: the turn is interrupted with its text saved, joins see no
 // active turn, and a new turn works.
 func TestKill9MidTurn(t *testing.T) {
-	p := trtest.Serve(t, "--sim-rate", "100", "--sim-tokens", "2000")
-	c := trtest.Dial(t, p.WSURL(), nil)
-	c.Join("killed", nil)
-	tr := startTurn(t, c, "killed", "speak", 30)
-	p.Kill()
-	q := p.Restart(t)
-	m := storedTurn(t, q.URL, "killed", tr.ID)
-	if m.Status != "interrupted" {
-		t.Fatalf("after kill -9 the turn is %s, want interrupted", m.Status)
-	}
-	if !strings.HasPrefix(m.Content, tr.Text.String()) || len(m.Content) == 0 {
-		t.Fatalf("saved text %q does not extend what the client saw %q", m.Content, tr.Text.String())
+	q, tr, m := killMidTurn(t, "killed", "speak", 30, "--sim-rate", "100", "--sim-tokens", "2000")
+	if len(m.Content) == 0 {
+		t.Fatal("nothing saved")
 	}
 	d := trtest.Dial(t, q.WSURL(), nil)
 	j := d.Join("killed", map[string]any{"after": map[string]any{"turn_id": tr.ID, "seq": tr.Seq}})
@@ -103,19 +117,7 @@ func TestKill9MidTurn(t *testing.T) {
 // journal before ending the turn, and the saved text extends everything the
 // client saw.
 func TestKill9KeepsEveryDeltaSeen(t *testing.T) {
-	p := trtest.Serve(t, "--log-level", "info")
-	c := trtest.Dial(t, p.WSURL(), nil)
-	c.Join("journal", nil)
-	tr := startTurn(t, c, "journal", "fast [sim tokens=1000000 rate=0]", 3000)
-	p.Kill()
-	q := p.Restart(t)
-	m := storedTurn(t, q.URL, "journal", tr.ID)
-	if m.Status != "interrupted" {
-		t.Fatalf("after kill -9 the turn is %s, want interrupted", m.Status)
-	}
-	if !strings.HasPrefix(m.Content, tr.Text.String()) {
-		t.Fatalf("saved text (%d bytes) does not extend the %d bytes the client saw", len(m.Content), tr.Text.Len())
-	}
+	q, _, _ := killMidTurn(t, "journal", "fast [sim tokens=1000000 rate=0]", 3000, "--log-level", "info")
 	for _, l := range strings.Split(q.Stderr(), "\n") {
 		if strings.Contains(l, "journaled deltas") {
 			t.Log(l)
