@@ -210,8 +210,8 @@ func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (u
 		// after the chat store has recorded the turn's final status and
 		// text (FinishTurn), so the live end shows nothing a crash could
 		// take back, and the turn's deltas were all announced before it
-		// (and stored, or journaled and settled below). This saves the end, and so every cancel, a stream
-		// round trip.
+		// (and stored, or journaled and settled below). This saves the
+		// end, and so every cancel, a stream round trip.
 		if err := b.announce(e, data); err != nil {
 			return 0, fmt.Errorf("announce event: %w", err)
 		}
