@@ -20,11 +20,11 @@ import (
 // must wait for the events stream's acknowledgement before it may be
 // announced waits for the store loop of the embedded JetStream, which is
 // where the tail of token-to-screen latency was. With a Journal the
-// producer's deltas are instead appended to a local file, announced once
-// written, and then stored in the stream as before. A delta a client has seen is thus always in the journal
-// or the stream: a write that returned survives the process being killed,
-// as the stream's own in-place writes do (neither syncs to disk on every
-// message).
+// producer's deltas are instead copied into a local file, announced once
+// there, and then stored in the stream as before. A delta a client has
+// seen is thus always in the journal or the stream: what is in the file's
+// pages survives the process being killed, as the stream's own in-place
+// writes do (neither syncs to disk on every message).
 //
 // The journal is read only when serve starts: Replay stores in the stream
 // whatever deltas of the journal the stream lacks (the ones that were
@@ -45,7 +45,7 @@ type Journal struct {
 	mu     sync.RWMutex // writes take it shared, starting a segment exclusively
 	closed bool         // guarded by mu
 	cur    *segment     // guarded by mu
-	nextID uint64       // guarded by mu (and Replay before Start)
+	nextID uint64       // guarded by mu (set by OpenJournal)
 }
 
 // segment is one journal file.

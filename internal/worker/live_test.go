@@ -73,7 +73,11 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 	t.Cleanup(func() { j.Close() })
 	e.start(t)
 	ends := e.send(t, "c", "t", "hello", true)
-	<-p.paused
+	select {
+	case <-p.paused:
+	case <-t.Context().Done():
+		t.Fatal("the turn never started")
+	}
 
 	for _, c := range []struct {
 		have int64
