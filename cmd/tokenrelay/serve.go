@@ -73,8 +73,8 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	// With no other process able to reach the embedded server, the
 	// gateway is the only live subscriber: the worker hands it live
 	// events in-process (bus.Local) instead of through NATS, and its
-	// deltas are live once in the delta journal, before the stream stores
-	// them (see startJournal).
+	// deltas are live once in the delta journal, which keeps them until
+	// the turn's snapshot does (see startJournal).
 	var local *bus.Local
 	if c.NATSURL == "" && c.NATSListen == "" {
 		local = bus.NewLocal()
@@ -159,8 +159,8 @@ func connect(c *config, emb *bus.Embedded, name string, log *slog.Logger) (*nats
 
 // startJournal opens serve's delta journal (see bus.Journal) when live
 // events stay in the process, first storing in the stream, through b, the
-// deltas the previous run journaled and announced but had not stored when
-// it died: recovery, which comes next, reads them there. Where the journal
+// deltas the previous run journaled and announced but had not saved in a
+// snapshot when it died: recovery, which comes next, reads them there. Where the journal
 // is not supported, deltas are announced once stored, as without a Local.
 func startJournal(ctx context.Context, c *config, local *bus.Local, b *bus.Bus, log *slog.Logger) (*bus.Journal, error) {
 	if local == nil {

@@ -47,23 +47,29 @@ type PendingDelta struct {
 	sseq uint64
 	err  error
 
-	// Under a Journal: the segment holding the delta until the stream
-	// has stored it, and whether the journal announced it.
+	// Under a Journal: whether the journal took the delta, and the
+	// segment keeping it until it is released.
+	journaled bool
 	seg       *segment
-	announced bool
 }
 
-// Announced reports whether the delta went live once journaled (see
-// Journal); false when it goes live once stored. Known once
-// PublishDeltaAsync has returned.
-func (p *PendingDelta) Announced() bool { return p.announced }
+// Journaled reports whether the delta went live once journaled (see
+// Journal) and is kept only there until Release; false when it went live
+// once the stream stored it. Known once PublishDeltaAsync has returned.
+func (p *PendingDelta) Journaled() bool { return p.journaled }
+
+// Release tells the journal that a journaled delta is now kept elsewhere (a
+// snapshot covers it, or the stream stored it), so that its segment may go.
+// The publisher calls it once, after that write has succeeded.
+func (p *PendingDelta) Release() {
+	if j := p.a.b.cfg.Journal; j != nil {
+		j.saved(p)
+	}
+}
 
 // settle records the stream's answer and wakes the publisher.
 func (p *PendingDelta) settle(sseq uint64, err error) {
 	p.sseq, p.err = sseq, err
-	if err == nil && p.a.b.cfg.Journal != nil {
-		p.a.b.cfg.Journal.stored(p)
-	}
 	close(p.done)
 }
 
@@ -150,7 +156,7 @@ func (a *acks) answer(m *nats.Msg) {
 	// Announce before settling: the publisher publishes the turn's end once
 	// every delta is settled, so the end is never announced ahead of the
 	// last delta.
-	if err == nil && !pd.announced {
+	if err == nil {
 		_ = a.b.announce(pd.ev, pd.data)
 	}
 	pd.settle(sseq, err)

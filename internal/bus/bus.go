@@ -196,9 +196,10 @@ func (b *Bus) Journaled() bool { return b.cfg.Journal != nil }
 
 // PublishEnd is PublishEvent, with settled, when not nil, called after an
 // end is announced and before it is stored; when it fails the end is not
-// stored. The stream must hold a turn's deltas before its end, and under a
-// Journal the last ones may still be on their way to it when the end can
-// already go live: settled waits for them.
+// stored. A reader that finds a turn's end in the stream must find every
+// delta before it in the turn's snapshot or the stream, and under a Journal
+// the last ones may be kept only in the journal when the end can already
+// go live: settled saves them.
 func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (uint64, error) {
 	data, err := e.encode()
 	if err != nil {
@@ -210,7 +211,7 @@ func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (u
 		// after the chat store has recorded the turn's final status and
 		// text (FinishTurn), so the live end shows nothing a crash could
 		// take back, and the turn's deltas were all announced before it
-		// (and stored, or journaled and settled below). This saves the
+		// (and stored, or journaled and saved by settled). This saves the
 		// end, and so every cancel, a stream round trip.
 		if err := b.announce(e, data); err != nil {
 			return 0, fmt.Errorf("announce event: %w", err)
@@ -234,12 +235,17 @@ func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (u
 }
 
 // PublishDeltaAsync publishes a delta and returns at once; it is announced
-// live once the stream has acknowledged it (see acks), or under a Journal
-// once the journal has it, before the stream stores it. Deltas of one turn
+// live once the stream has acknowledged it (see acks). Deltas of one turn
 // published this way reach the stream in order; the caller checks each with
 // Result and, when one failed, republishes it and every later one in order
 // with Republish, so that the stream again holds the turn's deltas
 // contiguously after the failure (readers drop the repeats).
+//
+// Under a Journal the delta is instead journaled and announced before this
+// returns, settled with stream sequence 0, and not stored in the stream at
+// all: the caller saves it in the turn's snapshot and then calls Release
+// (see Journal). Only when the journal cannot take it is it stored, then
+// announced, before this returns, with its stream sequence.
 func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
 	data, err := e.encode()
 	if err != nil {
@@ -258,17 +264,30 @@ func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
 	return pd, nil
 }
 
+// storeNow stores pd in the stream, then announces and settles it.
+func (b *Bus) storeNow(pd *PendingDelta) error {
+	ack, err := b.publish(context.Background(), pd.subj, pd.data, "")
+	if err != nil {
+		return fmt.Errorf("publish delta: %w", err)
+	}
+	if err := b.announce(pd.ev, pd.data); err != nil {
+		return fmt.Errorf("announce delta: %w", err)
+	}
+	pd.settle(ack.Sequence, nil)
+	return nil
+}
+
 // Republish stores the delta again, synchronously, retrying as PublishEvent
-// does, and returns its stream sequence.
+// does, and returns its stream sequence. A delta not yet announced (its
+// first storing failed) is announced; a journaled one was already, and is
+// released (see PendingDelta.Release).
 func (b *Bus) Republish(ctx context.Context, p *PendingDelta) (uint64, error) {
 	ack, err := b.publish(ctx, p.subj, p.data, "")
 	if err != nil {
 		return 0, fmt.Errorf("republish delta: %w", err)
 	}
-	if b.cfg.Journal != nil {
-		b.cfg.Journal.stored(p)
-	}
-	if p.announced {
+	if p.journaled {
+		p.Release()
 		return ack.Sequence, nil
 	}
 	if err := b.announce(p.ev, p.data); err != nil {

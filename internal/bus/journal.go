@@ -17,20 +17,25 @@ import (
 )
 
 // Journal is serve's write-ahead log of deltas. Under a Local, a delta that
-// must wait for the events stream's acknowledgement before it may be
-// announced waits for the store loop of the embedded JetStream, which is
-// where the tail of token-to-screen latency was. With a Journal the
-// producer's deltas are instead copied into a local file, announced once
-// there, and then stored in the stream as before. A delta a client has
-// seen is thus always in the journal or the stream: what is in the file's
+// must be stored in the events stream before it may be announced waits for
+// the store loop of the embedded JetStream, which was where the tail of
+// token-to-screen latency was, and storing every delta there was a third of
+// serve's CPU. With a Journal the producer's deltas are instead copied into
+// a local file and announced once there; the stream never stores them. The
+// journal keeps a delta until its producer has saved it elsewhere: in the
+// turn's snapshot, which it writes about once a second and at the end
+// (before the end is stored), or in the stream when a snapshot cannot be
+// written (see PendingDelta.Release). A delta a client has seen is thus
+// always in the journal, a snapshot or the stream: what is in the file's
 // pages survives the process being killed, as the stream's own in-place
 // writes do (neither syncs to disk on every message).
 //
 // The journal is read only when serve starts: Replay stores in the stream
-// whatever deltas of the journal the stream lacks (the ones that were
-// written but not yet acknowledged when the previous run died), before
-// recovery ends that run's turns. While running, a segment file is removed
-// once it is no longer written to and every delta in it is acknowledged.
+// whatever deltas of the journal the turn's snapshot and the stream lack
+// (the ones written since the last snapshot when the previous run died),
+// before recovery ends that run's turns. While running, a segment file is
+// removed once it is no longer written to and every delta in it is saved
+// elsewhere.
 //
 // Only serve with its in-process bus uses one: with NATS between gateways
 // and workers, a delta announced before it is stored could be taken back by
@@ -53,9 +58,9 @@ type segment struct {
 	path string
 	mem  []byte       // the file, mapped; nil once sealed
 	next atomic.Int64 // where the next record goes (may pass len(mem))
-	// unacked counts the deltas written to it that the stream has not
-	// stored yet, plus one while it is the current segment.
-	unacked atomic.Int64
+	// unsaved counts the deltas written to it that are not yet saved
+	// elsewhere, plus one while it is the current segment.
+	unsaved atomic.Int64
 	sealed  atomic.Bool // no longer written to
 }
 
@@ -118,9 +123,10 @@ func (j *Journal) segmentPath(id uint64) string {
 }
 
 // Replay stores in the stream, through b, every delta of the journal's
-// segments that the stream does not hold, each turn's in order, and then
-// removes the segments. It returns how many deltas it stored. It runs before
-// Start, while nothing else publishes the turns it reads.
+// segments that neither the turn's snapshot nor the stream holds, each
+// turn's in order, and then removes the segments. It returns how many
+// deltas it stored. It runs before Start, while nothing else publishes the
+// turns it reads.
 func (j *Journal) Replay(ctx context.Context, b *Bus) (int, error) {
 	ids, err := j.segments()
 	if err != nil {
@@ -149,21 +155,14 @@ func (j *Journal) Replay(ctx context.Context, b *Bus) (int, error) {
 	stored := 0
 	for _, id := range order {
 		t := turns[id]
-		// What the stream holds of the turn without a gap.
-		var have int64
-		err := b.ReadTurn(ctx, t.first.ConversationID, t.first.TurnID, 1, func(e Event) bool {
-			if e.Kind == KindDelta && e.Seq == have+1 {
-				have = e.Seq
-			}
-			return true
-		})
+		have, err := b.savedDeltas(ctx, t.first.ConversationID, t.first.TurnID)
 		if err != nil {
-			return stored, fmt.Errorf("replay journal: read turn %s: %w", id, err)
+			return stored, fmt.Errorf("replay journal: turn %s: %w", id, err)
 		}
 		for i := range t.deltas {
 			e := &t.deltas[i]
 			if e.Seq != have+1 {
-				continue // stored already, or a repeat
+				continue // saved already, or a repeat
 			}
 			data, err := e.encode()
 			if err != nil {
@@ -182,6 +181,23 @@ func (j *Journal) Replay(ctx context.Context, b *Bus) (int, error) {
 		}
 	}
 	return stored, nil
+}
+
+// savedDeltas returns the last seq of a turn's deltas its snapshot and the
+// stream after it hold without a gap.
+func (b *Bus) savedDeltas(ctx context.Context, conversationID, turnID string) (int64, error) {
+	head, err := b.ReadHead(ctx, turnID)
+	if err != nil && !errors.Is(err, ErrNoSnapshot) {
+		return 0, err
+	}
+	have := head.Seq
+	err = b.ReadTurn(ctx, conversationID, turnID, head.StreamSeq+1, func(e Event) bool {
+		if e.Kind == KindDelta && e.Seq == have+1 {
+			have = e.Seq
+		}
+		return true
+	})
+	return have, err
 }
 
 // readSegment calls fn with the deltas of one segment, in file order.
@@ -260,16 +276,16 @@ func (j *Journal) Close() error {
 // errJournalClosed fails a delta appended after Close.
 var errJournalClosed = errors.New("publish delta: journal closed")
 
-// append journals pd, then announces it and hands it to its acks for
-// storing in the stream. Every delta is written by its own producer, with
-// no system call: the segment is mapped into memory (MAP_SHARED), a record's
-// space is reserved with one atomic add, and the record is copied in. The
-// page cache holds it from then on, so it survives the process being
-// killed, as a write(2) would. Producers of different turns never wait for
-// each other, and a producer's deltas are written and announced in its
-// order. (Measured against the alternatives at 20k deltas/s: one write(2)
-// per delta cost 0.15 cores more; a writer grouping deltas made every
-// delta wait for it, which on a busy machine doubled the latency tail.)
+// append journals pd and announces it. Every delta is written by its own
+// producer, with no system call: the segment is mapped into memory
+// (MAP_SHARED), a record's space is reserved with one atomic add, and the
+// record is copied in. The page cache holds it from then on, so it survives
+// the process being killed, as a write(2) would. Producers of different
+// turns never wait for each other, and a producer's deltas are written and
+// announced in its order. (Measured against the alternatives at 20k
+// deltas/s: one write(2) per delta cost 0.15 cores more; a writer grouping
+// deltas made every delta wait for it, which on a busy machine doubled the
+// latency tail.) pd is settled on return.
 func (j *Journal) append(pd *PendingDelta) error {
 	size := recordSize(2 + len(pd.subj) + len(pd.data))
 	for {
@@ -281,13 +297,13 @@ func (j *Journal) append(pd *PendingDelta) error {
 		seg := j.cur
 		end := seg.next.Add(int64(size))
 		if end <= int64(len(seg.mem)) {
-			seg.unacked.Add(1)
+			seg.unsaved.Add(1)
 			putRecord(seg.mem[end-int64(size):end], pd.subj, pd.data)
 			j.mu.RUnlock()
 			pd.seg = seg
-			pd.announced = true
+			pd.journaled = true
 			_ = pd.a.b.announce(pd.ev, pd.data)
-			pd.a.send(pd)
+			pd.settle(0, nil)
 			return nil
 		}
 		j.mu.RUnlock()
@@ -297,10 +313,11 @@ func (j *Journal) append(pd *PendingDelta) error {
 			if err := j.rotateLocked(max(j.segmentBytes, int64(size))); err != nil {
 				j.mu.Unlock()
 				// Not journaled (the disk is full, say): the delta is
-				// stored and then announced, as without a journal.
+				// stored and then announced, as without a journal, but
+				// before returning, so that the producer's deltas stay
+				// in order.
 				j.log.Error("start delta journal segment", "err", err)
-				pd.a.send(pd)
-				return nil
+				return pd.a.b.storeNow(pd)
 			}
 		}
 		j.mu.Unlock()
@@ -318,7 +335,7 @@ func (j *Journal) rotateLocked(size int64) error {
 	j.nextID++
 	old := j.cur
 	j.cur = &segment{path: path, mem: mem}
-	j.cur.unacked.Store(1)
+	j.cur.unsaved.Store(1)
 	if old != nil {
 		j.seal(old)
 	}
@@ -336,8 +353,8 @@ func (j *Journal) seal(s *segment) {
 	j.release(s)
 }
 
-// stored notes that the stream holds pd: its segment may go.
-func (j *Journal) stored(pd *PendingDelta) {
+// saved notes that pd is kept elsewhere: its segment may go.
+func (j *Journal) saved(pd *PendingDelta) {
 	if s := pd.seg; s != nil {
 		pd.seg = nil
 		j.release(s)
@@ -347,9 +364,9 @@ func (j *Journal) stored(pd *PendingDelta) {
 // release drops one reference to s, removing its file when it was the last
 // one of a sealed segment. The current segment holds one reference of its
 // own until it is sealed, so a segment goes once it is sealed and every
-// delta in it is stored.
+// delta in it is saved elsewhere.
 func (j *Journal) release(s *segment) {
-	if s.unacked.Add(-1) == 0 && s.sealed.Load() {
+	if s.unsaved.Add(-1) == 0 && s.sealed.Load() {
 		if err := os.Remove(s.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			j.log.Warn("remove delta journal segment", "path", s.path, "err", err)
 		}

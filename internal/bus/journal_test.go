@@ -3,12 +3,14 @@ package bus_test
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 )
 
 // journalSetup starts an embedded server that accepts no other process, as
@@ -62,12 +64,13 @@ func delta(seq int64) *bus.Event {
 	return &bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t", Seq: seq, Off: seq - 1, Text: "w"}
 }
 
-// A journaled delta is live before the stream has it: here the stream
-// never gets deltas 6..10 (the producer's connection is gone), yet the
-// gateway saw them. The next run's Replay stores them after the five the
-// stream holds, and a reader of the stream then finds the turn whole, once
-// each, in order. A record cut short at the end of a segment is ignored.
-func TestJournalReplayStoresWhatTheStreamLacks(t *testing.T) {
+// A journaled delta is live at once, and kept only in the journal until
+// its producer saves it elsewhere. Here deltas 1..3 are saved in a
+// snapshot, 4..5 in the stream, and 6..10 nowhere before the process
+// stops. The next run's Replay stores those five in the stream, so that
+// the turn's snapshot and stream hold it whole, once each, in order. A
+// record cut short at the end of a segment is ignored.
+func TestJournalReplayStoresWhatWasNotSaved(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
 	j, err := bus.OpenJournal(dir, nil)
@@ -78,7 +81,7 @@ func TestJournalReplayStoresWhatTheStreamLacks(t *testing.T) {
 		t.Fatal(err)
 	}
 	local := bus.NewLocal()
-	producer, pnc := open(local, j)
+	producer, _ := open(local, j)
 	gateway, _ := open(local, nil)
 	got := make(chan bus.Event, 64)
 	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })
@@ -87,23 +90,25 @@ func TestJournalReplayStoresWhatTheStreamLacks(t *testing.T) {
 	if _, err := producer.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindStart, ConversationID: "c", TurnID: "t"}); err != nil {
 		t.Fatal(err)
 	}
-	for i := int64(1); i <= 5; i++ {
+	snap := producer.NewSnapshotWriter("c", "t")
+	for i := int64(1); i <= 10; i++ {
 		pd, err := producer.PublishDeltaAsync(delta(i))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := pd.Result(t.Context(), true); err != nil {
-			t.Fatalf("delta %d: %v", i, err)
+		if sseq, done, err := pd.Result(t.Context(), false); !done || err != nil || sseq != 0 || !pd.Journaled() {
+			t.Fatalf("delta %d: stream seq %d, done %v, err %v, journaled %v; want journaled and settled", i, sseq, done, err, pd.Journaled())
 		}
-	}
-	pnc.Close()
-	for i := int64(6); i <= 10; i++ {
-		pd, err := producer.PublishDeltaAsync(delta(i))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, _, err := pd.Result(t.Context(), true); err == nil {
-			t.Fatalf("delta %d stored over a closed connection", i)
+		snap.Record(int(i))
+		switch {
+		case i == 3:
+			if err := snap.Write(t.Context(), []byte("www"), 3, 0, chat.StatusStreaming); err != nil {
+				t.Fatal(err)
+			}
+		case i == 4 || i == 5:
+			if _, err := producer.Republish(t.Context(), pd); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	if e := <-got; e.Kind != bus.KindStart {
@@ -152,13 +157,8 @@ func TestJournalReplayStoresWhatTheStreamLacks(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if len(seqs) != 10 {
-		t.Fatalf("stream holds deltas %v, want 1..10", seqs)
-	}
-	for i, s := range seqs {
-		if s != int64(i+1) {
-			t.Fatalf("stream holds deltas %v, want 1..10", seqs)
-		}
+	if !slices.Equal(seqs, []int64{4, 5, 6, 7, 8, 9, 10}) {
+		t.Fatalf("stream holds deltas %v, want 4..10", seqs)
 	}
 	if segs := segmentFiles(t, dir); len(segs) != 0 {
 		t.Fatalf("segments %v left after replay", segs)
@@ -169,9 +169,9 @@ func TestJournalReplayStoresWhatTheStreamLacks(t *testing.T) {
 	}
 }
 
-// Segments no longer written to go once the stream has every delta in
-// them; the one being written stays.
-func TestJournalRemovesStoredSegments(t *testing.T) {
+// A segment no longer written to goes once every delta in it is saved
+// elsewhere; until then it stays, and the one being written always does.
+func TestJournalRemovesSavedSegments(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
 	_, producer := smallSegments(t, open, dir)
@@ -183,10 +183,17 @@ func TestJournalRemovesStoredSegments(t *testing.T) {
 		}
 		pds = append(pds, pd)
 	}
-	for _, pd := range pds {
-		if _, _, err := pd.Result(t.Context(), true); err != nil {
-			t.Fatal(err)
-		}
+	if segs := segmentFiles(t, dir); len(segs) < 10 {
+		t.Fatalf("%d segments hold 100 unsaved deltas, want one per three or so", len(segs))
+	}
+	for _, pd := range pds[:50] {
+		pd.Release()
+	}
+	if segs := segmentFiles(t, dir); len(segs) < 5 {
+		t.Fatalf("%d segments left with 50 deltas unsaved, want one per three or so", len(segs))
+	}
+	for _, pd := range pds[50:] {
+		pd.Release()
 	}
 	// The last write may have started a new segment, or not.
 	if segs := segmentFiles(t, dir); len(segs) != 1 {
@@ -206,8 +213,8 @@ func TestJournalNeedsLocal(t *testing.T) {
 }
 
 // When the journal cannot start a segment (its directory is gone, the disk
-// is full), deltas are stored and then announced, as without a journal:
-// none is lost or failed.
+// is full), deltas are stored and then announced, as without a journal,
+// before PublishDeltaAsync returns: none is lost, failed or out of order.
 func TestJournalFallsBackToTheStream(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
@@ -219,25 +226,38 @@ func TestJournalFallsBackToTheStream(t *testing.T) {
 	if err := os.RemoveAll(dir); err != nil {
 		t.Fatal(err)
 	}
+	var stored []int64
 	for i := int64(1); i <= 20; i++ {
 		pd, err := producer.PublishDeltaAsync(delta(i))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, _, err := pd.Result(t.Context(), true); err != nil {
-			t.Fatalf("delta %d: %v", i, err)
+		sseq, done, err := pd.Result(t.Context(), false)
+		if !done || err != nil {
+			t.Fatalf("delta %d: done %v, err %v; want settled", i, done, err)
 		}
+		if pd.Journaled() != (sseq == 0) {
+			t.Fatalf("delta %d: journaled %v with stream seq %d", i, pd.Journaled(), sseq)
+		}
+		if !pd.Journaled() {
+			stored = append(stored, i)
+		}
+	}
+	// The segment being written when its directory went still takes the
+	// first few; all the rest are stored.
+	if len(stored) == 0 || stored[0] == 1 || int64(len(stored)) != 21-stored[0] {
+		t.Fatalf("deltas %v stored, want all but the first few", stored)
 	}
 	for want := int64(1); want <= 20; want++ {
 		if e := <-got; e.Kind != bus.KindDelta || e.Seq != want {
 			t.Fatalf("live event %+v, want delta %d", e, want)
 		}
 	}
-	var n int
+	var inStream []int64
 	if err := producer.ReadTurn(t.Context(), "c", "t", 1, func(e bus.Event) bool {
-		n++
+		inStream = append(inStream, e.Seq)
 		return true
-	}); err != nil || n != 20 {
-		t.Fatalf("stream holds %d deltas (%v), want 20", n, err)
+	}); err != nil || !slices.Equal(inStream, stored) {
+		t.Fatalf("stream holds deltas %v (%v), want %v", inStream, err, stored)
 	}
 }

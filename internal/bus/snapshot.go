@@ -36,9 +36,13 @@ var ErrNoSnapshot = errors.New("no snapshot")
 type Snapshot struct {
 	ConversationID string
 	Seq            int64
-	StreamSeq      uint64 // stream sequence of delta Seq; 0 when Seq is 0
-	Text           string
-	Status         chat.TurnStatus
+	// StreamSeq is where the turn's stored events after the snapshot
+	// begin: the stream sequence of the newest delta up to Seq that the
+	// stream stored, or 0 when none did (Seq is 0, or the turn's deltas
+	// were journaled, see Journal), and the turn is read from its start.
+	StreamSeq uint64
+	Text      string
+	Status    chat.TurnStatus
 }
 
 // Head is a snapshot without its text: what a resume reads first.
@@ -123,8 +127,8 @@ func (w *SnapshotWriter) Record(end int) {
 // stopped gets no answer, and must not wait out JetStream's 5s default.
 const snapshotWriteTimeout = time.Second
 
-// Write records that the turn's text after delta seq (stream sequence sseq)
-// is text. text only ever grows between calls.
+// Write records that the turn's text after delta seq is text, with sseq the
+// Snapshot's StreamSeq. text only ever grows between calls.
 func (w *SnapshotWriter) Write(ctx context.Context, text []byte, seq int64, sseq uint64, status chat.TurnStatus) error {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc

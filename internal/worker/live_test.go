@@ -2,7 +2,10 @@ package worker_test
 
 import (
 	"context"
+	"errors"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
@@ -34,8 +37,9 @@ func (p *pausingProvider) Stream(ctx context.Context, _ provider.Request, emit f
 }
 
 // Under serve's journal a running turn's text is read from its producer
-// (bus.LiveText), ahead of the stream, from any delta on; a position ahead
-// of the producer is left to the stream, and so is the turn once it ends.
+// (bus.LiveText) from any delta on; a position ahead of the producer is
+// left to the stream, and so is the turn once it ends, when its snapshot
+// holds every delta and the stream none.
 func TestLiveTextOfARunningTurn(t *testing.T) {
 	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
 		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
@@ -94,10 +98,41 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 	if _, _, _, ok := b.LiveText("other", 0); ok {
 		t.Fatal("LiveText answered for a turn not running here")
 	}
+	// The turn is quiet, yet its deltas are saved from the journal in a
+	// snapshot within about a second.
+	giveUp := time.After(10 * time.Second)
+	for {
+		if snap, err := b.ReadSnapshot(t.Context(), "t"); err == nil && snap.Seq == 3 {
+			break
+		} else if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
+			t.Fatal(err)
+		}
+		select {
+		case <-giveUp:
+			t.Fatal("the quiet turn's deltas were not saved in 10s")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 	close(p.release)
 	waitEnd(t, ends)
 	e.stop()
 	if _, _, _, ok := b.LiveText("t", 0); ok {
 		t.Fatal("LiveText still answers once the turn has ended")
+	}
+	// The journal kept the deltas, and the turn's snapshot saved them
+	// before its end was stored: the stream holds none of them.
+	snap, err := b.ReadSnapshot(t.Context(), "t")
+	if err != nil || snap.Text != "one two three" || snap.Seq != 3 {
+		t.Fatalf("snapshot %+v (%v), want the whole text to seq 3", snap, err)
+	}
+	var kinds []string
+	if err := b.ReadTurn(t.Context(), "c", "t", snap.StreamSeq+1, func(e bus.Event) bool {
+		kinds = append(kinds, e.Kind)
+		return true
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(kinds, bus.KindDelta) || !slices.Contains(kinds, bus.KindEnd) {
+		t.Fatalf("stream holds %v of the turn, want its end and no delta", kinds)
 	}
 }

@@ -2,6 +2,7 @@ package worker
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"sync"
 	"time"
@@ -35,12 +36,17 @@ type publisher struct {
 	snapSeq   int64      // seq at the last snapshot
 	inflight  []sent     // published, not yet acknowledged, oldest first; guarded by mu
 	acked     ackedDelta // the newest acknowledged delta; guarded by mu
+	// Under a journal: the deltas kept only there, which the next snapshot
+	// saves (see bus.Journal), and the timer that writes it when the turn
+	// goes quiet; guarded by mu.
+	unsaved   []*bus.PendingDelta
+	saveTimer *time.Timer
+	saveArmed bool
+	stopped   bool
 
-	// Under a journal (see TextAfter): the text length after each delta,
-	// and whether every delta so far went live once journaled.
-	liveMu       sync.Mutex
-	ends         []uint32 // guarded by liveMu
-	notJournaled bool     // guarded by liveMu
+	// Under a journal (see TextAfter): the text length after each delta.
+	liveMu sync.Mutex
+	ends   []uint32 // guarded by liveMu
 }
 
 // sent is a delta awaiting its acknowledgement; end is the text length
@@ -50,7 +56,9 @@ type sent struct {
 	end int
 }
 
-// ackedDelta is a delta the stream has stored, at stream sequence sseq.
+// ackedDelta is a delta the stream has stored or the journal has, and sseq
+// the stream sequence of the newest delta up to it that the stream stored
+// (0 when none: a journaled turn's deltas are not stored there).
 type ackedDelta struct {
 	seq  int64
 	sseq uint64
@@ -104,7 +112,8 @@ func (p *publisher) flush() error {
 }
 
 // TextAfter implements bus.LiveTurn: the text after delta have, from
-// memory, while every delta of the turn so far went live once journaled.
+// memory. Under a journal every delta is live and saved (journaled, or
+// stored) before its text is added here.
 //
 // It takes only liveMu, never mu: mu is held across the publisher's waits
 // for the stream (a snapshot write, the acknowledgements at the end), and a
@@ -113,7 +122,7 @@ func (p *publisher) TextAfter(have int64) (text []byte, to, toLen int64, ok bool
 	p.liveMu.Lock()
 	defer p.liveMu.Unlock()
 	seq := int64(len(p.ends))
-	if p.notJournaled || have < 0 || have > seq {
+	if have < 0 || have > seq {
 		return nil, 0, 0, false
 	}
 	from := 0
@@ -156,9 +165,11 @@ func (p *publisher) flushLocked() error {
 	p.text = append(p.text, p.pending...)
 	if p.journaled {
 		p.ends = append(p.ends, uint32(len(p.text)))
-		p.notJournaled = p.notJournaled || !pd.Announced()
 	}
 	p.liveMu.Unlock()
+	if pd.Journaled() {
+		p.unsaved = append(p.unsaved, pd)
+	}
 	p.pending = p.pending[:0]
 	p.inflight = append(p.inflight, sent{pd: pd, end: len(p.text)})
 	p.snap.Record(len(p.text))
@@ -173,13 +184,72 @@ func (p *publisher) flushLocked() error {
 		return p.err
 	}
 	if p.acked.seq > p.snapSeq && p.snapshotDue(now) {
-		if err := p.snap.Write(p.ctx, p.text[:p.acked.end], p.acked.seq, p.acked.sseq, chat.StatusStreaming); err != nil {
-			// A missed snapshot only lengthens a resume's tail.
-			p.w.log.Warn("write snapshot", "turn_id", p.turn.ID, "err", err)
-		}
-		p.snapAt, p.snapLen, p.snapSeq = now, p.acked.end, p.acked.seq
+		p.snapshotLocked(now)
+	}
+	if len(p.unsaved) > 0 {
+		p.armSaveLocked()
 	}
 	return nil
+}
+
+// snapshotLocked writes the snapshot of the acknowledged deltas.
+func (p *publisher) snapshotLocked(now time.Time) {
+	if err := p.snap.Write(p.ctx, p.text[:p.acked.end], p.acked.seq, p.acked.sseq, chat.StatusStreaming); err != nil {
+		// A missed snapshot only lengthens a resume's tail, and under a
+		// journal keeps the deltas there until the next one.
+		p.w.log.Warn("write snapshot", "turn_id", p.turn.ID, "err", err)
+	} else {
+		p.releaseLocked(p.acked.seq)
+	}
+	p.snapAt, p.snapLen, p.snapSeq = now, p.acked.end, p.acked.seq
+}
+
+// armSaveLocked makes sure that journaled deltas are saved within about
+// snapshotMaxAge even when the turn goes quiet (a model thinking): a
+// snapshot is otherwise written only as a delta is published, and a
+// segment stays on disk while any delta in it is unsaved. The timer fires
+// a little after a busy turn's own snapshot would be due, and then finds
+// nothing to do.
+func (p *publisher) armSaveLocked() {
+	if p.saveArmed || p.stopped {
+		return
+	}
+	d := max(p.snapAt.Add(snapshotMaxAge+saveSlack).Sub(p.w.cfg.Now()), saveSlack)
+	if p.saveTimer == nil {
+		p.saveTimer = time.AfterFunc(d, p.saveQuiet)
+	} else {
+		p.saveTimer.Reset(d)
+	}
+	p.saveArmed = true
+}
+
+// saveSlack is how long after a snapshot falls due the save timer waits.
+const saveSlack = 100 * time.Millisecond
+
+func (p *publisher) saveQuiet() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.saveArmed = false
+	if p.stopped || len(p.unsaved) == 0 {
+		return
+	}
+	if now := p.w.cfg.Now(); now.Sub(p.snapAt) >= snapshotMaxAge {
+		p.snapshotLocked(now)
+	}
+	if len(p.unsaved) > 0 {
+		p.armSaveLocked()
+	}
+}
+
+// releaseLocked tells the journal that the deltas up to seq are saved.
+func (p *publisher) releaseLocked(seq int64) {
+	n := 0
+	for n < len(p.unsaved) && p.unsaved[n].Seq <= seq {
+		p.unsaved[n].Release()
+		p.unsaved[n] = nil
+		n++
+	}
+	p.unsaved = p.unsaved[n:]
 }
 
 // reapLocked takes the acknowledged deltas off the front of inflight,
@@ -199,7 +269,7 @@ func (p *publisher) reapLocked(block bool) {
 			p.republishLocked()
 			return
 		}
-		p.acked = ackedDelta{seq: head.pd.Seq, sseq: sseq, end: head.end}
+		p.acked = ackedDelta{seq: head.pd.Seq, sseq: cmp.Or(sseq, p.acked.sseq), end: head.end}
 		p.inflight[0] = sent{}
 		p.inflight = p.inflight[1:]
 	}
@@ -253,22 +323,54 @@ func (p *publisher) failed() bool {
 func (p *publisher) stop() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.stopped = true
 	if p.timer != nil {
 		p.timer.Stop()
 		p.timer = nil
+	}
+	if p.saveTimer != nil {
+		p.saveTimer.Stop()
 	}
 }
 
 // finalSnapshot writes the snapshot of the whole turn once every delta is
 // acknowledged, so that a resume of the finished turn reads no stream tail.
+// Under a journal it is save's second chance (the turn was deleted before
+// its end, or save failed), and the snapshot is already written otherwise.
 func (p *publisher) finalSnapshot(status chat.TurnStatus) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.err != nil || len(p.inflight) > 0 || p.acked.seq == 0 || p.acked.seq == p.snapSeq {
-		return
-	}
-	if err := p.snap.Write(p.ctx, p.text[:p.acked.end], p.acked.seq, p.acked.sseq, status); err != nil {
+	if err := p.save(status); err != nil {
 		p.w.log.Warn("write final snapshot", "turn_id", p.turn.ID, "err", err)
 	}
-	p.snapSeq = p.acked.seq
+}
+
+// save writes the snapshot of every delta published so far and releases
+// them from the journal. Under a journal it runs before the turn's end is
+// stored (see bus.Bus.PublishEnd), and when the snapshot cannot be written
+// it stores the deltas the journal alone keeps in the stream instead; an
+// error then leaves them to the next start's replay.
+func (p *publisher) save(status chat.TurnStatus) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if (p.err != nil && !p.journaled) || len(p.inflight) > 0 || p.acked.seq == 0 ||
+		(p.acked.seq == p.snapSeq && len(p.unsaved) == 0) {
+		return nil
+	}
+	err := p.snap.Write(p.ctx, p.text[:p.acked.end], p.acked.seq, p.acked.sseq, status)
+	if err == nil {
+		p.snapSeq = p.acked.seq
+		p.releaseLocked(p.acked.seq)
+		return nil
+	}
+	if len(p.unsaved) == 0 {
+		return err
+	}
+	p.w.log.Warn("write final snapshot; storing the journaled deltas instead", "turn_id", p.turn.ID, "err", err)
+	for len(p.unsaved) > 0 {
+		if _, err := p.w.bus.Republish(p.ctx, p.unsaved[0]); err != nil {
+			return err
+		}
+		p.unsaved[0] = nil
+		p.unsaved = p.unsaved[1:]
+	}
+	return nil
 }

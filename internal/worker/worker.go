@@ -329,22 +329,26 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	res, perr := w.provider.Stream(tctx, req, pub.emit)
 	// The end may go live once every delta is: under a journal that is as
 	// soon as the pending text is published, and only the end's storing
-	// waits for the stream (settle); otherwise deltas are live once
-	// stored, so the end waits for that.
-	var settle func() error
-	if w.bus.Journaled() {
+	// waits, for the turn's snapshot to save the deltas (settle);
+	// otherwise deltas are live once stored, so the end waits for that.
+	journaled := w.bus.Journaled()
+	if journaled {
 		if err := pub.flushPending(); err != nil && perr == nil {
 			perr = err
 		}
-		settle = pub.flush
 	} else if err := pub.flush(); err != nil && perr == nil {
 		perr = err
 	}
 	if pub.failed() {
 		// The bus refused a delta: what reached the stream is unknown here,
 		// so leave the job to be redelivered; the next attempt ends the turn
-		// from the stream's truth.
+		// from the stream's truth (under a journal, saved first).
 		log.Error("publish failed; leaving the turn to recovery", "err", pub.err)
+		if journaled {
+			if err := pub.save(chat.StatusStreaming); err != nil {
+				log.Error("save the journaled deltas", "err", err)
+			}
+		}
 		return false, nil
 	}
 	status, errMsg := chat.StatusComplete, ""
@@ -371,11 +375,16 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	if !pub.firstAt.IsZero() {
 		w.m.firstDelta.Observe(pub.firstAt.Sub(t.CreatedAt).Seconds())
 	}
+	var settle func() error
+	if journaled {
+		settle = func() error { return pub.save(status) }
+	}
 	if err := w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage, settle); err != nil {
 		return true, err
 	}
 	// After the end: a resume of the finished turn then reads no stream
-	// tail, and the end did not wait for this write.
+	// tail, and the end did not wait for this write (under a journal it
+	// was settle's).
 	pub.finalSnapshot(status)
 	return true, nil
 }
