@@ -367,8 +367,12 @@ func (b *Bus) SubscribeConversation(conversationID string, fn func(Event)) (Subs
 	return sub, nil
 }
 
-// SubscribeTurnEnd calls fn with the end event of one turn.
+// SubscribeTurnEnd calls fn with the end event of one turn. Under a Local,
+// fn runs on the goroutine announcing the end and must not block.
 func (b *Bus) SubscribeTurnEnd(conversationID, turnID string, fn func(Event)) (Subscription, error) {
+	if b.cfg.Local != nil {
+		return b.cfg.Local.subscribeTurnEnd(turnID, fn), nil
+	}
 	sub, err := b.nc.Subscribe(EventSubject(conversationID, turnID, KindEnd), func(m *nats.Msg) {
 		e, err := DecodeEvent(m.Subject, m.Data)
 		if err != nil {

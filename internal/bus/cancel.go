@@ -35,8 +35,14 @@ func (b *Bus) MarkCancelled(ctx context.Context, turnID string) (bool, error) {
 // SignalCancel sends only the cancel signal. For a turn already streaming,
 // whose worker is known to be running it, the caller sends it before
 // MarkCancelled: the worker stops without waiting for the tombstone's round
-// trip (MarkCancelled signals again; a repeated signal is harmless).
+// trip (MarkCancelled signals again; a repeated signal is harmless). Under
+// a Local the signal reaches the process's WatchCancels callbacks directly,
+// on the caller's goroutine.
 func (b *Bus) SignalCancel(turnID string) {
+	if b.cfg.Local != nil {
+		b.cfg.Local.signalCancel(turnID)
+		return
+	}
 	_ = b.nc.Publish(CancelSubj, []byte(turnID))
 }
 
@@ -53,11 +59,12 @@ func (b *Bus) IsCancelled(ctx context.Context, turnID string) (bool, error) {
 }
 
 // WatchCancels calls fn with the id of every turn cancelled from now on,
-// from one goroutine, until ctx is done; fn may be called more than once
-// for one turn. Each cancel arrives by two routes: the core signal of
-// MarkCancelled, at once over any live connection, and a watch of the
-// tombstones backed by JetStream, so a cancel written while the connection
-// was briefly down still arrives. It returns once both are established.
+// until ctx is done; fn may be called more than once for one turn, and
+// concurrently (it must not block). Each cancel arrives by two routes: the
+// core signal of MarkCancelled, at once over any live connection (under a
+// Local, in the process), and a watch of the tombstones backed by
+// JetStream, so a cancel written while the connection was briefly down
+// still arrives. It returns once both are established.
 func (b *Bus) WatchCancels(ctx context.Context, fn func(turnID string)) error {
 	signals := make(chan *nats.Msg, 1024)
 	sub, err := b.nc.ChanSubscribe(CancelSubj, signals)
@@ -93,5 +100,8 @@ func (b *Bus) WatchCancels(ctx context.Context, fn func(turnID string)) error {
 			}
 		}
 	}()
+	if l := b.cfg.Local; l != nil {
+		context.AfterFunc(ctx, l.watchCancels(fn))
+	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package bus
 
 import (
+	"slices"
 	"sync"
 )
 
@@ -15,11 +16,13 @@ import (
 // acknowledgement, or under a Journal the producer's), with the event the
 // producer built, so a delta costs no
 // NATS publish, no server-side routing, no parse on the way back, no hop
-// through a router shard and nothing is ever dropped. Starts and ends are
-// published on NATS as well, for SubscribeTurnEnd. The Router makes no
+// through a router shard and nothing is ever dropped. The Router makes no
 // NATS subscriptions: it receives every conversation's events and its
 // callback drops those nobody follows, as a NATS subscription would never
-// have delivered them.
+// have delivered them. A cancel's signal (SignalCancel) and a turn's end
+// for SubscribeTurnEnd are likewise handed over in the process, without a
+// NATS hop: on a busy machine each hop was up to ten milliseconds of a
+// cancel's tail.
 //
 // Order is kept without a queue: a turn's start is announced before its
 // job is enqueued, so before any delta exists; its deltas are announced by
@@ -32,7 +35,15 @@ type Local struct {
 	router *Router // guarded by mu
 
 	live sync.Map // turn id → LiveTurn
+
+	hookMu  sync.Mutex
+	cancels map[*cancelHook]struct{}    // WatchCancels' callbacks; guarded by hookMu
+	ends    map[string][]*turnEndWaiter // SubscribeTurnEnd's, by turn id; guarded by hookMu
 }
+
+type cancelHook struct{ fn func(turnID string) }
+
+type turnEndWaiter struct{ fn func(Event) }
 
 // LiveTurn is a turn being produced in this process under a Journal: every
 // delta it has journaled is live, so its text so far is known here and a
@@ -88,9 +99,18 @@ func (l *Local) detach(r *Router) {
 }
 
 // deliver hands one live event to the router's callback, which must not
-// block (see NewRouter). The read lock is held meanwhile, so once the
-// router's Close has detached it no callback is running or will run.
+// block (see NewRouter), and an end to its turn's SubscribeTurnEnd
+// callbacks. The read lock is held meanwhile, so once the router's Close
+// has detached it no callback is running or will run.
 func (l *Local) deliver(e *Event) {
+	if e.Kind == KindEnd {
+		l.hookMu.Lock()
+		waiters := slices.Clone(l.ends[e.TurnID])
+		l.hookMu.Unlock()
+		for _, w := range waiters {
+			w.fn(*e)
+		}
+	}
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if l.router == nil {
@@ -101,16 +121,75 @@ func (l *Local) deliver(e *Event) {
 	l.router.fn(live)
 }
 
-// announce makes a stored event live: through the Local when there is one
-// (deltas only there), else on NATS. data is e encoded.
+// announce makes a stored event live: through the Local when there is one,
+// else on NATS. data is e encoded.
 func (b *Bus) announce(e *Event, data []byte) error {
 	if b.cfg.Local != nil {
 		b.cfg.Local.deliver(e)
-		if e.Kind == KindDelta {
-			return nil
-		}
+		return nil
 	}
 	return b.nc.Publish(e.Subject(), data)
+}
+
+// watchCancels makes fn hear every SignalCancel of the process until the
+// returned function is called.
+func (l *Local) watchCancels(fn func(turnID string)) (stop func()) {
+	h := &cancelHook{fn: fn}
+	l.hookMu.Lock()
+	if l.cancels == nil {
+		l.cancels = make(map[*cancelHook]struct{})
+	}
+	l.cancels[h] = struct{}{}
+	l.hookMu.Unlock()
+	return func() {
+		l.hookMu.Lock()
+		delete(l.cancels, h)
+		l.hookMu.Unlock()
+	}
+}
+
+// signalCancel calls every watchCancels callback with turnID, on the
+// caller's goroutine.
+func (l *Local) signalCancel(turnID string) {
+	l.hookMu.Lock()
+	hooks := make([]*cancelHook, 0, len(l.cancels))
+	for h := range l.cancels {
+		hooks = append(hooks, h)
+	}
+	l.hookMu.Unlock()
+	for _, h := range hooks {
+		h.fn(turnID)
+	}
+}
+
+// localTurnEnd is a SubscribeTurnEnd under a Local.
+type localTurnEnd struct {
+	l    *Local
+	turn string
+	w    *turnEndWaiter
+}
+
+func (l *Local) subscribeTurnEnd(turnID string, fn func(Event)) Subscription {
+	w := &turnEndWaiter{fn: fn}
+	l.hookMu.Lock()
+	if l.ends == nil {
+		l.ends = make(map[string][]*turnEndWaiter)
+	}
+	l.ends[turnID] = append(l.ends[turnID], w)
+	l.hookMu.Unlock()
+	return &localTurnEnd{l: l, turn: turnID, w: w}
+}
+
+func (s *localTurnEnd) Unsubscribe() error {
+	s.l.hookMu.Lock()
+	defer s.l.hookMu.Unlock()
+	ws := slices.DeleteFunc(s.l.ends[s.turn], func(w *turnEndWaiter) bool { return w == s.w })
+	if len(ws) == 0 {
+		delete(s.l.ends, s.turn)
+	} else {
+		s.l.ends[s.turn] = ws
+	}
+	return nil
 }
 
 // noSubscription is a Router subscription under a Local.

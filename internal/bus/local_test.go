@@ -240,3 +240,57 @@ func TestPublishEndSettlesBeforeStoring(t *testing.T) {
 		}
 	}
 }
+
+// Under a Local a cancel's signal and a turn's end reach the process's
+// listeners directly: here the gateway's own NATS connection is closed,
+// and both still arrive.
+func TestLocalCarriesCancelsAndEndsInProcess(t *testing.T) {
+	emb := startUnlistened(t)
+	local := bus.NewLocal()
+	open := func() (*bus.Bus, *nats.Conn) {
+		nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		b, err := bus.Open(t.Context(), nc, bus.Config{AckWait: 2 * time.Second, Local: local})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, nc
+	}
+	producer, _ := open()
+	gateway, gnc := open()
+	cancels := make(chan string, 4)
+	if err := producer.WatchCancels(t.Context(), func(turn string) { cancels <- turn }); err != nil {
+		t.Fatal(err)
+	}
+	gnc.Close()
+
+	ended := make(chan bus.Event, 1)
+	sub, err := gateway.SubscribeTurnEnd("c", "t", func(e bus.Event) { ended <- e })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	gateway.SignalCancel("t")
+	select {
+	case turn := <-cancels:
+		if turn != "t" {
+			t.Fatalf("cancel of %q, want t", turn)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the cancel signal did not arrive")
+	}
+	if _, err := producer.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c", TurnID: "t", Status: "cancelled"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case e := <-ended:
+		if e.TurnID != "t" || e.Status != "cancelled" {
+			t.Fatalf("end %+v, want turn t cancelled", e)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the end did not arrive")
+	}
+}
