@@ -239,14 +239,19 @@ func (c *conn) handle(f protocol.ClientFrame) {
 		}
 		c.push(protocol.Ack{Type: "ack", ID: f.ID, MessageID: res.Message.ID, TurnID: res.Turn.ID})
 	case protocol.TypeCancel:
-		// Waiting for the turn's end must not hold up this connection's
-		// other frames.
+		// The turn is stopped here, and waiting for its end must not hold
+		// up this connection's other frames: that goes on elsewhere.
+		pc, err := c.s.beginCancel(ctx, c.user, f.TurnID)
+		if err != nil {
+			c.sendError(f.ID, err)
+			return
+		}
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
 			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout+c.s.cfg.CancelWait)
 			defer cancel()
-			res, err := c.s.cancel(ctx, c.user, f.TurnID)
+			res, err := pc.finish(ctx)
 			if err != nil {
 				c.sendError(f.ID, err)
 				return

@@ -112,54 +112,92 @@ type cancelResult struct {
 // publish the end, so that the status in the answer is the one stored and
 // sent to every connection.
 func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult, error) {
+	c, err := s.beginCancel(ctx, user, turnID)
+	if err != nil {
+		return cancelResult{}, err
+	}
+	return c.finish(ctx)
+}
+
+// pendingCancel is a cancel begun: the turn's producer has been told to stop
+// (or the turn has been ended in the store, or it had ended already), and
+// finish waits for the outcome.
+type pendingCancel struct {
+	s       *Server
+	t       chat.Turn
+	res     cancelResult
+	started time.Time
+	done    bool // res is the answer
+	ended   chan bus.Event
+	sub     bus.Subscription
+	final   chat.TurnStatus // of a queued turn, ended in the store here
+	won     bool
+}
+
+// beginCancel does the part of a cancel that stops the turn: a caller that
+// must not wait for the end (a socket's frame loop) calls it first, so that
+// the producer stops without waiting for the caller to schedule the rest.
+// The caller must call finish.
+func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pendingCancel, error) {
 	t, err := s.store.Turn(ctx, turnID)
 	if err != nil {
 		s.m.cancels.WithLabelValues("not_found").Inc()
-		return cancelResult{}, err
+		return nil, err
 	}
 	if t.Owner != user {
 		s.m.cancels.WithLabelValues("forbidden").Inc()
-		return cancelResult{}, chat.ErrForbidden
+		return nil, chat.ErrForbidden
 	}
-	res := cancelResult{TurnID: t.ID, Status: t.Status}
-	started := s.now()
-	defer func() {
-		if !res.Already && res.Status == chat.StatusCancelled {
-			s.m.cancelLatency.Observe(s.now().Sub(started).Seconds())
-		}
-	}()
+	c := &pendingCancel{s: s, t: t, res: cancelResult{TurnID: t.ID, Status: t.Status}, started: s.now()}
 	if t.Status.Terminal() {
-		res.Already = true
+		c.res.Already, c.done = true, true
 		s.m.cancels.WithLabelValues("already_ended").Inc()
-		return res, nil
+		return c, nil
 	}
 	// Listen for the end before asking for it.
-	ended := make(chan bus.Event, 1)
-	sub, err := s.bus.SubscribeTurnEnd(t.ConversationID, t.ID, func(e bus.Event) {
+	c.ended = make(chan bus.Event, 1)
+	c.sub, err = s.bus.SubscribeTurnEnd(t.ConversationID, t.ID, func(e bus.Event) {
 		select {
-		case ended <- e:
+		case c.ended <- e:
 		default:
 		}
 	})
 	if err != nil {
-		return res, err
+		return nil, err
 	}
-	defer sub.Unsubscribe()
 	// A turn no worker has started is ended in the store first: a worker's
 	// start and this update are both conditional on "queued", so exactly
 	// one wins, and a worker that loses never calls the model, however
 	// long the rest of this cancel takes.
-	var final chat.TurnStatus
-	var won bool
 	if t.Status == chat.StatusQueued {
-		final, won, err = s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusCancelled, Now: s.now()}, chat.StatusQueued)
+		c.final, c.won, err = s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusCancelled, Now: s.now()}, chat.StatusQueued)
 		if err != nil {
-			return res, err
+			_ = c.sub.Unsubscribe()
+			return nil, err
 		}
 	}
 	if t.Status == chat.StatusStreaming {
 		s.bus.SignalCancel(t.ID) // its worker stops at once (see SignalCancel)
 	}
+	return c, nil
+}
+
+// finish completes a begun cancel and answers it.
+func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error) {
+	s, t := c.s, c.t
+	if c.sub != nil {
+		defer c.sub.Unsubscribe()
+	}
+	res = c.res
+	defer func() {
+		if !res.Already && res.Status == chat.StatusCancelled {
+			s.m.cancelLatency.Observe(s.now().Sub(c.started).Seconds())
+		}
+	}()
+	if c.done {
+		return res, nil
+	}
+	final, won := c.final, c.won
 	created, err := s.bus.MarkCancelled(ctx, t.ID)
 	if err != nil && !won {
 		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
@@ -203,10 +241,10 @@ func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult,
 	wait := time.NewTimer(s.cfg.CancelWait)
 	defer wait.Stop()
 	select {
-	case e := <-ended:
+	case e := <-c.ended:
 		res.Status = e.Status
 	case <-wait.C:
-		if t, err := s.store.Turn(ctx, turnID); err == nil {
+		if t, err := s.store.Turn(ctx, t.ID); err == nil {
 			res.Status = t.Status
 		}
 	case <-ctx.Done():
@@ -214,7 +252,7 @@ func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult,
 	}
 	// The end event carries the stored status, but re-read in case this
 	// cancel raced a producer that was replaced.
-	if t, err := s.store.Turn(ctx, turnID); err == nil && t.Status.Terminal() {
+	if t, err := s.store.Turn(ctx, t.ID); err == nil && t.Status.Terminal() {
 		res.Status = t.Status
 	}
 	res.Already = res.Already || (res.Status.Terminal() && res.Status != chat.StatusCancelled)
