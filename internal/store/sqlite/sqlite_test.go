@@ -1,7 +1,10 @@
 package sqlite_test
 
 import (
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -51,6 +54,44 @@ func TestOpenRejects(t *testing.T) {
 		if db, err := sqlite.Open(t.Context(), path); err == nil {
 			db.Close()
 			t.Errorf("Open(%q) succeeded, want an error", path)
+		}
+	}
+}
+
+// The writer leaves checkpoints to the background checkpointer, which
+// copies committed pages into the database file while the store is open:
+// here the file grows past its size after the migrations without anything
+// else checkpointing.
+func TestCheckpointsInTheBackground(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "history.db")
+	db, err := sqlite.Open(t.Context(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	size := func() int64 {
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Size()
+	}
+	before := size()
+	text := strings.Repeat("x", 4000)
+	for i := range 200 {
+		id := strconv.Itoa(i)
+		if _, err := db.Send(t.Context(), store.SendRequest{
+			ConversationID: "c" + id, Owner: "alice", MessageID: "m" + id, TurnID: "t" + id, Text: text, Now: time.Unix(1, 0),
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	giveUp := time.After(10 * time.Second)
+	for size() < before+200*4000 {
+		select {
+		case <-giveUp:
+			t.Fatalf("database file %d bytes after 800 kB written (%d before): not checkpointed", size(), before)
+		case <-time.After(20 * time.Millisecond):
 		}
 	}
 }
