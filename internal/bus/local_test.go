@@ -125,19 +125,24 @@ func localPair(t *testing.T) (*bus.Local, *bus.Bus, *bus.Bus) {
 	t.Helper()
 	emb := startUnlistened(t)
 	local := bus.NewLocal()
-	open := func(name string) *bus.Bus {
-		nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server), nats.Name(name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(nc.Close)
-		b, err := bus.Open(t.Context(), nc, bus.Config{AckWait: 2 * time.Second, Local: local})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
+	worker, _ := openLocal(t, emb, local, "worker")
+	gateway, _ := openLocal(t, emb, local, "gateway")
+	return local, worker, gateway
+}
+
+// openLocal opens a bus with local on a new connection to emb.
+func openLocal(t *testing.T, emb *bus.Embedded, local *bus.Local, name string) (*bus.Bus, *nats.Conn) {
+	t.Helper()
+	nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server), nats.Name(name))
+	if err != nil {
+		t.Fatal(err)
 	}
-	return local, open("worker"), open("gateway")
+	t.Cleanup(nc.Close)
+	b, err := bus.Open(t.Context(), nc, bus.Config{AckWait: 2 * time.Second, Local: local})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b, nc
 }
 
 // A router callback that falls behind loses nothing: under a Local it runs
@@ -247,20 +252,8 @@ func TestPublishEndSettlesBeforeStoring(t *testing.T) {
 func TestLocalCarriesCancelsAndEndsInProcess(t *testing.T) {
 	emb := startUnlistened(t)
 	local := bus.NewLocal()
-	open := func() (*bus.Bus, *nats.Conn) {
-		nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(nc.Close)
-		b, err := bus.Open(t.Context(), nc, bus.Config{AckWait: 2 * time.Second, Local: local})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b, nc
-	}
-	producer, _ := open()
-	gateway, gnc := open()
+	producer, _ := openLocal(t, emb, local, "worker")
+	gateway, gnc := openLocal(t, emb, local, "gateway")
 	cancels := make(chan string, 4)
 	if err := producer.WatchCancels(t.Context(), func(turn string) { cancels <- turn }); err != nil {
 		t.Fatal(err)
