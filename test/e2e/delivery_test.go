@@ -330,7 +330,8 @@ func TestChaos(t *testing.T) {
 	errs := make(chan error, 1000)
 	type result struct {
 		conv  string
-		turns map[string]string // turn → final text as the client assembled it
+		turns map[string]string   // turn → final text as the client assembled it
+		trail map[string][]string // turn → how its frames came, to explain a mismatch
 	}
 	results := make(chan result, convs*tabsPerConv)
 	stop := make(chan struct{})
@@ -375,7 +376,7 @@ func TestChaos(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				r := rand.New(rand.NewPCG(seed, 1))
-				st := chaosClient{conv: conv, turns: map[string]*trtest.Turn{}, slow: slow}
+				st := chaosClient{conv: conv, turns: map[string]*trtest.Turn{}, slow: slow, trail: map[string][]string{}}
 				err := st.run(t, p.WSURL(), r, &drops, stop)
 				if err != nil {
 					errs <- fmt.Errorf("%s tab %d: %w", conv, tab, err)
@@ -386,7 +387,7 @@ func TestChaos(t *testing.T) {
 						final[id] = tr.Text.String()
 					}
 				}
-				results <- result{conv, final}
+				results <- result{conv, final, st.trail}
 			}()
 		}
 	}
@@ -407,6 +408,7 @@ func TestChaos(t *testing.T) {
 		t.Error(err)
 	}
 	if t.Failed() {
+		t.Logf("server log (warnings and errors):\n%s", p.Stderr())
 		return
 	}
 	close(results)
@@ -423,12 +425,15 @@ func TestChaos(t *testing.T) {
 		}
 		for id, text := range r.turns {
 			if stored[id] != text {
-				t.Errorf("%s turn %s: client text (%d bytes) differs from stored (%d bytes)", r.conv, id, len(text), len(stored[id]))
+				t.Errorf("%s turn %s: client text (%d bytes) differs from stored (%d bytes); its frames: %v", r.conv, id, len(text), len(stored[id]), r.trail[id])
 			}
 			checked++
 		}
 	}
 	t.Logf("%d disconnects, %d (client, turn) texts checked", drops.Load(), checked)
+	if t.Failed() {
+		t.Logf("server log (warnings and errors):\n%s", p.Stderr())
+	}
 	if drops.Load() < minDrops {
 		t.Fatalf("only %d disconnects", drops.Load())
 	}
@@ -455,6 +460,11 @@ type chaosClient struct {
 	turns  map[string]*trtest.Turn
 	active string // the turn being followed, unfinished
 	slow   bool
+	trail  map[string][]string // turn → what the client got of it, in order
+}
+
+func (c *chaosClient) note(turn, format string, args ...any) {
+	c.trail[turn] = append(c.trail[turn], fmt.Sprintf(format, args...))
 }
 
 func (c *chaosClient) run(t *testing.T, url string, r *rand.Rand, drops *atomic.Int64, stop <-chan struct{}) error {
@@ -543,6 +553,7 @@ func (c *chaosClient) join(cl *trtest.Client, useAfter bool) error {
 				continue // the server sends the rest and the end
 			}
 			if old := c.turns[id]; old == nil || old.Ends == 0 {
+				c.note(id, "history %s %dB", msg.Str("status"), len(msg.Str("content")))
 				tr := &trtest.Turn{ID: id, Ends: 1, Status: msg.Str("status")}
 				tr.Text.WriteString(msg.Str("content"))
 				c.turns[id] = tr
@@ -553,6 +564,7 @@ func (c *chaosClient) join(cl *trtest.Client, useAfter bool) error {
 		}
 		if a := f.Obj("active"); a != nil {
 			id := a.Str("turn_id")
+			c.note(id, "joined active (after %v) seq %d %dB", withAfter, a.Int("seq"), len(a.Str("text")))
 			if withAfter && id == c.active {
 				if a.Int("from") != tr.Seq+1 {
 					return fmt.Errorf("resume from %d, had %d", a.Int("from"), tr.Seq)
@@ -575,12 +587,16 @@ func (c *chaosClient) apply(f trtest.Frame) error {
 	switch f.Type() {
 	case "turn.start":
 		id := f.Str("turn_id")
+		c.note(id, "turn.start")
 		if _, ok := c.turns[id]; ok {
 			return fmt.Errorf("turn.start for known turn %s", id)
 		}
 		c.turns[id] = &trtest.Turn{ID: id}
 		c.active = id
 	case "turn.delta", "turn.end":
+		if f.Type() == "turn.end" || len(c.trail[f.Str("turn_id")]) < 100 {
+			c.note(f.Str("turn_id"), "%s seq %d %dB", f.Type(), f.Int("seq"), len(f.Str("text")))
+		}
 		tr := c.turns[f.Str("turn_id")]
 		if tr == nil {
 			return fmt.Errorf("%s for unknown turn %s", f.Type(), f.Str("turn_id"))
