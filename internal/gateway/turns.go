@@ -296,7 +296,30 @@ func (s *Server) catchUp(ctx context.Context, conv, turn string, have, haveLen i
 		res.Text, res.To, res.ToLen = text, to, toLen
 		return res, nil
 	}
+	for read := 1; ; read++ {
+		res, err := s.catchUpStored(ctx, conv, turn, res, have, haveLen)
+		if err != nil || res.End == nil || res.End.Seq <= res.To || res.Missed || read == 2 {
+			return res, err
+		}
+		// The stream holds the turn's end but not all the text before
+		// it: the turn ended between the reads of its snapshot and of the
+		// stream. Under serve's delta journal its deltas are not in the
+		// stream; the snapshot saved them before the end was stored, so
+		// a second read finds them.
+	}
+}
+
+// testHookHeadRead, when set, runs after catchUpStored has read a turn's
+// snapshot head.
+var testHookHeadRead func()
+
+// catchUpStored is catchUp from the turn's snapshot and the stream, into a
+// copy of res.
+func (s *Server) catchUpStored(ctx context.Context, conv, turn string, res catchUpResult, have, haveLen int64) (catchUpResult, error) {
 	head, err := s.bus.ReadHead(ctx, turn)
+	if testHookHeadRead != nil {
+		testHookHeadRead()
+	}
 	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 		return res, err
 	}

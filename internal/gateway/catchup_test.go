@@ -1,0 +1,82 @@
+package gateway
+
+import (
+	"context"
+	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+)
+
+// Under serve's delta journal the stream holds a turn's start and end but
+// none of its deltas, which the turn's snapshot saves before its end is
+// stored. A catch-up that reads the snapshot head just before the turn's
+// last snapshot is written, and the stream just after its end is stored,
+// finds the end without the text: it reads again, and finds the text.
+func TestCatchUpReadsAgainWhenTheTurnEndsBetweenItsReads(t *testing.T) {
+	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emb.Shutdown)
+	nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	j, err := bus.OpenJournal(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	b, err := bus.Open(t.Context(), nc, bus.Config{Local: bus.NewLocal(), Journal: j})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(Config{QuietCheck: -1}, b, nil, nil)
+	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
+
+	// A turn of three journaled deltas, ended: its end is in the stream,
+	// its snapshot not yet.
+	snap := b.NewSnapshotWriter("c", "t")
+	text := ""
+	for i, tok := range []string{"one ", "two ", "three"} {
+		e := &bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t", Seq: int64(i + 1), Off: int64(len(text)), Text: tok}
+		if _, err := b.PublishDeltaAsync(e); err != nil {
+			t.Fatal(err)
+		}
+		text += tok
+		snap.Record(len(text))
+	}
+	if _, err := b.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c", TurnID: "t", Seq: 3, Status: chat.StatusComplete}); err != nil {
+		t.Fatal(err)
+	}
+	// The snapshot lands right after catch-up's first read of the head.
+	var wrote bool
+	testHookHeadRead = func() {
+		if !wrote {
+			wrote = true
+			if err := snap.Write(t.Context(), []byte(text), 3, 0, chat.StatusComplete); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	defer func() { testHookHeadRead = nil }()
+
+	res, err := s.catchUp(t.Context(), "c", "t", 0, -1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(res.Text) != text || res.From != 1 || res.To != 3 || res.ToLen != int64(len(text)) || res.End == nil || res.Missed {
+		t.Fatalf("catch-up %q from %d to %d (len %d), end %v, missed %v; want %q from 1 to 3 and the end",
+			res.Text, res.From, res.To, res.ToLen, res.End != nil, res.Missed, text)
+	}
+}
