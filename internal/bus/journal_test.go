@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 )
 
@@ -17,7 +18,7 @@ import (
 // serve's, and returns a function opening a bus on a new connection to it.
 func journalSetup(t *testing.T) func(local *bus.Local, j *bus.Journal) (*bus.Bus, *nats.Conn) {
 	t.Helper()
-	emb := startUnlistened(t)
+	emb := bustest.StartUnlistened(t)
 	return func(local *bus.Local, j *bus.Journal) (*bus.Bus, *nats.Conn) {
 		t.Helper()
 		nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))

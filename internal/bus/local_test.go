@@ -7,10 +7,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 )
 
 // Two buses of one process share a Local: the producer's live events reach
@@ -105,25 +105,11 @@ func TestLocalCarriesLiveEventsInProcess(t *testing.T) {
 	}
 }
 
-// startUnlistened starts an embedded server that accepts no other process,
-// as serve's.
-func startUnlistened(t *testing.T) *bus.Embedded {
-	t.Helper()
-	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
-		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(emb.Shutdown)
-	return emb
-}
-
 // localPair starts an embedded server that accepts no other process and
 // opens two buses on it sharing a Local, as serve does.
 func localPair(t *testing.T) (*bus.Local, *bus.Bus, *bus.Bus) {
 	t.Helper()
-	emb := startUnlistened(t)
+	emb := bustest.StartUnlistened(t)
 	local := bus.NewLocal()
 	worker, _ := openLocal(t, emb, local, "worker")
 	gateway, _ := openLocal(t, emb, local, "gateway")
@@ -250,7 +236,7 @@ func TestPublishEndSettlesBeforeStoring(t *testing.T) {
 // listeners directly: here the gateway's own NATS connection is closed,
 // and both still arrive.
 func TestLocalCarriesCancelsAndEndsInProcess(t *testing.T) {
-	emb := startUnlistened(t)
+	emb := bustest.StartUnlistened(t)
 	local := bus.NewLocal()
 	producer, _ := openLocal(t, emb, local, "worker")
 	gateway, gnc := openLocal(t, emb, local, "gateway")

@@ -4,10 +4,8 @@ import (
 	"context"
 	"testing"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
-
 	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 )
 
@@ -17,30 +15,7 @@ import (
 // last snapshot is written, and the stream just after its end is stored,
 // finds the end without the text: it reads again, and finds the text.
 func TestCatchUpReadsAgainWhenTheTurnEndsBetweenItsReads(t *testing.T) {
-	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
-		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(emb.Shutdown)
-	nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	j, err := bus.OpenJournal(t.TempDir(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := j.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { j.Close() })
-	b, err := bus.Open(t.Context(), nc, bus.Config{Local: bus.NewLocal(), Journal: j})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := bustest.StartJournaled(t)
 	s := New(Config{QuietCheck: -1}, b, nil, nil)
 	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
 

@@ -7,10 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
-
 	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/provider"
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
 	"github.com/tokenrelay/tokenrelay/internal/worker"
@@ -41,40 +39,16 @@ func (p *pausingProvider) Stream(ctx context.Context, _ provider.Request, emit f
 // left to the stream, and so is the turn once it ends, when its snapshot
 // holds every delta and the stream none.
 func TestLiveTextOfARunningTurn(t *testing.T) {
-	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
-		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(emb.Shutdown)
-	j, err := bus.OpenJournal(t.TempDir(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := j.Start(); err != nil {
-		t.Fatal(err)
-	}
-	nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
-	if err != nil {
-		t.Fatal(err)
-	}
-	local := bus.NewLocal()
-	b, err := bus.Open(t.Context(), nc, bus.Config{Local: local, Journal: j})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := bustest.StartJournaled(t)
 	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
 	if err != nil {
 		t.Fatal(err)
 	}
 	p := &pausingProvider{paused: make(chan struct{}), release: make(chan struct{})}
 	e := &env{bus: b, store: st, w: worker.New(worker.Config{}, b, st, p), stop: func() {}}
-	// Cleanups run last first: the worker stops before the journal, the
-	// connection and the store close.
+	// Cleanups run last first: the worker stops before the store, the
+	// journal and the connection close.
 	t.Cleanup(func() { st.Close() })
-	t.Cleanup(nc.Close)
-	t.Cleanup(func() { j.Close() })
 	e.start(t)
 	ends := e.send(t, "c", "t", "hello", true)
 	select {

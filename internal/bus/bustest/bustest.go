@@ -29,6 +29,47 @@ func Start(t testing.TB) *bus.Bus {
 	return Open(t, emb.Server.ClientURL())
 }
 
+// StartUnlistened starts an embedded JetStream server in t.TempDir that
+// accepts no other process, as serve's; it stops at the end of the test.
+func StartUnlistened(t testing.TB) *bus.Embedded {
+	t.Helper()
+	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true, DontListen: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emb.Shutdown)
+	return emb
+}
+
+// StartJournaled starts what serve runs in one process: an embedded server
+// that accepts no other process, and a Bus on an in-process connection to
+// it with a Local and a delta journal in t.TempDir. Everything stops at the
+// end of the test, the journal first.
+func StartJournaled(t testing.TB) *bus.Bus {
+	t.Helper()
+	emb := StartUnlistened(t)
+	nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	j, err := bus.OpenJournal(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	b, err := bus.Open(t.Context(), nc, bus.Config{Local: bus.NewLocal(), Journal: j})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 // Open connects a new Bus to url.
 func Open(t testing.TB, url string, opts ...nats.Option) *bus.Bus {
 	t.Helper()
