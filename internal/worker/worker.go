@@ -321,8 +321,8 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	pub := newPublisher(ctx, w, t)
 	defer pub.stop()
 	// Joins and repairs read the turn's text from here while it runs
-	// (see bus.LiveTurn); until the end is stored, so the stream has it
-	// all when they read it there instead.
+	// (see bus.LiveTurn), until the end is stored: the snapshot and the
+	// stream then hold it all when they read it there instead.
 	defer w.bus.AddLiveTurn(t.ID, pub)()
 
 	w.m.providerReqs.Inc()
