@@ -217,7 +217,7 @@ func (c *compatConn) drain() {
 			if f = c.resolve(f); f == nil {
 				continue
 			}
-			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.WriteTimeout)
+			ctx, cancel := context.WithTimeout(c.s.shutdownCtx, c.s.cfg.WriteTimeout)
 			err := c.ws.Write(ctx, websocket.MessageText, f)
 			cancel()
 			if err != nil {
@@ -256,7 +256,8 @@ type compatClientFrame struct {
 // not understand are ignored, as the original server did.
 func (c *compatConn) readLoop() {
 	for {
-		typ, data, err := c.ws.Read(c.ctx)
+		// No context: ending c.ctx closes the socket (see serveSocket).
+		typ, data, err := c.ws.Read(context.Background())
 		if err != nil {
 			if errors.Is(err, websocket.ErrMessageTooBig) {
 				c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
@@ -290,7 +291,7 @@ func (c *compatConn) frame(data []byte) {
 		if id == "" {
 			id = f.MessageIDSnake
 		}
-		ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
+		ctx, cancel := c.s.requestCtx()
 		c.reconnect(ctx, id, chunkIndex(f.LastChunkIndex))
 		cancel()
 	}
@@ -414,7 +415,7 @@ func (c *compatConn) run() {
 	c.s.keepAlive(c.ctx, c.ws, c.closeWith)
 	c.push(protocol.Encode(compatWelcome{Type: "welcome", SessionID: c.conv, Timestamp: protocol.FormatTime(c.s.now())}))
 	onOwnStack(func() {
-		ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
+		ctx, cancel := c.s.requestCtx()
 		err := c.join(ctx)
 		cancel()
 		if err != nil {

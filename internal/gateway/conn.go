@@ -170,7 +170,8 @@ func (c *conn) stalled() {
 // readLoop handles client frames until the connection ends.
 func (c *conn) readLoop() {
 	for {
-		typ, data, err := c.ws.Read(c.ctx)
+		// No context: ending c.ctx closes the socket (see serveSocket).
+		typ, data, err := c.ws.Read(context.Background())
 		if err != nil {
 			if errors.Is(err, websocket.ErrMessageTooBig) {
 				// The library has already closed with 1009.
@@ -214,7 +215,7 @@ func (c *conn) badFrame(id, msg string) {
 }
 
 func (c *conn) handle(f protocol.ClientFrame) {
-	ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout)
+	ctx, cancel := c.s.requestCtx()
 	defer cancel()
 	switch f.Type {
 	case protocol.TypePing:

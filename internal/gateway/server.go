@@ -257,7 +257,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		wg.Wait()
-		s.shutdown()
+		s.stop()
 		s.conns.Wait()
 		s.hub.close()
 		close(done)
@@ -266,9 +266,32 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	case <-done:
 		return nil
 	case <-ctx.Done():
-		s.shutdown()
+		s.stop()
 		return ctx.Err()
 	}
+}
+
+// stop ends every connection's context and closes every socket still open,
+// which ends their read loops.
+func (s *Server) stop() {
+	s.shutdown()
+	s.mu.Lock()
+	open := make([]*websocket.Conn, 0, len(s.open))
+	for ws := range s.open {
+		open = append(open, ws)
+	}
+	s.mu.Unlock()
+	for _, ws := range open {
+		_ = ws.CloseNow()
+	}
+}
+
+// requestCtx is the context of one client request of a connection. It
+// derives from the server's, not the connection's: a context with children
+// keeps a map of them for its life, and a request of a connection that
+// ends is cut short by the socket's close instead.
+func (s *Server) requestCtx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(s.shutdownCtx, s.cfg.RequestTimeout)
 }
 
 func (s *Server) routes() *http.ServeMux {
@@ -354,7 +377,15 @@ func (s *Server) serveSocket(ws *websocket.Conn, user string, q *outQueue, run f
 	} else {
 		ws.SetReadLimit(-1)
 	}
-	ctx, cancel := context.WithCancel(s.shutdownCtx)
+	// Ending a connection's context also closes its socket, which ends the
+	// read loop: reads and writes take no context of their own, so that
+	// an idle connection registers nothing with its context (see
+	// requestCtx).
+	ctx, cancelCtx := context.WithCancel(s.shutdownCtx)
+	cancel := func() {
+		cancelCtx()
+		_ = ws.CloseNow()
+	}
 	s.m.connections.Inc()
 	s.m.connectsTotal.Inc()
 	go func() {
