@@ -22,7 +22,7 @@ run() { # name "server flags" trbench args...
 }
 REV=("$@")
 [ ${#REV[@]} -eq 0 ] && REV=(-r HEAD)
-ARGS=(-s "idle conns=10000 hold=10s");                                                    run idle "" "${REV[@]}"
+ARGS=(-s "idle conns=10000 hold=150s");                                                   run idle "" "${REV[@]}"
 ARGS=(-s "stream turns=1000 rate=20 watchers=1");                                          run stream-1k "" "${REV[@]}"
 ARGS=(-s "cancel turns=1000 rate=20 watchers=1");                                          run cancel-1k "" "${REV[@]}"
 ARGS=(-s "resume turns=1000 rate=20 watchers=1 probe-rate=20 long=1000,10000,100000");     run resume-1k "" "${REV[@]}"

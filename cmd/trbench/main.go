@@ -84,7 +84,7 @@ func (s *specList) Set(v string) error { *s = append(*s, v); return nil }
 // bindScenarioFlags binds the flags a -s spec may override.
 func bindScenarioFlags(fs *flag.FlagSet, c *config) {
 	fs.IntVar(&c.IdleConns, "conns", c.IdleConns, "idle: connections, each joined to its own conversation")
-	fs.DurationVar(&c.IdleHold, "hold", c.IdleHold, "idle: how long the connections stay open after joining (CPU is measured over it)")
+	fs.DurationVar(&c.IdleHold, "hold", c.IdleHold, "idle: how long the connections stay open after joining; CPU is measured over it and RSS at its end (the default outlasts several server pings and the Go runtime's two-minute forced collection, so RSS is the steady state)")
 	fs.BoolVar(&c.IdleCompat, "compat", c.IdleCompat, "idle: connect with the legacy /ws/chat protocol (COMPAT.md) instead, each to its own session, and wait for welcome")
 	fs.IntVar(&c.Turns, "turns", c.Turns, "concurrent turns: conversations, each running one turn after another")
 	fs.Float64Var(&c.Rate, "rate", c.Rate, "tokens per second per turn ([sim rate=R])")
@@ -152,7 +152,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	cfg := &config{
 		URL: "ws://127.0.0.1:8080/v1/ws", DialConcurrency: 128,
-		IdleConns: 10000, IdleHold: 10 * time.Second,
+		IdleConns: 10000, IdleHold: 150 * time.Second,
 		Turns: 1000, Rate: 20, Watchers: 1, Warmup: 8 * time.Second, Duration: 20 * time.Second,
 		CancelFrac: 1, StormPct: 10, StormEvery: 2 * time.Second, ProbeRate: 20,
 		Long: "1000,10000,100000", LongSecs: 10, LongProbes: 20,
