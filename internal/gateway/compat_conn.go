@@ -492,7 +492,7 @@ func (cp *compat) handleWS() http.Handler {
 			http.Error(w, "origin not allowed", http.StatusForbidden)
 			return
 		}
-		ws, err := acceptWS(w, r, &websocket.AcceptOptions{
+		ws, nc, err := acceptWS(w, r, &websocket.AcceptOptions{
 			InsecureSkipVerify: true, // COMPAT.md: any origin unless configured (checked above)
 			CompressionMode:    websocket.CompressionDisabled,
 		})
@@ -523,7 +523,7 @@ func (cp *compat) handleWS() http.Handler {
 			return
 		}
 		oq := newOutQueue(s.cfg.Limits.OutboundBytes)
-		s.serveSocket(ws, id.UserID, oq, func(ctx context.Context, cancel context.CancelFunc) {
+		s.serveSocket(ws, nc, id.UserID, oq, func(ctx context.Context, cancel context.CancelFunc) {
 			c := &compatConn{
 				s: s, cp: cp, ws: ws, user: id.UserID, conv: session, q: oq,
 				ctx: ctx, cancel: cancel, turns: make(map[string]*compatTurn),

@@ -90,9 +90,9 @@ type Server struct {
 	workerSeen time.Time // when a worker last answered; guarded by workerMu
 
 	mu      sync.Mutex
-	closing bool                          // guarded by mu
-	quiet   *time.Timer                   // runs checkQuiet; nil when disabled; guarded by mu
-	open    map[*websocket.Conn]*outQueue // guarded by mu
+	closing bool                           // guarded by mu
+	quiet   *time.Timer                    // runs checkQuiet; nil when disabled; guarded by mu
+	open    map[*websocket.Conn]openSocket // guarded by mu
 }
 
 // New returns a gateway using b and st, authenticating with a.
@@ -125,7 +125,7 @@ func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server 
 	s := &Server{
 		cfg: cfg, bus: b, store: st, auth: a, limits: newUserLimits(cfg.Limits),
 		m: newMetrics(cfg.Registry), log: cfg.Logger, shutdownCtx: ctx, shutdown: cancel,
-		open: make(map[*websocket.Conn]*outQueue),
+		open: make(map[*websocket.Conn]openSocket),
 	}
 	s.hub = newHub(b, s.resync)
 	s.mux = s.routes()
@@ -227,8 +227,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.quiet.Stop()
 	}
 	open := make(map[*websocket.Conn]*outQueue, len(s.open))
-	for c, q := range s.open {
-		open[c] = q
+	for c, o := range s.open {
+		open[c] = o.q
 	}
 	s.mu.Unlock()
 	// Everything the bus has delivered so far reaches the queues...
@@ -272,17 +272,18 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // stop ends every connection's context and closes every socket still open,
-// which ends their read loops.
+// which ends their read loops and any close handshake still waiting for its
+// peer.
 func (s *Server) stop() {
 	s.shutdown()
 	s.mu.Lock()
-	open := make([]*websocket.Conn, 0, len(s.open))
-	for ws := range s.open {
-		open = append(open, ws)
+	open := make([]net.Conn, 0, len(s.open))
+	for _, o := range s.open {
+		open = append(open, o.nc)
 	}
 	s.mu.Unlock()
-	for _, ws := range open {
-		_ = ws.CloseNow()
+	for _, nc := range open {
+		_ = nc.Close()
 	}
 }
 
@@ -323,7 +324,7 @@ func (s *Server) handleWS() http.Handler {
 			return
 		}
 		id, authErr := s.auth.Authenticate(r)
-		ws, err := acceptWS(w, r, &websocket.AcceptOptions{
+		ws, nc, err := acceptWS(w, r, &websocket.AcceptOptions{
 			InsecureSkipVerify: true, // the origin was checked above
 			CompressionMode:    websocket.CompressionDisabled,
 		})
@@ -336,7 +337,7 @@ func (s *Server) handleWS() http.Handler {
 			return
 		}
 		q := newOutQueue(s.cfg.Limits.OutboundBytes)
-		s.serveSocket(ws, id.UserID, q, func(ctx context.Context, cancel context.CancelFunc) {
+		s.serveSocket(ws, nc, id.UserID, q, func(ctx context.Context, cancel context.CancelFunc) {
 			c := &conn{
 				s: s, ws: ws, user: id.UserID, q: q,
 				ctx: ctx, cancel: cancel, views: make(map[string]*view),
@@ -356,7 +357,7 @@ func (s *Server) handleWS() http.Handler {
 // upgrade request (its headers, contexts and response), and the goroutine
 // that idles with the connection has a stack of its own size instead of
 // one grown through the HTTP server's handler chain.
-func (s *Server) serveSocket(ws *websocket.Conn, user string, q *outQueue, run func(ctx context.Context, cancel context.CancelFunc)) {
+func (s *Server) serveSocket(ws *websocket.Conn, nc net.Conn, user string, q *outQueue, run func(ctx context.Context, cancel context.CancelFunc)) {
 	if !s.limits.openConn(user) {
 		s.m.limitHits.WithLabelValues("connections").Inc()
 		_ = ws.Close(closeTooManyConns, "too many connections")
@@ -369,7 +370,7 @@ func (s *Server) serveSocket(ws *websocket.Conn, user string, q *outQueue, run f
 		_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
 		return
 	}
-	s.open[ws] = q
+	s.open[ws] = openSocket{q: q, nc: nc}
 	s.conns.Add(1)
 	s.mu.Unlock()
 	if s.cfg.Limits.FrameBytes > 0 {
@@ -380,11 +381,12 @@ func (s *Server) serveSocket(ws *websocket.Conn, user string, q *outQueue, run f
 	// Ending a connection's context also closes its socket, which ends the
 	// read loop: reads and writes take no context of their own, so that
 	// an idle connection registers nothing with its context (see
-	// requestCtx).
+	// requestCtx). The TCP connection is closed, not the WebSocket:
+	// CloseNow waits for a close handshake already in progress.
 	ctx, cancelCtx := context.WithCancel(s.shutdownCtx)
 	cancel := func() {
 		cancelCtx()
-		_ = ws.CloseNow()
+		_ = nc.Close()
 	}
 	s.m.connections.Inc()
 	s.m.connectsTotal.Inc()
@@ -402,6 +404,12 @@ func (s *Server) serveSocket(ws *websocket.Conn, user string, q *outQueue, run f
 	}()
 }
 
+// openSocket is an open WebSocket's outbound queue and TCP connection.
+type openSocket struct {
+	q  *outQueue
+	nc net.Conn
+}
+
 // WebSocket buffer sizes. net/http hands a hijacked connection 4 KiB read
 // and write buffers, which every idle connection would keep for its life.
 // A delta frame is ~150 bytes and client frames are read whole into a
@@ -414,18 +422,23 @@ const (
 )
 
 // acceptWS upgrades a request to a WebSocket with buffers of the sizes
-// above.
-func acceptWS(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, error) {
+// above. It also returns the TCP connection under the WebSocket.
+func acceptWS(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, net.Conn, error) {
+	var nc net.Conn
 	if hj, ok := w.(http.Hijacker); ok {
-		w = smallBuffers{ResponseWriter: w, hj: hj}
+		w = smallBuffers{ResponseWriter: w, hj: hj, nc: &nc}
 	}
-	return websocket.Accept(w, r, opts)
+	// Accept fails unless it has hijacked the connection through w.
+	ws, err := websocket.Accept(w, r, opts)
+	return ws, nc, err
 }
 
-// smallBuffers hijacks with buffers of wsReadBuffer and wsWriteBuffer bytes.
+// smallBuffers hijacks with buffers of wsReadBuffer and wsWriteBuffer bytes,
+// and keeps the connection in *nc.
 type smallBuffers struct {
 	http.ResponseWriter
 	hj http.Hijacker
+	nc *net.Conn
 }
 
 func (b smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -433,6 +446,7 @@ func (b smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return c, brw, err
 	}
+	*b.nc = c
 	if brw.Writer.Buffered() > 0 {
 		if err := brw.Writer.Flush(); err != nil {
 			return c, brw, err

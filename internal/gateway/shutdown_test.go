@@ -1,0 +1,75 @@
+package gateway
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/auth"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
+)
+
+// A Shutdown whose context ends before a peer answers the close handshake
+// still closes that peer's socket at once. Sockets are read without a
+// context, so nothing but the hard stop would close it before the
+// library's own five-second wait for the peer's close frame.
+func TestShutdownClosesSocketsOfPeersThatDoNotAnswer(t *testing.T) {
+	a, err := auth.New(auth.Config{Dev: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(Config{QuietCheck: -1, PingInterval: -1}, bustest.Start(t), nil, a)
+	srv := httptest.NewServer(s)
+	t.Cleanup(srv.Close)
+
+	// A peer that upgrades and then never reads or answers again.
+	nc, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	_ = nc.SetDeadline(time.Now().Add(10 * time.Second))
+	req := "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+	if _, err := io.WriteString(nc, req); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(nc)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	// A ping answered: the socket is registered and its read loop runs.
+	ping := `{"type":"ping","id":"p"}`
+	frame := append([]byte{0x81, 0x80 | byte(len(ping)), 0, 0, 0, 0}, ping...) // masked with key 0
+	if _, err := nc.Write(frame); err != nil {
+		t.Fatal(err)
+	}
+	hdr := make([]byte, 2)
+	if _, err := io.ReadFull(br, hdr); err != nil {
+		t.Fatal(err)
+	}
+	pong := make([]byte, hdr[1]&0x7f)
+	if _, err := io.ReadFull(br, pong); err != nil || !strings.Contains(string(pong), `"pong"`) {
+		t.Fatalf("answer to ping: %q %v", pong, err)
+	}
+
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	if err := s.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown = %v, want the context's deadline (the peer never answers)", err)
+	}
+	// The server's close frame, then the end of the stream well before
+	// the library's five seconds.
+	_ = nc.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.Copy(io.Discard, br); err != nil {
+		t.Fatalf("reading the closed socket: %v, want EOF within 2s", err)
+	}
+}
