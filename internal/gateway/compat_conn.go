@@ -57,6 +57,7 @@ type compatConn struct {
 	wg        sync.WaitGroup // the view's repairs
 	view      *view          // set by join; owned by run
 	closeOnce sync.Once
+	stall     stallTimer // owned by the writer (drain)
 
 	mu     sync.Mutex
 	turns  map[string]*compatTurn // turns being streamed to this socket; guarded by mu
@@ -212,15 +213,17 @@ func (c *compatConn) drain() {
 		if !ok {
 			return
 		}
+		// A write that blocks for WriteTimeout means the peer stopped
+		// reading (see stallTimer).
+		c.stall.arm(c.s, c.ctx, c.cancel)
 		for i, f := range frames {
 			frames[i] = nil
 			if f = c.resolve(f); f == nil {
 				continue
 			}
-			ctx, cancel := context.WithTimeout(c.s.shutdownCtx, c.s.cfg.WriteTimeout)
-			err := c.ws.Write(ctx, websocket.MessageText, f)
-			cancel()
+			err := c.ws.Write(context.Background(), websocket.MessageText, f)
 			if err != nil {
+				c.stall.stop()
 				if c.ctx.Err() == nil {
 					c.s.m.writeErrors.Inc()
 				}
@@ -231,6 +234,7 @@ func (c *compatConn) drain() {
 			c.s.m.framesSent.Inc()
 			c.s.m.bytesSent.Add(float64(len(f)))
 		}
+		c.stall.stop()
 		if cap(frames) > 1024 {
 			frames = nil
 		}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
-	"time"
 
 	"github.com/coder/websocket"
 
@@ -38,8 +37,8 @@ type conn struct {
 	views     map[string]*view // joined conversations; guarded by mu
 	closeOnce sync.Once
 
-	badFrames int         // owned by the read loop
-	stall     *time.Timer // write stall timer; owned by the writer (drain)
+	badFrames int        // owned by the read loop
+	stall     stallTimer // owned by the writer (drain)
 }
 
 var _ sink = (*conn)(nil)
@@ -123,14 +122,12 @@ func (c *conn) drain() {
 			c.s.m.mergedFrames.Add(float64(merged))
 		}
 		// A write that blocks for WriteTimeout means the peer stopped
-		// reading: the stall timer closes the socket, which fails the
-		// write. One reused timer armed per batch; a context per write
-		// costs a timer and a registration each.
-		c.armStall()
+		// reading (see stallTimer).
+		c.stall.arm(c.s, c.ctx, c.cancel)
 		for _, f := range frames {
 			err := c.ws.Write(context.Background(), websocket.MessageText, f)
 			if err != nil {
-				c.stall.Stop()
+				c.stall.stop()
 				if c.ctx.Err() == nil {
 					c.s.m.writeErrors.Inc()
 				}
@@ -141,30 +138,8 @@ func (c *conn) drain() {
 			c.s.m.framesSent.Inc()
 			c.s.m.bytesSent.Add(float64(len(f)))
 		}
-		c.stall.Stop()
+		c.stall.stop()
 	}
-}
-
-// armStall starts the write stall timer of the writer (see drain).
-func (c *conn) armStall() {
-	if c.stall == nil {
-		c.stall = time.AfterFunc(c.s.cfg.WriteTimeout, c.stalled)
-		return
-	}
-	c.stall.Reset(c.s.cfg.WriteTimeout)
-}
-
-// stalled closes a connection whose write has been blocked for
-// WriteTimeout: a slow consumer whose socket is too full to even carry
-// the 4008.
-func (c *conn) stalled() {
-	if c.ctx.Err() != nil {
-		return
-	}
-	c.s.m.slowCloses.Inc()
-	c.logger().Debug("write stalled; closing", "timeout", c.s.cfg.WriteTimeout)
-	_ = c.ws.CloseNow()
-	c.cancel()
 }
 
 // readLoop handles client frames until the connection ends.

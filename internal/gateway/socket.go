@@ -69,3 +69,35 @@ func (p *pinger) fire() {
 		p.t.Reset(p.s.cfg.PingInterval)
 	}
 }
+
+// stallTimer closes a connection whose writer has been blocked for
+// WriteTimeout: a slow consumer whose socket is too full to even carry the
+// 4008. The writer arms it before a batch of writes and stops it after;
+// sockets are written without a context, which would cost a timer and a
+// registration per write. Ending the connection closes its TCP connection,
+// which fails the blocked write.
+type stallTimer struct {
+	t *time.Timer
+}
+
+// arm starts the timer; end ends the connection whose context is ctx.
+func (st *stallTimer) arm(s *Server, ctx context.Context, end func()) {
+	if st.t != nil {
+		st.t.Reset(s.cfg.WriteTimeout)
+		return
+	}
+	st.t = time.AfterFunc(s.cfg.WriteTimeout, func() {
+		if ctx.Err() != nil {
+			return
+		}
+		s.m.slowCloses.Inc()
+		s.log.Debug("write stalled; closing", "timeout", s.cfg.WriteTimeout)
+		end()
+	})
+}
+
+func (st *stallTimer) stop() {
+	if st.t != nil {
+		st.t.Stop()
+	}
+}
