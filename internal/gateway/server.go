@@ -288,9 +288,10 @@ func (s *Server) stop() {
 }
 
 // requestCtx is the context of one client request of a connection. It
-// derives from the server's, not the connection's: a context with children
-// keeps a map of them for its life, and a request of a connection that
-// ends is cut short by the socket's close instead.
+// derives from the server's, not the connection's, because a context with
+// children keeps a map of them for its life. A request of a connection
+// that ends meanwhile runs to its end or its timeout; its answer is
+// dropped with the connection's queue.
 func (s *Server) requestCtx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(s.shutdownCtx, s.cfg.RequestTimeout)
 }
