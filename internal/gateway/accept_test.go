@@ -66,21 +66,20 @@ func TestAcceptWSCarriesLargeMessages(t *testing.T) {
 	c.Close(websocket.StatusNormalClosure, "")
 }
 
-// A frame the client sends right behind its upgrade request, in the same
-// packet, is read: net/http has buffered it, and its reader is kept.
-func TestAcceptWSKeepsBytesBehindTheUpgrade(t *testing.T) {
-	srv := echoServer(t)
-	conn, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+// rawUpgrade dials the server at url over plain TCP and upgrades path to a
+// WebSocket, sending behind right after the request, in the same write. It
+// returns the connection and the reader the upgrade's answer was read with.
+func rawUpgrade(t *testing.T, url, path string, behind []byte) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	t.Cleanup(func() { conn.Close() })
 	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	req := "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+	req := "GET " + path + " HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
 		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-	// A masked text frame "hi" (RFC 6455 5.2), mask key 1 2 3 4.
-	frame := []byte{0x81, 0x80 | 2, 1, 2, 3, 4, 'h' ^ 1, 'i' ^ 2}
-	if _, err := conn.Write(append([]byte(req), frame...)); err != nil {
+	if _, err := conn.Write(append([]byte(req), behind...)); err != nil {
 		t.Fatal(err)
 	}
 	br := bufio.NewReader(conn)
@@ -91,6 +90,16 @@ func TestAcceptWSKeepsBytesBehindTheUpgrade(t *testing.T) {
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("upgrade answered %s", resp.Status)
 	}
+	return conn, br
+}
+
+// A frame the client sends right behind its upgrade request, in the same
+// packet, is read: net/http has buffered it, and its reader is kept.
+func TestAcceptWSKeepsBytesBehindTheUpgrade(t *testing.T) {
+	srv := echoServer(t)
+	// A masked text frame "hi" (RFC 6455 5.2), mask key 1 2 3 4.
+	frame := []byte{0x81, 0x80 | 2, 1, 2, 3, 4, 'h' ^ 1, 'i' ^ 2}
+	_, br := rawUpgrade(t, srv.URL, "/", frame)
 	echo := make([]byte, 4)
 	if _, err := io.ReadFull(br, echo); err != nil {
 		t.Fatal(err)

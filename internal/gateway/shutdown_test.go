@@ -1,12 +1,9 @@
 package gateway
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"io"
-	"net"
-	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -30,22 +27,7 @@ func TestShutdownClosesSocketsOfPeersThatDoNotAnswer(t *testing.T) {
 	t.Cleanup(srv.Close)
 
 	// A peer that upgrades and then never reads or answers again.
-	nc, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	_ = nc.SetDeadline(time.Now().Add(10 * time.Second))
-	req := "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-	if _, err := io.WriteString(nc, req); err != nil {
-		t.Fatal(err)
-	}
-	br := bufio.NewReader(nc)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
-		t.Fatalf("upgrade: %v %v", resp, err)
-	}
+	nc, br := rawUpgrade(t, srv.URL, "/v1/ws", nil)
 	// A ping answered: the socket is registered and its read loop runs.
 	ping := `{"type":"ping","id":"p"}`
 	frame := append([]byte{0x81, 0x80 | byte(len(ping)), 0, 0, 0, 0}, ping...) // masked with key 0
