@@ -51,6 +51,10 @@ type PendingDelta struct {
 	// segment keeping it until it is released.
 	journaled bool
 	seg       *segment
+
+	// beforeLive runs once, just before the delta is announced (see
+	// PublishDeltaAsync).
+	beforeLive func()
 }
 
 // Journaled reports whether the delta went live once journaled (see
@@ -65,6 +69,15 @@ func (p *PendingDelta) Release() {
 	if j := p.a.b.cfg.Journal; j != nil {
 		j.saved(p)
 	}
+}
+
+// announce makes the delta live, running beforeLive first.
+func (p *PendingDelta) announce() error {
+	if f := p.beforeLive; f != nil {
+		p.beforeLive = nil
+		f()
+	}
+	return p.a.b.announce(p.ev, p.data)
 }
 
 // settle records the stream's answer and wakes the publisher.
@@ -157,7 +170,7 @@ func (a *acks) answer(m *nats.Msg) {
 	// every delta is settled, so the end is never announced ahead of the
 	// last delta.
 	if err == nil {
-		_ = a.b.announce(pd.ev, pd.data)
+		_ = pd.announce()
 	}
 	pd.settle(sseq, err)
 }

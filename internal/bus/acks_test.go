@@ -25,7 +25,7 @@ func TestPublishDeltaAsyncAnnouncesOnceStored(t *testing.T) {
 	}
 	var pds []*bus.PendingDelta
 	for i := int64(1); i <= 3; i++ {
-		pd, err := b.PublishDeltaAsync(&bus.Event{Kind: bus.KindDelta, ConversationID: "c.1", TurnID: "t:1", Seq: i, Text: "w"})
+		pd, err := b.PublishDeltaAsync(&bus.Event{Kind: bus.KindDelta, ConversationID: "c.1", TurnID: "t:1", Seq: i, Text: "w"}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -70,7 +70,7 @@ func TestPublishDeltaAsyncFailures(t *testing.T) {
 	delta := &bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t", Seq: 1, Text: "w"}
 
 	// No stream: the server answers "no responders" at once.
-	pd, err := b.PublishDeltaAsync(delta)
+	pd, err := b.PublishDeltaAsync(delta, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +89,7 @@ func TestPublishDeltaAsyncFailures(t *testing.T) {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	pd, err = b.PublishDeltaAsync(delta)
+	pd, err = b.PublishDeltaAsync(delta, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

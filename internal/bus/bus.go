@@ -246,12 +246,19 @@ func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (u
 // all: the caller saves it in the turn's snapshot and then calls Release
 // (see Journal). Only when the journal cannot take it is it stored, then
 // announced, before this returns, with its stream sequence.
-func (b *Bus) PublishDeltaAsync(e *Event) (*PendingDelta, error) {
+//
+// beforeLive, when not nil, runs once just before the delta is announced,
+// on the goroutine that announces it: under a Journal the caller's, before
+// this returns without error. It must not block. A producer that answers
+// joins from memory (LiveTurn) adds the delta's text there, so that no
+// subscriber is ever given a delta that a join reading LiveText would miss.
+func (b *Bus) PublishDeltaAsync(e *Event, beforeLive func()) (*PendingDelta, error) {
 	data, err := e.encode()
 	if err != nil {
 		return nil, fmt.Errorf("publish delta: %w", err)
 	}
 	pd := b.acks.newPending(e, e.StoredSubject(), data)
+	pd.beforeLive = beforeLive
 	if b.cfg.Journal != nil {
 		if err := b.cfg.Journal.append(pd); err != nil {
 			return nil, err
@@ -270,7 +277,7 @@ func (b *Bus) storeNow(pd *PendingDelta) error {
 	if err != nil {
 		return fmt.Errorf("publish delta: %w", err)
 	}
-	if err := b.announce(pd.ev, pd.data); err != nil {
+	if err := pd.announce(); err != nil {
 		return fmt.Errorf("announce delta: %w", err)
 	}
 	pd.settle(ack.Sequence, nil)
@@ -290,7 +297,7 @@ func (b *Bus) Republish(ctx context.Context, p *PendingDelta) (uint64, error) {
 		p.Release()
 		return ack.Sequence, nil
 	}
-	if err := b.announce(p.ev, p.data); err != nil {
+	if err := p.announce(); err != nil {
 		return 0, fmt.Errorf("announce delta: %w", err)
 	}
 	return ack.Sequence, nil

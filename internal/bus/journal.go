@@ -302,7 +302,7 @@ func (j *Journal) append(pd *PendingDelta) error {
 			j.mu.RUnlock()
 			pd.seg = seg
 			pd.journaled = true
-			_ = pd.a.b.announce(pd.ev, pd.data)
+			_ = pd.announce()
 			pd.settle(0, nil)
 			return nil
 		}

@@ -93,7 +93,7 @@ func TestJournalReplayStoresWhatWasNotSaved(t *testing.T) {
 	}
 	snap := producer.NewSnapshotWriter("c", "t")
 	for i := int64(1); i <= 10; i++ {
-		pd, err := producer.PublishDeltaAsync(delta(i))
+		pd, err := producer.PublishDeltaAsync(delta(i), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -178,7 +178,7 @@ func TestJournalRemovesSavedSegments(t *testing.T) {
 	_, producer := smallSegments(t, open, dir)
 	var pds []*bus.PendingDelta
 	for i := int64(1); i <= 100; i++ {
-		pd, err := producer.PublishDeltaAsync(delta(i))
+		pd, err := producer.PublishDeltaAsync(delta(i), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -229,7 +229,7 @@ func TestJournalFallsBackToTheStream(t *testing.T) {
 	}
 	var stored []int64
 	for i := int64(1); i <= 20; i++ {
-		pd, err := producer.PublishDeltaAsync(delta(i))
+		pd, err := producer.PublishDeltaAsync(delta(i), nil)
 		if err != nil {
 			t.Fatal(err)
 		}

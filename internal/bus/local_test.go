@@ -46,7 +46,7 @@ func TestLocalCarriesLiveEventsInProcess(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := int64(1); i <= 20; i++ {
-		if _, err := producer.PublishDeltaAsync(&bus.Event{Kind: bus.KindDelta, ConversationID: "c.1", TurnID: "t:1", Seq: i, Text: "w"}); err != nil {
+		if _, err := producer.PublishDeltaAsync(&bus.Event{Kind: bus.KindDelta, ConversationID: "c.1", TurnID: "t:1", Seq: i, Text: "w"}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -152,7 +152,7 @@ func TestLocalLosesNothingWhenTheRouterFallsBehind(t *testing.T) {
 	const n = 300
 	var pds []*bus.PendingDelta
 	for i := int64(1); i <= n; i++ {
-		pd, err := producer.PublishDeltaAsync(&bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t", Seq: i, Text: "w"})
+		pd, err := producer.PublishDeltaAsync(&bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t", Seq: i, Text: "w"}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -25,7 +25,7 @@ func TestCatchUpReadsAgainWhenTheTurnEndsBetweenItsReads(t *testing.T) {
 	text := ""
 	for i, tok := range []string{"one ", "two ", "three"} {
 		e := &bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t", Seq: int64(i + 1), Off: int64(len(text)), Text: tok}
-		if _, err := b.PublishDeltaAsync(e); err != nil {
+		if _, err := b.PublishDeltaAsync(e, nil); err != nil {
 			t.Fatal(err)
 		}
 		text += tok

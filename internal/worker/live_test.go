@@ -10,6 +10,7 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/provider"
+	"github.com/tokenrelay/tokenrelay/internal/provider/sim"
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
 	"github.com/tokenrelay/tokenrelay/internal/worker"
 )
@@ -108,5 +109,48 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 	}
 	if slices.Contains(kinds, bus.KindDelta) || !slices.Contains(kinds, bus.KindEnd) {
 		t.Fatalf("stream holds %v of the turn, want its end and no delta", kinds)
+	}
+}
+
+// Under serve's journal a delta's text is in LiveText before any
+// subscriber is given the delta: a client that joins just after another
+// was given a delta must not start behind it.
+func TestLiveTextCoversEveryAnnouncedDelta(t *testing.T) {
+	b := bustest.StartJournaled(t)
+	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{bus: b, store: st, w: worker.New(worker.Config{}, b, st, sim.New(sim.Config{Rate: 0, Tokens: 40})), stop: func() {}}
+	t.Cleanup(func() { st.Close() })
+
+	type seen struct {
+		seq, end, to, toLen int64
+		ok                  bool
+	}
+	got := make(chan seen, 1024)
+	r := b.NewRouter(1, 1, func(ev bus.Event) {
+		if ev.Kind != bus.KindDelta || ev.TurnID != "t" {
+			return
+		}
+		// On the announcing goroutine, as a join on another would run
+		// the moment after.
+		_, to, toLen, ok := b.LiveText("t", 0)
+		got <- seen{seq: ev.Seq, end: ev.Off + int64(len(ev.Text)), to: to, toLen: toLen, ok: ok}
+	})
+	defer r.Close()
+	e.start(t)
+	end := waitEnd(t, e.send(t, "c", "t", "hello", true))
+	// Every delta went live before the end did.
+	n := int64(0)
+	for len(got) > 0 {
+		s := <-got
+		n++
+		if !s.ok || s.to < s.seq || s.toLen < s.end {
+			t.Fatalf("delta %d (text to byte %d) was live while LiveText had %d (to byte %d, ok %v)", s.seq, s.end, s.to, s.toLen, s.ok)
+		}
+	}
+	if n != end.Seq || n == 0 {
+		t.Fatalf("router saw %d deltas, the turn ended at %d", n, end.Seq)
 	}
 }

@@ -21,6 +21,8 @@ type publisher struct {
 	snap *bus.SnapshotWriter
 	// journaled: deltas go live once journaled (bus.Bus.Journaled).
 	journaled bool
+	// beforeLive is addPendingText under a journal, nil otherwise.
+	beforeLive func()
 
 	mu        sync.Mutex
 	text      []byte      // all text published so far; guarded by mu, and written under liveMu too
@@ -66,7 +68,11 @@ type ackedDelta struct {
 }
 
 func newPublisher(ctx context.Context, w *Worker, t chat.Turn) *publisher {
-	return &publisher{ctx: ctx, w: w, turn: t, snap: w.bus.NewSnapshotWriter(t.ConversationID, t.ID), snapAt: w.cfg.Now(), journaled: w.bus.Journaled()}
+	p := &publisher{ctx: ctx, w: w, turn: t, snap: w.bus.NewSnapshotWriter(t.ConversationID, t.ID), snapAt: w.cfg.Now(), journaled: w.bus.Journaled()}
+	if p.journaled {
+		p.beforeLive = p.addPendingText
+	}
+	return p
 }
 
 // emit is the provider's callback.
@@ -112,8 +118,9 @@ func (p *publisher) flush() error {
 }
 
 // TextAfter implements bus.LiveTurn: the text after delta have, from
-// memory. Under a journal every delta is live and saved (journaled, or
-// stored) before its text is added here.
+// memory. Under a journal a delta's text is added here once it is saved
+// (journaled, or stored) and just before it goes live, so TextAfter covers
+// every delta any subscriber has been given.
 //
 // It takes only liveMu, never mu: mu is held across the publisher's waits
 // for the stream (a snapshot write, the acknowledgements at the end), and a
@@ -130,6 +137,19 @@ func (p *publisher) TextAfter(have int64) (text []byte, to, toLen int64, ok bool
 		from = int(p.ends[have-1])
 	}
 	return bytes.Clone(p.text[from:]), seq, int64(len(p.text)), true
+}
+
+// addPendingText makes the pending text part of the turn's text. It runs
+// under mu: from flushLocked, or under a journal from the bus just before
+// the delta goes live (see bus.Bus.PublishDeltaAsync), on flushLocked's
+// goroutine.
+func (p *publisher) addPendingText() {
+	p.liveMu.Lock()
+	defer p.liveMu.Unlock()
+	p.text = append(p.text, p.pending...)
+	if p.journaled {
+		p.ends = append(p.ends, uint32(len(p.text)))
+	}
 }
 
 // flushPending publishes what is pending without waiting for the stream.
@@ -155,18 +175,19 @@ func (p *publisher) flushLocked() error {
 		Kind: bus.KindDelta, ConversationID: p.turn.ConversationID, TurnID: p.turn.ID,
 		Seq: p.seq + 1, Off: int64(len(p.text)), Text: string(p.pending), TS: p.pendingTS,
 	}
-	pd, err := p.w.bus.PublishDeltaAsync(e)
+	// Under a journal the delta goes live before PublishDeltaAsync
+	// returns: its text must be in TextAfter by then, or a join that reads
+	// it just after the delta went by would start behind what other
+	// clients show.
+	pd, err := p.w.bus.PublishDeltaAsync(e, p.beforeLive)
 	if err != nil {
 		p.err = err
 		return err
 	}
 	p.seq = e.Seq
-	p.liveMu.Lock()
-	p.text = append(p.text, p.pending...)
-	if p.journaled {
-		p.ends = append(p.ends, uint32(len(p.text)))
+	if !p.journaled {
+		p.addPendingText()
 	}
-	p.liveMu.Unlock()
 	if pd.Journaled() {
 		p.unsaved = append(p.unsaved, pd)
 	}
