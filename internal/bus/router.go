@@ -18,12 +18,13 @@ import (
 // no goroutine of its own, which matters when every idle connection of a
 // gateway follows its own conversation.
 type Router struct {
-	b      *Bus
-	fn     func(Event)
-	seed   maphash.Seed
-	shards []chan *nats.Msg
-	done   chan struct{}
-	wg     sync.WaitGroup
+	b         *Bus
+	fn        func(Event)
+	seed      maphash.Seed
+	shards    []chan *nats.Msg
+	done      chan struct{}
+	closeOnce sync.Once
+	wg        sync.WaitGroup
 
 	mu       sync.Mutex
 	barriers map[*nats.Msg]chan struct{} // marker → closed when its shard reaches it; guarded by mu
@@ -240,13 +241,16 @@ func (r *Router) Subscribe(conversationID string) (Subscription, error) {
 	return sub, nil
 }
 
-// Close stops the shard goroutines. The channels stay open (NATS may still
-// hold a subscription writing to one); what arrives later is dropped.
+// Close stops the shard goroutines; a second Close only waits for them.
+// The channels stay open (NATS may still hold a subscription writing to
+// one); what arrives later is dropped.
 func (r *Router) Close() {
-	if r.b.cfg.Local != nil {
-		r.b.cfg.Local.detach(r)
-	}
-	close(r.done)
+	r.closeOnce.Do(func() {
+		if r.b.cfg.Local != nil {
+			r.b.cfg.Local.detach(r)
+		}
+		close(r.done)
+	})
 	r.wg.Wait()
 }
 
