@@ -47,6 +47,7 @@ type compatConn struct {
 	s    *Server
 	cp   *compat
 	ws   *websocket.Conn
+	raw  *rawSocket
 	user string // the authenticated user, owner of conv
 	conv string // the session
 	log  *slog.Logger
@@ -190,7 +191,7 @@ func (c *compatConn) resolve(f []byte) []byte {
 func (c *compatConn) closeWith(code websocket.StatusCode, reason string) {
 	c.closeOnce.Do(func() {
 		go func() {
-			_ = c.ws.Close(code, reason)
+			_ = c.raw.close(c.ws, code, reason)
 			c.cancel()
 		}()
 	})
@@ -221,8 +222,7 @@ func (c *compatConn) drain() {
 			if f = c.resolve(f); f == nil {
 				continue
 			}
-			err := c.ws.Write(context.Background(), websocket.MessageText, f)
-			if err != nil {
+			if err := writeFrame(c.ws, c.raw, f); err != nil {
 				c.stall.stop()
 				if c.ctx.Err() == nil {
 					c.s.m.writeErrors.Inc()
@@ -257,22 +257,32 @@ type compatClientFrame struct {
 }
 
 // readLoop answers client frames until the connection ends. Frames it does
-// not understand are ignored, as the original server did.
+// not understand are ignored, as the original server did. Like a native
+// connection's (see conn.readLoop), it waits in park and reads and answers
+// each frame on a goroutine of its own.
 func (c *compatConn) readLoop() {
-	for {
-		// No context: ending c.ctx closes the socket (see serveSocket).
-		typ, data, err := c.ws.Read(context.Background())
-		if err != nil {
-			if errors.Is(err, websocket.ErrMessageTooBig) {
-				c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
-			}
-			return
-		}
-		if typ != websocket.MessageText {
-			continue
-		}
-		onOwnStack(func() { c.frame(data) })
+	var err error
+	read := func() { err = c.readFrame() }
+	for err == nil {
+		c.raw.park()
+		onOwnStack(read)
 	}
+}
+
+// readFrame reads and answers the next client frame.
+func (c *compatConn) readFrame() error {
+	// No context: ending c.ctx closes the socket (see serveSocket).
+	typ, data, err := c.ws.Read(context.Background())
+	if err != nil {
+		if errors.Is(err, websocket.ErrMessageTooBig) {
+			c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
+		}
+		return err
+	}
+	if typ == websocket.MessageText {
+		c.frame(data)
+	}
+	return nil
 }
 
 // frame answers one client text frame.
@@ -416,9 +426,9 @@ func (c *compatConn) join(ctx context.Context) error {
 func (c *compatConn) run() {
 	var writers sync.WaitGroup
 	c.q.spawn, c.q.writers = c.drain, &writers
-	c.s.keepAlive(c.ctx, c.ws, c.closeWith)
-	c.push(protocol.Encode(compatWelcome{Type: "welcome", SessionID: c.conv, Timestamp: protocol.FormatTime(c.s.now())}))
 	onOwnStack(func() {
+		c.s.keepAlive(c.ctx, c.raw, c.q, c.closeWith)
+		c.push(protocol.Encode(compatWelcome{Type: "welcome", SessionID: c.conv, Timestamp: protocol.FormatTime(c.s.now())}))
 		ctx, cancel := c.s.requestCtx()
 		err := c.join(ctx)
 		cancel()
@@ -496,7 +506,7 @@ func (cp *compat) handleWS() http.Handler {
 			http.Error(w, "origin not allowed", http.StatusForbidden)
 			return
 		}
-		ws, nc, err := acceptWS(w, r, &websocket.AcceptOptions{
+		ws, raw, err := acceptWS(w, r, &websocket.AcceptOptions{
 			InsecureSkipVerify: true, // COMPAT.md: any origin unless configured (checked above)
 			CompressionMode:    websocket.CompressionDisabled,
 		})
@@ -527,9 +537,9 @@ func (cp *compat) handleWS() http.Handler {
 			return
 		}
 		oq := newOutQueue(s.cfg.Limits.OutboundBytes)
-		s.serveSocket(ws, nc, id.UserID, oq, func(ctx context.Context, cancel context.CancelFunc) {
+		s.serveSocket(ws, raw, id.UserID, oq, func(ctx context.Context, cancel context.CancelFunc) {
 			c := &compatConn{
-				s: s, cp: cp, ws: ws, user: id.UserID, conv: session, q: oq,
+				s: s, cp: cp, ws: ws, raw: raw, user: id.UserID, conv: session, q: oq,
 				ctx: ctx, cancel: cancel, turns: make(map[string]*compatTurn),
 				log: s.log.With("user", id.UserID, "conversation_id", session, "compat", true),
 			}

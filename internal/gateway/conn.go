@@ -26,6 +26,7 @@ const (
 type conn struct {
 	s    *Server
 	ws   *websocket.Conn
+	raw  *rawSocket
 	user string
 	q    *outQueue
 
@@ -86,7 +87,7 @@ func (c *conn) fail(err error) {
 func (c *conn) closeWith(code websocket.StatusCode, reason string) {
 	c.closeOnce.Do(func() {
 		go func() {
-			_ = c.ws.Close(code, reason)
+			_ = c.raw.close(c.ws, code, reason)
 			c.cancel()
 		}()
 	})
@@ -125,8 +126,7 @@ func (c *conn) drain() {
 		// reading (see stallTimer).
 		c.stall.arm(c.s, c.ctx, c.cancel)
 		for _, f := range frames {
-			err := c.ws.Write(context.Background(), websocket.MessageText, f)
-			if err != nil {
+			if err := writeFrame(c.ws, c.raw, f); err != nil {
 				c.stall.stop()
 				if c.ctx.Err() == nil {
 					c.s.m.writeErrors.Inc()
@@ -142,22 +142,34 @@ func (c *conn) drain() {
 	}
 }
 
-// readLoop handles client frames until the connection ends.
+// readLoop handles client frames until the connection ends. It waits for
+// the peer in park; each frame is read and handled on a goroutine of its
+// own (frames stay in order), as reading runs deep in the library and
+// handling deeper (JSON decoding, store and bus calls). The loop's own
+// stack stays at the 2 KiB a park needs, and an idle connection keeps
+// nothing bigger.
 func (c *conn) readLoop() {
-	for {
-		// No context: ending c.ctx closes the socket (see serveSocket).
-		typ, data, err := c.ws.Read(context.Background())
-		if err != nil {
-			if errors.Is(err, websocket.ErrMessageTooBig) {
-				// The library has already closed with 1009.
-				c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
-			}
-			return
-		}
-		// Frames stay in order; the JSON decoding and the store and bus
-		// calls a join makes run deep, on a stack that is then let go.
-		onOwnStack(func() { c.frame(typ, data) })
+	var err error
+	read := func() { err = c.readFrame() }
+	for err == nil {
+		c.raw.park()
+		onOwnStack(read)
 	}
+}
+
+// readFrame reads and handles the next client frame.
+func (c *conn) readFrame() error {
+	// No context: ending c.ctx closes the socket (see serveSocket).
+	typ, data, err := c.ws.Read(context.Background())
+	if err != nil {
+		if errors.Is(err, websocket.ErrMessageTooBig) {
+			// The library has already closed with 1009.
+			c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
+		}
+		return err
+	}
+	c.frame(typ, data)
+	return nil
 }
 
 // frame handles one client frame.
@@ -304,7 +316,7 @@ func (c *conn) leave(conv string) {
 func (c *conn) run() {
 	var writers sync.WaitGroup
 	c.q.spawn, c.q.writers = c.drain, &writers
-	c.s.keepAlive(c.ctx, c.ws, c.closeWith)
+	onOwnStack(func() { c.s.keepAlive(c.ctx, c.raw, c.q, c.closeWith) })
 	c.readLoop()
 	c.cancel()
 	c.q.close()

@@ -226,9 +226,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if s.quiet != nil {
 		s.quiet.Stop()
 	}
-	open := make(map[*websocket.Conn]*outQueue, len(s.open))
+	open := make(map[*websocket.Conn]openSocket, len(s.open))
 	for c, o := range s.open {
-		open[c] = o.q
+		open[c] = o
 	}
 	s.mu.Unlock()
 	// Everything the bus has delivered so far reaches the queues...
@@ -236,14 +236,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	_ = s.hub.barrier(bctx)
 	cancel()
 	var wg sync.WaitGroup
-	for c, q := range open {
+	for c, o := range open {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			// ...and the queues reach the sockets, for a moment at most.
 			wait := time.NewTimer(time.Second)
 			defer wait.Stop()
-			for !q.idle() {
+			for !o.q.idle() {
 				select {
 				case <-wait.C:
 				case <-time.After(5 * time.Millisecond):
@@ -251,7 +251,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 				}
 				break
 			}
-			_ = c.Close(websocket.StatusGoingAway, "server shutting down")
+			_ = o.raw.close(c, websocket.StatusGoingAway, "server shutting down")
 		}()
 	}
 	done := make(chan struct{})
@@ -279,7 +279,7 @@ func (s *Server) stop() {
 	s.mu.Lock()
 	open := make([]net.Conn, 0, len(s.open))
 	for _, o := range s.open {
-		open = append(open, o.nc)
+		open = append(open, o.raw.nc)
 	}
 	s.mu.Unlock()
 	for _, nc := range open {
@@ -325,7 +325,7 @@ func (s *Server) handleWS() http.Handler {
 			return
 		}
 		id, authErr := s.auth.Authenticate(r)
-		ws, nc, err := acceptWS(w, r, &websocket.AcceptOptions{
+		ws, raw, err := acceptWS(w, r, &websocket.AcceptOptions{
 			InsecureSkipVerify: true, // the origin was checked above
 			CompressionMode:    websocket.CompressionDisabled,
 		})
@@ -338,9 +338,9 @@ func (s *Server) handleWS() http.Handler {
 			return
 		}
 		q := newOutQueue(s.cfg.Limits.OutboundBytes)
-		s.serveSocket(ws, nc, id.UserID, q, func(ctx context.Context, cancel context.CancelFunc) {
+		s.serveSocket(ws, raw, id.UserID, q, func(ctx context.Context, cancel context.CancelFunc) {
 			c := &conn{
-				s: s, ws: ws, user: id.UserID, q: q,
+				s: s, ws: ws, raw: raw, user: id.UserID, q: q,
 				ctx: ctx, cancel: cancel, views: make(map[string]*view),
 			}
 			c.run()
@@ -358,7 +358,7 @@ func (s *Server) handleWS() http.Handler {
 // upgrade request (its headers, contexts and response), and the goroutine
 // that idles with the connection has a stack of its own size instead of
 // one grown through the HTTP server's handler chain.
-func (s *Server) serveSocket(ws *websocket.Conn, nc net.Conn, user string, q *outQueue, run func(ctx context.Context, cancel context.CancelFunc)) {
+func (s *Server) serveSocket(ws *websocket.Conn, raw *rawSocket, user string, q *outQueue, run func(ctx context.Context, cancel context.CancelFunc)) {
 	if !s.limits.openConn(user) {
 		s.m.limitHits.WithLabelValues("connections").Inc()
 		_ = ws.Close(closeTooManyConns, "too many connections")
@@ -371,7 +371,7 @@ func (s *Server) serveSocket(ws *websocket.Conn, nc net.Conn, user string, q *ou
 		_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
 		return
 	}
-	s.open[ws] = openSocket{q: q, nc: nc}
+	s.open[ws] = openSocket{q: q, raw: raw}
 	s.conns.Add(1)
 	s.mu.Unlock()
 	if s.cfg.Limits.FrameBytes > 0 {
@@ -387,7 +387,7 @@ func (s *Server) serveSocket(ws *websocket.Conn, nc net.Conn, user string, q *ou
 	ctx, cancelCtx := context.WithCancel(s.shutdownCtx)
 	cancel := func() {
 		cancelCtx()
-		_ = nc.Close()
+		_ = raw.nc.Close()
 	}
 	s.m.connections.Inc()
 	s.m.connectsTotal.Inc()
@@ -407,8 +407,8 @@ func (s *Server) serveSocket(ws *websocket.Conn, nc net.Conn, user string, q *ou
 
 // openSocket is an open WebSocket's outbound queue and TCP connection.
 type openSocket struct {
-	q  *outQueue
-	nc net.Conn
+	q   *outQueue
+	raw *rawSocket
 }
 
 // WebSocket buffer sizes. net/http hands a hijacked connection 4 KiB read
@@ -424,22 +424,27 @@ const (
 
 // acceptWS upgrades a request to a WebSocket with buffers of the sizes
 // above. It also returns the TCP connection under the WebSocket.
-func acceptWS(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, net.Conn, error) {
-	var nc net.Conn
+func acceptWS(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, *rawSocket, error) {
+	raw := &rawSocket{}
+	o := *opts
+	o.OnPongReceived = func(context.Context, []byte) { raw.pinger.pong() }
 	if hj, ok := w.(http.Hijacker); ok {
-		w = smallBuffers{ResponseWriter: w, hj: hj, nc: &nc}
+		w = smallBuffers{ResponseWriter: w, hj: hj, raw: raw}
 	}
 	// Accept fails unless it has hijacked the connection through w.
-	ws, err := websocket.Accept(w, r, opts)
-	return ws, nc, err
+	ws, err := websocket.Accept(w, r, &o)
+	if err == nil {
+		raw.preparePark()
+	}
+	return ws, raw, err
 }
 
 // smallBuffers hijacks with buffers of wsReadBuffer and wsWriteBuffer bytes,
-// and keeps the connection in *nc.
+// and keeps the connection and the reader in raw.
 type smallBuffers struct {
 	http.ResponseWriter
-	hj http.Hijacker
-	nc *net.Conn
+	hj  http.Hijacker
+	raw *rawSocket
 }
 
 func (b smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -447,7 +452,7 @@ func (b smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return c, brw, err
 	}
-	*b.nc = c
+	b.raw.nc = c
 	if brw.Writer.Buffered() > 0 {
 		if err := brw.Writer.Flush(); err != nil {
 			return c, brw, err
@@ -455,10 +460,12 @@ func (b smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	r := brw.Reader
 	if r.Buffered() == 0 {
-		// Bytes the client sent behind the upgrade request stay in
-		// net/http's reader, which is then kept.
 		r = bufio.NewReaderSize(c, wsReadBuffer)
+		b.raw.br = r
 	}
+	// Else bytes the client sent behind the upgrade request stay in
+	// net/http's reader, which is then kept (and the socket not parked:
+	// the library reads those bytes through a reader of its own).
 	return c, bufio.NewReadWriter(r, bufio.NewWriterSize(c, wsWriteBuffer)), nil
 }
 

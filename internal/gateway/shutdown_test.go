@@ -4,13 +4,9 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/tokenrelay/tokenrelay/internal/auth"
-	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 )
 
 // A Shutdown whose context ends before a peer answers the close handshake
@@ -18,13 +14,7 @@ import (
 // context, so nothing but the hard stop would close it before the
 // library's own five-second wait for the peer's close frame.
 func TestShutdownClosesSocketsOfPeersThatDoNotAnswer(t *testing.T) {
-	a, err := auth.New(auth.Config{Dev: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := New(Config{QuietCheck: -1, PingInterval: -1}, bustest.Start(t), nil, a)
-	srv := httptest.NewServer(s)
-	t.Cleanup(srv.Close)
+	s, srv := devServer(t, Config{QuietCheck: -1, PingInterval: -1})
 
 	// A peer that upgrades and then never reads or answers again.
 	nc, br := rawUpgrade(t, srv.URL, "/v1/ws", nil)

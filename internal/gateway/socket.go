@@ -1,8 +1,13 @@
 package gateway
 
 import (
+	"bufio"
 	"context"
+	"math"
+	"net"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/coder/websocket"
@@ -21,31 +26,38 @@ func onOwnStack(f func()) {
 	<-done
 }
 
-// keepAlive pings the peer of ws every PingInterval until ctx ends; a peer
-// that does not answer within IdleTimeout is closed with closeWith (1001),
-// so dead connections are reaped. A PingInterval of 0 disables it.
+// keepAlive pings the peer every PingInterval until ctx ends; a peer that
+// has not answered a ping within IdleTimeout is closed with closeWith
+// (1001), so dead connections are reaped within PingInterval +
+// IdleTimeout. A PingInterval of 0 disables it.
 //
-// One timer measures both the interval and the wait for the pong, and the
-// ping takes no context: an idle connection keeps no goroutine for this,
-// and each ping allocates only what the library does (a context and a timer
-// per ping were most of an idle server's garbage, which its heap, and so
-// its RSS, grew by between collections).
-func (s *Server) keepAlive(ctx context.Context, ws *websocket.Conn, closeWith func(websocket.StatusCode, string)) {
+// The ping is a frame in the connection's queue, written by its writer
+// (see rawSocket.writePing), and any pong ends the wait, whether the
+// library read it (OnPongReceived) or the parked reader did (see
+// rawSocket.park). A pong only clears a flag: the reader's stack stays
+// shallow. One timer, touched only when it fires, paces the pings and
+// checks the answers: an idle connection keeps no goroutine and no context
+// for this, and a ping allocates nothing.
+func (s *Server) keepAlive(ctx context.Context, raw *rawSocket, q *outQueue, closeWith func(websocket.StatusCode, string)) {
 	if s.cfg.PingInterval <= 0 {
 		return
 	}
-	p := &pinger{s: s, ctx: ctx, ws: ws, closeWith: closeWith}
-	p.t = time.AfterFunc(s.cfg.PingInterval, p.fire)
+	p := &raw.pinger
+	p.s, p.ctx, p.q, p.closeWith = s, ctx, q, closeWith
+	p.sent = time.Now()
+	// Armed once p.t is set, which fire reads.
+	p.t = time.AfterFunc(math.MaxInt64, p.fire)
+	p.t.Reset(s.cfg.PingInterval)
 }
 
 type pinger struct {
 	s         *Server
 	ctx       context.Context
-	ws        *websocket.Conn
+	q         *outQueue
 	closeWith func(websocket.StatusCode, string)
 	t         *time.Timer
-	// waiting is set while a ping is out: the timer then measures
-	// IdleTimeout, and its firing means the pong is late.
+	sent      time.Time // the last ping (or the start); owned by fire
+	// waiting is set while a ping is out, and cleared by any pong.
 	waiting atomic.Bool
 }
 
@@ -53,21 +65,127 @@ func (p *pinger) fire() {
 	if p.ctx.Err() != nil {
 		return
 	}
-	if p.waiting.Load() {
+	now := time.Now()
+	interval, timeout := p.s.cfg.PingInterval, p.s.cfg.IdleTimeout
+	var next time.Time
+	switch {
+	case p.waiting.Load() && now.Sub(p.sent) >= timeout:
 		p.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
 		p.closeWith(websocket.StatusGoingAway, "idle timeout")
 		return
+	case p.waiting.Load():
+		next = p.sent.Add(timeout)
+	case now.Sub(p.sent) >= interval:
+		p.sent = now
+		p.waiting.Store(true)
+		p.q.pushExempt(pingFrame)
+		next = now.Add(min(interval, timeout))
+	default:
+		next = p.sent.Add(interval)
 	}
-	p.waiting.Store(true)
-	p.t.Reset(p.s.cfg.IdleTimeout)
-	// Ping returns at the pong, or with an error once the socket is
-	// closed: by the timer above, or because the connection ended.
-	if err := p.ws.Ping(context.Background()); err != nil {
+	p.t.Reset(next.Sub(now))
+}
+
+// pong ends the wait for a pong; one that comes unasked changes nothing.
+func (p *pinger) pong() { p.waiting.Store(false) }
+
+// pingFrame is the server's ping: FIN, opcode 9, unmasked, no payload. In
+// a connection's queue it stands for itself (see isPingFrame).
+var pingFrame = []byte{0x89, 0x00}
+
+func isPingFrame(f []byte) bool { return len(f) == len(pingFrame) && &f[0] == &pingFrame[0] }
+
+// rawSocket is an accepted WebSocket's TCP connection as the gateway keeps
+// it beneath the library: to close it, to write pings, and to park the
+// connection's reader while the peer is quiet.
+//
+// An idle connection's goroutine waits in the library's Read, a chain of
+// calls about 2.3 KiB deep, so its stack is 4 KiB, and the Go collector
+// counts the stack in use towards the heap goal as well. park waits for
+// the socket to become readable on a few hundred bytes of stack instead,
+// and the collector shrinks the stack of a goroutine that waits there to
+// 2 KiB. A pong, all an idle peer ever sends, is read and answered there
+// too, so the goroutine stays parked between pings.
+type rawSocket struct {
+	nc net.Conn
+	// br is the library's buffered reader when it is one of ours: park
+	// reads the socket only when br holds nothing. nil when net/http's
+	// reader was kept (bytes came behind the upgrade request), and then
+	// the socket is not parked.
+	br       *bufio.Reader
+	rc       syscall.RawConn // nil when the socket cannot be parked
+	readable func(fd uintptr) bool
+	pinger   pinger
+
+	// closing is set before the WebSocket is closed: the library's close
+	// handshake then reads br on the closing goroutine, and park keeps
+	// off it. Guarded by mu.
+	mu      sync.Mutex
+	closing bool
+}
+
+// close closes ws with code and reason, the close handshake included. All
+// of a connection's closes go through here (see closing).
+func (r *rawSocket) close(ws *websocket.Conn, code websocket.StatusCode, reason string) error {
+	r.mu.Lock()
+	r.closing = true
+	r.mu.Unlock()
+	return ws.Close(code, reason)
+}
+
+// writePing writes the ping frame. It is called by the connection's
+// writer only, between whole data frames; the library writes its own
+// control frames (a pong, a close) with one Write each, so the frames
+// cannot interleave.
+func (r *rawSocket) writePing() error {
+	_, err := r.nc.Write(pingFrame)
+	return err
+}
+
+// writeFrame writes one frame taken from a connection's queue: a text
+// frame, or the keep-alive's ping.
+func writeFrame(ws *websocket.Conn, raw *rawSocket, f []byte) error {
+	if isPingFrame(f) {
+		return raw.writePing()
+	}
+	return ws.Write(context.Background(), websocket.MessageText, f)
+}
+
+// park returns once the library has something to read: a frame other than
+// a pong, the end of the stream, or an error (the connection closed).
+// Pongs that arrive meanwhile are consumed and end the ping's wait.
+//
+// A close handshake that starts while the socket is parked waits to read
+// until park returns, which it does when the peer's close frame arrives,
+// or when the handshake gives up and closes the connection.
+func (r *rawSocket) park() {
+	if r.rc == nil {
 		return
 	}
-	if p.waiting.CompareAndSwap(true, false) {
-		p.t.Reset(p.s.cfg.PingInterval)
+	r.mu.Lock()
+	idle := !r.closing && r.br.Buffered() == 0
+	r.mu.Unlock()
+	if idle {
+		_ = r.rc.Read(r.readable)
 	}
+}
+
+// pongFrames reports the length of the complete client pong frames (FIN,
+// opcode 10, masked, payload ≤ 125 bytes) that b consists of, or 0 when b
+// holds anything else or a frame cut short.
+func pongFrames(b []byte) int {
+	n := 0
+	for n < len(b) {
+		if len(b)-n < 2 || b[n] != 0x8A || b[n+1]&0x80 == 0 || b[n+1]&0x7F > 125 {
+			return 0
+		}
+		end := n + 6 + int(b[n+1]&0x7F)
+		if end > len(b) {
+			return 0
+		}
+		n = end
+	}
+	return n
 }
 
 // stallTimer closes a connection whose writer has been blocked for
