@@ -50,7 +50,6 @@ type compatConn struct {
 	raw  *rawSocket
 	user string // the authenticated user, owner of conv
 	conv string // the session
-	log  *slog.Logger
 	q    *outQueue
 
 	ctx       context.Context // the connection's lifetime
@@ -78,6 +77,12 @@ type compatTurn struct {
 }
 
 var _ sink = (*compatConn)(nil)
+
+// logger is the connection's logger, made when something is logged: an
+// idle connection keeps none.
+func (c *compatConn) logger() *slog.Logger {
+	return c.s.log.With("user", c.user, "conversation_id", c.conv, "compat", true)
+}
 
 func (c *compatConn) nowMS() int64 { return c.s.now().UnixMilli() }
 
@@ -125,7 +130,7 @@ func (c *compatConn) end(_, turn string, _ int64, status chat.TurnStatus, _ stri
 }
 
 func (c *compatConn) fail(err error) {
-	c.log.Warn("compat view failed; closing so the page reconnects", "err", err)
+	c.logger().Warn("compat view failed; closing so the page reconnects", "err", err)
 	c.closeWith(websocket.StatusInternalError, "resume needed")
 }
 
@@ -434,7 +439,7 @@ func (c *compatConn) run() {
 		cancel()
 		if err != nil {
 			if c.ctx.Err() == nil {
-				c.log.Error("compat join", "err", err)
+				c.logger().Error("compat join", "err", err)
 			}
 			c.closeWith(websocket.StatusInternalError, "cannot load the session")
 		}
@@ -541,7 +546,6 @@ func (cp *compat) handleWS() http.Handler {
 			c := &compatConn{
 				s: s, cp: cp, ws: ws, raw: raw, user: id.UserID, conv: session, q: oq,
 				ctx: ctx, cancel: cancel, turns: make(map[string]*compatTurn),
-				log: s.log.With("user", id.UserID, "conversation_id", session, "compat", true),
 			}
 			c.run()
 		})

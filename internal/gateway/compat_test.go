@@ -168,7 +168,7 @@ func newTestCompatConn(t *testing.T) *compatConn {
 	t.Helper()
 	s := &Server{cfg: Config{Now: func() time.Time { return compatTestNow }}, m: newMetrics(nil), log: slog.New(slog.DiscardHandler)}
 	cp := &compat{s: s, texts: make(map[string]*sharedText)}
-	return &compatConn{s: s, cp: cp, user: "u", conv: "s", log: s.log, q: newOutQueue(1 << 20), turns: make(map[string]*compatTurn)}
+	return &compatConn{s: s, cp: cp, user: "u", conv: "s", q: newOutQueue(1 << 20), turns: make(map[string]*compatTurn)}
 }
 
 // written returns what the writer would write now, resolving markers.

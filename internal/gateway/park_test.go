@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"io"
 	"net"
@@ -17,9 +18,11 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 )
 
-func TestPongFrames(t *testing.T) {
+func TestControlFrames(t *testing.T) {
 	pong := []byte{0x8A, 0x80, 1, 2, 3, 4}
 	pong2 := []byte{0x8A, 0x82, 1, 2, 3, 4, 'a', 'b'}
+	ping := []byte{0x89, 0x81, 1, 2, 3, 4, 'x'}
+	cat := func(bs ...[]byte) []byte { return bytes.Join(bs, nil) }
 	for _, c := range []struct {
 		name string
 		b    []byte
@@ -28,17 +31,18 @@ func TestPongFrames(t *testing.T) {
 		{"empty", nil, 0},
 		{"pong", pong, 6},
 		{"pong with payload", pong2, 8},
-		{"two pongs", append(append([]byte{}, pong...), pong2...), 14},
-		{"pong, then text", append(append([]byte{}, pong...), 0x81, 0x80, 0, 0, 0, 0), 0},
+		{"ping", ping, 7},
+		{"pong, ping, pong", cat(pong, ping, pong2), 21},
+		{"pong, then text", cat(pong, []byte{0x81, 0x80, 0, 0, 0, 0}), 0},
 		{"pong cut short", pong2[:7], 0},
 		{"header cut short", pong[:1], 0},
 		{"unmasked pong", []byte{0x8A, 0x00}, 0},
-		{"ping", []byte{0x89, 0x80, 1, 2, 3, 4}, 0},
 		{"fragment", []byte{0x0A, 0x80, 1, 2, 3, 4}, 0},
 		{"close", []byte{0x88, 0x80, 1, 2, 3, 4}, 0},
+		{"long payload length", []byte{0x89, 0xFE, 0, 200, 1, 2, 3, 4}, 0},
 	} {
-		if got := pongFrames(c.b); got != c.want {
-			t.Errorf("%s: pongFrames(% x) = %d, want %d", c.name, c.b, got, c.want)
+		if got := controlFrames(c.b); got != c.want {
+			t.Errorf("%s: controlFrames(% x) = %d, want %d", c.name, c.b, got, c.want)
 		}
 	}
 }
@@ -90,10 +94,11 @@ func (p *keepAlivePeer) write(b []byte) {
 	}
 }
 
-// A parked socket answers the keep-alive however its pong arrives: alone
-// (read beneath the library), behind a frame, cut in two, or ahead of a
-// frame in the same packet (read by the library). A pong that went unseen
-// would let IdleTimeout close the socket before the next ping.
+// A socket answers the keep-alive however its pong arrives: alone (read
+// beneath the library by a parked reader), ahead of or behind a frame in
+// the same packet, or cut in two (read by the library). A pong that went
+// unseen would let IdleTimeout close the socket before the next ping. A
+// client's own ping is answered, with its payload, either way.
 func TestKeepAliveSeesEveryPong(t *testing.T) {
 	s, srv := devServer(t, Config{QuietCheck: -1, PingInterval: 20 * time.Millisecond, IdleTimeout: 300 * time.Millisecond})
 	nc, br := rawUpgrade(t, srv.URL, "/v1/ws", nil)
@@ -120,9 +125,43 @@ func TestKeepAliveSeesEveryPong(t *testing.T) {
 			return
 		}
 	}
+	clientPing := []byte{0x89, 0x83, 1, 2, 3, 4, 'a' ^ 1, 'b' ^ 2, 'c' ^ 3}
+	// readClientPong reads up to the answer to clientPing, and the JSON
+	// pong when a text frame went with it (the two come in either order).
+	readClientPong := func(withText bool) {
+		t.Helper()
+		hdr := make([]byte, 2)
+		for answered := false; !answered || withText; {
+			if _, err := io.ReadFull(br, hdr); err != nil {
+				t.Fatal(err)
+			}
+			body := make([]byte, hdr[1]&0x7f)
+			if _, err := io.ReadFull(br, body); err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case hdr[0] == 0x89:
+				p.write(pong)
+			case hdr[0] == 0x8A && !answered && string(body) == "abc":
+				answered = true
+			case hdr[0] == 0x81 && withText && strings.Contains(string(body), `"pong"`):
+				withText = false
+			default:
+				t.Fatalf("waiting for the answer to a client ping: % x %q", hdr, body)
+			}
+		}
+	}
 	for round := range 3 {
+		// A lone frame answered: the reader is parked again, with
+		// nothing buffered, before the next bytes arrive.
+		p.write(text)
+		readPong()
 		p.nextPing()
-		p.write(pong)
+		p.write(pong) // read beneath the library
+		p.write(clientPing)
+		readClientPong(false)
+		// Read by the library: a pong or a ping with a frame, or cut in
+		// two.
 		p.nextPing()
 		p.write(append(append([]byte{}, pong...), text...))
 		readPong()
@@ -132,7 +171,9 @@ func TestKeepAliveSeesEveryPong(t *testing.T) {
 		p.nextPing()
 		p.write(append(append([]byte{}, text...), pong...))
 		readPong()
-		t.Logf("round %d: four pongs seen", round)
+		p.write(append(append([]byte{}, text...), clientPing...))
+		readClientPong(true)
+		t.Logf("round %d: every pong seen, every ping answered", round)
 	}
 	// Each ping was answered within IdleTimeout: none was counted late.
 	var m dto.Metric

@@ -371,6 +371,7 @@ func (s *Server) serveSocket(ws *websocket.Conn, raw *rawSocket, user string, q 
 		_ = ws.Close(websocket.StatusGoingAway, "server shutting down")
 		return
 	}
+	raw.q = q
 	s.open[ws] = openSocket{q: q, raw: raw}
 	s.conns.Add(1)
 	s.mu.Unlock()

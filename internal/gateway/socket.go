@@ -32,7 +32,7 @@ func onOwnStack(f func()) {
 // IdleTimeout. A PingInterval of 0 disables it.
 //
 // The ping is a frame in the connection's queue, written by its writer
-// (see rawSocket.writePing), and any pong ends the wait, whether the
+// (see rawSocket.writeControl), and any pong ends the wait, whether the
 // library read it (OnPongReceived) or the parked reader did (see
 // rawSocket.park). A pong only clears a flag: the reader's stack stays
 // shallow. One timer, touched only when it fires, paces the pings and
@@ -89,11 +89,14 @@ func (p *pinger) fire() {
 // pong ends the wait for a pong; one that comes unasked changes nothing.
 func (p *pinger) pong() { p.waiting.Store(false) }
 
-// pingFrame is the server's ping: FIN, opcode 9, unmasked, no payload. In
-// a connection's queue it stands for itself (see isPingFrame).
+// pingFrame is the server's ping: FIN, opcode 9, unmasked, no payload.
 var pingFrame = []byte{0x89, 0x00}
 
-func isPingFrame(f []byte) bool { return len(f) == len(pingFrame) && &f[0] == &pingFrame[0] }
+// isControlFrame reports whether f, a frame from a connection's queue, is a
+// control frame encoded whole (the keep-alive's ping, the answer to a
+// client's ping) rather than the payload of a text frame: text is UTF-8,
+// in which no string starts with a byte 0x88–0x8A.
+func isControlFrame(f []byte) bool { return len(f) >= 2 && f[0] >= 0x88 && f[0] <= 0x8A }
 
 // rawSocket is an accepted WebSocket's TCP connection as the gateway keeps
 // it beneath the library: to close it, to write pings, and to park the
@@ -104,8 +107,9 @@ func isPingFrame(f []byte) bool { return len(f) == len(pingFrame) && &f[0] == &p
 // counts the stack in use towards the heap goal as well. park waits for
 // the socket to become readable on a few hundred bytes of stack instead,
 // and the collector shrinks the stack of a goroutine that waits there to
-// 2 KiB. A pong, all an idle peer ever sends, is read and answered there
-// too, so the goroutine stays parked between pings.
+// 2 KiB. A pong, all an idle peer ever sends, is read there too, and so
+// is a client's own ping (answered through the queue), so the goroutine
+// stays parked between pings.
 type rawSocket struct {
 	nc net.Conn
 	// br is the library's buffered reader when it is one of ours: park
@@ -116,6 +120,7 @@ type rawSocket struct {
 	rc       syscall.RawConn // nil when the socket cannot be parked
 	readable func(fd uintptr) bool
 	pinger   pinger
+	q        *outQueue // where park answers a client's ping
 
 	// closing is set before the WebSocket is closed: the library's close
 	// handshake then reads br on the closing goroutine, and park keeps
@@ -133,27 +138,28 @@ func (r *rawSocket) close(ws *websocket.Conn, code websocket.StatusCode, reason 
 	return ws.Close(code, reason)
 }
 
-// writePing writes the ping frame. It is called by the connection's
-// writer only, between whole data frames; the library writes its own
-// control frames (a pong, a close) with one Write each, so the frames
-// cannot interleave.
-func (r *rawSocket) writePing() error {
-	_, err := r.nc.Write(pingFrame)
+// writeControl writes an encoded control frame. It is called by the
+// connection's writer only, between whole data frames; the library writes
+// its own control frames (a pong, a close) with one Write each, so the
+// frames cannot interleave.
+func (r *rawSocket) writeControl(f []byte) error {
+	_, err := r.nc.Write(f)
 	return err
 }
 
 // writeFrame writes one frame taken from a connection's queue: a text
 // frame, or the keep-alive's ping.
 func writeFrame(ws *websocket.Conn, raw *rawSocket, f []byte) error {
-	if isPingFrame(f) {
-		return raw.writePing()
+	if isControlFrame(f) {
+		return raw.writeControl(f)
 	}
 	return ws.Write(context.Background(), websocket.MessageText, f)
 }
 
 // park returns once the library has something to read: a frame other than
-// a pong, the end of the stream, or an error (the connection closed).
-// Pongs that arrive meanwhile are consumed and end the ping's wait.
+// a ping or a pong, the end of the stream, or an error (the connection
+// closed). Pings and pongs that arrive meanwhile are consumed (see
+// control).
 //
 // A close handshake that starts while the socket is parked waits to read
 // until park returns, which it does when the peer's close frame arrives,
@@ -170,13 +176,13 @@ func (r *rawSocket) park() {
 	}
 }
 
-// pongFrames reports the length of the complete client pong frames (FIN,
-// opcode 10, masked, payload ≤ 125 bytes) that b consists of, or 0 when b
-// holds anything else or a frame cut short.
-func pongFrames(b []byte) int {
+// controlFrames reports the length of the complete client pings and pongs
+// (FIN, opcode 9 or 10, masked, payload ≤ 125 bytes) that b consists of, or
+// 0 when b holds anything else or a frame cut short.
+func controlFrames(b []byte) int {
 	n := 0
 	for n < len(b) {
-		if len(b)-n < 2 || b[n] != 0x8A || b[n+1]&0x80 == 0 || b[n+1]&0x7F > 125 {
+		if len(b)-n < 2 || (b[n] != 0x89 && b[n] != 0x8A) || b[n+1]&0x80 == 0 || b[n+1]&0x7F > 125 {
 			return 0
 		}
 		end := n + 6 + int(b[n+1]&0x7F)
@@ -186,6 +192,27 @@ func pongFrames(b []byte) int {
 		n = end
 	}
 	return n
+}
+
+// control acts on client control frames that park consumed (b holds whole
+// frames, see controlFrames): a pong ends the keep-alive's wait, a ping is
+// answered with a pong through the queue.
+func (r *rawSocket) control(b []byte) {
+	for len(b) > 0 {
+		size := 6 + int(b[1]&0x7F)
+		if b[0] == 0x8A {
+			r.pinger.pong()
+		} else if r.q != nil {
+			key, payload := b[2:6], b[6:size]
+			pong := make([]byte, 2+len(payload))
+			pong[0], pong[1] = 0x8A, byte(len(payload))
+			for i, c := range payload {
+				pong[2+i] = c ^ key[i&3]
+			}
+			r.q.pushExempt(pong)
+		}
+		b = b[size:]
+	}
 }
 
 // stallTimer closes a connection whose writer has been blocked for

@@ -19,8 +19,8 @@ func (r *rawSocket) preparePark() {
 
 // peek is park's test, run by the runtime's poller whenever the socket may
 // be readable: false waits on. It looks at what has arrived without taking
-// it, consumes it when it is nothing but whole pongs, and otherwise leaves
-// it all for the library.
+// it, consumes it when it is nothing but whole pongs and pings, and
+// otherwise leaves it all for the library.
 func (r *rawSocket) peek(fd uintptr) bool {
 	var b [64]byte
 	for {
@@ -33,7 +33,7 @@ func (r *rawSocket) peek(fd uintptr) bool {
 		case err != nil || n == 0:
 			return true // the library reads the error or the end
 		}
-		k := pongFrames(b[:n])
+		k := controlFrames(b[:n])
 		if k == 0 {
 			return true
 		}
@@ -46,6 +46,6 @@ func (r *rawSocket) peek(fd uintptr) bool {
 			_ = r.nc.Close()
 			return true
 		}
-		r.pinger.pong()
+		r.control(b[:k])
 	}
 }
