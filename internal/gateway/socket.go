@@ -209,7 +209,9 @@ func (r *rawSocket) control(b []byte) {
 			for i, c := range payload {
 				pong[2+i] = c ^ key[i&3]
 			}
-			r.q.pushExempt(pong)
+			// Counted against the outbound limit: a client that pings
+			// without reading is a slow consumer like any other.
+			r.q.push(pong)
 		}
 		b = b[size:]
 	}
