@@ -105,12 +105,12 @@ func (c *conn) sendError(id string, err error) {
 // arrive and none runs, it writes until the queue is empty, then returns.
 // It is the only code that writes data frames to the socket.
 func (c *conn) drain() {
-	var frames [][]byte
-	var buf []byte
+	wb := getWriteBuffers()
+	defer wb.put()
 	for {
 		var merged int
 		var overflow, ok bool
-		frames, buf, merged, overflow, ok = c.q.next(frames[:0], buf[:0])
+		wb.frames, wb.buf, merged, overflow, ok = c.q.next(wb.frames[:0], wb.buf[:0])
 		if overflow {
 			c.s.m.slowCloses.Inc()
 			c.closeWith(closeSlowConsumer, "slow consumer")
@@ -125,7 +125,7 @@ func (c *conn) drain() {
 		// A write that blocks for WriteTimeout means the peer stopped
 		// reading (see stallTimer).
 		c.stall.arm(c.s, c.ctx, c.cancel)
-		for _, f := range frames {
+		for _, f := range wb.frames {
 			if err := writeFrame(c.ws, c.raw, f); err != nil {
 				c.stall.stop()
 				if c.ctx.Err() == nil {
