@@ -261,35 +261,6 @@ type compatClientFrame struct {
 	LastChunkIndex json.RawMessage `json:"lastChunkIndex"`
 }
 
-// readLoop answers client frames until the connection ends. Frames it does
-// not understand are ignored, as the original server did. Like a native
-// connection's (see conn.readLoop), it waits in park and reads and answers
-// each frame on a goroutine of its own.
-func (c *compatConn) readLoop() {
-	var err error
-	read := func() { err = c.readFrame() }
-	for err == nil {
-		c.raw.park()
-		onOwnStack(read)
-	}
-}
-
-// readFrame reads and answers the next client frame.
-func (c *compatConn) readFrame() error {
-	// No context: ending c.ctx closes the socket (see serveSocket).
-	typ, data, err := c.ws.Read(context.Background())
-	if err != nil {
-		if errors.Is(err, websocket.ErrMessageTooBig) {
-			c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
-		}
-		return err
-	}
-	if typ == websocket.MessageText {
-		c.frame(data)
-	}
-	return nil
-}
-
 // frame answers one client text frame.
 func (c *compatConn) frame(data []byte) {
 	if string(bytes.TrimSpace(data)) == "ping" {
@@ -444,7 +415,13 @@ func (c *compatConn) run() {
 			c.closeWith(websocket.StatusInternalError, "cannot load the session")
 		}
 	})
-	c.readLoop()
+	// Frames it does not understand, binary ones included, are ignored,
+	// as the original server did.
+	c.s.readLoop(c.ws, c.raw, func(typ websocket.MessageType, data []byte) {
+		if typ == websocket.MessageText {
+			c.frame(data)
+		}
+	})
 	c.cancel()
 	c.q.close()
 	writers.Wait()

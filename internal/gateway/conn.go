@@ -142,36 +142,6 @@ func (c *conn) drain() {
 	}
 }
 
-// readLoop handles client frames until the connection ends. It waits for
-// the peer in park; each frame is read and handled on a goroutine of its
-// own (frames stay in order), as reading runs deep in the library and
-// handling deeper (JSON decoding, store and bus calls). The loop's own
-// stack stays at the 2 KiB a park needs, and an idle connection keeps
-// nothing bigger.
-func (c *conn) readLoop() {
-	var err error
-	read := func() { err = c.readFrame() }
-	for err == nil {
-		c.raw.park()
-		onOwnStack(read)
-	}
-}
-
-// readFrame reads and handles the next client frame.
-func (c *conn) readFrame() error {
-	// No context: ending c.ctx closes the socket (see serveSocket).
-	typ, data, err := c.ws.Read(context.Background())
-	if err != nil {
-		if errors.Is(err, websocket.ErrMessageTooBig) {
-			// The library has already closed with 1009.
-			c.s.m.limitHits.WithLabelValues("frame_bytes").Inc()
-		}
-		return err
-	}
-	c.frame(typ, data)
-	return nil
-}
-
 // frame handles one client frame.
 func (c *conn) frame(typ websocket.MessageType, data []byte) {
 	if typ != websocket.MessageText {
@@ -317,7 +287,7 @@ func (c *conn) run() {
 	var writers sync.WaitGroup
 	c.q.spawn, c.q.writers = c.drain, &writers
 	onOwnStack(func() { c.s.keepAlive(c.ctx, c.raw, c.q, c.closeWith) })
-	c.readLoop()
+	c.s.readLoop(c.ws, c.raw, c.frame)
 	c.cancel()
 	c.q.close()
 	writers.Wait()

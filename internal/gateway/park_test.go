@@ -195,10 +195,10 @@ func TestIdleSocketParks(t *testing.T) {
 	buf := make([]byte, 1<<20)
 	for {
 		stacks := string(buf[:runtime.Stack(buf, true)])
-		parked, deep := strings.Contains(stacks, "(*rawSocket).park"), strings.Contains(stacks, "(*conn).readLoop")
+		parked, deep := strings.Contains(stacks, "(*rawSocket).park"), strings.Contains(stacks, "(*Server).readLoop")
 		if parked {
 			for g := range strings.SplitSeq(stacks, "\n\n") {
-				if strings.Contains(g, "(*conn).readLoop") && strings.Contains(g, "websocket.(*Conn).Read") {
+				if strings.Contains(g, "(*Server).readLoop") && strings.Contains(g, "websocket.(*Conn).Read") {
 					t.Fatalf("an idle socket's reader waits in the library:\n%s", g)
 				}
 			}

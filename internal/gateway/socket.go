@@ -3,6 +3,7 @@ package gateway
 import (
 	"bufio"
 	"context"
+	"errors"
 	"math"
 	"net"
 	"sync"
@@ -24,6 +25,34 @@ func onOwnStack(f func()) {
 		f()
 	}()
 	<-done
+}
+
+// readLoop hands the socket's client frames to handle, in order, until
+// the connection ends. It waits for the peer in raw.park; each frame is
+// read and handled on a goroutine of its own, as reading runs deep in the
+// library and handling deeper (JSON decoding, store and bus calls). The
+// loop's own stack stays at the 2 KiB a park needs, and an idle connection
+// keeps nothing bigger.
+func (s *Server) readLoop(ws *websocket.Conn, raw *rawSocket, handle func(websocket.MessageType, []byte)) {
+	var err error
+	read := func() {
+		var typ websocket.MessageType
+		var data []byte
+		// No context: ending the connection closes the socket (see
+		// serveSocket).
+		if typ, data, err = ws.Read(context.Background()); err != nil {
+			if errors.Is(err, websocket.ErrMessageTooBig) {
+				// The library has already closed with 1009.
+				s.m.limitHits.WithLabelValues("frame_bytes").Inc()
+			}
+			return
+		}
+		handle(typ, data)
+	}
+	for err == nil {
+		raw.park()
+		onOwnStack(read)
+	}
 }
 
 // keepAlive pings the peer every PingInterval until ctx ends; a peer that
@@ -106,10 +135,12 @@ func isControlFrame(f []byte) bool { return len(f) >= 2 && f[0] >= 0x88 && f[0] 
 // calls about 2.3 KiB deep, so its stack is 4 KiB, and the Go collector
 // counts the stack in use towards the heap goal as well. park waits for
 // the socket to become readable on a few hundred bytes of stack instead,
-// and the collector shrinks the stack of a goroutine that waits there to
-// 2 KiB. A pong, all an idle peer ever sends, is read there too, and so
-// is a client's own ping (answered through the queue), so the goroutine
-// stays parked between pings.
+// and the reading itself runs on a short-lived goroutine (see readLoop),
+// so the long-lived one never grows past 2 KiB (a stack that grew would
+// not shrink back: Go shrinks one only below a quarter in use). A pong,
+// all an idle peer ever sends, is read in park too, and so is a client's
+// own ping (answered through the queue), so the goroutine stays parked
+// between pings.
 type rawSocket struct {
 	nc net.Conn
 	// br is the library's buffered reader when it is one of ours: park
@@ -148,7 +179,7 @@ func (r *rawSocket) writeControl(f []byte) error {
 }
 
 // writeFrame writes one frame taken from a connection's queue: a text
-// frame, or the keep-alive's ping.
+// frame, or a control frame encoded whole (see isControlFrame).
 func writeFrame(ws *websocket.Conn, raw *rawSocket, f []byte) error {
 	if isControlFrame(f) {
 		return raw.writeControl(f)
