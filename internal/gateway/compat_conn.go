@@ -57,7 +57,7 @@ type compatConn struct {
 	wg        sync.WaitGroup // the view's repairs
 	view      *view          // set by join; owned by run
 	closeOnce sync.Once
-	stall     stallTimer // owned by the writer (drain)
+	w         connWriter
 
 	mu     sync.Mutex
 	turns  map[string]*compatTurn // turns being streamed to this socket; guarded by mu
@@ -202,48 +202,17 @@ func (c *compatConn) closeWith(code websocket.StatusCode, reason string) {
 	})
 }
 
-// drain is the connection's writer: started by the queue when frames
-// arrive and none runs, it writes until the queue is empty, then returns
-// (see conn.drain). It is the only code that writes data frames to the
-// socket.
-func (c *compatConn) drain() {
-	var frames [][]byte
-	for {
-		var overflow, ok bool
-		frames, _, _, overflow, ok = c.q.next(frames[:0], nil)
-		if overflow {
-			c.s.m.slowCloses.Inc()
-			c.closeWith(closeSlowConsumer, "slow consumer")
-			return
-		}
-		if !ok {
-			return
-		}
-		// A write that blocks for WriteTimeout means the peer stopped
-		// reading (see stallTimer).
-		c.stall.arm(c.s, c.ctx, c.cancel)
-		for i, f := range frames {
-			frames[i] = nil
-			if f = c.resolve(f); f == nil {
-				continue
-			}
-			if err := writeFrame(c.ws, c.raw, f); err != nil {
-				c.stall.stop()
-				if c.ctx.Err() == nil {
-					c.s.m.writeErrors.Inc()
-				}
-				c.cancel()
-				c.q.close()
-				return
-			}
-			c.s.m.framesSent.Inc()
-			c.s.m.bytesSent.Add(float64(len(f)))
-		}
-		c.stall.stop()
-		if cap(frames) > 1024 {
-			frames = nil
+// resolveAll resolves the frames a writer took from the queue, in place
+// and in order (see resolve).
+func (c *compatConn) resolveAll(frames [][]byte) [][]byte {
+	out := frames[:0]
+	for _, f := range frames {
+		if f = c.resolve(f); f != nil {
+			out = append(out, f)
 		}
 	}
+	clear(frames[len(out):])
+	return out
 }
 
 // Fixed answers of COMPAT.md.
@@ -401,7 +370,8 @@ func (c *compatConn) join(ctx context.Context) error {
 // run serves the connection until it ends, then releases everything.
 func (c *compatConn) run() {
 	var writers sync.WaitGroup
-	c.q.spawn, c.q.writers = c.drain, &writers
+	c.w = connWriter{s: c.s, raw: c.raw, q: c.q, ctx: c.ctx, cancel: c.cancel, closeWith: c.closeWith, resolve: c.resolveAll}
+	c.q.spawn, c.q.writers = c.w.drain, &writers
 	onOwnStack(func() {
 		c.s.keepAlive(c.ctx, c.raw, c.q, c.closeWith)
 		c.push(protocol.Encode(compatWelcome{Type: "welcome", SessionID: c.conv, Timestamp: protocol.FormatTime(c.s.now())}))

@@ -38,8 +38,8 @@ type conn struct {
 	views     map[string]*view // joined conversations; guarded by mu
 	closeOnce sync.Once
 
-	badFrames int        // owned by the read loop
-	stall     stallTimer // owned by the writer (drain)
+	badFrames int // owned by the read loop
+	w         connWriter
 }
 
 var _ sink = (*conn)(nil)
@@ -99,47 +99,6 @@ func (c *conn) sendError(id string, err error) {
 		c.logger().Error("request failed", "err", err)
 	}
 	c.push(pe.Frame(id))
-}
-
-// drain is the connection's writer: started by the queue when frames
-// arrive and none runs, it writes until the queue is empty, then returns.
-// It is the only code that writes data frames to the socket.
-func (c *conn) drain() {
-	wb := getWriteBuffers()
-	defer wb.put()
-	for {
-		var merged int
-		var overflow, ok bool
-		wb.frames, wb.buf, merged, overflow, ok = c.q.next(wb.frames[:0], wb.buf[:0])
-		if overflow {
-			c.s.m.slowCloses.Inc()
-			c.closeWith(closeSlowConsumer, "slow consumer")
-			return
-		}
-		if !ok {
-			return
-		}
-		if merged > 0 {
-			c.s.m.mergedFrames.Add(float64(merged))
-		}
-		// A write that blocks for WriteTimeout means the peer stopped
-		// reading (see stallTimer).
-		c.stall.arm(c.s, c.ctx, c.cancel)
-		for _, f := range wb.frames {
-			if err := writeFrame(c.ws, c.raw, f); err != nil {
-				c.stall.stop()
-				if c.ctx.Err() == nil {
-					c.s.m.writeErrors.Inc()
-				}
-				c.cancel()
-				c.q.close()
-				return
-			}
-			c.s.m.framesSent.Inc()
-			c.s.m.bytesSent.Add(float64(len(f)))
-		}
-		c.stall.stop()
-	}
 }
 
 // frame handles one client frame.
@@ -285,7 +244,8 @@ func (c *conn) leave(conv string) {
 // run serves the connection until it ends, then releases everything.
 func (c *conn) run() {
 	var writers sync.WaitGroup
-	c.q.spawn, c.q.writers = c.drain, &writers
+	c.w = connWriter{s: c.s, raw: c.raw, q: c.q, ctx: c.ctx, cancel: c.cancel, closeWith: c.closeWith}
+	c.q.spawn, c.q.direct, c.q.writers = c.w.drain, c.w.writeNow, &writers
 	onOwnStack(func() { c.s.keepAlive(c.ctx, c.raw, c.q, c.closeWith) })
 	c.s.readLoop(c.ws, c.raw, c.frame)
 	c.cancel()

@@ -414,13 +414,13 @@ type openSocket struct {
 
 // WebSocket buffer sizes. net/http hands a hijacked connection 4 KiB read
 // and write buffers, which every idle connection would keep for its life.
-// A delta frame is ~150 bytes and client frames are read whole into a
-// message buffer, so small ones do: a frame larger than the write buffer
-// costs one more write syscall, a payload larger than the read buffer is
-// read straight into the message.
+// Client frames are read whole into a message buffer, so a small read
+// buffer does: a payload larger than it is read straight into the message.
+// The write buffer carries only the library's own frames (see libWriter),
+// control frames of at most 127 bytes, each written whole.
 const (
 	wsReadBuffer  = 256
-	wsWriteBuffer = 512
+	wsWriteBuffer = 128
 )
 
 // acceptWS upgrades a request to a WebSocket with buffers of the sizes
@@ -435,7 +435,7 @@ func acceptWS(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOpti
 	// Accept fails unless it has hijacked the connection through w.
 	ws, err := websocket.Accept(w, r, &o)
 	if err == nil {
-		raw.preparePark()
+		raw.prepare()
 	}
 	return ws, raw, err
 }
@@ -467,7 +467,7 @@ func (b smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	// Else bytes the client sent behind the upgrade request stay in
 	// net/http's reader, which is then kept (and the socket not parked:
 	// the library reads those bytes through a reader of its own).
-	return c, bufio.NewReadWriter(r, bufio.NewWriterSize(c, wsWriteBuffer)), nil
+	return c, bufio.NewReadWriter(r, bufio.NewWriterSize(libWriter{b.raw}, wsWriteBuffer)), nil
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }

@@ -3,9 +3,11 @@ package gateway
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"math"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -61,7 +63,7 @@ func (s *Server) readLoop(ws *websocket.Conn, raw *rawSocket, handle func(websoc
 // IdleTimeout. A PingInterval of 0 disables it.
 //
 // The ping is a frame in the connection's queue, written by its writer
-// (see rawSocket.writeControl), and any pong ends the wait, whether the
+// (see rawSocket.writeFrames), and any pong ends the wait, whether the
 // library read it (OnPongReceived) or the parked reader did (see
 // rawSocket.park). A pong only clears a flag: the reader's stack stays
 // shallow. One timer, touched only when it fires, paces the pings and
@@ -128,8 +130,8 @@ var pingFrame = []byte{0x89, 0x00}
 func isControlFrame(f []byte) bool { return len(f) >= 2 && f[0] >= 0x88 && f[0] <= 0x8A }
 
 // rawSocket is an accepted WebSocket's TCP connection as the gateway keeps
-// it beneath the library: to close it, to write pings, and to park the
-// connection's reader while the peer is quiet.
+// it beneath the library: to close it, to write its frames, and to park
+// the connection's reader while the peer is quiet.
 //
 // An idle connection's goroutine waits in the library's Read, a chain of
 // calls about 2.3 KiB deep, so its stack is 4 KiB, and the Go collector
@@ -141,6 +143,12 @@ func isControlFrame(f []byte) bool { return len(f) >= 2 && f[0] >= 0x88 && f[0] 
 // all an idle peer ever sends, is read in park too, and so is a client's
 // own ping (answered through the queue), so the goroutine stays parked
 // between pings.
+//
+// The gateway writes its frames itself (writeFrames, writeNow): text
+// frames, unmasked and uncompressed, encoded beside their payload, so that
+// a burst of frames is one system call. The library writes only frames of
+// its own (a close, the answer to a ping it read), through libWriter. wmu
+// orders all of them, so that frames never interleave.
 type rawSocket struct {
 	nc net.Conn
 	// br is the library's buffered reader when it is one of ours: park
@@ -148,8 +156,8 @@ type rawSocket struct {
 	// reader was kept (bytes came behind the upgrade request), and then
 	// the socket is not parked.
 	br       *bufio.Reader
-	rc       syscall.RawConn // nil when the socket cannot be parked
-	readable func(fd uintptr) bool
+	rc       syscall.RawConn       // nil when the system's socket is out of reach
+	readable func(fd uintptr) bool // park's test; nil when the socket is not parked
 	pinger   pinger
 	q        *outQueue // where park answers a client's ping
 
@@ -158,6 +166,13 @@ type rawSocket struct {
 	// off it. Guarded by mu.
 	mu      sync.Mutex
 	closing bool
+
+	// wmu is held for every write to nc. It may be released by another
+	// goroutine than the one that took it (see writeNow).
+	wmu sync.Mutex
+	// sealed is set before the close frame is written: no frame of the
+	// gateway's follows it.
+	sealed atomic.Bool
 }
 
 // close closes ws with code and reason, the close handshake included. All
@@ -166,25 +181,135 @@ func (r *rawSocket) close(ws *websocket.Conn, code websocket.StatusCode, reason 
 	r.mu.Lock()
 	r.closing = true
 	r.mu.Unlock()
+	r.sealed.Store(true)
 	return ws.Close(code, reason)
 }
 
-// writeControl writes an encoded control frame. It is called by the
-// connection's writer only, between whole data frames; the library writes
-// its own control frames (a pong, a close) with one Write each, so the
-// frames cannot interleave.
-func (r *rawSocket) writeControl(f []byte) error {
-	_, err := r.nc.Write(f)
+// libWriter is where the library's writes go: to the socket, under wmu.
+// The library writes a frame of its own with one Write (a control frame
+// fits in its buffer), so the frame is written whole.
+type libWriter struct{ r *rawSocket }
+
+func (w libWriter) Write(p []byte) (int, error) {
+	w.r.wmu.Lock()
+	defer w.r.wmu.Unlock()
+	return w.r.nc.Write(p)
+}
+
+// Frames of a connection's queue as they go on the wire (see encode).
+const (
+	maxHeader = 10 // bytes of a text frame's header, at most
+	// A frame up to copyMax bytes is copied beside its header; a larger
+	// one is written from where it is.
+	copyMax = 2 << 10
+	// writeNow writes at most directMax bytes; more goes to the writer.
+	directMax = 16 << 10
+)
+
+// appendHeader appends the header of a final, unmasked text frame of n
+// bytes (RFC 6455, section 5.2).
+func appendHeader(b []byte, n int) []byte {
+	switch {
+	case n < 126:
+		return append(b, 0x81, byte(n))
+	case n <= math.MaxUint16:
+		return append(b, 0x81, 126, byte(n>>8), byte(n))
+	default:
+		return binary.BigEndian.AppendUint64(append(b, 0x81, 127), uint64(n))
+	}
+}
+
+// encode lays out wb's frames as they go on the wire: wb.iov, to be written
+// in order, holding wb.wire (the headers, control frames, and the frames
+// up to copyMax bytes) and the larger frames.
+func (wb *writeBuffers) encode() {
+	need := 0
+	for _, f := range wb.frames {
+		need += maxHeader
+		if len(f) <= copyMax {
+			need += len(f)
+		}
+	}
+	// Grown once, so that the slices of wire in iov stay valid.
+	wire := slices.Grow(wb.wire[:0], need)
+	iov := wb.iov[:0]
+	start := 0
+	for _, f := range wb.frames {
+		if !isControlFrame(f) {
+			wire = appendHeader(wire, len(f))
+		}
+		if len(f) <= copyMax {
+			wire = append(wire, f...)
+			continue
+		}
+		iov = append(iov, wire[start:], f)
+		start = len(wire)
+	}
+	if start < len(wire) {
+		iov = append(iov, wire[start:])
+	}
+	wb.wire, wb.iov = wire, iov
+}
+
+// writeFrames writes wb's frames (or, after a direct write that the socket
+// took only part of, the rest of them), blocking until the socket has
+// taken them all or failed: it is the connection's writer's.
+func (r *rawSocket) writeFrames(wb *writeBuffers) error {
+	if wb.rest != nil {
+		// Part of a frame is on the wire: the rest must follow it, and
+		// wmu has been held since (see writeNow).
+		rest := wb.rest
+		wb.rest = nil
+		_, err := r.nc.Write(rest)
+		r.wmu.Unlock()
+		return err
+	}
+	wb.encode()
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	if r.sealed.Load() {
+		return net.ErrClosed
+	}
+	if len(wb.iov) == 1 {
+		_, err := r.nc.Write(wb.iov[0])
+		return err
+	}
+	_, err := wb.iov.WriteTo(r.nc)
 	return err
 }
 
-// writeFrame writes one frame taken from a connection's queue: a text
-// frame, or a control frame encoded whole (see isControlFrame).
-func writeFrame(ws *websocket.Conn, raw *rawSocket, f []byte) error {
-	if isControlFrame(f) {
-		return raw.writeControl(f)
+// writeNow writes wb's frames with one system call that does not block,
+// on the caller's goroutine (see outQueue.direct), when they come to at
+// most directMax bytes, no other write is under way and the socket takes
+// them all: then it reports true. Otherwise they are left to the
+// connection's writer: wb's frames as they were, or, when the socket took
+// part of them, the rest in wb.rest, with wmu held until the writer has
+// written it.
+func (r *rawSocket) writeNow(wb *writeBuffers) bool {
+	if r.rc == nil {
+		return false
 	}
-	return ws.Write(context.Background(), websocket.MessageText, f)
+	wb.encode()
+	if len(wb.iov) != 1 || len(wb.wire) > directMax || !r.wmu.TryLock() {
+		return false
+	}
+	if r.sealed.Load() {
+		r.wmu.Unlock()
+		return false
+	}
+	b := wb.wire
+	n := 0
+	// Under the descriptor's write lock: it cannot be closed meanwhile.
+	_ = r.rc.Write(func(fd uintptr) bool {
+		n = writeOnce(fd, b)
+		return true
+	})
+	if n == len(b) {
+		r.wmu.Unlock()
+		return true
+	}
+	wb.rest = b[n:]
+	return false
 }
 
 // park returns once the library has something to read: a frame other than
@@ -196,7 +321,7 @@ func writeFrame(ws *websocket.Conn, raw *rawSocket, f []byte) error {
 // until park returns, which it does when the peer's close frame arrives,
 // or when the handshake gives up and closes the connection.
 func (r *rawSocket) park() {
-	if r.rc == nil {
+	if r.readable == nil {
 		return
 	}
 	r.mu.Lock()

@@ -2,19 +2,36 @@ package gateway
 
 import "syscall"
 
-// preparePark makes the socket parkable when it is a socket of this
-// system's (a TCP connection) and the library reads it through a buffer of
-// ours.
-func (r *rawSocket) preparePark() {
+// prepare reaches for the system's socket beneath a TCP connection: to
+// write to it without blocking (writeNow), and to park on it when the
+// library reads it through a buffer of ours.
+func (r *rawSocket) prepare() {
 	sc, ok := r.nc.(syscall.Conn)
-	if !ok || r.br == nil {
+	if !ok {
 		return
 	}
 	rc, err := sc.SyscallConn()
 	if err != nil {
 		return
 	}
-	r.rc, r.readable = rc, r.peek
+	r.rc = rc
+	if r.br != nil {
+		r.readable = r.peek
+	}
+}
+
+// writeOnce writes b to the socket fd with one non-blocking write(2), and
+// reports how many bytes the socket took: fewer than len(b) when its
+// buffer is full, 0 on an error (which the blocking write that follows
+// then reports).
+func writeOnce(fd uintptr, b []byte) int {
+	for {
+		n, err := syscall.Write(int(fd), b)
+		if err == syscall.EINTR {
+			continue
+		}
+		return max(n, 0)
+	}
 }
 
 // peek is park's test, run by the runtime's poller whenever the socket may

@@ -1,7 +1,12 @@
 package gateway
 
 import (
+	"context"
+	"net"
 	"sync"
+	"time"
+
+	"github.com/coder/websocket"
 
 	"github.com/tokenrelay/tokenrelay/internal/protocol"
 )
@@ -22,11 +27,26 @@ type outQueue struct {
 	merged   int               // merges since the last take; guarded by mu
 	// spawn, the connection's writer, is started in a new goroutine
 	// whenever items arrive and no writer is running: an idle connection
-	// costs no writer goroutine. Until it is set, items only wait.
-	spawn   func()
-	writing bool            // a spawned writer runs; guarded by mu
-	writers *sync.WaitGroup // counts spawned writers
-	free    []*delta        // recycled deltas; guarded by mu
+	// costs no writer goroutine. Until it is set, items only wait. Its
+	// argument is what it must write first, or nil.
+	spawn func(*writeBuffers)
+	// direct, when set, is tried first: the pusher that finds no writer
+	// running takes what is queued and calls direct on its own goroutine,
+	// which writes it without blocking, or reports false to leave the rest
+	// (in its argument) to a spawned writer. A connection keeping up with a
+	// stream then costs no goroutine per frame and no scheduler hand-off.
+	//
+	//
+	// Frames that come less than directGap apart go to a spawned writer
+	// all the same: while it writes, the queue merges a turn's deltas, so
+	// a fast stream costs fewer, larger frames (and its producer does not
+	// wait for the socket).
+	direct     func(*writeBuffers) bool
+	directGap  time.Duration
+	lastDirect time.Duration   // when the last direct write began (see clock); guarded by mu
+	writing    bool            // a writer (spawned, or a pusher in direct) runs; guarded by mu
+	writers    *sync.WaitGroup // counts running writers
+	free       []*delta        // recycled deltas; guarded by mu
 }
 
 type outItem struct {
@@ -44,20 +64,69 @@ type delta struct {
 const deltaOverhead = 96 // bytes of a delta frame besides its text
 
 func newOutQueue(limit int) *outQueue {
-	return &outQueue{limit: limit, pending: make(map[string]*delta)}
+	return &outQueue{limit: limit, pending: make(map[string]*delta), directGap: directGap}
 }
 
-// signal starts the writer unless one runs; called with mu held.
-func (q *outQueue) signal() {
+// signal starts the writer unless one runs; called with mu held. It
+// reports true when the caller is to be the writer (see direct): it then
+// calls writeDirect once it has released mu.
+func (q *outQueue) signal() (direct bool) {
 	if q.spawn == nil || q.writing {
-		return
+		return false
 	}
 	q.writing = true
 	q.writers.Add(1)
+	if q.direct != nil && !q.closed {
+		if now := clock(); now-q.lastDirect >= q.directGap {
+			q.lastDirect = now
+			return true
+		}
+	}
+	q.start(nil)
+	return false
+}
+
+// directGap is how far apart frames must come for a pusher to write them
+// itself (see outQueue.direct): a stream of up to 500 tokens/s per
+// connection, which is every model's.
+const directGap = 2 * time.Millisecond
+
+var clockStart = time.Now()
+
+// clock reads the monotonic clock.
+func clock() time.Duration { return time.Since(clockStart) }
+
+// start runs the writer, already counted in writers, on a new goroutine.
+func (q *outQueue) start(wb *writeBuffers) {
 	go func() {
 		defer q.writers.Done()
-		q.spawn()
+		q.spawn(wb)
 	}()
+}
+
+// writeDirect is the writer for one go, on a pusher's goroutine, after
+// signal said so: it takes everything queued and hands it to direct. What
+// direct cannot write at once, and anything queued meanwhile, goes to a
+// spawned writer.
+func (q *outQueue) writeDirect() {
+	wb := getWriteBuffers()
+	wb.frames, wb.buf, wb.merged, _ = q.take(wb.frames[:0], wb.buf[:0])
+	if len(wb.frames) == 0 || !q.direct(wb) {
+		// Closed meanwhile (the writer reports an overflow), or the
+		// socket did not take it all.
+		q.start(wb)
+		return
+	}
+	wb.put()
+	q.mu.Lock()
+	if len(q.items) > 0 || q.closed {
+		q.mu.Unlock()
+		q.start(nil)
+		return
+	}
+	q.writing = false
+	q.mu.Unlock()
+	q.writers.Done()
 }
 
 // next is take for a spawned writer: when nothing is queued (or the queue
@@ -87,15 +156,15 @@ func (q *outQueue) pushExempt(frame []byte) bool { return q.pushFrame(frame, tru
 
 func (q *outQueue) pushFrame(frame []byte, exempt bool) bool {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	if q.closed {
+		q.mu.Unlock()
 		return false
 	}
 	q.items = append(q.items, outItem{frame: frame})
 	if !exempt {
 		q.bytes += len(frame)
 	}
-	return q.afterPushLocked()
+	return q.unlockAfterPush()
 }
 
 // pushDelta enqueues delta seq (text from..seq) of a turn, merging it into
@@ -103,8 +172,8 @@ func (q *outQueue) pushFrame(frame []byte, exempt bool) bool {
 // text of an exempt delta (catch-up) is not counted against the limit.
 func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts int64, exempt bool) bool {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	if q.closed {
+		q.mu.Unlock()
 		return false
 	}
 	if d := q.pending[turn]; d != nil && d.seq+1 == from {
@@ -115,7 +184,7 @@ func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts
 			q.bytes += len(text)
 		}
 		q.merged++
-		return q.afterPushLocked()
+		return q.unlockAfterPush()
 	}
 	var d *delta
 	if n := len(q.free); n > 0 {
@@ -131,7 +200,7 @@ func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts
 	if !exempt {
 		q.bytes += len(text)
 	}
-	return q.afterPushLocked()
+	return q.unlockAfterPush()
 }
 
 // forget stops merging into turn's queued delta: a frame that must follow
@@ -142,15 +211,21 @@ func (q *outQueue) forget(turn string) {
 	q.mu.Unlock()
 }
 
-func (q *outQueue) afterPushLocked() bool {
+// unlockAfterPush ends a push: it closes the queue when the push took it
+// past its limit, starts the writer when none runs, and releases mu. It
+// reports false when the queue closed.
+func (q *outQueue) unlockAfterPush() bool {
 	if q.limit > 0 && q.bytes > q.limit {
 		q.closed, q.overflow = true, true
 		q.items = nil
-		q.signal()
+		q.signal() // closed: never direct
+		q.mu.Unlock()
 		return false
 	}
-	if len(q.items) == 1 {
-		q.signal()
+	direct := len(q.items) == 1 && q.signal()
+	q.mu.Unlock()
+	if direct {
+		q.writeDirect()
 	}
 	return true
 }
@@ -191,25 +266,35 @@ func (q *outQueue) close() {
 	if !q.closed {
 		q.closed = true
 		q.items = nil
-		q.signal()
+		q.signal() // closed: never direct
 	}
 	q.mu.Unlock()
 }
 
-// idle reports whether nothing is queued and no spawned writer runs.
+// idle reports whether nothing is queued and no writer runs.
 func (q *outQueue) idle() bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return len(q.items) == 0 && !q.writing
 }
 
-// writeBuffers are a writer's list of frames and the buffer its delta
-// frames are encoded into. A writer lives for one burst of frames (see
-// outQueue.spawn), so they are pooled rather than grown afresh by each: at
-// 20,000 tokens/s, growing them was a sixth of the server's allocation.
+// writeBuffers are what a writer works with: the frames it took from the
+// queue, the buffer their delta frames are encoded into, and the bytes
+// that go on the wire (see rawSocket.writeFrames). A writer lives for one
+// burst of frames (see outQueue.spawn), so they are pooled rather than
+// grown afresh by each: at 20,000 tokens/s, growing them was a sixth of the
+// server's allocation.
 type writeBuffers struct {
 	frames [][]byte
 	buf    []byte
+	merged int // deltas merged into frames
+
+	wire []byte      // headers, and the frames small enough to copy
+	iov  net.Buffers // wire and the larger frames, in order
+	// rest, when set, is the end of frames' encoding that a direct write
+	// left unwritten (see rawSocket.writeNow); the write lock is held for
+	// it, and the writer writes it first.
+	rest []byte
 }
 
 var writeBufferPool = sync.Pool{New: func() any { return new(writeBuffers) }}
@@ -225,9 +310,98 @@ func getWriteBuffers() *writeBuffers { return writeBufferPool.Get().(*writeBuffe
 // put returns wb to the pool, holding on to no frame.
 func (wb *writeBuffers) put() {
 	clear(wb.frames[:cap(wb.frames)])
-	if cap(wb.frames) > maxPooledFrames || cap(wb.buf) > maxPooledWriteBuf {
+	clear(wb.iov[:cap(wb.iov)])
+	if cap(wb.frames) > maxPooledFrames || cap(wb.buf) > maxPooledWriteBuf || cap(wb.wire) > maxPooledWriteBuf {
 		return
 	}
-	wb.frames, wb.buf = wb.frames[:0], wb.buf[:0]
+	wb.frames, wb.buf, wb.wire, wb.iov, wb.rest, wb.merged = wb.frames[:0], wb.buf[:0], wb.wire[:0], wb.iov[:0], nil, 0
 	writeBufferPool.Put(wb)
+}
+
+// connWriter writes a connection's queue to its socket.
+type connWriter struct {
+	s         *Server
+	raw       *rawSocket
+	q         *outQueue
+	ctx       context.Context // the connection's lifetime
+	cancel    context.CancelFunc
+	closeWith func(websocket.StatusCode, string)
+	// resolve, when set, turns the frames taken from the queue into the
+	// frames to write, in place (see compatConn.resolve).
+	resolve func([][]byte) [][]byte
+	stall   stallTimer // owned by the writer (drain)
+}
+
+// drain is the connection's writer (the queue's spawn): started when
+// frames arrive and none runs, it writes wb (when not nil) and then
+// everything queued until the queue is empty, and returns. It and direct
+// writes (writeNow) are the only code that writes data frames to the
+// socket, one at a time.
+func (w *connWriter) drain(wb *writeBuffers) {
+	if wb == nil {
+		wb = getWriteBuffers()
+	}
+	defer wb.put()
+	for {
+		if !w.write(wb) {
+			return
+		}
+		var overflow, ok bool
+		wb.frames, wb.buf, wb.merged, overflow, ok = w.q.next(wb.frames[:0], wb.buf[:0])
+		if overflow {
+			w.s.m.slowCloses.Inc()
+			w.closeWith(closeSlowConsumer, "slow consumer")
+			return
+		}
+		if !ok {
+			return
+		}
+	}
+}
+
+// write writes wb, blocking, and reports false when the socket failed (the
+// connection is then ended).
+func (w *connWriter) write(wb *writeBuffers) bool {
+	if w.resolve != nil && wb.rest == nil {
+		wb.frames = w.resolve(wb.frames)
+	}
+	if len(wb.frames) == 0 {
+		return true
+	}
+	// A write that blocks for WriteTimeout means the peer stopped reading
+	// (see stallTimer).
+	w.stall.arm(w.s, w.ctx, w.cancel)
+	err := w.raw.writeFrames(wb)
+	w.stall.stop()
+	if err != nil {
+		if w.ctx.Err() == nil {
+			w.s.m.writeErrors.Inc()
+		}
+		w.cancel()
+		w.q.close()
+		return false
+	}
+	w.sent(wb)
+	return true
+}
+
+// writeNow is the queue's direct writer (see outQueue.direct).
+func (w *connWriter) writeNow(wb *writeBuffers) bool {
+	if !w.raw.writeNow(wb) {
+		return false
+	}
+	w.sent(wb)
+	return true
+}
+
+func (w *connWriter) sent(wb *writeBuffers) {
+	n := 0
+	for _, f := range wb.frames {
+		n += len(f)
+	}
+	w.s.m.framesSent.Add(float64(len(wb.frames)))
+	w.s.m.bytesSent.Add(float64(n))
+	if wb.merged > 0 {
+		w.s.m.mergedFrames.Add(float64(wb.merged))
+	}
 }
