@@ -298,12 +298,13 @@ func (r *rawSocket) writeNow(wb *writeBuffers) bool {
 		return false
 	}
 	b := wb.wire
-	n := 0
+	fw := fdWritePool.Get().(*fdWrite)
+	fw.b = b
 	// Under the descriptor's write lock: it cannot be closed meanwhile.
-	_ = r.rc.Write(func(fd uintptr) bool {
-		n = writeOnce(fd, b)
-		return true
-	})
+	_ = r.rc.Write(fw.fn)
+	n := fw.n
+	fw.b = nil
+	fdWritePool.Put(fw)
 	if n == len(b) {
 		r.wmu.Unlock()
 		return true
@@ -311,6 +312,23 @@ func (r *rawSocket) writeNow(wb *writeBuffers) bool {
 	wb.rest = b[n:]
 	return false
 }
+
+// fdWrite is writeNow's call of writeOnce, pooled: a closure made per
+// write would be garbage per frame.
+type fdWrite struct {
+	b  []byte
+	n  int
+	fn func(fd uintptr) bool
+}
+
+var fdWritePool = sync.Pool{New: func() any {
+	fw := new(fdWrite)
+	fw.fn = func(fd uintptr) bool {
+		fw.n = writeOnce(fd, fw.b)
+		return true
+	}
+	return fw
+}}
 
 // park returns once the library has something to read: a frame other than
 // a ping or a pong, the end of the stream, or an error (the connection
