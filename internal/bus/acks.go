@@ -43,7 +43,7 @@ type PendingDelta struct {
 
 	a    *acks
 	sent time.Time
-	done chan struct{} // closed once sseq or err is set
+	done chan struct{} // closed once sseq or err is set (see settle)
 	sseq uint64
 	err  error
 
@@ -80,11 +80,25 @@ func (p *PendingDelta) announce() error {
 	return p.a.b.announce(p.ev, p.data)
 }
 
-// settle records the stream's answer and wakes the publisher.
+// settle records the stream's answer and wakes the publisher. A delta
+// settled before PublishDeltaAsync returns (a journaled one, or one
+// stored at once) has no channel yet and gets the shared closed one: the
+// common case costs no channel per delta.
 func (p *PendingDelta) settle(sseq uint64, err error) {
 	p.sseq, p.err = sseq, err
+	if p.done == nil {
+		p.done = settled
+		return
+	}
 	close(p.done)
 }
+
+// settled is the done of every delta settled before it was returned.
+var settled = func() chan struct{} {
+	c := make(chan struct{})
+	close(c)
+	return c
+}()
 
 // errAckTimeout fails a delta whose acknowledgement did not come within
 // acks.wait; the publisher then stores it again (see Republish).
@@ -109,18 +123,13 @@ const localAckWait = 10 * time.Second
 // newPending makes the PendingDelta of e, stored at subj as data. The
 // caller no longer changes e.
 func (a *acks) newPending(e *Event, subj string, data []byte) *PendingDelta {
-	return &PendingDelta{Seq: e.Seq, ev: e, subj: subj, data: data, a: a, done: make(chan struct{})}
+	return &PendingDelta{Seq: e.Seq, ev: e, subj: subj, data: data, a: a}
 }
 
-// send publishes pd to the stream and tracks its answer; a failure to send
-// settles it.
-func (a *acks) send(pd *PendingDelta) {
-	if err := a.trySend(pd); err != nil {
-		pd.settle(0, err)
-	}
-}
-
+// trySend publishes pd to the stream and tracks its answer, which settles
+// it on another goroutine.
 func (a *acks) trySend(pd *PendingDelta) error {
+	pd.done = make(chan struct{})
 	a.mu.Lock()
 	if a.sub == nil {
 		sub, err := a.nc.Subscribe(a.prefix+"*", a.answer)
