@@ -58,6 +58,7 @@ type compatConn struct {
 	view      *view          // set by join; owned by run
 	closeOnce sync.Once
 	w         connWriter
+	writers   sync.WaitGroup // the queue's running writers
 
 	mu     sync.Mutex
 	turns  map[string]*compatTurn // turns being streamed to this socket; guarded by mu
@@ -369,9 +370,19 @@ func (c *compatConn) join(ctx context.Context) error {
 
 // run serves the connection until it ends, then releases everything.
 func (c *compatConn) run() {
-	var writers sync.WaitGroup
+	c.setup()
+	c.s.readLoop(c.ws, c.raw, c.clientFrame)
+	c.release()
+}
+
+// setup wires the writer, starts the keep-alive and joins the session;
+// like release, a call of its own so that run's frame, on the stack while
+// the socket is parked, stays small (see conn.setup).
+//
+//go:noinline
+func (c *compatConn) setup() {
 	c.w = connWriter{s: c.s, raw: c.raw, q: c.q, ctx: c.ctx, cancel: c.cancel, closeWith: c.closeWith, resolve: c.resolveAll}
-	c.q.spawn, c.q.writers = c.w.drain, &writers
+	c.q.spawn, c.q.writers = c.w.drain, &c.writers
 	onOwnStack(func() {
 		c.s.keepAlive(c.ctx, c.raw, c.q, c.closeWith)
 		c.push(protocol.Encode(compatWelcome{Type: "welcome", SessionID: c.conv, Timestamp: protocol.FormatTime(c.s.now())}))
@@ -385,16 +396,21 @@ func (c *compatConn) run() {
 			c.closeWith(websocket.StatusInternalError, "cannot load the session")
 		}
 	})
-	// Frames it does not understand, binary ones included, are ignored,
-	// as the original server did.
-	c.s.readLoop(c.ws, c.raw, func(typ websocket.MessageType, data []byte) {
-		if typ == websocket.MessageText {
-			c.frame(data)
-		}
-	})
+}
+
+// clientFrame handles one client frame. Frames it does not understand,
+// binary ones included, are ignored, as the original server did.
+func (c *compatConn) clientFrame(typ websocket.MessageType, data []byte) {
+	if typ == websocket.MessageText {
+		c.frame(data)
+	}
+}
+
+//go:noinline
+func (c *compatConn) release() {
 	c.cancel()
 	c.q.close()
-	writers.Wait()
+	c.writers.Wait()
 	if c.view != nil {
 		c.s.hub.remove(c.conv, c.view)
 		c.view.close()

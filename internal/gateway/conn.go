@@ -40,6 +40,7 @@ type conn struct {
 
 	badFrames int // owned by the read loop
 	w         connWriter
+	writers   sync.WaitGroup // the queue's running writers
 }
 
 var _ sink = (*conn)(nil)
@@ -242,15 +243,32 @@ func (c *conn) leave(conv string) {
 }
 
 // run serves the connection until it ends, then releases everything.
+// Setting up and releasing are calls of their own (see setup): run's frame
+// stays on the stack all the while the socket is parked.
 func (c *conn) run() {
-	var writers sync.WaitGroup
-	c.w = connWriter{s: c.s, raw: c.raw, q: c.q, ctx: c.ctx, cancel: c.cancel, closeWith: c.closeWith}
-	c.q.spawn, c.q.direct, c.q.writers = c.w.drain, c.w.writeNow, &writers
-	onOwnStack(func() { c.s.keepAlive(c.ctx, c.raw, c.q, c.closeWith) })
+	c.setup()
 	c.s.readLoop(c.ws, c.raw, c.frame)
+	c.release()
+}
+
+// setup wires the writer and starts the keep-alive. It is not inlined
+// into run, and neither is release: their locals would otherwise sit in
+// run's frame, under the parked reader, and 96 bytes more there took the
+// stack past 2 KiB, after which it stays 4 KiB for the connection's life
+// (see rawSocket).
+//
+//go:noinline
+func (c *conn) setup() {
+	c.w = connWriter{s: c.s, raw: c.raw, q: c.q, ctx: c.ctx, cancel: c.cancel, closeWith: c.closeWith}
+	c.q.spawn, c.q.direct, c.q.writers = c.w.drain, c.w.writeNow, &c.writers
+	onOwnStack(func() { c.s.keepAlive(c.ctx, c.raw, c.q, c.closeWith) })
+}
+
+//go:noinline
+func (c *conn) release() {
 	c.cancel()
 	c.q.close()
-	writers.Wait()
+	c.writers.Wait()
 	c.mu.Lock()
 	views := c.views
 	c.views = nil
