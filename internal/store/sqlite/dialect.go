@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"slices"
 	"sync"
 
 	"modernc.org/sqlite"
@@ -27,27 +28,94 @@ type conn struct {
 	c     sqlConn
 	cache *stmtCache // the pool's statements
 	tx    *sql.Tx    // set inside a transaction
-	gate  writeGate  // the write pool's gate; nil on the read pool and in a transaction
+	gate  *writeGate // the write pool's gate; nil on the read pool and in a transaction
 }
 
 // writeGate lets one writer at a time at the write pool, in the order they
-// came. The pool has one connection, and database/sql hands a released
-// connection to a random waiter: under load a turn's end could wait behind
-// any number of later writes. A channel serves its blocked senders in order.
-type writeGate chan struct{}
+// came, except that a write with priority (sqlstore.WithPriority: a turn's
+// end) passes the writes without it that are waiting. The pool has one
+// connection, and database/sql hands a released connection to a random
+// waiter: under load a turn's end could wait behind any number of later
+// writes. Under 20,000 tokens/s on two cores, with a new turn's send and
+// start queueing beside every end, a cancelled turn's end waited 30 ms at
+// the 99th percentile for the writes ahead of it, and ran in 1.
+type writeGate struct {
+	mu       sync.Mutex
+	busy     bool            // a writer is in; guarded by mu
+	priority []chan struct{} // waiting, in order; guarded by mu
+	others   []chan struct{} // guarded by mu
+}
 
-func newWriteGate() writeGate { return make(writeGate, 1) }
+func newWriteGate() *writeGate { return new(writeGate) }
 
-func (g writeGate) enter(ctx context.Context) error {
+// enter waits for the gate; a waiter is let in by closing its channel.
+func (g *writeGate) enter(ctx context.Context) error {
+	g.mu.Lock()
+	if !g.busy {
+		g.busy = true
+		g.mu.Unlock()
+		return nil
+	}
+	w := make(chan struct{})
+	first := sqlstore.HasPriority(ctx)
+	if first {
+		g.priority = append(g.priority, w)
+	} else {
+		g.others = append(g.others, w)
+	}
+	g.mu.Unlock()
 	select {
-	case g <- struct{}{}:
+	case <-w:
 		return nil
 	case <-ctx.Done():
-		return ctx.Err()
+	}
+	g.mu.Lock()
+	removed := remove(&g.priority, w) || remove(&g.others, w)
+	g.mu.Unlock()
+	if !removed {
+		// Let in meanwhile: pass the gate on.
+		g.leave()
+	}
+	return ctx.Err()
+}
+
+func (g *writeGate) leave() {
+	g.mu.Lock()
+	var next chan struct{}
+	switch {
+	case len(g.priority) > 0:
+		next = g.priority[0]
+		g.priority = shift(g.priority)
+	case len(g.others) > 0:
+		next = g.others[0]
+		g.others = shift(g.others)
+	default:
+		g.busy = false
+	}
+	g.mu.Unlock()
+	if next != nil {
+		close(next)
 	}
 }
 
-func (g writeGate) leave() { <-g }
+// shift drops q's first waiter, reusing q's storage once it is empty.
+func shift(q []chan struct{}) []chan struct{} {
+	q[0] = nil
+	if len(q) == 1 {
+		return q[:0]
+	}
+	return q[1:]
+}
+
+// remove takes w out of *q, reporting whether it was there.
+func remove(q *[]chan struct{}, w chan struct{}) bool {
+	i := slices.Index(*q, w)
+	if i < 0 {
+		return false
+	}
+	*q = slices.Delete(*q, i, i+1)
+	return true
+}
 
 // errRow is a row that failed before its query ran.
 type errRow struct{ err error }
@@ -197,7 +265,7 @@ func (t writeTx) Rollback(context.Context) error {
 type dialect struct {
 	write, read           *sql.DB
 	writeStmts, readStmts *stmtCache
-	gate                  writeGate
+	gate                  *writeGate
 }
 
 var _ sqlstore.Dialect = dialect{}

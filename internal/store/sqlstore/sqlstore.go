@@ -84,3 +84,19 @@ type DB struct {
 func New(read, write Queryer, d Dialect) *DB {
 	return &DB{read: read, write: write, d: d}
 }
+
+type priorityKey struct{}
+
+// WithPriority marks the writes made with ctx as ones that should pass
+// other writes waiting for the database: a turn's end, which a user may
+// be waiting on. A dialect that lets one writer in at a time (SQLite)
+// honours it; elsewhere it changes nothing.
+func WithPriority(ctx context.Context) context.Context {
+	return context.WithValue(ctx, priorityKey{}, true)
+}
+
+// HasPriority reports whether ctx was marked by WithPriority.
+func HasPriority(ctx context.Context) bool {
+	v, _ := ctx.Value(priorityKey{}).(bool)
+	return v
+}

@@ -97,6 +97,9 @@ func (s *DB) finishTurn(ctx context.Context, r store.TurnResult, from []chat.Tur
 	if err := checkFinish(r, from); err != nil {
 		return "", false, err
 	}
+	// The turn's end goes live once this is stored: somebody may be
+	// waiting on it (a Stop), and later sends and starts can wait.
+	ctx = WithPriority(ctx)
 	if len(from) == 0 {
 		from = []chat.TurnStatus{chat.StatusQueued, chat.StatusStreaming}
 	}
