@@ -36,7 +36,6 @@ type outQueue struct {
 	// (in its argument) to a spawned writer. A connection keeping up with a
 	// stream then costs no goroutine per frame and no scheduler hand-off.
 	//
-	//
 	// Frames that come less than directGap apart go to a spawned writer
 	// all the same: while it writes, the queue merges a turn's deltas, so
 	// a fast stream costs fewer, larger frames (and its producer does not
