@@ -299,7 +299,7 @@ func (r *rawSocket) writeNow(wb *writeBuffers) bool {
 	}
 	b := wb.wire
 	fw := fdWritePool.Get().(*fdWrite)
-	fw.b = b
+	fw.b, fw.n = b, 0 // n stays 0 when the descriptor is closed and fn never runs
 	// Under the descriptor's write lock: it cannot be closed meanwhile.
 	_ = r.rc.Write(fw.fn)
 	n := fw.n
