@@ -23,6 +23,8 @@ var figures = []figure{
 	{"resume 1st frame p99 ms", false, func(r *Result) float64 { return sumP99(r.Resume) }},
 	{"server cores", false, func(r *Result) float64 { return r.ServerCPUs }},
 	{"server CPU-s per 1k tokens", false, func(r *Result) float64 { return r.ServerCPUPer1k }},
+	{"server bytes allocated per frame", false, func(r *Result) float64 { return r.AllocPerFrame }},
+	{"server GC collections", false, func(r *Result) float64 { return r.GCCycles }},
 	{"server RSS per connection KiB", false, func(r *Result) float64 { return r.RSSPerConn / 1024 }},
 	{"server RSS per active turn KiB", false, func(r *Result) float64 { return r.RSSPerTurn / 1024 }},
 	{"highest sustained tokens/s", true, func(r *Result) float64 {

@@ -56,6 +56,10 @@ type Result struct {
 	OtherCPUs       float64 `json:"other_cores"`  // busy cores used by neither the server nor the tool
 
 	ServerCounters map[string]float64 `json:"server_counters,omitempty"`
+	// GCCycles is how many collections the server finished in the window,
+	// AllocPerFrame the bytes it allocated per frame it sent.
+	GCCycles      float64 `json:"server_gc_cycles,omitempty"`
+	AllocPerFrame float64 `json:"server_alloc_bytes_per_frame,omitempty"`
 	// RuntimePer is the growth of the server's Go runtime gauges per
 	// connection (idle) or per active turn (stream), from /metrics.
 	RuntimePer map[string]float64 `json:"server_runtime_per_unit,omitempty"`
@@ -183,13 +187,18 @@ func (r *Result) printRest(row func(k, f string, a ...any)) {
 	for _, k := range slices.Sorted(maps.Keys(r.Events)) {
 		row("event", "%s: %d", k, r.Events[k])
 	}
-	keys := slices.Sorted(maps.Keys(r.ServerCounters))
-	if len(keys) > 0 {
-		var parts []string
-		for _, k := range keys {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(r.ServerCounters)) {
+		if base, _, _ := strings.Cut(k, "{"); !runtimeCounters[base] {
 			parts = append(parts, fmt.Sprintf("%s=%g", strings.TrimPrefix(k, "tokenrelay_"), r.ServerCounters[k]))
 		}
+	}
+	if len(parts) > 0 {
 		row("server counters", "%s", strings.Join(parts, " "))
+	}
+	if r.GCCycles > 0 {
+		row("server GC", "%.0f collections in %.0fs (one every %.1fs), %.0f bytes allocated per frame sent",
+			r.GCCycles, r.WindowS, r.WindowS/r.GCCycles, r.AllocPerFrame)
 	}
 	if len(r.RuntimePer) > 0 {
 		unit := "active turn"

@@ -78,7 +78,7 @@ func (sp *serverProbe) scrape(ctx context.Context) map[string]float64 {
 		}
 		name := line[:i]
 		base, _, _ := strings.Cut(name, "{")
-		if !(strings.HasPrefix(base, "tokenrelay_") && strings.HasSuffix(base, "_total")) && !runtimeGauges[base] {
+		if !(strings.HasPrefix(base, "tokenrelay_") && strings.HasSuffix(base, "_total")) && !runtimeGauges[base] && !runtimeCounters[base] {
 			continue
 		}
 		v, err := strconv.ParseFloat(line[i+1:], 64)
@@ -96,6 +96,13 @@ var runtimeGauges = map[string]bool{
 	"go_memstats_stack_inuse_bytes": true,
 	"go_memstats_heap_alloc_bytes":  true,
 	"go_memstats_heap_objects":      true,
+}
+
+// runtimeCounters say how hard the server works its garbage collector:
+// bytes allocated and collections finished.
+var runtimeCounters = map[string]bool{
+	"go_memstats_alloc_bytes_total": true,
+	"go_gc_duration_seconds_count":  true,
 }
 
 // runtimeDelta is the per-unit growth of the runtime gauges from before
