@@ -183,6 +183,14 @@ func (r *Result) printRamp(row func(k, f string, a ...any)) {
 	}
 }
 
+// setGC fills GCCycles and AllocPerFrame from ServerCounters.
+func (r *Result) setGC() {
+	r.GCCycles = r.ServerCounters["go_gc_duration_seconds_count"]
+	if f := r.ServerCounters["tokenrelay_frames_sent_total"]; f > 0 {
+		r.AllocPerFrame = r.ServerCounters["go_memstats_alloc_bytes_total"] / f
+	}
+}
+
 func (r *Result) printRest(row func(k, f string, a ...any)) {
 	for _, k := range slices.Sorted(maps.Keys(r.Events)) {
 		row("event", "%s: %d", k, r.Events[k])

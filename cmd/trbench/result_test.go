@@ -9,8 +9,7 @@ func TestPrintServerGC(t *testing.T) {
 	before := map[string]float64{"go_memstats_alloc_bytes_total": 1000, "go_gc_duration_seconds_count": 3, "tokenrelay_frames_sent_total": 10}
 	after := map[string]float64{"go_memstats_alloc_bytes_total": 301000, "go_gc_duration_seconds_count": 13, "tokenrelay_frames_sent_total": 210}
 	r := &Result{Scenario: "stream", WindowS: 20, ServerCounters: counterDelta(before, after)}
-	r.GCCycles = r.ServerCounters["go_gc_duration_seconds_count"]
-	r.AllocPerFrame = r.ServerCounters["go_memstats_alloc_bytes_total"] / r.ServerCounters["tokenrelay_frames_sent_total"]
+	r.setGC()
 	var b strings.Builder
 	r.print(&b)
 	out := b.String()

@@ -252,10 +252,7 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 		r.OtherCPUs = max(0, r.MachineBusy*float64(runtime.NumCPU())-r.ServerCPUs-r.ClientCPUs)
 	}
 	r.ServerCounters = counterDelta(m0, m1)
-	r.GCCycles = r.ServerCounters["go_gc_duration_seconds_count"]
-	if f := r.ServerCounters["tokenrelay_frames_sent_total"]; f > 0 {
-		r.AllocPerFrame = r.ServerCounters["go_memstats_alloc_bytes_total"] / f
-	}
+	r.setGC()
 	r.RuntimePer = runtimeDelta(rt0, m1, r.AvgActive)
 	r.Events = b.errs.snapshot()
 	r.ViolationDetails = b.violations
