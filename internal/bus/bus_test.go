@@ -3,6 +3,7 @@ package bus_test
 import (
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
@@ -99,5 +100,20 @@ func TestSnapshotChunksAndIndex(t *testing.T) {
 	}
 	if _, err := b.ReadSnapshot(t.Context(), "missing"); err != bus.ErrNoSnapshot {
 		t.Fatalf("missing snapshot: %v", err)
+	}
+}
+
+func TestJobCarriesQueuedTurnOnFirstDelivery(t *testing.T) {
+	turn := chat.Turn{ID: "t1", ConversationID: "c1", Owner: "u", ReplyTo: "m1", Model: "sim",
+		Status: chat.StatusQueued, CreatedAt: time.UnixMilli(1_700_000_000_123).UTC()}
+	got, ok := (&bus.JobMsg{Job: bus.JobOf(turn)}).QueuedTurn()
+	if !ok || got != turn {
+		t.Fatalf("first delivery: %+v, %v; want %+v", got, ok, turn)
+	}
+	if _, ok := (&bus.JobMsg{Job: bus.JobOf(turn), Redelivered: true}).QueuedTurn(); ok {
+		t.Fatal("a redelivered job's turn may have started: it must be read")
+	}
+	if _, ok := (&bus.JobMsg{Job: bus.Job{TurnID: "t1", ConversationID: "c1"}}).QueuedTurn(); ok {
+		t.Fatal("a job without its turn must be read")
 	}
 }

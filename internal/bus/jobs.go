@@ -8,12 +8,45 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 )
 
 // Job asks a worker to produce one turn.
 type Job struct {
 	TurnID         string `json:"t"`
 	ConversationID string `json:"c"`
+
+	// The turn as the send stored it, so that the worker given the job
+	// first need not read it back (see Turn). A job without them, as
+	// enqueued by an older gateway, is read from the store.
+	Owner     string `json:"o,omitempty"`
+	ReplyTo   string `json:"r,omitempty"`
+	Model     string `json:"m,omitempty"`
+	CreatedAt int64  `json:"at,omitempty"` // Unix ms
+}
+
+// JobOf is the job of t, a turn that a send has just stored, queued.
+func JobOf(t chat.Turn) Job {
+	return Job{
+		TurnID: t.ID, ConversationID: t.ConversationID,
+		Owner: t.Owner, ReplyTo: t.ReplyTo, Model: t.Model, CreatedAt: t.CreatedAt.UnixMilli(),
+	}
+}
+
+// QueuedTurn returns the turn the job describes, with status queued, when
+// the job carries it and no worker was given it before; false when the
+// turn's state must be read from the store: it may have been started, or
+// ended by a cancel, since the job was enqueued.
+func (m *JobMsg) QueuedTurn() (chat.Turn, bool) {
+	if m.Owner == "" || m.Redelivered {
+		return chat.Turn{}, false
+	}
+	return chat.Turn{
+		ID: m.TurnID, ConversationID: m.ConversationID, Owner: m.Owner,
+		ReplyTo: m.ReplyTo, Model: m.Model, Status: chat.StatusQueued,
+		CreatedAt: time.UnixMilli(m.CreatedAt).UTC(),
+	}, true
 }
 
 // EnqueueJob adds a job to the work queue. Enqueueing the same turn twice

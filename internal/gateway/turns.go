@@ -80,7 +80,7 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 		s.failTurn(res.Turn)
 		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
 	}
-	if err := s.bus.EnqueueJob(ctx, bus.Job{TurnID: res.Turn.ID, ConversationID: r.ConversationID}); err != nil {
+	if err := s.bus.EnqueueJob(ctx, bus.JobOf(res.Turn)); err != nil {
 		s.failTurn(res.Turn)
 		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
 	}

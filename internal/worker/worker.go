@@ -237,20 +237,15 @@ func (w *Worker) handle(jm *bus.JobMsg) {
 
 // produce does the work of one job and reports whether the job may be acked.
 func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log *slog.Logger) (bool, error) {
-	t, err := w.store.Turn(ctx, jm.TurnID)
-	if errors.Is(err, chat.ErrNotFound) {
-		return true, nil // the conversation was deleted
-	}
-	if err != nil {
-		return false, fmt.Errorf("load turn: %w", err)
-	}
-	if t.Status.Terminal() {
-		return true, nil
-	}
-	if t.Status == chat.StatusStreaming {
-		// Another producer started this turn and lost the job: it died.
-		log.Warn("producer lost; ending turn as interrupted")
-		return true, w.Interrupt(ctx, t)
+	// The job's first delivery carries the turn as the send stored it;
+	// anything else reads the turn's state.
+	t, fresh := jm.QueuedTurn()
+	if !fresh {
+		var done bool
+		var err error
+		if t, done, err = w.loadTurn(ctx, jm.TurnID, log); done || err != nil {
+			return done, err
+		}
 	}
 	if w.cfg.StartGrace > 0 && w.cfg.Now().Sub(t.CreatedAt) < freshTurn {
 		timer := time.NewTimer(w.cfg.StartGrace)
@@ -267,6 +262,13 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 	if err != nil {
 		return false, err
 	}
+	if fresh && (cancelled || tctx.Err() != nil) {
+		// The cancel may have ended the turn while it was queued.
+		var done bool
+		if t, done, err = w.loadTurn(ctx, jm.TurnID, log); done || err != nil {
+			return done, err
+		}
+	}
 	if cancelled || tctx.Err() != nil {
 		return true, w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil, nil)
 	}
@@ -276,6 +278,9 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		}
 	}
 	started, err := w.store.StartTurn(ctx, t.ID, w.cfg.Now())
+	if errors.Is(err, chat.ErrNotFound) {
+		return true, nil // the conversation was deleted
+	}
 	if err != nil {
 		return false, fmt.Errorf("start turn: %w", err)
 	}
@@ -294,6 +299,28 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		return false, err
 	}
 	return w.stream(ctx, tctx, r, t, req, log)
+}
+
+// loadTurn reads turn id and reports done when it needs no producing: it
+// was deleted or has ended, or another producer started it and died, in
+// which case loadTurn ends it as interrupted.
+func (w *Worker) loadTurn(ctx context.Context, id string, log *slog.Logger) (t chat.Turn, done bool, err error) {
+	t, err = w.store.Turn(ctx, id)
+	if errors.Is(err, chat.ErrNotFound) {
+		return t, true, nil // the conversation was deleted
+	}
+	if err != nil {
+		return t, false, fmt.Errorf("load turn: %w", err)
+	}
+	if t.Status.Terminal() {
+		return t, true, nil
+	}
+	if t.Status == chat.StatusStreaming {
+		// Another producer started this turn and lost the job: it died.
+		log.Warn("producer lost; ending turn as interrupted")
+		return t, true, w.Interrupt(ctx, t)
+	}
+	return t, false, nil
 }
 
 // request builds the provider request: the conversation up to the message

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
@@ -102,11 +103,13 @@ func (e *env) send(t *testing.T, conv, turn, text string, enqueue bool) <-chan b
 	}
 	t.Cleanup(func() { sub.Unsubscribe() })
 	e.bus.Conn().Flush()
-	if _, err := e.store.Send(t.Context(), store.SendRequest{ConversationID: conv, Owner: "u", MessageID: "m-" + turn, TurnID: turn, Text: text, Now: time.Now()}); err != nil {
+	res, err := e.store.Send(t.Context(), store.SendRequest{ConversationID: conv, Owner: "u", MessageID: "m-" + turn, TurnID: turn, Text: text, Now: time.Now()})
+	if err != nil {
 		t.Fatal(err)
 	}
 	if enqueue {
-		if err := e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: turn, ConversationID: conv}); err != nil {
+		// As the gateway enqueues it: the job carries the turn.
+		if err := e.bus.EnqueueJob(t.Context(), bus.JobOf(res.Turn)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -165,6 +168,88 @@ func TestCancelledBeforePickupNeverCallsProvider(t *testing.T) {
 	}
 	if n := e.prov.calls.Load(); n != 0 {
 		t.Fatalf("provider called %d times", n)
+	}
+}
+
+// TestJobWithoutTurnIsProduced: a job that names only its turn, as an older
+// gateway enqueued it, is produced from the stored turn.
+func TestJobWithoutTurnIsProduced(t *testing.T) {
+	e := setup(t, worker.Config{}, true)
+	ends := e.send(t, "c", "t1", "hello", false)
+	if err := e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: "t1", ConversationID: "c"}); err != nil {
+		t.Fatal(err)
+	}
+	if end := waitEnd(t, ends); end.Status != chat.StatusComplete || end.Seq != 20 {
+		t.Fatalf("end %+v", end)
+	}
+}
+
+// TestTurnEndedWhileQueuedIsLeftAlone: the gateway ended a queued turn on a
+// cancel (stored, tombstoned, its end published) before any worker took the
+// job, which still describes the turn as queued. The worker acks the job
+// without calling the provider or ending the turn a second time.
+func TestTurnEndedWhileQueuedIsLeftAlone(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	ends := e.send(t, "c", "t1", "hello", true)
+	if _, won, err := e.store.FinishTurn(t.Context(), store.TurnResult{TurnID: "t1", Status: chat.StatusCancelled, Now: time.Now()}, chat.StatusQueued); !won || err != nil {
+		t.Fatal(won, err)
+	}
+	if _, err := e.bus.MarkCancelled(t.Context(), "t1"); err != nil {
+		t.Fatal(err)
+	}
+	e.start(t)
+	waitJobsDone(t, e.bus)
+	select {
+	case end := <-ends:
+		t.Fatalf("the worker ended the turn again: %+v", end)
+	default:
+	}
+	if n := e.prov.calls.Load(); n != 0 {
+		t.Fatalf("provider called %d times", n)
+	}
+	if st, err := e.store.Turn(t.Context(), "t1"); err != nil || st.Status != chat.StatusCancelled {
+		t.Fatalf("stored %+v, %v", st, err)
+	}
+}
+
+// TestDeletedWhileQueued: the conversation was deleted after the send; the
+// worker acks the job without calling the provider.
+func TestDeletedWhileQueued(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	e.send(t, "c", "t1", "hello", true)
+	if err := e.store.DeleteConversation(t.Context(), "c", "u"); err != nil {
+		t.Fatal(err)
+	}
+	e.start(t)
+	if info := waitJobsDone(t, e.bus); info.Delivered.Consumer != 1 {
+		t.Fatalf("the job was delivered %d times; want once", info.Delivered.Consumer)
+	}
+	if n := e.prov.calls.Load(); n != 0 {
+		t.Fatalf("provider called %d times", n)
+	}
+}
+
+// waitJobsDone waits until every job enqueued has been acked, and returns
+// the jobs consumer's state then.
+func waitJobsDone(t *testing.T, b *bus.Bus) *jetstream.ConsumerInfo {
+	t.Helper()
+	js, err := jetstream.New(b.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		info, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := info.CachedInfo(); i.NumPending == 0 && i.NumAckPending == 0 && i.Delivered.Consumer > 0 {
+			return i
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("jobs not done: %+v", info.CachedInfo())
+		}
+		time.Sleep(10 * time.Millisecond) // polling the consumer's state
 	}
 }
 
