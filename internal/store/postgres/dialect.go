@@ -145,12 +145,5 @@ func (dialect) IsUniqueViolation(err error) bool {
 	return errors.As(err, &e) && e.Code == uniqueViolation
 }
 
-// Snapshot needs no transaction: positions only grow, so reading before's
-// position outside the page's snapshot cannot change which messages precede
-// it.
-func (d dialect) Snapshot(ctx context.Context, fn func(q sqlstore.Queryer) error) error {
-	return fn(conn{d.pool})
-}
-
 // NoLimit is NULL, which PostgreSQL's LIMIT takes as no limit.
 func (dialect) NoLimit() any { return nil }

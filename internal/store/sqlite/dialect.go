@@ -311,17 +311,5 @@ func (dialect) IsUniqueViolation(err error) bool {
 	return e.Code() == sqlite3.SQLITE_CONSTRAINT_UNIQUE || e.Code() == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY
 }
 
-// Snapshot runs fn in one read transaction, so that a page and the position
-// it starts from come from the same snapshot.
-func (d dialect) Snapshot(ctx context.Context, fn func(q sqlstore.Queryer) error) error {
-	d.readStmts.prepareWanted(ctx)
-	t, err := d.read.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
-	if err != nil {
-		return err
-	}
-	defer t.Rollback()
-	return fn(conn{c: t, cache: d.readStmts, tx: t})
-}
-
 // NoLimit is SQLite's LIMIT -1.
 func (dialect) NoLimit() any { return -1 }

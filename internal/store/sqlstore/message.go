@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
-	"math"
 	"slices"
 
 	"github.com/google/uuid"
@@ -53,43 +52,28 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 		return store.SendResult{}, chat.ErrForbidden
 	}
 
-	prev, err := scanMessage(tx.QueryRow(ctx, `SELECT `+MessageColumns+` FROM messages m
-		WHERE m.conversation_id = ? AND m.id = ?`, req.ConversationID, req.MessageID))
-	switch {
-	case err == nil && prev.Role == chat.RoleUser:
-		t, err := scanTurn(tx.QueryRow(ctx, `SELECT `+TurnColumns+`
-			FROM messages m JOIN conversations c ON c.id = m.conversation_id
-			WHERE m.turn_id = ? AND m.role = 'assistant'`, prev.TurnID))
-		if err != nil {
-			return store.SendResult{}, fmt.Errorf("turn of duplicate message: %w", err)
-		}
-		return store.SendResult{Message: prev, Turn: t, Duplicate: true}, nil
-	case err == nil:
-		return store.SendResult{}, chat.ErrConflict // the id of an assistant message
-	case !errors.Is(err, sql.ErrNoRows):
-		return store.SendResult{}, err
-	}
-
-	var active string
-	err = tx.QueryRow(ctx, `SELECT m.id FROM messages m WHERE m.conversation_id = ? AND `+ActiveTurn+`
-		ORDER BY m.position DESC LIMIT 1`, req.ConversationID).Scan(&active)
-	switch {
-	case err == nil:
-		return store.SendResult{}, &chat.TurnActiveError{TurnID: active}
-	case !errors.Is(err, sql.ErrNoRows):
-		return store.SendResult{}, err
-	}
-
-	// Where a turn id taken by a send still in flight elsewhere passes this
-	// check, the unique index fails the insert below, mapped to ErrConflict.
+	// Whether the message id is taken, whether a turn is active and
+	// whether the turn id is taken, in one statement; the checks then come
+	// in the order Send documents.
+	var prevRole, active sql.NullString
 	var used bool
-	err = tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM messages WHERE turn_id = ? AND role = 'assistant')
-		OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)`,
-		req.TurnID, req.ConversationID, req.TurnID).Scan(&used)
+	err = tx.QueryRow(ctx, SendChecks,
+		req.ConversationID, req.MessageID, req.ConversationID, req.TurnID, req.ConversationID, req.TurnID,
+	).Scan(&prevRole, &active, &used)
 	if err != nil {
 		return store.SendResult{}, err
 	}
-	if used || req.TurnID == req.MessageID {
+	switch {
+	case prevRole.Valid && chat.Role(prevRole.String) == chat.RoleUser:
+		return duplicate(ctx, tx, req)
+	case prevRole.Valid:
+		return store.SendResult{}, chat.ErrConflict // the id of an assistant message
+	case active.Valid:
+		return store.SendResult{}, &chat.TurnActiveError{TurnID: active.String}
+	case used || req.TurnID == req.MessageID:
+		// Where a turn id taken by a send still in flight elsewhere passes
+		// this check, the unique index fails the insert below, mapped to
+		// ErrConflict.
 		return store.SendResult{}, chat.ErrConflict
 	}
 
@@ -134,6 +118,34 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 		return store.SendResult{}, err
 	}
 	return store.SendResult{Message: msg, Turn: turnOf(turn, req.Owner)}, nil
+}
+
+// SendChecks reads what Send checks before it stores, for conversation c,
+// message id m and turn id t (arguments c, m, c, t, c, t): the role of the
+// message already stored as m (NULL when none), the conversation's active
+// turn (NULL when none), and whether t is already a turn or a message of c.
+const SendChecks = `SELECT
+	(SELECT m.role FROM messages m WHERE m.conversation_id = ? AND m.id = ?),
+	(SELECT m.id FROM messages m WHERE m.conversation_id = ? AND ` + ActiveTurn + `
+		ORDER BY m.position DESC LIMIT 1),
+	EXISTS (SELECT 1 FROM messages WHERE turn_id = ? AND role = 'assistant')
+		OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)`
+
+// duplicate answers a send whose message is already stored, as a user
+// message: a retry, which gets the stored message and its turn.
+func duplicate(ctx context.Context, tx Tx, req store.SendRequest) (store.SendResult, error) {
+	prev, err := scanMessage(tx.QueryRow(ctx, `SELECT `+MessageColumns+` FROM messages m
+		WHERE m.conversation_id = ? AND m.id = ?`, req.ConversationID, req.MessageID))
+	if err != nil {
+		return store.SendResult{}, fmt.Errorf("duplicate message: %w", err)
+	}
+	t, err := scanTurn(tx.QueryRow(ctx, `SELECT `+TurnColumns+`
+		FROM messages m JOIN conversations c ON c.id = m.conversation_id
+		WHERE m.turn_id = ? AND m.role = 'assistant'`, prev.TurnID))
+	if err != nil {
+		return store.SendResult{}, fmt.Errorf("turn of duplicate message: %w", err)
+	}
+	return store.SendResult{Message: prev, Turn: t, Duplicate: true}, nil
 }
 
 // fillIDs gives req new UUIDv7 ids where it has none and checks the rest.
@@ -200,31 +212,41 @@ func (s *DB) Messages(ctx context.Context, conversationID string, limit int, bef
 }
 
 func (s *DB) messages(ctx context.Context, conversationID string, limit int, before string) ([]chat.Message, error) {
+	scan := func(r Scanner) (chat.Message, error) { return scanMessage(r) }
 	var ms []chat.Message
-	err := s.d.Snapshot(ctx, func(q Queryer) error {
-		pos := int64(math.MaxInt64)
-		if before != "" {
-			err := q.QueryRow(ctx, `SELECT position FROM messages WHERE conversation_id = ? AND id = ?`,
-				conversationID, before).Scan(&pos)
-			if errors.Is(err, sql.ErrNoRows) {
-				return fmt.Errorf("before %q: %w", before, chat.ErrNotFound)
-			}
-			if err != nil {
-				return err
-			}
+	var err error
+	if before == "" {
+		ms, err = queryAll(ctx, s.read, scan, `SELECT `+MessageColumns+` FROM messages m
+			WHERE m.conversation_id = ? ORDER BY m.position DESC LIMIT ?`,
+			conversationID, s.limit(limit))
+	} else {
+		// One statement reads before's position and the page, so both come
+		// from one snapshot. A page is found only when before is.
+		ms, err = queryAll(ctx, s.read, scan, `SELECT `+MessageColumns+` FROM messages m
+			WHERE m.conversation_id = ? AND m.position <
+				(SELECT b.position FROM messages b WHERE b.conversation_id = ? AND b.id = ?)
+			ORDER BY m.position DESC LIMIT ?`,
+			conversationID, conversationID, before, s.limit(limit))
+		if err == nil && len(ms) == 0 {
+			err = s.mustHave(ctx, conversationID, before)
 		}
-		var err error
-		ms, err = queryAll(ctx, q, func(r Scanner) (chat.Message, error) { return scanMessage(r) },
-			`SELECT `+MessageColumns+` FROM messages m
-			WHERE m.conversation_id = ? AND m.position < ? ORDER BY m.position DESC LIMIT ?`,
-			conversationID, pos, s.limit(limit))
-		return err
-	})
+	}
 	if err != nil {
 		return nil, err
 	}
 	slices.Reverse(ms)
 	return ms, nil
+}
+
+// mustHave returns chat.ErrNotFound unless conversationID has message id.
+func (s *DB) mustHave(ctx context.Context, conversationID, id string) error {
+	var found bool
+	err := s.read.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)`,
+		conversationID, id).Scan(&found)
+	if err == nil && !found {
+		err = fmt.Errorf("before %q: %w", id, chat.ErrNotFound)
+	}
+	return err
 }
 
 // Message returns message messageID of conversation conversationID, or

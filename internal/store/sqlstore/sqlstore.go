@@ -61,10 +61,6 @@ type Dialect interface {
 	// primary key constraint failure.
 	IsUniqueViolation(err error) bool
 
-	// Snapshot calls fn with a Queryer whose reads page through a
-	// conversation's messages consistently, and returns what fn returns.
-	Snapshot(ctx context.Context, fn func(q Queryer) error) error
-
 	// NoLimit is the argument of LIMIT ? that means no limit.
 	NoLimit() any
 }

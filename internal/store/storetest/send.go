@@ -257,6 +257,21 @@ func testSendErrors(t *testing.T, s store.Store) {
 			stored: map[string][]string{"turn3": {"m1", "turn3-t1"}},
 		},
 		{
+			// The conflict is reported before the limit is checked.
+			name: "turn id taken, at the limit of active turns",
+			setup: func(t testing.TB) {
+				send(t, s, req("lim1", "m1", "lim1-t1", at(1)))
+			},
+			req: func() store.SendRequest {
+				r := req("lim2", "m1", "lim1-t1", at(2))
+				r.MaxActiveTurns = 1
+				return r
+			}(),
+			err:            chat.ErrConflict,
+			stored:         map[string][]string{"lim1": {"m1", "lim1-t1"}},
+			noConversation: "lim2",
+		},
+		{
 			name:           "turn id equals message id",
 			req:            req("turn4", "same", "same", at(1)),
 			err:            chat.ErrConflict,
