@@ -36,10 +36,12 @@ type acks struct {
 // PendingDelta is a delta published without waiting for its
 // acknowledgement.
 type PendingDelta struct {
-	Seq  int64
-	ev   *Event
-	subj string // where it is stored
-	data []byte // ev encoded
+	Seq int64
+	ev  *Event
+	// Where it is stored and ev encoded, made by stored: a journaled
+	// delta needs them only if it goes to the stream after all.
+	subj string
+	data []byte
 
 	a    *acks
 	sent time.Time
@@ -77,7 +79,21 @@ func (p *PendingDelta) announce() error {
 		p.beforeLive = nil
 		f()
 	}
-	return p.a.b.announce(p.ev, p.data)
+	if p.a.b.cfg.Local != nil {
+		p.a.b.cfg.Local.deliver(p.ev)
+		return nil
+	}
+	_, data := p.stored()
+	return p.a.b.announce(p.ev, data)
+}
+
+// stored returns the subject the delta is stored under and its encoding,
+// making them on first use.
+func (p *PendingDelta) stored() (subj string, data []byte) {
+	if p.data == nil {
+		p.subj, p.data = p.ev.StoredSubject(), appendDelta(make([]byte, 0, 48+len(p.ev.Text)), p.ev)
+	}
+	return p.subj, p.data
 }
 
 // settle records the stream's answer and wakes the publisher. A delta
@@ -120,15 +136,16 @@ func newAcks(b *Bus) *acks {
 // localAckWait is acks.wait under a Local.
 const localAckWait = 10 * time.Second
 
-// newPending makes the PendingDelta of e, stored at subj as data. The
-// caller no longer changes e.
-func (a *acks) newPending(e *Event, subj string, data []byte) *PendingDelta {
-	return &PendingDelta{Seq: e.Seq, ev: e, subj: subj, data: data, a: a}
+// newPending makes the PendingDelta of delta e. The caller no longer
+// changes e.
+func (a *acks) newPending(e *Event) *PendingDelta {
+	return &PendingDelta{Seq: e.Seq, ev: e, a: a}
 }
 
 // trySend publishes pd to the stream and tracks its answer, which settles
 // it on another goroutine.
 func (a *acks) trySend(pd *PendingDelta) error {
+	subj, data := pd.stored() // before the answer's goroutine can see pd
 	pd.done = make(chan struct{})
 	a.mu.Lock()
 	if a.sub == nil {
@@ -151,7 +168,7 @@ func (a *acks) trySend(pd *PendingDelta) error {
 	a.mu.Unlock()
 	var reply [64]byte
 	r := strconv.AppendUint(append(reply[:0], a.prefix...), id, 36)
-	if err := a.nc.PublishRequest(pd.subj, string(r), pd.data); err != nil {
+	if err := a.nc.PublishRequest(subj, string(r), data); err != nil {
 		a.mu.Lock()
 		delete(a.pending, id)
 		a.mu.Unlock()

@@ -253,11 +253,10 @@ func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (u
 // joins from memory (LiveTurn) adds the delta's text there, so that no
 // subscriber is ever given a delta that a join reading LiveText would miss.
 func (b *Bus) PublishDeltaAsync(e *Event, beforeLive func()) (*PendingDelta, error) {
-	data, err := e.encode()
-	if err != nil {
-		return nil, fmt.Errorf("publish delta: %w", err)
+	if e.Kind != KindDelta {
+		return nil, fmt.Errorf("publish delta: event of kind %q", e.Kind)
 	}
-	pd := b.acks.newPending(e, e.StoredSubject(), data)
+	pd := b.acks.newPending(e)
 	pd.beforeLive = beforeLive
 	if b.cfg.Journal != nil {
 		if err := b.cfg.Journal.append(pd); err != nil {
@@ -273,7 +272,8 @@ func (b *Bus) PublishDeltaAsync(e *Event, beforeLive func()) (*PendingDelta, err
 
 // storeNow stores pd in the stream, then announces and settles it.
 func (b *Bus) storeNow(pd *PendingDelta) error {
-	ack, err := b.publish(context.Background(), pd.subj, pd.data, "")
+	subj, data := pd.stored()
+	ack, err := b.publish(context.Background(), subj, data, "")
 	if err != nil {
 		return fmt.Errorf("publish delta: %w", err)
 	}
@@ -289,7 +289,8 @@ func (b *Bus) storeNow(pd *PendingDelta) error {
 // first storing failed) is announced; a journaled one was already, and is
 // released (see PendingDelta.Release).
 func (b *Bus) Republish(ctx context.Context, p *PendingDelta) (uint64, error) {
-	ack, err := b.publish(ctx, p.subj, p.data, "")
+	subj, data := p.stored()
+	ack, err := b.publish(ctx, subj, data, "")
 	if err != nil {
 		return 0, fmt.Errorf("republish delta: %w", err)
 	}

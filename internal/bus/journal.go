@@ -238,16 +238,48 @@ func recordSize(n int) int {
 	return (journalHeader + n + journalAlign - 1) &^ (journalAlign - 1)
 }
 
-// putRecord writes the record of the event stored at subj as data into
-// dst, which is recordSize(2+len(subj)+len(data)) long. The checksum goes
-// last, so a record cut short by a crash never reads as whole.
-func putRecord(dst []byte, subj string, data []byte) {
-	n := 2 + len(subj) + len(data)
+// scratchPool holds the buffers deltas are encoded into for the journal.
+var scratchPool = sync.Pool{New: func() any { return new([]byte) }}
+
+// storedSubjectLen is len(e.StoredSubject()): Token keeps an id's length.
+func storedSubjectLen(e *Event) int {
+	return len(storedPrefix) + len(e.ConversationID) + 1 + len(e.TurnID) + 1 + len(e.Kind)
+}
+
+// putDeltaRecord writes the record of delta e, encoded as data, into dst,
+// which is recordSize(2+storedSubjectLen(e)+len(data)) long: the same bytes
+// as e.StoredSubject() and data would give, without making the subject.
+// The checksum goes last, so a record cut short by a crash never reads as
+// whole.
+func putDeltaRecord(dst []byte, e *Event, data []byte) {
+	sl := storedSubjectLen(e)
+	n := 2 + sl + len(data)
 	binary.LittleEndian.PutUint32(dst, uint32(n))
-	binary.LittleEndian.PutUint16(dst[journalHeader:], uint16(len(subj)))
-	copy(dst[journalHeader+2:], subj)
-	copy(dst[journalHeader+2+len(subj):], data)
+	binary.LittleEndian.PutUint16(dst[journalHeader:], uint16(sl))
+	subj := dst[journalHeader+2 : journalHeader+2+sl]
+	i := copy(subj, storedPrefix)
+	i += copyToken(subj[i:], e.ConversationID)
+	subj[i] = '.'
+	i += 1 + copyToken(subj[i+1:], e.TurnID)
+	subj[i] = '.'
+	copy(subj[i+1:], e.Kind)
+	copy(dst[journalHeader+2+sl:], data)
 	binary.LittleEndian.PutUint32(dst[4:], crc32.Checksum(dst[journalHeader:journalHeader+n], journalCRC))
+}
+
+// copyToken copies Token(id) into dst and returns its length.
+func copyToken(dst []byte, id string) int {
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		switch c {
+		case '.':
+			c = '/'
+		case ':':
+			c = '='
+		}
+		dst[i] = c
+	}
+	return len(id)
 }
 
 // Start opens a new segment; deltas may be appended from then on.
@@ -287,7 +319,13 @@ var errJournalClosed = errors.New("publish delta: journal closed")
 // deltas made every delta wait for it, which on a busy machine doubled the
 // latency tail.) pd is settled on return.
 func (j *Journal) append(pd *PendingDelta) error {
-	size := recordSize(2 + len(pd.subj) + len(pd.data))
+	// The record is written from a scratch encoding: the delta's own
+	// subject and encoding are made only if it must go to the stream.
+	scratch := scratchPool.Get().(*[]byte)
+	defer scratchPool.Put(scratch)
+	data := appendDelta((*scratch)[:0], pd.ev)
+	*scratch = data
+	size := recordSize(2 + storedSubjectLen(pd.ev) + len(data))
 	for {
 		j.mu.RLock()
 		if j.closed {
@@ -298,7 +336,7 @@ func (j *Journal) append(pd *PendingDelta) error {
 		end := seg.next.Add(int64(size))
 		if end <= int64(len(seg.mem)) {
 			seg.unsaved.Add(1)
-			putRecord(seg.mem[end-int64(size):end], pd.subj, pd.data)
+			putDeltaRecord(seg.mem[end-int64(size):end], pd.ev, data)
 			j.mu.RUnlock()
 			pd.seg = seg
 			pd.journaled = true
