@@ -91,7 +91,7 @@ func (p *PendingDelta) announce() error {
 // making them on first use.
 func (p *PendingDelta) stored() (subj string, data []byte) {
 	if p.data == nil {
-		p.subj, p.data = p.ev.StoredSubject(), appendDelta(make([]byte, 0, 48+len(p.ev.Text)), p.ev)
+		p.subj, p.data = p.ev.StoredSubject(), p.ev.encodeDelta()
 	}
 	return p.subj, p.data
 }

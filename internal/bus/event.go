@@ -99,7 +99,12 @@ func DecodeEvent(subject string, data []byte) (Event, error) {
 // encode returns the event's JSON.
 func (e *Event) encode() ([]byte, error) {
 	if e.Kind == KindDelta {
-		return appendDelta(make([]byte, 0, 48+len(e.Text)), e), nil
+		return e.encodeDelta(), nil
 	}
 	return json.Marshal(e)
+}
+
+// encodeDelta returns the delta's encoding, in a buffer of its own.
+func (e *Event) encodeDelta() []byte {
+	return appendDelta(make([]byte, 0, 48+len(e.Text)), e)
 }

@@ -18,7 +18,7 @@ type Job struct {
 	ConversationID string `json:"c"`
 
 	// The turn as the send stored it, so that the worker given the job
-	// first need not read it back (see Turn). A job without them, as
+	// first need not read it back (see QueuedTurn). A job without them, as
 	// enqueued by an older gateway, is read from the store.
 	Owner     string `json:"o,omitempty"`
 	ReplyTo   string `json:"r,omitempty"`
