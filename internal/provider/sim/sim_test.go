@@ -106,3 +106,45 @@ func TestCancelStopsAtOnce(t *testing.T) {
 		t.Fatal("Stream did not return after cancel")
 	}
 }
+
+// TestReplyIsStable pins the reply a prompt gives: a benchmark or a test
+// that names a prompt gets the same text from every version.
+func TestReplyIsStable(t *testing.T) {
+	tests := []struct {
+		prompt string
+		first  []string
+		text   string // the whole reply's first 60 bytes
+	}{
+		{"hello there", []string{"Conversation", " conversation", " thunder.", " Network", " quickly.", " Paper"},
+			"Conversation conversation thunder. Network quickly. Paper st"},
+		{"", []string{"Simulated", " or", " is", " durable.", " Maple", " bridge"},
+			"Simulated or is durable. Maple bridge marble clearly convers"},
+	}
+	p := New(Config{Tokens: 40})
+	for _, tt := range tests {
+		_, toks := p.Reply(tt.prompt)
+		if len(toks) != 40 {
+			t.Fatalf("%q: %d tokens, want 40", tt.prompt, len(toks))
+		}
+		for i, w := range tt.first {
+			if toks[i] != w {
+				t.Fatalf("%q: token %d = %q, want %q", tt.prompt, i, toks[i], w)
+			}
+		}
+		if got := strings.Join(toks, ""); !strings.HasPrefix(got, tt.text) || !strings.HasSuffix(got, ".") {
+			t.Fatalf("%q: reply %q, want it to begin %q and end with a full stop", tt.prompt, got, tt.text)
+		}
+	}
+}
+
+// TestVocabularyIsLowerASCII guards words' capitalisation, which upper-cases
+// a word's first byte.
+func TestVocabularyIsLowerASCII(t *testing.T) {
+	for _, w := range vocabulary {
+		for i := 0; i < len(w); i++ {
+			if w[i] < 'a' || w[i] > 'z' {
+				t.Fatalf("vocabulary word %q is not lower-case ASCII", w)
+			}
+		}
+	}
+}
