@@ -37,7 +37,9 @@ type acks struct {
 // acknowledgement.
 type PendingDelta struct {
 	Seq int64
-	ev  *Event
+	// ev is a copy of the caller's event: the delta is one allocation, and
+	// the caller's Event need not escape.
+	ev Event
 	// Where it is stored and ev encoded, made by stored: a journaled
 	// delta needs them only if it goes to the stream after all.
 	subj string
@@ -80,11 +82,11 @@ func (p *PendingDelta) announce() error {
 		f()
 	}
 	if p.a.b.cfg.Local != nil {
-		p.a.b.cfg.Local.deliver(p.ev)
+		p.a.b.cfg.Local.deliver(&p.ev)
 		return nil
 	}
 	_, data := p.stored()
-	return p.a.b.announce(p.ev, data)
+	return p.a.b.announce(&p.ev, data)
 }
 
 // stored returns the subject the delta is stored under and its encoding,
@@ -136,10 +138,9 @@ func newAcks(b *Bus) *acks {
 // localAckWait is acks.wait under a Local.
 const localAckWait = 10 * time.Second
 
-// newPending makes the PendingDelta of delta e. The caller no longer
-// changes e.
+// newPending makes the PendingDelta of delta e, copying e.
 func (a *acks) newPending(e *Event) *PendingDelta {
-	return &PendingDelta{Seq: e.Seq, ev: e, a: a}
+	return &PendingDelta{Seq: e.Seq, ev: *e, a: a}
 }
 
 // trySend publishes pd to the stream and tracks its answer, which settles

@@ -323,9 +323,9 @@ func (j *Journal) append(pd *PendingDelta) error {
 	// subject and encoding are made only if it must go to the stream.
 	scratch := scratchPool.Get().(*[]byte)
 	defer scratchPool.Put(scratch)
-	data := appendDelta((*scratch)[:0], pd.ev)
+	data := appendDelta((*scratch)[:0], &pd.ev)
 	*scratch = data
-	size := recordSize(2 + storedSubjectLen(pd.ev) + len(data))
+	size := recordSize(2 + storedSubjectLen(&pd.ev) + len(data))
 	for {
 		j.mu.RLock()
 		if j.closed {
@@ -336,7 +336,7 @@ func (j *Journal) append(pd *PendingDelta) error {
 		end := seg.next.Add(int64(size))
 		if end <= int64(len(seg.mem)) {
 			seg.unsaved.Add(1)
-			putDeltaRecord(seg.mem[end-int64(size):end], pd.ev, data)
+			putDeltaRecord(seg.mem[end-int64(size):end], &pd.ev, data)
 			j.mu.RUnlock()
 			pd.seg = seg
 			pd.journaled = true
