@@ -267,10 +267,22 @@ func (p *publisher) releaseLocked(seq int64) {
 	n := 0
 	for n < len(p.unsaved) && p.unsaved[n].Seq <= seq {
 		p.unsaved[n].Release()
-		p.unsaved[n] = nil
 		n++
 	}
-	p.unsaved = p.unsaved[n:]
+	p.unsaved = dropFront(p.unsaved, n)
+}
+
+// dropFront removes s's first n elements, moving the rest to the front: the
+// next append reuses the backing array. (Reslicing s[n:] instead shrinks
+// its capacity, so that a queue kept short by taking from its front
+// allocates anew on nearly every append: once per delta.)
+func dropFront[T any](s []T, n int) []T {
+	if n == 0 {
+		return s
+	}
+	k := copy(s, s[n:])
+	clear(s[k:])
+	return s[:k]
 }
 
 // reapLocked takes the acknowledged deltas off the front of inflight,
@@ -279,21 +291,23 @@ func (p *publisher) releaseLocked(seq int64) {
 // again in order, synchronously with retries; the stream then holds the
 // turn's deltas contiguously from there (readers drop the repeats).
 func (p *publisher) reapLocked(block bool) {
-	for len(p.inflight) > 0 {
-		head := p.inflight[0]
+	n := 0 // acknowledged, at the front
+	for n < len(p.inflight) {
+		head := p.inflight[n]
 		sseq, done, err := head.pd.Result(p.ctx, block)
 		block = false
 		if !done {
-			return
+			break
 		}
 		if err != nil {
+			p.inflight = dropFront(p.inflight, n)
 			p.republishLocked()
 			return
 		}
 		p.acked = ackedDelta{seq: head.pd.Seq, sseq: cmp.Or(sseq, p.acked.sseq), end: head.end}
-		p.inflight[0] = sent{}
-		p.inflight = p.inflight[1:]
+		n++
 	}
+	p.inflight = dropFront(p.inflight, n)
 }
 
 func (p *publisher) republishLocked() {
