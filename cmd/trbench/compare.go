@@ -24,6 +24,7 @@ var figures = []figure{
 	{"server cores", false, func(r *Result) float64 { return r.ServerCPUs }},
 	{"server CPU-s per 1k tokens", false, func(r *Result) float64 { return r.ServerCPUPer1k }},
 	{"server bytes allocated per frame", false, func(r *Result) float64 { return r.AllocPerFrame }},
+	{"server objects allocated per frame", false, func(r *Result) float64 { return r.ObjectsPerFrame }},
 	{"server GC collections", false, func(r *Result) float64 { return r.GCCycles }},
 	{"server RSS per connection KiB", false, func(r *Result) float64 { return r.RSSPerConn / 1024 }},
 	{"server RSS per active turn KiB", false, func(r *Result) float64 { return r.RSSPerTurn / 1024 }},

@@ -57,9 +57,11 @@ type Result struct {
 
 	ServerCounters map[string]float64 `json:"server_counters,omitempty"`
 	// GCCycles is how many collections the server finished in the window,
-	// AllocPerFrame the bytes it allocated per frame it sent.
-	GCCycles      float64 `json:"server_gc_cycles,omitempty"`
-	AllocPerFrame float64 `json:"server_alloc_bytes_per_frame,omitempty"`
+	// AllocPerFrame the bytes it allocated per frame it sent, and
+	// ObjectsPerFrame the objects.
+	GCCycles        float64 `json:"server_gc_cycles,omitempty"`
+	AllocPerFrame   float64 `json:"server_alloc_bytes_per_frame,omitempty"`
+	ObjectsPerFrame float64 `json:"server_alloc_objects_per_frame,omitempty"`
 	// RuntimePer is the growth of the server's Go runtime gauges per
 	// connection (idle) or per active turn (stream), from /metrics.
 	RuntimePer map[string]float64 `json:"server_runtime_per_unit,omitempty"`
@@ -183,11 +185,13 @@ func (r *Result) printRamp(row func(k, f string, a ...any)) {
 	}
 }
 
-// setGC fills GCCycles and AllocPerFrame from ServerCounters.
+// setGC fills GCCycles, AllocPerFrame and ObjectsPerFrame from
+// ServerCounters.
 func (r *Result) setGC() {
 	r.GCCycles = r.ServerCounters["go_gc_duration_seconds_count"]
 	if f := r.ServerCounters["tokenrelay_frames_sent_total"]; f > 0 {
 		r.AllocPerFrame = r.ServerCounters["go_memstats_alloc_bytes_total"] / f
+		r.ObjectsPerFrame = r.ServerCounters["go_memstats_mallocs_total"] / f
 	}
 }
 
@@ -205,8 +209,8 @@ func (r *Result) printRest(row func(k, f string, a ...any)) {
 		row("server counters", "%s", strings.Join(parts, " "))
 	}
 	if r.GCCycles > 0 {
-		row("server GC", "%.0f collections in %.0fs (one every %.1fs), %.0f bytes allocated per frame sent",
-			r.GCCycles, r.WindowS, r.WindowS/r.GCCycles, r.AllocPerFrame)
+		row("server GC", "%.0f collections in %.0fs (one every %.1fs), %.0f bytes in %.1f objects allocated per frame sent",
+			r.GCCycles, r.WindowS, r.WindowS/r.GCCycles, r.AllocPerFrame, r.ObjectsPerFrame)
 	}
 	if len(r.RuntimePer) > 0 {
 		unit := "active turn"

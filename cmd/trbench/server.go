@@ -98,10 +98,11 @@ var runtimeGauges = map[string]bool{
 	"go_memstats_heap_objects":      true,
 }
 
-// runtimeCounters say how hard the server works its garbage collector:
-// bytes allocated and collections finished.
+// runtimeCounters say how hard the server works its allocator and garbage
+// collector: bytes and objects allocated, collections finished.
 var runtimeCounters = map[string]bool{
 	"go_memstats_alloc_bytes_total": true,
+	"go_memstats_mallocs_total":     true,
 	"go_gc_duration_seconds_count":  true,
 }
 
