@@ -120,12 +120,20 @@ func (e *env) send(t *testing.T, conv, turn, text string, enqueue bool) <-chan b
 
 func waitEnd(t *testing.T, ends <-chan bus.Event) bus.Event {
 	t.Helper()
+	return receive(t, ends, "no end event")
+}
+
+// receive returns the next value from ch, failing the test with failure
+// when none comes within 20 s.
+func receive[T any](t *testing.T, ch <-chan T, failure string) T {
+	t.Helper()
 	select {
-	case ev := <-ends:
-		return ev
+	case v := <-ch:
+		return v
 	case <-time.After(20 * time.Second):
-		t.Fatal("no end event")
-		return bus.Event{}
+		t.Fatal(failure)
+		var zero T
+		return zero
 	}
 }
 
@@ -275,13 +283,7 @@ func jobAcks(t *testing.T, b *bus.Bus) <-chan uint64 {
 // waitAck waits for the next job ack and returns the job's delivery count.
 func waitAck(t *testing.T, acks <-chan uint64) uint64 {
 	t.Helper()
-	select {
-	case n := <-acks:
-		return n
-	case <-time.After(20 * time.Second):
-		t.Fatal("the job was not acked")
-		return 0
-	}
+	return receive(t, acks, "the job was not acked")
 }
 
 func TestCancelStreamingTurn(t *testing.T) {
