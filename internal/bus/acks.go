@@ -138,9 +138,35 @@ func newAcks(b *Bus) *acks {
 // localAckWait is acks.wait under a Local.
 const localAckWait = 10 * time.Second
 
-// newPending makes the PendingDelta of delta e, copying e.
+// newPending makes the PendingDelta of delta e, copying e, reusing one
+// that was recycled when there is one.
 func (a *acks) newPending(e *Event) *PendingDelta {
-	return &PendingDelta{Seq: e.Seq, ev: *e, a: a}
+	pd := pendingPool.Get().(*PendingDelta)
+	*pd = PendingDelta{Seq: e.Seq, ev: *e, a: a}
+	return pd
+}
+
+// pendingPool holds recycled deltas (see PendingDelta.Recycle).
+var pendingPool = sync.Pool{New: func() any { return new(PendingDelta) }}
+
+// Recycle hands a finished delta back, to be reused by a later
+// PublishDeltaAsync: at one per token, deltas were a quarter of the bytes
+// serve allocates. The caller must hold no other reference to p and must
+// not use it again. It does nothing unless p is settled and, if it was
+// journaled, released: nothing else refers to such a delta (the journal and
+// the acknowledgement tracker have let go of it, and every announcement of
+// it carried a copy of its event).
+func (p *PendingDelta) Recycle() {
+	select {
+	case <-p.done:
+	default:
+		return // unsettled: an answer may still come for it
+	}
+	if p.seg != nil {
+		return // its segment still counts it
+	}
+	*p = PendingDelta{}
+	pendingPool.Put(p)
 }
 
 // trySend publishes pd to the stream and tracks its answer, which settles

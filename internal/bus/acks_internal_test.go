@@ -42,3 +42,18 @@ func TestParseAck(t *testing.T) {
 		t.Error("an empty answer must be an error")
 	}
 }
+
+// A delta still waiting for its acknowledgement is not recycled: the answer
+// would settle a delta reused by another turn.
+func TestRecycleWaitsForTheAnswer(t *testing.T) {
+	pd := &PendingDelta{Seq: 3, done: make(chan struct{})}
+	pd.Recycle()
+	if pd.Seq != 3 || pd.done == nil {
+		t.Fatal("an unsettled delta was recycled")
+	}
+	pd.settle(9, nil)
+	pd.Recycle()
+	if pd.Seq != 0 || pd.done != nil {
+		t.Fatal("a settled delta was not recycled")
+	}
+}

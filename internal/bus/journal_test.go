@@ -202,6 +202,39 @@ func TestJournalRemovesSavedSegments(t *testing.T) {
 	}
 }
 
+// Recycle leaves a journaled delta alone until it is released: its
+// segment still counts it, and the segment must go once it is released.
+// A released one is taken (and its fields cleared).
+func TestRecycleWaitsForRelease(t *testing.T) {
+	open := journalSetup(t)
+	dir := t.TempDir()
+	_, producer := smallSegments(t, open, dir)
+	var pds []*bus.PendingDelta
+	for i := int64(1); i <= 12; i++ {
+		pd, err := producer.PublishDeltaAsync(delta(i), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pds = append(pds, pd)
+	}
+	for i, pd := range pds {
+		pd.Recycle()
+		if pd.Seq != int64(i+1) || !pd.Journaled() {
+			t.Fatalf("unreleased delta %d recycled: seq %d, journaled %v", i+1, pd.Seq, pd.Journaled())
+		}
+	}
+	for _, pd := range pds {
+		pd.Release()
+		pd.Recycle()
+		if pd.Seq != 0 || pd.Journaled() {
+			t.Fatalf("released delta kept: seq %d, journaled %v", pd.Seq, pd.Journaled())
+		}
+	}
+	if segs := segmentFiles(t, dir); len(segs) != 1 {
+		t.Fatalf("segments %v, want only the current one", segs)
+	}
+}
+
 // A journal belongs to serve's in-process bus only.
 func TestJournalNeedsLocal(t *testing.T) {
 	j, err := bus.OpenJournal(t.TempDir(), nil)

@@ -266,7 +266,10 @@ func (p *publisher) saveQuiet() {
 func (p *publisher) releaseLocked(seq int64) {
 	n := 0
 	for n < len(p.unsaved) && p.unsaved[n].Seq <= seq {
+		// Acknowledged (seq is at most acked.seq), so no longer in
+		// inflight either: this was the last reference.
 		p.unsaved[n].Release()
+		p.unsaved[n].Recycle()
 		n++
 	}
 	p.unsaved = dropFront(p.unsaved, n)
@@ -305,6 +308,9 @@ func (p *publisher) reapLocked(block bool) {
 			return
 		}
 		p.acked = ackedDelta{seq: head.pd.Seq, sseq: cmp.Or(sseq, p.acked.sseq), end: head.end}
+		if !head.pd.Journaled() {
+			head.pd.Recycle() // a journaled one is still in unsaved
+		}
 		n++
 	}
 	p.inflight = dropFront(p.inflight, n)
