@@ -61,6 +61,20 @@ func segmentFiles(t *testing.T, dir string) []string {
 	return m
 }
 
+// publishDeltas publishes deltas 1..n of turn t and returns them.
+func publishDeltas(t *testing.T, producer *bus.Bus, n int64) []*bus.PendingDelta {
+	t.Helper()
+	var pds []*bus.PendingDelta
+	for i := int64(1); i <= n; i++ {
+		pd, err := producer.PublishDeltaAsync(delta(i), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pds = append(pds, pd)
+	}
+	return pds
+}
+
 func delta(seq int64) *bus.Event {
 	return &bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t", Seq: seq, Off: seq - 1, Text: "w"}
 }
@@ -176,14 +190,7 @@ func TestJournalRemovesSavedSegments(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
 	_, producer := smallSegments(t, open, dir)
-	var pds []*bus.PendingDelta
-	for i := int64(1); i <= 100; i++ {
-		pd, err := producer.PublishDeltaAsync(delta(i), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pds = append(pds, pd)
-	}
+	pds := publishDeltas(t, producer, 100)
 	if segs := segmentFiles(t, dir); len(segs) < 10 {
 		t.Fatalf("%d segments hold 100 unsaved deltas, want one per three or so", len(segs))
 	}
@@ -209,14 +216,7 @@ func TestRecycleWaitsForRelease(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
 	_, producer := smallSegments(t, open, dir)
-	var pds []*bus.PendingDelta
-	for i := int64(1); i <= 12; i++ {
-		pd, err := producer.PublishDeltaAsync(delta(i), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pds = append(pds, pd)
-	}
+	pds := publishDeltas(t, producer, 12)
 	for i, pd := range pds {
 		pd.Recycle()
 		if pd.Seq != int64(i+1) || !pd.Journaled() {
