@@ -109,20 +109,26 @@ func (p *Provider) Reply(prompt string) (Directive, []string) {
 // Stream implements provider.Provider.
 func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(string) error) (provider.Result, error) {
 	d, toks := p.Reply(req.Prompt())
+	// One timer paces the reply, and a cancel fires it at once: a wait is
+	// then one channel receive, not a select over the timer and ctx.Done,
+	// which locks and queues on both channels for every token.
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	stop := context.AfterFunc(ctx, func() { timer.Reset(0) })
+	defer stop()
 	wait := func(until time.Time) error {
 		dur := time.Until(until)
 		if dur <= 0 {
 			return ctx.Err()
 		}
 		timer.Reset(dur)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-timer.C:
-			return nil
+		// A cancel that this check misses fires the timer after the Reset
+		// above, so the receive below cannot sleep through it.
+		if err := ctx.Err(); err != nil {
+			return err
 		}
+		<-timer.C
+		return ctx.Err()
 	}
 	start := time.Now()
 	if d.DelayMS > 0 {

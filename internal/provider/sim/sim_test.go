@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/provider"
@@ -105,6 +106,37 @@ func TestCancelStopsAtOnce(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Stream did not return after cancel")
 	}
+}
+
+// TestCancelWakesAWait cancels a reply while it waits for its next token
+// and checks that it returns without waiting out the token's interval.
+// Under synctest the clock moves only when every goroutine is blocked, so a
+// wait that slept through the cancel would show as time passing.
+func TestCancelWakesAWait(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := New(Config{Rate: 1, Tokens: 100}) // one token a second
+		ctx, cancel := context.WithCancel(t.Context())
+		emitted := 0
+		done := make(chan error, 1)
+		go func() {
+			_, err := p.Stream(ctx, req("x"), func(string) error { emitted++; return nil })
+			done <- err
+		}()
+		time.Sleep(1500 * time.Millisecond) // one token out, waiting for the second
+		synctest.Wait()
+		start := time.Now()
+		cancel()
+		err := <-done
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("err = %v, want context.Canceled", err)
+		}
+		if waited := time.Since(start); waited != 0 {
+			t.Fatalf("Stream returned %v after the cancel, want at once", waited)
+		}
+		if emitted != 1 {
+			t.Fatalf("emitted %d tokens, want 1", emitted)
+		}
+	})
 }
 
 // TestReplyIsStable pins the reply a prompt gives: a benchmark or a test
