@@ -88,7 +88,8 @@ type Worker struct {
 
 type run struct {
 	cancel     context.CancelCauseFunc
-	cancelSeen time.Time // when the cancel arrived; guarded by Worker.mu
+	job        *bus.JobMsg // kept in progress by keepJobs
+	cancelSeen time.Time   // when the cancel arrived; guarded by Worker.mu
 }
 
 // freshTurn is how old a turn may be and still be held back by StartGrace.
@@ -152,6 +153,18 @@ func (w *Worker) Run(ctx context.Context) error {
 	}
 	defer ping.Unsubscribe()
 
+	keepDone, keepStopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(keepStopped)
+		w.keepJobs(keepDone)
+	}()
+	// After the turns have ended: an interrupted turn keeps its job while
+	// it saves.
+	defer func() {
+		close(keepDone)
+		<-keepStopped
+	}()
+
 	sem := make(chan struct{}, w.cfg.Concurrency)
 	w.log.Info("worker started", "concurrency", w.cfg.Concurrency)
 	err = w.bus.ConsumeJobs(ctx, min(w.cfg.Concurrency, 256), func(jm *bus.JobMsg) {
@@ -186,6 +199,32 @@ func (w *Worker) cancelTurn(turnID string) {
 	}
 }
 
+// keepJobs keeps the jobs of the running turns from being redelivered,
+// every AckWait/4, until done is closed: one ticker for all of them rather
+// than a goroutine and a ticker per turn.
+func (w *Worker) keepJobs(done <-chan struct{}) {
+	t := time.NewTicker(max(w.bus.AckWait()/4, 50*time.Millisecond))
+	defer t.Stop()
+	var jobs []*bus.JobMsg
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+		}
+		w.mu.Lock()
+		for _, r := range w.running {
+			jobs = append(jobs, r.job)
+		}
+		w.mu.Unlock()
+		for _, jm := range jobs {
+			_ = jm.InProgress()
+		}
+		clear(jobs) // hold on to no job past its turn
+		jobs = jobs[:0]
+	}
+}
+
 // handle runs one job to its end. The job is acked once the turn has ended
 // (or was found ended); it is left unacked only when the bus failed, so
 // that another attempt finds the truth in the stream.
@@ -193,7 +232,7 @@ func (w *Worker) handle(jm *bus.JobMsg) {
 	log := w.log.With("turn_id", jm.TurnID, "conversation_id", jm.ConversationID)
 	tctx, cancel := context.WithCancelCause(w.shutdownCtx)
 	defer cancel(nil)
-	r := &run{cancel: cancel}
+	r := &run{cancel: cancel, job: jm}
 	w.mu.Lock()
 	if _, dup := w.running[jm.TurnID]; dup {
 		w.mu.Unlock()
@@ -205,22 +244,6 @@ func (w *Worker) handle(jm *bus.JobMsg) {
 		w.mu.Lock()
 		delete(w.running, jm.TurnID)
 		w.mu.Unlock()
-	}()
-
-	// Keep the job ours while we work on it.
-	hbDone := make(chan struct{})
-	defer close(hbDone)
-	go func() {
-		t := time.NewTicker(max(w.bus.AckWait()/4, 50*time.Millisecond))
-		defer t.Stop()
-		for {
-			select {
-			case <-hbDone:
-				return
-			case <-t.C:
-				_ = jm.InProgress()
-			}
-		}
 	}()
 
 	ctx := context.WithoutCancel(tctx) // store and bus calls finish even when the turn is cancelled

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/goleak"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
@@ -329,6 +330,34 @@ func TestShutdownInterruptsRunningTurns(t *testing.T) {
 	st, _ := e.store.Turn(t.Context(), "t1")
 	if end.Status != chat.StatusInterrupted || st.Status != chat.StatusInterrupted || st.Content == "" {
 		t.Fatalf("end %+v, stored %s %q", end, st.Status, st.Content)
+	}
+}
+
+// TestLongTurnKeepsItsJob runs a turn for more than twice the bus's ack
+// wait (2 s): the worker keeps its job in progress, so the job is never
+// redelivered and the turn is produced once.
+func TestLongTurnKeepsItsJob(t *testing.T) {
+	e := setup(t, worker.Config{}, true)
+	wait := e.bus.AckWait()
+	tokens := int(wait * 5 / 2 / (100 * time.Millisecond)) // 2.5 ack waits at ten tokens a second
+	end := waitEnd(t, e.send(t, "c", "t1", fmt.Sprintf("[sim tokens=%d rate=10]", tokens), true))
+	if end.Status != chat.StatusComplete || end.Seq != int64(tokens) {
+		t.Fatalf("end %+v, want complete after %d deltas", end, tokens)
+	}
+	js, err := jetstream.New(e.bus.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cons, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := cons.Info(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.NumRedelivered != 0 || e.prov.calls.Load() != 1 {
+		t.Fatalf("%d jobs redelivered, provider called %d times; want 0 and 1", info.NumRedelivered, e.prov.calls.Load())
 	}
 }
 
