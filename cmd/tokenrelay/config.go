@@ -47,6 +47,7 @@ type config struct {
 	DeltaTimestamps   bool
 	WorkerConcurrency int
 	SnapshotInterval  time.Duration
+	JournalSave       time.Duration
 	StartGrace        time.Duration
 
 	Dev            bool
@@ -172,6 +173,9 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.DurationVar(&c.BatchWindow, "batch-window", 0, "merge tokens arriving within this window into one delta (0 = off)")
 		fs.IntVar(&c.WorkerConcurrency, "worker-concurrency", 10000, "most turns one worker produces at once")
 		fs.DurationVar(&c.SnapshotInterval, "snapshot-interval", 100*time.Millisecond, "how often a streaming turn's snapshot is saved")
+		if r == roleServe {
+			fs.DurationVar(&c.JournalSave, "journal-save-interval", 5*time.Second, "how long a streaming turn's deltas stay in the delta journal alone before its snapshot saves them")
+		}
 		fs.DurationVar(&c.StartGrace, "start-grace", 50*time.Millisecond, "hold a new turn this long before calling the model, so a cancel sent right behind the message wins (negative disables)")
 		fs.IntVar(&c.TokensPerHour, "limit-tokens-per-hour", 0, "model tokens per user per hour (turn ends error); 0 = unlimited")
 	}

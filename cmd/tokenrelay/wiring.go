@@ -233,7 +233,8 @@ func defaultModel(c *config) string {
 
 func workerConfig(c *config, log *slog.Logger, reg prometheus.Registerer) worker.Config {
 	wc := worker.Config{
-		Concurrency: c.WorkerConcurrency, SnapshotInterval: c.SnapshotInterval, BatchWindow: c.BatchWindow,
+		Concurrency: c.WorkerConcurrency, SnapshotInterval: c.SnapshotInterval, JournalSaveInterval: c.JournalSave,
+		BatchWindow:     c.BatchWindow,
 		DeltaTimestamps: c.DeltaTimestamps, StartGrace: c.StartGrace, Logger: log, Registry: reg,
 	}
 	if c.Provider == "sim" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,14 +16,24 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/worker"
 )
 
-// pausingProvider emits three tokens, then waits for release.
+// pausingProvider emits its tokens (default "one two three"), then waits
+// for release. before, when set, runs before each token.
 type pausingProvider struct {
 	paused  chan struct{}
 	release chan struct{}
+	tokens  []string
+	before  func()
 }
 
 func (p *pausingProvider) Stream(ctx context.Context, _ provider.Request, emit func(string) error) (provider.Result, error) {
-	for _, tok := range []string{"one ", "two ", "three"} {
+	tokens := p.tokens
+	if tokens == nil {
+		tokens = []string{"one ", "two ", "three"}
+	}
+	for _, tok := range tokens {
+		if p.before != nil {
+			p.before()
+		}
 		if err := emit(tok); err != nil {
 			return provider.Result{}, err
 		}
@@ -46,7 +57,8 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := &pausingProvider{paused: make(chan struct{}), release: make(chan struct{})}
-	e := &env{bus: b, store: st, w: worker.New(worker.Config{}, b, st, p), stop: func() {}}
+	cfg := worker.Config{JournalSaveInterval: 300 * time.Millisecond}
+	e := &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
 	// Cleanups run last first: the worker stops before the store, the
 	// journal and the connection close.
 	t.Cleanup(func() { st.Close() })
@@ -74,7 +86,7 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 		t.Fatal("LiveText answered for a turn not running here")
 	}
 	// The turn is quiet, yet its deltas are saved from the journal in a
-	// snapshot within about a second.
+	// snapshot about JournalSaveInterval after its first delta.
 	giveUp := time.After(10 * time.Second)
 	for {
 		if snap, err := b.ReadSnapshot(t.Context(), "t"); err == nil && snap.Seq == 3 {
@@ -109,6 +121,45 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 	}
 	if slices.Contains(kinds, bus.KindDelta) || !slices.Contains(kinds, bus.KindEnd) {
 		t.Fatalf("stream holds %v of the turn, want its end and no delta", kinds)
+	}
+}
+
+// Under serve's journal a streaming turn's snapshot is written once
+// JournalSaveInterval has passed since the last one, not every second as
+// without a journal: a resume reads the running turn from its producer.
+// The turn's clock moves 700 ms before each of its 8 deltas, so the
+// snapshot falls due at the 5th (3.5 s) and not again by the 8th (5.6 s).
+func TestJournalSaveInterval(t *testing.T) {
+	b := bustest.StartJournaled(t)
+	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	var elapsed atomic.Int64
+	p := &pausingProvider{
+		paused: make(chan struct{}), release: make(chan struct{}),
+		tokens: []string{"a ", "b ", "c ", "d ", "e ", "f ", "g ", "h"},
+		before: func() { elapsed.Add(int64(700 * time.Millisecond)) },
+	}
+	cfg := worker.Config{
+		JournalSaveInterval: 3 * time.Second,
+		Now:                 func() time.Time { return start.Add(time.Duration(elapsed.Load())) },
+	}
+	e := &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
+	t.Cleanup(func() { st.Close() })
+	e.start(t)
+	ends := e.send(t, "c", "t", "hello", true)
+	receive(t, p.paused, "the turn never paused")
+	snap, err := b.ReadSnapshot(t.Context(), "t")
+	if err != nil || snap.Seq != 5 || snap.Text != "a b c d e " {
+		t.Fatalf("snapshot of the paused turn: %+v (%v), want the text to seq 5", snap, err)
+	}
+	close(p.release)
+	waitEnd(t, ends)
+	snap, err = b.ReadSnapshot(t.Context(), "t")
+	if err != nil || snap.Seq != 8 || snap.Text != "a b c d e f g h" {
+		t.Fatalf("snapshot of the ended turn: %+v (%v), want the whole text", snap, err)
 	}
 }
 

@@ -226,7 +226,7 @@ func (p *publisher) snapshotLocked(now time.Time) {
 }
 
 // armSaveLocked makes sure that journaled deltas are saved within about
-// snapshotMaxAge even when the turn goes quiet (a model thinking): a
+// JournalSaveInterval even when the turn goes quiet (a model thinking): a
 // snapshot is otherwise written only as a delta is published, and a
 // segment stays on disk while any delta in it is unsaved. The timer fires
 // a little after a busy turn's own snapshot would be due, and then finds
@@ -235,7 +235,7 @@ func (p *publisher) armSaveLocked() {
 	if p.saveArmed || p.stopped {
 		return
 	}
-	d := max(p.snapAt.Add(snapshotMaxAge+saveSlack).Sub(p.w.cfg.Now()), saveSlack)
+	d := max(p.snapAt.Add(p.w.cfg.JournalSaveInterval+saveSlack).Sub(p.w.cfg.Now()), saveSlack)
 	if p.saveTimer == nil {
 		p.saveTimer = time.AfterFunc(d, p.saveQuiet)
 	} else {
@@ -254,7 +254,7 @@ func (p *publisher) saveQuiet() {
 	if p.stopped || len(p.unsaved) == 0 {
 		return
 	}
-	if now := p.w.cfg.Now(); now.Sub(p.snapAt) >= snapshotMaxAge {
+	if now := p.w.cfg.Now(); now.Sub(p.snapAt) >= p.w.cfg.JournalSaveInterval {
 		p.snapshotLocked(now)
 	}
 	if len(p.unsaved) > 0 {
@@ -337,11 +337,17 @@ func (p *publisher) republishLocked() {
 // second after the last one. A slow turn (20 tokens/s) thus writes one
 // snapshot a second instead of ten, and a resume still replays at most a
 // second or SnapshotBytes of its deltas.
+//
+// Under a journal a resume reads a running turn from its producer, and
+// the snapshot only saves the deltas the journal holds: it is written
+// after SnapshotBytes of new text or once JournalSaveInterval has passed.
 func (p *publisher) snapshotDue(now time.Time) bool {
 	since := now.Sub(p.snapAt)
 	switch {
 	case len(p.text)-p.snapLen >= p.w.cfg.SnapshotBytes:
 		return true
+	case p.journaled:
+		return since >= p.w.cfg.JournalSaveInterval
 	case since >= p.w.cfg.SnapshotInterval && p.seq-p.snapSeq >= snapshotMinDeltas:
 		return true
 	case since >= snapshotMaxAge:

@@ -31,6 +31,14 @@ type Config struct {
 	// (default 4 KiB).
 	SnapshotInterval time.Duration
 	SnapshotBytes    int
+	// JournalSaveInterval applies instead of SnapshotInterval under
+	// serve's delta journal (bus.Bus.Journaled): how long a streaming
+	// turn's deltas may stay in the journal alone before a snapshot saves
+	// them (default 5s; SnapshotBytes still forces one). There a running
+	// turn's text is read from its producer (bus.LiveText), not from its
+	// snapshot, which only lets the journal drop its deltas and bounds
+	// what a restart after a crash replays.
+	JournalSaveInterval time.Duration
 	// BatchWindow merges tokens that arrive within this window into one
 	// delta; 0 publishes every token as its own delta.
 	BatchWindow time.Duration
@@ -113,6 +121,9 @@ func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
 	}
 	if cfg.SnapshotBytes <= 0 {
 		cfg.SnapshotBytes = 4 << 10
+	}
+	if cfg.JournalSaveInterval <= 0 {
+		cfg.JournalSaveInterval = 5 * time.Second
 	}
 	if cfg.StartGrace == 0 {
 		cfg.StartGrace = 50 * time.Millisecond
