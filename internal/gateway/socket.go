@@ -185,6 +185,11 @@ func (r *rawSocket) close(ws *websocket.Conn, code websocket.StatusCode, reason 
 	return ws.Close(code, reason)
 }
 
+// errSealed is writeFrames' answer once the close frame is on its way: the
+// frames are dropped, and the close handshake, not the writer, ends the
+// connection.
+var errSealed = errors.New("connection closing")
+
 // libWriter is where the library's writes go: to the socket, under wmu.
 // The library writes a frame of its own with one Write (a control frame
 // fits in its buffer), so the frame is written whole.
@@ -268,7 +273,7 @@ func (r *rawSocket) writeFrames(wb *writeBuffers) error {
 	r.wmu.Lock()
 	defer r.wmu.Unlock()
 	if r.sealed.Load() {
-		return net.ErrClosed
+		return errSealed
 	}
 	if len(wb.iov) == 1 {
 		_, err := r.nc.Write(wb.iov[0])

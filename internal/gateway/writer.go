@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"net"
 	"sync"
 	"time"
@@ -372,6 +373,12 @@ func (w *connWriter) write(wb *writeBuffers) bool {
 	w.stall.arm(w.s, w.ctx, w.cancel)
 	err := w.raw.writeFrames(wb)
 	w.stall.stop()
+	if errors.Is(err, errSealed) {
+		// The close frame is being written (rawSocket.close): ending the
+		// connection now would close the socket before it went out.
+		w.q.close()
+		return false
+	}
 	if err != nil {
 		if w.ctx.Err() == nil {
 			w.s.m.writeErrors.Inc()

@@ -1,8 +1,14 @@
 package gateway
 
 import (
+	"context"
 	"encoding/json"
+	"net"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 func TestOutQueueMerge(t *testing.T) {
@@ -97,5 +103,35 @@ func TestOutQueueOverflow(t *testing.T) {
 	}
 	if _, _, _, overflow := q.take(nil, nil); !overflow {
 		t.Fatal("take did not report the overflow")
+	}
+}
+
+// A frame that comes after the close frame was sealed in is dropped, and
+// the writer leaves the connection to the close handshake: ending it would
+// close the socket before the close frame went out, and the client would
+// see the connection drop without its close code.
+func TestWriterLeavesASealedSocketToTheHandshake(t *testing.T) {
+	client, server := net.Pipe()
+	defer client.Close()
+	defer server.Close()
+	raw := &rawSocket{nc: server}
+	raw.sealed.Store(true)
+	var ended atomic.Bool
+	q := newOutQueue(1 << 20)
+	w := connWriter{
+		s: &Server{cfg: Config{WriteTimeout: time.Minute}, m: newMetrics(prometheus.NewRegistry())}, raw: raw, q: q,
+		ctx: context.Background(), cancel: func() { ended.Store(true) },
+	}
+	wb := getWriteBuffers()
+	defer wb.put()
+	wb.frames = append(wb.frames, []byte(`{"type":"pong"}`))
+	if w.write(wb) {
+		t.Fatal("a frame was written after the close frame")
+	}
+	if ended.Load() {
+		t.Fatal("the writer ended the connection while its close frame was being written")
+	}
+	if q.push([]byte("{}")) {
+		t.Fatal("the queue still takes frames")
 	}
 }

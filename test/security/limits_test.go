@@ -308,7 +308,7 @@ func TestBadFrames(t *testing.T) {
 		t.Fatal(err)
 	}
 	if code := c.CloseStatus(); code != websocket.StatusPolicyViolation {
-		t.Fatalf("4th bad frame (binary): close %d, want 1008", code)
+		t.Fatalf("4th bad frame (binary): close %d (%v), want 1008", code, c.CloseErr())
 	}
 	// Errors that are not about the frame (forbidden, not_found) do not count.
 	d := trtest.Dial(t, p.WSURL(), tok)
