@@ -24,8 +24,8 @@ import (
 // a local file and announced once there; the stream never stores them. The
 // journal keeps a delta until its producer has saved it elsewhere: in the
 // turn's snapshot, which it writes every few seconds (the worker's
-// JournalSaveInterval) and at the end (before the end is stored), or in the stream when a snapshot cannot be
-// written (see PendingDelta.Release). A delta a client has seen is thus
+// JournalSaveInterval) and at the end (before the end is stored), or in
+// the stream when a snapshot cannot be written (see PendingDelta.Release). A delta a client has seen is thus
 // always in the journal, a snapshot or the stream: what is in the file's
 // pages survives the process being killed, as the stream's own in-place
 // writes do (neither syncs to disk on every message).
