@@ -304,6 +304,20 @@ func (b *Bus) Republish(ctx context.Context, p *PendingDelta) (uint64, error) {
 	return ack.Sequence, nil
 }
 
+// StoreJournaled stores journaled delta e in the events stream, without
+// announcing it again: what a publisher does with the deltas it holds in
+// Unsaved when their snapshot cannot be written.
+func (b *Bus) StoreJournaled(ctx context.Context, e *Event) (uint64, error) {
+	if e.Kind != KindDelta {
+		return 0, fmt.Errorf("store delta: event of kind %q", e.Kind)
+	}
+	ack, err := b.publish(ctx, e.StoredSubject(), e.encodeDelta(), "")
+	if err != nil {
+		return 0, fmt.Errorf("store delta: %w", err)
+	}
+	return ack.Sequence, nil
+}
+
 // A stream whose leader is lost (its node stopped or cut off) answers no
 // publish until the other replicas have elected a new leader, which takes
 // a few seconds; a publish sent meanwhile gets no answer at all. So one

@@ -25,10 +25,11 @@ import (
 // journal keeps a delta until its producer has saved it elsewhere: in the
 // turn's snapshot, which it writes every few seconds (the worker's
 // JournalSaveInterval) and at the end (before the end is stored), or in
-// the stream when a snapshot cannot be written (see PendingDelta.Release). A delta a client has seen is thus
-// always in the journal, a snapshot or the stream: what is in the file's
-// pages survives the process being killed, as the stream's own in-place
-// writes do (neither syncs to disk on every message).
+// the stream when a snapshot cannot be written (see Unsaved and
+// StoreJournaled). A delta a client has seen is thus always in the
+// journal, a snapshot or the stream: what is in the file's pages survives
+// the process being killed, as the stream's own in-place writes do
+// (neither syncs to disk on every message).
 //
 // The journal is read only when serve starts: Replay stores in the stream
 // whatever deltas of the journal the turn's snapshot and the stream lack
@@ -403,10 +404,81 @@ func (j *Journal) saved(pd *PendingDelta) {
 // one of a sealed segment. The current segment holds one reference of its
 // own until it is sealed, so a segment goes once it is sealed and every
 // delta in it is saved elsewhere.
-func (j *Journal) release(s *segment) {
-	if s.unsaved.Add(-1) == 0 && s.sealed.Load() {
+func (j *Journal) release(s *segment) { j.releaseN(s, 1) }
+
+// releaseN drops n references to s, as release does.
+func (j *Journal) releaseN(s *segment, n int64) {
+	if s.unsaved.Add(-n) == 0 && s.sealed.Load() {
 		if err := os.Remove(s.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			j.log.Warn("remove delta journal segment", "path", s.path, "err", err)
 		}
 	}
+}
+
+// Unsaved is what a publisher keeps of its journaled deltas until it has
+// saved them elsewhere: the segments that hold them, as runs of consecutive
+// deltas, rather than the deltas themselves. A delta is then garbage (or
+// recycled) as soon as it is live, instead of staying on the heap for the
+// JournalSaveInterval that the collector walks it at every cycle. The zero
+// value is empty; it is not safe for concurrent use.
+type Unsaved struct {
+	j    *Journal
+	runs []unsavedRun
+}
+
+// unsavedRun is deltas first..last, all in segment seg.
+type unsavedRun struct {
+	seg         *segment
+	first, last int64
+}
+
+// Add takes over journaled delta p's hold on its segment: p keeps none and
+// may be recycled. Deltas are added in the order of their seqs.
+func (u *Unsaved) Add(p *PendingDelta) {
+	seg := p.seg
+	if seg == nil {
+		return
+	}
+	p.seg = nil
+	u.j = p.a.b.cfg.Journal
+	if n := len(u.runs); n > 0 && u.runs[n-1].seg == seg && u.runs[n-1].last+1 == p.Seq {
+		u.runs[n-1].last = p.Seq
+		return
+	}
+	u.runs = append(u.runs, unsavedRun{seg: seg, first: p.Seq, last: p.Seq})
+}
+
+// Empty reports whether no delta is held.
+func (u *Unsaved) Empty() bool { return len(u.runs) == 0 }
+
+// Seqs returns the seqs of the deltas held, in order.
+func (u *Unsaved) Seqs() []int64 {
+	var seqs []int64
+	for _, r := range u.runs {
+		for s := r.first; s <= r.last; s++ {
+			seqs = append(seqs, s)
+		}
+	}
+	return seqs
+}
+
+// Release tells the journal that the deltas up to seq are saved elsewhere,
+// so that their segments may go.
+func (u *Unsaved) Release(seq int64) {
+	n := 0
+	for ; n < len(u.runs); n++ {
+		r := &u.runs[n]
+		if r.first > seq {
+			break
+		}
+		if r.last > seq {
+			u.j.releaseN(r.seg, seq-r.first+1)
+			r.first = seq + 1
+			break
+		}
+		u.j.releaseN(r.seg, r.last-r.first+1)
+	}
+	k := copy(u.runs, u.runs[n:])
+	clear(u.runs[k:])
+	u.runs = u.runs[:k]
 }

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -204,6 +205,84 @@ func TestJournalRemovesSavedSegments(t *testing.T) {
 		pd.Release()
 	}
 	// The last write may have started a new segment, or not.
+	if segs := segmentFiles(t, dir); len(segs) != 1 {
+		t.Fatalf("segments %v, want only the current one", segs)
+	}
+}
+
+// Unsaved takes over the deltas' holds on their segments, so that each
+// delta is recycled at once, and releases them by seq: a segment goes once
+// every delta in it is released, whichever runs it is split over.
+func TestUnsavedHoldsSegmentsNotDeltas(t *testing.T) {
+	open := journalSetup(t)
+	dir := t.TempDir()
+	_, producer := smallSegments(t, open, dir)
+	var u bus.Unsaved
+	for _, pd := range publishDeltas(t, producer, 100) {
+		u.Add(pd)
+		pd.Recycle()
+		if pd.Seq != 0 || pd.Journaled() {
+			t.Fatalf("delta kept after Add: seq %d, journaled %v", pd.Seq, pd.Journaled())
+		}
+	}
+	if segs := segmentFiles(t, dir); len(segs) < 10 {
+		t.Fatalf("%d segments hold 100 unsaved deltas, want one per three or so", len(segs))
+	}
+	u.Release(50)
+	if segs := segmentFiles(t, dir); len(segs) < 5 || len(segs) > 25 {
+		t.Fatalf("%d segments left with 50 deltas unsaved, want one per three or so", len(segs))
+	}
+	if got := u.Seqs(); len(got) != 50 || got[0] != 51 || got[49] != 100 {
+		t.Fatalf("unsaved seqs %v, want 51..100", got)
+	}
+	u.Release(100)
+	if !u.Empty() {
+		t.Fatalf("unsaved %v after releasing all", u.Seqs())
+	}
+	if segs := segmentFiles(t, dir); len(segs) != 1 {
+		t.Fatalf("segments %v, want only the current one", segs)
+	}
+}
+
+// A journaled delta that cannot be saved in a snapshot is stored in the
+// stream as it was, and its segment may then go.
+func TestStoreJournaled(t *testing.T) {
+	open := journalSetup(t)
+	dir := t.TempDir()
+	local, producer := smallSegments(t, open, dir)
+	gateway, _ := open(local, nil)
+	got := make(chan bus.Event, 8)
+	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })
+	defer r.Close()
+	var u bus.Unsaved
+	for _, pd := range publishDeltas(t, producer, 3) {
+		u.Add(pd)
+		pd.Recycle()
+	}
+	for i := int64(1); i <= 3; i++ {
+		if e := <-got; e.Seq != i {
+			t.Fatalf("live delta %d, want %d", e.Seq, i)
+		}
+	}
+	for _, seq := range u.Seqs() {
+		if _, err := producer.StoreJournaled(t.Context(), delta(seq)); err != nil {
+			t.Fatal(err)
+		}
+		u.Release(seq)
+	}
+	if _, err := producer.StoreJournaled(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c", TurnID: "t"}); err == nil {
+		t.Fatal("StoreJournaled took an end")
+	}
+	var texts []string
+	if err := producer.ReadTurn(t.Context(), "c", "t", 1, func(e bus.Event) bool {
+		texts = append(texts, strconv.FormatInt(e.Seq, 10)+e.Text)
+		return true
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(texts, []string{"1w", "2w", "3w"}) {
+		t.Fatalf("stream holds %v, want deltas 1..3", texts)
+	}
 	if segs := segmentFiles(t, dir); len(segs) != 1 {
 		t.Fatalf("segments %v, want only the current one", segs)
 	}

@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
@@ -164,6 +167,52 @@ func TestJournalSaveInterval(t *testing.T) {
 	snap, err = b.ReadSnapshot(t.Context(), "t")
 	if err != nil || snap.Seq != 8 || snap.Text != "a b c d e f g h" {
 		t.Fatalf("snapshot of the ended turn: %+v (%v), want the whole text", snap, err)
+	}
+}
+
+// Under serve's journal a turn whose snapshot cannot be written has the
+// deltas only the journal holds stored in the stream instead, rebuilt from
+// its text, before its end is stored: the stream then holds it whole.
+func TestUnsavedDeltasGoToTheStreamWithoutASnapshot(t *testing.T) {
+	b := bustest.StartJournaled(t)
+	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	p := &pausingProvider{paused: make(chan struct{}), release: make(chan struct{})}
+	cfg := worker.Config{JournalSaveInterval: time.Hour}
+	e := &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
+	e.start(t)
+	ends := e.send(t, "c", "t", "hello", true)
+	receive(t, p.paused, "the turn never paused")
+	js, err := jetstream.New(b.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := js.DeleteStream(t.Context(), "KV_"+bus.TurnsBucket); err != nil {
+		t.Fatal(err)
+	}
+	close(p.release)
+	if end := waitEnd(t, ends); end.Seq != 3 {
+		t.Fatalf("end after seq %d, want 3", end.Seq)
+	}
+	e.stop()
+	var got []string
+	ended := false
+	if err := b.ReadTurn(t.Context(), "c", "t", 1, func(ev bus.Event) bool {
+		switch ev.Kind {
+		case bus.KindDelta:
+			got = append(got, strconv.FormatInt(ev.Seq, 10)+":"+ev.Text)
+		case bus.KindEnd:
+			ended = true
+		}
+		return true
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"1:one ", "2:two ", "3:three"}; !slices.Equal(got, want) || !ended {
+		t.Fatalf("stream holds deltas %q (end %v), want %q and the end", got, ended, want)
 	}
 }
 

@@ -41,7 +41,7 @@ type publisher struct {
 	// Under a journal: the deltas kept only there, which the next snapshot
 	// saves (see bus.Journal), and the timer that writes it when the turn
 	// goes quiet; guarded by mu.
-	unsaved   []*bus.PendingDelta
+	unsaved   bus.Unsaved
 	saveTimer *time.Timer
 	saveArmed bool
 	stopped   bool
@@ -189,7 +189,7 @@ func (p *publisher) flushLocked() error {
 		p.addPendingText()
 	}
 	if pd.Journaled() {
-		p.unsaved = append(p.unsaved, pd)
+		p.unsaved.Add(pd)
 	}
 	p.pending = p.pending[:0]
 	p.inflight = append(p.inflight, sent{pd: pd, end: len(p.text)})
@@ -207,7 +207,7 @@ func (p *publisher) flushLocked() error {
 	if p.acked.seq > p.snapSeq && p.snapshotDue(now) {
 		p.snapshotLocked(now)
 	}
-	if len(p.unsaved) > 0 {
+	if !p.unsaved.Empty() {
 		p.armSaveLocked()
 	}
 	return nil
@@ -251,28 +251,20 @@ func (p *publisher) saveQuiet() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.saveArmed = false
-	if p.stopped || len(p.unsaved) == 0 {
+	if p.stopped || p.unsaved.Empty() {
 		return
 	}
 	if now := p.w.cfg.Now(); now.Sub(p.snapAt) >= p.w.cfg.JournalSaveInterval {
 		p.snapshotLocked(now)
 	}
-	if len(p.unsaved) > 0 {
+	if !p.unsaved.Empty() {
 		p.armSaveLocked()
 	}
 }
 
 // releaseLocked tells the journal that the deltas up to seq are saved.
 func (p *publisher) releaseLocked(seq int64) {
-	n := 0
-	for n < len(p.unsaved) && p.unsaved[n].Seq <= seq {
-		// Acknowledged (seq is at most acked.seq), so no longer in
-		// inflight either: this was the last reference.
-		p.unsaved[n].Release()
-		p.unsaved[n].Recycle()
-		n++
-	}
-	p.unsaved = dropFront(p.unsaved, n)
+	p.unsaved.Release(seq)
 }
 
 // dropFront removes s's first n elements, moving the rest to the front: the
@@ -308,9 +300,7 @@ func (p *publisher) reapLocked(block bool) {
 			return
 		}
 		p.acked = ackedDelta{seq: head.pd.Seq, sseq: cmp.Or(sseq, p.acked.sseq), end: head.end}
-		if !head.pd.Journaled() {
-			head.pd.Recycle() // a journaled one is still in unsaved
-		}
+		head.pd.Recycle()
 		n++
 	}
 	p.inflight = dropFront(p.inflight, n)
@@ -399,7 +389,7 @@ func (p *publisher) save(status chat.TurnStatus) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if (p.err != nil && !p.journaled) || len(p.inflight) > 0 || p.acked.seq == 0 ||
-		(p.acked.seq == p.snapSeq && len(p.unsaved) == 0) {
+		(p.acked.seq == p.snapSeq && p.unsaved.Empty()) {
 		return nil
 	}
 	err := p.snap.Write(p.ctx, p.text[:p.acked.end], p.acked.seq, p.acked.sseq, status)
@@ -408,16 +398,28 @@ func (p *publisher) save(status chat.TurnStatus) error {
 		p.releaseLocked(p.acked.seq)
 		return nil
 	}
-	if len(p.unsaved) == 0 {
+	if p.unsaved.Empty() {
 		return err
 	}
 	p.w.log.Warn("write final snapshot; storing the journaled deltas instead", "turn_id", p.turn.ID, "err", err)
-	for len(p.unsaved) > 0 {
-		if _, err := p.w.bus.Republish(p.ctx, p.unsaved[0]); err != nil {
+	for _, seq := range p.unsaved.Seqs() {
+		if _, err := p.w.bus.StoreJournaled(p.ctx, p.deltaLocked(seq)); err != nil {
 			return err
 		}
-		p.unsaved[0] = nil
-		p.unsaved = p.unsaved[1:]
+		p.unsaved.Release(seq)
 	}
 	return nil
+}
+
+// deltaLocked rebuilds journaled delta seq from the turn's text (without
+// its emission time, which only live frames carry).
+func (p *publisher) deltaLocked(seq int64) *bus.Event {
+	from := 0
+	if seq > 1 {
+		from = int(p.ends[seq-2])
+	}
+	return &bus.Event{
+		Kind: bus.KindDelta, ConversationID: p.turn.ConversationID, TurnID: p.turn.ID,
+		Seq: seq, Off: int64(from), Text: string(p.text[from:p.ends[seq-1]]),
+	}
 }
