@@ -68,7 +68,8 @@ func (p *PendingDelta) Journaled() bool { return p.journaled }
 
 // Release tells the journal that a journaled delta is now kept elsewhere (a
 // snapshot covers it, or the stream stored it), so that its segment may go.
-// The publisher calls it once, after that write has succeeded.
+// It is called once, after that write has succeeded; it does nothing once
+// the delta's hold has moved to an Unsaved, which then releases it.
 func (p *PendingDelta) Release() {
 	if j := p.a.b.cfg.Journal; j != nil {
 		j.saved(p)
