@@ -192,22 +192,11 @@ func TestJournalRemovesSavedSegments(t *testing.T) {
 	dir := t.TempDir()
 	_, producer := smallSegments(t, open, dir)
 	pds := publishDeltas(t, producer, 100)
-	if segs := segmentFiles(t, dir); len(segs) < 10 {
-		t.Fatalf("%d segments hold 100 unsaved deltas, want one per three or so", len(segs))
-	}
-	for _, pd := range pds[:50] {
-		pd.Release()
-	}
-	if segs := segmentFiles(t, dir); len(segs) < 5 {
-		t.Fatalf("%d segments left with 50 deltas unsaved, want one per three or so", len(segs))
-	}
-	for _, pd := range pds[50:] {
-		pd.Release()
-	}
-	// The last write may have started a new segment, or not.
-	if segs := segmentFiles(t, dir); len(segs) != 1 {
-		t.Fatalf("segments %v, want only the current one", segs)
-	}
+	checkSegmentsGoWithReleases(t, dir, func(from, to int64) {
+		for _, pd := range pds[from-1 : to] {
+			pd.Release()
+		}
+	})
 }
 
 // Unsaved takes over the deltas' holds on their segments, so that each
@@ -225,20 +214,31 @@ func TestUnsavedHoldsSegmentsNotDeltas(t *testing.T) {
 			t.Fatalf("delta kept after Add: seq %d, journaled %v", pd.Seq, pd.Journaled())
 		}
 	}
-	if segs := segmentFiles(t, dir); len(segs) < 10 {
-		t.Fatalf("%d segments hold 100 unsaved deltas, want one per three or so", len(segs))
-	}
-	u.Release(50)
-	if segs := segmentFiles(t, dir); len(segs) < 5 || len(segs) > 25 {
-		t.Fatalf("%d segments left with 50 deltas unsaved, want one per three or so", len(segs))
-	}
-	if got := u.Seqs(); len(got) != 50 || got[0] != 51 || got[49] != 100 {
-		t.Fatalf("unsaved seqs %v, want 51..100", got)
-	}
-	u.Release(100)
+	checkSegmentsGoWithReleases(t, dir, func(from, to int64) {
+		u.Release(to)
+		if want := 100 - to; int64(len(u.Seqs())) != want || (want > 0 && u.Seqs()[0] != to+1) {
+			t.Fatalf("unsaved seqs %v after releasing to %d", u.Seqs(), to)
+		}
+	})
 	if !u.Empty() {
 		t.Fatalf("unsaved %v after releasing all", u.Seqs())
 	}
+}
+
+// checkSegmentsGoWithReleases checks the segments in dir as release lets
+// go of 100 small journaled deltas, 1..50 and then 51..100: about one
+// segment per three deltas stays unsaved, and at the end only the current.
+func checkSegmentsGoWithReleases(t *testing.T, dir string, release func(from, to int64)) {
+	t.Helper()
+	if segs := segmentFiles(t, dir); len(segs) < 10 {
+		t.Fatalf("%d segments hold 100 unsaved deltas, want one per three or so", len(segs))
+	}
+	release(1, 50)
+	if segs := segmentFiles(t, dir); len(segs) < 5 || len(segs) > 25 {
+		t.Fatalf("%d segments left with 50 deltas unsaved, want one per three or so", len(segs))
+	}
+	release(51, 100)
+	// The last write may have started a new segment, or not.
 	if segs := segmentFiles(t, dir); len(segs) != 1 {
 		t.Fatalf("segments %v, want only the current one", segs)
 	}
