@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"runtime"
 	"strings"
 	"time"
 
@@ -178,6 +179,14 @@ func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pending
 	}
 	if t.Status == chat.StatusStreaming {
 		s.bus.SignalCancel(t.ID) // its worker stops at once (see SignalCancel)
+		// In this process the signal has just woken the turn's producer,
+		// or a goroutine that wakes it, and the scheduler would run that
+		// next. Yield so that it does: the caller's next steps (the
+		// socket's next read, the goroutine that finishes this cancel,
+		// the tombstone's round trip) wake goroutines of their own, each
+		// of which would push the producer to the back of the run queue,
+		// behind every other turn's timer.
+		runtime.Gosched()
 	}
 	return c, nil
 }
