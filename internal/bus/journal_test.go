@@ -53,6 +53,17 @@ func smallSegments(t *testing.T, open func(*bus.Local, *bus.Journal) (*bus.Bus, 
 	return local, producer
 }
 
+// routedEvents opens a second bus on local, as a gateway would, and returns
+// a channel of every event its router delivers (buffer n).
+func routedEvents(t *testing.T, open func(*bus.Local, *bus.Journal) (*bus.Bus, *nats.Conn), local *bus.Local, n int) <-chan bus.Event {
+	t.Helper()
+	gateway, _ := open(local, nil)
+	got := make(chan bus.Event, n)
+	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })
+	t.Cleanup(r.Close)
+	return got
+}
+
 func segmentFiles(t *testing.T, dir string) []string {
 	t.Helper()
 	m, err := filepath.Glob(filepath.Join(dir, "*.journal"))
@@ -250,10 +261,7 @@ func TestStoreJournaled(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
 	local, producer := smallSegments(t, open, dir)
-	gateway, _ := open(local, nil)
-	got := make(chan bus.Event, 8)
-	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })
-	defer r.Close()
+	got := routedEvents(t, open, local, 8)
 	var u bus.Unsaved
 	for _, pd := range publishDeltas(t, producer, 3) {
 		u.Add(pd)
@@ -332,10 +340,7 @@ func TestJournalFallsBackToTheStream(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
 	local, producer := smallSegments(t, open, dir)
-	gateway, _ := open(local, nil)
-	got := make(chan bus.Event, 64)
-	r := gateway.NewRouter(1, 1, func(e bus.Event) { got <- e })
-	defer r.Close()
+	got := routedEvents(t, open, local, 64)
 	if err := os.RemoveAll(dir); err != nil {
 		t.Fatal(err)
 	}
