@@ -9,6 +9,8 @@
 # interleaved without rebuilding).
 #
 # TRBENCH_SERVER_LOG=path keeps the server's log.
+# TRBENCH_TOOL=path runs that trbench binary instead of building the work
+# tree's (to compare two versions of the tool on the same server).
 # -p serves the server's pprof on the next port and saves a CPU profile of
 # each measured window as PROFILE_PREFIX-<scenario>-<n>.pb.gz.
 #
@@ -43,7 +45,11 @@ else
 	go build -o "$work/tokenrelay" ./cmd/tokenrelay
 	commit=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo "+dirty")
 fi
-go build -o "$work/trbench" ./cmd/trbench
+if [ -n "${TRBENCH_TOOL:-}" ]; then
+	cp "$TRBENCH_TOOL" "$work/trbench"
+else
+	go build -o "$work/trbench" ./cmd/trbench
+fi
 # The machine may be shared: wait (up to TRBENCH_QUIET_WAIT s, default 300)
 # until under 0.3 cores are busy, so others' work does not skew the figures.
 busy() { # busy cores over 2 s

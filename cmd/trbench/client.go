@@ -13,8 +13,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/coder/websocket"
 )
 
 // clientFrame is any frame the tool sends (PROTOCOL.md, client → server).
@@ -42,7 +40,7 @@ type after struct {
 type dialer struct {
 	url     string
 	header  http.Header
-	clients []*http.Client
+	dialers []*net.Dialer
 	next    atomic.Uint64
 }
 
@@ -67,35 +65,23 @@ func newDialer(wsURL, token string, srcIPs int) (*dialer, error) {
 		if srcIPs > 1 {
 			nd.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, byte((i+1)/256), byte((i+1)%256))}
 		}
-		d.clients = append(d.clients, &http.Client{Transport: &http.Transport{
-			DialContext:       nd.DialContext,
-			DisableKeepAlives: true,
-			ForceAttemptHTTP2: false,
-		}})
+		d.dialers = append(d.dialers, nd)
 	}
 	return d, nil
 }
 
-// dial opens one connection; the caller owns it.
-func (d *dialer) dial(ctx context.Context) (*websocket.Conn, error) {
+// dial opens one connection; the caller owns it and starts its reader.
+func (d *dialer) dial(ctx context.Context) (*wsConn, error) {
 	return d.dialURL(ctx, d.url)
 }
 
 // dialURL opens one connection to u (another path of the same server,
-// e.g. the legacy socket) with the dialer's clients; the caller owns it.
-func (d *dialer) dialURL(ctx context.Context, u string) (*websocket.Conn, error) {
-	hc := d.clients[d.next.Add(1)%uint64(len(d.clients))]
+// e.g. the legacy socket) with the dialer's source addresses.
+func (d *dialer) dialURL(ctx context.Context, u string) (*wsConn, error) {
+	nd := d.dialers[d.next.Add(1)%uint64(len(d.dialers))]
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	ws, resp, err := websocket.Dial(ctx, u, &websocket.DialOptions{HTTPClient: hc, HTTPHeader: d.header})
-	if resp != nil && resp.Body != nil && err != nil {
-		resp.Body.Close()
-	}
-	if err != nil {
-		return nil, err
-	}
-	ws.SetReadLimit(256 << 20) // a joined snapshot of a 100k-token turn is large
-	return ws, nil
+	return dialWS(ctx, nd, u, d.header)
 }
 
 // joinKind says which histogram a join's time to first frame goes to.
@@ -112,12 +98,12 @@ type counters struct {
 	frames, deltaFrames, deltas, bytes atomic.Int64
 }
 
-// conn is one WebSocket connection of the load. Its reader goroutine is
-// the only one that reads the socket and the only owner of trk; any
-// goroutine may write frames (the WebSocket library serialises writes).
+// conn is one WebSocket connection of the load. Its reader (see ws.go)
+// is the only one that reads the socket and the only owner of trk; any
+// goroutine may write frames (wsConn serialises writes).
 type conn struct {
 	b    *bench
-	ws   *websocket.Conn
+	ws   *wsConn
 	idx  int
 	conv *convState // nil for a probe
 	lat  *Histogram // token-to-screen samples (a shard of the run's)
@@ -136,6 +122,7 @@ type conn struct {
 	done     chan struct{}   // closed when the reader ends
 	err      error           // why the reader ended; set before done closes
 
+	f        frame    // the frame being handled (reader-owned)
 	resync   bool     // a gap was seen; deltas wait for the re-join's joined (reader-owned)
 	recent   [16]seen // the last frames seen, for violation reports (reader-owned)
 	nrecent  int
@@ -159,7 +146,7 @@ type joinedInfo struct {
 	hasFrom bool
 }
 
-func newConn(b *bench, ws *websocket.Conn, idx int, trk *Tracker, ends chan string) *conn {
+func newConn(b *bench, ws *wsConn, idx int, trk *Tracker, ends chan string) *conn {
 	if trk == nil {
 		trk = NewTracker()
 	}
@@ -190,7 +177,7 @@ func (c *conn) violation(kind, turn string, from, seq, last int64) {
 }
 
 // start runs the reader.
-func (c *conn) start() { go c.readLoop() }
+func (c *conn) start() { c.ws.start(c) }
 
 func (c *conn) write(ctx context.Context, f clientFrame) error {
 	data, err := json.Marshal(f)
@@ -199,7 +186,7 @@ func (c *conn) write(ctx context.Context, f clientFrame) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	return c.ws.Write(ctx, websocket.MessageText, data)
+	return c.ws.write(ctx, data)
 }
 
 // join sends a join (with after when a != nil) and returns once the
@@ -232,55 +219,26 @@ func (c *conn) join(ctx context.Context, conv string, a *after, history *int) (j
 // and waits for the reader.
 func (c *conn) close() {
 	c.closing.Store(true)
-	_ = c.ws.CloseNow()
+	c.ws.closeNow()
 	<-c.done
 }
 
-func (c *conn) readLoop() {
-	defer close(c.done)
-	var buf []byte
-	var f frame
-	for {
-		_, r, err := c.ws.Reader(context.Background())
-		if err == nil {
-			buf, err = readAll(r, buf[:0])
-		}
-		if err != nil {
-			c.err = err
-			if !c.closing.Load() {
-				c.b.count("connection ended: " + closeReason(err))
-				if c.conv != nil && !c.b.stopping.Load() {
-					// A careful client resumes whatever ended its
-					// connection (1001, 4008, a dropped socket).
-					c.b.count("resumes after the server ended a connection")
-					go c.b.reconnect(context.Background(), c.conv, c)
-				}
-			}
-			return
-		}
-		c.handle(buf, &f)
-		if cap(buf) > 1<<20 {
-			buf = nil // do not keep a joined snapshot's buffer
-		}
-	}
-}
+// message handles one frame from the server (wsHandler).
+func (c *conn) message(data []byte) { c.handle(data, &c.f) }
 
-func readAll(r io.Reader, buf []byte) ([]byte, error) {
-	if cap(buf) < 512 {
-		buf = make([]byte, 0, 512)
+// closed is the end of the connection (wsHandler).
+func (c *conn) closed(err error) {
+	defer close(c.done)
+	c.err = err
+	if c.closing.Load() {
+		return
 	}
-	for {
-		if len(buf) == cap(buf) {
-			buf = append(buf, 0)[:len(buf)]
-		}
-		n, err := r.Read(buf[len(buf):cap(buf)])
-		buf = buf[:len(buf)+n]
-		if err == io.EOF {
-			return buf, nil
-		}
-		if err != nil {
-			return buf, err
-		}
+	c.b.count("connection ended: " + closeReason(err))
+	if c.conv != nil && !c.b.stopping.Load() {
+		// A careful client resumes whatever ended its connection (1001,
+		// 4008, a dropped socket).
+		c.b.count("resumes after the server ended a connection")
+		go c.b.reconnect(context.Background(), c.conv, c)
 	}
 }
 
@@ -420,8 +378,8 @@ func (c *conn) rejoin(turn string) {
 
 // closeReason names how a connection ended, for the error table.
 func closeReason(err error) string {
-	if s := websocket.CloseStatus(err); s != -1 {
-		return fmt.Sprintf("close %d", int(s))
+	if code := closeCode(err); code != -1 {
+		return fmt.Sprintf("close %d", code)
 	}
 	var ne net.Error
 	switch {

@@ -3,13 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"io"
 	"net/url"
 	"sync/atomic"
 	"time"
-
-	"github.com/coder/websocket"
 )
 
 // The legacy ("compat") chat protocol of COMPAT.md, which the server serves
@@ -42,13 +40,17 @@ func compatURL(native, session, user, token string) (string, error) {
 	return u.String(), nil
 }
 
-// compatConn is one connection on the legacy protocol. Its reader reads
-// and discards frames (so that the library answers the server's pings)
-// until the connection ends.
+// compatConn is one connection on the legacy protocol. Its reader hands
+// over the first frame (the welcome) and discards the rest until the
+// connection ends.
 type compatConn struct {
-	ws      *websocket.Conn
-	closing atomic.Bool   // the tool is closing it: its read error is no event
+	b       *bench
+	ws      *wsConn
+	welcome chan []byte   // the first frame; closed when the connection ends before it
+	got     bool          // the first frame was seen (reader-owned)
+	closing atomic.Bool   // the tool is closing it: its end is no event
 	done    chan struct{} // closed when the reader ends
+	err     error         // why the reader ended; set before done closes
 }
 
 // connectCompat dials the legacy socket at u, waits for its welcome frame
@@ -65,13 +67,28 @@ func (b *bench) connectCompat(ctx context.Context, u, session string) (*compatCo
 	if b.recording.Load() {
 		b.dial.Record(t1.Sub(t0).Microseconds())
 	}
-	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	_, data, err := ws.Read(rctx)
-	cancel()
-	if err != nil {
-		b.count("welcome: " + closeReason(err))
-		_ = ws.CloseNow()
-		return nil, fmt.Errorf("no welcome: %w", err)
+	c := &compatConn{b: b, ws: ws, welcome: make(chan []byte, 1), done: make(chan struct{})}
+	ws.start(c)
+	fail := func(count string, err error) (*compatConn, error) {
+		b.count(count)
+		c.closing.Store(true)
+		ws.closeNow()
+		return nil, err
+	}
+	t := time.NewTimer(20 * time.Second)
+	defer t.Stop()
+	var data []byte
+	select {
+	case data = <-c.welcome:
+	case <-t.C:
+		return fail("welcome: timeout", errors.New("no welcome within 20s"))
+	case <-ctx.Done():
+		return fail("welcome: "+closeReason(ctx.Err()), ctx.Err())
+	}
+	if data == nil {
+		<-c.done
+		b.count("welcome: " + closeReason(c.err))
+		return nil, fmt.Errorf("no welcome: %w", c.err)
 	}
 	ttff := time.Since(t1)
 	var w struct {
@@ -83,45 +100,42 @@ func (b *bench) connectCompat(ctx context.Context, u, session string) (*compatCo
 		if err == nil {
 			what = "frame type " + w.Type
 		}
-		b.count("welcome: first frame is " + what)
-		_ = ws.CloseNow()
-		return nil, fmt.Errorf("first frame is %s, not welcome", what)
+		return fail("welcome: first frame is "+what, fmt.Errorf("first frame is %s, not welcome", what))
 	}
 	if w.SessionID != session {
-		b.count("welcome: for another session")
-		_ = ws.CloseNow()
-		return nil, fmt.Errorf("welcome for session %q, not %q", w.SessionID, session)
+		return fail("welcome: for another session", fmt.Errorf("welcome for session %q, not %q", w.SessionID, session))
 	}
 	b.join.Record(ttff.Microseconds())
-	c := &compatConn{ws: ws, done: make(chan struct{})}
 	b.mu.Lock()
 	b.compat = append(b.compat, c)
 	b.mu.Unlock()
-	go c.readLoop(b)
 	return c, nil
 }
 
-func (c *compatConn) readLoop(b *bench) {
-	defer close(c.done)
-	for {
-		_, r, err := c.ws.Reader(context.Background())
-		if err == nil {
-			_, err = io.Copy(io.Discard, r)
-		}
-		if err != nil {
-			if !c.closing.Load() {
-				b.count("connection ended: " + closeReason(err))
-			}
-			return
-		}
+// message takes the welcome and discards the rest (wsHandler).
+func (c *compatConn) message(data []byte) {
+	if !c.got {
+		c.got = true
+		c.welcome <- append([]byte(nil), data...)
 	}
+}
+
+// closed is the end of the connection (wsHandler).
+func (c *compatConn) closed(err error) {
+	c.err = err
+	if !c.got {
+		close(c.welcome) // connectCompat counts it
+	} else if !c.closing.Load() {
+		c.b.count("connection ended: " + closeReason(err))
+	}
+	close(c.done)
 }
 
 // close ends the connection with a normal close handshake and waits for
 // the reader.
 func (c *compatConn) close() {
 	c.closing.Store(true)
-	_ = c.ws.Close(websocket.StatusNormalClosure, "") // tears the connection down even when the handshake fails
+	c.ws.closeWith(statusNormal)
 	<-c.done
 }
 
