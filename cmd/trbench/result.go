@@ -5,6 +5,7 @@ import (
 	"io"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -36,9 +37,15 @@ type Result struct {
 
 	Latency *Summary `json:"token_to_screen,omitempty"`
 	Cancel  *Summary `json:"cancel_to_end,omitempty"`
-	Resume  *Summary `json:"resume_first_frame,omitempty"`
-	Join    *Summary `json:"join_first_frame,omitempty"`
-	Dial    *Summary `json:"dial,omitempty"`
+	// ServerCancel and WorkerCancel are the server's own histograms of
+	// the window's cancels (see serverHistograms): the gateway's from its
+	// handler to the cancel's answer, the worker's from seeing the cancel
+	// to the end stored in the stream.
+	ServerCancel *BucketSummary `json:"server_cancel_to_end,omitempty"`
+	WorkerCancel *BucketSummary `json:"worker_cancel_to_end,omitempty"`
+	Resume       *Summary       `json:"resume_first_frame,omitempty"`
+	Join         *Summary       `json:"join_first_frame,omitempty"`
+	Dial         *Summary       `json:"dial,omitempty"`
 
 	Violations Violations       `json:"violations"`
 	Events     map[string]int64 `json:"events,omitempty"` // errors, closes, notes
@@ -104,6 +111,18 @@ func sumLine(s *Summary) string {
 	return fmt.Sprintf("p50 %.2f  p99 %.2f  max %.2f ms  (n=%d)", s.P50, s.P99, s.Max, s.Count)
 }
 
+// bucketLine prints a server histogram's quantiles as the bucket bounds
+// they fall under.
+func bucketLine(b *BucketSummary) string {
+	le := func(ms float64) string {
+		if ms < 0 {
+			return "over the largest bucket"
+		}
+		return "≤ " + strconv.FormatFloat(ms, 'g', 4, 64)
+	}
+	return fmt.Sprintf("p50 %s  p90 %s  p99 %s ms  (n=%d; the server's histogram)", le(b.P50), le(b.P90), le(b.P99), b.Count)
+}
+
 // print writes r as a human table.
 func (r *Result) print(w io.Writer) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -139,6 +158,12 @@ func (r *Result) print(w io.Writer) {
 	}
 	if r.Cancel != nil {
 		row("cancel→end", "%s", sumLine(r.Cancel))
+	}
+	if b := r.ServerCancel; b != nil {
+		row("  gateway: to answer", "%s", bucketLine(b))
+	}
+	if b := r.WorkerCancel; b != nil {
+		row("  worker: to stored", "%s", bucketLine(b))
 	}
 	if r.Resume != nil {
 		row("resume→1st frame", "%s", sumLine(r.Resume))

@@ -2,9 +2,12 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
+	"math"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -48,7 +51,8 @@ func (sp *serverProbe) settledRSS(ctx context.Context, n int) procSample {
 }
 
 // scrape reads /metrics: the tokenrelay_* counters (names ending in
-// _total) and the Go runtime gauges below, keyed by name with labels.
+// _total), the buckets of the histograms below and the Go runtime gauges
+// below, keyed by name with labels.
 func (sp *serverProbe) scrape(ctx context.Context) map[string]float64 {
 	if sp.metricsURL == "" {
 		return nil
@@ -78,7 +82,8 @@ func (sp *serverProbe) scrape(ctx context.Context) map[string]float64 {
 		}
 		name := line[:i]
 		base, _, _ := strings.Cut(name, "{")
-		if !(strings.HasPrefix(base, "tokenrelay_") && strings.HasSuffix(base, "_total")) && !runtimeGauges[base] && !runtimeCounters[base] {
+		if !(strings.HasPrefix(base, "tokenrelay_") && strings.HasSuffix(base, "_total")) && !runtimeGauges[base] && !runtimeCounters[base] &&
+			!serverHistograms[strings.TrimSuffix(base, "_bucket")] {
 			continue
 		}
 		v, err := strconv.ParseFloat(line[i+1:], 64)
@@ -121,7 +126,66 @@ func runtimeDelta(before, after map[string]float64, n float64) map[string]float6
 	return out
 }
 
-// counterDelta is after − before, non-zero entries only.
+// serverHistograms are the server's own measures of a cancel: the
+// gateway's from its handler to the cancel's answer (which waits for the
+// tombstone's round trip too), the worker's from seeing the cancel to
+// the end stored in the stream. Both run on past the moment the end goes
+// live (it is announced before it is stored), so they bound the server's
+// part of what trbench measures from above rather than split it.
+var serverHistograms = map[string]bool{
+	"tokenrelay_cancel_to_end_seconds":        true,
+	"tokenrelay_worker_cancel_to_end_seconds": true,
+}
+
+// BucketSummary is a server histogram over the window: how many samples
+// and, for each quantile, the upper bound of the bucket it falls in (ms;
+// -1 when it is past the largest finite bound).
+type BucketSummary struct {
+	Count uint64  `json:"count"`
+	P50   float64 `json:"p50_le_ms"`
+	P90   float64 `json:"p90_le_ms"`
+	P99   float64 `json:"p99_le_ms"`
+}
+
+// bucketDelta summarises the growth of histogram name (in seconds) from
+// before to after; nil when the server has no such samples in the window.
+func bucketDelta(before, after map[string]float64, name string) *BucketSummary {
+	type bucket struct{ le, n float64 }
+	var bs []bucket
+	prefix := name + `_bucket{le="`
+	for k, v := range after {
+		le, ok := strings.CutPrefix(k, prefix)
+		if !ok {
+			continue
+		}
+		le = strings.TrimSuffix(le, `"}`)
+		bound, err := strconv.ParseFloat(le, 64) // "+Inf" parses as +Inf
+		if err != nil {
+			continue
+		}
+		bs = append(bs, bucket{bound, v - before[k]})
+	}
+	slices.SortFunc(bs, func(a, b bucket) int { return cmp.Compare(a.le, b.le) })
+	if len(bs) == 0 || bs[len(bs)-1].n <= 0 {
+		return nil
+	}
+	total := bs[len(bs)-1].n // buckets are cumulative; the last is +Inf
+	q := func(q float64) float64 {
+		for _, b := range bs {
+			if b.n >= q*total {
+				if math.IsInf(b.le, 1) {
+					return -1
+				}
+				return b.le * 1000
+			}
+		}
+		return -1
+	}
+	return &BucketSummary{Count: uint64(total), P50: q(0.50), P90: q(0.90), P99: q(0.99)}
+}
+
+// counterDelta is after − before, non-zero entries only (histogram
+// buckets are summarised apart, by bucketDelta).
 func counterDelta(before, after map[string]float64) map[string]float64 {
 	if after == nil {
 		return nil
@@ -129,7 +193,7 @@ func counterDelta(before, after map[string]float64) map[string]float64 {
 	out := map[string]float64{}
 	for k, v := range after {
 		base, _, _ := strings.Cut(k, "{")
-		if runtimeGauges[base] {
+		if runtimeGauges[base] || strings.HasSuffix(base, "_bucket") {
 			continue
 		}
 		if d := v - before[k]; d != 0 {

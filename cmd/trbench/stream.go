@@ -252,6 +252,8 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 		r.OtherCPUs = max(0, r.MachineBusy*float64(runtime.NumCPU())-r.ServerCPUs-r.ClientCPUs)
 	}
 	r.ServerCounters = counterDelta(m0, m1)
+	r.ServerCancel = bucketDelta(m0, m1, "tokenrelay_cancel_to_end_seconds")
+	r.WorkerCancel = bucketDelta(m0, m1, "tokenrelay_worker_cancel_to_end_seconds")
 	r.setGC()
 	r.RuntimePer = runtimeDelta(rt0, m1, r.AvgActive)
 	r.Events = b.errs.snapshot()
