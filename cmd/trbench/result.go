@@ -40,7 +40,7 @@ type Result struct {
 	// ServerCancel and WorkerCancel are the server's own histograms of
 	// the window's cancels (see serverHistograms): the gateway's from its
 	// handler to the cancel's answer, the worker's from seeing the cancel
-	// to the end stored in the stream.
+	// to the end going live.
 	ServerCancel *BucketSummary `json:"server_cancel_to_end,omitempty"`
 	WorkerCancel *BucketSummary `json:"worker_cancel_to_end,omitempty"`
 	Resume       *Summary       `json:"resume_first_frame,omitempty"`
@@ -163,7 +163,7 @@ func (r *Result) print(w io.Writer) {
 		row("  gateway: to answer", "%s", bucketLine(b))
 	}
 	if b := r.WorkerCancel; b != nil {
-		row("  worker: to stored", "%s", bucketLine(b))
+		row("  worker: to live", "%s", bucketLine(b))
 	}
 	if r.Resume != nil {
 		row("resume→1st frame", "%s", sumLine(r.Resume))

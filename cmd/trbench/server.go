@@ -127,11 +127,9 @@ func runtimeDelta(before, after map[string]float64, n float64) map[string]float6
 }
 
 // serverHistograms are the server's own measures of a cancel: the
-// gateway's from its handler to the cancel's answer (which waits for the
-// tombstone's round trip too), the worker's from seeing the cancel to
-// the end stored in the stream. Both run on past the moment the end goes
-// live (it is announced before it is stored), so they bound the server's
-// part of what trbench measures from above rather than split it.
+// gateway's from its handler to the cancel's answer (which also waits for
+// the tombstone's round trip, so it can run on past the end), and the
+// worker's from seeing the cancel to the end going live.
 var serverHistograms = map[string]bool{
 	"tokenrelay_cancel_to_end_seconds":        true,
 	"tokenrelay_worker_cancel_to_end_seconds": true,

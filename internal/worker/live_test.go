@@ -10,9 +10,11 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/provider"
 	"github.com/tokenrelay/tokenrelay/internal/provider/sim"
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
@@ -257,4 +259,69 @@ func TestLiveTextCoversEveryAnnouncedDelta(t *testing.T) {
 	if n != end.Seq || n == 0 {
 		t.Fatalf("router saw %d deltas, the turn ended at %d", n, end.Seq)
 	}
+}
+
+// waitingProvider emits one token, says so, and returns when the turn is
+// cancelled.
+type waitingProvider struct{ streaming chan struct{} }
+
+func (p *waitingProvider) Stream(ctx context.Context, _ provider.Request, emit func(string) error) (provider.Result, error) {
+	if err := emit("one "); err != nil {
+		return provider.Result{}, err
+	}
+	close(p.streaming)
+	<-ctx.Done()
+	return provider.Result{}, ctx.Err()
+}
+
+// tokenrelay_worker_cancel_to_end_seconds is what a cancel's user waits
+// for inside the worker: from its seeing the cancel to the end going
+// live, not what the worker does after (the snapshot's save, the end's
+// store in the stream). The worker's clock jumps an hour the moment the
+// end goes live, in the local delivery that makes it so.
+func TestCancelToEndStopsWhenTheEndGoesLive(t *testing.T) {
+	b := bustest.StartJournaled(t)
+	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	var live atomic.Bool
+	reg := prometheus.NewRegistry()
+	cfg := worker.Config{Registry: reg, Now: func() time.Time {
+		if live.Load() {
+			return time.Now().Add(time.Hour)
+		}
+		return time.Now()
+	}}
+	p := &waitingProvider{streaming: make(chan struct{})}
+	e := &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
+	e.start(t)
+	sub, err := b.SubscribeTurnEnd("c", "t", func(bus.Event) { live.Store(true) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sub.Unsubscribe() })
+	ends := e.send(t, "c", "t", "hello", true)
+	receive(t, p.streaming, "the turn never streamed")
+	b.SignalCancel("t")
+	if end := waitEnd(t, ends); end.Status != chat.StatusCancelled {
+		t.Fatalf("end %+v, want cancelled", end)
+	}
+	e.stop()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "tokenrelay_worker_cancel_to_end_seconds" {
+			continue
+		}
+		h := mf.GetMetric()[0].GetHistogram()
+		if h.GetSampleCount() != 1 || h.GetSampleSum() >= 60 {
+			t.Fatalf("cancel to end: %d samples summing to %.1fs, want one under a minute", h.GetSampleCount(), h.GetSampleSum())
+		}
+		return
+	}
+	t.Fatal("no tokenrelay_worker_cancel_to_end_seconds")
 }

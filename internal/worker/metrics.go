@@ -35,7 +35,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "tokenrelay_deltas_published_total", Help: "Deltas published by this worker.",
 		}),
 		cancelToEnd: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "tokenrelay_worker_cancel_to_end_seconds", Help: "From the worker seeing a cancel to the turn's end being published.",
+			Name: "tokenrelay_worker_cancel_to_end_seconds", Help: "From the worker seeing a cancel to the turn's end, stored in the chat store, going live.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}),
 	}

@@ -470,11 +470,10 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 	} else if stored, err := w.store.Turn(ctx, t.ID); err == nil {
 		end.Seq, end.Error, end.Usage = stored.Seq, stored.Error, stored.Usage
 	}
-	if _, err := w.bus.PublishEnd(ctx, end, settle); err != nil {
-		return err
-	}
-	w.m.turns.WithLabelValues(string(final)).Inc()
 	if r != nil {
+		// The end goes live first thing in PublishEnd, and a cancel's user
+		// waits for nothing after that (the snapshot's save, the end's
+		// store in the stream).
 		w.mu.Lock()
 		seen := r.cancelSeen
 		w.mu.Unlock()
@@ -482,6 +481,10 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 			w.m.cancelToEnd.Observe(w.cfg.Now().Sub(seen).Seconds())
 		}
 	}
+	if _, err := w.bus.PublishEnd(ctx, end, settle); err != nil {
+		return err
+	}
+	w.m.turns.WithLabelValues(string(final)).Inc()
 	return nil
 }
 
