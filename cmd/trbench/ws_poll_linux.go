@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -26,9 +27,8 @@ type pollLoop struct {
 
 var (
 	pollOnce  sync.Once
-	pollLoops []*pollLoop
-	pollNext  uint64
-	pollMu    sync.Mutex
+	pollLoops []*pollLoop // set once; then read only
+	pollNext  atomic.Uint64
 )
 
 // startPolled has a poll loop read c and says whether one does.
@@ -37,8 +37,7 @@ func startPolled(c *wsConn) bool {
 		for range runtime.GOMAXPROCS(0) {
 			l, err := newPollLoop()
 			if err != nil {
-				pollLoops = nil
-				return
+				break // the loops made so far serve; with none, goroutines read
 			}
 			pollLoops = append(pollLoops, l)
 			go l.run()
@@ -47,10 +46,7 @@ func startPolled(c *wsConn) bool {
 	if len(pollLoops) == 0 {
 		return false
 	}
-	pollMu.Lock()
-	l := pollLoops[pollNext%uint64(len(pollLoops))]
-	pollNext++
-	pollMu.Unlock()
+	l := pollLoops[pollNext.Add(1)%uint64(len(pollLoops))]
 	return l.add(c) == nil
 }
 
