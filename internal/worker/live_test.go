@@ -51,22 +51,28 @@ func (p *pausingProvider) Stream(ctx context.Context, _ provider.Request, emit f
 	return provider.Result{}, nil
 }
 
-// Under serve's journal a running turn's text is read from its producer
-// (bus.LiveText) from any delta on; a position ahead of the producer is
-// left to the stream, and so is the turn once it ends, when its snapshot
-// holds every delta and the stream none.
-func TestLiveTextOfARunningTurn(t *testing.T) {
+// journaledEnv is a worker of p under serve's journal, with a SQLite
+// store, not yet started. Cleanups run last first, so a worker started
+// later stops before the store, the journal and the connection close.
+func journaledEnv(t *testing.T, cfg worker.Config, p provider.Provider) *env {
+	t.Helper()
 	b := bustest.StartJournaled(t)
 	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &pausingProvider{paused: make(chan struct{}), release: make(chan struct{})}
-	cfg := worker.Config{JournalSaveInterval: 300 * time.Millisecond}
-	e := &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
-	// Cleanups run last first: the worker stops before the store, the
-	// journal and the connection close.
 	t.Cleanup(func() { st.Close() })
+	return &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
+}
+
+// Under serve's journal a running turn's text is read from its producer
+// (bus.LiveText) from any delta on; a position ahead of the producer is
+// left to the stream, and so is the turn once it ends, when its snapshot
+// holds every delta and the stream none.
+func TestLiveTextOfARunningTurn(t *testing.T) {
+	p := &pausingProvider{paused: make(chan struct{}), release: make(chan struct{})}
+	e := journaledEnv(t, worker.Config{JournalSaveInterval: 300 * time.Millisecond}, p)
+	b := e.bus
 	e.start(t)
 	ends := e.send(t, "c", "t", "hello", true)
 	select {
@@ -135,11 +141,6 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 // The turn's clock moves 700 ms before each of its 8 deltas, so the
 // snapshot falls due at the 5th (3.5 s) and not again by the 8th (5.6 s).
 func TestJournalSaveInterval(t *testing.T) {
-	b := bustest.StartJournaled(t)
-	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
-	if err != nil {
-		t.Fatal(err)
-	}
 	start := time.Now()
 	var elapsed atomic.Int64
 	p := &pausingProvider{
@@ -151,8 +152,8 @@ func TestJournalSaveInterval(t *testing.T) {
 		JournalSaveInterval: 3 * time.Second,
 		Now:                 func() time.Time { return start.Add(time.Duration(elapsed.Load())) },
 	}
-	e := &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
-	t.Cleanup(func() { st.Close() })
+	e := journaledEnv(t, cfg, p)
+	b := e.bus
 	e.start(t)
 	ends := e.send(t, "c", "t", "hello", true)
 	receive(t, p.paused, "the turn never paused")
@@ -176,15 +177,9 @@ func TestJournalSaveInterval(t *testing.T) {
 // deltas only the journal holds stored in the stream instead, rebuilt from
 // its text, before its end is stored: the stream then holds it whole.
 func TestUnsavedDeltasGoToTheStreamWithoutASnapshot(t *testing.T) {
-	b := bustest.StartJournaled(t)
-	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
 	p := &pausingProvider{paused: make(chan struct{}), release: make(chan struct{})}
-	cfg := worker.Config{JournalSaveInterval: time.Hour}
-	e := &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
+	e := journaledEnv(t, worker.Config{JournalSaveInterval: time.Hour}, p)
+	b := e.bus
 	e.start(t)
 	ends := e.send(t, "c", "t", "hello", true)
 	receive(t, p.paused, "the turn never paused")
@@ -222,13 +217,8 @@ func TestUnsavedDeltasGoToTheStreamWithoutASnapshot(t *testing.T) {
 // subscriber is given the delta: a client that joins just after another
 // was given a delta must not start behind it.
 func TestLiveTextCoversEveryAnnouncedDelta(t *testing.T) {
-	b := bustest.StartJournaled(t)
-	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &env{bus: b, store: st, w: worker.New(worker.Config{}, b, st, sim.New(sim.Config{Rate: 0, Tokens: 40})), stop: func() {}}
-	t.Cleanup(func() { st.Close() })
+	e := journaledEnv(t, worker.Config{}, sim.New(sim.Config{Rate: 0, Tokens: 40}))
+	b := e.bus
 
 	type seen struct {
 		seq, end, to, toLen int64
@@ -280,12 +270,6 @@ func (p *waitingProvider) Stream(ctx context.Context, _ provider.Request, emit f
 // store in the stream). The worker's clock jumps an hour the moment the
 // end goes live, in the local delivery that makes it so.
 func TestCancelToEndStopsWhenTheEndGoesLive(t *testing.T) {
-	b := bustest.StartJournaled(t)
-	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
 	var live atomic.Bool
 	reg := prometheus.NewRegistry()
 	cfg := worker.Config{Registry: reg, Now: func() time.Time {
@@ -295,7 +279,8 @@ func TestCancelToEndStopsWhenTheEndGoesLive(t *testing.T) {
 		return time.Now()
 	}}
 	p := &waitingProvider{streaming: make(chan struct{})}
-	e := &env{bus: b, store: st, w: worker.New(cfg, b, st, p), stop: func() {}}
+	e := journaledEnv(t, cfg, p)
+	b := e.bus
 	e.start(t)
 	sub, err := b.SubscribeTurnEnd("c", "t", func(bus.Event) { live.Store(true) })
 	if err != nil {
