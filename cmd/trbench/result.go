@@ -160,7 +160,7 @@ func (r *Result) print(w io.Writer) {
 		row("cancel→end", "%s", sumLine(r.Cancel))
 	}
 	if b := r.ServerCancel; b != nil {
-		row("  gateway: to answer", "%s", bucketLine(b))
+		row("  gateway: to end", "%s", bucketLine(b))
 	}
 	if b := r.WorkerCancel; b != nil {
 		row("  worker: to live", "%s", bucketLine(b))

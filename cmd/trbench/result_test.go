@@ -37,7 +37,7 @@ func TestServerCancelHistogram(t *testing.T) {
 	r := &Result{Scenario: "cancel", Cancel: &Summary{Count: 100}, ServerCancel: got, ServerCounters: counterDelta(before, after)}
 	var sb strings.Builder
 	r.print(&sb)
-	if out := sb.String(); !strings.Contains(out, "gateway: to answer") ||
+	if out := sb.String(); !strings.Contains(out, "gateway: to end") ||
 		!strings.Contains(out, "p50 ≤ 1  p90 ≤ 2  p99 ≤ 16 ms  (n=100; the server's histogram)") ||
 		strings.Contains(out, "_bucket") {
 		t.Errorf("report:\n%s", out)

@@ -127,9 +127,8 @@ func runtimeDelta(before, after map[string]float64, n float64) map[string]float6
 }
 
 // serverHistograms are the server's own measures of a cancel: the
-// gateway's from its handler to the cancel's answer (which also waits for
-// the tombstone's round trip, so it can run on past the end), and the
-// worker's from seeing the cancel to the end going live.
+// gateway's from its handler to the end reaching it, and the worker's from
+// seeing the cancel to the end going live.
 var serverHistograms = map[string]bool{
 	"tokenrelay_cancel_to_end_seconds":        true,
 	"tokenrelay_worker_cancel_to_end_seconds": true,

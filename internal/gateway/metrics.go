@@ -46,7 +46,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		cancels: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_cancel_requests_total",
 			Help: "Cancel requests, by outcome."}, []string{"outcome"}),
 		cancelLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenrelay_cancel_to_end_seconds",
-			Help: "From a cancel request to the turn's end, as the gateway sees it.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}),
+			Help: "From a cancel request to the turn's end reaching the gateway.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}),
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_auth_failures_total",
 			Help: "Rejected authentications, by reason."}, []string{"reason"}),
 		limitHits: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_limit_hits_total",

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -124,15 +125,28 @@ func (s *Server) cancel(ctx context.Context, user, turnID string) (cancelResult,
 // (or the turn has been ended in the store, or it had ended already), and
 // finish waits for the outcome.
 type pendingCancel struct {
-	s       *Server
-	t       chat.Turn
-	res     cancelResult
-	started time.Time
-	done    bool // res is the answer
-	ended   chan bus.Event
-	sub     bus.Subscription
-	final   chat.TurnStatus // of a queued turn, ended in the store here
-	won     bool
+	s        *Server
+	t        chat.Turn
+	res      cancelResult
+	started  time.Time
+	done     bool // res is the answer
+	ended    chan bus.Event
+	sub      bus.Subscription
+	final    chat.TurnStatus // of a queued turn, ended in the store here
+	won      bool
+	observed atomic.Bool // cancelLatency has this cancel's sample
+}
+
+// observe records in cancelLatency how long this cancel waited for its
+// turn's end, once: at the end's arrival here (the end every connection of
+// the turn's conversation gets now), or, when that arrival went unseen (the
+// turn ended before the cancel listened), at the answer. The answer may
+// come later: it also waits for the tombstone's round trip and a read of
+// the store, which no user waits for.
+func (c *pendingCancel) observe() {
+	if c.observed.CompareAndSwap(false, true) {
+		c.s.m.cancelLatency.Observe(c.s.now().Sub(c.started).Seconds())
+	}
 }
 
 // beginCancel does the part of a cancel that stops the turn: a caller that
@@ -158,6 +172,9 @@ func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pending
 	// Listen for the end before asking for it.
 	c.ended = make(chan bus.Event, 1)
 	c.sub, err = s.bus.SubscribeTurnEnd(t.ConversationID, t.ID, func(e bus.Event) {
+		if e.Status == chat.StatusCancelled {
+			c.observe()
+		}
 		select {
 		case c.ended <- e:
 		default:
@@ -200,7 +217,7 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 	res = c.res
 	defer func() {
 		if !res.Already && res.Status == chat.StatusCancelled {
-			s.m.cancelLatency.Observe(s.now().Sub(c.started).Seconds())
+			c.observe()
 		}
 	}()
 	if c.done {
