@@ -77,7 +77,7 @@ func (c *conn) delta(conv, turn string, from, seq int64, _ int64, text string, t
 
 func (c *conn) end(conv, turn string, seq int64, status chat.TurnStatus, errMsg string, usage *chat.Usage) {
 	c.q.forget(turn)
-	c.push(protocol.TurnEnd{Type: "turn.end", ConversationID: conv, TurnID: turn, Seq: seq, Status: status, Error: errMsg, Usage: usage})
+	c.q.pushEnd(protocol.Encode(protocol.TurnEnd{Type: "turn.end", ConversationID: conv, TurnID: turn, Seq: seq, Status: status, Error: errMsg, Usage: usage}))
 }
 
 func (c *conn) fail(err error) {

@@ -160,6 +160,49 @@ func TestFastFramesGoToTheWriter(t *testing.T) {
 	}
 }
 
+// A turn's end right behind its last delta is written by its pusher, as
+// nothing of the turn comes behind it to share a write with: it does not
+// wait for a writer goroutine to be scheduled. A frame behind a running
+// writer still goes to it, in order.
+func TestTurnEndIsWrittenByItsPusher(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("direct writes are Linux only")
+	}
+	qs, _, br := serveQueueSocket(t, nil)
+	qs.q.mu.Lock()
+	qs.q.directGap = time.Hour
+	qs.q.lastDirect = clock() - time.Hour
+	qs.q.mu.Unlock()
+	qs.q.pushDelta("c", "t", 1, 1, "last ", 0, false)
+	readFrame(t, br)
+	qs.q.pushEnd([]byte(`{"type":"turn.end"}`))
+	if !qs.q.idle() {
+		t.Fatal("the end's push returned with the queue busy")
+	}
+	if _, payload := readFrame(t, br); string(payload) != `{"type":"turn.end"}` {
+		t.Fatalf("frame %s, want the end", payload)
+	}
+	if n := qs.spawned.Load(); n != 0 {
+		t.Fatalf("%d writers started for an end right behind a delta, want none", n)
+	}
+
+	// Behind a writer: hold the socket's write lock so that a delta's
+	// writer cannot finish, then push the end.
+	qs.raw.wmu.Lock()
+	qs.q.pushDelta("c", "t2", 1, 1, "one ", 0, false)
+	qs.q.pushEnd([]byte(`{"type":"turn.end","turn_id":"t2"}`))
+	qs.raw.wmu.Unlock()
+	if _, payload := readFrame(t, br); !bytes.Contains(payload, []byte(`"text":"one "`)) {
+		t.Fatalf("frame %s, want the delta", payload)
+	}
+	if _, payload := readFrame(t, br); string(payload) != `{"type":"turn.end","turn_id":"t2"}` {
+		t.Fatalf("frame %s, want the end behind the delta", payload)
+	}
+	if n := qs.spawned.Load(); n != 1 {
+		t.Fatalf("%d writers started, want the delta's", n)
+	}
+}
+
 // When the socket takes only part of a direct write, the writer writes the
 // rest before anything else: a slow reader gets every frame whole and in
 // order, those queued behind the cut one included.

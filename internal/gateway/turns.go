@@ -154,6 +154,7 @@ func (c *pendingCancel) observe() {
 // the producer stops without waiting for the caller to schedule the rest.
 // The caller must call finish.
 func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pendingCancel, error) {
+	started := s.now()
 	t, err := s.store.Turn(ctx, turnID)
 	if err != nil {
 		s.m.cancels.WithLabelValues("not_found").Inc()
@@ -163,7 +164,7 @@ func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pending
 		s.m.cancels.WithLabelValues("forbidden").Inc()
 		return nil, chat.ErrForbidden
 	}
-	c := &pendingCancel{s: s, t: t, res: cancelResult{TurnID: t.ID, Status: t.Status}, started: s.now()}
+	c := &pendingCancel{s: s, t: t, res: cancelResult{TurnID: t.ID, Status: t.Status}, started: started}
 	if t.Status.Terminal() {
 		c.res.Already, c.done = true, true
 		s.m.cancels.WithLabelValues("already_ended").Inc()

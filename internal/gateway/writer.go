@@ -40,7 +40,7 @@ type outQueue struct {
 	// Frames that come less than directGap apart go to a spawned writer
 	// all the same: while it writes, the queue merges a turn's deltas, so
 	// a fast stream costs fewer, larger frames (and its producer does not
-	// wait for the socket).
+	// wait for the socket). A turn's end is the exception (pushEnd).
 	direct     func(*writeBuffers) bool
 	directGap  time.Duration
 	lastDirect time.Duration   // when the last direct write began (see clock); guarded by mu
@@ -69,15 +69,17 @@ func newOutQueue(limit int) *outQueue {
 
 // signal starts the writer unless one runs; called with mu held. It
 // reports true when the caller is to be the writer (see direct): it then
-// calls writeDirect once it has released mu.
-func (q *outQueue) signal() (direct bool) {
+// calls writeDirect once it has released mu. last says that the frame
+// just queued ends its turn, so that directGap does not apply (see
+// pushEnd).
+func (q *outQueue) signal(last bool) (direct bool) {
 	if q.spawn == nil || q.writing {
 		return false
 	}
 	q.writing = true
 	q.writers.Add(1)
 	if q.direct != nil && !q.closed {
-		if now := clock(); now-q.lastDirect >= q.directGap {
+		if now := clock(); last || now-q.lastDirect >= q.directGap {
 			q.lastDirect = now
 			return true
 		}
@@ -148,13 +150,20 @@ func (q *outQueue) next(frames [][]byte, buf []byte) (_ [][]byte, _ []byte, merg
 
 // push enqueues a pre-encoded frame. It reports false when the queue is
 // closed or overflowed (the queue is then closed).
-func (q *outQueue) push(frame []byte) bool { return q.pushFrame(frame, false) }
+func (q *outQueue) push(frame []byte) bool { return q.pushFrame(frame, false, false) }
 
 // pushExempt enqueues a frame not counted against the limit (a joined frame,
 // as large as the history the client asked for).
-func (q *outQueue) pushExempt(frame []byte) bool { return q.pushFrame(frame, true) }
+func (q *outQueue) pushExempt(frame []byte) bool { return q.pushFrame(frame, true, false) }
 
-func (q *outQueue) pushFrame(frame []byte, exempt bool) bool {
+// pushEnd enqueues a turn's end. No frame of the turn comes behind it to
+// share a write with, so when no writer runs the pusher writes it itself
+// however soon after the last direct write it comes (directGap is for a
+// stream of deltas): an end right behind the turn's last delta, or a
+// cancelled turn's, does not wait for a writer goroutine to be scheduled.
+func (q *outQueue) pushEnd(frame []byte) bool { return q.pushFrame(frame, false, true) }
+
+func (q *outQueue) pushFrame(frame []byte, exempt, last bool) bool {
 	q.mu.Lock()
 	if q.closed {
 		q.mu.Unlock()
@@ -164,7 +173,7 @@ func (q *outQueue) pushFrame(frame []byte, exempt bool) bool {
 	if !exempt {
 		q.bytes += len(frame)
 	}
-	return q.unlockAfterPush()
+	return q.unlockAfterPush(last)
 }
 
 // pushDelta enqueues delta seq (text from..seq) of a turn, merging it into
@@ -184,7 +193,7 @@ func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts
 			q.bytes += len(text)
 		}
 		q.merged++
-		return q.unlockAfterPush()
+		return q.unlockAfterPush(false)
 	}
 	var d *delta
 	if n := len(q.free); n > 0 {
@@ -200,7 +209,7 @@ func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts
 	if !exempt {
 		q.bytes += len(text)
 	}
-	return q.unlockAfterPush()
+	return q.unlockAfterPush(false)
 }
 
 // forget stops merging into turn's queued delta: a frame that must follow
@@ -213,16 +222,16 @@ func (q *outQueue) forget(turn string) {
 
 // unlockAfterPush ends a push: it closes the queue when the push took it
 // past its limit, starts the writer when none runs, and releases mu. It
-// reports false when the queue closed.
-func (q *outQueue) unlockAfterPush() bool {
+// reports false when the queue closed. last is signal's.
+func (q *outQueue) unlockAfterPush(last bool) bool {
 	if q.limit > 0 && q.bytes > q.limit {
 		q.closed, q.overflow = true, true
 		q.items = nil
-		q.signal() // closed: never direct
+		q.signal(false) // closed: never direct
 		q.mu.Unlock()
 		return false
 	}
-	direct := len(q.items) == 1 && q.signal()
+	direct := len(q.items) == 1 && q.signal(last)
 	q.mu.Unlock()
 	if direct {
 		q.writeDirect()
@@ -266,7 +275,7 @@ func (q *outQueue) close() {
 	if !q.closed {
 		q.closed = true
 		q.items = nil
-		q.signal() // closed: never direct
+		q.signal(false) // closed: never direct
 	}
 	q.mu.Unlock()
 }
