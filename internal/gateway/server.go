@@ -396,6 +396,7 @@ func (s *Server) serveSocket(ws *websocket.Conn, raw *rawSocket, user string, q 
 		defer func() {
 			s.m.connections.Dec()
 			cancel()
+			raw.forgetWake()
 			s.mu.Lock()
 			delete(s.open, ws)
 			s.mu.Unlock()

@@ -163,9 +163,13 @@ type rawSocket struct {
 
 	// closing is set before the WebSocket is closed: the library's close
 	// handshake then reads br on the closing goroutine, and park keeps
-	// off it. Guarded by mu.
+	// off it. parked is set while the reader waits in park, poked once
+	// the wake set has woken it (see poke). Guarded by mu.
 	mu      sync.Mutex
 	closing bool
+	parked  bool
+	poked   bool
+	wakeID  uint64 // in the wake set (see armWake); 0 = not yet; owned by the reader
 
 	// wmu is held for every write to nc. It may be released by another
 	// goroutine than the one that took it (see writeNow).
@@ -180,6 +184,7 @@ type rawSocket struct {
 func (r *rawSocket) close(ws *websocket.Conn, code websocket.StatusCode, reason string) error {
 	r.mu.Lock()
 	r.closing = true
+	r.unpoke() // the handshake may read before park looks
 	r.mu.Unlock()
 	r.sealed.Store(true)
 	return ws.Close(code, reason)
@@ -343,16 +348,45 @@ var fdWritePool = sync.Pool{New: func() any {
 // A close handshake that starts while the socket is parked waits to read
 // until park returns, which it does when the peer's close frame arrives,
 // or when the handshake gives up and closes the connection.
+//
+// While parked the socket is also in the wake set, so that a busy gateway
+// notices its frame without waiting for the runtime (see wakeSet).
 func (r *rawSocket) park() {
 	if r.readable == nil {
 		return
 	}
-	r.mu.Lock()
-	idle := !r.closing && r.br.Buffered() == 0
-	r.mu.Unlock()
-	if idle {
-		_ = r.rc.Read(r.readable)
+	for {
+		r.mu.Lock()
+		idle := !r.closing && r.br.Buffered() == 0
+		r.parked = idle
+		r.mu.Unlock()
+		if !idle {
+			return
+		}
+		r.armWake()
+		err := r.rc.Read(r.readable)
+		r.mu.Lock()
+		poked := r.unpoke()
+		r.parked = false
+		r.mu.Unlock()
+		if !poked || err == nil {
+			return
+		}
+		// Woken by the deadline, maybe before the runtime's poller let
+		// readable look: look now (the loop), and wait again if what
+		// arrived was a ping or a pong.
 	}
+}
+
+// unpoke clears the read deadline that poke set, if it did, before anyone
+// reads the socket, and reports whether it did; called with mu held.
+func (r *rawSocket) unpoke() bool {
+	if !r.poked {
+		return false
+	}
+	r.poked = false
+	_ = r.nc.SetReadDeadline(time.Time{})
+	return true
 }
 
 // controlFrames reports the length of the complete client pings and pongs

@@ -9,3 +9,8 @@ func (r *rawSocket) prepare() {}
 
 // writeOnce is not reached where prepare leaves rc unset.
 func writeOnce(uintptr, []byte) int { return 0 }
+
+// The wake set (wake_linux.go) is Linux only.
+func (r *rawSocket) armWake()    {}
+func (r *rawSocket) forgetWake() {}
+func pollWakes()                 {}

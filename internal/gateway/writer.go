@@ -120,6 +120,7 @@ func (q *outQueue) writeDirect() {
 		return
 	}
 	wb.put()
+	pollWakes()
 	q.mu.Lock()
 	if len(q.items) > 0 || q.closed {
 		q.mu.Unlock()
