@@ -75,6 +75,15 @@ func serveQueueSocket(t *testing.T, setup func(*net.TCPConn)) (*queueSocket, net
 	return <-ch, nc, br
 }
 
+// gapOfAnHour sets the queue's directGap to an hour, the last direct
+// write an hour ago: the next push may write, and one behind it may not.
+func (qs *queueSocket) gapOfAnHour() {
+	qs.q.mu.Lock()
+	qs.q.directGap = time.Hour
+	qs.q.lastDirect = clock() - time.Hour
+	qs.q.mu.Unlock()
+}
+
 // readFrame reads one unmasked frame from the server.
 func readFrame(t *testing.T, br *bufio.Reader) (op byte, payload []byte) {
 	t.Helper()
@@ -142,10 +151,7 @@ func TestFastFramesGoToTheWriter(t *testing.T) {
 		t.Skip("direct writes are Linux only")
 	}
 	qs, _, br := serveQueueSocket(t, nil)
-	qs.q.mu.Lock()
-	qs.q.directGap = time.Hour
-	qs.q.lastDirect = clock() - time.Hour
-	qs.q.mu.Unlock()
+	qs.gapOfAnHour()
 	qs.q.pushDelta("c", "t", 1, 1, "first ", 0, false)
 	if !qs.q.idle() || qs.spawned.Load() != 0 {
 		t.Fatal("the first frame was not written at once")
@@ -169,10 +175,7 @@ func TestTurnEndIsWrittenByItsPusher(t *testing.T) {
 		t.Skip("direct writes are Linux only")
 	}
 	qs, _, br := serveQueueSocket(t, nil)
-	qs.q.mu.Lock()
-	qs.q.directGap = time.Hour
-	qs.q.lastDirect = clock() - time.Hour
-	qs.q.mu.Unlock()
+	qs.gapOfAnHour()
 	qs.q.pushDelta("c", "t", 1, 1, "last ", 0, false)
 	readFrame(t, br)
 	qs.q.pushEnd([]byte(`{"type":"turn.end"}`))

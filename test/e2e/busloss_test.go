@@ -35,11 +35,7 @@ func TestGatewayCutOffFromNATSMissesNoEnd(t *testing.T) {
 	busA, cut := bustest.OpenCuttable(t, url)
 	st, a := storeAndAuth(t)
 
-	w := worker.New(worker.Config{}, bustest.Open(t, url), st, sim.New(sim.Config{}))
-	wctx, stopWorker := context.WithCancel(context.Background())
-	workerDone := make(chan error, 1)
-	go func() { workerDone <- w.Run(wctx) }()
-	t.Cleanup(func() { stopWorker(); <-workerDone })
+	runWorker(t, url, st)
 	onA := trtest.Dial(t, serveGateway(t, gateway.New(gateway.Config{}, busA, st, a)), nil)
 	onB := trtest.Dial(t, serveGateway(t, gateway.New(gateway.Config{}, bustest.Open(t, url), st, a)), nil)
 	const conv = "cut-off"
@@ -107,6 +103,17 @@ func TestGatewayCutOffFromNATSMissesNoEnd(t *testing.T) {
 	if t2A.Status != "complete" || t2A.Text.String() != t2B.Text.String() {
 		t.Fatalf("A got t2 %s %q; B got %q", t2A.Status, t2A.Text.String(), t2B.Text.String())
 	}
+}
+
+// runWorker runs a worker with the simulator on its own connection to the
+// NATS server at url until the end of the test.
+func runWorker(t *testing.T, url string, st store.Store) {
+	t.Helper()
+	w := worker.New(worker.Config{}, bustest.Open(t, url), st, sim.New(sim.Config{}))
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	t.Cleanup(func() { stop(); <-done })
 }
 
 // storeAndAuth opens a SQLite store for the test and a dev-mode

@@ -10,10 +10,8 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
-	"github.com/tokenrelay/tokenrelay/internal/provider/sim"
 	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
-	"github.com/tokenrelay/tokenrelay/internal/worker"
 )
 
 // heldEndReads is the chat store as one gateway sees it: a read of a turn
@@ -47,11 +45,7 @@ func TestCancelToEndStopsWhenTheEndReachesTheGateway(t *testing.T) {
 	url := server.Conn().ConnectedUrl()
 	st, a := storeAndAuth(t)
 
-	w := worker.New(worker.Config{}, bustest.Open(t, url), st, sim.New(sim.Config{}))
-	wctx, stopWorker := context.WithCancel(context.Background())
-	workerDone := make(chan error, 1)
-	go func() { workerDone <- w.Run(wctx) }()
-	t.Cleanup(func() { stopWorker(); <-workerDone })
+	runWorker(t, url, st)
 
 	reg := prometheus.NewRegistry()
 	held := heldEndReads{Store: st, release: make(chan struct{})}
