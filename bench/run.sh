@@ -6,7 +6,8 @@
 #   bench/run.sh [-r REV | -b BINARY] [-f "server flags"] [-p PROFILE_PREFIX] -- trbench args...
 #
 # -b runs an already built server binary (to repeat runs of several builds
-# interleaved without rebuilding).
+# interleaved without rebuilding); the results name it after the file, or
+# TRBENCH_COMMIT_NAME when set.
 #
 # TRBENCH_SERVER_LOG=path keeps the server's log.
 # TRBENCH_TOOL=path runs that trbench binary instead of building the work
@@ -35,7 +36,7 @@ work=$(mktemp -d /tmp/trbench-run.XXXXXX)
 trap 'kill "${pid:-}" 2>/dev/null || true; wait "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 if [ -n "$bin" ]; then
 	cp "$bin" "$work/tokenrelay"
-	commit=$(basename "$bin")
+	commit=${TRBENCH_COMMIT_NAME:-$(basename "$bin")}
 elif [ -n "$rev" ]; then
 	mkdir "$work/src"
 	git archive "$rev" | tar -x -C "$work/src"
