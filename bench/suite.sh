@@ -27,10 +27,17 @@ ARGS=(-s "stream turns=1000 rate=20 watchers=1");                               
 ARGS=(-s "cancel turns=1000 rate=20 watchers=1");                                          run cancel-1k "" "${REV[@]}"
 ARGS=(-s "resume turns=1000 rate=20 watchers=1 probe-rate=20 long=1000,10000,100000");     run resume-1k "" "${REV[@]}"
 ARGS=(-s "reconnect turns=500 rate=20 watchers=2 storm-pct=10 storm-every=2s");            run reconnect "" "${REV[@]}"
-ramp1="ramp watchers=1 warmup=6s duration=12s ramp=400,600,800,1000,1200,1400"
-ramp10="ramp watchers=10 warmup=6s duration=12s ramp=50,100,200,300,400,600"
+# Many slow turns (20 tok/s each, as in the stream above), then few fast
+# ones (1000 tok/s, 10,000-token answers), where a connection that falls
+# behind gets merged deltas (PROTOCOL.md, delivery rule 3).
+ramp1="ramp watchers=1 warmup=6s duration=12s ramp=1200,1600,2000,2400,2800,3200,3600"
+ramp10="ramp watchers=10 warmup=6s duration=12s ramp=200,300,400,500,600,700"
+fast1="ramp watchers=1 rate=1000 tokens=10000 warmup=6s duration=12s ramp=100,200,280,360,440"
+fast10="ramp watchers=10 rate=1000 tokens=10000 warmup=6s duration=12s ramp=50,80,100,120,140"
 ARGS=(-s "$ramp1 label=batch_off");                                                        run ramp-1w "" "${REV[@]}"
 ARGS=(-s "$ramp10 label=batch_off");                                                       run ramp-10w "" "${REV[@]}"
+ARGS=(-s "$fast1 label=fast_batch_off");                                                   run ramp-1w-fast "" "${REV[@]}"
+ARGS=(-s "$fast10 label=fast_batch_off");                                                  run ramp-10w-fast "" "${REV[@]}"
 ARGS=(-s "$ramp1 label=batch_50ms");                                                       run ramp-1w-batch "--batch-window 50ms" "${REV[@]}"
 ARGS=(-s "$ramp10 label=batch_50ms");                                                      run ramp-10w-batch "--batch-window 50ms" "${REV[@]}"
 ARGS=(-s "cancel turns=400 rate=20 watchers=1 label=8k");                                  run cancel-8k "" "${REV[@]}"
