@@ -48,10 +48,17 @@ type Journal struct {
 	// started.
 	segmentBytes int64
 
-	mu     sync.RWMutex // writes take it shared, starting a segment exclusively
-	closed bool         // guarded by mu
-	cur    *segment     // guarded by mu
-	nextID uint64       // guarded by mu (set by OpenJournal)
+	// mu is held shared while a record is written into cur's mapping and
+	// exclusively to replace cur, only for as long as that takes: a
+	// producer waiting for it holds up every other producer, since a
+	// pending exclusive lock blocks new shared ones.
+	mu     sync.RWMutex
+	closed bool     // guarded by mu
+	cur    *segment // guarded by mu
+	// rotMu lets one producer at a time start the next segment; the others
+	// wait for it here, not on mu.
+	rotMu  sync.Mutex
+	nextID uint64 // guarded by rotMu (set by OpenJournal)
 }
 
 // segment is one journal file.
@@ -285,9 +292,9 @@ func copyToken(dst []byte, id string) int {
 
 // Start opens a new segment; deltas may be appended from then on.
 func (j *Journal) Start() error {
-	j.mu.Lock()
-	defer j.mu.Unlock()
-	return j.rotateLocked(j.segmentBytes)
+	j.rotMu.Lock()
+	defer j.rotMu.Unlock()
+	return j.rotateLocked(nil, j.segmentBytes)
 }
 
 // Close seals the segment once the writes in progress are done. Deltas
@@ -346,43 +353,61 @@ func (j *Journal) append(pd *PendingDelta) error {
 			return nil
 		}
 		j.mu.RUnlock()
-		// Full: the first producer to get here starts the next segment.
-		j.mu.Lock()
-		if !j.closed && j.cur == seg {
-			if err := j.rotateLocked(max(j.segmentBytes, int64(size))); err != nil {
-				j.mu.Unlock()
-				// Not journaled (the disk is full, say): the delta is
-				// stored and then announced, as without a journal, but
-				// before returning, so that the producer's deltas stay
-				// in order.
-				j.log.Error("start delta journal segment", "err", err)
-				return pd.a.b.storeNow(pd)
-			}
+		// Full: the first producer to get here starts the next segment,
+		// and the others, finding that done, go round again.
+		j.rotMu.Lock()
+		err := j.rotateLocked(seg, max(j.segmentBytes, int64(size)))
+		j.rotMu.Unlock()
+		if err != nil {
+			// Not journaled (the disk is full, say): the delta is
+			// stored and then announced, as without a journal, but
+			// before returning, so that the producer's deltas stay in
+			// order.
+			j.log.Error("start delta journal segment", "err", err)
+			return pd.a.b.storeNow(pd)
 		}
-		j.mu.Unlock()
 	}
 }
 
-// rotateLocked seals the current segment and starts the next one, of size
-// bytes.
-func (j *Journal) rotateLocked(size int64) error {
+// rotateLocked starts the next segment, of size bytes, and seals the
+// current one, unless that is no longer full (another producer rotated it)
+// or the journal has closed; the caller holds rotMu. The file is created
+// and mapped, and the old one unmapped, outside mu: under it only the
+// current segment changes. No record is being written to the old mapping
+// once it is not current, since records are written under mu, to the
+// segment current then.
+func (j *Journal) rotateLocked(full *segment, size int64) error {
+	j.mu.RLock()
+	stale := j.closed || j.cur != full
+	j.mu.RUnlock()
+	if stale {
+		return nil
+	}
 	path := j.segmentPath(j.nextID)
 	mem, err := mapSegment(path, int(size))
 	if err != nil {
 		return fmt.Errorf("journal: %w", err)
 	}
 	j.nextID++
+	next := &segment{path: path, mem: mem}
+	next.unsaved.Store(1)
+	j.mu.Lock()
+	if j.closed {
+		j.mu.Unlock()
+		j.seal(next) // unused: nothing was written to it
+		return nil
+	}
 	old := j.cur
-	j.cur = &segment{path: path, mem: mem}
-	j.cur.unsaved.Store(1)
+	j.cur = next
+	j.mu.Unlock()
 	if old != nil {
 		j.seal(old)
 	}
 	return nil
 }
 
-// seal unmaps s, whose records are all written (the caller holds mu
-// exclusively), and drops the reference it held as the current segment.
+// seal unmaps s, whose records are all written and which is no longer
+// current, and drops the reference it held as the current segment.
 func (j *Journal) seal(s *segment) {
 	if err := unmapSegment(s.mem); err != nil {
 		j.log.Warn("unmap delta journal segment", "path", s.path, "err", err)

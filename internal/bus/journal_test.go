@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -208,6 +209,60 @@ func TestJournalRemovesSavedSegments(t *testing.T) {
 			pd.Release()
 		}
 	})
+}
+
+// Producers of different turns append at once across many segment
+// changes, so that several find a segment full together and one starts the
+// next: every delta goes live once, each turn's in order, and once all are
+// released only the current segment is left.
+func TestJournalProducersShareSegmentChanges(t *testing.T) {
+	open := journalSetup(t)
+	dir := t.TempDir()
+	local, producer := smallSegments(t, open, dir)
+	const producers, each = 8, 150
+	got := routedEvents(t, open, local, producers*each)
+	pds := make([][]*bus.PendingDelta, producers)
+	var wg sync.WaitGroup
+	for p := range producers {
+		wg.Go(func() {
+			turn := "t" + strconv.Itoa(p)
+			for i := int64(1); i <= each; i++ {
+				pd, err := producer.PublishDeltaAsync(&bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: turn, Seq: i, Off: i - 1, Text: "w"}, nil)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				pds[p] = append(pds[p], pd)
+			}
+		})
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	last := map[string]int64{}
+	for range producers * each {
+		select {
+		case e := <-got:
+			if e.Seq != last[e.TurnID]+1 {
+				t.Fatalf("turn %s: delta %d live after %d", e.TurnID, e.Seq, last[e.TurnID])
+			}
+			last[e.TurnID] = e.Seq
+		case <-time.After(10 * time.Second):
+			t.Fatalf("live deltas stopped at %v", last)
+		}
+	}
+	if segs := segmentFiles(t, dir); len(segs) < producers*each/10 {
+		t.Fatalf("%d segments hold %d unsaved deltas, want one per three or so", len(segs), producers*each)
+	}
+	for _, ps := range pds {
+		for _, pd := range ps {
+			pd.Release()
+		}
+	}
+	if segs := segmentFiles(t, dir); len(segs) != 1 {
+		t.Fatalf("segments %v, want only the current one", segs)
+	}
 }
 
 // Unsaved takes over the deltas' holds on their segments, so that each
