@@ -55,8 +55,9 @@ type Journal struct {
 	mu     sync.RWMutex
 	closed bool     // guarded by mu
 	cur    *segment // guarded by mu
-	// rotMu lets one producer at a time start the next segment; the others
-	// wait for it here, not on mu.
+	// rotMu keeps Start and a segment change apart. Producers that find a
+	// segment full wait for its change (segment.rot), neither on mu nor
+	// on rotMu one after another.
 	rotMu  sync.Mutex
 	nextID uint64 // guarded by rotMu (set by OpenJournal)
 }
@@ -70,6 +71,9 @@ type segment struct {
 	// elsewhere, plus one while it is the current segment.
 	unsaved atomic.Int64
 	sealed  atomic.Bool // no longer written to
+	// rot is the start of the next segment, once a producer has found
+	// this one full.
+	rot atomic.Pointer[rotation]
 }
 
 const (
@@ -353,12 +357,10 @@ func (j *Journal) append(pd *PendingDelta) error {
 			return nil
 		}
 		j.mu.RUnlock()
-		// Full: the first producer to get here starts the next segment,
-		// and the others, finding that done, go round again.
-		j.rotMu.Lock()
-		err := j.rotateLocked(seg, max(j.segmentBytes, int64(size)))
-		j.rotMu.Unlock()
-		if err != nil {
+		// Full: the first producer to get here starts the next segment;
+		// the others wait for that together, not one after another, and
+		// then go round again.
+		if err := j.rotate(seg, max(j.segmentBytes, int64(size))); err != nil {
 			// Not journaled (the disk is full, say): the delta is
 			// stored and then announced, as without a journal, but
 			// before returning, so that the producer's deltas stay in
@@ -367,6 +369,35 @@ func (j *Journal) append(pd *PendingDelta) error {
 			return pd.a.b.storeNow(pd)
 		}
 	}
+}
+
+// rotation is the start of the segment after a full one.
+type rotation struct {
+	done chan struct{} // closed when it is over
+	err  error         // set before done is closed
+}
+
+// rotate returns once the full segment full is no longer current: the
+// first caller for it starts the next one, and the others wait for that
+// and get its error. A failed rotation is forgotten once its waiters are
+// told, so that the next delta tries again.
+func (j *Journal) rotate(full *segment, size int64) error {
+	r := &rotation{done: make(chan struct{})}
+	if !full.rot.CompareAndSwap(nil, r) {
+		if cur := full.rot.Load(); cur != nil {
+			<-cur.done
+			return cur.err
+		}
+		return nil // failed and forgotten meanwhile: go round again
+	}
+	j.rotMu.Lock()
+	r.err = j.rotateLocked(full, size)
+	j.rotMu.Unlock()
+	if r.err != nil {
+		full.rot.Store(nil)
+	}
+	close(r.done)
+	return r.err
 }
 
 // rotateLocked starts the next segment, of size bytes, and seals the
