@@ -16,7 +16,9 @@ test('refused sends and a failing model are explained in words', async (t) => {
   await h.send(page, long);
   await alert.getByText('That message is too long to send').waitFor();
   assert.equal(await input.inputValue(), long);
-  assert.equal(await page.locator('article.msg').count(), 0, 'the refused message left no bubble');
+  // The alert shows as the error arrives; the list drops the optimistic
+  // bubble at its next render.
+  await h.waitFor(async () => await page.locator('article.msg').count() === 0, { what: 'the refused message to leave no bubble' });
 
   // Provider error: the answer ends with the reason shown beside it.
   await h.send(page, 'Fail soon [sim tokens=50 error_after=5]');
@@ -33,7 +35,7 @@ test('refused sends and a failing model are explained in words', async (t) => {
   await page.getByRole('button', { name: 'Stop answer' }).waitFor();
   await page.evaluate(() => window.tokenrelay.client.send(window.tokenrelay.conversationId, 'Too eager'));
   await alert.getByText('An answer is still being written').waitFor();
-  assert.equal(await page.locator('article.msg.user', { hasText: 'Too eager' }).count(), 0);
+  await h.waitFor(async () => await page.locator('article.msg.user', { hasText: 'Too eager' }).count() === 0, { what: 'the refused message to leave no bubble' });
   await page.keyboard.press('Escape');
   assert.equal(await h.waitAnswerEnded(h.lastAnswer(page), 10000), 'cancelled');
 
