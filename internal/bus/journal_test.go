@@ -433,4 +433,19 @@ func TestJournalFallsBackToTheStream(t *testing.T) {
 	}); err != nil || !slices.Equal(inStream, stored) {
 		t.Fatalf("stream holds deltas %v (%v), want %v", inStream, err, stored)
 	}
+	// A failed segment change is forgotten: once the directory is back,
+	// the next delta starts a segment and is journaled.
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	pd, err := producer.PublishDeltaAsync(delta(21), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pd.Journaled() {
+		t.Fatal("delta 21 stored in the stream with the journal's directory back")
+	}
+	if e := <-got; e.Seq != 21 {
+		t.Fatalf("live event %+v, want delta 21", e)
+	}
 }
