@@ -24,6 +24,10 @@ REV=("$@")
 [ ${#REV[@]} -eq 0 ] && REV=(-r HEAD)
 ARGS=(-s "idle conns=10000 hold=150s");                                                   run idle "" "${REV[@]}"
 ARGS=(-s "stream turns=1000 rate=20 watchers=1");                                          run stream-1k "" "${REV[@]}"
+# The same 20k tokens/s in a quarter of the turns (400 tokens each): with
+# the stream above it splits the server's CPU into a cost per turn and a
+# cost per delta (docs/benchmarks.md, twenty-first round).
+ARGS=(-s "stream turns=1000 rate=20 tokens=400 watchers=1 label=400tok");                  run stream-400tok "" "${REV[@]}"
 ARGS=(-s "cancel turns=1000 rate=20 watchers=1");                                          run cancel-1k "" "${REV[@]}"
 ARGS=(-s "resume turns=1000 rate=20 watchers=1 probe-rate=20 long=1000,10000,100000");     run resume-1k "" "${REV[@]}"
 ARGS=(-s "reconnect turns=500 rate=20 watchers=2 storm-pct=10 storm-every=2s");            run reconnect "" "${REV[@]}"
