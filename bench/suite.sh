@@ -23,7 +23,9 @@ run() { # name "server flags" trbench args...
 REV=("$@")
 [ ${#REV[@]} -eq 0 ] && REV=(-r HEAD)
 ARGS=(-s "idle conns=10000 hold=150s");                                                   run idle "" "${REV[@]}"
-ARGS=(-s "stream turns=1000 rate=20 watchers=1");                                          run stream-1k "" "${REV[@]}"
+# The floor first, in the same trbench run: the stream's deltas written by
+# a process that does nothing else (docs/benchmarks.md, twenty-second round).
+ARGS=(-s "floor turns=1000 rate=20 watchers=1" -s "stream turns=1000 rate=20 watchers=1"); run stream-1k "" "${REV[@]}"
 # The same 20k tokens/s in a quarter of the turns (400 tokens each): with
 # the stream above it splits the server's CPU into a cost per turn and a
 # cost per delta (docs/benchmarks.md, twenty-first round).

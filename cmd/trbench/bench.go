@@ -154,6 +154,26 @@ func (b *bench) closeAll() {
 	}
 }
 
+// eachWatcher calls fn for every watcher w of every conversation i (the
+// watchers of conversation 0 first, in order), at most limit calls at once,
+// and returns when all have returned: a scenario's dials.
+func eachWatcher(convs, watchers, limit int, fn func(i, w int)) {
+	sem := make(chan struct{}, limit)
+	var wg sync.WaitGroup
+	for i := range convs {
+		for w := range watchers {
+			sem <- struct{}{}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				fn(i, w)
+			}()
+		}
+	}
+	wg.Wait()
+}
+
 // closeEach closes conns, 64 at a time.
 func closeEach[C interface{ close() }](conns []C) {
 	sem := make(chan struct{}, 64)

@@ -115,6 +115,9 @@ Scenarios (--scenarios a,b or repeated -s "name flag=value ..."):
   reconnect  stream, dropping --storm-pct % of watchers every --storm-every; they resume
   resume     stream with --probe-rate resume probes/s, then long turns (--long)
   ramp       stream steps of --ramp turns until p99 > --p99, keep-up < 95% or a violation
+  floor      the stream's deltas (--turns × --watchers at --rate) from a server that only
+             writes them (trbench itself, as a child process): the machine's floor
+             under the server's CPU, to run beside a stream
 
 Examples:
   trbench --url ws://127.0.0.1:18282/v1/ws --scenarios idle --conns 10000
@@ -132,6 +135,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			return errors.New("usage: trbench compare OLD.json NEW.json")
 		}
 		return compare(args[1], args[2], stdout)
+	}
+	if len(args) > 0 && args[0] == floorServeArg {
+		return floorServe(os.Stdin, stdout)
 	}
 	if len(args) > 0 && args[0] == "show" {
 		for _, p := range args[1:] {
@@ -220,7 +226,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	for _, c := range runs {
 		switch c.Scenarios {
-		case "idle", "stream", "cancel", "reconnect", "resume", "ramp":
+		case "idle", "stream", "cancel", "reconnect", "resume", "ramp", "floor":
 		default:
 			return fmt.Errorf("unknown scenario %q", c.Scenarios)
 		}
@@ -335,6 +341,8 @@ func runOne(ctx context.Context, e *env, c *config) (*Result, error) {
 		return r, nil
 	case "ramp":
 		return runRamp(ctx, e, c, p)
+	case "floor":
+		return runFloor(ctx, e, p)
 	}
 	return nil, fmt.Errorf("unknown scenario %q", c.Scenarios)
 }

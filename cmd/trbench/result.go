@@ -148,8 +148,10 @@ func (r *Result) print(w io.Writer) {
 		proto = " " + p.Protocol
 	}
 	row("connections", "%d%s (failed %d, setup %.1fs)", r.Conns, proto, r.ConnFailures, r.SetupS)
-	if r.TurnsSent > 0 {
-		row("turns", "%d sent, %.0f active on average; offered %.0f tok/s", r.TurnsSent, r.AvgActive, r.OfferedTokS)
+	if r.TurnsSent > 0 || r.Scenario == "floor" {
+		if r.Scenario != "floor" {
+			row("turns", "%d sent, %.0f active on average; offered %.0f tok/s", r.TurnsSent, r.AvgActive, r.OfferedTokS)
+		}
 		row("delivered", "%.0f deltas/s in %.0f delta frames/s, %.0f tokens/s (%.2f tok/delta), %.0f frames/s, %s/s; keep-up %.1f%%",
 			r.DeltasS, r.DeltaFramesS, r.TokensS, r.TokensPerDelt, r.FramesS, kib(r.BytesS), 100*r.KeepUp)
 	}

@@ -32,20 +32,7 @@ func TestScenariosAgainstTheServer(t *testing.T) {
 		"-s", "idle conns=50 hold=1s",
 		"-s", "idle conns=20 hold=1s compat=true",
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var stdout, stderr bytes.Buffer
-	if err := run(ctx, args, func(string) string { return "" }, &stdout, &stderr); err != nil {
-		t.Fatalf("trbench: %v\n%s", err, stderr.String())
-	}
-	data, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var rep report
-	if err := json.Unmarshal(data, &rep); err != nil {
-		t.Fatal(err)
-	}
+	rep, stdout := runReport(t, 3*time.Minute, out, args)
 	if len(rep.Results) != 6 {
 		t.Fatalf("%d results, want 6", len(rep.Results))
 	}
@@ -95,6 +82,27 @@ func TestScenariosAgainstTheServer(t *testing.T) {
 		t.Errorf("resume: no long-turn rows")
 	}
 	if t.Failed() {
-		t.Logf("report:\n%s", stdout.String())
+		t.Logf("report:\n%s", stdout)
 	}
+}
+
+// runReport runs trbench with args, which write the JSON report to out,
+// and returns the report and what trbench printed.
+func runReport(t *testing.T, timeout time.Duration, out string, args []string) (report, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	if err := run(ctx, args, func(string) string { return "" }, &stdout, &stderr); err != nil {
+		t.Fatalf("trbench: %v\n%s", err, stderr.String())
+	}
+	data, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep report
+	if err := json.Unmarshal(data, &rep); err != nil {
+		t.Fatal(err)
+	}
+	return rep, stdout.String()
 }

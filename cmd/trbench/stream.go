@@ -39,35 +39,26 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 	e.logf("%s: connecting %d × %d connections", name, p.Turns, p.Watchers)
 	t0 := time.Now()
 	convs := make([]*convState, p.Turns)
-	sem := make(chan struct{}, e.cfg.DialConcurrency)
-	var wg sync.WaitGroup
-	var failed atomic.Int64
 	for i := range convs {
-		cs := &convState{b: b, idx: i, id: fmt.Sprintf("c-%s-%d", b.runID, i), conns: make([]*conn, p.Watchers), ev: make(chan convEvent, 8)}
-		convs[i] = cs
-		for w := range p.Watchers {
-			sem <- struct{}{}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer func() { <-sem }()
-				c, err := b.connect(ctx, connOpts{conv: cs, sender: w == 0})
-				if err == nil {
-					_, err = c.join(ctx, cs.id, nil, zeroHistory)
-					if err != nil {
-						b.count("join: " + shortErr(err))
-						c.close()
-					}
-				}
-				if err != nil {
-					failed.Add(1)
-					return
-				}
-				cs.conns[w] = c
-			}()
-		}
+		convs[i] = &convState{b: b, idx: i, id: fmt.Sprintf("c-%s-%d", b.runID, i), conns: make([]*conn, p.Watchers), ev: make(chan convEvent, 8)}
 	}
-	wg.Wait()
+	var failed atomic.Int64
+	eachWatcher(p.Turns, p.Watchers, e.cfg.DialConcurrency, func(i, w int) {
+		cs := convs[i]
+		c, err := b.connect(ctx, connOpts{conv: cs, sender: w == 0})
+		if err == nil {
+			_, err = c.join(ctx, cs.id, nil, zeroHistory)
+			if err != nil {
+				b.count("join: " + shortErr(err))
+				c.close()
+			}
+		}
+		if err != nil {
+			failed.Add(1)
+			return
+		}
+		cs.conns[w] = c
+	})
 	if ctx.Err() != nil {
 		b.closeAll()
 		return nil, ctx.Err()
