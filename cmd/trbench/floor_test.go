@@ -44,6 +44,11 @@ func TestFloorScenario(t *testing.T) {
 	if r.Latency == nil || r.Latency.Count == 0 || r.DeltasS <= 0 || r.DeltaFramesS != r.FramesS {
 		t.Errorf("latency %+v, %g deltas/s, %g delta frames/s of %g frames/s: want timed deltas and only them", r.Latency, r.DeltasS, r.DeltaFramesS, r.FramesS)
 	}
+	// 30 watchers at 50 tok/s: a floor that ignored the rate, or wrote a
+	// frame twice or to one watcher only, would be far from 1.
+	if r.KeepUp < 0.5 || r.KeepUp > 1.2 {
+		t.Errorf("keep-up %.2f (%g deltas/s for 1500 offered), want about 1", r.KeepUp, r.DeltasS)
+	}
 	if r.ServerRSSLoaded <= 0 {
 		t.Errorf("no RSS read from the floor's server")
 	}
@@ -52,18 +57,25 @@ func TestFloorScenario(t *testing.T) {
 	}
 }
 
-// TestFloorBadJoin: the floor's server refuses a connection whose query it
-// cannot stream to.
-func TestFloorBadJoin(t *testing.T) {
-	for _, q := range []string{"conv=c-1&rate=0&watchers=1", "conv=&rate=5&watchers=1", "conv=c-1&rate=5&watchers=x"} {
+// TestFloorJoin: the floor's server upgrades a connection whose query it
+// can stream to and refuses the others.
+func TestFloorJoin(t *testing.T) {
+	for q, want := range map[string]string{
+		"conv=c-1&rate=5&watchers=2":  "HTTP/1.1 101 ",
+		"conv=c-1&rate=0&watchers=1":  "HTTP/1.1 400 ",
+		"conv=&rate=5&watchers=1":     "HTTP/1.1 400 ",
+		"conv=c-1&rate=5&watchers=x":  "HTTP/1.1 400 ",
+		"conv=c-1&rate=-1&watchers=1": "HTTP/1.1 400 ",
+	} {
 		fs := &floorServer{groups: map[string]*floorGroup{}}
 		srv, cli := net.Pipe()
 		go fs.upgrade(srv)
+		_ = cli.SetDeadline(time.Now().Add(10 * time.Second))
 		fmt.Fprintf(cli, "GET /floor?%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", q)
 		buf := make([]byte, 64)
-		n, _ := cli.Read(buf)
-		if !strings.HasPrefix(string(buf[:n]), "HTTP/1.1 400 ") {
-			t.Errorf("%s: answered %q, want 400", q, buf[:n])
+		n, err := cli.Read(buf)
+		if !strings.HasPrefix(string(buf[:n]), want) {
+			t.Errorf("%s: answered %q (%v), want %q", q, buf[:n], err, want)
 		}
 		cli.Close()
 	}
