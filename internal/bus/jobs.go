@@ -50,8 +50,13 @@ func (m *JobMsg) QueuedTurn() (chat.Turn, bool) {
 }
 
 // EnqueueJob adds a job to the work queue. Enqueueing the same turn twice
-// within two minutes stores it once.
+// within two minutes stores it once. Under a Local the job goes to the
+// process's own queue instead (see localJobs).
 func (b *Bus) EnqueueJob(ctx context.Context, j Job) error {
+	if l := b.cfg.Local; l != nil {
+		l.jobs.push(j, false)
+		return nil
+	}
 	data, err := json.Marshal(j)
 	if err != nil {
 		return fmt.Errorf("enqueue job: %w", err)
@@ -70,23 +75,43 @@ type JobMsg struct {
 	// Redelivered is true when another worker (or an earlier process) was
 	// given this job before.
 	Redelivered bool
-	msg         jetstream.Msg
+	msg         jetstream.Msg // nil for a job of a Local's queue
+	local       *localJob
 }
 
 // InProgress extends the job's ack deadline.
-func (m *JobMsg) InProgress() error { return m.msg.InProgress() }
+func (m *JobMsg) InProgress() error {
+	if m.local != nil {
+		m.local.inProgress()
+		return nil
+	}
+	return m.msg.InProgress()
+}
 
 // Ack removes the job from the queue.
-func (m *JobMsg) Ack() error { return m.msg.Ack() }
-
-// Nak asks for redelivery after delay.
-func (m *JobMsg) Nak(delay time.Duration) error { return m.msg.NakWithDelay(delay) }
+func (m *JobMsg) Ack() error {
+	if m.local != nil {
+		m.local.ack()
+		return nil
+	}
+	return m.msg.Ack()
+}
 
 // ConsumeJobs calls fn with each job, one at a time from one goroutine, until
 // ctx is done; fn should hand the job off quickly (it may block to apply
 // backpressure). Undecodable jobs are acked and dropped. ConsumeJobs returns
-// when ctx is done and fn has returned.
+// when ctx is done and fn has returned. Under a Local it takes the jobs of
+// the process's own queue, and none from the stream.
 func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) error {
+	if l := b.cfg.Local; l != nil {
+		for {
+			jm, ok := l.jobs.pop(ctx, b.cfg.AckWait)
+			if !ok {
+				return nil
+			}
+			fn(jm)
+		}
+	}
 	cons, err := b.jobs.Consumer(ctx, JobsConsumer)
 	if err != nil {
 		return fmt.Errorf("consume jobs: %w", err)

@@ -36,6 +36,8 @@ type Local struct {
 
 	live sync.Map // turn id → LiveTurn
 
+	jobs localJobs
+
 	hookMu  sync.Mutex
 	cancels map[*cancelHook]struct{}    // WatchCancels' callbacks; guarded by hookMu
 	ends    map[string][]*turnEndWaiter // SubscribeTurnEnd's, by turn id; guarded by hookMu
@@ -82,7 +84,7 @@ func (b *Bus) LiveText(turnID string, have int64) (text []byte, to, toLen int64,
 }
 
 // NewLocal returns a Local to put in the Config of every Bus of a process.
-func NewLocal() *Local { return &Local{} }
+func NewLocal() *Local { return &Local{jobs: localJobs{ready: make(chan struct{}, 1)}} }
 
 func (l *Local) attach(r *Router) {
 	l.mu.Lock()
