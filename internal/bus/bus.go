@@ -190,6 +190,11 @@ func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 	return b.PublishEnd(ctx, e, nil)
 }
 
+// InProcess reports whether b has a Local: its process holds the only
+// gateway and the only worker that can reach its NATS server, so every
+// job, cancel and live event of b's turns is made in this process.
+func (b *Bus) InProcess() bool { return b.cfg.Local != nil }
+
 // Journaled reports whether deltas published through b are announced once
 // journaled, before the stream has stored them (see Journal).
 func (b *Bus) Journaled() bool { return b.cfg.Journal != nil }

@@ -17,6 +17,7 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/provider"
 	"github.com/tokenrelay/tokenrelay/internal/provider/sim"
+	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
 	"github.com/tokenrelay/tokenrelay/internal/worker"
 )
@@ -309,4 +310,48 @@ func TestCancelToEndStopsWhenTheEndGoesLive(t *testing.T) {
 		return
 	}
 	t.Fatal("no tokenrelay_worker_cancel_to_end_seconds")
+}
+
+// In one process (bus.InProcess) a job's first delivery does not read the
+// cancel tombstone: a turn that a cancel ended while it was queued is
+// refused by StartTurn, so the model is not called and the turn is not
+// ended twice; the turn queued behind it, on a worker taking one job at a
+// time, is produced once the first job is done.
+func TestInProcessTurnEndedWhileQueuedIsLeftAlone(t *testing.T) {
+	p := &countingProvider{Provider: sim.New(sim.Config{Rate: 0, Tokens: 20})}
+	e := journaledEnv(t, worker.Config{Concurrency: 1}, p)
+	if !e.bus.InProcess() {
+		t.Fatal("a journaled bus is in one process")
+	}
+	e.start(t)
+	ends := e.send(t, "c", "t1", "hello", false)
+	if _, won, err := e.store.FinishTurn(t.Context(), store.TurnResult{TurnID: "t1", Status: chat.StatusCancelled, Now: time.Now()}, chat.StatusQueued); !won || err != nil {
+		t.Fatal(won, err)
+	}
+	if _, err := e.bus.MarkCancelled(t.Context(), "t1"); err != nil {
+		t.Fatal(err)
+	}
+	queued, err := e.store.Turn(t.Context(), "t1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	queued.Status = chat.StatusQueued // as the send stored it and the job carries it
+	if err := e.bus.EnqueueJob(t.Context(), bus.JobOf(queued)); err != nil {
+		t.Fatal(err)
+	}
+	next := e.send(t, "c2", "t2", "hello", true)
+	if end := waitEnd(t, next); end.Status != chat.StatusComplete {
+		t.Fatalf("next turn %+v", end)
+	}
+	select {
+	case end := <-ends:
+		t.Fatalf("the worker ended the cancelled turn again: %+v", end)
+	default:
+	}
+	if n := p.calls.Load(); n != 1 {
+		t.Fatalf("provider called %d times, want once (for the next turn)", n)
+	}
+	if st, err := e.store.Turn(t.Context(), "t1"); err != nil || st.Status != chat.StatusCancelled {
+		t.Fatalf("stored %+v, %v", st, err)
+	}
 }

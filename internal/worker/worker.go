@@ -292,9 +292,19 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 	if errors.Is(context.Cause(tctx), errShutdown) {
 		return false, nil // not started: the job goes to another worker or the next run
 	}
-	cancelled, err := w.bus.IsCancelled(ctx, t.ID)
-	if err != nil {
-		return false, err
+	// A fresh job's turn was queued when it was enqueued. In one process
+	// (bus.InProcess) every cancel is made here: one that finds the turn
+	// queued ends it in the store, and StartTurn below then refuses it
+	// (both are conditional on queued); one that finds it started signals
+	// this worker, which registered the run before it got here. The
+	// tombstone would tell nothing more, and reading it is a JetStream
+	// round trip per turn.
+	var cancelled bool
+	var err error
+	if !fresh || !w.bus.InProcess() {
+		if cancelled, err = w.bus.IsCancelled(ctx, t.ID); err != nil {
+			return false, err
+		}
 	}
 	if fresh && (cancelled || tctx.Err() != nil) {
 		// The cancel may have ended the turn while it was queued.
