@@ -185,7 +185,8 @@ func (b *Bus) Ping(ctx context.Context) error {
 // or end repeated within two minutes is not stored twice; a delta carries
 // no Nats-Msg-Id (deduplicating every delta would cost the stream a map
 // entry per delta for two minutes), and readers drop a repeated delta by
-// its seq instead.
+// its seq instead. Under a Local a start is announced and not stored (see
+// PublishEnd).
 func (b *Bus) PublishEvent(ctx context.Context, e *Event) (uint64, error) {
 	return b.PublishEnd(ctx, e, nil)
 }
@@ -206,6 +207,18 @@ func (b *Bus) Journaled() bool { return b.cfg.Journal != nil }
 // the last ones may be kept only in the journal when the end can already
 // go live: settled saves them.
 func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (uint64, error) {
+	if e.Kind == KindStart && b.cfg.Local != nil {
+		// A start is stored so that no subscriber in another process is
+		// told of a turn before the stream holds its start; no reader of
+		// the stream uses it, and the chat store holds the message and
+		// the turn before their start is published. Under a Local no
+		// subscriber is in another process, and its start is announced
+		// before its job is enqueued, so before any delta exists: stored
+		// or not, it comes first. It is only announced, with stream
+		// sequence 0.
+		b.cfg.Local.deliver(e)
+		return 0, nil
+	}
 	data, err := e.encode()
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
@@ -272,4 +273,59 @@ func TestLocalCarriesCancelsAndEndsInProcess(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the end did not arrive")
 	}
+}
+
+// Under a Local a start is announced and not stored: no reader of the
+// stream uses it, and no subscriber is in another process.
+func TestLocalStartIsAnnouncedNotStored(t *testing.T) {
+	_, producer, gateway := localPair(t)
+	got := make(chan bus.Event, 4)
+	r := gateway.NewRouter(2, 64, func(e bus.Event) { got <- e })
+	defer r.Close()
+	if _, err := r.Subscribe("c"); err != nil {
+		t.Fatal(err)
+	}
+	start := &bus.Event{Kind: bus.KindStart, ConversationID: "c", TurnID: "t", ReplyTo: "m",
+		Message: &bus.WireMessage{ID: "m", Content: "hello"}}
+	sseq, err := producer.PublishEvent(t.Context(), start)
+	if err != nil || sseq != 0 {
+		t.Fatalf("start: stream seq %d, %v; want 0, nil", sseq, err)
+	}
+	select {
+	case e := <-got:
+		if e.Kind != bus.KindStart || e.TurnID != "t" || e.UserMessage().Content != "hello" {
+			t.Fatalf("announced %+v, want the start with its message", e)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the start was not announced")
+	}
+	if n, _ := streamState(t, gateway, bus.EventsStream); n != 0 {
+		t.Fatalf("the events stream holds %d events, want none", n)
+	}
+	// An end is still stored: a catch-up that finds it knows the turn ended.
+	if _, err := producer.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c", TurnID: "t", Status: "complete"}); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := streamState(t, gateway, bus.EventsStream); n != 1 {
+		t.Fatalf("the events stream holds %d events, want the end", n)
+	}
+}
+
+// streamState returns how many messages stream holds and its last
+// sequence.
+func streamState(t *testing.T, b *bus.Bus, stream string) (msgs, lastSeq uint64) {
+	t.Helper()
+	js, err := jetstream.New(b.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := js.Stream(t.Context(), stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return info.State.Msgs, info.State.LastSeq
 }

@@ -5,8 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 )
 
@@ -32,20 +30,9 @@ func TestLocalJobsSkipTheStream(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	js, err := jetstream.New(gateway.Conn())
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := js.Stream(t.Context(), bus.JobsStream)
-	if err != nil {
-		t.Fatal(err)
-	}
-	info, err := s.Info(t.Context())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if info.State.Msgs != 0 || info.State.LastSeq != 0 {
-		t.Fatalf("the job stream stored %d jobs (last seq %d); want none", info.State.Msgs, info.State.LastSeq)
+	msgs, last := streamState(t, gateway, bus.JobsStream)
+	if msgs != 0 || last != 0 {
+		t.Fatalf("the job stream stored %d jobs (last seq %d); want none", msgs, last)
 	}
 }
 

@@ -76,8 +76,8 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 		Message: &bus.WireMessage{ID: res.Message.ID, Content: res.Message.Content, CreatedAt: res.Message.CreatedAt.UnixMilli()},
 		ReplyTo: res.Message.ID, Model: res.Turn.Model,
 	}
-	// The start is stored before the job exists, so every delta a worker
-	// publishes comes after it in the stream.
+	// The start is published (stored, except under serve's Local) before
+	// the job exists, so every delta a worker publishes comes after it.
 	if _, err := s.bus.PublishEvent(ctx, start); err != nil {
 		s.failTurn(res.Turn)
 		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
