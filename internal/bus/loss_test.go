@@ -31,14 +31,17 @@ func lossReports(t *testing.T, b *bus.Bus, buffer int, release <-chan struct{}) 
 	return r, lost, got
 }
 
-func nextLoss(t *testing.T, lost <-chan string) string {
+// receive returns the next value from ch, failing the test with failure
+// when none comes within 10 s.
+func receive[T any](t *testing.T, ch <-chan T, failure string) T {
 	t.Helper()
 	select {
-	case conv := <-lost:
-		return conv
+	case v := <-ch:
+		return v
 	case <-time.After(10 * time.Second):
-		t.Fatal("no loss reported")
-		return ""
+		t.Fatal(failure)
+		var zero T
+		return zero
 	}
 }
 
@@ -71,7 +74,7 @@ func TestRouterReportsDroppedEvents(t *testing.T) {
 	default:
 	}
 	close(release)
-	if conv := nextLoss(t, lost); conv != "c.1" {
+	if conv := receive(t, lost, "no loss reported"); conv != "c.1" {
 		t.Fatalf("loss reported for %q, want c.1", conv)
 	}
 }
@@ -96,7 +99,7 @@ func TestRouterReportsReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	cut.Restore()
-	if conv := nextLoss(t, lost); conv != "" {
+	if conv := receive(t, lost, "no loss reported"); conv != "" {
 		t.Fatalf("loss reported for %q after a reconnect, want every conversation (\"\")", conv)
 	}
 	// The report comes once the subscription is in place again: what is
