@@ -97,6 +97,14 @@ func (m *JobMsg) Ack() error {
 	return m.msg.Ack()
 }
 
+// jobPullHeartbeat is how often the server confirms a worker's waiting pull
+// request for jobs. A pull request lives on the job consumer's leader; when
+// that NATS node stops, the request is lost with it while the worker's own
+// connection, to another node, stays up. Two missed heartbeats make the
+// worker pull again from the new leader, so it is deaf to new jobs for at
+// most twice this long, not for the client's default of 30 s.
+const jobPullHeartbeat = time.Second
+
 // ConsumeJobs calls fn with each job, one at a time from one goroutine, until
 // ctx is done; fn should hand the job off quickly (it may block to apply
 // backpressure). Undecodable jobs are acked and dropped. ConsumeJobs returns
@@ -119,7 +127,7 @@ func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) erro
 	if batch <= 0 {
 		batch = 64
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(batch))
+	it, err := cons.Messages(jetstream.PullMaxMessages(batch), jetstream.PullHeartbeat(jobPullHeartbeat))
 	if err != nil {
 		return fmt.Errorf("consume jobs: %w", err)
 	}
@@ -137,7 +145,8 @@ func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) erro
 				return nil
 			}
 			// Transient errors (heartbeat missed, leadership change) are
-			// retried by the iterator itself.
+			// retried by the iterator itself: after a missed heartbeat the
+			// next call issues a new pull request.
 			continue
 		}
 		var j Job

@@ -159,3 +159,38 @@ func TestNATSNodeStoppedMidTurn(t *testing.T) {
 		}
 	}
 }
+
+// TestJobConsumerLeaderStopped stops the NATS node leading the job consumer
+// while both workers wait for jobs. Their waiting pull requests die with it:
+// the node's goodbye makes them pull again at once, and should it never
+// arrive, a missed heartbeat does within 2 s (bus.jobPullHeartbeat). Every
+// worker must be pulling from the new leader within 10 s, and both then
+// take turns.
+func TestJobConsumerLeaderStopped(t *testing.T) {
+	c := startCluster(t, clusterOptions{})
+	nc := c.nats.connect(t)
+	waitStreamsCurrent(t, c.nats, nc)
+	waitWorkersPulling(t, c)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cons, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader := c.nats.node(t, cons.CachedInfo().Cluster.Leader)
+	c.nats.nodes[leader].Shutdown()
+	stopped := time.Now()
+	waitWorkersPulling(t, c)
+	t.Logf("stopped NATS node n%d, leader of the job consumer; every worker pulled again after %v",
+		leader+1, time.Since(stopped).Round(time.Millisecond))
+	fl, running := spread(t, c, "consumer-leader", "speak [sim tokens=300 rate=100]")
+	t.Logf("turns running on the workers: %v", running)
+	for _, f := range fl {
+		finish(t, f.c, f.tr)
+		if f.tr.Status != "complete" {
+			t.Fatalf("%s ended %s", f.tr.ID, f.tr.Status)
+		}
+	}
+}

@@ -6,6 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -21,6 +24,7 @@ type flight struct {
 // returns the turns and how many each worker runs.
 func spread(t *testing.T, c *cluster, prefix, text string) ([]*flight, []float64) {
 	t.Helper()
+	waitWorkersPulling(t, c)
 	var fl []*flight
 	for i := range 10 {
 		f := &flight{conv: fmt.Sprintf("%s-%d", prefix, i)}
@@ -43,6 +47,22 @@ func spread(t *testing.T, c *cluster, prefix, text string) ([]*flight, []float64
 	}
 	t.Fatal("10 turns all went to one worker")
 	return nil, nil
+}
+
+// waitWorkersPulling waits until the job consumer's leader holds a waiting
+// pull request from every worker, so that turns sent next can reach any of
+// them. A pull request is lost when the node leading the consumer stops,
+// and the worker pulls again from the new leader.
+func waitWorkersPulling(t *testing.T, c *cluster) {
+	t.Helper()
+	js, err := jetstream.New(c.nats.connect(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "every worker pulling jobs", func() bool {
+		cons, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
+		return err == nil && cons.CachedInfo().NumWaiting >= len(c.wk)
+	})
 }
 
 // statuses counts the stored statuses of the flights' turns.
