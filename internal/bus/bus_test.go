@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
@@ -115,5 +117,47 @@ func TestJobCarriesQueuedTurnOnFirstDelivery(t *testing.T) {
 	}
 	if _, ok := (&bus.JobMsg{Job: bus.Job{TurnID: "t1", ConversationID: "c1"}}).QueuedTurn(); ok {
 		t.Fatal("a job without its turn must be read")
+	}
+}
+
+// A worker whose job consumer is deleted under it would take no job again:
+// ConsumeJobs says so instead of waiting on.
+func TestConsumeJobsEndsWhenTheConsumerIsDeleted(t *testing.T) {
+	b := bustest.Start(t)
+	done := make(chan error, 1)
+	go func() { done <- b.ConsumeJobs(t.Context(), 16, func(*bus.JobMsg) {}) }()
+	js, err := jetstream.New(b.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cons, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for { // until the pull request waits on the consumer
+		info, err := cons.Info(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.NumWaiting > 0 {
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("ConsumeJobs returned before pulling: %v", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if err := js.DeleteConsumer(t.Context(), bus.JobsStream, bus.JobsConsumer); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), bus.JobsConsumer) {
+			t.Fatalf("ConsumeJobs after its consumer was deleted: %v", err)
+		}
+		t.Log(err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("ConsumeJobs still waits for jobs 10s after its consumer was deleted")
 	}
 }

@@ -1,8 +1,10 @@
 package bus
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -108,8 +110,10 @@ const jobPullHeartbeat = time.Second
 // ConsumeJobs calls fn with each job, one at a time from one goroutine, until
 // ctx is done; fn should hand the job off quickly (it may block to apply
 // backpressure). Undecodable jobs are acked and dropped. ConsumeJobs returns
-// when ctx is done and fn has returned. Under a Local it takes the jobs of
-// the process's own queue, and none from the stream.
+// nil when ctx is done and fn has returned, and an error when the pull ends
+// before that (the job consumer deleted, the connection closed). Under a
+// Local it takes the jobs of the process's own queue, and none from the
+// stream.
 func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) error {
 	if l := b.cfg.Local; l != nil {
 		for {
@@ -135,18 +139,23 @@ func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) erro
 		<-ctx.Done()
 		it.Stop()
 	}()
+	var last error // the iterator's last error, which may have ended it
 	for {
 		m, err := it.Next()
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
-			if err == jetstream.ErrMsgIteratorClosed {
-				return nil
+			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				// The pull ended while ctx lives: the consumer was
+				// deleted or the connection closed. A worker that went
+				// on would take no job again; its caller stops instead.
+				return fmt.Errorf("consume jobs: pulling from %s stopped: %w", JobsConsumer, cmp.Or(last, err))
 			}
 			// Transient errors (heartbeat missed, leadership change) are
 			// retried by the iterator itself: after a missed heartbeat the
 			// next call issues a new pull request.
+			last = err
 			continue
 		}
 		var j Job
