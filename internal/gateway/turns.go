@@ -155,7 +155,7 @@ func (c *pendingCancel) observe() {
 // The caller must call finish.
 func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pendingCancel, error) {
 	started := s.now()
-	t, err := s.store.Turn(ctx, turnID)
+	t, err := s.store.TurnHead(ctx, turnID)
 	if err != nil {
 		s.m.cancels.WithLabelValues("not_found").Inc()
 		return nil, err
@@ -251,7 +251,7 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 		// status is read, without asking the store's single writer for
 		// an update that cannot apply.
 		var now chat.Turn
-		if now, err = s.store.Turn(ctx, t.ID); err != nil {
+		if now, err = s.store.TurnHead(ctx, t.ID); err != nil {
 			return res, err
 		}
 		final = now.Status
@@ -271,7 +271,7 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 	case e := <-c.ended:
 		res.Status = e.Status
 	case <-wait.C:
-		if t, err := s.store.Turn(ctx, t.ID); err == nil {
+		if t, err := s.store.TurnHead(ctx, t.ID); err == nil {
 			res.Status = t.Status
 		}
 	case <-ctx.Done():
@@ -279,7 +279,7 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 	}
 	// The end event carries the stored status, but re-read in case this
 	// cancel raced a producer that was replaced.
-	if t, err := s.store.Turn(ctx, t.ID); err == nil && t.Status.Terminal() {
+	if t, err := s.store.TurnHead(ctx, t.ID); err == nil && t.Status.Terminal() {
 		res.Status = t.Status
 	}
 	res.Already = res.Already || (res.Status.Terminal() && res.Status != chat.StatusCancelled)

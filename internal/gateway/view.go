@@ -403,7 +403,7 @@ func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 		var err error
 		for try := max(attempt, 1); ; try++ {
 			if needStart {
-				info, err = v.s.store.Turn(v.ctx, turn)
+				info, err = v.s.store.TurnHead(v.ctx, turn)
 				if err == nil {
 					userMsg, err = v.s.store.Message(v.ctx, v.conv, info.ReplyTo)
 				}
@@ -488,8 +488,17 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 	var j protocol.Joined
 	// One read gives both the history and the active turn, consistently:
 	// a turn's assistant row is stored with its user message, and at most
-	// one turn of a conversation is unfinished, the newest.
-	msgs, err := v.s.store.Messages(ctx, v.conv, max(history, 2)+1, "")
+	// one turn of a conversation is unfinished, the newest. A join that
+	// wants no history (a client resuming with "after") reads no text: it
+	// gets its answer's rest from catchUp, and a join then costs the same
+	// however long the answers before it were.
+	var msgs []chat.Message
+	var err error
+	if history == 0 {
+		msgs, err = v.s.store.MessageHeads(ctx, v.conv, 3)
+	} else {
+		msgs, err = v.s.store.Messages(ctx, v.conv, max(history, 2)+1, "")
+	}
 	if err != nil {
 		return j, nil, nil, err
 	}
@@ -553,7 +562,7 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 		// The client was following a turn that has ended since: send it the
 		// rest and the end (the client names a turn in "after" only while
 		// it waits for that turn's end).
-		if t, err := v.s.store.Turn(ctx, after.TurnID); err == nil && t.ConversationID == v.conv && t.Status.Terminal() {
+		if t, err := v.s.store.TurnHead(ctx, after.TurnID); err == nil && t.ConversationID == v.conv && t.Status.Terminal() {
 			cu, err := v.s.catchUp(ctx, v.conv, t.ID, after.Seq, -1)
 			if err != nil {
 				// Sending the end without the text before it would leave

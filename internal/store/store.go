@@ -51,12 +51,20 @@ type Store interface {
 	// before message before (chat.ErrNotFound if before is unknown).
 	Messages(ctx context.Context, conversationID string, limit int, before string) ([]chat.Message, error)
 
+	// MessageHeads is Messages(ctx, conversationID, limit, "") with every
+	// message's Content left empty: for a reader that needs only the ids
+	// and statuses, at a cost that does not grow with the answers' length.
+	MessageHeads(ctx context.Context, conversationID string, limit int) ([]chat.Message, error)
+
 	// Message returns one message of a conversation or chat.ErrNotFound.
 	Message(ctx context.Context, conversationID, messageID string) (chat.Message, error)
 
 	// Turn returns turn id (the assistant message) with the owner of its
 	// conversation, or chat.ErrNotFound.
 	Turn(ctx context.Context, id string) (chat.Turn, error)
+
+	// TurnHead is Turn with Content left empty.
+	TurnHead(ctx context.Context, id string) (chat.Turn, error)
 
 	// ActiveTurn returns the conversation's turn that is queued or streaming,
 	// or chat.ErrNotFound when there is none.

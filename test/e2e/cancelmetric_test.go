@@ -23,6 +23,17 @@ type heldEndReads struct {
 
 func (s heldEndReads) Turn(ctx context.Context, id string) (chat.Turn, error) {
 	t, err := s.Store.Turn(ctx, id)
+	return s.hold(ctx, t, err)
+}
+
+func (s heldEndReads) TurnHead(ctx context.Context, id string) (chat.Turn, error) {
+	t, err := s.Store.TurnHead(ctx, id)
+	return s.hold(ctx, t, err)
+}
+
+// hold returns a read's result, once the test lets it go when the turn read
+// has ended.
+func (s heldEndReads) hold(ctx context.Context, t chat.Turn, err error) (chat.Turn, error) {
 	if err == nil && t.Status.Terminal() {
 		select {
 		case <-s.release:

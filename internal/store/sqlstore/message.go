@@ -204,25 +204,35 @@ func newMessages(req store.SendRequest) (msg, turn chat.Message) {
 // conversation has no message before). An unknown conversation has no
 // messages.
 func (s *DB) Messages(ctx context.Context, conversationID string, limit int, before string) ([]chat.Message, error) {
-	ms, err := s.messages(ctx, conversationID, limit, before)
+	ms, err := s.messages(ctx, MessageColumns, conversationID, limit, before)
 	if err != nil {
 		return nil, fmt.Errorf("messages: %w", err)
 	}
 	return ms, nil
 }
 
-func (s *DB) messages(ctx context.Context, conversationID string, limit int, before string) ([]chat.Message, error) {
+// MessageHeads is Messages of the newest messages without reading their
+// content.
+func (s *DB) MessageHeads(ctx context.Context, conversationID string, limit int) ([]chat.Message, error) {
+	ms, err := s.messages(ctx, HeadColumns, conversationID, limit, "")
+	if err != nil {
+		return nil, fmt.Errorf("message heads: %w", err)
+	}
+	return ms, nil
+}
+
+func (s *DB) messages(ctx context.Context, columns, conversationID string, limit int, before string) ([]chat.Message, error) {
 	scan := func(r Scanner) (chat.Message, error) { return scanMessage(r) }
 	var ms []chat.Message
 	var err error
 	if before == "" {
-		ms, err = queryAll(ctx, s.read, scan, `SELECT `+MessageColumns+` FROM messages m
+		ms, err = queryAll(ctx, s.read, scan, `SELECT `+columns+` FROM messages m
 			WHERE m.conversation_id = ? ORDER BY m.position DESC LIMIT ?`,
 			conversationID, s.limit(limit))
 	} else {
 		// One statement reads before's position and the page, so both come
 		// from one snapshot. A page is found only when before is.
-		ms, err = queryAll(ctx, s.read, scan, `SELECT `+MessageColumns+` FROM messages m
+		ms, err = queryAll(ctx, s.read, scan, `SELECT `+columns+` FROM messages m
 			WHERE m.conversation_id = ? AND m.position <
 				(SELECT b.position FROM messages b WHERE b.conversation_id = ? AND b.id = ?)
 			ORDER BY m.position DESC LIMIT ?`,

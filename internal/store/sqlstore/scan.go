@@ -23,6 +23,13 @@ const MessageColumns = `m.conversation_id, m.id, m.role, m.content, m.status, m.
 // conversations c.
 const TurnColumns = MessageColumns + `, c.owner`
 
+// HeadColumns and TurnHeadColumns are MessageColumns and TurnColumns with
+// an empty string in the content's place.
+var (
+	HeadColumns     = strings.Replace(MessageColumns, "m.content", "''", 1)
+	TurnHeadColumns = strings.Replace(TurnColumns, "m.content", "''", 1)
+)
+
 func scanMessage(r Scanner, extra ...any) (chat.Message, error) {
 	var (
 		m                  chat.Message

@@ -15,7 +15,16 @@ import (
 // Turn returns turn id (the assistant message) with the owner of its
 // conversation, or chat.ErrNotFound.
 func (s *DB) Turn(ctx context.Context, id string) (chat.Turn, error) {
-	t, err := scanTurn(s.read.QueryRow(ctx, `SELECT `+TurnColumns+`
+	return s.turn(ctx, TurnColumns, id)
+}
+
+// TurnHead is Turn without reading the turn's content.
+func (s *DB) TurnHead(ctx context.Context, id string) (chat.Turn, error) {
+	return s.turn(ctx, TurnHeadColumns, id)
+}
+
+func (s *DB) turn(ctx context.Context, columns, id string) (chat.Turn, error) {
+	t, err := scanTurn(s.read.QueryRow(ctx, `SELECT `+columns+`
 		FROM messages m JOIN conversations c ON c.id = m.conversation_id
 		WHERE m.turn_id = ? AND m.role = 'assistant'`, id))
 	if errors.Is(err, sql.ErrNoRows) {

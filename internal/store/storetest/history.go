@@ -67,6 +67,44 @@ func testMessages(t *testing.T, s store.Store) {
 	})
 }
 
+// testHeads: MessageHeads and TurnHead are Messages and Turn with every
+// Content empty, the rest the same.
+func testHeads(t *testing.T, s store.Store) {
+	exchanges(t, s, "c", 2)
+	send(t, s, req("c", "m3", "c-t3", at(3)))
+	if ok, err := s.StartTurn(t.Context(), "c-t3", at(4)); !ok || err != nil {
+		t.Fatalf("StartTurn(c-t3) = %v, %v", ok, err)
+	}
+	for _, limit := range []int{1, 3, 10} {
+		full, err := s.Messages(t.Context(), "c", limit, "")
+		wantErr(t, "Messages", err, nil)
+		heads, err := s.MessageHeads(t.Context(), "c", limit)
+		wantErr(t, "MessageHeads", err, nil)
+		for i := range full {
+			if full[i].Role == chat.RoleUser && full[i].Content == "" {
+				t.Fatalf("Messages: %s has no content", full[i].ID)
+			}
+			full[i].Content = ""
+		}
+		equal(t, "MessageHeads", heads, full)
+	}
+	got, err := s.MessageHeads(t.Context(), "nope", 10)
+	wantErr(t, "MessageHeads of an unknown conversation", err, nil)
+	equal(t, "MessageHeads of an unknown conversation", ids(got), []string{})
+
+	full, err := s.Turn(t.Context(), "c-t2")
+	wantErr(t, "Turn", err, nil)
+	if full.Content == "" {
+		t.Fatal("Turn: c-t2 has no content")
+	}
+	head, err := s.TurnHead(t.Context(), "c-t2")
+	wantErr(t, "TurnHead", err, nil)
+	full.Content = ""
+	equal(t, "TurnHead", head, full)
+	_, err = s.TurnHead(t.Context(), "nope")
+	wantErr(t, "TurnHead of an unknown turn", err, chat.ErrNotFound)
+}
+
 func testMessage(t *testing.T, s store.Store) {
 	exchanges(t, s, "c", 1)
 	exchanges(t, s, "other", 1)

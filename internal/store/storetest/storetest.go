@@ -34,6 +34,7 @@ func Run(t *testing.T, open func(t testing.TB) store.Store) {
 		{"FinishTurnRoundTrip", testFinishTurnRoundTrip},
 		{"ActiveTurn", testActiveTurn},
 		{"Messages", testMessages},
+		{"Heads", testHeads},
 		{"Message", testMessage},
 		{"Conversations", testConversations},
 		{"DeleteConversation", testDeleteConversation},
