@@ -349,7 +349,7 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 // was deleted or has ended, or another producer started it and died, in
 // which case loadTurn ends it as interrupted.
 func (w *Worker) loadTurn(ctx context.Context, id string, log *slog.Logger) (t chat.Turn, done bool, err error) {
-	t, err = w.store.Turn(ctx, id)
+	t, err = w.store.TurnHead(ctx, id)
 	if errors.Is(err, chat.ErrNotFound) {
 		return t, true, nil // the conversation was deleted
 	}
@@ -477,7 +477,7 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 	end := &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Seq: seq, Status: final}
 	if won {
 		end.Error, end.Usage = errMsg, usage
-	} else if stored, err := w.store.Turn(ctx, t.ID); err == nil {
+	} else if stored, err := w.store.TurnHead(ctx, t.ID); err == nil {
 		end.Seq, end.Error, end.Usage = stored.Seq, stored.Error, stored.Usage
 	}
 	if r != nil {
