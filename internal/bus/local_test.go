@@ -20,12 +20,7 @@ import (
 func TestLocalCarriesLiveEventsInProcess(t *testing.T) {
 	_, producer, gateway := localPair(t)
 
-	got := make(chan bus.Event, 64)
-	r := gateway.NewRouter(2, 64, func(e bus.Event) { got <- e })
-	defer r.Close()
-	if _, err := r.Subscribe("c.1"); err != nil {
-		t.Fatal(err)
-	}
+	r, got := route(t, gateway, "c.1")
 	// Deltas do not go through NATS at all.
 	var natsDeltas atomic.Int64
 	spy, err := gateway.Conn().Subscribe(bus.EventSubject("c.1", "t:1", bus.KindDelta), func(*nats.Msg) { natsDeltas.Add(1) })
@@ -275,16 +270,24 @@ func TestLocalCarriesCancelsAndEndsInProcess(t *testing.T) {
 	}
 }
 
+// route subscribes a router of b to conversation conv until the test ends
+// and passes its events on.
+func route(t *testing.T, b *bus.Bus, conv string) (*bus.Router, <-chan bus.Event) {
+	t.Helper()
+	got := make(chan bus.Event, 64)
+	r := b.NewRouter(2, 64, func(e bus.Event) { got <- e })
+	t.Cleanup(r.Close)
+	if _, err := r.Subscribe(conv); err != nil {
+		t.Fatal(err)
+	}
+	return r, got
+}
+
 // Under a Local a start is announced and not stored: no reader of the
 // stream uses it, and no subscriber is in another process.
 func TestLocalStartIsAnnouncedNotStored(t *testing.T) {
 	_, producer, gateway := localPair(t)
-	got := make(chan bus.Event, 4)
-	r := gateway.NewRouter(2, 64, func(e bus.Event) { got <- e })
-	defer r.Close()
-	if _, err := r.Subscribe("c"); err != nil {
-		t.Fatal(err)
-	}
+	_, got := route(t, gateway, "c")
 	start := &bus.Event{Kind: bus.KindStart, ConversationID: "c", TurnID: "t", ReplyTo: "m",
 		Message: &bus.WireMessage{ID: "m", Content: "hello"}}
 	sseq, err := producer.PublishEvent(t.Context(), start)

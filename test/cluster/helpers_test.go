@@ -178,6 +178,20 @@ func (c *natsCluster) streamInfo(t testing.TB, nc *nats.Conn, name string) *jets
 	return s.CachedInfo()
 }
 
+// jobConsumer returns the workers' job consumer, its info as of now.
+func jobConsumer(t testing.TB, nc *nats.Conn) jetstream.Consumer {
+	t.Helper()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cons, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cons
+}
+
 // node returns the index of the node called name.
 func (c *natsCluster) node(t testing.TB, name string) int {
 	t.Helper()

@@ -79,14 +79,7 @@ func TestNATSNodeStoppedMidTurn(t *testing.T) {
 	until(t, b, tb, 450)
 
 	leader := c.nats.node(t, c.nats.streamInfo(t, nc, bus.EventsStream).Cluster.Leader)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cons, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cons := jobConsumer(t, nc)
 	c.nats.nodes[leader].Shutdown()
 	t.Logf("stopped NATS node n%d, leader of %s (the job consumer's leader is %s), at seq %d",
 		leader+1, bus.EventsStream, cons.CachedInfo().Cluster.Leader, tb.Seq)
@@ -117,6 +110,10 @@ func TestNATSNodeStoppedMidTurn(t *testing.T) {
 	c.nats.restart(t, leader)
 	waitStreamsCurrent(t, c.nats, nc)
 	fl, _ := spread(t, c, "nats-cancel", "long [sim tokens=3000 rate=100]")
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
 	st, err := js.Stream(t.Context(), "KV_"+bus.CancelBucket)
 	if err != nil {
 		t.Fatal(err)
@@ -171,15 +168,7 @@ func TestJobConsumerLeaderStopped(t *testing.T) {
 	nc := c.nats.connect(t)
 	waitStreamsCurrent(t, c.nats, nc)
 	waitWorkersPulling(t, c)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cons, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leader := c.nats.node(t, cons.CachedInfo().Cluster.Leader)
+	leader := c.nats.node(t, jobConsumer(t, nc).CachedInfo().Cluster.Leader)
 	c.nats.nodes[leader].Shutdown()
 	stopped := time.Now()
 	waitWorkersPulling(t, c)

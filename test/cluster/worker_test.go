@@ -6,9 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
-	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -55,13 +52,10 @@ func spread(t *testing.T, c *cluster, prefix, text string) ([]*flight, []float64
 // and the worker pulls again from the new leader.
 func waitWorkersPulling(t *testing.T, c *cluster) {
 	t.Helper()
-	js, err := jetstream.New(c.nats.connect(t))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cons := jobConsumer(t, c.nats.connect(t))
 	eventually(t, 10*time.Second, "every worker pulling jobs", func() bool {
-		cons, err := js.Consumer(t.Context(), bus.JobsStream, bus.JobsConsumer)
-		return err == nil && cons.CachedInfo().NumWaiting >= len(c.wk)
+		info, err := cons.Info(t.Context())
+		return err == nil && info.NumWaiting >= len(c.wk)
 	})
 }
 
