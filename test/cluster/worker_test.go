@@ -1,11 +1,15 @@
 package cluster_test
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -52,10 +56,17 @@ func spread(t *testing.T, c *cluster, prefix, text string) ([]*flight, []float64
 // and the worker pulls again from the new leader.
 func waitWorkersPulling(t *testing.T, c *cluster) {
 	t.Helper()
-	cons := jobConsumer(t, c.nats.connect(t))
+	js, err := jetstream.New(c.nats.connect(t))
+	if err != nil {
+		t.Fatal(err)
+	}
 	eventually(t, 10*time.Second, "every worker pulling jobs", func() bool {
-		info, err := cons.Info(t.Context())
-		return err == nil && info.NumWaiting >= len(c.wk)
+		// Right after a NATS node stops, the consumer may have no leader
+		// yet and its info request times out: ask again until it answers.
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		defer cancel()
+		cons, err := js.Consumer(ctx, bus.JobsStream, bus.JobsConsumer)
+		return err == nil && cons.CachedInfo().NumWaiting >= len(c.wk)
 	})
 }
 
