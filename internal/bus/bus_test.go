@@ -161,3 +161,42 @@ func TestConsumeJobsEndsWhenTheConsumerIsDeleted(t *testing.T) {
 		t.Fatal("ConsumeJobs still waits for jobs 10s after its consumer was deleted")
 	}
 }
+
+// When the watch of the cancel bucket ends under a live context (here the
+// bucket is deleted, so its consumer cannot be recreated), WatchCancels
+// says so once, and the core signals still reach the callback.
+func TestWatchCancelsReportsTheWatchsEnd(t *testing.T) {
+	b := bustest.Start(t)
+	cancels := make(chan string, 4)
+	ended, err := b.WatchCancels(t.Context(), func(turn string) { cancels <- turn })
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := jetstream.New(b.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := js.DeleteKeyValue(t.Context(), bus.CancelBucket); err != nil {
+		t.Fatal(err)
+	}
+	// The watch's consumer is recreated after two missed heartbeats (10 s
+	// in nats.go), and that fails.
+	select {
+	case err, ok := <-ended:
+		if !ok || err == nil || !strings.Contains(err.Error(), bus.CancelBucket) {
+			t.Fatalf("the watch's end reported as %v, %v", err, ok)
+		}
+		t.Log(err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("no word of the watch's end 20s after its bucket was deleted")
+	}
+	b.SignalCancel("t1")
+	select {
+	case turn := <-cancels:
+		if turn != "t1" {
+			t.Fatalf("cancel of %q, want t1", turn)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the cancel signal did not arrive after the watch ended")
+	}
+}

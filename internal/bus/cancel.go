@@ -65,33 +65,47 @@ func (b *Bus) IsCancelled(ctx context.Context, turnID string) (bool, error) {
 // Local, in the process), and a watch of the tombstones backed by
 // JetStream, so a cancel written while the connection was briefly down
 // still arrives. It returns once both are established.
-func (b *Bus) WatchCancels(ctx context.Context, fn func(turnID string)) error {
+//
+// The watch can end under a live ctx: when its consumer cannot be recreated
+// (the bucket was deleted) or the connection is closed for good. Then the
+// returned channel receives the error, once, while the signals go on
+// reaching fn until ctx is done: a worker told so stops taking jobs, and
+// can still stop the turns it ends. The channel is closed when the watch
+// stops.
+func (b *Bus) WatchCancels(ctx context.Context, fn func(turnID string)) (<-chan error, error) {
 	signals := make(chan *nats.Msg, 1024)
 	sub, err := b.nc.ChanSubscribe(CancelSubj, signals)
 	if err != nil {
-		return fmt.Errorf("watch cancels: %w", err)
+		return nil, fmt.Errorf("watch cancels: %w", err)
 	}
 	if err := b.nc.Flush(); err != nil {
 		_ = sub.Unsubscribe()
-		return fmt.Errorf("watch cancels: %w", err)
+		return nil, fmt.Errorf("watch cancels: %w", err)
 	}
 	w, err := b.cancels.WatchAll(ctx, jetstream.UpdatesOnly(), jetstream.IgnoreDeletes())
 	if err != nil {
 		_ = sub.Unsubscribe()
-		return fmt.Errorf("watch cancels: %w", err)
+		return nil, fmt.Errorf("watch cancels: %w", err)
 	}
+	ended := make(chan error, 1)
 	go func() {
+		defer close(ended)
 		defer w.Stop()
 		defer sub.Unsubscribe()
+		updates := w.Updates()
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case m := <-signals:
 				fn(string(m.Data))
-			case e, ok := <-w.Updates():
+			case e, ok := <-updates:
 				if !ok {
-					return
+					if ctx.Err() == nil {
+						ended <- fmt.Errorf("watch cancels: the watch of bucket %s ended", CancelBucket)
+					}
+					updates = nil // signals only, from now on
+					continue
 				}
 				if e == nil || e.Operation() != jetstream.KeyValuePut {
 					continue
@@ -103,5 +117,5 @@ func (b *Bus) WatchCancels(ctx context.Context, fn func(turnID string)) error {
 	if l := b.cfg.Local; l != nil {
 		context.AfterFunc(ctx, l.watchCancels(fn))
 	}
-	return nil
+	return ended, nil
 }

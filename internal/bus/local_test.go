@@ -237,7 +237,7 @@ func TestLocalCarriesCancelsAndEndsInProcess(t *testing.T) {
 	producer, _ := openLocal(t, emb, local, "worker")
 	gateway, gnc := openLocal(t, emb, local, "gateway")
 	cancels := make(chan string, 4)
-	if err := producer.WatchCancels(t.Context(), func(turn string) { cancels <- turn }); err != nil {
+	if _, err := producer.WatchCancels(t.Context(), func(turn string) { cancels <- turn }); err != nil {
 		t.Fatal(err)
 	}
 	gnc.Close()

@@ -155,9 +155,20 @@ func (w *Worker) Run(ctx context.Context) error {
 	// job's tombstone check and its registration.
 	watchCtx, stopWatch := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWatch()
-	if err := w.bus.WatchCancels(watchCtx, w.cancelTurn); err != nil {
+	watchEnded, err := w.bus.WatchCancels(watchCtx, w.cancelTurn)
+	if err != nil {
 		return err
 	}
+	// A worker whose watch of the cancel bucket ended would miss a cancel
+	// whose core signal it did not hear: it stops as on ctx, and says why.
+	jobsCtx, stopJobs := context.WithCancelCause(ctx)
+	defer stopJobs(nil)
+	go func() {
+		if err, ok := <-watchEnded; ok {
+			w.log.Error("stopping: cannot watch cancels", "err", err)
+			stopJobs(err)
+		}
+	}()
 	ping, err := w.bus.ServeWorkerPing(w.cfg.ID)
 	if err != nil {
 		return err
@@ -178,10 +189,10 @@ func (w *Worker) Run(ctx context.Context) error {
 
 	sem := make(chan struct{}, w.cfg.Concurrency)
 	w.log.Info("worker started", "concurrency", w.cfg.Concurrency)
-	err = w.bus.ConsumeJobs(ctx, min(w.cfg.Concurrency, 256), func(jm *bus.JobMsg) {
+	err = w.bus.ConsumeJobs(jobsCtx, min(w.cfg.Concurrency, 256), func(jm *bus.JobMsg) {
 		select {
 		case sem <- struct{}{}:
-		case <-ctx.Done():
+		case <-jobsCtx.Done():
 			return // not acked: redelivered to another worker
 		}
 		w.wg.Add(1)
@@ -191,6 +202,9 @@ func (w *Worker) Run(ctx context.Context) error {
 			w.handle(jm)
 		}()
 	})
+	if err == nil && ctx.Err() == nil {
+		err = context.Cause(jobsCtx) // the cancel watch's end, or nil
+	}
 	w.shutdown(errShutdown)
 	w.wg.Wait()
 	w.log.Info("worker stopped")

@@ -287,21 +287,25 @@ func waitAck(t *testing.T, acks <-chan uint64) uint64 {
 	return receive(t, acks, "the job was not acked")
 }
 
-func TestCancelStreamingTurn(t *testing.T) {
-	e := setup(t, worker.Config{}, true)
-	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=500] long", true)
-	// Wait for the turn to stream, then cancel it.
+// waitStreaming waits until the turn's snapshot is past seq.
+func waitStreaming(t *testing.T, b *bus.Bus, turn string, seq int64) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		s, err := e.bus.ReadSnapshot(t.Context(), "t1")
-		if err == nil && s.Seq > 5 {
-			break
+		if s, err := b.ReadSnapshot(t.Context(), turn); err == nil && s.Seq > seq {
+			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("turn did not stream")
+			t.Fatalf("turn %s did not stream", turn)
 		}
 		time.Sleep(10 * time.Millisecond) // polling the snapshot
 	}
+}
+
+func TestCancelStreamingTurn(t *testing.T) {
+	e := setup(t, worker.Config{}, true)
+	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=500] long", true)
+	waitStreaming(t, e.bus, "t1", 5)
 	if _, err := e.bus.MarkCancelled(t.Context(), "t1"); err != nil {
 		t.Fatal(err)
 	}
@@ -315,17 +319,37 @@ func TestCancelStreamingTurn(t *testing.T) {
 func TestShutdownInterruptsRunningTurns(t *testing.T) {
 	e := setup(t, worker.Config{}, true)
 	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=200] long", true)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if s, err := e.bus.ReadSnapshot(t.Context(), "t1"); err == nil && s.Seq > 2 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("turn did not stream")
-		}
-		time.Sleep(10 * time.Millisecond) // polling the snapshot
-	}
+	waitStreaming(t, e.bus, "t1", 2)
 	e.stop()
+	end := waitEnd(t, ends)
+	st, _ := e.store.Turn(t.Context(), "t1")
+	if end.Status != chat.StatusInterrupted || st.Status != chat.StatusInterrupted || st.Content == "" {
+		t.Fatalf("end %+v, stored %s %q", end, st.Status, st.Content)
+	}
+}
+
+// A worker whose watch of the cancel bucket ends (here the bucket is
+// deleted) could miss a cancel: it stops as on shutdown, its turn ended
+// interrupted with the text saved, and Run says why.
+func TestWorkerStopsWhenItCannotWatchCancels(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	done := make(chan error, 1)
+	go func() { done <- e.w.Run(t.Context()) }()
+	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=200] long", true)
+	waitStreaming(t, e.bus, "t1", 2)
+	js, err := jetstream.New(e.bus.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := js.DeleteKeyValue(t.Context(), bus.CancelBucket); err != nil {
+		t.Fatal(err)
+	}
+	// The watch's consumer is recreated after two missed heartbeats (10 s
+	// in nats.go), and that fails.
+	err = receive(t, done, "the worker still runs 20 s after the cancel bucket was deleted")
+	if err == nil || !strings.Contains(err.Error(), bus.CancelBucket) {
+		t.Fatalf("Run returned %v", err)
+	}
 	end := waitEnd(t, ends)
 	st, _ := e.store.Turn(t.Context(), "t1")
 	if end.Status != chat.StatusInterrupted || st.Status != chat.StatusInterrupted || st.Content == "" {
