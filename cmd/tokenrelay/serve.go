@@ -152,7 +152,11 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 // --nats-url.
 func connect(c *config, emb *bus.Embedded, name string, log *slog.Logger) (*nats.Conn, error) {
 	if emb != nil {
-		return emb.Connect(name)
+		nc, err := emb.Connect(name)
+		if err == nil {
+			nc.SetErrorHandler(logNATSError(log))
+		}
+		return nc, err
 	}
 	return connectNATS(c, name, log)
 }

@@ -88,6 +88,7 @@ func connectNATS(c *config, name string, log *slog.Logger) (*nats.Conn, error) {
 		nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(250 * time.Millisecond),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("nats disconnected", "err", err) }),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Warn("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
+		nats.ErrorHandler(logNATSError(log)),
 	}
 	if c.NATSCreds != "" {
 		opts = append(opts, nats.UserCredentials(c.NATSCreds))
@@ -103,6 +104,19 @@ func connectNATS(c *config, name string, log *slog.Logger) (*nats.Conn, error) {
 		return nil, fmt.Errorf("connect nats: %w", err)
 	}
 	return nc, nil
+}
+
+// logNATSError logs the connection's asynchronous errors (a slow
+// consumer, a JetStream consumer that could not be recreated, a permission
+// denied) as warnings, where nats.go would print them to stderr unformatted.
+func logNATSError(log *slog.Logger) nats.ErrHandler {
+	return func(_ *nats.Conn, sub *nats.Subscription, err error) {
+		if sub != nil {
+			log.Warn("nats error", "err", err, "subject", sub.Subject)
+			return
+		}
+		log.Warn("nats error", "err", err)
+	}
 }
 
 // openBus opens the bus on nc; local, when not nil, carries live events

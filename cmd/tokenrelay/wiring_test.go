@@ -1,0 +1,37 @@
+package main
+
+import (
+	"bytes"
+	"log/slog"
+	"strings"
+	"testing"
+
+	"github.com/nats-io/nats.go"
+)
+
+// nats.go's asynchronous errors reach the log as warnings, with the
+// subscription's subject when there is one.
+func TestLogNATSError(t *testing.T) {
+	var buf bytes.Buffer
+	handle := logNATSError(slog.New(slog.NewTextHandler(&buf, nil)))
+	handle(nil, &nats.Subscription{Subject: "$KV.TR_CANCELS.>"}, nats.ErrConsumerNotActive)
+	handle(nil, nil, nats.ErrSlowConsumer)
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	want := [][]string{
+		{`level=WARN`, `msg="nats error"`, `err="nats: consumer not active"`, `subject=$KV.TR_CANCELS.>`},
+		{`level=WARN`, `msg="nats error"`, `err="nats: slow consumer, messages dropped"`},
+	}
+	if len(lines) != len(want) {
+		t.Fatalf("logged %d lines, want %d:\n%s", len(lines), len(want), buf.String())
+	}
+	for i, parts := range want {
+		for _, p := range parts {
+			if !strings.Contains(lines[i], p) {
+				t.Errorf("line %d %q lacks %s", i+1, lines[i], p)
+			}
+		}
+	}
+	if strings.Contains(lines[1], "subject=") {
+		t.Errorf("line 2 %q names a subject", lines[1])
+	}
+}
