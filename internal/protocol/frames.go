@@ -22,7 +22,7 @@ const (
 	TypePing   = "ping"
 )
 
-// MaxFrameIDLen is the longest client frame "id" echoed back.
+// MaxFrameIDLen is the longest client frame "id", in characters, echoed back.
 const MaxFrameIDLen = 64
 
 // After is a join's "I already have turn TurnID up to delta Seq".
@@ -60,6 +60,12 @@ type DecodeError struct {
 
 func (e *DecodeError) Error() string { return e.Message }
 
+// idTooLong reports whether a frame id has more than MaxFrameIDLen
+// characters (not bytes: "é" is one).
+func idTooLong(id string) bool {
+	return len(id) > MaxFrameIDLen && utf8.RuneCountInString(id) > MaxFrameIDLen
+}
+
 // DecodeClient parses and validates one client frame. Every failure is a
 // *DecodeError meaning bad_request.
 func DecodeClient(data []byte) (ClientFrame, error) {
@@ -71,12 +77,12 @@ func DecodeClient(data []byte) (ClientFrame, error) {
 		}
 		_ = json.Unmarshal(data, &id)
 		s, _ := id.ID.(string)
-		if len(s) > MaxFrameIDLen {
+		if idTooLong(s) {
 			s = ""
 		}
 		return ClientFrame{}, &DecodeError{ID: s, Message: "invalid JSON frame: " + jsonErrText(err)}
 	}
-	if len(f.ID) > MaxFrameIDLen {
+	if idTooLong(f.ID) {
 		return ClientFrame{}, &DecodeError{Message: "id longer than 64 characters"}
 	}
 	if rest := bytes.TrimLeft(data[dec.InputOffset():], " \t\r\n"); len(rest) > 0 {

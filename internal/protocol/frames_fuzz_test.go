@@ -26,8 +26,8 @@ func FuzzDecodeClient(f *testing.F) {
 			if !errors.As(err, &de) {
 				t.Fatalf("error %T %v is not a *DecodeError", err, err)
 			}
-			if len(de.ID) > MaxFrameIDLen {
-				t.Fatalf("echoes a %d-byte id", len(de.ID))
+			if idTooLong(de.ID) {
+				t.Fatalf("echoes a %d-character id", utf8.RuneCountInString(de.ID))
 			}
 			if fr != (ClientFrame{}) {
 				t.Fatalf("refused frame returned %+v", fr)
@@ -56,7 +56,7 @@ func FuzzDecodeClient(f *testing.F) {
 
 // violation names the first rule of PROTOCOL.md that fr breaks, or "".
 func violation(fr ClientFrame) string {
-	if len(fr.ID) > MaxFrameIDLen {
+	if utf8.RuneCountInString(fr.ID) > MaxFrameIDLen {
 		return "id longer than 64"
 	}
 	id := func(s string, required bool) bool { return s == "" && !required || idRE.MatchString(s) }

@@ -35,6 +35,8 @@ func TestDecodeClient(t *testing.T) {
 		{"send bad turn id", `{"type":"send","conversation_id":"c","text":"x","turn_id":"t/1"}`, "turn_id", ""},
 		{"cancel without turn", `{"type":"cancel"}`, "turn_id is required", ""},
 		{"id too long", `{"type":"ping","id":"` + strings.Repeat("x", 65) + `"}`, "id longer", ""},
+		{"id of 64 characters in 128 bytes", `{"type":"ping","id":"` + strings.Repeat("é", 64) + `"}`, "", strings.Repeat("é", 64)},
+		{"id of 65 characters", `{"type":"ping","id":"` + strings.Repeat("é", 65) + `"}`, "id longer", ""},
 		{"text wrong type", `{"type":"send","conversation_id":"c","text":1}`, "wrong type", ""},
 	}
 	for _, tt := range tests {
