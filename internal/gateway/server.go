@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -81,6 +82,7 @@ type Server struct {
 	m      *metrics
 	log    *slog.Logger
 	mux    *http.ServeMux
+	api    *http.ServeMux // the API's routes alone (see ServeHTTP)
 
 	shutdownCtx context.Context // cancelled by Shutdown: every connection derives from it
 	shutdown    context.CancelFunc
@@ -213,8 +215,61 @@ func (s *Server) resync(conv string) {
 
 func (s *Server) now() time.Time { return s.cfg.Now() }
 
-// ServeHTTP implements http.Handler.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// ServeHTTP implements http.Handler. A request for an API path that no
+// route takes (an unknown path under /v1/, or a method a path does not
+// have) gets the API's JSON error, 404 or 405, rather than the plain text
+// of net/http or the web page's file server.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if isAPIPath(r.URL.Path) {
+		if _, pattern := s.mux.Handler(r); pattern == "" || pattern == "GET /" {
+			s.api.ServeHTTP(&apiErrorWriter{ResponseWriter: w, r: r}, r)
+			return
+		}
+	}
+	s.mux.ServeHTTP(w, r)
+}
+
+// isAPIPath reports whether path belongs to the API of PROTOCOL.md.
+func isAPIPath(path string) bool {
+	switch path {
+	case "/healthz", "/readyz", "/metrics":
+		return true
+	}
+	return strings.HasPrefix(path, "/v1/") || path == "/v1"
+}
+
+// apiErrorWriter turns the 404 or 405 that net/http writes for a request no
+// route took into the API's JSON error, keeping the Allow header of a 405.
+type apiErrorWriter struct {
+	http.ResponseWriter
+	r    *http.Request
+	done bool
+}
+
+func (w *apiErrorWriter) WriteHeader(status int) {
+	if w.done {
+		return
+	}
+	w.done = true
+	var body errorBody
+	if status == http.StatusMethodNotAllowed {
+		body.Error.Code = "bad_request"
+		body.Error.Message = w.r.Method + " is not allowed on " + w.r.URL.Path + " (allowed: " + w.Header().Get("Allow") + ")"
+	} else {
+		body.Error.Code = "not_found"
+		body.Error.Message = "no such endpoint: " + w.r.Method + " " + w.r.URL.Path
+	}
+	w.Header().Del("X-Content-Type-Options")
+	writeJSON(w.ResponseWriter, status, body)
+}
+
+// Write drops net/http's plain-text body: WriteHeader wrote the JSON one.
+func (w *apiErrorWriter) Write(p []byte) (int, error) {
+	if !w.done {
+		w.WriteHeader(http.StatusNotFound)
+	}
+	return len(p), nil
+}
 
 // Shutdown closes every WebSocket connection with 1001 (going away) and
 // waits for their goroutines, or until ctx is done. Events already received
@@ -298,17 +353,24 @@ func (s *Server) requestCtx() (context.Context, context.CancelFunc) {
 
 func (s *Server) routes() *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.Handle("GET /v1/ws", s.handleWS())
-	mux.Handle("GET /v1/conversations", s.authed(s.handleListConversations()))
-	mux.Handle("GET /v1/conversations/{conversation}/messages", s.authed(s.handleListMessages()))
-	mux.Handle("POST /v1/conversations/{conversation}/messages", s.authed(s.handlePostMessage()))
-	mux.Handle("DELETE /v1/conversations/{conversation}", s.authed(s.handleDeleteConversation()))
-	mux.Handle("POST /v1/turns/{turn}/cancel", s.authed(s.handleCancel()))
-	mux.Handle("GET /v1/turns/{turn}/events", s.authed(s.handleSSE()))
-	mux.Handle("GET /healthz", s.handleHealthz())
-	mux.Handle("GET /readyz", s.handleReadyz())
+	// The API's routes also go on a mux of their own, which answers the
+	// API's paths that no route takes (see ServeHTTP).
+	s.api = http.NewServeMux()
+	api := func(pattern string, h http.Handler) {
+		mux.Handle(pattern, h)
+		s.api.Handle(pattern, h)
+	}
+	api("GET /v1/ws", s.handleWS())
+	api("GET /v1/conversations", s.authed(s.handleListConversations()))
+	api("GET /v1/conversations/{conversation}/messages", s.authed(s.handleListMessages()))
+	api("POST /v1/conversations/{conversation}/messages", s.authed(s.handlePostMessage()))
+	api("DELETE /v1/conversations/{conversation}", s.authed(s.handleDeleteConversation()))
+	api("POST /v1/turns/{turn}/cancel", s.authed(s.handleCancel()))
+	api("GET /v1/turns/{turn}/events", s.authed(s.handleSSE()))
+	api("GET /healthz", s.handleHealthz())
+	api("GET /readyz", s.handleReadyz())
 	if s.cfg.Gatherer != nil {
-		mux.Handle("GET /metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
+		api("GET /metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
 	}
 	if s.cfg.Static != nil {
 		mux.Handle("GET /", http.FileServerFS(s.cfg.Static))
