@@ -296,16 +296,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			// ...and the queues reach the sockets, for a moment at most.
-			wait := time.NewTimer(time.Second)
-			defer wait.Stop()
-			for !o.q.idle() {
-				select {
-				case <-wait.C:
-				case <-time.After(5 * time.Millisecond):
-					continue
-				}
-				break
-			}
+			waitIdle(o.q, time.Second)
 			_ = o.raw.close(c, websocket.StatusGoingAway, "server shutting down")
 		}()
 	}

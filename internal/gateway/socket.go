@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"math"
 	"net"
 	"slices"
@@ -37,7 +38,18 @@ func onOwnStack(f func()) {
 // keeps nothing bigger.
 func (s *Server) readLoop(ws *websocket.Conn, raw *rawSocket, handle func(websocket.MessageType, []byte)) {
 	var err error
+	limit := int64(s.cfg.Limits.FrameBytes)
 	read := func() {
+		if raw.frameTooLarge(limit) {
+			// Refused before the library reads it, which would close
+			// with 1009 at once: the answers to the frames before it go
+			// out first, for a second at most.
+			s.m.limitHits.WithLabelValues("frame_bytes").Inc()
+			waitIdle(raw.q, time.Second)
+			_ = raw.close(ws, websocket.StatusMessageTooBig, fmt.Sprintf("frame over %d bytes", limit))
+			err = errFrameTooLarge
+			return
+		}
 		var typ websocket.MessageType
 		var data []byte
 		// No context: ending the connection closes the socket (see
@@ -54,6 +66,56 @@ func (s *Server) readLoop(ws *websocket.Conn, raw *rawSocket, handle func(websoc
 	for err == nil {
 		raw.park()
 		onOwnStack(read)
+	}
+}
+
+// errFrameTooLarge ends a read loop that refused a frame over the limit.
+var errFrameTooLarge = errors.New("frame too large")
+
+// frameTooLarge reports whether the next frame in the socket's buffer is a
+// data frame whose header announces more than limit bytes. It peeks, so the
+// library still reads the frame from its start; it answers false when it
+// cannot tell (no buffer of ours, a control frame), and the library's own
+// read limit then applies (to a message cut in fragments, too).
+func (r *rawSocket) frameTooLarge(limit int64) bool {
+	if r.br == nil || limit <= 0 {
+		return false
+	}
+	h, err := r.br.Peek(2)
+	if err != nil || h[0]&0x0F > 2 { // opcodes 0-2: continuation, text, binary
+		return false
+	}
+	n := int64(h[1] & 0x7F)
+	switch n {
+	case 126:
+		if h, err = r.br.Peek(4); err != nil {
+			return false
+		}
+		n = int64(binary.BigEndian.Uint16(h[2:]))
+	case 127:
+		if h, err = r.br.Peek(10); err != nil {
+			return false
+		}
+		u := binary.BigEndian.Uint64(h[2:])
+		if u > math.MaxInt64 {
+			return true
+		}
+		n = int64(u)
+	}
+	return n > limit
+}
+
+// waitIdle waits until q has nothing queued and no writer runs, for d at
+// most.
+func waitIdle(q *outQueue, d time.Duration) {
+	wait := time.NewTimer(d)
+	defer wait.Stop()
+	for !q.idle() {
+		select {
+		case <-wait.C:
+			return
+		case <-time.After(5 * time.Millisecond):
+		}
 	}
 }
 

@@ -39,7 +39,27 @@ func TestFrameAndTextSize(t *testing.T) {
 			t.Fatalf("1025-byte frame: close %d, want 1009", code)
 		}
 	})
-	waitMetric(t, p.URL, "tokenrelay_limit_hits_total", `limit="frame_bytes"`, 1)
+	t.Run("answers to the frames before it go out first", func(t *testing.T) {
+		c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
+		want := map[string]bool{}
+		for i := range 20 {
+			id := "p" + strconv.Itoa(i)
+			want[id] = true
+			c.Send(map[string]any{"type": "ping", "id": id})
+		}
+		c.Send(pad(1025))
+		for len(want) > 0 {
+			f, err := c.Next(wait)
+			if err != nil {
+				t.Fatalf("%v, before the answers to %d frames", err, len(want))
+			}
+			delete(want, f.Str("id"))
+		}
+		if code := c.CloseStatus(); code != websocket.StatusMessageTooBig {
+			t.Fatalf("after the answers: close %d, want 1009", code)
+		}
+	})
+	waitMetric(t, p.URL, "tokenrelay_limit_hits_total", `limit="frame_bytes"`, 2)
 
 	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
 	c.Join("sizes", nil)
