@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -169,22 +170,11 @@ func newProvider(c *config, log *slog.Logger) (provider.Provider, func(string) b
 	return nil, nil, fmt.Errorf("--provider must be sim or openai, not %q", c.Provider)
 }
 
+// allowList is the simulator's check of send.model: the default model (the
+// one turns report when a send names none) and those of --models.
 func allowList(c *config) func(string) bool {
-	models := splitList(c.Models)
-	if len(models) == 0 {
-		return func(m string) bool { return m == "" || m == c.Model || c.Model == "" && m == "sim" }
-	}
-	return func(m string) bool {
-		if m == "" || m == c.Model {
-			return true
-		}
-		for _, x := range models {
-			if x == m {
-				return true
-			}
-		}
-		return false
-	}
+	def, models := defaultModel(c), splitList(c.Models)
+	return func(m string) bool { return m == "" || m == def || slices.Contains(models, m) }
 }
 
 // newAuth applies the dev-mode rule of PROTOCOL.md: dev is on by default

@@ -35,3 +35,31 @@ func TestLogNATSError(t *testing.T) {
 		t.Errorf("line 2 %q names a subject", lines[1])
 	}
 }
+
+// The simulator's default model, the name its turns report, is allowed
+// whether or not --models lists others.
+func TestAllowList(t *testing.T) {
+	tests := []struct {
+		model, models string
+		allowed       []string
+		refused       []string
+	}{
+		{"", "", []string{"", "sim"}, []string{"m1"}},
+		{"", "m1,m2", []string{"", "sim", "m1", "m2"}, []string{"m3"}},
+		{"big", "", []string{"", "big"}, []string{"sim"}},
+		{"big", "m1", []string{"", "big", "m1"}, []string{"sim", "m2"}},
+	}
+	for _, tt := range tests {
+		ok := allowList(&config{Provider: "sim", Model: tt.model, Models: tt.models})
+		for _, m := range tt.allowed {
+			if !ok(m) {
+				t.Errorf("--model %q --models %q refuses %q", tt.model, tt.models, m)
+			}
+		}
+		for _, m := range tt.refused {
+			if ok(m) {
+				t.Errorf("--model %q --models %q allows %q", tt.model, tt.models, m)
+			}
+		}
+	}
+}
