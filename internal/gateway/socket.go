@@ -72,35 +72,46 @@ func (s *Server) readLoop(ws *websocket.Conn, raw *rawSocket, handle func(websoc
 // errFrameTooLarge ends a read loop that refused a frame over the limit.
 var errFrameTooLarge = errors.New("frame too large")
 
-// frameTooLarge reports whether the next frame in the socket's buffer is a
-// data frame whose header announces more than limit bytes. It peeks, so the
+// frameTooLarge reports whether the next frame from the peer is a data
+// frame whose header announces more than limit bytes. It peeks, so the
 // library still reads the frame from its start; it answers false when it
-// cannot tell (no buffer of ours, a control frame), and the library's own
-// read limit then applies (to a message cut in fragments, too).
+// cannot tell (no buffer of ours, a socket not parked, a control frame, a
+// header cut short), and the library's own read limit then applies (to a
+// message cut in fragments, too).
+//
+// It looks at br under mu and only while not closing, as park does: the
+// close handshake reads br once closing is set. Filling an empty buffer
+// does not wait: park returned because the socket has data.
 func (r *rawSocket) frameTooLarge(limit int64) bool {
-	if r.br == nil || limit <= 0 {
+	if r.br == nil || r.readable == nil || limit <= 0 {
 		return false
 	}
-	h, err := r.br.Peek(2)
-	if err != nil || h[0]&0x0F > 2 { // opcodes 0-2: continuation, text, binary
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closing {
+		return false
+	}
+	if r.br.Buffered() == 0 {
+		if _, err := r.br.Peek(1); err != nil {
+			return false
+		}
+	}
+	h, _ := r.br.Peek(min(r.br.Buffered(), 10))
+	if len(h) < 2 || h[0]&0x0F > 2 { // opcodes 0-2: continuation, text, binary
 		return false
 	}
 	n := int64(h[1] & 0x7F)
-	switch n {
-	case 126:
-		if h, err = r.br.Peek(4); err != nil {
-			return false
-		}
+	switch {
+	case n == 126 && len(h) >= 4:
 		n = int64(binary.BigEndian.Uint16(h[2:]))
-	case 127:
-		if h, err = r.br.Peek(10); err != nil {
-			return false
-		}
+	case n == 127 && len(h) >= 10:
 		u := binary.BigEndian.Uint64(h[2:])
 		if u > math.MaxInt64 {
 			return true
 		}
 		n = int64(u)
+	case n >= 126:
+		return false // the length is not all here yet
 	}
 	return n > limit
 }
