@@ -184,7 +184,17 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 // parse reads args, then fills every flag not given on the command line
 // from TOKENRELAY_<NAME> (upper case, - → _).
 func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
-	if err := fs.Parse(args); err != nil {
+	// A bad flag is reported in one line, by main, as the reasons for not
+	// starting are: the flag package would print it and then the whole
+	// usage. The usage is printed when it is asked for.
+	out := fs.Output()
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	fs.SetOutput(out)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+	}
+	if err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
@@ -192,7 +202,6 @@ func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	var err error
 	fs.VisitAll(func(f *flag.Flag) {
 		if set[f.Name] || err != nil {
 			return
@@ -204,6 +213,36 @@ func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
 		}
 		if e := fs.Set(f.Name, v); e != nil {
 			err = fmt.Errorf("invalid value %q for %s: %v", v, name, e)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return checkNotNegative(fs)
+}
+
+// checkNotNegative refuses a negative number or duration, which no flag
+// gives a meaning to except those whose usage says "negative disables".
+func checkNotNegative(fs *flag.FlagSet) error {
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		g, ok := f.Value.(flag.Getter)
+		if err != nil || !ok || strings.Contains(f.Usage, "negative disables") {
+			return
+		}
+		var negative bool
+		switch v := g.Get().(type) {
+		case int:
+			negative = v < 0
+		case int64:
+			negative = v < 0
+		case float64:
+			negative = v < 0
+		case time.Duration:
+			negative = v < 0
+		}
+		if negative {
+			err = fmt.Errorf("invalid value %q for --%s: must not be negative", f.Value.String(), f.Name)
 		}
 	})
 	return err

@@ -21,10 +21,10 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
 	stop()
-	if err != nil {
-		if !errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintln(os.Stderr, "tokenrelay: "+err.Error())
-		}
+	switch {
+	case errors.Is(err, flag.ErrHelp): // -h: the usage was asked for
+	case err != nil:
+		fmt.Fprintln(os.Stderr, "tokenrelay: "+err.Error())
 		os.Exit(1)
 	}
 }

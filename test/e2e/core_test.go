@@ -268,18 +268,22 @@ func TestServeRefusesToStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	tests := []struct {
-		name string
-		args []string
-		want string
+		name  string
+		args  []string
+		want  string
+		alone bool // refused before anything runs: the reason is all it prints
 	}{
-		{"port taken", []string{"--addr", ln.Addr().String(), "--data-dir", t.TempDir()}, "address already in use"},
-		{"data dir not writable", []string{"--addr", "127.0.0.1:0", "--data-dir", "/proc/tokenrelay"}, "not writable"},
-		{"bad flag", []string{"--sim-rate", "fast"}, "invalid value"},
-		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication"},
+		{"port taken", []string{"--addr", ln.Addr().String(), "--data-dir", t.TempDir()}, "address already in use", false},
+		{"data dir not writable", []string{"--addr", "127.0.0.1:0", "--data-dir", "/proc/tokenrelay"}, "not writable", false},
+		{"bad flag", []string{"--sim-rate", "fast"}, "invalid value", true},
+		{"unknown flag", []string{"--bogus"}, "not defined: -bogus", true},
+		{"negative limit", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--limit-turns", "-2"}, "must not be negative", true},
+		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cmd := exec.Command(bin, append([]string{"serve"}, tt.args...)...)
+			// A serve that starts after all is stopped, and fails the test.
+			cmd := exec.CommandContext(trtest.Ctx(t, 20*time.Second), bin, append([]string{"serve"}, tt.args...)...)
 			out, err := cmd.CombinedOutput()
 			if err == nil {
 				t.Fatalf("serve started; output:\n%s", out)
@@ -288,6 +292,9 @@ func TestServeRefusesToStart(t *testing.T) {
 			last := lines[len(lines)-1]
 			if !strings.Contains(last, tt.want) || !strings.HasPrefix(last, "tokenrelay:") {
 				t.Fatalf("last line %q, want a one-line reason containing %q\n%s", last, tt.want, out)
+			}
+			if tt.alone && len(lines) != 1 {
+				t.Fatalf("%d lines, want the reason alone:\n%s", len(lines), out)
 			}
 		})
 	}
