@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 )
 
@@ -24,9 +25,27 @@ func main() {
 	switch {
 	case errors.Is(err, flag.ErrHelp): // -h: the usage was asked for
 	case err != nil:
-		fmt.Fprintln(os.Stderr, "tokenrelay: "+err.Error())
+		fmt.Fprintln(os.Stderr, "tokenrelay: "+oneLine(err.Error()))
 		os.Exit(1)
 	}
+}
+
+// oneLine joins the lines of an error message (a driver's may hold
+// several, such as one per address it dialled) with "; ", or a space after
+// a colon, so that the reason a command stops is one line.
+func oneLine(msg string) string {
+	var b strings.Builder
+	for i, l := range strings.Split(strings.TrimSpace(msg), "\n") {
+		switch l = strings.TrimSpace(l); {
+		case i == 0:
+		case strings.HasSuffix(b.String(), ":"):
+			b.WriteString(" ")
+		default:
+			b.WriteString("; ")
+		}
+		b.WriteString(l)
+	}
+	return b.String()
 }
 
 const usage = `usage: tokenrelay <command> [flags]

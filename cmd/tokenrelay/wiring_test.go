@@ -63,3 +63,16 @@ func TestAllowList(t *testing.T) {
 		}
 	}
 }
+
+// The reason a command stops is printed as one line, whatever lines the
+// error held.
+func TestOneLine(t *testing.T) {
+	in := "open store: failed to connect to `user=postgres`:\n\t127.0.0.1:1 (127.0.0.1): dial error: refused\n\t[::1]:1 (localhost): dial error: refused\n"
+	want := "open store: failed to connect to `user=postgres`: 127.0.0.1:1 (127.0.0.1): dial error: refused; [::1]:1 (localhost): dial error: refused"
+	if got := oneLine(in); got != want {
+		t.Fatalf("oneLine = %q\nwant      %q", got, want)
+	}
+	if got := oneLine("port taken"); got != "port taken" {
+		t.Fatalf("oneLine of one line = %q", got)
+	}
+}
