@@ -59,17 +59,28 @@ func cutBearer(s string) (string, bool) {
 	return strings.TrimSpace(s[len(prefix):]), true
 }
 
+// StripBearer returns token without a "Bearer " prefix, which the
+// COMPAT.md paths allow in their token parameter (dev-token included).
+func StripBearer(token string) string {
+	if t, ok := cutBearer(token); ok {
+		return t
+	}
+	return token
+}
+
 // AuthenticateCompat returns the identity for the user_id and token query
 // parameters of the COMPAT.md WebSocket path.
 //
-// In dev mode a token that is "" or [DevToken] is accepted as userID itself,
-// which must then match ^[A-Za-z0-9_.:@-]{1,128}$ (else [ErrInvalidUserID]).
-// Otherwise an optional "Bearer " prefix is stripped and the token is verified
+// An optional "Bearer " prefix is stripped first. In dev mode a token that
+// is "" or [DevToken] is accepted as userID itself, which must then match
+// ^[A-Za-z0-9_.:@-]{1,128}$ (else [ErrInvalidUserID]). Otherwise the token
+// is verified
 // with [Authenticator.Verify] (any configured algorithm, HS256 being what the
 // original system issued); its sub must equal userID, else [ErrUserMismatch].
 // Outside dev mode an empty token fails with [ErrNoToken] and [DevToken] with
 // [ErrInvalidToken]. It is safe for concurrent use.
 func (a *Authenticator) AuthenticateCompat(userID, token string) (Identity, error) {
+	token = StripBearer(token)
 	if token == "" || token == DevToken {
 		if !a.dev {
 			if token == "" {
@@ -81,9 +92,6 @@ func (a *Authenticator) AuthenticateCompat(userID, token string) (Identity, erro
 			return Identity{}, ErrInvalidUserID
 		}
 		return Identity{UserID: userID}, nil
-	}
-	if t, ok := cutBearer(token); ok {
-		token = t
 	}
 	id, err := a.Verify(token)
 	if err != nil {

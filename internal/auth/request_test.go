@@ -92,6 +92,8 @@ func TestAuthenticateCompat(t *testing.T) {
 	}{
 		{name: "dev, dev-token", a: dev, userID: "demo_user", token: DevToken, want: "demo_user"},
 		{name: "dev, no token", a: dev, userID: "default_user", token: "", want: "default_user"},
+		{name: "dev, Bearer dev-token", a: dev, userID: "demo_user", token: "Bearer " + DevToken, want: "demo_user"},
+		{name: "Bearer dev-token outside dev", a: prod, userID: "demo_user", token: "Bearer " + DevToken, wantErr: ErrInvalidToken},
 		{name: "dev, dev-token, unsafe user_id", a: dev, userID: "a b\n", token: DevToken, wantErr: ErrInvalidUserID},
 		{name: "dev, dev-token, empty user_id", a: dev, userID: "", token: DevToken, wantErr: ErrInvalidUserID},
 		{name: "dev, valid JWT", a: dev, userID: "demo_user", token: demo, want: "demo_user"},

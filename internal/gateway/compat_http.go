@@ -139,14 +139,12 @@ func (cp *compat) caller(r *http.Request, userID string) (compatCaller, error) {
 		}
 		return compatCaller{user: id.UserID}, nil
 	}
+	token = auth.StripBearer(token)
 	if token == "" || token == auth.DevToken {
 		if a.Dev() {
 			return compatCaller{}, nil
 		}
 		return compatCaller{}, errCompatAuth
-	}
-	if len(token) > 7 && strings.EqualFold(token[:7], "bearer ") {
-		token = strings.TrimSpace(token[7:])
 	}
 	id, err := a.Verify(token)
 	if err != nil {

@@ -379,10 +379,15 @@ func TestSocketAuth(t *testing.T) {
 	}
 	refused(url.Values{"session_id": {"s"}, "user_id": {"demo_user"}, "token": {"not-a-jwt"}})
 
-	// No token at all is accepted in dev mode.
+	// No token at all is accepted in dev mode, and so is dev-token with
+	// the Bearer prefix the token parameter allows.
 	c := trtest.Dial(t, wsURL(p, "/ws/chat", url.Values{"session_id": {"mine"}, "user_id": {"alice"}}), nil)
 	if f, err := c.Next(wait); err != nil || f.Type() != "welcome" {
 		t.Fatalf("no token in dev mode: %v %v", f, err)
+	}
+	c = trtest.Dial(t, wsURL(p, "/ws/chat", url.Values{"session_id": {"mine"}, "user_id": {"alice"}, "token": {"Bearer dev-token"}}), nil)
+	if f, err := c.Next(wait); err != nil || f.Type() != "welcome" {
+		t.Fatalf("Bearer dev-token in dev mode: %v %v", f, err)
 	}
 	// alice's session is not bob's.
 	refused(url.Values{"session_id": {"mine"}, "user_id": {"bob"}, "token": {"dev-token"}})
