@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 
 	"github.com/nats-io/nats.go"
@@ -40,6 +41,11 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	if err := checkWritable(c.DataDir); err != nil {
 		return err
 	}
+	unlock, err := lockDataDir(c.DataDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	ln, err := net.Listen("tcp", c.Addr)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", c.Addr, err)
@@ -54,7 +60,11 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 
 	var emb *bus.Embedded
 	if c.NATSURL == "" {
-		emb, err = bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: filepath.Join(c.DataDir, "nats"), Listen: c.NATSListen})
+		natsDir := filepath.Join(c.DataDir, "nats")
+		if err := os.MkdirAll(natsDir, 0o755); err != nil {
+			return fmt.Errorf("nats store: %w", err)
+		}
+		emb, err = bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: natsDir, Listen: c.NATSListen})
 		if err != nil {
 			return err
 		}

@@ -267,6 +267,11 @@ func TestServeRefusesToStart(t *testing.T) {
 	if err := os.MkdirAll(ro, 0o500); err != nil {
 		t.Fatal(err)
 	}
+	running := trtest.Serve(t) // holds its data dir
+	natsFile := t.TempDir()
+	if err := os.WriteFile(filepath.Join(natsFile, "nats"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name  string
 		args  []string
@@ -279,6 +284,8 @@ func TestServeRefusesToStart(t *testing.T) {
 		{"unknown flag", []string{"--bogus"}, "not defined: -bogus", true},
 		{"negative limit", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--limit-turns", "-2"}, "must not be negative", true},
 		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication", false},
+		{"data dir in use", []string{"--addr", "127.0.0.1:0", "--data-dir", running.DataDir}, "in use by another tokenrelay", false},
+		{"nats store dir is a file", []string{"--addr", "127.0.0.1:0", "--data-dir", natsFile}, "not a directory", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
