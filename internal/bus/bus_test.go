@@ -192,12 +192,18 @@ func TestWatchCancelsReportsTheWatchsEnd(t *testing.T) {
 		t.Fatal("no word of the watch's end 40s after its bucket was deleted")
 	}
 	b.SignalCancel("t1")
+	wantCancel(t, cancels, "t1")
+}
+
+// wantCancel waits for the cancel of turn on cancels, for 5 s at most.
+func wantCancel(t *testing.T, cancels <-chan string, turn string) {
+	t.Helper()
 	select {
-	case turn := <-cancels:
-		if turn != "t1" {
-			t.Fatalf("cancel of %q, want t1", turn)
+	case got := <-cancels:
+		if got != turn {
+			t.Fatalf("cancel of %q, want %s", got, turn)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("the cancel signal did not arrive after the watch ended")
+		t.Fatalf("the cancel signal of %s did not arrive", turn)
 	}
 }

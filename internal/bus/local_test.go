@@ -249,14 +249,7 @@ func TestLocalCarriesCancelsAndEndsInProcess(t *testing.T) {
 	}
 	defer sub.Unsubscribe()
 	gateway.SignalCancel("t")
-	select {
-	case turn := <-cancels:
-		if turn != "t" {
-			t.Fatalf("cancel of %q, want t", turn)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the cancel signal did not arrive")
-	}
+	wantCancel(t, cancels, "t")
 	if _, err := producer.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c", TurnID: "t", Status: "cancelled"}); err != nil {
 		t.Fatal(err)
 	}
