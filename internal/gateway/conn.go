@@ -5,6 +5,8 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/coder/websocket"
 
@@ -37,6 +39,7 @@ type conn struct {
 	mu        sync.Mutex
 	views     map[string]*view // joined conversations; guarded by mu
 	closeOnce sync.Once
+	closing   atomic.Bool // set when the connection is to close: frames are no longer handled
 
 	badFrames int // owned by the read loop
 	w         connWriter
@@ -86,8 +89,19 @@ func (c *conn) fail(err error) {
 }
 
 func (c *conn) closeWith(code websocket.StatusCode, reason string) {
+	c.closeAfter(0, code, reason)
+}
+
+// closeAfter closes the connection with code, first giving what is queued
+// up to drain (at most, then the rest is dropped). From the call on, the
+// read loop handles no more client frames.
+func (c *conn) closeAfter(drain time.Duration, code websocket.StatusCode, reason string) {
 	c.closeOnce.Do(func() {
+		c.closing.Store(true)
 		go func() {
+			if drain > 0 {
+				waitIdle(c.q, drain)
+			}
 			_ = c.raw.close(c.ws, code, reason)
 			c.cancel()
 		}()
@@ -104,6 +118,9 @@ func (c *conn) sendError(id string, err error) {
 
 // frame handles one client frame.
 func (c *conn) frame(typ websocket.MessageType, data []byte) {
+	if c.closing.Load() {
+		return // a frame that came after the reason to close
+	}
 	if typ != websocket.MessageText {
 		c.badFrame("", "frames must be text")
 		return
@@ -127,7 +144,8 @@ func (c *conn) badFrame(id, msg string) {
 	c.push(protocol.Errorf(protocol.CodeBadRequest, msg).Frame(id))
 	if lim := c.s.cfg.Limits.BadFrames; lim > 0 && c.badFrames > lim {
 		c.s.m.limitHits.WithLabelValues("bad_frames").Inc()
-		c.closeWith(closeTooManyBadFrms, "too many bad frames")
+		// Its error goes out first, and nothing sent after it is handled.
+		c.closeAfter(time.Second, closeTooManyBadFrms, "too many bad frames")
 	}
 }
 

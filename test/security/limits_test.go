@@ -1,8 +1,10 @@
 package security_test
 
 import (
+	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -343,6 +345,38 @@ func TestBadFrames(t *testing.T) {
 	}
 	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="bad_frames"`); got != 1 {
 		t.Errorf("bad_frames hits = %v, want 1", got)
+	}
+
+	// A burst: the frame past the limit is answered and closes the
+	// connection; nothing sent after it is handled.
+	e := trtest.Dial(t, p.WSURL(), tok)
+	// The server may close before the burst is all written.
+	burst := make([]string, 0, 11)
+	for i := range 10 {
+		burst = append(burst, fmt.Sprintf(`{"type":"nope","id":"burst%d"}`, i))
+	}
+	for _, f := range append(burst, `{"type":"ping","id":"late"}`) {
+		if e.Conn.Write(trtest.Ctx(t, wait), websocket.MessageText, []byte(f)) != nil {
+			break
+		}
+	}
+	var got []string
+	for {
+		f, err := e.Next(wait)
+		if errors.Is(err, trtest.ErrClosed) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("burst: %v after %v", err, got)
+		}
+		got = append(got, f.Type()+":"+f.Str("id"))
+	}
+	want := []string{"error:burst0", "error:burst1", "error:burst2", "error:burst3"}
+	if !slices.Equal(got, want) {
+		t.Errorf("burst of 10 bad frames and a ping, limit 3: got %v, want %v", got, want)
+	}
+	if code := e.CloseStatus(); code != websocket.StatusPolicyViolation {
+		t.Errorf("burst: close %d (%v), want 1008", code, e.CloseErr())
 	}
 }
 
