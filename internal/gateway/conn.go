@@ -199,18 +199,21 @@ func (c *conn) handle(f protocol.ClientFrame) {
 }
 
 func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
-	if _, err := c.s.store.ClaimConversation(ctx, f.ConversationID, c.user, c.s.now()); err != nil {
-		return err
-	}
 	c.mu.Lock()
 	_, rejoin := c.views[f.ConversationID]
 	n := len(c.views)
 	c.mu.Unlock()
+	if lim := c.s.cfg.Limits.Joins; !rejoin && lim > 0 && n >= lim {
+		// Refused before the claim: a join that is not carried out
+		// creates no conversation.
+		c.s.m.limitHits.WithLabelValues("joins").Inc()
+		return &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many conversations joined on this connection (limit " + itoa(lim) + "); leave one first"}
+	}
+	if _, err := c.s.store.ClaimConversation(ctx, f.ConversationID, c.user, c.s.now()); err != nil {
+		return err
+	}
 	if rejoin {
 		c.leave(f.ConversationID)
-	} else if lim := c.s.cfg.Limits.Joins; lim > 0 && n >= lim {
-		c.s.m.limitHits.WithLabelValues("joins").Inc()
-		return &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many conversations joined on this connection (limit " + itoa(lim) + ")"}
 	}
 	v := newView(c.s, c.ctx, &c.wg, f.ConversationID, c)
 	if err := c.s.hub.add(f.ConversationID, v); err != nil {

@@ -196,6 +196,13 @@ func TestJoinsPerConnection(t *testing.T) {
 		t.Fatalf("join after a leave: %v", f)
 	}
 	wantError(t, join("j5", "over2"), "rate_limited")
+	// A refused join claims nothing: another user can still create j6.
+	wantError(t, join("j6", "over3"), "rate_limited")
+	bob := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tokenFor(t, "bob")})
+	bob.Send(map[string]any{"type": "join", "conversation_id": "j6", "id": "bob"})
+	if f := reply(t, bob, "bob"); f.Type() != "joined" {
+		t.Fatalf("bob's join of a conversation alice was refused: %v", f)
+	}
 	// Another connection of the same user has its own count.
 	d := trtest.Dial(t, p.WSURL(), alice)
 	for i, conv := range []string{"j1", "j2", "j5"} {
@@ -207,8 +214,8 @@ func TestJoinsPerConnection(t *testing.T) {
 	// Events still reach the joined conversations after the refusals.
 	tr := startTurn(t, c, "j4", "still joined")
 	finish(t, c, tr)
-	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="joins"`); got != 2 {
-		t.Errorf("joins hits = %v, want 2", got)
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="joins"`); got != 3 {
+		t.Errorf("joins hits = %v, want 3", got)
 	}
 }
 
