@@ -216,12 +216,14 @@ func newRegistry() *prometheus.Registry {
 }
 
 func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowed func(string) bool, probes map[string]func(context.Context) error) gateway.Config {
+	// The node's name in health answers: its host and process, which
+	// stay unique when several gateways share a host (--addr :0 does not).
 	hostname, _ := os.Hostname()
 	return gateway.Config{
 		Limits: c.Limits, AllowedOrigins: splitList(c.AllowedOrigins), CompatOrigins: splitList(c.CompatOrigins), DefaultModel: defaultModel(c),
 		ModelAllowed: allowed, DeltaTimestamps: c.DeltaTimestamps, CancelWait: c.CancelWait,
 		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, QuietCheck: c.QuietCheck, WriteTimeout: c.WriteTimeout, ReadyProbes: probes,
-		Static: web.Static(), NodeID: hostname + c.Addr, Logger: log, Registry: reg, Gatherer: reg,
+		Static: web.Static(), NodeID: fmt.Sprintf("%s-%d", hostname, os.Getpid()), Logger: log, Registry: reg, Gatherer: reg,
 	}
 }
 
