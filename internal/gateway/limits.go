@@ -58,19 +58,26 @@ func (u *userLimits) stateLocked(user string) *userState {
 }
 
 // allowSend takes one send from user's budget, or says how long to wait.
-func (u *userLimits) allowSend(user string) (time.Duration, bool) {
+// When it allows the send, refund gives the send back to the budget (a
+// send that stored nothing new: a retry).
+func (u *userLimits) allowSend(user string) (wait time.Duration, ok bool, refund func()) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	st := u.stateLocked(user)
 	if st.sends == nil {
-		return 0, true
+		return 0, true, func() {}
 	}
-	r := st.sends.Reserve()
-	if d := r.Delay(); d > 0 {
-		r.Cancel()
-		return d, false
+	now := time.Now()
+	r := st.sends.ReserveN(now, 1)
+	if d := r.DelayFrom(now); d > 0 {
+		r.CancelAt(now)
+		return d, false, nil
 	}
-	return 0, true
+	// Cancel restores nothing once the reservation's time has passed, and
+	// an allowed send's time is now: the refund cancels as of then. (The
+	// limiter then counts the moments since as refilling the bucket again,
+	// a send's store time of tokens at most.)
+	return 0, true, func() { r.CancelAt(now) }
 }
 
 // openConn counts a new connection of user, refusing it past the limit.

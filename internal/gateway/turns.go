@@ -40,13 +40,23 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	if r.Model != "" && s.cfg.ModelAllowed != nil && !s.cfg.ModelAllowed(r.Model) {
 		return store.SendResult{}, protocol.Errorf(protocol.CodeBadRequest, "model "+quote(r.Model)+" is not available")
 	}
+	refund := func() {}
 	if s.limits != nil {
-		if wait, ok := s.limits.allowSend(r.User); !ok {
+		wait, ok, undo := s.limits.allowSend(r.User)
+		if !ok {
+			if res, ok := s.retried(ctx, r); ok {
+				return res, nil
+			}
 			s.m.limitHits.WithLabelValues("sends").Inc()
 			return store.SendResult{}, &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many messages; slow down", RetryAfterMS: wait.Milliseconds() + 1}
 		}
+		refund = undo
 	}
 	if !s.workerAlive(ctx) {
+		refund()
+		if res, ok := s.retried(ctx, r); ok {
+			return res, nil
+		}
 		return store.SendResult{}, protocol.Errorf(protocol.CodeUnavailable, "no model worker is running; try again shortly")
 	}
 	if r.MessageID == "" {
@@ -69,6 +79,7 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 		return res, err
 	}
 	if res.Duplicate {
+		refund() // a retry costs the sender nothing
 		return res, nil
 	}
 	start := &bus.Event{
@@ -88,6 +99,29 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	}
 	s.m.sends.Inc()
 	return res, nil
+}
+
+// retried answers a send that was refused before the store saw it (the
+// rate limit, no worker) when it is the retry of a message the user has
+// already sent: a retry is answered with the stored pair whatever the
+// limits say, as the store would have answered it.
+func (s *Server) retried(ctx context.Context, r sendRequest) (store.SendResult, bool) {
+	if r.MessageID == "" {
+		return store.SendResult{}, false
+	}
+	c, err := s.store.Conversation(ctx, r.ConversationID)
+	if err != nil || c.Owner != r.User {
+		return store.SendResult{}, false
+	}
+	m, err := s.store.Message(ctx, r.ConversationID, r.MessageID)
+	if err != nil || m.Role != chat.RoleUser || m.TurnID == "" {
+		return store.SendResult{}, false
+	}
+	t, err := s.store.TurnHead(ctx, m.TurnID)
+	if err != nil {
+		return store.SendResult{}, false
+	}
+	return store.SendResult{Message: m, Turn: t, Duplicate: true}, true
 }
 
 // failTurn ends a turn that could not be enqueued, so it does not block its

@@ -1,6 +1,7 @@
 package security_test
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/url"
@@ -127,6 +128,58 @@ func TestSendRate(t *testing.T) {
 	}
 	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="sends"`); got != 2 {
 		t.Errorf("sends hits = %v, want 2", got)
+	}
+}
+
+// TestRetriesAndTheSendRate checks that a retried message_id is answered
+// with the stored pair without spending the send budget, even once the
+// budget is spent.
+func TestRetriesAndTheSendRate(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--limit-sends", "6", "--limit-turns", "0", "--sim-rate", "0", "--sim-tokens", "2")
+	alice := tokenFor(t, "alice")
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: alice})
+	send := func(conv, msg, id string) trtest.Frame {
+		t.Helper()
+		c.Send(map[string]any{"type": "send", "conversation_id": conv, "message_id": msg, "text": "hi", "id": id})
+		return reply(t, c, id)
+	}
+	first := send("retry-0", "m0", "first")
+	if first.Type() != "ack" || first.Str("turn_id") == "" {
+		t.Fatalf("first send: %v", first)
+	}
+	retry := func(id string) {
+		t.Helper()
+		if f := send("retry-0", "m0", id); f.Type() != "ack" || f.Str("message_id") != "m0" || f.Str("turn_id") != first.Str("turn_id") {
+			t.Fatalf("retry %s: %v, want the ack of %v", id, f, first)
+		}
+	}
+	for i := range 12 {
+		retry("r" + strconv.Itoa(i))
+	}
+	// The retries spent nothing: nine new sends fill the burst of ten.
+	for i := 1; i < 10; i++ {
+		if f := send("retry-"+strconv.Itoa(i), "n"+strconv.Itoa(i), "n"+strconv.Itoa(i)); f.Type() != "ack" {
+			t.Fatalf("new send %d after the retries: %v", i, f)
+		}
+	}
+	wantError(t, send("retry-x", "nx", "over"), "rate_limited")
+	// Over the budget, a retry still gets its pair, over HTTP too.
+	retry("limited")
+	var out struct {
+		Message struct {
+			MessageID string `json:"message_id"`
+		} `json:"message"`
+		TurnID string `json:"turn_id"`
+	}
+	code, _, body := do(t, "POST", p.URL+"/v1/conversations/retry-0/messages", alice, `{"text":"hi","message_id":"m0"}`, nil)
+	if err := json.Unmarshal(body, &out); code != 202 || err != nil || out.Message.MessageID != "m0" || out.TurnID != first.Str("turn_id") {
+		t.Fatalf("HTTP retry over the budget: %d %s", code, body)
+	}
+	// Another user's message id is not a retry of hers.
+	code, _, body = do(t, "POST", p.URL+"/v1/conversations/retry-0/messages", tokenFor(t, "bob"), `{"text":"hi","message_id":"m0"}`, nil)
+	if code != 403 {
+		t.Fatalf("bob retrying alice's message: %d %s, want 403", code, body)
 	}
 }
 
