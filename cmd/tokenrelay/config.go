@@ -115,7 +115,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 	fs.StringVar(&c.NATSCert, "nats-tls-cert", "", "client certificate file for NATS TLS")
 	fs.StringVar(&c.NATSKey, "nats-tls-key", "", "client key file for NATS TLS")
 	fs.IntVar(&c.Replicas, "replicas", 1, "replication factor of streams and buckets (3 on a three-node cluster)")
-	fs.DurationVar(&c.Retention, "retention", 24*time.Hour, "how long turn events stay resumable after the turn ends")
+	fs.DurationVar(&c.Retention, "retention", 24*time.Hour, "how long turn events stay resumable after the turn ends (0: kept for good; otherwise at least 1s)")
 	fs.DurationVar(&c.AckWait, "ack-wait", 4*time.Second, "how long a silent worker keeps a job before it is redelivered")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", 15*time.Second, "how long a graceful shutdown may take")
 	if gw {

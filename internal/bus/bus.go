@@ -17,7 +17,8 @@ type Config struct {
 	// Replicas is the replication factor of streams and buckets (1, or 3 on a
 	// three-node cluster).
 	Replicas int
-	// Retention is how long turn events, snapshots and tombstones are kept.
+	// Retention is how long turn events, snapshots and tombstones are kept;
+	// 0 keeps them for good. JetStream needs at least 100ms.
 	Retention time.Duration
 	// AckWait is how long a worker may go silent on a job before it is
 	// redelivered to another worker.
@@ -35,12 +36,19 @@ func (c *Config) defaults() {
 	if c.Replicas <= 0 {
 		c.Replicas = 1
 	}
-	if c.Retention <= 0 {
-		c.Retention = 24 * time.Hour
-	}
 	if c.AckWait <= 0 {
 		c.AckWait = 4 * time.Second
 	}
+}
+
+// dupWindow is how long a stream remembers the Nats-Msg-Id of a message it
+// stored: two minutes, or the retention when that is shorter (a stream
+// cannot remember an id past the message).
+func dupWindow(retention time.Duration) time.Duration {
+	if retention > 0 && retention < 2*time.Minute {
+		return retention
+	}
+	return 2 * time.Minute
 }
 
 // Bus is tokenrelay's view of NATS. It is safe for concurrent use. It does
@@ -76,7 +84,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		Storage:     jetstream.FileStorage,
 		Retention:   jetstream.LimitsPolicy,
 		MaxAge:      cfg.Retention,
-		Duplicates:  2 * time.Minute,
+		Duplicates:  dupWindow(cfg.Retention),
 		Replicas:    cfg.Replicas,
 		Discard:     jetstream.DiscardOld,
 		// Reads of a turn's events (resumes, gap repairs, recovery) may be
@@ -95,7 +103,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		Storage:     jetstream.FileStorage,
 		Retention:   jetstream.WorkQueuePolicy,
 		MaxAge:      cfg.Retention,
-		Duplicates:  2 * time.Minute,
+		Duplicates:  dupWindow(cfg.Retention),
 		Replicas:    cfg.Replicas,
 	})
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
 )
 
 // ParseLastEventID parses an SSE resume point: a delta seq, a non-negative
@@ -188,6 +189,16 @@ func (s *Server) handleSSE() http.Handler {
 			writeError(w, err)
 			return
 		}
+		if t.Status.Terminal() && after < t.Seq && cu.To < t.Seq {
+			// A finished turn whose events are gone (past --retention):
+			// the store holds its whole text, but not where its deltas
+			// began, so only a replay from the start can be served.
+			if after > 0 {
+				writeError(w, &protocol.Error{Code: protocol.CodeNotFound, Message: "the deltas of turn " + quote(turnID) + " are no longer kept (--retention); replay it from the start, or read its message"})
+				return
+			}
+			cu = catchUpResult{From: 1, To: t.Seq, Text: []byte(t.Content)}
+		}
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.Header().Set("Cache-Control", "no-cache")
 		w.Header().Set("X-Accel-Buffering", "no")
@@ -198,9 +209,6 @@ func (s *Server) handleSSE() http.Handler {
 		if cu.To >= cu.From {
 			writeSSEDelta(w, cu.To, string(cu.Text))
 			seq = cu.To
-		} else if cu.Missed && t.Status.Terminal() && after == 0 && t.Content != "" {
-			writeSSEDelta(w, t.Seq, t.Content)
-			seq = t.Seq
 		}
 		switch {
 		case cu.End != nil:

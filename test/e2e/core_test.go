@@ -285,6 +285,7 @@ func TestServeRefusesToStart(t *testing.T) {
 		{"negative limit", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--limit-turns", "-2"}, "must not be negative", true},
 		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication", false},
 		{"data dir in use", []string{"--addr", "127.0.0.1:0", "--data-dir", running.DataDir}, "in use by another tokenrelay", false},
+		{"retention too short", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--retention", "500ms"}, "--retention must be 0", false},
 		{"nats store dir is a file", []string{"--addr", "127.0.0.1:0", "--data-dir", natsFile}, "not a directory", false},
 	}
 	for _, tt := range tests {

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -234,6 +236,57 @@ func TestStalledSocketIsDropped(t *testing.T) {
 	finish(t, r, last)
 	if last.Text.String() != streamed[last.ID] || last.Status != "complete" {
 		t.Fatalf("resumed text (%d bytes, %s) differs from streamed (%d bytes)", last.Text.Len(), last.Status, len(streamed[last.ID]))
+	}
+}
+
+// TestSSEPastRetention replays a finished turn whose events the bus no
+// longer keeps: from the start it comes from the store, whole; a resume
+// from within it is refused, not ended with a gap.
+func TestSSEPastRetention(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--sim-tokens", "40", "--retention", "1s")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("expired", nil)
+	tr := startTurn(t, c, "expired", "keep me", 1)
+	finish(t, c, tr)
+	get := func(query string) (int, string) {
+		t.Helper()
+		resp, err := http.Get(p.URL + "/v1/turns/" + tr.ID + "/events" + query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, string(body)
+	}
+	// Until the events expire a resume is served; then it is refused.
+	deadline := time.Now().Add(30 * time.Second)
+	poll := time.NewTicker(100 * time.Millisecond)
+	defer poll.Stop()
+	for {
+		code, body := get("?after=5")
+		if code == http.StatusNotFound && strings.Contains(body, `"not_found"`) && strings.Contains(body, "--retention") {
+			break
+		}
+		if code != http.StatusOK || time.Now().After(deadline) {
+			t.Fatalf("resume after 5 while the events expire: %d %s", code, body)
+		}
+		<-poll.C
+	}
+	code, body := get("")
+	want := "event: delta\nid: " + strconv.FormatInt(tr.Seq, 10) + "\ndata: "
+	if code != http.StatusOK || !strings.HasPrefix(body, want) {
+		t.Fatalf("replay past retention: %d %q, want it to start %q", code, body, want)
+	}
+	var d struct{ Text string }
+	line, rest, _ := strings.Cut(strings.TrimPrefix(body, want), "\n")
+	if err := json.Unmarshal([]byte(line), &d); err != nil || d.Text != tr.Text.String() {
+		t.Fatalf("replay text %q (%v), want the streamed %q", d.Text, err, tr.Text.String())
+	}
+	if wantEnd := fmt.Sprintf(`event: end`+"\n"+`data: {"seq":%d,"status":"complete"}`, tr.Seq); !strings.Contains(rest, wantEnd) {
+		t.Fatalf("replay's end: %q, want %q", rest, wantEnd)
 	}
 }
 
