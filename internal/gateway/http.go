@@ -169,16 +169,21 @@ func (s *Server) handleListMessages() http.Handler {
 			writeError(w, err)
 			return
 		}
-		msgs, err := s.store.Messages(ctx, conv, limit, before)
+		// One more than asked says whether older ones exist.
+		msgs, err := s.store.Messages(ctx, conv, limit+1, before)
 		if err != nil {
 			writeError(w, err)
 			return
+		}
+		more := len(msgs) > limit
+		if more {
+			msgs = msgs[len(msgs)-limit:] // the newest limit, oldest first
 		}
 		out := make([]protocol.Message, 0, len(msgs))
 		for _, m := range msgs {
 			out = append(out, protocol.WireMessage(m))
 		}
-		body := map[string]any{"messages": out, "has_more": len(msgs) == limit}
+		body := map[string]any{"messages": out, "has_more": more}
 		writeJSON(w, http.StatusOK, body)
 	})
 }

@@ -57,13 +57,21 @@ type message struct {
 
 func messages(t *testing.T, base, conv, query string) []message {
 	t.Helper()
+	ms, _ := messagePage(t, base, conv, query)
+	return ms
+}
+
+// messagePage is one page of a conversation's messages and its has_more.
+func messagePage(t *testing.T, base, conv, query string) ([]message, bool) {
+	t.Helper()
 	var body struct {
 		Messages []message `json:"messages"`
+		HasMore  *bool     `json:"has_more"`
 	}
-	if code := trtest.Get(t, base+"/v1/conversations/"+conv+"/messages"+query, &body); code != 200 {
-		t.Fatalf("GET messages: %d", code)
+	if code := trtest.Get(t, base+"/v1/conversations/"+conv+"/messages"+query, &body); code != 200 || body.HasMore == nil {
+		t.Fatalf("GET messages%s: %d, has_more %v", query, code, body.HasMore)
 	}
-	return body.Messages
+	return body.Messages, *body.HasMore
 }
 
 func storedTurn(t *testing.T, base, conv, turn string) message {
@@ -240,6 +248,25 @@ func TestHistoryPagingAndRestartKeepsIt(t *testing.T) {
 	older := messages(t, p.URL, "paged", "?limit=4&before="+page[0].MessageID)
 	if len(older) != 4 || older[3].MessageID != all[5].MessageID || older[0].MessageID != all[2].MessageID {
 		t.Fatalf("older page wrong: %+v", older)
+	}
+	// has_more says whether older messages exist, also when a page is
+	// exactly full.
+	for _, tt := range []struct {
+		query string
+		n     int
+		more  bool
+	}{
+		{"?limit=4", 4, true},
+		{"?limit=9", 9, true},
+		{"?limit=10", 10, false},
+		{"?limit=4&before=" + older[0].MessageID, 2, false},
+		{"?limit=2&before=" + all[2].MessageID, 2, false},
+		{"?limit=2&before=" + all[3].MessageID, 2, true},
+		{"?limit=2&before=" + all[0].MessageID, 0, false},
+	} {
+		if got, more := messagePage(t, p.URL, "paged", tt.query); len(got) != tt.n || more != tt.more {
+			t.Errorf("%s: %d messages, has_more %v; want %d, %v", tt.query, len(got), more, tt.n, tt.more)
+		}
 	}
 	if err := p.Stop(); err != nil {
 		t.Fatalf("stop: %v\n%s", err, p.Stderr())
