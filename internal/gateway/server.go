@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -221,6 +222,12 @@ func (s *Server) now() time.Time { return s.cfg.Now() }
 // of net/http or the web page's file server.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if isAPIPath(r.URL.Path) {
+		if !canonical(r.URL.EscapedPath()) {
+			// net/http would redirect to the cleaned path, which names
+			// another resource (the id "." or "..", or none).
+			writeError(w, badRequest("the path "+quote(r.URL.Path)+" has an empty, \".\" or \"..\" segment; an id \".\" or \"..\" is written %2E or %2E%2E"))
+			return
+		}
 		if _, pattern := s.mux.Handler(r); pattern == "" || pattern == "GET /" {
 			s.api.ServeHTTP(&apiErrorWriter{ResponseWriter: w, r: r}, r)
 			return
@@ -236,6 +243,15 @@ func isAPIPath(path string) bool {
 		return true
 	}
 	return strings.HasPrefix(path, "/v1/") || path == "/v1"
+}
+
+// canonical reports whether p is its own cleaned form, a final slash aside.
+func canonical(p string) bool {
+	c := path.Clean(p)
+	if strings.HasSuffix(p, "/") && c != "/" {
+		c += "/"
+	}
+	return c == p
 }
 
 // apiErrorWriter turns the 404 or 405 that net/http writes for a request no

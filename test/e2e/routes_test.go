@@ -9,9 +9,9 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
-// A request no API route takes, an unknown path under /v1/ or a method a
-// path does not have, gets the API's JSON error; the web page is still
-// served at /.
+// A request no API route takes, an unknown path under /v1/, a method a
+// path does not have or a path with a "." or empty segment, gets the API's
+// JSON error; the web page is still served at /.
 func TestUnknownAPIRequestsGetJSONErrors(t *testing.T) {
 	p := trtest.Serve(t)
 	tests := []struct {
@@ -24,6 +24,10 @@ func TestUnknownAPIRequestsGetJSONErrors(t *testing.T) {
 		{"GET", "/v1/turns/t1/cancel", 405, "bad_request", "POST"},
 		{"PUT", "/v1/conversations/c1", 405, "bad_request", "DELETE"},
 		{"POST", "/healthz", 405, "bad_request", "GET"},
+		// Not redirected to the cleaned path, which is another resource.
+		{"POST", "/v1/conversations/./messages", 400, "bad_request", ""},
+		{"GET", "/v1/conversations/../messages", 400, "bad_request", ""},
+		{"GET", "/v1//conversations", 400, "bad_request", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
@@ -52,6 +56,25 @@ func TestUnknownAPIRequestsGetJSONErrors(t *testing.T) {
 				t.Fatalf("Allow %q, want it to name %s", allow, tt.allow)
 			}
 		})
+	}
+	// The ids "." and ".." are reached escaped.
+	for _, id := range []string{"%2E", "%2E%2E"} {
+		resp, err := http.Post(p.URL+"/v1/conversations/"+id+"/messages", "application/json", strings.NewReader(`{"text":"dots"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 202 {
+			t.Fatalf("POST to conversation %s: %d", id, resp.StatusCode)
+		}
+		var got struct {
+			Messages []struct {
+				ConversationID string `json:"conversation_id"`
+			}
+		}
+		if code := trtest.Get(t, p.URL+"/v1/conversations/"+id+"/messages", &got); code != 200 || len(got.Messages) == 0 || got.Messages[0].ConversationID != strings.ReplaceAll(id, "%2E", ".") {
+			t.Fatalf("GET conversation %s: %d %+v", id, code, got)
+		}
 	}
 	resp, err := http.Get(p.URL + "/")
 	if err != nil {
