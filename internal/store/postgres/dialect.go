@@ -80,20 +80,6 @@ func rebind(query string) string {
 	return b.String()
 }
 
-// writeTx is Send's transaction.
-type writeTx struct {
-	conn
-	tx pgx.Tx
-}
-
-func (t writeTx) Commit(ctx context.Context) error { return t.tx.Commit(ctx) }
-
-// Rollback rolls back even when ctx is done, so that the connection goes
-// back to the pool clean rather than being closed.
-func (t writeTx) Rollback(ctx context.Context) error {
-	return t.tx.Rollback(context.WithoutCancel(ctx))
-}
-
 // dialect is how PostgreSQL keeps concurrent sends apart: row and advisory
 // locks in READ COMMITTED transactions.
 type dialect struct {
@@ -102,12 +88,18 @@ type dialect struct {
 
 var _ sqlstore.Dialect = dialect{}
 
-func (d dialect) Begin(ctx context.Context) (sqlstore.Tx, error) {
+func (d dialect) InTx(ctx context.Context, fn func(context.Context, sqlstore.Queryer) error) error {
 	t, err := d.pool.Begin(ctx)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	return writeTx{conn{t}, t}, nil
+	if err := fn(ctx, conn{t}); err != nil {
+		// Rolled back even when ctx is done, so that the connection goes
+		// back to the pool clean rather than being closed.
+		_ = t.Rollback(context.WithoutCancel(ctx))
+		return err
+	}
+	return t.Commit(ctx)
 }
 
 // LockConversation makes concurrent sends to one conversation queue on its

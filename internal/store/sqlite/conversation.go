@@ -11,8 +11,8 @@ import (
 
 // DeleteConversation deletes conversation id and, by cascade, its messages.
 // It returns chat.ErrNotFound, or chat.ErrForbidden when owner differs. The
-// owner check and the delete share one IMMEDIATE transaction, so no other
-// writer comes between them.
+// owner check and the delete are one write, so no other writer comes
+// between them.
 func (s *DB) DeleteConversation(ctx context.Context, id, owner string) error {
 	if err := s.deleteConversation(ctx, id, owner); err != nil {
 		return fmt.Errorf("delete conversation: %w", err)
@@ -21,27 +21,18 @@ func (s *DB) DeleteConversation(ctx context.Context, id, owner string) error {
 }
 
 func (s *DB) deleteConversation(ctx context.Context, id, owner string) error {
-	if err := s.d.gate.enter(ctx); err != nil {
+	return s.d.w.do(ctx, func(ctx context.Context, q conn) error {
+		var got string
+		err := q.QueryRow(ctx, `SELECT owner FROM conversations WHERE id = ?`, id).Scan(&got)
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			return chat.ErrNotFound
+		case err != nil:
+			return err
+		case got != owner:
+			return chat.ErrForbidden
+		}
+		_, err = q.Exec(ctx, `DELETE FROM conversations WHERE id = ?`, id)
 		return err
-	}
-	defer s.d.gate.leave()
-	tx, err := s.write.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
-	var got string
-	err = tx.QueryRowContext(ctx, `SELECT owner FROM conversations WHERE id = ?`, id).Scan(&got)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		return chat.ErrNotFound
-	case err != nil:
-		return err
-	case got != owner:
-		return chat.ErrForbidden
-	}
-	if _, err := tx.ExecContext(ctx, `DELETE FROM conversations WHERE id = ?`, id); err != nil {
-		return err
-	}
-	return tx.Commit()
+	})
 }

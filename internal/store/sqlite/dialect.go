@@ -4,7 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"errors"
-	"slices"
 	"sync"
 
 	"modernc.org/sqlite"
@@ -28,99 +27,8 @@ type conn struct {
 	c     sqlConn
 	cache *stmtCache // the pool's statements
 	tx    *sql.Tx    // set inside a transaction
-	gate  *writeGate // the write pool's gate; nil on the read pool and in a transaction
+	w     *writer    // set on the write pool: each call is a write of its own
 }
-
-// writeGate lets one writer at a time at the write pool, in the order they
-// came, except that a write with priority (sqlstore.WithPriority: a turn's
-// end) passes the writes without it that are waiting. The pool has one
-// connection, and database/sql hands a released connection to a random
-// waiter: under load a turn's end could wait behind any number of later
-// writes. Under 20,000 tokens/s on two cores, with a new turn's send and
-// start queueing beside every end, a cancelled turn's end waited 30 ms at
-// the 99th percentile for the writes ahead of it, and ran in 1.
-type writeGate struct {
-	mu       sync.Mutex
-	busy     bool            // a writer is in; guarded by mu
-	priority []chan struct{} // waiting, in order; guarded by mu
-	others   []chan struct{} // guarded by mu
-}
-
-func newWriteGate() *writeGate { return new(writeGate) }
-
-// enter waits for the gate; a waiter is let in by closing its channel.
-func (g *writeGate) enter(ctx context.Context) error {
-	g.mu.Lock()
-	if !g.busy {
-		g.busy = true
-		g.mu.Unlock()
-		return nil
-	}
-	w := make(chan struct{})
-	first := sqlstore.HasPriority(ctx)
-	if first {
-		g.priority = append(g.priority, w)
-	} else {
-		g.others = append(g.others, w)
-	}
-	g.mu.Unlock()
-	select {
-	case <-w:
-		return nil
-	case <-ctx.Done():
-	}
-	g.mu.Lock()
-	removed := remove(&g.priority, w) || remove(&g.others, w)
-	g.mu.Unlock()
-	if !removed {
-		// Let in meanwhile: pass the gate on.
-		g.leave()
-	}
-	return ctx.Err()
-}
-
-func (g *writeGate) leave() {
-	g.mu.Lock()
-	var next chan struct{}
-	switch {
-	case len(g.priority) > 0:
-		next = g.priority[0]
-		g.priority = shift(g.priority)
-	case len(g.others) > 0:
-		next = g.others[0]
-		g.others = shift(g.others)
-	default:
-		g.busy = false
-	}
-	g.mu.Unlock()
-	if next != nil {
-		close(next)
-	}
-}
-
-// shift drops q's first waiter, reusing q's storage once it is empty.
-func shift(q []chan struct{}) []chan struct{} {
-	q[0] = nil
-	if len(q) == 1 {
-		return q[:0]
-	}
-	return q[1:]
-}
-
-// remove takes w out of *q, reporting whether it was there.
-func remove(q *[]chan struct{}, w chan struct{}) bool {
-	i := slices.Index(*q, w)
-	if i < 0 {
-		return false
-	}
-	*q = slices.Delete(*q, i, i+1)
-	return true
-}
-
-// errRow is a row that failed before its query ran.
-type errRow struct{ err error }
-
-func (r errRow) Scan(...any) error { return r.err }
 
 var _ sqlstore.Queryer = conn{}
 
@@ -189,13 +97,8 @@ func (c conn) stmt(ctx context.Context, query string) *sql.Stmt {
 }
 
 func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Scanner {
-	if c.gate != nil {
-		// The row holds the connection until it is scanned; the next
-		// writer through the gate waits for it in the pool, alone.
-		if err := c.gate.enter(ctx); err != nil {
-			return errRow{err}
-		}
-		defer c.gate.leave()
+	if c.w != nil {
+		return writerRow{c.w, ctx, query, args}
 	}
 	if st := c.stmt(ctx, query); st != nil {
 		return st.QueryRowContext(ctx, args...)
@@ -203,12 +106,27 @@ func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.
 	return c.c.QueryRowContext(ctx, query, args...)
 }
 
+// writerRow is a row read by the writer, when it is scanned: a read that
+// must see the writes before it.
+type writerRow struct {
+	w     *writer
+	ctx   context.Context
+	query string
+	args  []any
+}
+
+func (r writerRow) Scan(dest ...any) error {
+	return r.w.do(r.ctx, func(ctx context.Context, q conn) error {
+		return q.QueryRow(ctx, r.query, r.args...).Scan(dest...)
+	})
+}
+
 func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
-	if c.gate != nil {
-		if err := c.gate.enter(ctx); err != nil {
-			return nil, err
-		}
-		defer c.gate.leave()
+	if c.w != nil {
+		// Rows would hold the write connection while their reader
+		// pleases; reads of many rows go through the read pool, or
+		// inside a write (InTx).
+		return nil, errors.New("sqlite: Query on the write pool; read through the read pool or in InTx")
 	}
 	var rows *sql.Rows
 	var err error
@@ -224,11 +142,14 @@ func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Ro
 }
 
 func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
-	if c.gate != nil {
-		if err := c.gate.enter(ctx); err != nil {
-			return 0, err
-		}
-		defer c.gate.leave()
+	if c.w != nil {
+		var n int64
+		err := c.w.do(ctx, func(ctx context.Context, q conn) error {
+			var err error
+			n, err = q.Exec(ctx, query, args...)
+			return err
+		})
+		return n, err
 	}
 	var res sql.Result
 	var err error
@@ -243,46 +164,21 @@ func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error
 	return res.RowsAffected()
 }
 
-// writeTx is Send's transaction. It holds the write gate until it ends.
-type writeTx struct {
-	conn
-	tx    *sql.Tx
-	leave func() // leaves the gate, once
-}
-
-func (t writeTx) Commit(context.Context) error {
-	defer t.leave()
-	return t.tx.Commit()
-}
-
-func (t writeTx) Rollback(context.Context) error {
-	defer t.leave()
-	return t.tx.Rollback()
-}
-
 // dialect is how SQLite serializes writes: through one connection whose
-// transactions begin IMMEDIATE (see [DB]).
+// transactions begin IMMEDIATE, all made by the writer (see [DB]).
 type dialect struct {
 	write, read           *sql.DB
 	writeStmts, readStmts *stmtCache
-	gate                  *writeGate
+	w                     *writer
 }
 
 var _ sqlstore.Dialect = dialect{}
 
-// Begin begins IMMEDIATE (see Open): the transaction sees every committed
-// send, and no other writer can commit until it ends.
-func (d dialect) Begin(ctx context.Context) (sqlstore.Tx, error) {
-	d.writeStmts.prepareWanted(ctx)
-	if err := d.gate.enter(ctx); err != nil {
-		return nil, err
-	}
-	t, err := d.write.BeginTx(ctx, nil)
-	if err != nil {
-		d.gate.leave()
-		return nil, err
-	}
-	return writeTx{conn{c: t, cache: d.writeStmts, tx: t}, t, sync.OnceFunc(d.gate.leave)}, nil
+// InTx runs fn as one write of the writer: in a transaction begun
+// IMMEDIATE, which sees every committed send, and which no other writer's
+// commit can come between.
+func (d dialect) InTx(ctx context.Context, fn func(context.Context, sqlstore.Queryer) error) error {
+	return d.w.do(ctx, func(ctx context.Context, q conn) error { return fn(ctx, q) })
 }
 
 // LockConversation needs no lock of its own: the transaction holds the

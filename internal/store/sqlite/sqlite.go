@@ -24,9 +24,10 @@ var _ store.Store = (*DB)(nil)
 // DB is the history store kept in one SQLite file. It is safe for concurrent
 // use; Close releases it.
 //
-// Writes go through a single connection whose transactions begin IMMEDIATE:
-// inside the process the pool serializes them, and across processes the
-// database's write lock does (waiting up to the busy timeout). A check made
+// Writes go through a single connection whose transactions begin IMMEDIATE,
+// all made by one goroutine that commits the writes waiting together (see
+// writer); across processes the database's write lock serializes them
+// (waiting up to the busy timeout). A check made
 // inside a write transaction, such as Send's "one active turn per
 // conversation", therefore cannot race another writer. Reads use a separate
 // pool of read-only connections and run concurrently with each other and with
@@ -104,8 +105,9 @@ func open(ctx context.Context, path string) (*DB, error) {
 		return nil, err
 	}
 	ckpt.SetMaxOpenConns(1)
-	d := dialect{write: write, read: read, writeStmts: &stmtCache{db: write}, readStmts: &stmtCache{db: read}, gate: newWriteGate()}
-	db := &DB{DB: sqlstore.New(conn{c: read, cache: d.readStmts}, conn{c: write, cache: d.writeStmts, gate: d.gate}, d), write: write, read: read, ckpt: ckpt, d: d}
+	d := dialect{write: write, read: read, writeStmts: &stmtCache{db: write}, readStmts: &stmtCache{db: read}}
+	d.w = newWriter(write, d.writeStmts)
+	db := &DB{DB: sqlstore.New(conn{c: read, cache: d.readStmts}, conn{c: write, cache: d.writeStmts, w: d.w}, d), write: write, read: read, ckpt: ckpt, d: d}
 	cctx, stop := context.WithCancel(context.Background())
 	db.stopCkpt, db.ckptDone = stop, make(chan struct{})
 	go db.checkpointer(cctx)
@@ -167,6 +169,7 @@ func (s *DB) Ping(ctx context.Context) error {
 
 // Close closes the database. Calls in flight may fail.
 func (s *DB) Close() error {
+	s.d.w.close()
 	s.stopCkpt()
 	<-s.ckptDone
 	s.d.readStmts.close()

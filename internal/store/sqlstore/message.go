@@ -22,7 +22,7 @@ import (
 // created when missing; it takes its title from the first message sent to it
 // while its title is empty, and its updated_at from every send.
 //
-// The dialect's Begin and LockConversation keep concurrent sends to one
+// The dialect's InTx and LockConversation keep concurrent sends to one
 // conversation from passing the checks together; with MaxActiveTurns set,
 // its LockOwner does the same for one owner's sends.
 func (s *DB) Send(ctx context.Context, req store.SendRequest) (store.SendResult, error) {
@@ -37,14 +37,21 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 	if err := fillIDs(&req); err != nil {
 		return store.SendResult{}, err
 	}
-	tx, err := s.d.Begin(ctx)
+	var res store.SendResult
+	err := s.d.InTx(ctx, func(ctx context.Context, tx Queryer) (err error) {
+		res, err = sendIn(ctx, s.d, tx, req)
+		return err
+	})
 	if err != nil {
 		return store.SendResult{}, err
 	}
-	defer tx.Rollback(ctx)
+	return res, nil
+}
 
+// sendIn is Send's checks and writes, in its transaction.
+func sendIn(ctx context.Context, d Dialect, tx Queryer, req store.SendRequest) (store.SendResult, error) {
 	now := millis(req.Now)
-	owner, err := s.d.LockConversation(ctx, tx, req.ConversationID, req.Owner, now)
+	owner, err := d.LockConversation(ctx, tx, req.ConversationID, req.Owner, now)
 	if err != nil {
 		return store.SendResult{}, err
 	}
@@ -80,7 +87,7 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 	if req.MaxActiveTurns > 0 {
 		// Locked after the conversation, as every Send does, so that two
 		// sends cannot wait for each other.
-		if err := s.d.LockOwner(ctx, tx, req.Owner); err != nil {
+		if err := d.LockOwner(ctx, tx, req.Owner); err != nil {
 			return store.SendResult{}, err
 		}
 		var n int
@@ -101,7 +108,7 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 		_, err = tx.Exec(ctx, `INSERT INTO messages (conversation_id, id, role, content, status, turn_id,
 			reply_to, model, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			m.ConversationID, m.ID, m.Role, m.Content, m.Status, m.TurnID, m.ReplyTo, m.Model, now)
-		if s.d.IsUniqueViolation(err) {
+		if d.IsUniqueViolation(err) {
 			return store.SendResult{}, chat.ErrConflict
 		}
 		if err != nil {
@@ -112,9 +119,6 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 		title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?`,
 		now, titleFor(req.Text), req.ConversationID)
 	if err != nil {
-		return store.SendResult{}, err
-	}
-	if err := tx.Commit(ctx); err != nil {
 		return store.SendResult{}, err
 	}
 	return store.SendResult{Message: msg, Turn: turnOf(turn, req.Owner)}, nil
@@ -133,7 +137,7 @@ const SendChecks = `SELECT
 
 // duplicate answers a send whose message is already stored, as a user
 // message: a retry, which gets the stored message and its turn.
-func duplicate(ctx context.Context, tx Tx, req store.SendRequest) (store.SendResult, error) {
+func duplicate(ctx context.Context, tx Queryer, req store.SendRequest) (store.SendResult, error) {
 	prev, err := scanMessage(tx.QueryRow(ctx, `SELECT `+MessageColumns+` FROM messages m
 		WHERE m.conversation_id = ? AND m.id = ?`, req.ConversationID, req.MessageID))
 	if err != nil {

@@ -31,21 +31,16 @@ type Queryer interface {
 	Exec(ctx context.Context, query string, args ...any) (int64, error)
 }
 
-// Tx is a write transaction. Rollback after Commit does nothing.
-type Tx interface {
-	Queryer
-	Commit(ctx context.Context) error
-	Rollback(ctx context.Context) error
-}
-
 // Dialect is what one database does its own way: transactions, locking and
 // driver error codes.
 type Dialect interface {
-	// Begin starts the write transaction in which Send checks and stores.
-	// Together with LockConversation it must make Send's checks see every
-	// send to the conversation that committed before, and keep sends to it
-	// from committing until this one ends.
-	Begin(ctx context.Context) (Tx, error)
+	// InTx runs fn in the write transaction in which Send checks and
+	// stores, committing it when fn returns nil and rolling it back
+	// otherwise; fn runs its statements on tx with the context it is
+	// given. Together with LockConversation it must make Send's checks see
+	// every send to the conversation that committed before, and keep sends
+	// to it from committing until this one ends.
+	InTx(ctx context.Context, fn func(ctx context.Context, tx Queryer) error) error
 
 	// LockConversation returns the owner of conversation id, creating it
 	// untitled and owned by owner, at now (unix milliseconds), when it is
