@@ -207,3 +207,35 @@ func wantCancel(t *testing.T, cancels <-chan string, turn string) {
 		t.Fatalf("the cancel signal of %s did not arrive", turn)
 	}
 }
+
+// ProducerAlive hears the worker that serves the turn, also one that starts
+// answering only after the first question (a producer reconnecting), and
+// reports false when nobody answers for the turn.
+func TestProducerAlive(t *testing.T) {
+	b := bustest.Start(t)
+	asked := make(chan string, 64)
+	sub, err := b.ServeProducing(func(id string) bool { return id == "a.t:1" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if ok, err := b.ProducerAlive(t.Context(), "a.t:1", 2*time.Second); !ok || err != nil {
+		t.Fatalf("ProducerAlive of a served turn: %v %v", ok, err)
+	}
+	if ok, err := b.ProducerAlive(t.Context(), "other", 300*time.Millisecond); ok || err != nil {
+		t.Fatalf("ProducerAlive of a turn nobody produces: %v %v", ok, err)
+	}
+	// A producer that answers from its second question on.
+	var late bus.Subscription
+	late, err = b.ServeProducing(func(id string) bool {
+		asked <- id
+		return id == "late" && len(asked) > 1
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer late.Unsubscribe()
+	if ok, err := b.ProducerAlive(t.Context(), "late", 2*time.Second); !ok || err != nil {
+		t.Fatalf("ProducerAlive of a producer heard late: %v %v", ok, err)
+	}
+}

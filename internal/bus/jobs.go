@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -182,6 +183,66 @@ func (b *Bus) ServeWorkerPing(workerID string) (Subscription, error) {
 	}
 	return sub, nil
 }
+
+// ServeProducing answers ProducerAlive for the turns producing reports
+// true for, until the returned subscription is unsubscribed. producing is
+// called on the connection's goroutine and must not block.
+func (b *Bus) ServeProducing(producing func(turnID string) bool) (Subscription, error) {
+	sub, err := b.nc.Subscribe(producingPrefix+"*", func(m *nats.Msg) {
+		if producing(Untoken(strings.TrimPrefix(m.Subject, producingPrefix))) {
+			_ = m.Respond(nil)
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("serve producing: %w", err)
+	}
+	if err := b.nc.Flush(); err != nil {
+		_ = sub.Unsubscribe()
+		return nil, fmt.Errorf("serve producing: %w", err)
+	}
+	return sub, nil
+}
+
+// ProducerAlive asks the workers whether one of them is producing turnID
+// (see ServeProducing), and reports false when none says so within wait.
+// It goes over core NATS, which carries it while a JetStream consumer
+// changes leader: a job redelivered then does not tell that its producer
+// died. The question is asked again every producerAsk, so that a producer
+// whose connection is being re-established (its NATS server restarted)
+// hears one once it is back.
+func (b *Bus) ProducerAlive(parent context.Context, turnID string, wait time.Duration) (bool, error) {
+	ctx, cancel := context.WithTimeout(parent, wait)
+	defer cancel()
+	inbox := b.nc.NewInbox()
+	sub, err := b.nc.SubscribeSync(inbox)
+	if err != nil {
+		return false, fmt.Errorf("ask for the producer of %s: %w", turnID, err)
+	}
+	defer sub.Unsubscribe()
+	answered := make(chan struct{})
+	go func() {
+		if _, err := sub.NextMsgWithContext(ctx); err == nil {
+			close(answered)
+		}
+	}()
+	ask := time.NewTicker(producerAsk)
+	defer ask.Stop()
+	for {
+		// A publish refused while this connection is down is asked
+		// again at the next tick.
+		_ = b.nc.PublishRequest(producingPrefix+Token(turnID), inbox, nil)
+		select {
+		case <-answered:
+			return true, nil
+		case <-ctx.Done():
+			return false, parent.Err()
+		case <-ask.C:
+		}
+	}
+}
+
+// producerAsk is how often ProducerAlive asks again.
+const producerAsk = 250 * time.Millisecond
 
 // PingWorkers returns the id of one live worker, or an error when none
 // answers before ctx is done.

@@ -12,6 +12,9 @@ const (
 	storedPrefix   = "tr.evs."
 	eventPrefix    = "tr.ev."
 	WorkerPingSubj = "tr.workers.ping"
+	// producingPrefix + the turn's token asks the workers whether one of
+	// them produces the turn (see ProducerAlive).
+	producingPrefix = "tr.workers.producing."
 	// CancelSubj carries a cancelled turn's id as a core NATS signal, next to
 	// its durable tombstone (see MarkCancelled).
 	CancelSubj = "tr.cancel"

@@ -98,7 +98,16 @@ type run struct {
 	cancel     context.CancelCauseFunc
 	job        *bus.JobMsg // kept in progress by keepJobs
 	cancelSeen time.Time   // when the cancel arrived; guarded by Worker.mu
+	started    bool        // this worker started the turn; guarded by Worker.mu
 }
+
+// producerWait is how long a worker that finds a redelivered job's turn
+// streaming waits for its producer to say it still runs (see loadTurn).
+const producerWait = 2 * time.Second
+
+// errProducerRuns leaves a redelivered job to the worker that produces its
+// turn.
+var errProducerRuns = errors.New("the turn's producer still runs")
 
 // freshTurn is how old a turn may be and still be held back by StartGrace.
 const freshTurn = time.Second
@@ -174,6 +183,11 @@ func (w *Worker) Run(ctx context.Context) error {
 		return err
 	}
 	defer ping.Unsubscribe()
+	producing, err := w.bus.ServeProducing(w.producing)
+	if err != nil {
+		return err
+	}
+	defer producing.Unsubscribe()
 
 	keepDone, keepStopped := make(chan struct{}), make(chan struct{})
 	go func() {
@@ -209,6 +223,14 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.wg.Wait()
 	w.log.Info("worker stopped")
 	return err
+}
+
+// producing reports whether this worker has started turnID and runs it.
+func (w *Worker) producing(turnID string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	r := w.running[turnID]
+	return r != nil && r.started
 }
 
 // cancelTurn stops the turn if this worker is producing it.
@@ -292,6 +314,9 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		var done bool
 		var err error
 		if t, done, err = w.loadTurn(ctx, jm.TurnID, log); done || err != nil {
+			if errors.Is(err, errProducerRuns) {
+				return false, nil // its producer acks it
+			}
 			return done, err
 		}
 	}
@@ -328,11 +353,13 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		}
 	}
 	if cancelled || tctx.Err() != nil {
-		return true, w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil, nil)
+		_, err := w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil, nil)
+		return true, err
 	}
 	if w.cfg.TokenBudget != nil {
 		if ok, msg := w.cfg.TokenBudget.Allow(t.Owner); !ok {
-			return true, w.finish(ctx, t, r, chat.StatusError, nil, 0, msg, nil, nil)
+			_, err := w.finish(ctx, t, r, chat.StatusError, nil, 0, msg, nil, nil)
+			return true, err
 		}
 	}
 	started, err := w.store.StartTurn(ctx, t.ID, w.cfg.Now())
@@ -345,12 +372,16 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 	if !started {
 		return true, nil // a cancel ended it while it was queued
 	}
+	w.mu.Lock()
+	r.started = true
+	w.mu.Unlock()
 	if tctx.Err() != nil {
 		status := chat.StatusCancelled
 		if errors.Is(context.Cause(tctx), errShutdown) {
 			status = chat.StatusInterrupted
 		}
-		return true, w.finish(ctx, t, r, status, nil, 0, "", nil, nil)
+		_, err := w.finish(ctx, t, r, status, nil, 0, "", nil, nil)
+		return true, err
 	}
 	req, err := w.request(ctx, t)
 	if err != nil {
@@ -374,9 +405,33 @@ func (w *Worker) loadTurn(ctx context.Context, id string, log *slog.Logger) (t c
 		return t, true, nil
 	}
 	if t.Status == chat.StatusStreaming {
-		// Another producer started this turn and lost the job: it died.
-		log.Warn("producer lost; ending turn as interrupted")
-		return t, true, w.Interrupt(ctx, t)
+		// Another producer started this turn and its job came back: it
+		// died, or it runs but its renewals of the job were lost (the NATS
+		// node leading the job consumer stopped, or the producer was
+		// frozen). Ending the turn under a live producer would have it
+		// produce on past the end: ask first.
+		alive, err := w.bus.ProducerAlive(ctx, t.ID, producerWait)
+		if err != nil {
+			return t, false, err
+		}
+		if alive {
+			log.Info("job redelivered while its producer runs; leaving it the turn")
+			return t, false, errProducerRuns
+		}
+		status := chat.StatusInterrupted
+		if cancelled, err := w.bus.IsCancelled(ctx, t.ID); err == nil && cancelled {
+			status = chat.StatusCancelled // its user asked to stop it
+		}
+		log.Warn("producer lost; ending turn", "status", status)
+		if err := w.end(ctx, t, status); err != nil {
+			return t, false, err
+		}
+		// A producer that was only out of reach stops when it hears this
+		// (its turn's tombstone), rather than produce past the end.
+		if _, err := w.bus.MarkCancelled(ctx, t.ID); err != nil {
+			log.Warn("stop the lost producer", "err", err)
+		}
+		return t, true, nil
 	}
 	return t, false, nil
 }
@@ -464,7 +519,10 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	if journaled {
 		settle = func() error { return pub.save(status) }
 	}
-	if err := w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage, settle); err != nil {
+	won, err := w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage, settle)
+	if err != nil || !won {
+		// Ended by another (a worker that took this one for lost): the
+		// stored text is the winner's, and so must the snapshot be.
 		return true, err
 	}
 	// After the end: a resume of the finished turn then reads no stream
@@ -476,23 +534,27 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 
 // finish stores the turn's end (exactly once, whoever else tries) and then
 // publishes it with the status that won; settle, when not nil, is called
-// before the end is stored in the stream (see bus.PublishEnd).
-func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, text []byte, seq int64, errMsg string, usage *chat.Usage, settle func() error) error {
+// before the end is stored in the stream (see bus.PublishEnd), if this
+// call's end won. It reports whether it did.
+func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, text []byte, seq int64, errMsg string, usage *chat.Usage, settle func() error) (bool, error) {
 	final, won, err := w.store.FinishTurn(ctx, store.TurnResult{
 		TurnID: t.ID, Status: status, Content: string(text), Seq: seq,
 		Error: errMsg, Usage: usage, Now: w.cfg.Now(),
 	})
 	if errors.Is(err, chat.ErrNotFound) {
-		return nil // deleted meanwhile
+		return false, nil // deleted meanwhile
 	}
 	if err != nil {
-		return fmt.Errorf("finish turn: %w", err)
+		return false, fmt.Errorf("finish turn: %w", err)
 	}
 	end := &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Seq: seq, Status: final}
 	if won {
 		end.Error, end.Usage = errMsg, usage
-	} else if stored, err := w.store.TurnHead(ctx, t.ID); err == nil {
-		end.Seq, end.Error, end.Usage = stored.Seq, stored.Error, stored.Usage
+	} else {
+		settle = nil // the snapshot is the winner's to save
+		if stored, err := w.store.TurnHead(ctx, t.ID); err == nil {
+			end.Seq, end.Error, end.Usage = stored.Seq, stored.Error, stored.Usage
+		}
 	}
 	if r != nil {
 		// The end goes live first thing in PublishEnd, and a cancel's user
@@ -506,16 +568,23 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 		}
 	}
 	if _, err := w.bus.PublishEnd(ctx, end, settle); err != nil {
-		return err
+		return won, err
 	}
-	w.m.turns.WithLabelValues(string(final)).Inc()
-	return nil
+	if won {
+		w.m.turns.WithLabelValues(string(final)).Inc()
+	}
+	return won, nil
 }
 
 // Interrupt ends a turn whose producer is gone: its text so far (snapshot
 // plus the deltas after it in the stream) is saved with status interrupted
 // and the end is published. A turn that has ended meanwhile is left alone.
 func (w *Worker) Interrupt(ctx context.Context, t chat.Turn) error {
+	return w.end(ctx, t, chat.StatusInterrupted)
+}
+
+// end is Interrupt with the status to end the turn with.
+func (w *Worker) end(ctx context.Context, t chat.Turn, status chat.TurnStatus) error {
 	snap, err := w.bus.ReadSnapshot(ctx, t.ID)
 	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 		return err
@@ -548,7 +617,8 @@ func (w *Worker) Interrupt(ctx context.Context, t chat.Turn) error {
 		})
 		return err
 	}
-	return w.finish(ctx, t, nil, chat.StatusInterrupted, text, seq, "", nil, nil)
+	_, err = w.finish(ctx, t, nil, status, text, seq, "", nil, nil)
+	return err
 }
 
 // RecoverAll ends as interrupted every turn still queued or streaming. Only

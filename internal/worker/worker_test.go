@@ -424,6 +424,93 @@ func TestRedeliveredStreamingTurnIsInterrupted(t *testing.T) {
 	}
 }
 
+// TestRedeliveredJobOfALiveProducerIsLeftToIt plays a job redelivered
+// while its producer runs (the renewals were lost with a NATS node): the
+// producer answers for its turn, so the worker leaves the job alone, and
+// acks it once the producer has ended the turn.
+func TestRedeliveredJobOfALiveProducerIsLeftToIt(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	ends := e.send(t, "c", "t1", "x", false)
+	if ok, err := e.store.StartTurn(t.Context(), "t1", time.Now()); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	asked := make(chan struct{}, 16)
+	var producing atomic.Bool
+	producing.Store(true)
+	sub, err := e.bus.ServeProducing(func(id string) bool {
+		asked <- struct{}{}
+		return id == "t1" && producing.Load()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	acks := jobAcks(t, e.bus)
+	e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: "t1", ConversationID: "c"})
+	e.start(t)
+	receive(t, asked, "the worker did not ask for the turn's producer")
+	// Asked again at the redelivery, after an ack wait.
+	receive(t, asked, "the job was not redelivered")
+	select {
+	case ev := <-ends:
+		t.Fatalf("the turn was ended under its producer: %+v", ev)
+	default:
+	}
+	// The producer ends the turn; the job's next delivery finds it ended.
+	producing.Store(false)
+	if _, won, err := e.store.FinishTurn(t.Context(), store.TurnResult{TurnID: "t1", Status: chat.StatusComplete, Content: "done", Seq: 1, Now: time.Now()}); !won || err != nil {
+		t.Fatal(won, err)
+	}
+	if n := waitAck(t, acks); n < 2 {
+		t.Fatalf("job acked at delivery %d, want a redelivery", n)
+	}
+	st, _ := e.store.Turn(t.Context(), "t1")
+	if st.Status != chat.StatusComplete || st.Content != "done" || e.prov.calls.Load() != 0 {
+		t.Fatalf("stored %s %q, provider called %d times", st.Status, st.Content, e.prov.calls.Load())
+	}
+	if cancelled, _ := e.bus.IsCancelled(t.Context(), "t1"); cancelled {
+		t.Fatal("the live producer was told to stop")
+	}
+}
+
+// TestLostProducerIsStopped: when no producer answers, the turn ends
+// interrupted, and a tombstone stops the producer should it be alive after
+// all (a frozen process); a turn whose user had asked to stop it ends
+// cancelled.
+func TestLostProducerIsStopped(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	interrupted := e.send(t, "c1", "t1", "x", false)
+	cancelled := e.send(t, "c2", "t2", "x", false)
+	for _, id := range []string{"t1", "t2"} {
+		if ok, err := e.store.StartTurn(t.Context(), id, time.Now()); !ok || err != nil {
+			t.Fatal(ok, err)
+		}
+	}
+	if _, err := e.bus.MarkCancelled(t.Context(), "t2"); err != nil {
+		t.Fatal(err)
+	}
+	e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: "t1", ConversationID: "c1"})
+	e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: "t2", ConversationID: "c2"})
+	e.start(t)
+	if end := waitEnd(t, interrupted); end.Status != chat.StatusInterrupted {
+		t.Fatalf("t1 ended %+v, want interrupted", end)
+	}
+	if end := waitEnd(t, cancelled); end.Status != chat.StatusCancelled {
+		t.Fatalf("t2 ended %+v, want cancelled", end)
+	}
+	// The tombstone follows the end.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		ok, err := e.bus.IsCancelled(t.Context(), "t1")
+		if ok && err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("t1's producer was not told to stop: %v %v", ok, err)
+		}
+		time.Sleep(10 * time.Millisecond) // polling the bucket
+	}
+}
+
 func TestProviderErrorEndsTurnWithTextSaved(t *testing.T) {
 	e := setup(t, worker.Config{}, true)
 	end := waitEnd(t, e.send(t, "c", "t1", "[sim tokens=10 rate=0 error_after=4]", true))
