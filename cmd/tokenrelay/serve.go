@@ -109,9 +109,13 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 
 	reg := newRegistry()
 	w := worker.New(workerConfig(&c, log, reg), wkBus, st, p)
-	if c.NATSURL == "" {
+	if local != nil {
 		// serve is the only producer of its embedded bus: a turn left
 		// unfinished belonged to a previous run that stopped or died.
+		// (With --nats-listen, workers of other processes may be
+		// producing theirs; the jobs of the previous run's turns are
+		// redelivered, and whoever takes one ends its turn if its
+		// producer is gone.)
 		n, err := w.RecoverAll(ctx)
 		if err != nil {
 			return fmt.Errorf("recover unfinished turns: %w", err)

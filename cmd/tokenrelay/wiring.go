@@ -87,7 +87,18 @@ func checkWritable(dir string) error {
 func connectNATS(c *config, name string, log *slog.Logger) (*nats.Conn, error) {
 	opts := []nats.Option{
 		nats.Name(name), nats.MaxReconnects(-1), nats.ReconnectWait(250 * time.Millisecond),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("nats disconnected", "err", err) }),
+		// No buffer while reconnecting: a publish made then fails at
+		// once. Buffered, it would go out after the reconnection, when
+		// its caller has long taken it for failed: a delta landing in a
+		// turn that another worker has ended meanwhile.
+		nats.ReconnectBufSize(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err == nil {
+				log.Info("nats disconnected") // closed by this process
+				return
+			}
+			log.Warn("nats disconnected", "err", err)
+		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) { log.Warn("nats reconnected", "url", nc.ConnectedUrlRedacted()) }),
 		nats.ErrorHandler(logNATSError(log)),
 	}

@@ -291,9 +291,22 @@ func (b *Bus) PublishDeltaAsync(e *Event, beforeLive func()) (*PendingDelta, err
 		return pd, nil
 	}
 	if err := b.acks.trySend(pd); err != nil {
-		return nil, err
+		if !disconnected(err) {
+			return nil, err
+		}
+		// Not sent: the connection is being re-established. The delta
+		// fails as one whose answer was lost does, and its publisher
+		// stores it again, waiting for the connection (see Republish).
+		pd.settle(0, err)
 	}
 	return pd, nil
+}
+
+// disconnected reports whether err is a publish refused because the
+// connection is down and being re-established: nothing was sent, and an
+// attempt once it is back may succeed.
+func disconnected(err error) bool {
+	return errors.Is(err, nats.ErrReconnectBufExceeded) || errors.Is(err, nats.ErrConnectionReconnecting) || errors.Is(err, nats.ErrDisconnected)
 }
 
 // storeNow stores pd in the stream, then announces and settles it.
@@ -346,7 +359,9 @@ func (b *Bus) StoreJournaled(ctx context.Context, e *Event) (uint64, error) {
 
 // A stream whose leader is lost (its node stopped or cut off) answers no
 // publish until the other replicas have elected a new leader, which takes
-// a few seconds; a publish sent meanwhile gets no answer at all. So one
+// a few seconds; a publish sent meanwhile gets no answer at all. (One made
+// while the connection is re-established fails at once: it has no
+// reconnect buffer, see disconnected; it is retried the same way.) So one
 // attempt waits at most publishAttempt and is then repeated with the same
 // Nats-Msg-Id, which the stream deduplicates: a message stored by an
 // attempt whose answer was lost is not stored twice. Attempts go on while
@@ -375,7 +390,7 @@ func (b *Bus) publish(ctx context.Context, subj string, data []byte, msgID strin
 			return ack, nil
 		}
 		retry := errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) ||
-			errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders)
+			errors.Is(err, jetstream.ErrNoStreamResponse) || errors.Is(err, nats.ErrNoResponders) || disconnected(err)
 		if !retry || ctx.Err() != nil {
 			return nil, err
 		}

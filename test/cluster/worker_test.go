@@ -179,3 +179,58 @@ func TestWorkerStopped(t *testing.T) {
 		t.Fatalf("turn after a new worker started ended %s", tr.Status)
 	}
 }
+
+// TestServeRestartLeavesOtherWorkersTurns runs an external worker on the
+// NATS of `serve --nats-listen`. serve is killed mid-turn and started
+// again: the turns the external worker produces run on to their end,
+// serve's own turn, whose producer died with it, ends interrupted, and
+// every turn's stored text is what its events hold.
+func TestServeRestartLeavesOtherWorkersTurns(t *testing.T) {
+	pg := postgresURL(t)
+	migrate(t, pg)
+	hub := fmt.Sprintf("127.0.0.1:%d", freePorts(t, 1)[0])
+	srv := trtest.Serve(t, "--nats-listen", hub, "--store-url", pg, "--worker-concurrency", "1",
+		"--limit-turns", "0", "--limit-sends", "0", "--limit-connections", "0")
+	wk := trtest.Start(t, "worker", "--nats-url", "nats://"+hub, "--store-url", pg, "--metrics-addr", "127.0.0.1:0")
+	var convs []string
+	for i := range 4 {
+		conv := fmt.Sprintf("hub-%d", i)
+		c := trtest.Dial(t, srv.WSURL(), nil)
+		c.Join(conv, nil)
+		tr := &trtest.Turn{ID: conv + "-t"}
+		send(c, conv, tr.ID, "[sim tokens=150 rate=30]")
+		until(t, c, tr, 3)
+		convs = append(convs, conv)
+	}
+	if n := metric(t, wk.URL, "tokenrelay_turns_running"); n < 1 {
+		t.Fatalf("the external worker produces %v turns, want at least 1 (serve's takes one at a time)", n)
+	}
+	srv.Kill()
+	srv = srv.Restart(t)
+	complete := 0
+	for _, conv := range convs {
+		id := conv + "-t"
+		var m message
+		eventually(t, 60*time.Second, "turn "+id+" ends", func() bool {
+			m = storedTurn(t, srv.URL, conv, id)
+			return m.Status != "queued" && m.Status != "streaming"
+		})
+		if m.Status == "complete" {
+			complete++
+		}
+		// Its events, from the start, against the store.
+		c := trtest.Dial(t, srv.WSURL(), nil)
+		tr := &trtest.Turn{ID: id}
+		resume(t, tr, c.Join(conv, map[string]any{"after": map[string]any{"turn_id": id, "seq": 0}, "history": 0}))
+		finish(t, c, tr)
+		if tr.Text.String() != m.Content || tr.Status != m.Status {
+			t.Errorf("turn %s: events hold %d bytes to seq %d (%s), the store %d bytes (%s)", id, tr.Text.Len(), tr.Seq, tr.Status, len(m.Content), m.Status)
+		}
+	}
+	if complete == 0 {
+		t.Error("no turn completed: the external worker's turns were ended under it")
+	}
+	if t.Failed() {
+		t.Logf("worker's log:\n%s\nserve's log:\n%s", wk.Stderr(), srv.Stderr())
+	}
+}
