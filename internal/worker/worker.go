@@ -54,6 +54,15 @@ type Config struct {
 	// the grace. It costs this much time to first token, and nothing for a
 	// turn older than freshTurn (a redelivered job).
 	StartGrace time.Duration
+	// QueuedTimeout is how long a turn may stay queued before a worker
+	// enqueues its job again (default 30s; negative disables): a gateway
+	// that died between storing a turn and enqueuing its job left it
+	// queued with no job, and its conversation refusing every send as
+	// turn_active. The jobs stream takes a job once per turn within its
+	// duplicate window (2 minutes), and a second job of a turn is acked
+	// as soon as a worker finds the turn started. Not under serve's
+	// in-process bus, whose restart ends such turns (RecoverAll).
+	QueuedTimeout time.Duration
 	// ContextMessages is how many stored messages are offered to the
 	// provider as context (default 100; the provider trims to its budget).
 	ContextMessages int
@@ -137,6 +146,9 @@ func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
 	if cfg.StartGrace == 0 {
 		cfg.StartGrace = 50 * time.Millisecond
 	}
+	if cfg.QueuedTimeout == 0 {
+		cfg.QueuedTimeout = 30 * time.Second
+	}
 	if cfg.ContextMessages <= 0 {
 		cfg.ContextMessages = 100
 	}
@@ -201,6 +213,15 @@ func (w *Worker) Run(ctx context.Context) error {
 		<-keepStopped
 	}()
 
+	if w.cfg.QueuedTimeout > 0 && !w.bus.InProcess() {
+		requeueDone := make(chan struct{})
+		go func() {
+			defer close(requeueDone)
+			w.requeue(jobsCtx)
+		}()
+		defer func() { <-requeueDone }()
+	}
+
 	sem := make(chan struct{}, w.cfg.Concurrency)
 	w.log.Info("worker started", "concurrency", w.cfg.Concurrency)
 	err = w.bus.ConsumeJobs(jobsCtx, min(w.cfg.Concurrency, 256), func(jm *bus.JobMsg) {
@@ -243,6 +264,41 @@ func (w *Worker) cancelTurn(turnID string) {
 	w.mu.Unlock()
 	if r != nil {
 		r.cancel(errCancelled)
+	}
+}
+
+// requeue enqueues again, every QueuedTimeout/2 until ctx is done, the job
+// of each turn queued for longer than QueuedTimeout (see Config). The job
+// names only the turn, so the worker that takes it reads the turn's state.
+func (w *Worker) requeue(ctx context.Context) {
+	t := time.NewTicker(w.cfg.QueuedTimeout / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		turns, err := w.store.UnfinishedTurns(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				w.log.Warn("look for queued turns", "err", err)
+			}
+			continue
+		}
+		cutoff := w.cfg.Now().Add(-w.cfg.QueuedTimeout)
+		for _, tn := range turns {
+			if tn.Status != chat.StatusQueued || tn.CreatedAt.After(cutoff) {
+				continue
+			}
+			if err := w.bus.EnqueueJob(ctx, bus.Job{TurnID: tn.ID, ConversationID: tn.ConversationID}); err != nil {
+				if ctx.Err() == nil {
+					w.log.Warn("enqueue the job of a queued turn again", "turn_id", tn.ID, "err", err)
+				}
+				break
+			}
+			w.log.Debug("enqueued the job of a queued turn again", "turn_id", tn.ID, "queued_since", tn.CreatedAt)
+		}
 	}
 }
 

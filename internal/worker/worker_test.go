@@ -511,6 +511,28 @@ func TestLostProducerIsStopped(t *testing.T) {
 	}
 }
 
+// TestQueuedTurnWithoutAJobIsProduced plays a gateway that died between
+// storing a turn and enqueuing its job: a worker enqueues it again once the
+// turn has been queued for QueuedTimeout.
+func TestQueuedTurnWithoutAJobIsProduced(t *testing.T) {
+	e := setup(t, worker.Config{QueuedTimeout: 300 * time.Millisecond}, false)
+	ends := make(chan bus.Event, 4)
+	sub, err := e.bus.SubscribeTurnEnd("c", "t1", func(ev bus.Event) { ends <- ev })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	e.bus.Conn().Flush()
+	old := time.Now().Add(-time.Minute)
+	if _, err := e.store.Send(t.Context(), store.SendRequest{ConversationID: "c", Owner: "u", MessageID: "m1", TurnID: "t1", Text: "hello", Now: old}); err != nil {
+		t.Fatal(err)
+	}
+	e.start(t)
+	if end := waitEnd(t, ends); end.Status != chat.StatusComplete || end.Seq != 20 {
+		t.Fatalf("end %+v", end)
+	}
+}
+
 func TestProviderErrorEndsTurnWithTextSaved(t *testing.T) {
 	e := setup(t, worker.Config{}, true)
 	end := waitEnd(t, e.send(t, "c", "t1", "[sim tokens=10 rate=0 error_after=4]", true))
