@@ -128,16 +128,19 @@ func (s *Server) handleListConversations() http.Handler {
 			}
 			limit = n
 		}
-		convs, err := s.store.Conversations(ctx, userOf(r), limit)
+		// One more than asked says whether there are others.
+		convs, err := s.store.Conversations(ctx, userOf(r), limit+1)
 		if err != nil {
 			writeError(w, err)
 			return
 		}
+		more := len(convs) > limit
+		convs = convs[:min(len(convs), limit)]
 		out := make([]item, 0, len(convs))
 		for _, c := range convs {
 			out = append(out, item{c.ID, c.Title, protocol.FormatTime(c.UpdatedAt), c.ActiveTurnID})
 		}
-		writeJSON(w, http.StatusOK, map[string]any{"conversations": out})
+		writeJSON(w, http.StatusOK, map[string]any{"conversations": out, "has_more": more})
 	})
 }
 

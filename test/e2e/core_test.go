@@ -230,6 +230,36 @@ func TestBadInputKeepsConnectionAndStoresNothing(t *testing.T) {
 	}
 }
 
+// TestConversationList: the list is cut at limit, and has_more says
+// whether it was.
+func TestConversationList(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--sim-tokens", "3")
+	for i := range 3 {
+		body := map[string]any{"text": fmt.Sprintf("hello %d", i)}
+		if code := trtest.Do(t, "POST", p.URL+fmt.Sprintf("/v1/conversations/list-%d/messages", i), "", body, nil); code != 202 {
+			t.Fatalf("POST %d: %d", i, code)
+		}
+	}
+	for _, tt := range []struct {
+		query string
+		n     int
+		more  bool
+	}{{"", 3, false}, {"?limit=2", 2, true}, {"?limit=3", 3, false}} {
+		var list struct {
+			Conversations []struct {
+				ConversationID string `json:"conversation_id"`
+			} `json:"conversations"`
+			HasMore *bool `json:"has_more"`
+		}
+		if code := trtest.Get(t, p.URL+"/v1/conversations"+tt.query, &list); code != 200 || list.HasMore == nil {
+			t.Fatalf("GET /v1/conversations%s: %d, has_more %v", tt.query, code, list.HasMore)
+		}
+		if len(list.Conversations) != tt.n || *list.HasMore != tt.more {
+			t.Errorf("%s: %d conversations, has_more %v; want %d, %v", tt.query, len(list.Conversations), *list.HasMore, tt.n, tt.more)
+		}
+	}
+}
+
 func TestHistoryPagingAndRestartKeepsIt(t *testing.T) {
 	p := trtest.Serve(t, "--sim-rate", "0", "--sim-tokens", "3")
 	c := trtest.Dial(t, p.WSURL(), nil)
