@@ -459,6 +459,12 @@ func newID() string {
 // most every workerCheckEvery; a send with no worker to produce its turn is
 // refused rather than left queued.
 func (s *Server) workerAlive(ctx context.Context) bool {
+	if s.bus.InProcess() {
+		// serve's own worker, in this process, which ends with it: a
+		// ping would only time out when the machine is overloaded, and
+		// refuse a send for that.
+		return true
+	}
 	s.workerMu.Lock()
 	defer s.workerMu.Unlock()
 	if s.now().Sub(s.workerSeen) < workerCheckEvery {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenrelay/tokenrelay/internal/auth"
@@ -200,5 +201,30 @@ func TestGatewayReadsAQuietTurnAgain(t *testing.T) {
 	c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return tr.Ends > 0 })
 	if len(tr.Errors) > 0 || tr.Status != "complete" || tr.Text.String() != "hello world" {
 		t.Fatalf("got %s %q %v, want complete \"hello world\"", tr.Status, tr.Text.String(), tr.Errors)
+	}
+}
+
+// TestInProcessGatewayDoesNotPingItsWorker: under serve's in-process bus
+// the worker lives and dies with the gateway, so a send is not refused for
+// a worker ping that goes unanswered (as it can on an overloaded machine):
+// here no worker answers at all, and the send is still taken.
+func TestInProcessGatewayDoesNotPingItsWorker(t *testing.T) {
+	server := bustest.Start(t)
+	nc, err := nats.Connect(server.Conn().ConnectedUrl())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	b, err := bus.Open(t.Context(), nc, bus.Config{Local: bus.NewLocal()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, a := storeAndAuth(t)
+	c := trtest.Dial(t, serveGateway(t, gateway.New(gateway.Config{}, b, st, a)), nil)
+	c.Join("in-process", nil)
+	c.Send(map[string]any{"type": "send", "conversation_id": "in-process", "text": "hello", "id": "s"})
+	f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s" })
+	if last := f[len(f)-1]; last.Type() != "ack" {
+		t.Fatalf("send with no worker answering pings: %v, want an ack", last)
 	}
 }
