@@ -174,7 +174,7 @@ func TestJobConsumerLeaderStopped(t *testing.T) {
 	waitWorkersPulling(t, c)
 	t.Logf("stopped NATS node n%d, leader of the job consumer; every worker pulled again after %v",
 		leader+1, time.Since(stopped).Round(time.Millisecond))
-	fl, running := spread(t, c, "consumer-leader", "speak [sim tokens=300 rate=100]")
+	fl, running := spread(t, c, "consumer-leader", "speak [sim tokens=1200 rate=100]")
 	t.Logf("turns running on the workers: %v", running)
 	for _, f := range fl {
 		finish(t, f.c, f.tr)
