@@ -90,7 +90,8 @@ type Server struct {
 	conns       sync.WaitGroup
 
 	workerMu   sync.Mutex
-	workerSeen time.Time // when a worker last answered; guarded by workerMu
+	workerSeen time.Time    // when a worker last answered; guarded by workerMu
+	workerPing *workerProbe // the ping in flight, if any; guarded by workerMu
 
 	mu      sync.Mutex
 	closing bool                           // guarded by mu

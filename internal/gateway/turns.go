@@ -457,7 +457,8 @@ func newID() string {
 
 // workerAlive reports whether a worker answered recently, asking the bus at
 // most every workerCheckEvery; a send with no worker to produce its turn is
-// refused rather than left queued.
+// refused rather than left queued. Sends that find the answer stale share
+// one ping: none waits behind another's.
 func (s *Server) workerAlive(ctx context.Context) bool {
 	if s.bus.InProcess() {
 		// serve's own worker, in this process, which ends with it: a
@@ -466,17 +467,48 @@ func (s *Server) workerAlive(ctx context.Context) bool {
 		return true
 	}
 	s.workerMu.Lock()
-	defer s.workerMu.Unlock()
 	if s.now().Sub(s.workerSeen) < workerCheckEvery {
+		s.workerMu.Unlock()
 		return true
 	}
-	pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
-	defer cancel()
-	if _, err := s.bus.PingWorkers(pctx); err != nil {
+	p := s.workerPing
+	if p == nil {
+		p = &workerProbe{done: make(chan struct{})}
+		s.workerPing = p
+		go s.pingWorkers(p)
+	}
+	s.workerMu.Unlock()
+	select {
+	case <-p.done:
+		return p.ok
+	case <-ctx.Done():
 		return false
 	}
-	s.workerSeen = s.now()
-	return true
 }
+
+// workerProbe is one ping of the workers; ok is set before done closes.
+type workerProbe struct {
+	done chan struct{}
+	ok   bool
+}
+
+func (s *Server) pingWorkers(p *workerProbe) {
+	ctx, cancel := context.WithTimeout(s.shutdownCtx, workerPingTimeout)
+	_, err := s.bus.PingWorkers(ctx)
+	cancel()
+	s.workerMu.Lock()
+	p.ok = err == nil
+	if p.ok {
+		s.workerSeen = s.now()
+	}
+	s.workerPing = nil
+	s.workerMu.Unlock()
+	close(p.done)
+}
+
+// workerPingTimeout bounds the wait for a worker's answer. A stopped worker
+// leaves no subscriber and is known at once ("no responders"); the wait is
+// for a worker on a busy machine, whose send had better wait than fail.
+const workerPingTimeout = 2 * time.Second
 
 const workerCheckEvery = 3 * time.Second

@@ -3,6 +3,7 @@ package e2e_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
@@ -226,5 +227,51 @@ func TestInProcessGatewayDoesNotPingItsWorker(t *testing.T) {
 	f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s" })
 	if last := f[len(f)-1]; last.Type() != "ack" {
 		t.Fatalf("send with no worker answering pings: %v, want an ack", last)
+	}
+}
+
+// TestSendsShareOneWorkerPing: with no worker answering (a frozen one still
+// subscribed, so each ping waits out its timeout), sends that arrive together
+// share one ping and are all refused `unavailable`, instead of pinging one
+// after another behind each other's timeouts.
+func TestSendsShareOneWorkerPing(t *testing.T) {
+	server := bustest.Start(t)
+	nc, err := nats.Connect(server.Conn().ConnectedUrl())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	b, err := bus.Open(t.Context(), nc, bus.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pings := make(chan struct{}, 100)
+	frozen, err := nc.Subscribe(bus.WorkerPingSubj, func(*nats.Msg) { pings <- struct{}{} })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = frozen.Unsubscribe() })
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	st, a := storeAndAuth(t)
+	url := serveGateway(t, gateway.New(gateway.Config{}, b, st, a))
+	const sends = 8
+	clients := make([]*trtest.Client, sends)
+	for i := range clients {
+		clients[i] = trtest.Dial(t, url, nil)
+		clients[i].Join(fmt.Sprintf("frozen-%d", i), nil)
+	}
+	for i, c := range clients {
+		c.Send(map[string]any{"type": "send", "conversation_id": fmt.Sprintf("frozen-%d", i), "text": "hello", "id": "s"})
+	}
+	for i, c := range clients {
+		f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s" })
+		if last := f[len(f)-1]; last.Type() != "error" || last.Str("code") != "unavailable" {
+			t.Fatalf("send %d with a frozen worker: %v, want error unavailable", i, last)
+		}
+	}
+	if n := len(pings); n >= sends {
+		t.Fatalf("%d sends pinged the workers %d times, want them to share pings", sends, n)
 	}
 }
