@@ -36,10 +36,10 @@ ARGS=(-s "reconnect turns=500 rate=20 watchers=2 storm-pct=10 storm-every=2s"); 
 # Many slow turns (20 tok/s each, as in the stream above), then few fast
 # ones (1000 tok/s, 10,000-token answers), where a connection that falls
 # behind gets merged deltas (PROTOCOL.md, delivery rule 3).
-ramp1="ramp watchers=1 warmup=6s duration=12s ramp=1200,1600,2000,2400,2800,3200,3600"
-ramp10="ramp watchers=10 warmup=6s duration=12s ramp=200,300,400,500,600,700"
-fast1="ramp watchers=1 rate=1000 tokens=10000 warmup=6s duration=12s ramp=100,200,280,360,440"
-fast10="ramp watchers=10 rate=1000 tokens=10000 warmup=6s duration=12s ramp=50,80,100,120,140"
+ramp1="ramp watchers=1 warmup=6s duration=12s ramp=1200,1600,2000,2400,2800,3200,3600,4000,4400"
+ramp10="ramp watchers=10 warmup=6s duration=12s ramp=200,300,400,500,600,700,800,900"
+fast1="ramp watchers=1 rate=1000 tokens=10000 warmup=6s duration=12s ramp=100,200,280,360,440,520,600"
+fast10="ramp watchers=10 rate=1000 tokens=10000 warmup=6s duration=12s ramp=50,80,100,120,140,160,180"
 ARGS=(-s "$ramp1 label=batch_off");                                                        run ramp-1w "" "${REV[@]}"
 ARGS=(-s "$ramp10 label=batch_off");                                                       run ramp-10w "" "${REV[@]}"
 ARGS=(-s "$fast1 label=fast_batch_off");                                                   run ramp-1w-fast "" "${REV[@]}"
