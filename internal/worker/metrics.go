@@ -10,6 +10,7 @@ type metrics struct {
 	firstDelta   prometheus.Histogram
 	deltas       prometheus.Counter
 	cancelToEnd  prometheus.Histogram
+	snapFails    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -38,9 +39,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "tokenrelay_worker_cancel_to_end_seconds", Help: "From the worker seeing a cancel to the turn's end, stored in the chat store, going live.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
 		}),
+		snapFails: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tokenrelay_snapshot_write_failures_total", Help: "Snapshots of streaming turns that could not be written (retried at the next one).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.turns, m.running, m.providerReqs, m.duration, m.firstDelta, m.deltas, m.cancelToEnd)
+		reg.MustRegister(m.turns, m.running, m.providerReqs, m.duration, m.firstDelta, m.deltas, m.cancelToEnd, m.snapFails)
 	}
 	return m
 }

@@ -36,6 +36,7 @@ type publisher struct {
 	snapAt    time.Time  // last snapshot written
 	snapLen   int        // text length at the last snapshot
 	snapSeq   int64      // seq at the last snapshot
+	snapFail  bool       // the last snapshot write failed (logged once a streak)
 	inflight  []sent     // published, not yet acknowledged, oldest first; guarded by mu
 	acked     ackedDelta // the newest acknowledged delta; guarded by mu
 	// Under a journal: the deltas kept only there, which the next snapshot
@@ -217,9 +218,18 @@ func (p *publisher) flushLocked() error {
 func (p *publisher) snapshotLocked(now time.Time) {
 	if err := p.snap.Write(p.ctx, p.text[:p.acked.end], p.acked.seq, p.acked.sseq, chat.StatusStreaming); err != nil {
 		// A missed snapshot only lengthens a resume's tail, and under a
-		// journal keeps the deltas there until the next one.
-		p.w.log.Warn("write snapshot", "turn_id", p.turn.ID, "err", err)
+		// journal keeps the deltas there until the next one. While a
+		// stream has no leader every snapshot fails: say so once a turn.
+		p.w.m.snapFails.Inc()
+		if !p.snapFail {
+			p.w.log.Warn("write snapshot; retrying with the next", "turn_id", p.turn.ID, "err", err)
+			p.snapFail = true
+		}
 	} else {
+		if p.snapFail {
+			p.w.log.Info("snapshot written again", "turn_id", p.turn.ID)
+			p.snapFail = false
+		}
 		p.releaseLocked(p.acked.seq)
 	}
 	p.snapAt, p.snapLen, p.snapSeq = now, p.acked.end, p.acked.seq

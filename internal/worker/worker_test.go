@@ -3,6 +3,7 @@ package worker_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"strings"
 	"sync"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/goleak"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
@@ -561,5 +563,92 @@ func TestTokenBudget(t *testing.T) {
 	second := waitEnd(t, e.send(t, "c2", "t2", "[sim tokens=30 rate=0] b", true))
 	if second.Status != chat.StatusError || !strings.Contains(second.Error, "budget") {
 		t.Fatalf("second turn %+v, want an error naming the budget", second)
+	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a logger and a test to share.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) count(s string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.b.String(), s)
+}
+
+// counter reads a counter without labels from reg.
+func counter(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	return 0
+}
+
+// TestFailingSnapshotsAreLoggedOnce: while the snapshot bucket refuses
+// writes (as when its stream has no leader), a streaming turn counts every
+// failed snapshot but warns once, says when snapshots succeed again, and
+// ends with all its text.
+func TestFailingSnapshotsAreLoggedOnce(t *testing.T) {
+	logs := &lockedBuffer{}
+	reg := prometheus.NewRegistry()
+	e := setup(t, worker.Config{
+		Logger:        slog.New(slog.NewTextHandler(logs, nil)),
+		Registry:      reg,
+		SnapshotBytes: 1, // a snapshot after every delta
+	}, true)
+	js, err := jetstream.New(e.bus.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.Stream(t.Context(), "KV_"+bus.TurnsBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := kv.CachedInfo().Config
+	refusing := cfg
+	refusing.MaxMsgSize = 1
+	if _, err := js.UpdateStream(t.Context(), refusing); err != nil {
+		t.Fatal(err)
+	}
+	ends := e.send(t, "c", "t1", "[sim tokens=400 rate=200] hello", true)
+	const failures = "tokenrelay_snapshot_write_failures_total"
+	deadline := time.After(20 * time.Second)
+	for counter(t, reg, failures) < 3 {
+		select {
+		case ev := <-ends:
+			t.Fatalf("turn ended (%+v) before three snapshots failed", ev)
+		case <-deadline:
+			t.Fatalf("%s = %v after 20 s, want 3", failures, counter(t, reg, failures))
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if _, err := js.UpdateStream(t.Context(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	end := waitEnd(t, ends)
+	st, err := e.store.Turn(t.Context(), "t1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end.Status != chat.StatusComplete || st.Seq != 400 {
+		t.Fatalf("end %+v, stored seq %d: want complete after 400 deltas", end, st.Seq)
+	}
+	if w, again := logs.count("write snapshot; retrying"), logs.count("snapshot written again"); w != 1 || again != 1 {
+		t.Fatalf("%v failed snapshots logged %d warnings and %d recoveries, want 1 and 1:\n%s", counter(t, reg, failures), w, again, logs.b.String())
 	}
 }
