@@ -381,10 +381,29 @@ func (s *Server) routes() *http.ServeMux {
 		api("GET /metrics", promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{}))
 	}
 	if s.cfg.Static != nil {
-		mux.Handle("GET /", http.FileServerFS(s.cfg.Static))
+		mux.Handle("GET /", pageHeaders(http.FileServerFS(s.cfg.Static)))
 	}
 	s.compatRoutes(mux)
 	return mux
+}
+
+// pagePolicy is the web page's Content-Security-Policy: its own scripts,
+// styles and sockets only, and images from itself, so that an answer's
+// Markdown cannot make the browser fetch from elsewhere (a prompt-injected
+// image URL would carry the conversation out in its query).
+const pagePolicy = "default-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; style-src 'self'; " +
+	"script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+
+// pageHeaders adds the page's security headers to h's answers.
+func pageHeaders(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hd := w.Header()
+		hd.Set("Content-Security-Policy", pagePolicy)
+		hd.Set("X-Content-Type-Options", "nosniff")
+		hd.Set("X-Frame-Options", "DENY")
+		hd.Set("Referrer-Policy", "no-referrer")
+		h.ServeHTTP(w, r)
+	})
 }
 
 func (s *Server) handleWS() http.Handler {

@@ -84,4 +84,14 @@ func TestUnknownAPIRequestsGetJSONErrors(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") {
 		t.Fatalf("GET / answered %d %s", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
+	// The page's own files only: no image, script or frame from elsewhere.
+	for h, want := range map[string]string{
+		"Content-Security-Policy": "img-src 'self' data:",
+		"X-Frame-Options":         "DENY",
+		"X-Content-Type-Options":  "nosniff",
+	} {
+		if got := resp.Header.Get(h); !strings.Contains(got, want) {
+			t.Errorf("GET / %s: %q, want it to hold %q", h, got, want)
+		}
+	}
 }
