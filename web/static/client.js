@@ -13,7 +13,9 @@
 // resumes where it was, re-sends unanswered `send`/`cancel` frames (safe: the
 // ids are chosen here, and the server treats a repeated message_id as a
 // retry), and re-joins with `after` when a delta does not follow the last one
-// it applied. See docs/js-client.md.
+// it applied. A `send` whose frame is larger than the server takes (64 KiB by
+// default) is refused here with `too_large`, and a frame that got the socket
+// closed with 1009 fails instead of being re-sent. See docs/js-client.md.
 
 /** Statuses after which a turn never changes again. */
 export const TERMINAL = Object.freeze(['complete', 'cancelled', 'error', 'interrupted']);
@@ -44,7 +46,11 @@ const defaults = {
   pingIntervalMs: 25000,
   pongTimeoutMs: 10000,
   stableAfterMs: 5000,
+  maxFrameBytes: 65536,
 };
+
+const utf8 = new TextEncoder();
+const byteLength = (s) => utf8.encode(s).length;
 
 /**
  * TokenRelayClient keeps one WebSocket to a tokenrelay gateway and a model of
@@ -73,6 +79,8 @@ export class TokenRelayClient extends EventTarget {
    * @param {number} [opts.backoffInitialMs] first reconnect delay (default 500).
    * @param {number} [opts.backoffMaxMs] longest reconnect delay (default 15000).
    * @param {number} [opts.pingIntervalMs] keep-alive interval (default 25000; 0 = none).
+   * @param {number} [opts.maxFrameBytes] largest frame the server takes (its --limit-frame-bytes,
+   *        default 65536; 0 = no check): a larger `send` is refused here with `too_large`.
    * @param {typeof WebSocket} [opts.WebSocket] WebSocket implementation (default: the global one).
    */
   constructor(opts = {}) {
@@ -98,6 +106,8 @@ export class TokenRelayClient extends EventTarget {
     this._pongTimer = null;
     this._stableTimer = null;
     this._reqSeq = 0;
+    /** the frame limit in force: the option, lowered when a smaller frame got close 1009 */
+    this._maxFrame = this.opts.maxFrameBytes;
     /** @type {Map<string, object>} conversation id → model */
     this._convs = new Map();
     /** @type {Map<string, object>} frame id → request awaiting its ack or error */
@@ -168,7 +178,7 @@ export class TokenRelayClient extends EventTarget {
     }
     for (const conv of this._convs.values()) this._sendJoin(conv);
     for (const req of this._requests.values()) {
-      if (req.resend) this._write(req.frame);
+      if (req.resend) this._writeRequest(req);
     }
   }
 
@@ -183,6 +193,7 @@ export class TokenRelayClient extends EventTarget {
   _onClose(ws, ev) {
     if (ws !== this._ws) return;
     this._dropSocket();
+    if (ev.code === 1009) this._failOversized(ws);
     for (const [id, req] of this._requests) {
       if (!req.resend) {
         this._requests.delete(id);
@@ -201,6 +212,33 @@ export class TokenRelayClient extends EventTarget {
       this._emit('error', { code: 'rate_limited', message: 'too many connections are open for this user' });
     }
     this._scheduleRetry(ev);
+  }
+
+  /**
+   * _failOversized handles close 1009 (a frame was larger than the server
+   * takes): the largest unanswered request written on that socket is the
+   * one, so it fails with `too_large` instead of being re-sent on every
+   * reconnect, and frames of its size are refused from now on.
+   */
+  _failOversized(ws) {
+    let worst = null;
+    for (const req of this._requests.values()) {
+      if (req.ws === ws && (!worst || req.bytes > worst.bytes)) worst = req;
+    }
+    if (!worst) return;
+    if (worst.bytes > 1) this._maxFrame = Math.min(this._maxFrame || Infinity, worst.bytes - 1);
+    this._requests.delete(worst.frame.id);
+    this._fail(worst, 'too_large', 'the message is larger than the server accepts');
+  }
+
+  /** _fail rejects a request and reports it through the `error` event, as an `error` frame would. */
+  _fail(req, code, message) {
+    const detail = { code, message, request: req.frame.type };
+    if (req.frame.conversation_id) detail.conversationId = req.frame.conversation_id;
+    if (req.frame.type === 'send') detail.messageId = req.frame.message_id;
+    if (req.frame.turn_id) detail.turnId = req.frame.turn_id;
+    req.reject(new ClientError(code, message, detail));
+    this._emit('error', detail);
   }
 
   _dropSocket() {
@@ -254,14 +292,29 @@ export class TokenRelayClient extends EventTarget {
   _request(frame, { resend }) {
     const id = `r${++this._reqSeq}`;
     frame.id = id;
+    const json = JSON.stringify(frame);
     return new Promise((resolve, reject) => {
-      const req = { frame, resend, resolve, reject };
+      const req = { frame, json, bytes: byteLength(json), resend, resolve, reject, ws: null };
+      if (this._maxFrame > 0 && req.bytes > this._maxFrame) {
+        // The server would close the connection on it (1009): never send it.
+        this._fail(req, 'too_large', `the message is too large to send (${req.bytes} bytes; the limit is ${this._maxFrame})`);
+        return;
+      }
       this._requests.set(id, req);
-      if (!this._write(frame) && !resend) {
+      if (!this._writeRequest(req) && !resend) {
         this._requests.delete(id);
         reject(new ClientError('unavailable', 'not connected'));
       }
     });
+  }
+
+  /** _writeRequest sends a request's frame and remembers the socket it went out on. */
+  _writeRequest(req) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== 1) return false;
+    ws.send(req.json);
+    req.ws = ws;
+    return true;
   }
 
   // ---- conversations ------------------------------------------------------
