@@ -38,6 +38,22 @@ DOMPurify.addHook('afterSanitizeAttributes', (node) => {
   }
 });
 
+/**
+ * showMarkdown renders text into el as Markdown; should that fail (marked
+ * throws "Maximum call stack size exceeded" on a few thousand nested block
+ * quotes, say), the message is shown as plain text instead, and nothing
+ * else on the page is affected.
+ */
+function showMarkdown(el, text) {
+  try {
+    renderMarkdown(el, text);
+    el.classList.remove('plain');
+  } catch {
+    el.textContent = text;
+    el.classList.add('plain');
+  }
+}
+
 function renderMarkdown(el, text) {
   const html = DOMPurify.sanitize(markdown.parse(text), {
     USE_PROFILES: { html: true },
@@ -160,7 +176,7 @@ function updateMessage(el, item) {
   const running = !isTerminal(item.status);
   if (el._content === item.content && el._status === item.status && el._cancelling === !!item.cancelling) return;
   if (el._content !== item.content || el._status !== item.status) {
-    if (item.content) renderMarkdown(body, item.content);
+    if (item.content) showMarkdown(body, item.content);
     else if (running) body.innerHTML = '<span class="typing" aria-label="Writing"><i></i><i></i><i></i></span>';
     else body.textContent = '';
   }
