@@ -79,6 +79,8 @@ export class TokenRelayClient extends EventTarget {
    * @param {number} [opts.backoffInitialMs] first reconnect delay (default 500).
    * @param {number} [opts.backoffMaxMs] longest reconnect delay (default 15000).
    * @param {number} [opts.pingIntervalMs] keep-alive interval (default 25000; 0 = none).
+   * @param {number} [opts.pongTimeoutMs] how long the first unanswered ping waits for its pong
+   *        before the connection is given up (default 10000).
    * @param {number} [opts.maxFrameBytes] largest frame the server takes (its --limit-frame-bytes,
    *        default 65536; 0 = no check): a larger `send` is refused here with `too_large`.
    * @param {typeof WebSocket} [opts.WebSocket] WebSocket implementation (default: the global one).
@@ -184,7 +186,10 @@ export class TokenRelayClient extends EventTarget {
 
   _ping() {
     if (!this._write({ type: 'ping' })) return;
-    clearTimeout(this._pongTimer);
+    // The timeout runs from the first ping left unanswered: a later ping
+    // must not push it back, or a ping interval shorter than the timeout
+    // would never notice a dead connection.
+    if (this._pongTimer) return;
     // A connection that stopped answering (laptop lid, lost Wi-Fi) may
     // never fire onclose; close it so the reconnect loop takes over.
     this._pongTimer = setTimeout(() => this._ws?.close(4000, 'no pong'), this.opts.pongTimeoutMs);
@@ -247,6 +252,7 @@ export class TokenRelayClient extends EventTarget {
     this._ws = null;
     clearInterval(this._pingTimer);
     clearTimeout(this._pongTimer);
+    this._pongTimer = null;
     clearTimeout(this._stableTimer);
     for (const conv of this._convs.values()) conv.joined = false;
   }
@@ -471,7 +477,7 @@ export class TokenRelayClient extends EventTarget {
     let f;
     try { f = JSON.parse(data); } catch { return; }
     switch (f.type) {
-      case 'pong': clearTimeout(this._pongTimer); return;
+      case 'pong': clearTimeout(this._pongTimer); this._pongTimer = null; return;
       case 'ack': return this._onAck(f);
       case 'error': return this._onError(f);
       case 'joined': return this._onJoined(f);

@@ -14,7 +14,10 @@ class FakeWS {
     FakeWS.all.push(this);
   }
   send(data) { this.sent.push(JSON.parse(data)); }
-  close(code = 1000) { this.drop(code); }
+  close(code = 1000) {
+    this.closedWith = code;
+    this.drop(code);
+  }
   // Test side.
   open() { this.readyState = 1; this.onopen?.(); }
   receive(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
@@ -183,4 +186,15 @@ test('another tab\'s question and answer arrive as events', async (t) => {
   const conv = c.conversation('c1');
   assert.deepEqual(conv.items.map((i) => [i.role, i.content]), [['user', 'from elsewhere'], ['assistant', 'ok']]);
   assert.equal(conv.active, 't9');
+});
+
+test('pings closer together than the pong timeout still notice a dead connection', async (t) => {
+  const c = newClient(t, { pingIntervalMs: 5, pongTimeoutMs: 40 });
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all[0];
+  ws.open();
+  await until(() => FakeWS.all.length === 2, 'a reconnect after the pong timeout');
+  assert.ok(ws.frames('ping').length >= 2, 'several pings went unanswered');
+  assert.equal(ws.closedWith, 4000);
 });
