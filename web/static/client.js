@@ -190,9 +190,21 @@ export class TokenRelayClient extends EventTarget {
     // must not push it back, or a ping interval shorter than the timeout
     // would never notice a dead connection.
     if (this._pongTimer) return;
-    // A connection that stopped answering (laptop lid, lost Wi-Fi) may
-    // never fire onclose; close it so the reconnect loop takes over.
-    this._pongTimer = setTimeout(() => this._ws?.close(4000, 'no pong'), this.opts.pongTimeoutMs);
+    this._pongTimer = setTimeout(() => this._noPong(), this.opts.pongTimeoutMs);
+  }
+
+  /**
+   * _noPong gives up on a connection that stopped answering (laptop lid,
+   * lost Wi-Fi). Its onclose may come only once the closing handshake has
+   * timed out (a minute in Chromium), so the socket is let go of at once and
+   * the reconnect goes the way of a close.
+   */
+  _noPong() {
+    this._pongTimer = null;
+    const ws = this._ws;
+    if (!ws) return;
+    this._onClose(ws, { code: 4000, reason: 'no pong' });
+    try { ws.close(4000, 'no pong'); } catch { /* already closing */ }
   }
 
   _onClose(ws, ev) {

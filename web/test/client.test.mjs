@@ -16,7 +16,10 @@ class FakeWS {
   send(data) { this.sent.push(JSON.parse(data)); }
   close(code = 1000) {
     this.closedWith = code;
-    this.drop(code);
+    // A lingering socket is one whose peer is gone: the closing handshake
+    // never finishes, so onclose does not come (Chromium gives up after a minute).
+    if (this.lingers) this.readyState = 2;
+    else this.drop(code);
   }
   // Test side.
   open() { this.readyState = 1; this.onopen?.(); }
@@ -197,4 +200,22 @@ test('pings closer together than the pong timeout still notice a dead connection
   await until(() => FakeWS.all.length === 2, 'a reconnect after the pong timeout');
   assert.ok(ws.frames('ping').length >= 2, 'several pings went unanswered');
   assert.equal(ws.closedWith, 4000);
+});
+
+test('a pong timeout lets go of the socket at once, without waiting for its onclose', async (t) => {
+  const c = newClient(t, { pingIntervalMs: 10, pongTimeoutMs: 10 });
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all[0];
+  ws.lingers = true;
+  ws.open();
+  await until(() => FakeWS.all.length === 2, 'a reconnect while the dead socket is still closing');
+  assert.equal(ws.closedWith, 4000);
+  assert.equal(ws.readyState, 2, 'its onclose never came');
+  const ws2 = FakeWS.all[1];
+  ws2.open();
+  ws2.receive({ type: 'pong' });
+  assert.equal(c.state, 'connected');
+  const states = c.events.filter((e) => e.type === 'status').map((e) => e.state);
+  assert.deepEqual(states, ['connecting', 'connected', 'reconnecting', 'connected']);
 });
