@@ -103,6 +103,8 @@ export class TokenRelayClient extends EventTarget {
     this._ws = null;
     this._attempt = 0;
     this._wanted = false; // connect() called and close() not
+    this._gen = 0; // bumped by every _open() and close(): an older open finding it changed gives up
+    this._opening = false; // _open() is awaiting the token
     this._retryTimer = null;
     this._pingTimer = null;
     this._pongTimer = null;
@@ -114,8 +116,8 @@ export class TokenRelayClient extends EventTarget {
     this._convs = new Map();
     /** @type {Map<string, object>} frame id → request awaiting its ack or error */
     this._requests = new Map();
-    this._onOnline = () => { if (this._wanted && !this._ws) this._retryNow(); };
-    this._onOffline = () => { if (this._wanted && !this._ws) this._setState('offline'); };
+    this._onOnline = () => { if (this._wanted && !this._ws && !this._opening) this._retryNow(); };
+    this._onOffline = () => { if (this._wanted && !this._ws && !this._opening) this._setState('offline'); };
   }
 
   // ---- connection ---------------------------------------------------------
@@ -132,6 +134,8 @@ export class TokenRelayClient extends EventTarget {
   /** close closes the connection and stops reconnecting. Joined conversations stay in the model. */
   close() {
     this._wanted = false;
+    this._gen++;
+    this._opening = false;
     globalThis.removeEventListener?.('online', this._onOnline);
     globalThis.removeEventListener?.('offline', this._onOffline);
     clearTimeout(this._retryTimer);
@@ -144,17 +148,25 @@ export class TokenRelayClient extends EventTarget {
   async _open() {
     clearTimeout(this._retryTimer);
     this._retryTimer = null;
+    const gen = ++this._gen;
+    this._opening = true;
     this._setState(this._attempt === 0 && this.state !== 'reconnecting' ? 'connecting' : 'reconnecting');
     let url = this.opts.url;
     try {
       const token = await this._token();
       if (token) url += (url.includes('?') ? '&' : '?') + 'access_token=' + encodeURIComponent(token);
     } catch (err) {
+      if (gen !== this._gen) return;
+      this._opening = false;
       this._emit('error', { code: 'unauthorized', message: `could not get a token: ${err.message}` });
       this._scheduleRetry({ code: 4001 });
       return;
     }
-    if (!this._wanted) return;
+    // close() or a newer _open() (connect() after close(), the window's
+    // `online` event) came while the token was awaited: that one owns the
+    // connection, so this one must not open a second WebSocket.
+    if (gen !== this._gen || !this._wanted) return;
+    this._opening = false;
     const ws = new (this.opts.WebSocket ?? globalThis.WebSocket)(url);
     this._ws = ws;
     ws.onopen = () => this._onOpen(ws);
@@ -169,7 +181,10 @@ export class TokenRelayClient extends EventTarget {
   }
 
   _onOpen(ws) {
-    if (ws !== this._ws) return;
+    if (ws !== this._ws) {
+      ws.close(1000, 'superseded'); // not the client's socket (any more)
+      return;
+    }
     this._setState('connected');
     // The attempt counter resets only once the connection has proven
     // itself, so a server that accepts and at once closes (4009, a

@@ -49,6 +49,18 @@ const until = async (fn, what) => {
   }
 };
 
+// flush lets every callback already queued run (promise continuations included).
+const flush = () => new Promise((r) => setImmediate(r));
+
+// fakeWindow gives globalThis the online/offline events of a browser window for one test.
+function fakeWindow(t) {
+  const win = new EventTarget();
+  globalThis.addEventListener = win.addEventListener.bind(win);
+  globalThis.removeEventListener = win.removeEventListener.bind(win);
+  t.after(() => { delete globalThis.addEventListener; delete globalThis.removeEventListener; });
+  return win;
+}
+
 const userMsg = (id, turn, content = 'hi') => ({ message_id: id, conversation_id: 'c1', role: 'user', content, status: 'complete', created_at: '2026-01-01T00:00:00.000Z', turn_id: turn });
 
 // answerFromElsewhere delivers a question and the start of its answer, as
@@ -218,4 +230,32 @@ test('a pong timeout lets go of the socket at once, without waiting for its oncl
   assert.equal(c.state, 'connected');
   const states = c.events.filter((e) => e.type === 'status').map((e) => e.state);
   assert.deepEqual(states, ['connecting', 'connected', 'reconnecting', 'connected']);
+});
+
+test('connect, close and connect again while the token is fetched opens one WebSocket', async (t) => {
+  const tokens = [];
+  const c = newClient(t, { token: () => new Promise((resolve) => tokens.push(resolve)) });
+  c.connect();
+  c.close();
+  c.connect();
+  assert.equal(tokens.length, 2);
+  tokens[0]('old');
+  tokens[1]('new');
+  await until(() => FakeWS.all.length > 0, 'a connection');
+  await flush(); // the older open has finished too
+  assert.deepEqual(FakeWS.all.map((ws) => new URL(ws.url).searchParams.get('access_token')), ['new']);
+});
+
+test("the window's online event while the token is fetched does not open a second WebSocket", async (t) => {
+  const win = fakeWindow(t);
+  const tokens = [];
+  const c = newClient(t, { token: () => new Promise((resolve) => tokens.push(resolve)) });
+  c.connect();
+  win.dispatchEvent(new Event('online'));
+  for (const resolve of tokens) resolve('tok');
+  await until(() => FakeWS.all.length > 0, 'a connection');
+  await flush();
+  assert.equal(FakeWS.all.length, 1);
+  FakeWS.all[0].open();
+  assert.equal(c.state, 'connected');
 });
