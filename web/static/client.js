@@ -29,7 +29,10 @@ export function newId(prefix) {
   return `${prefix}-${uuid}`;
 }
 
-/** ClientError is what rejected promises of this module hold: `code` is one of PROTOCOL.md's error codes. */
+/**
+ * ClientError is what rejected promises of this module hold: `code` is one of
+ * PROTOCOL.md's error codes, or the client's own `closed` (close() was called).
+ */
 export class ClientError extends Error {
   constructor(code, message, extra = {}) {
     super(message);
@@ -131,18 +134,52 @@ export class TokenRelayClient extends EventTarget {
     this._open();
   }
 
-  /** close closes the connection and stops reconnecting. Joined conversations stay in the model. */
+  /**
+   * close closes the connection and stops reconnecting. Joined conversations
+   * stay in the model; every request still waiting (join, send, cancel)
+   * rejects with a ClientError `closed`, and optimistic messages are removed.
+   */
   close() {
+    this._stop();
+    const ws = this._ws;
+    this._dropSocket();
+    try { ws?.close(1000, 'client closed'); } catch { /* already closing */ }
+    this._setState('closed');
+    this._failPending('closed', 'the client was closed');
+  }
+
+  /** _stop ends reconnecting: no retry timer, no window listeners, and an open under way gives up. */
+  _stop() {
     this._wanted = false;
     this._gen++;
     this._opening = false;
     globalThis.removeEventListener?.('online', this._onOnline);
     globalThis.removeEventListener?.('offline', this._onOffline);
     clearTimeout(this._retryTimer);
-    const ws = this._ws;
-    this._dropSocket();
-    ws?.close(1000, 'client closed');
-    this._setState('closed');
+    this._retryTimer = null;
+  }
+
+  /**
+   * _failPending rejects every request and join still waiting with a
+   * ClientError `code` (the client stopped: nothing will answer them). A
+   * send's rejection takes its optimistic message and answer away.
+   */
+  _failPending(code, message) {
+    const reqs = [...this._requests.values()];
+    this._requests.clear();
+    for (const req of reqs) {
+      const detail = { request: req.frame.type };
+      if (req.frame.conversation_id) detail.conversationId = req.frame.conversation_id;
+      if (req.frame.type === 'send') detail.messageId = req.frame.message_id;
+      if (req.frame.turn_id) detail.turnId = req.frame.turn_id;
+      req.reject(new ClientError(code, message, detail));
+    }
+    for (const conv of this._convs.values()) {
+      conv.joining = false;
+      for (const w of conv.waiters.splice(0)) {
+        w.reject(new ClientError(code, message, { request: 'join', conversationId: conv.id }));
+      }
+    }
   }
 
   async _open() {
@@ -236,8 +273,13 @@ export class TokenRelayClient extends EventTarget {
     if (ev.code === 4001) {
       this._emit('error', { code: 'unauthorized', message: 'the server refused the token' });
       if (typeof this.opts.token !== 'function') {
+        // A fixed token will not get better: stop for good (the window's
+        // `online` does not retry; connect() starts over), and let nothing
+        // wait for a connection that will not come.
+        this._stop();
         this._setState('offline', { code: ev.code, reason: ev.reason });
-        return; // a fixed token will not get better
+        this._failPending('unauthorized', 'the server refused the token');
+        return;
       }
     }
     if (ev.code === 4009) {

@@ -3,7 +3,7 @@
 // repeats, stale frames) and the reconnect/resume sequence.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TokenRelayClient } from '../static/client.js';
+import { TokenRelayClient, ClientError } from '../static/client.js';
 
 class FakeWS {
   static all = [];
@@ -48,6 +48,12 @@ const until = async (fn, what) => {
     await new Promise((r) => setTimeout(r, 2));
   }
 };
+
+// settled waits (up to 2 s) for p to settle and returns 'resolved' or the rejection's error.
+const settled = (p, what) => new Promise((resolve, reject) => {
+  const timer = setTimeout(() => reject(new Error(`${what} is still pending`)), 2000);
+  p.then(() => { clearTimeout(timer); resolve('resolved'); }, (err) => { clearTimeout(timer); resolve(err); });
+});
 
 // flush lets every callback already queued run (promise continuations included).
 const flush = () => new Promise((r) => setImmediate(r));
@@ -258,4 +264,51 @@ test("the window's online event while the token is fetched does not open a secon
   assert.equal(FakeWS.all.length, 1);
   FakeWS.all[0].open();
   assert.equal(c.state, 'connected');
+});
+
+test('close 4001 with a fixed token fails every waiting request, and coming online does not retry', async (t) => {
+  const win = fakeWindow(t);
+  const c = newClient(t, { token: 'expired' });
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all[0];
+  ws.open();
+  const joining = c.join('c1');
+  const { messageId, turnId, ack } = c.send('c2', 'hi');
+  const cancelling = c.cancel(turnId);
+  ws.drop(4001);
+  for (const [p, what] of [[joining, 'join'], [ack, 'send'], [cancelling, 'cancel']]) {
+    const err = await settled(p, what);
+    assert.ok(err instanceof ClientError, `${what} rejects with a ClientError`);
+    assert.equal(err.code, 'unauthorized', what);
+  }
+  assert.equal(c.conversation('c2').byMessage.get(messageId), undefined, 'the optimistic message is removed');
+  assert.equal(c.conversation('c2').byTurn.get(turnId), undefined, 'the optimistic answer is removed');
+  assert.ok(c.events.some((e) => e.type === 'turn' && e.phase === 'removed' && e.turn.turn_id === turnId));
+  assert.equal(c.state, 'offline');
+  win.dispatchEvent(new Event('online'));
+  await flush();
+  assert.equal(FakeWS.all.length, 1, 'a fixed token is not tried again');
+  assert.equal(c.state, 'offline');
+});
+
+test('close() rejects what still waits with code closed and takes optimistic messages away', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  const { messageId, turnId, ack } = c.send('c1', 'hi');
+  const cancelling = c.cancel(turnId);
+  const joining = c.join('c2');
+  assert.equal(ws.frames('send').length, 1);
+  c.close();
+  for (const [p, what] of [[joining, 'join'], [ack, 'send'], [cancelling, 'cancel']]) {
+    const err = await settled(p, what);
+    assert.ok(err instanceof ClientError, `${what} rejects with a ClientError`);
+    assert.equal(err.code, 'closed', what);
+  }
+  const conv = c.conversation('c1');
+  assert.deepEqual(conv.items, []);
+  assert.equal(conv.active, null);
+  assert.equal(c.state, 'closed');
+  assert.equal(ws.closedWith, 1000);
+  assert.ok(!conv.byMessage.has(messageId));
 });
