@@ -64,8 +64,7 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
 	defer cancel()
-	_ = gw.Shutdown(sctx)
-	_ = srv.Shutdown(sctx)
+	shutdownHTTP(sctx, gw, srv, log)
 	log.Info("stopped")
 	return runErr
 }
@@ -161,4 +160,17 @@ func openBackends(ctx context.Context, c *config, name string, log *slog.Logger)
 		return nil, nil, nil, err
 	}
 	return st, b, func() { nc.Close(); st.Close() }, nil
+}
+
+// shutdownHTTP closes the gateway's connections and then the HTTP server,
+// saying so when they did not finish within the shutdown timeout (what was
+// left is cut off).
+func shutdownHTTP(ctx context.Context, gw *gateway.Server, srv *http.Server, log *slog.Logger) {
+	if err := gw.Shutdown(ctx); err != nil {
+		log.Warn("connections still open at the shutdown timeout; closing them", "err", err)
+	}
+	if err := srv.Shutdown(ctx); err != nil {
+		log.Warn("requests still running at the shutdown timeout; closing them", "err", err)
+		_ = srv.Close()
+	}
 }

@@ -156,8 +156,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	case <-sctx.Done():
 	}
 	_ = gwNC.Flush()
-	_ = gw.Shutdown(sctx)
-	_ = srv.Shutdown(sctx)
+	shutdownHTTP(sctx, gw, srv, log)
 	log.Info("stopped")
 	return runErr
 }

@@ -1,13 +1,16 @@
 package gateway
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/jsonstr"
 	"github.com/tokenrelay/tokenrelay/internal/protocol"
 )
 
@@ -105,22 +108,62 @@ func (k *sseSink) end(_, turn string, seq int64, status chat.TurnStatus, errMsg 
 }
 func (k *sseSink) fail(error) { k.add(sseItem{failed: true}) }
 
-func writeSSEDelta(w http.ResponseWriter, seq int64, text string) {
-	data, _ := json.Marshal(map[string]string{"text": text})
-	w.Write([]byte("event: delta\nid: " + strconv.FormatInt(seq, 10) + "\ndata: "))
-	w.Write(data)
-	w.Write([]byte("\n\n"))
+// sseWriter writes a stream's events, each write bounded by the server's
+// write timeout: a client that stops reading is dropped as a WebSocket
+// one is, instead of holding its goroutine and its text for good.
+type sseWriter struct {
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	ctx     context.Context
+	timeout time.Duration
+	buf     []byte
+	err     error
 }
 
-func writeSSEEnd(w http.ResponseWriter, seq int64, status chat.TurnStatus, errMsg string) {
+// delta writes the text of the deltas up to seq as one event.
+func (sw *sseWriter) delta(seq int64, text []byte) {
+	sw.buf = append(sw.buf[:0], "event: delta\nid: "...)
+	sw.buf = strconv.AppendInt(sw.buf, seq, 10)
+	sw.buf = append(sw.buf, "\ndata: {\"text\":"...)
+	sw.buf = jsonstr.Append(sw.buf, text)
+	sw.buf = append(sw.buf, "}\n\n"...)
+	sw.write(sw.buf)
+	if cap(sw.buf) > 64<<10 {
+		sw.buf = nil // a replay's text: do not keep it for the live deltas
+	}
+}
+
+// end writes the end event and flushes.
+func (sw *sseWriter) end(seq int64, status chat.TurnStatus, errMsg string) {
 	body := map[string]any{"status": status, "seq": seq}
 	if errMsg != "" {
 		body["error"] = errMsg
 	}
 	data, _ := json.Marshal(body)
-	w.Write([]byte("event: end\ndata: "))
-	w.Write(data)
-	w.Write([]byte("\n\n"))
+	sw.write([]byte("event: end\ndata: " + string(data) + "\n\n"))
+	sw.flush()
+}
+
+func (sw *sseWriter) write(b []byte) {
+	if sw.err != nil {
+		return
+	}
+	if sw.err = sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout)); sw.err != nil {
+		return
+	}
+	if sw.err = sw.ctx.Err(); sw.err != nil {
+		return // shut down: its deadline may have been set before ours
+	}
+	_, sw.err = sw.w.Write(b)
+}
+
+func (sw *sseWriter) flush() {
+	if sw.err != nil {
+		return
+	}
+	if sw.err = sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout)); sw.err == nil {
+		sw.err = sw.rc.Flush()
+	}
 }
 
 // handleSSE streams one turn as Server-Sent Events: a finished turn is
@@ -142,8 +185,10 @@ func (s *Server) handleSSE() http.Handler {
 			writeError(w, badRequest("Last-Event-ID / after must be a delta seq"))
 			return
 		}
+		// The turn's head: its text is read from the store only when the
+		// bus no longer has it (a long answer need not be held twice).
 		ctx, cancel := s.reqCtx(r)
-		t, err := s.store.Turn(ctx, turnID)
+		t, err := s.store.TurnHead(ctx, turnID)
 		cancel()
 		if err != nil {
 			writeError(w, err)
@@ -152,12 +197,6 @@ func (s *Server) handleSSE() http.Handler {
 		if t.Owner != userOf(r) {
 			writeError(w, chat.ErrForbidden)
 			return
-		}
-		flusher, _ := w.(http.Flusher)
-		flush := func() {
-			if flusher != nil {
-				flusher.Flush()
-			}
 		}
 		sink := &sseSink{turn: turnID, limit: s.cfg.Limits.OutboundBytes, notify: make(chan struct{}, 1)}
 		rctx, rcancel := contextWithCancel(r, s)
@@ -176,7 +215,7 @@ func (s *Server) handleSSE() http.Handler {
 			}()
 			// Re-read: the turn may have ended before the subscription.
 			ctx, cancel := s.reqCtx(r)
-			t2, err := s.store.Turn(ctx, turnID)
+			t2, err := s.store.TurnHead(ctx, turnID)
 			cancel()
 			if err == nil {
 				t = t2
@@ -197,7 +236,14 @@ func (s *Server) handleSSE() http.Handler {
 				writeError(w, &protocol.Error{Code: protocol.CodeNotFound, Message: "the deltas of turn " + quote(turnID) + " are no longer kept (--retention); replay it from the start, or read its message"})
 				return
 			}
-			cu = catchUpResult{From: 1, To: t.Seq, Text: []byte(t.Content)}
+			ctx, cancel := s.reqCtx(r)
+			full, err := s.store.Turn(ctx, turnID)
+			cancel()
+			if err != nil {
+				writeError(w, err)
+				return
+			}
+			cu = catchUpResult{From: 1, To: full.Seq, Text: []byte(full.Content)}
 		}
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.Header().Set("Cache-Control", "no-cache")
@@ -205,22 +251,34 @@ func (s *Server) handleSSE() http.Handler {
 		w.WriteHeader(http.StatusOK)
 		s.m.sseStreams.Inc()
 		defer s.m.sseStreams.Dec()
+		sw := &sseWriter{w: w, rc: http.NewResponseController(w), ctx: rctx, timeout: s.cfg.WriteTimeout}
+		// On shutdown a write blocked on a client that does not read ends
+		// at once; the deadline is cleared for the connection's next
+		// request.
+		stopUnblock := context.AfterFunc(rctx, func() { _ = sw.rc.SetWriteDeadline(time.Now()) })
+		defer func() {
+			if stopUnblock() {
+				_ = sw.rc.SetWriteDeadline(time.Time{})
+			}
+		}()
 		seq := after
 		if cu.To >= cu.From {
-			writeSSEDelta(w, cu.To, string(cu.Text))
+			sw.delta(cu.To, cu.Text)
 			seq = cu.To
 		}
+		cu.Text = nil
 		switch {
 		case cu.End != nil:
-			writeSSEEnd(w, max(seq, cu.End.Seq), cu.End.Status, cu.End.Error)
-			flush()
+			sw.end(max(seq, cu.End.Seq), cu.End.Status, cu.End.Error)
 			return
 		case t.Status.Terminal():
-			writeSSEEnd(w, max(seq, t.Seq), t.Status, t.Error)
-			flush()
+			sw.end(max(seq, t.Seq), t.Status, t.Error)
 			return
 		}
-		flush()
+		sw.flush()
+		if sw.err != nil {
+			return
+		}
 		v.ready(map[string]*turnState{turnID: {started: true, seq: seq, len: cu.ToLen}})
 		for {
 			select {
@@ -240,14 +298,16 @@ func (s *Server) handleSSE() http.Handler {
 				case it.failed:
 					return
 				case it.end:
-					writeSSEEnd(w, it.seq, it.status, it.errMsg)
-					flush()
+					sw.end(it.seq, it.status, it.errMsg)
 					return
 				default:
-					writeSSEDelta(w, it.seq, it.text)
+					sw.delta(it.seq, []byte(it.text))
 				}
 			}
-			flush()
+			sw.flush()
+			if sw.err != nil {
+				return // the client stopped reading: it resumes with Last-Event-ID
+			}
 		}
 	})
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -287,6 +288,47 @@ func TestSSEPastRetention(t *testing.T) {
 	}
 	if wantEnd := fmt.Sprintf(`event: end`+"\n"+`data: {"seq":%d,"status":"complete"}`, tr.Seq); !strings.Contains(rest, wantEnd) {
 		t.Fatalf("replay's end: %q, want %q", rest, wantEnd)
+	}
+}
+
+// TestStalledSSEReaderIsDropped: an SSE client that stops reading is
+// dropped after --write-timeout, as a WebSocket one is, and does not hold
+// up a graceful shutdown.
+func TestStalledSSEReaderIsDropped(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--write-timeout", "1s", "--shutdown-timeout", "5s")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("sse-stall", nil)
+	stall := func(turn string) net.Conn {
+		t.Helper()
+		conn, err := net.Dial("tcp", strings.TrimPrefix(p.URL, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		// A small receive buffer, and then no reads past the headers.
+		if tc, ok := conn.(*net.TCPConn); ok {
+			_ = tc.SetReadBuffer(4096)
+		}
+		fmt.Fprintf(conn, "GET /v1/turns/%s/events HTTP/1.1\r\nHost: x\r\n\r\n", turn)
+		status, err := bufio.NewReaderSize(conn, 16).ReadString('\n')
+		if err != nil || !strings.Contains(status, " 200 ") {
+			t.Fatalf("SSE request: %q %v", status, err)
+		}
+		return conn
+	}
+	// A long answer streaming as fast as it can, to a reader that stalls.
+	tr := startTurn(t, c, "sse-stall", "[sim tokens=5000000 rate=0] flood", 1)
+	stall(tr.ID)
+	trtest.WaitMetric(t, p.URL, "tokenrelay_sse_streams", "", wait, func(v float64) bool { return v == 1 })
+	trtest.WaitMetric(t, p.URL, "tokenrelay_sse_streams", "", time.Minute, func(v float64) bool { return v == 0 })
+	// Stalled again; then the server stops, without waiting for it.
+	stall(tr.ID)
+	trtest.WaitMetric(t, p.URL, "tokenrelay_sse_streams", "", wait, func(v float64) bool { return v == 1 })
+	if err := p.Stop(); err != nil {
+		t.Fatalf("stop with a stalled SSE reader: %v\n%s", err, p.Stderr())
+	}
+	if log := p.Stderr(); strings.Contains(log, "at the shutdown timeout") {
+		t.Fatalf("shutdown waited out its timeout for a stalled SSE reader:\n%s", log)
 	}
 }
 
