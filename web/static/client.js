@@ -584,11 +584,16 @@ export class TokenRelayClient extends EventTarget {
       if (req.frame.type === 'cancel') detail.turnId = req.frame.turn_id;
       req.reject(new ClientError(f.code, f.message, detail));
     } else if (f.id) {
-      for (const conv of this._convs.values()) {
+      for (const conv of [...this._convs.values()]) {
         if (conv.joinId !== f.id) continue;
         detail.request = 'join';
         detail.conversationId = conv.id;
+        // The server has not joined us: forget the conversation, as leave()
+        // does, so that it is not re-joined on every reconnect and a later
+        // join() asks the server again.
+        this._convs.delete(conv.id);
         conv.joining = false;
+        conv.joined = false;
         for (const w of conv.waiters.splice(0)) w.reject(new ClientError(f.code, f.message, detail));
       }
     }

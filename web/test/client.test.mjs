@@ -312,3 +312,29 @@ test('close() rejects what still waits with code closed and takes optimistic mes
   assert.equal(ws.closedWith, 1000);
   assert.ok(!conv.byMessage.has(messageId));
 });
+
+test('a refused join is forgotten: a reconnect does not repeat it, joining again asks again', async (t) => {
+  const c = newClient(t);
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all[0];
+  ws.open();
+  const first = c.join('c1');
+  const j = ws.frames('join').at(-1);
+  ws.receive({ type: 'error', id: j.id, code: 'rate_limited', message: 'too many conversations joined' });
+  const err = await settled(first, 'the join');
+  assert.equal(err.code, 'rate_limited');
+  assert.equal(c.conversation('c1'), undefined);
+  assert.equal(c.events.find((e) => e.type === 'error').request, 'join');
+  ws.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  const ws2 = FakeWS.all[1];
+  ws2.open();
+  assert.deepEqual(ws2.frames('join'), [], 'the refused join is not re-sent');
+  const again = c.join('c1');
+  const j2 = ws2.frames('join').at(-1);
+  assert.ok(j2, 'joining again sends a join');
+  ws2.receive({ type: 'joined', id: j2.id, conversation_id: 'c1', messages: [], active: null });
+  assert.equal(await settled(again, 'the second join'), 'resolved');
+  assert.equal(c.conversation('c1').joined, true);
+});
