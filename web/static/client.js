@@ -468,26 +468,37 @@ export class TokenRelayClient extends EventTarget {
 
     const frame = { type: 'send', conversation_id: conversationId, text, message_id: messageId, turn_id: turnId };
     if (model) frame.model = model;
-    const ack = this._request(frame, { resend: true }).then((a) => {
-      if (a.turn_id && a.turn_id !== turnId) renameTurn(conv, turnId, a.turn_id);
-      return a;
-    }, (err) => {
-      // Nothing was stored: take the optimistic message and reply away.
-      for (const id of [messageId]) {
-        const m = conv.byMessage.get(id);
-        if (m?.pending) removeItem(conv, m);
-      }
-      const t = conv.byTurn.get(turnId);
-      if (t?.pending) {
-        removeItem(conv, t);
+    // dropOptimistic takes this send's optimistic message and answer away
+    // again (these very items: a retry shares its message id with the
+    // stored message).
+    const dropOptimistic = () => {
+      if (user.pending && conv.items.includes(user)) removeItem(conv, user);
+      if (turn.pending && conv.items.includes(turn)) {
+        removeItem(conv, turn);
         if (conv.active === turnId) {
           // A refused send (turn_active, say) leaves the answer it met the
           // active one.
           const p = previous && conv.byTurn.get(previous);
           conv.active = p && !isTerminal(p.status) ? previous : null;
         }
-        this._emit('turn', { conversationId, turn: t, phase: 'removed' });
+        this._emit('turn', { conversationId, turn, phase: 'removed' });
       }
+    };
+    const ack = this._request(frame, { resend: true }).then((a) => {
+      if (a.turn_id && a.turn_id !== turnId) {
+        // The server took this as a retry of a message it already had (same
+        // message_id) and names the turn answering it: nothing new was
+        // stored or started, so the model points at what exists.
+        dropOptimistic();
+        const existing = conv.byTurn.get(a.turn_id);
+        if (existing && !isTerminal(existing.status)) conv.active = a.turn_id;
+        if ((!existing || !conv.byMessage.has(a.message_id ?? messageId)) && this._convs.get(conversationId) === conv) {
+          this._sendJoin(conv); // older than the history loaded: fetch it
+        }
+      }
+      return a;
+    }, (err) => {
+      dropOptimistic(); // nothing was stored
       throw err;
     });
     ack.catch(() => {}); // reported through the `error` event too
@@ -739,15 +750,12 @@ function addItem(conv, item) {
 
 function removeItem(conv, item) {
   conv.items = conv.items.filter((i) => i !== item);
-  if (item.role === 'assistant') conv.byTurn.delete(item.turn_id);
-  else conv.byMessage.delete(item.message_id);
-}
-
-function renameTurn(conv, from, to) {
-  const t = conv.byTurn.get(from);
-  if (!t || conv.byTurn.has(to)) return;
-  conv.byTurn.delete(from);
-  t.turn_id = t.message_id = to;
-  conv.byTurn.set(to, t);
-  if (conv.active === from) conv.active = to;
+  const assistant = item.role === 'assistant';
+  const [index, key] = assistant ? [conv.byTurn, item.turn_id] : [conv.byMessage, item.message_id];
+  if (index.get(key) !== item) return;
+  index.delete(key);
+  // Another item with the same id (the stored message a retry repeated)
+  // takes its place in the index.
+  const other = conv.items.find((i) => (i.role === 'assistant') === assistant && (assistant ? i.turn_id : i.message_id) === key);
+  if (other) index.set(key, other);
 }

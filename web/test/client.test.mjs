@@ -338,3 +338,57 @@ test('a refused join is forgotten: a reconnect does not repeat it, joining again
   assert.equal(await settled(again, 'the second join'), 'resolved');
   assert.equal(c.conversation('c1').joined, true);
 });
+
+const answerMsg = (turn, reply, content, status = 'complete') => ({ message_id: turn, conversation_id: 'c1', role: 'assistant', content, status, turn_id: turn, reply_to: reply, created_at: '2026-01-01T00:00:00.000Z' });
+
+test('a send repeating a stored message id leaves no optimistic leftovers and points at the stored answer', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1'), answerMsg('t1', 'm1', 'done')] });
+  const retry = c.send('c1', 'hi', { messageId: 'm1' });
+  assert.notEqual(retry.turnId, 't1');
+  const s = ws.frames('send').at(-1);
+  ws.receive({ type: 'ack', id: s.id, message_id: 'm1', turn_id: 't1' });
+  assert.deepEqual(await retry.ack, { message_id: 'm1', turn_id: 't1' });
+  const conv = c.conversation('c1');
+  assert.deepEqual(conv.items.map((i) => [i.role, i.turn_id, i.status, i.pending ?? false]),
+    [['user', 't1', 'complete', false], ['assistant', 't1', 'complete', false]]);
+  assert.equal(conv.byMessage.get('m1').status, 'complete');
+  assert.equal(conv.byTurn.get(retry.turnId), undefined);
+  assert.equal(conv.active, null);
+  assert.ok(c.events.some((e) => e.type === 'turn' && e.phase === 'removed' && e.turn.turn_id === retry.turnId));
+  assert.equal(ws.frames('join').length, 1, 'what the ack names is in the model: no re-join');
+});
+
+test('a retry while the first answer runs makes that answer the active one again', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  const first = c.send('c1', 'q', { messageId: 'm1' });
+  ws.receive({ type: 'message', conversation_id: 'c1', message: userMsg('m1', first.turnId, 'q') });
+  ws.receive({ type: 'turn.start', conversation_id: 'c1', turn_id: first.turnId, reply_to: 'm1', model: 'sim' });
+  ws.receive({ type: 'ack', id: ws.frames('send')[0].id, message_id: 'm1', turn_id: first.turnId });
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: first.turnId, seq: 1, text: 'a' });
+  const retry = c.send('c1', 'q', { messageId: 'm1' });
+  ws.receive({ type: 'ack', id: ws.frames('send')[1].id, message_id: 'm1', turn_id: first.turnId });
+  await retry.ack;
+  const conv = c.conversation('c1');
+  assert.equal(conv.active, first.turnId);
+  assert.deepEqual(conv.items.map((i) => [i.role, i.pending ?? false]), [['user', false], ['assistant', false]]);
+  ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: first.turnId, seq: 2, text: 'b' });
+  ws.receive({ type: 'turn.end', conversation_id: 'c1', turn_id: first.turnId, seq: 2, status: 'complete' });
+  assert.equal(conv.byTurn.get(first.turnId).content, 'ab');
+  assert.equal(conv.active, null);
+});
+
+test('a retry of a message older than the loaded history re-joins to show it', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  const retry = c.send('c1', 'old question', { messageId: 'm0' });
+  ws.receive({ type: 'ack', id: ws.frames('send')[0].id, message_id: 'm0', turn_id: 't0' });
+  await retry.ack;
+  const j = ws.frames('join').at(-1);
+  assert.equal(ws.frames('join').length, 2, 're-joined');
+  ws.receive({ type: 'joined', id: j.id, conversation_id: 'c1', active: null,
+    messages: [userMsg('m0', 't0', 'old question'), answerMsg('t0', 'm0', 'old answer')] });
+  assert.deepEqual(c.conversation('c1').items.map((i) => [i.role, i.turn_id, i.pending ?? false]),
+    [['user', 't0', false], ['assistant', 't0', false]]);
+});
