@@ -29,11 +29,18 @@ func DefaultLimits() Limits {
 
 // userLimits tracks per-user state: send rate and open connections.
 type userLimits struct {
-	l Limits
+	l   Limits
+	now func() time.Time
 
 	mu    sync.Mutex
 	users map[string]*userState // guarded by mu
+	swept time.Time             // the last sweep; guarded by mu
 }
+
+// limitsSweepEvery is how often the users with nothing to remember (no
+// connection, a full send budget) are forgotten: a user who only calls the
+// HTTP API, or sends and leaves, would otherwise be kept for good.
+const limitsSweepEvery = time.Minute
 
 type userState struct {
 	sends *rate.Limiter
@@ -41,7 +48,26 @@ type userState struct {
 }
 
 func newUserLimits(l Limits) *userLimits {
-	return &userLimits{l: l, users: make(map[string]*userState)}
+	return &userLimits{l: l, now: time.Now, users: make(map[string]*userState)}
+}
+
+// sweepLocked forgets, at most every limitsSweepEvery, the users whose
+// state is the same as a new user's.
+func (u *userLimits) sweepLocked(now time.Time) {
+	if now.Sub(u.swept) < limitsSweepEvery {
+		return
+	}
+	u.swept = now
+	for user, st := range u.users {
+		if st.idle(now) {
+			delete(u.users, user)
+		}
+	}
+}
+
+// idle says whether st holds nothing a new user's state would not.
+func (st *userState) idle(now time.Time) bool {
+	return st.conns <= 0 && (st.sends == nil || st.sends.TokensAt(now) >= float64(st.sends.Burst()))
 }
 
 func (u *userLimits) stateLocked(user string) *userState {
@@ -61,13 +87,14 @@ func (u *userLimits) stateLocked(user string) *userState {
 // When it allows the send, refund gives the send back to the budget (a
 // send that stored nothing new: a retry).
 func (u *userLimits) allowSend(user string) (wait time.Duration, ok bool, refund func()) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	st := u.stateLocked(user)
-	if st.sends == nil {
+	if u.l.SendsPerMinute <= 0 {
 		return 0, true, func() {}
 	}
-	now := time.Now()
+	now := u.now()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.sweepLocked(now)
+	st := u.stateLocked(user)
 	r := st.sends.ReserveN(now, 1)
 	if d := r.DelayFrom(now); d > 0 {
 		r.CancelAt(now)
@@ -82,8 +109,10 @@ func (u *userLimits) allowSend(user string) (wait time.Duration, ok bool, refund
 
 // openConn counts a new connection of user, refusing it past the limit.
 func (u *userLimits) openConn(user string) bool {
+	now := u.now()
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	u.sweepLocked(now)
 	st := u.stateLocked(user)
 	if u.l.Connections > 0 && st.conns >= u.l.Connections {
 		return false
@@ -97,7 +126,7 @@ func (u *userLimits) closeConn(user string) {
 	defer u.mu.Unlock()
 	if st := u.users[user]; st != nil {
 		st.conns--
-		if st.conns <= 0 && (st.sends == nil || st.sends.Tokens() >= float64(st.sends.Burst())) {
+		if st.idle(u.now()) {
 			delete(u.users, user)
 		}
 	}
