@@ -146,7 +146,9 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
 	defer cancel()
 	// The worker first: its running turns end as interrupted, saved and
-	// announced while the sockets are still open to hear it.
+	// announced while the sockets are still open to hear it. No turn is
+	// taken meanwhile, since none would be produced.
+	gw.StopSends()
 	stopWorker()
 	select {
 	case err := <-workerDone:

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -88,6 +89,8 @@ type Server struct {
 	shutdownCtx context.Context // cancelled by Shutdown: every connection derives from it
 	shutdown    context.CancelFunc
 	conns       sync.WaitGroup
+
+	sendsStopped atomic.Bool // see StopSends
 
 	workerMu   sync.Mutex
 	workerSeen time.Time    // when a worker last answered; guarded by workerMu
@@ -292,6 +295,11 @@ func (w *apiErrorWriter) Write(p []byte) (int, error) {
 // waits for their goroutines, or until ctx is done. Events already received
 // from the bus (a turn's end published by a stopping worker, say) are
 // written before the close.
+// StopSends refuses every later send with unavailable, while the rest
+// (joins, cancels, the turns running) goes on. serve calls it before it
+// stops its worker: a turn sent then would stay queued until the next start.
+func (s *Server) StopSends() { s.sendsStopped.Store(true) }
+
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing = true

@@ -52,6 +52,13 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 		}
 		refund = undo
 	}
+	if s.sendsStopped.Load() {
+		refund()
+		if res, ok := s.retried(ctx, r); ok {
+			return res, nil
+		}
+		return store.SendResult{}, protocol.Errorf(protocol.CodeUnavailable, "the server is shutting down; send again once it is back")
+	}
 	if !s.workerAlive(ctx) {
 		refund()
 		if res, ok := s.retried(ctx, r); ok {

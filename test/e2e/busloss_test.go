@@ -275,3 +275,45 @@ func TestSendsShareOneWorkerPing(t *testing.T) {
 		t.Fatalf("%d sends pinged the workers %d times, want them to share pings", sends, n)
 	}
 }
+
+// TestSendsStopBeforeTheWorker: once serve starts shutting down (StopSends,
+// before it stops its worker), a send is refused `unavailable` and stores
+// nothing, while a retry of a stored message is still answered with it.
+func TestSendsStopBeforeTheWorker(t *testing.T) {
+	server := bustest.Start(t)
+	nc, err := nats.Connect(server.Conn().ConnectedUrl())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	b, err := bus.Open(t.Context(), nc, bus.Config{Local: bus.NewLocal()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, a := storeAndAuth(t)
+	gw := gateway.New(gateway.Config{}, b, st, a)
+	c := trtest.Dial(t, serveGateway(t, gw), nil)
+	c.Join("draining", nil)
+	c.Send(map[string]any{"type": "send", "conversation_id": "draining", "text": "before", "message_id": "m1", "id": "s1"})
+	if f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s1" }); f[len(f)-1].Type() != "ack" {
+		t.Fatalf("send before shutdown: %v", f[len(f)-1])
+	}
+	gw.StopSends()
+	c.Send(map[string]any{"type": "send", "conversation_id": "draining", "text": "after", "message_id": "m2", "id": "s2"})
+	if last := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s2" }); last[len(last)-1].Str("code") != "unavailable" {
+		t.Fatalf("send while shutting down: %v, want error unavailable", last[len(last)-1])
+	}
+	c.Send(map[string]any{"type": "send", "conversation_id": "draining", "text": "before", "message_id": "m1", "id": "s3"})
+	if last := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s3" }); last[len(last)-1].Type() != "ack" {
+		t.Fatalf("retry while shutting down: %v, want its ack", last[len(last)-1])
+	}
+	msgs, err := st.Messages(t.Context(), "draining", 10, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range msgs {
+		if m.ID == "m2" {
+			t.Fatal("a send refused while shutting down was stored")
+		}
+	}
+}
