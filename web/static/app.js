@@ -54,32 +54,232 @@ function showMarkdown(el, text) {
   }
 }
 
-function renderMarkdown(el, text) {
-  const html = DOMPurify.sanitize(markdown.parse(text), {
-    USE_PROFILES: { html: true },
-    FORBID_TAGS: ['style', 'form', 'button', 'textarea', 'select', 'iframe'],
-    FORBID_ATTR: ['style'],
-  });
-  el.innerHTML = html;
-  // Code blocks get a bar with their language and a Copy button; the
-  // elements are made here, after sanitizing, from the class marked set.
-  for (const code of el.querySelectorAll('pre > code')) {
+const sanitizeOptions = {
+  USE_PROFILES: { html: true },
+  FORBID_TAGS: ['style', 'form', 'button', 'textarea', 'select', 'iframe'],
+  FORBID_ATTR: ['style'],
+};
+const blockHtml = (text) => DOMPurify.sanitize(markdown.parse(text), sanitizeOptions);
+const inlineHtml = (text) => DOMPurify.sanitize(markdown.parseInline(text), sanitizeOptions);
+
+/** fragment turns sanitized HTML into nodes, code blocks dressed with their bar. */
+function fragment(html) {
+  const t = document.createElement('template');
+  t.innerHTML = html;
+  for (const code of t.content.querySelectorAll('pre > code')) {
     const pre = code.parentElement;
-    const lang = /language-([\w+#.-]+)/.exec(code.className)?.[1] ?? '';
-    const block = document.createElement('div');
-    block.className = 'codeblock';
-    const bar = document.createElement('div');
-    bar.className = 'codebar';
-    const label = document.createElement('span');
-    label.textContent = lang || 'code';
-    const copy = document.createElement('button');
-    copy.type = 'button';
-    copy.className = 'copy';
-    copy.textContent = 'Copy';
-    copy.setAttribute('aria-label', lang ? `Copy ${lang} code` : 'Copy code');
-    bar.append(label, copy);
+    const block = codeBlock(/language-([\w+#.-]+)/.exec(code.className)?.[1] ?? '');
     pre.replaceWith(block);
-    block.append(bar, pre);
+    block.append(pre);
+  }
+  return t.content;
+}
+
+// Code blocks get a bar with their language and a Copy button; the
+// elements are made here, after sanitizing, from the class marked set.
+function codeBlock(lang) {
+  const block = document.createElement('div');
+  block.className = 'codeblock';
+  const bar = document.createElement('div');
+  bar.className = 'codebar';
+  const label = document.createElement('span');
+  label.textContent = lang || 'code';
+  const copy = document.createElement('button');
+  copy.type = 'button';
+  copy.className = 'copy';
+  copy.textContent = 'Copy';
+  copy.setAttribute('aria-label', lang ? `Copy ${lang} code` : 'Copy code');
+  bar.append(label, copy);
+  block.append(bar);
+  return block;
+}
+
+/** showStreaming renders a growing answer incrementally, or as plain text once that failed. */
+function showStreaming(el, body, text) {
+  if (el._stream === false) {
+    body.textContent = text;
+    return;
+  }
+  try {
+    el._stream ??= new Streamed(body);
+    el._stream.update(text);
+    body.classList.remove('plain');
+  } catch {
+    el._stream = false;
+    body.textContent = text;
+    body.classList.add('plain');
+  }
+}
+
+function renderMarkdown(el, text) {
+  el.replaceChildren(fragment(blockHtml(text)));
+}
+
+// ---- the answer being written ---------------------------------------------
+
+const PART_CHARS = 2000;
+const FENCE = /^ {0,3}(`{3,}|~{3,})(.*)$/;
+// A line that may start something other than a paragraph.
+const BLOCK_START = /^( {4}| {0,3}(#{1,6}(\s|$)|>|[-*+](\s|$)|\d{1,9}[.)](\s|$)|`{3}|~{3}|\||[-_*=]{3,}|<))/;
+
+/**
+ * Streamed renders an answer while it is written, in time proportional to
+ * what arrived rather than to the whole text. The text only grows, and a
+ * block that a blank line (outside a code fence) or a closing fence has
+ * ended renders the same whatever follows, near enough (the one exact
+ * render when the turn ends settles the rest: loose lists, references). So
+ * finished blocks are rendered once and their DOM kept — a selection, a
+ * link or a Copy button in them survives the next frame — and only the
+ * last block is rendered again, cheaply when it is one long paragraph (its
+ * finished sentences are kept) or an open code fence (its text is
+ * appended).
+ */
+class Streamed {
+  constructor(body) {
+    this.body = body;
+    this.text = '';
+    this.done = 0; // text before this offset is in finished blocks
+    this.scan = { pos: 0, fence: null, end: 0 }; // line scanner state
+    this.tail = []; // nodes of the last block
+    this.mode = null; // how the tail is rendered: {kind: 'para'|'fence', …}
+    body.replaceChildren();
+  }
+
+  update(text) {
+    if (!text.startsWith(this.text)) {
+      this.constructor.call(this, this.body);
+    }
+    this.text = text;
+    this.scanLines();
+    if (this.scan.end > this.done) {
+      this.clearTail();
+      this.body.append(fragment(blockHtml(text.slice(this.done, this.scan.end))));
+      this.done = this.scan.end;
+    }
+    this.renderTail(text.slice(this.done));
+  }
+
+  /** scanLines reads the complete lines that arrived and moves scan.end past every finished block. */
+  scanLines() {
+    const sc = this.scan;
+    const text = this.text;
+    for (;;) {
+      const nl = text.indexOf('\n', sc.pos);
+      if (nl < 0) return;
+      const line = text.slice(sc.pos, nl);
+      sc.pos = nl + 1;
+      if (sc.fence) {
+        const m = FENCE.exec(line);
+        if (m && m[1][0] === sc.fence[0] && m[1].length >= sc.fence.length && !m[2].trim()) {
+          sc.fence = null;
+          sc.end = sc.pos;
+        }
+      } else if (!line.trim()) {
+        sc.end = sc.pos;
+      } else {
+        const m = FENCE.exec(line);
+        if (m && !(m[1][0] === '`' && m[2].includes('`'))) sc.fence = m[1];
+      }
+    }
+  }
+
+  clearTail() {
+    for (const n of this.tail) n.remove();
+    this.tail = [];
+    this.mode = null;
+  }
+
+  renderTail(tail) {
+    const text = tail.replace(/^\n+/, '');
+    if (!text) return this.clearTail();
+    const nl = text.indexOf('\n');
+    const fence = nl > 0 && this.scan.fence && FENCE.exec(text.slice(0, nl));
+    if (fence) return this.renderFence(text, nl, fence);
+    if (nl < 0 && !BLOCK_START.test(text)) return this.renderParagraph(text);
+    this.clearTail();
+    const nodes = fragment(blockHtml(text));
+    this.tail = [...nodes.childNodes];
+    this.body.append(nodes);
+  }
+
+  /** renderFence shows an open code fence, appending what arrived to its text. */
+  renderFence(text, nl, fence) {
+    let m = this.mode;
+    if (m?.kind !== 'fence' || m.start !== this.done) {
+      this.clearTail();
+      const lang = fence[2].trim().split(/\s+/)[0];
+      const block = codeBlock(lang);
+      const pre = document.createElement('pre');
+      const code = document.createElement('code');
+      if (lang) code.className = `language-${lang}`;
+      pre.append(code);
+      block.append(pre);
+      this.body.append(block);
+      this.tail = [block];
+      m = this.mode = { kind: 'fence', start: this.done, code, shown: '' };
+    }
+    const content = text.slice(nl + 1);
+    if (content.startsWith(m.shown) && m.code.firstChild) m.code.firstChild.appendData(content.slice(m.shown.length));
+    else m.code.textContent = content;
+    m.shown = content;
+  }
+
+  /**
+   * renderParagraph shows a paragraph that is still being written: its
+   * text up to the last sentence end where no emphasis, code span or link
+   * is open is rendered once; only the rest is rendered each frame.
+   */
+  renderParagraph(text) {
+    let m = this.mode;
+    if (m?.kind !== 'para' || m.start !== this.done) {
+      this.clearTail();
+      const p = document.createElement('p');
+      this.body.append(p);
+      this.tail = [p];
+      m = this.mode = { kind: 'para', start: this.done, p, live: [], committed: 0, partStart: 0, safe: 0, pos: 0,
+        ticks: 0, stars: 0, unders: 0, tildes: 0, brackets: 0, parens: 0, link: false };
+    }
+    // Look for safe ends among the characters that arrived (all but the
+    // last, whose neighbour decides whether an underscore is inside a word).
+    for (; m.pos < text.length - 1; m.pos++) {
+      const c = text[m.pos];
+      switch (c) {
+        case '\\': m.pos++; break;
+        case '`': m.ticks++; break;
+        case '*': m.stars++; break;
+        case '~': m.tildes++; break;
+        case '_': if (!(/\w/.test(text[m.pos - 1] ?? '') && /\w/.test(text[m.pos + 1]))) m.unders++; break;
+        case '[': m.brackets++; break;
+        case ']': m.brackets--; m.link = true; break;
+        case '(': m.parens++; break;
+        case ')': m.parens--; break;
+        case ' ':
+          if (/[.!?;:,]/.test(text[m.pos - 1]) && !(m.ticks % 2) && !(m.stars % 2) && !(m.unders % 2) &&
+              !(m.tildes % 2) && !m.brackets && (!m.link || !m.parens)) {
+            m.safe = m.pos + 1;
+            m.ticks = m.stars = m.unders = m.tildes = m.parens = 0;
+            m.link = false;
+          }
+      }
+    }
+    for (const n of m.live) n.remove();
+    if (m.safe > m.committed) {
+      m.p.append(fragment(inlineHtml(text.slice(m.committed, m.safe))));
+      m.committed = m.safe;
+      if (m.committed - m.partStart > PART_CHARS) {
+        // The browser lays a paragraph out again in full when it grows, so
+        // a long one is shown in parts (sentence ends starting a line)
+        // until the exact render at the end joins them.
+        m.p.classList.add('part');
+        m.p = document.createElement('p');
+        this.body.append(m.p);
+        this.tail.push(m.p);
+        m.partStart = m.committed;
+      }
+    }
+    const live = fragment(inlineHtml(text.slice(m.committed)));
+    m.live = [...live.childNodes];
+    m.p.append(live);
   }
 }
 
@@ -176,8 +376,12 @@ function updateMessage(el, item) {
   const running = !isTerminal(item.status);
   if (el._content === item.content && el._status === item.status && el._cancelling === !!item.cancelling) return;
   if (el._content !== item.content || el._status !== item.status) {
-    if (item.content) showMarkdown(body, item.content);
-    else if (running) body.innerHTML = '<span class="typing" aria-label="Writing"><i></i><i></i><i></i></span>';
+    if (item.content && running) showStreaming(el, body, item.content);
+    else if (item.content) {
+      // The one exact render, of the whole text, once the answer is done.
+      el._stream = null;
+      showMarkdown(body, item.content);
+    } else if (running) body.innerHTML = '<span class="typing" aria-label="Writing"><i></i><i></i><i></i></span>';
     else body.textContent = '';
   }
   el._content = item.content;
@@ -186,8 +390,8 @@ function updateMessage(el, item) {
   el.dataset.status = item.status;
   el.classList.toggle('streaming', running);
   // The streaming answer is a polite live region; aria-busy holds the
-  // announcement until the answer is complete, since each frame replaces
-  // the rendered Markdown.
+  // announcement until the answer is complete, since the last block is
+  // rendered again on each frame.
   if (running) {
     body.setAttribute('aria-live', 'polite');
     body.setAttribute('aria-busy', 'true');
