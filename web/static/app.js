@@ -316,10 +316,31 @@ function flush() {
   render();
 }
 
+// Whether the view follows the end of the conversation as it grows. The
+// person decides: any scroll up that the page did not make (wheel,
+// touch, keys, the scroll bar) lets go; reaching the bottom again follows
+// (or nearly: a smooth scroll to the end aims at where the end was when
+// it started).
+let following = true;
+let lastScrollTop = 0;
+ui.scroller.addEventListener('scroll', () => {
+  const s = ui.scroller;
+  const gap = s.scrollHeight - s.scrollTop - s.clientHeight;
+  if (gap <= 2) following = true;
+  else if (s.scrollTop < lastScrollTop - 1) following = false;
+  else if (s.scrollTop > lastScrollTop && gap < 80) following = true;
+  lastScrollTop = s.scrollTop;
+}, { passive: true });
+// A wheel turned up lets go at once, before the scroll it causes is seen.
+ui.scroller.addEventListener('wheel', (e) => {
+  if (e.deltaY < 0) following = false;
+}, { passive: true });
+
 function render() {
   const conv = current && client.conversation(current);
   const s = ui.scroller;
-  const stick = forceScroll || s.scrollHeight - s.scrollTop - s.clientHeight < 120;
+  if (forceScroll) following = true;
+  const stick = following;
   if (conv) {
     const seen = new Set();
     let prev = null;
@@ -344,7 +365,10 @@ function render() {
     }
     ui.empty.hidden = !(conv.joined || joinedOnce) || conv.items.length > 0;
   }
-  if (stick) s.scrollTop = s.scrollHeight;
+  if (stick && s.scrollHeight - s.scrollTop - s.clientHeight > 0) {
+    s.scrollTop = s.scrollHeight;
+    lastScrollTop = s.scrollTop;
+  }
   forceScroll = false;
   updateComposer();
   updateTitle();
