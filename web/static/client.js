@@ -67,7 +67,8 @@ const byteLength = (s) => utf8.encode(s).length;
  *             was (re)built from the server's snapshot.
  * - `message` {conversationId, message}: a user message was added or confirmed.
  * - `turn`    {conversationId, turn, phase}: phase 'pending' (sent here, not yet
- *             started), 'start', 'delta', 'end' or 'removed' (its send failed).
+ *             started), 'start', 'delta', 'cancelling', 'end' (once per answer, also
+ *             for one that ended during a drop) or 'removed' (its send failed).
  * - `error`   {conversationId?, code, message, request?, turnId?, messageId?, retryAfterMs?}.
  * - `gap`     {conversationId, turnId, expected, got}: a delta did not follow; the
  *             client re-joins with `after` (a correct server never causes this).
@@ -651,6 +652,14 @@ export class TokenRelayClient extends EventTarget {
         if (item.role === 'assistant') fresh.active = item.turn_id;
       }
     }
+    // Answers that ended while we were not listening (a drop, a gap) get
+    // their one `end` here: the snapshot's final message replaces them, and
+    // the catch-up deltas and `turn.end` that may follow are ignored.
+    const ended = [];
+    for (const t of old.byTurn.values()) {
+      const now = fresh.byTurn.get(t.turn_id);
+      if (!isTerminal(t.status) && now && isTerminal(now.status)) ended.push(now);
+    }
     conv.items = fresh.items;
     conv.byMessage = fresh.byMessage;
     conv.byTurn = fresh.byTurn;
@@ -658,6 +667,7 @@ export class TokenRelayClient extends EventTarget {
     conv.joining = false;
     conv.joined = true;
     this._emit('joined', { conversationId: conv.id, conversation: conv, resumed });
+    for (const t of ended) this._emit('turn', { conversationId: conv.id, turn: t, phase: 'end' });
     for (const w of conv.waiters.splice(0)) w.resolve(conv);
   }
 

@@ -392,3 +392,31 @@ test('a retry of a message older than the loaded history re-joins to show it', a
   assert.deepEqual(c.conversation('c1').items.map((i) => [i.role, i.turn_id, i.pending ?? false]),
     [['user', 't0', false], ['assistant', 't0', false]]);
 });
+
+test('an answer that ended during a drop gets exactly one end event', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 2, text: 'ab', model: 'sim' } });
+  ws.drop(1001);
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  const ws2 = FakeWS.all[1];
+  ws2.open();
+  const j = ws2.frames('join')[0];
+  ws2.receive({ type: 'joined', id: j.id, conversation_id: 'c1', active: null,
+    messages: [userMsg('m1', 't1'), answerMsg('t1', 'm1', 'abcd')] });
+  ws2.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', from: 3, seq: 4, text: 'cd' });
+  ws2.receive({ type: 'turn.end', conversation_id: 'c1', turn_id: 't1', seq: 4, status: 'complete' });
+  const ends = c.events.filter((e) => e.type === 'turn' && e.phase === 'end');
+  assert.equal(ends.length, 1);
+  assert.equal(ends[0].turn.status, 'complete');
+  assert.equal(ends[0].turn.content, 'abcd');
+  const joinedAt = c.events.findLastIndex((e) => e.type === 'joined');
+  assert.ok(c.events.indexOf(ends[0]) > joinedAt, 'after the joined event that brought it');
+  // A later snapshot does not end it again.
+  ws2.drop(1006);
+  await until(() => FakeWS.all.length === 3, 'another reconnect');
+  FakeWS.all[2].open();
+  FakeWS.all[2].receive({ type: 'joined', id: FakeWS.all[2].frames('join')[0].id, conversation_id: 'c1', active: null,
+    messages: [userMsg('m1', 't1'), answerMsg('t1', 'm1', 'abcd')] });
+  assert.equal(c.events.filter((e) => e.type === 'turn' && e.phase === 'end').length, 1);
+});

@@ -63,11 +63,14 @@ test('a connection that silently stops carrying data is replaced within ping int
   assert.equal(lost.code, 4000, 'given up for want of a pong');
   assert.ok(lost.at - cutAt < 1250 + 1000, `noticed ${Math.round(lost.at - cutAt)} ms after the cut`);
 
-  // The answer, streaming through the cut, ends with the stored text.
+  // The answer, streaming through the cut, ends once with the stored text
+  // (whether it ended before the client was back or after).
   await page.waitForFunction(([conv, id]) => window.client.conversation(conv).byTurn.get(id)?.status === 'complete',
     [conv, turnId], { timeout: 15000 });
   const stored = await h.storedTurn(server, conv, turnId);
   const content = await page.evaluate(([conv, id]) => window.client.conversation(conv).byTurn.get(id).content, [conv, turnId]);
   assert.equal(content, stored.content);
   assert.equal(stored.status, 'complete');
+  const ends = (await page.evaluate(() => window.events)).filter((e) => e.phase === 'end' && e.turnId === turnId);
+  assert.equal(ends.length, 1, 'one end event');
 });
