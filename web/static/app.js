@@ -24,17 +24,19 @@ const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&l
 
 // Raw HTML in an answer is shown as text, never interpreted; DOMPurify then
 // removes anything unsafe that Markdown itself could produce (javascript:
-// links and the like).
-const markdown = new Marked({ gfm: true, breaks: true, renderer: { html: ({ text }) => escapeHtml(text) } });
+// links and the like). A Markdown image becomes a link to it: an answer is
+// steered by its prompt, and an image would be fetched at once, carrying
+// whatever its URL's query holds to any host (the page's
+// Content-Security-Policy blocks that too).
+const markdown = new Marked({ gfm: true, breaks: true, renderer: {
+  html: ({ text }) => escapeHtml(text),
+  image: ({ href, title, text }) => `<a class="image-link" href="${escapeHtml(href)}"${title ? ` title="${escapeHtml(title)}"` : ''}>${escapeHtml(text || href)}</a>`,
+} });
 
 DOMPurify.addHook('afterSanitizeAttributes', (node) => {
   if (node.tagName === 'A' && node.hasAttribute('href')) {
     node.setAttribute('target', '_blank');
     node.setAttribute('rel', 'noopener noreferrer nofollow');
-  }
-  if (node.tagName === 'IMG') {
-    node.setAttribute('referrerpolicy', 'no-referrer');
-    node.setAttribute('loading', 'lazy');
   }
 });
 
@@ -56,7 +58,7 @@ function showMarkdown(el, text) {
 
 const sanitizeOptions = {
   USE_PROFILES: { html: true },
-  FORBID_TAGS: ['style', 'form', 'button', 'textarea', 'select', 'iframe'],
+  FORBID_TAGS: ['style', 'form', 'button', 'textarea', 'select', 'iframe', 'img', 'picture', 'video', 'audio', 'source'],
   FORBID_ATTR: ['style'],
 };
 const blockHtml = (text) => DOMPurify.sanitize(markdown.parse(text), sanitizeOptions);

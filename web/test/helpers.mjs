@@ -89,14 +89,14 @@ export async function startServer(t, { dataDir, addr = '127.0.0.1:0', args = [],
   return server;
 }
 
-/** launchBrowser starts headless Chromium (Debian's, or $CHROMIUM_PATH), closed when the test ends. */
-export async function launchBrowser(t) {
+/** launchBrowser starts headless Chromium (Debian's, or $CHROMIUM_PATH), closed when the test ends; args are extra flags. */
+export async function launchBrowser(t, { args = [] } = {}) {
   const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
   if (!existsSync(executablePath)) throw new Error(`no Chromium at ${executablePath}: apt-get install -y chromium`);
   const browser = await chromium.launch({
     executablePath,
     headless: true,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-gpu'],
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-gpu', ...args],
   });
   t.after(() => browser.close());
   return browser;
