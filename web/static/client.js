@@ -31,7 +31,8 @@ export function newId(prefix) {
 
 /**
  * ClientError is what rejected promises of this module hold: `code` is one of
- * PROTOCOL.md's error codes, or the client's own `closed` (close() was called).
+ * PROTOCOL.md's error codes, or the client's own `closed` (close() was
+ * called) or `cancelled` (leave() while a join waited).
  */
 export class ClientError extends Error {
   constructor(code, message, extra = {}) {
@@ -76,7 +77,8 @@ const byteLength = (s) => utf8.encode(s).length;
 export class TokenRelayClient extends EventTarget {
   /**
    * @param {object} [opts]
-   * @param {string} [opts.url] WebSocket URL; default `ws(s)://<page host>/v1/ws`.
+   * @param {string} [opts.url] WebSocket URL; default `ws(s)://<page host>/v1/ws` (required
+   *        outside a browser: the constructor throws a TypeError without it).
    * @param {string|(() => string|Promise<string>)} [opts.token] JWT, sent as `?access_token=`
    *        on the WebSocket and as `Authorization: Bearer` on HTTP calls.
    * @param {number} [opts.history] messages to load per join (default 50, max 500).
@@ -94,6 +96,7 @@ export class TokenRelayClient extends EventTarget {
     this.opts = { ...defaults, ...opts };
     if (!this.opts.url) {
       const loc = globalThis.location;
+      if (!loc?.host) throw new TypeError('TokenRelayClient: the url option is required outside a browser (there is no page to take the host from)');
       this.opts.url = `${loc.protocol === 'https:' ? 'wss' : 'ws'}://${loc.host}/v1/ws`;
     }
     const u = new URL(this.opts.url);
@@ -527,10 +530,20 @@ export class TokenRelayClient extends EventTarget {
   /** api calls the gateway's HTTP API and returns the parsed JSON (null for 204); errors reject with ClientError. */
   async api(method, path, body) {
     const headers = {};
-    const token = await this._token();
+    let token;
+    try {
+      token = await this._token();
+    } catch (err) {
+      throw new ClientError('unauthorized', `could not get a token: ${err.message}`);
+    }
     if (token) headers.Authorization = `Bearer ${token}`;
     if (body !== undefined) headers['Content-Type'] = 'application/json';
-    const res = await fetch(this.httpBase + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    let res;
+    try {
+      res = await fetch(this.httpBase + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    } catch (err) {
+      throw new ClientError('unavailable', `could not reach the server: ${err.message}`);
+    }
     if (res.status === 204) return null;
     const data = await res.json().catch(() => ({}));
     if (!res.ok) {

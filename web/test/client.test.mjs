@@ -420,3 +420,15 @@ test('an answer that ended during a drop gets exactly one end event', async (t) 
     messages: [userMsg('m1', 't1'), answerMsg('t1', 'm1', 'abcd')] });
   assert.equal(c.events.filter((e) => e.type === 'turn' && e.phase === 'end').length, 1);
 });
+
+test('without a page, the url option is required', () => {
+  assert.throws(() => new TokenRelayClient({ WebSocket: FakeWS }), /url option is required outside a browser/);
+});
+
+test('api() rejects with a ClientError when the token function throws', async (t) => {
+  const c = newClient(t, { token: () => { throw new Error('no session'); } });
+  const err = await settled(c.api('GET', '/v1/conversations'), 'the call');
+  assert.ok(err instanceof ClientError);
+  assert.equal(err.code, 'unauthorized');
+  assert.match(err.message, /no session/);
+});
