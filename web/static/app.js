@@ -701,8 +701,12 @@ function describe(e) {
   switch (e.code) {
     case 'rate_limited': {
       const s = e.retryAfterMs ? Math.max(1, Math.ceil(e.retryAfterMs / 1000)) : 0;
-      return s ? `You are sending messages too quickly. Try again in ${s} second${s === 1 ? '' : 's'}.`
-        : `Too many requests: ${e.message}.`;
+      const retry = s ? ` Try again in ${s} second${s === 1 ? '' : 's'}.` : '';
+      // The send-rate limit is said in the page's words; any other limit
+      // (answers running at once, conversations joined) in the server's.
+      if (/too many messages|slow down/i.test(e.message ?? '')) return `You are sending messages too quickly.${retry}`;
+      const reason = (e.message || 'too many requests').replace(/[.\s]+$/, '');
+      return `${reason[0].toUpperCase()}${reason.slice(1)}.${retry}`;
     }
     case 'too_large': return 'That message is too long to send. Shorten it and try again.';
     case 'turn_active': return 'An answer is still being written in this conversation. Wait for it to finish, or press Stop.';

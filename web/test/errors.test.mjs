@@ -52,3 +52,21 @@ test('refused sends and a failing model are explained in words', async (t) => {
   assert.equal(await input.inputValue(), 'One more');
   h.noPageErrors(assert, page);
 });
+
+test('a rate limit other than the send rate is shown in the server\'s words, with its retry delay', async (t) => {
+  const server = await h.startServer(t, { simRate: 0, args: ['--limit-turns', '1'] });
+  const browser = await h.launchBrowser(t);
+  const { page } = await h.openChat(t, browser, server);
+  // One answer running elsewhere uses up the user's turns.
+  const res = await fetch(`${server.url}/v1/conversations/c-elsewhere/messages`, {
+    method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ text: 'Long [sim tokens=4000 rate=50]' }),
+  });
+  assert.equal(res.status, 202);
+
+  await h.send(page, 'Mine');
+  const alert = page.getByRole('alert');
+  await alert.getByText(/^Too many turns running at once\. Try again in 1 second\.$/).waitFor();
+  assert.equal(await alert.getByText('sending messages too quickly').count(), 0);
+  assert.equal(await page.getByLabel('Message', { exact: true }).inputValue(), 'Mine');
+  h.noPageErrors(assert, page);
+});
