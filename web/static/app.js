@@ -681,8 +681,10 @@ ui.scrim.addEventListener('click', closeSidebar);
 // ---- errors and connection -----------------------------------------------
 
 let alertTimer = 0;
-function showAlert(text, ms = 0) {
+let alertAboutConnection = false; // the alert shown is about the connection, and ends with it
+function showAlert(text, ms = 0, connection = false) {
   clearTimeout(alertTimer);
+  alertAboutConnection = connection;
   ui.alertText.textContent = text;
   ui.alert.hidden = false;
   if (ms) alertTimer = setTimeout(hideAlert, ms);
@@ -723,7 +725,9 @@ client.addEventListener('error', (e) => {
   const d = e.detail;
   if (d.request === 'cancel' && d.code === 'not_found') return; // its send failed; already reported
   if (d.conversationId && d.conversationId !== current) return;
-  showAlert(describe(d), d.code === 'rate_limited' && d.retryAfterMs ? d.retryAfterMs + 1000 : 0);
+  // An error that answers no request is about the connection (closed
+  // 4009 for too many connections, 4001 for the token).
+  showAlert(describe(d), d.code === 'rate_limited' && d.retryAfterMs ? d.retryAfterMs + 1000 : 0, !d.request);
 });
 
 const connectionWords = {
@@ -736,7 +740,10 @@ client.addEventListener('status', (e) => {
   ui.connectionLabel.textContent = connectionWords[state] ?? state;
   ui.connection.title = state === 'reconnecting' && e.detail.retryInMs
     ? `Connection lost; retrying in ${Math.ceil(e.detail.retryInMs / 1000)} s` : '';
-  if (state === 'connected') refreshList(100);
+  if (state === 'connected') {
+    if (alertAboutConnection && !ui.alert.hidden) hideAlert();
+    refreshList(100);
+  }
 });
 
 client.addEventListener('joined', schedule);
