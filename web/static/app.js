@@ -471,6 +471,7 @@ function updateTitle() {
 
 // ---- conversation list ---------------------------------------------------
 
+const BUSY_POLL_MS = 2000;
 let listTimer = 0;
 function refreshList(delay = 0) {
   clearTimeout(listTimer);
@@ -482,6 +483,9 @@ function refreshList(delay = 0) {
     }
     renderList();
     updateTitle();
+    // A conversation not on screen sends no events here: while one shows
+    // an answer running, look again, so its busy dot goes when it ends.
+    if (conversations.some((c) => c.active_turn_id && c.conversation_id !== current)) refreshList(BUSY_POLL_MS);
   }, delay);
 }
 
@@ -499,7 +503,8 @@ function renderList() {
     a.href = `#${c.conversation_id}`;
     a.textContent = title;
     a.title = title;
-    if (c.active_turn_id) a.classList.add('busy');
+    // The conversation on screen knows its answer's state first-hand.
+    if (c.conversation_id === current ? activeTurn() : c.active_turn_id) a.classList.add('busy');
     if (c.conversation_id === current) a.setAttribute('aria-current', 'page');
     const del = document.createElement('button');
     del.type = 'button';
@@ -574,6 +579,7 @@ function open(id) {
     schedule();
   }, () => {});
   renderList();
+  refreshList(100); // the one left may still have an answer running
   render();
 }
 
