@@ -10,7 +10,7 @@ const ui = {
   sidebar: $('sidebar'), scrim: $('scrim'), openSidebar: $('open-sidebar'), closeSidebar: $('close-sidebar'),
   newChat: $('new-chat'), list: $('conversations'), title: $('title'),
   connection: $('connection'), connectionLabel: $('connection-label'),
-  scroller: $('scroller'), log: $('log'), empty: $('empty'),
+  scroller: $('scroller'), older: $('older'), log: $('log'), empty: $('empty'),
   alert: $('alert'), alertText: $('alert-text'), alertClose: $('alert-close'),
   form: $('composer'), input: $('input'), send: $('send'), stop: $('stop'),
 };
@@ -331,8 +331,35 @@ ui.scroller.addEventListener('scroll', () => {
   if (gap <= 2) following = true;
   else if (s.scrollTop < lastScrollTop - 1) following = false;
   else if (s.scrollTop > lastScrollTop && gap < 80) following = true;
+  // Scrolled up to near the top: the messages before come next.
+  if (s.scrollTop < lastScrollTop && s.scrollTop < 200) loadOlder();
   lastScrollTop = s.scrollTop;
 }, { passive: true });
+
+/** loadOlder adds the messages before the oldest one shown, keeping what is on screen in place. */
+async function loadOlder() {
+  const id = current;
+  const conv = client.conversation(id);
+  if (!conv?.joined || !conv.hasMore || conv.loadingOlder) return;
+  ui.older.disabled = true;
+  ui.older.textContent = 'Loading older messages…';
+  try {
+    await client.loadOlder(id);
+  } catch (err) {
+    showAlert(describe(err));
+  }
+  ui.older.disabled = false;
+  ui.older.textContent = 'Load older messages';
+  if (id !== current) return;
+  const s = ui.scroller;
+  const anchor = ui.log.firstElementChild;
+  const before = anchor?.getBoundingClientRect().top;
+  following = false;
+  flush();
+  if (anchor?.isConnected) s.scrollTop += anchor.getBoundingClientRect().top - before;
+  lastScrollTop = s.scrollTop;
+}
+ui.older.addEventListener('click', loadOlder);
 // A wheel turned up lets go at once, before the scroll it causes is seen.
 ui.scroller.addEventListener('wheel', (e) => {
   if (e.deltaY < 0) following = false;
@@ -367,6 +394,7 @@ function render() {
     }
     ui.empty.hidden = !(conv.joined || joinedOnce) || conv.items.length > 0;
   }
+  ui.older.hidden = !(conv?.joined && conv.hasMore);
   if (stick && s.scrollHeight - s.scrollTop - s.clientHeight > 0) {
     s.scrollTop = s.scrollHeight;
     lastScrollTop = s.scrollTop;

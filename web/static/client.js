@@ -71,6 +71,7 @@ const byteLength = (s) => utf8.encode(s).length;
  *             started), 'start', 'delta', 'cancelling', 'end' (once per answer, also
  *             for one that ended during a drop) or 'removed' (its send failed).
  * - `error`   {conversationId?, code, message, request?, turnId?, messageId?, retryAfterMs?}.
+ * - `older`   {conversationId, added, hasMore}: loadOlder() added older messages at the front.
  * - `gap`     {conversationId, turnId, expected, got}: a delta did not follow; the
  *             client re-joins with `after` (a correct server never causes this).
  */
@@ -558,6 +559,41 @@ export class TokenRelayClient extends EventTarget {
     return (await this.api('GET', '/v1/conversations')).conversations ?? [];
   }
 
+  /**
+   * loadOlder fetches the stored messages before the oldest one the model
+   * holds (`GET /v1/conversations/{C}/messages?before=`), adds them at the
+   * front of its items and resolves with `{added, hasMore}`; `hasMore` is
+   * also kept on the model. It emits `older`. One call at a time per
+   * conversation: a second one while the first runs gets the same promise.
+   */
+  loadOlder(conversationId, { limit } = {}) {
+    const conv = this._convs.get(conversationId);
+    if (!conv) return Promise.reject(new ClientError('not_found', 'the conversation is not joined'));
+    if (conv.loadingOlder) return conv.loadingOlder;
+    const first = conv.items.find((i) => !i.pending);
+    if (!first) return Promise.resolve({ added: 0, hasMore: false });
+    const q = new URLSearchParams({ limit: String(limit ?? conv.history), before: first.message_id });
+    conv.loadingOlder = this.api('GET', `/v1/conversations/${encodeURIComponent(conv.id)}/messages?${q}`).then((r) => {
+      const added = [];
+      for (const m of r.messages ?? []) {
+        if (m.role === 'assistant' ? conv.byTurn.has(m.turn_id) : conv.byMessage.has(m.message_id)) continue;
+        const item = { ...m };
+        if (m.role === 'assistant') {
+          item.seq = isTerminal(m.status) ? null : 0;
+          conv.byTurn.set(item.turn_id, item);
+        } else {
+          conv.byMessage.set(item.message_id, item);
+        }
+        added.push(item);
+      }
+      conv.items = added.concat(conv.items);
+      conv.hasMore = !!r.has_more;
+      this._emit('older', { conversationId: conv.id, added: added.length, hasMore: conv.hasMore });
+      return { added: added.length, hasMore: conv.hasMore };
+    }).finally(() => { conv.loadingOlder = null; });
+    return conv.loadingOlder;
+  }
+
   /** deleteConversation deletes a conversation (cancelling its running turn) and leaves it. */
   async deleteConversation(conversationId) {
     this.leave(conversationId);
@@ -673,6 +709,18 @@ export class TokenRelayClient extends EventTarget {
       const now = fresh.byTurn.get(t.turn_id);
       if (!isTerminal(t.status) && now && isTerminal(now.status)) ended.push(now);
     }
+    // The snapshot holds the last `history` messages; what the model held
+    // before them (older pages loaded with loadOlder, messages that have
+    // slid out of the window) is kept when it joins up with the snapshot.
+    const firstFresh = fresh.items[0];
+    const at = firstFresh ? old.items.findIndex((i) => sameItem(i, firstFresh)) : -1;
+    const kept = at > 0 ? old.items.slice(0, at).filter((i) => !i.pending && !fresh.byMessage.has(i.message_id) && !fresh.byTurn.has(i.turn_id)) : [];
+    for (const item of kept) {
+      if (item.role === 'assistant') fresh.byTurn.set(item.turn_id, item);
+      else fresh.byMessage.set(item.message_id, item);
+    }
+    fresh.items = kept.concat(fresh.items);
+    conv.hasMore = kept.length > 0 ? old.hasMore : (f.messages ?? []).length >= conv.history;
     conv.items = fresh.items;
     conv.byMessage = fresh.byMessage;
     conv.byTurn = fresh.byTurn;
@@ -761,8 +809,12 @@ export class TokenRelayClient extends EventTarget {
 }
 
 function newConversation(id, history) {
-  return { id, history, items: [], byMessage: new Map(), byTurn: new Map(), active: null,
+  return { id, history, items: [], byMessage: new Map(), byTurn: new Map(), active: null, hasMore: false, loadingOlder: null,
     joined: false, joining: false, joinId: null, waiters: [] };
+}
+
+function sameItem(a, b) {
+  return a.role === b.role && (a.role === 'assistant' ? a.turn_id === b.turn_id : a.message_id === b.message_id);
 }
 
 function addItem(conv, item) {
