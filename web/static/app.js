@@ -697,17 +697,36 @@ ui.log.addEventListener('click', (e) => {
 
 // ---- sidebar on narrow screens --------------------------------------------
 
+// Open, the list is a modal: focus moves into it and stays there (the
+// rest of the page is inert) until it is closed (Esc, the scrim, ×).
+const behindSidebar = [document.querySelector('main'), document.querySelector('.skip')];
 function openSidebar() {
   ui.sidebar.classList.add('open');
   ui.scrim.hidden = false;
   ui.openSidebar.setAttribute('aria-expanded', 'true');
+  for (const el of behindSidebar) el.inert = true;
   ui.newChat.focus();
 }
 function closeSidebar() {
+  const wasOpen = ui.sidebar.classList.contains('open');
   ui.sidebar.classList.remove('open');
   ui.scrim.hidden = true;
   ui.openSidebar.setAttribute('aria-expanded', 'false');
+  for (const el of behindSidebar) el.inert = false;
+  if (wasOpen && ui.sidebar.contains(document.activeElement)) ui.openSidebar.focus();
 }
+document.addEventListener('keydown', (e) => {
+  if (e.key !== 'Tab' || !ui.sidebar.classList.contains('open')) return;
+  const items = [...ui.sidebar.querySelectorAll('a[href], button:not([disabled])')].filter((el) => el.getClientRects().length);
+  if (!items.length) return;
+  const inside = ui.sidebar.contains(document.activeElement);
+  const edge = e.shiftKey ? items[0] : items.at(-1);
+  if (!inside || document.activeElement === edge) {
+    e.preventDefault();
+    (e.shiftKey ? items.at(-1) : items[0]).focus();
+  }
+});
+matchMedia('(min-width: 761px)').addEventListener('change', (e) => { if (e.matches) closeSidebar(); });
 ui.openSidebar.addEventListener('click', openSidebar);
 ui.closeSidebar.addEventListener('click', closeSidebar);
 ui.scrim.addEventListener('click', closeSidebar);

@@ -22,3 +22,38 @@ test('the busy dot of a conversation not on screen goes when its answer ends', a
   await row.and(page.locator(':not(.busy)')).waitFor({ timeout: 10000 });
   h.noPageErrors(assert, page);
 });
+
+test('on a narrow screen the open list takes the focus and keeps it until Esc', async (t) => {
+  const server = await h.startServer(t, { simRate: 0 });
+  const browser = await h.launchBrowser(t);
+  const { page } = await h.openChat(t, browser, server, { viewport: { width: 360, height: 640 } });
+  await h.send(page, 'A question [sim tokens=3]');
+  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page)), 'complete');
+  const focused = () => page.evaluate(() => {
+    const e = document.activeElement;
+    return { inSidebar: !!e.closest('#sidebar'), name: e.id || e.getAttribute('aria-label') || e.textContent.trim() };
+  });
+
+  await page.getByRole('button', { name: 'Show conversations' }).click();
+  await page.locator('#sidebar.open').waitFor();
+  assert.equal((await focused()).inSidebar, true, 'focus moved into the list');
+  const seen = new Set();
+  for (let i = 0; i < 8; i++) {
+    await page.keyboard.press('Tab');
+    const f = await focused();
+    assert.equal(f.inSidebar, true, `Tab ${i + 1} stays in the list (at ${f.name})`);
+    seen.add(f.name);
+  }
+  assert.ok(seen.size >= 3, `Tab goes round the list's controls: ${[...seen]}`);
+  for (let i = 0; i < 4; i++) {
+    await page.keyboard.press('Shift+Tab');
+    assert.equal((await focused()).inSidebar, true, 'Shift+Tab stays in the list');
+  }
+
+  await page.keyboard.press('Escape');
+  await page.locator('#sidebar:not(.open)').waitFor({ state: 'attached' });
+  assert.equal((await focused()).name, 'open-sidebar', 'focus back on the menu button');
+  await page.keyboard.press('Tab');
+  assert.equal((await focused()).inSidebar, false, 'the page behind is reachable again');
+  h.noPageErrors(assert, page);
+});
