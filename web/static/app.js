@@ -139,18 +139,20 @@ const BLOCK_START = /^( {4}| {0,3}(#{1,6}(\s|$)|>|[-*+](\s|$)|\d{1,9}[.)](\s|$)|
 class Streamed {
   constructor(body) {
     this.body = body;
+    this.reset();
+  }
+
+  reset() {
     this.text = '';
     this.done = 0; // text before this offset is in finished blocks
     this.scan = { pos: 0, fence: null, end: 0 }; // line scanner state
     this.tail = []; // nodes of the last block
     this.mode = null; // how the tail is rendered: {kind: 'para'|'fence', …}
-    body.replaceChildren();
+    this.body.replaceChildren();
   }
 
   update(text) {
-    if (!text.startsWith(this.text)) {
-      this.constructor.call(this, this.body);
-    }
+    if (!text.startsWith(this.text)) this.reset(); // not a continuation: start again
     this.text = text;
     this.scanLines();
     if (this.scan.end > this.done) {

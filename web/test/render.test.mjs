@@ -92,3 +92,26 @@ test('while an answer streams, its finished blocks stay put: a Copy button, a li
     `python Copy print("hello") See the docs for details. one two ${'word '.repeat(300).trim()}`);
   h.noPageErrors(assert, page);
 });
+
+test('a streaming answer whose text is replaced, not continued, is rendered afresh', async (t) => {
+  const server = await h.startServer(t, { simRate: 0 });
+  const browser = await h.launchBrowser(t);
+  const { page, conv } = await h.openChat(t, browser, server);
+  await h.send(page, 'Slow one [sim tokens=400 rate=20]');
+  const answer = h.lastAnswer(page);
+  await page.waitForFunction(() => [...document.querySelectorAll('article.msg.assistant')].at(-1)?.dataset.status === 'streaming' &&
+    [...document.querySelectorAll('article.msg.assistant .body')].at(-1).textContent.length > 10);
+  // As a re-join's snapshot could: the model's text is not a continuation of what was shown.
+  await page.evaluate((c) => {
+    const client = window.tokenrelay.client;
+    const turn = client.conversation(c).byTurn.get(client.conversation(c).active);
+    turn.content = 'Replaced **text**\n\nand more ';
+    client.dispatchEvent(new CustomEvent('turn', { detail: { conversationId: c, turn, phase: 'delta' } }));
+  }, conv);
+  await answer.locator('.body strong', { hasText: 'text' }).waitFor();
+  assert.equal(await answer.locator('.body.plain').count(), 0, 'rendered as Markdown, not fallen back to plain text');
+  assert.match(await answer.locator('.body').textContent(), /^Replaced text\s*and more/);
+  await page.keyboard.press('Escape');
+  assert.equal(await h.waitAnswerEnded(answer), 'cancelled');
+  h.noPageErrors(assert, page);
+});
