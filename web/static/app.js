@@ -520,6 +520,11 @@ function refreshList(delay = 0) {
 }
 
 function renderList() {
+  // A refresh replaces the rows: focus on one of them (a keyboard user
+  // going through the list) moves to its new self instead of the page.
+  const had = ui.list.contains(document.activeElement) ? document.activeElement : null;
+  const focusId = had?.closest('li')?.dataset.id;
+  const focusDelete = !!had?.classList.contains('delete');
   const shown = conversations.filter((c) => c.title || c.conversation_id === current);
   if (!shown.some((c) => c.conversation_id === current)) {
     shown.unshift({ conversation_id: current, title: '' });
@@ -545,6 +550,10 @@ function renderList() {
     return li;
   }));
   if (!shown.length) ui.list.innerHTML = '<li class="none">No conversations yet</li>';
+  if (had && !ui.list.contains(document.activeElement)) {
+    const li = [...ui.list.children].find((x) => x.dataset.id === focusId);
+    (li?.querySelector(focusDelete ? '.delete' : 'a') ?? ui.newChat).focus();
+  }
 }
 
 ui.list.addEventListener('click', async (e) => {
