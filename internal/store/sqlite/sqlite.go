@@ -66,8 +66,7 @@ func open(ctx context.Context, path string) (*DB, error) {
 	}
 	common := fmt.Sprintf("_pragma=busy_timeout(%d)&_pragma=foreign_keys(1)&_pragma=synchronous(NORMAL)", busyTimeout.Milliseconds())
 
-	write, err := sql.Open("sqlite", path+"?"+common+"&_pragma=journal_mode(WAL)&_pragma=wal_autocheckpoint(0)"+
-		fmt.Sprintf("&_pragma=journal_size_limit(%d)", walKeepBytes)+"&_txlock=immediate")
+	write, err := sql.Open("sqlite", path+"?"+common+"&_pragma=journal_mode(WAL)&_pragma=wal_autocheckpoint(0)&_txlock=immediate")
 	if err != nil {
 		return nil, err
 	}
@@ -99,9 +98,7 @@ func open(ctx context.Context, path string) (*DB, error) {
 		read.Close()
 		return nil, err
 	}
-	// The checkpointer's truncation waits for readers and holds writes
-	// back meanwhile: it gives up soon (see checkpointer).
-	ckpt, err := sql.Open("sqlite", path+"?"+fmt.Sprintf("_pragma=busy_timeout(%d)&_pragma=synchronous(NORMAL)", truncateWait.Milliseconds()))
+	ckpt, err := sql.Open("sqlite", path+"?"+common)
 	if err != nil {
 		write.Close()
 		read.Close()
@@ -121,20 +118,6 @@ func open(ctx context.Context, path string) (*DB, error) {
 // database file.
 const checkpointEvery = 200 * time.Millisecond
 
-// The WAL is truncated when it holds more than walTruncateFrames pages
-// (64 MiB of 4 KiB pages), trying at most every truncateEvery and waiting
-// up to truncateWait for readers; a WAL reset keeps at most walKeepBytes
-// of its file (journal_size_limit).
-var (
-	walTruncateFrames = 16384
-	truncateEvery     = 5 * time.Second
-)
-
-const (
-	truncateWait = 50 * time.Millisecond
-	walKeepBytes = 16 << 20
-)
-
 // checkpointer copies the WAL's committed pages into the database file
 // every checkpointEvery, on a connection of its own, without waiting for
 // readers or the writer (a PASSIVE checkpoint). SQLite's own automatic
@@ -142,18 +125,10 @@ const (
 // about twice a second under load one write (a turn's start, end, or a
 // cancel) waited for a thousand pages to be copied and synced: that was the
 // tail of the writer's latency.
-//
-// A passive checkpoint never makes the WAL start over while readers keep
-// it in use, so under heavy writes with reads always running it grows
-// (gigabytes at thousands of turns a second), and its file never shrinks.
-// Past walTruncateFrames the checkpointer therefore also asks for a
-// TRUNCATE checkpoint, which waits briefly for a moment without readers
-// and then empties the file; writes wait for it at most truncateWait.
 func (s *DB) checkpointer(ctx context.Context) {
 	defer close(s.ckptDone)
 	t := time.NewTicker(checkpointEvery)
 	defer t.Stop()
-	var next time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -162,13 +137,7 @@ func (s *DB) checkpointer(ctx context.Context) {
 		}
 		// A failure (a busy lock held by another process) is retried at
 		// the next tick.
-		var busy, frames, copied int
-		err := s.ckpt.QueryRowContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied)
-		if err != nil || frames < walTruncateFrames || time.Now().Before(next) {
-			continue
-		}
-		next = time.Now().Add(truncateEvery)
-		_, _ = s.ckpt.ExecContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)")
+		_, _ = s.ckpt.ExecContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)")
 	}
 }
 
