@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strconv"
 	"strings"
@@ -148,7 +149,7 @@ func (sw *sseWriter) write(b []byte) {
 	if sw.err != nil {
 		return
 	}
-	if sw.err = sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout)); sw.err != nil {
+	if sw.err = sw.deadline(); sw.err != nil {
 		return
 	}
 	if sw.err = sw.ctx.Err(); sw.err != nil {
@@ -161,9 +162,20 @@ func (sw *sseWriter) flush() {
 	if sw.err != nil {
 		return
 	}
-	if sw.err = sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout)); sw.err == nil {
-		sw.err = sw.rc.Flush()
+	if sw.err = sw.deadline(); sw.err == nil {
+		if err := sw.rc.Flush(); !errors.Is(err, http.ErrNotSupported) {
+			sw.err = err
+		}
 	}
+}
+
+// deadline bounds the next write; a writer without deadlines (a wrapper
+// that hides its connection) writes without one.
+func (sw *sseWriter) deadline() error {
+	if err := sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout)); !errors.Is(err, http.ErrNotSupported) {
+		return err
+	}
+	return nil
 }
 
 // handleSSE streams one turn as Server-Sent Events: a finished turn is
