@@ -519,6 +519,14 @@ function refreshList(delay = 0) {
   }, delay);
 }
 
+let armedDelete = null; // the conversation whose delete button awaits its second click
+let armTimer = 0;
+function arm(del) {
+  del.classList.add('confirm');
+  del.append('Delete?');
+  del.setAttribute('aria-label', 'Press again to delete this conversation');
+}
+
 function renderList() {
   // A refresh replaces the rows: focus on one of them (a keyboard user
   // going through the list) moves to its new self instead of the page.
@@ -546,6 +554,7 @@ function renderList() {
     del.className = 'delete';
     del.setAttribute('aria-label', `Delete conversation: ${title}`);
     del.innerHTML = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 7h16M10 11v6M14 11v6M6 7l1 12a2 2 0 002 2h6a2 2 0 002-2l1-12M9 7V4h6v3"/></svg>';
+    if (c.conversation_id === armedDelete) arm(del);
     li.append(a, del);
     return li;
   }));
@@ -560,14 +569,17 @@ ui.list.addEventListener('click', async (e) => {
   const del = e.target.closest('.delete');
   if (del) {
     const id = del.closest('li').dataset.id;
-    // Two clicks: the first arms the button, the second deletes.
+    // Two clicks: the first arms the button (for 4 s, across refreshes of
+    // the list), the second deletes.
     if (!del.classList.contains('confirm')) {
-      del.classList.add('confirm');
-      del.append('Delete?');
-      del.setAttribute('aria-label', 'Press again to delete this conversation');
-      setTimeout(() => renderList(), 4000);
+      armedDelete = id;
+      clearTimeout(armTimer);
+      armTimer = setTimeout(() => { armedDelete = null; renderList(); }, 4000);
+      arm(del);
       return;
     }
+    armedDelete = null;
+    clearTimeout(armTimer);
     try {
       await client.deleteConversation(id);
     } catch (err) {
