@@ -210,16 +210,7 @@ func TestGatewayReadsAQuietTurnAgain(t *testing.T) {
 // a worker ping that goes unanswered (as it can on an overloaded machine):
 // here no worker answers at all, and the send is still taken.
 func TestInProcessGatewayDoesNotPingItsWorker(t *testing.T) {
-	server := bustest.Start(t)
-	nc, err := nats.Connect(server.Conn().ConnectedUrl())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	b, err := bus.Open(t.Context(), nc, bus.Config{Local: bus.NewLocal()})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b, _ := openBus(t, bus.Config{Local: bus.NewLocal()})
 	st, a := storeAndAuth(t)
 	c := trtest.Dial(t, serveGateway(t, gateway.New(gateway.Config{}, b, st, a)), nil)
 	c.Join("in-process", nil)
@@ -235,16 +226,7 @@ func TestInProcessGatewayDoesNotPingItsWorker(t *testing.T) {
 // share one ping and are all refused `unavailable`, instead of pinging one
 // after another behind each other's timeouts.
 func TestSendsShareOneWorkerPing(t *testing.T) {
-	server := bustest.Start(t)
-	nc, err := nats.Connect(server.Conn().ConnectedUrl())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	b, err := bus.Open(t.Context(), nc, bus.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b, nc := openBus(t, bus.Config{})
 	pings := make(chan struct{}, 100)
 	frozen, err := nc.Subscribe(bus.WorkerPingSubj, func(*nats.Msg) { pings <- struct{}{} })
 	if err != nil {
@@ -280,16 +262,7 @@ func TestSendsShareOneWorkerPing(t *testing.T) {
 // before it stops its worker), a send is refused `unavailable` and stores
 // nothing, while a retry of a stored message is still answered with it.
 func TestSendsStopBeforeTheWorker(t *testing.T) {
-	server := bustest.Start(t)
-	nc, err := nats.Connect(server.Conn().ConnectedUrl())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	b, err := bus.Open(t.Context(), nc, bus.Config{Local: bus.NewLocal()})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b, _ := openBus(t, bus.Config{Local: bus.NewLocal()})
 	st, a := storeAndAuth(t)
 	gw := gateway.New(gateway.Config{}, b, st, a)
 	c := trtest.Dial(t, serveGateway(t, gw), nil)
@@ -316,4 +289,21 @@ func TestSendsStopBeforeTheWorker(t *testing.T) {
 			t.Fatal("a send refused while shutting down was stored")
 		}
 	}
+}
+
+// openBus opens a bus with cfg on a connection of its own to a new NATS
+// server, and returns it with that connection.
+func openBus(t *testing.T, cfg bus.Config) (*bus.Bus, *nats.Conn) {
+	t.Helper()
+	server := bustest.Start(t)
+	nc, err := nats.Connect(server.Conn().ConnectedUrl())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	b, err := bus.Open(t.Context(), nc, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b, nc
 }
