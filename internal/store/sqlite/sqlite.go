@@ -33,8 +33,9 @@ var _ store.Store = (*DB)(nil)
 // pool of read-only connections and run concurrently with each other and with
 // the writer, which WAL allows.
 //
-// The writer never checkpoints the WAL into the database file itself: a
-// third connection does, in the background (see checkpointer).
+// The writer does not copy the WAL into the database file itself: a third
+// connection does, in the background (see checkpointer). The writer only
+// lets the WAL start over when it has grown (see writer.restartWAL).
 type DB struct {
 	*sqlstore.DB         // the queries, on read and write
 	write        *sql.DB // one connection, BEGIN IMMEDIATE
@@ -66,7 +67,8 @@ func open(ctx context.Context, path string) (*DB, error) {
 	}
 	common := fmt.Sprintf("_pragma=busy_timeout(%d)&_pragma=foreign_keys(1)&_pragma=synchronous(NORMAL)", busyTimeout.Milliseconds())
 
-	write, err := sql.Open("sqlite", path+"?"+common+"&_pragma=journal_mode(WAL)&_pragma=wal_autocheckpoint(0)&_txlock=immediate")
+	write, err := sql.Open("sqlite", path+"?"+common+"&_pragma=journal_mode(WAL)&_pragma=wal_autocheckpoint(0)"+
+		fmt.Sprintf("&_pragma=journal_size_limit(%d)", walKeepBytes)+"&_txlock=immediate")
 	if err != nil {
 		return nil, err
 	}
@@ -137,7 +139,10 @@ func (s *DB) checkpointer(ctx context.Context) {
 		}
 		// A failure (a busy lock held by another process) is retried at
 		// the next tick.
-		_, _ = s.ckpt.ExecContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)")
+		var busy, frames, copied int
+		if err := s.ckpt.QueryRowContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied); err == nil {
+			s.d.w.walFrames.Store(int64(frames))
+		}
 	}
 }
 

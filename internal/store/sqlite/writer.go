@@ -3,9 +3,12 @@ package sqlite
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlstore"
 )
@@ -41,6 +44,12 @@ type writer struct {
 	done chan struct{} // closed when the loop has returned
 
 	batches atomic.Int64 // transactions committed or rolled back, for tests
+
+	// walFrames is the WAL's length in pages, as the checkpointer last
+	// saw it; lastRestart is when the loop last tried to let it start
+	// over (see restartWAL).
+	walFrames   atomic.Int64
+	lastRestart time.Time
 }
 
 // maxBatch bounds the writes of one transaction, so that the first of a
@@ -129,12 +138,72 @@ func (w *writer) loop() {
 		batch, closed := w.take()
 		if len(batch) > 0 {
 			w.run(batch)
+			w.restartWAL(false)
 			continue
 		}
 		if closed {
 			return
 		}
+		w.restartWAL(true)
 		<-w.wake
+	}
+}
+
+// The WAL starts over once it holds walRestartFrames pages (16 MiB), the
+// writer trying at most every restartEvery while idle, or between batches
+// when it has not been idle for restartOverdue; the restart cuts the file
+// to walKeepBytes (journal_size_limit).
+var (
+	walRestartFrames int64 = 4096
+	walKeepBytes           = 16 << 20
+	restartEvery           = time.Second
+	restartOverdue         = 10 * time.Second
+	restartWait            = 10 * time.Millisecond
+)
+
+// restartWAL lets a grown WAL start over from its beginning. SQLite does
+// that in the first write after a checkpoint has copied every page of the
+// WAL into the database file and every read that used the WAL has ended.
+// The background checkpointer seldom gets there under load: writes keep
+// coming while it copies, and reads keep starting on the WAL's newest
+// pages, so the file grew without end (gigabytes at thousands of turns a
+// second). The writer therefore runs a RESTART checkpoint between its own
+// writes, on its own connection: nothing is written meanwhile, so it copies
+// only the pages the checkpointer has not yet copied, then waits at most
+// restartWait for the reads already running (reads starting meanwhile read
+// the database file alone), and the next write starts the WAL over. When
+// the reads outlast the wait it tries again later; a write queued
+// meanwhile waits at most restartWait.
+func (w *writer) restartWAL(idle bool) {
+	if w.walFrames.Load() < walRestartFrames {
+		return
+	}
+	wait := restartEvery
+	if !idle {
+		wait = restartOverdue
+	}
+	now := time.Now()
+	if now.Sub(w.lastRestart) < wait {
+		return
+	}
+	w.lastRestart = now
+	ctx := context.Background()
+	c, err := w.db.Conn(ctx)
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	if _, err := c.ExecContext(ctx, fmt.Sprintf("PRAGMA busy_timeout = %d", restartWait.Milliseconds())); err != nil {
+		return
+	}
+	var busy, frames, copied int
+	err = c.QueryRowContext(ctx, "PRAGMA wal_checkpoint(RESTART)").Scan(&busy, &frames, &copied)
+	if err == nil && busy == 0 {
+		w.walFrames.Store(0)
+	}
+	if _, err := c.ExecContext(ctx, fmt.Sprintf("PRAGMA busy_timeout = %d", busyTimeout.Milliseconds())); err != nil {
+		// The connection would keep the short timeout: drop it.
+		_ = c.Raw(func(any) error { return driver.ErrBadConn })
 	}
 }
 
