@@ -148,12 +148,23 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	// The worker first: its running turns end as interrupted, saved and
 	// announced while the sockets are still open to hear it. No turn is
 	// taken meanwhile, since none would be produced.
-	gw.StopSends()
+	gw.StopSends(sctx)
 	stopWorker()
 	select {
 	case err := <-workerDone:
 		if err != nil && runErr == nil {
 			runErr = err
+		}
+		if local != nil {
+			// The turns still queued would wait for the next start, which
+			// ends them as interrupted (above): end them now, while their
+			// clients are still connected to hear it.
+			n, err := w.RecoverAll(sctx)
+			if err != nil {
+				log.Warn("end queued turns", "err", err)
+			} else if n > 0 {
+				log.Info("ended queued turns as interrupted", "turns", n)
+			}
 		}
 	case <-sctx.Done():
 	}

@@ -90,7 +90,8 @@ type Server struct {
 	shutdown    context.CancelFunc
 	conns       sync.WaitGroup
 
-	sendsStopped atomic.Bool // see StopSends
+	sendsStopped atomic.Bool  // see StopSends
+	sendGate     sync.RWMutex // read-held by each send past the check of sendsStopped
 
 	workerMu   sync.Mutex
 	workerSeen time.Time    // when a worker last answered; guarded by workerMu
@@ -296,9 +297,23 @@ func (w *apiErrorWriter) Write(p []byte) (int, error) {
 // from the bus (a turn's end published by a stopping worker, say) are
 // written before the close.
 // StopSends refuses every later send with unavailable, while the rest
-// (joins, cancels, the turns running) goes on. serve calls it before it
-// stops its worker: a turn sent then would stay queued until the next start.
-func (s *Server) StopSends() { s.sendsStopped.Store(true) }
+// (joins, cancels, the turns running) goes on, and returns once the sends
+// already past that check have stored and enqueued their turns, or when
+// ctx ends first. serve calls it before it stops its worker: a turn sent
+// then would stay queued until the next start.
+func (s *Server) StopSends(ctx context.Context) {
+	s.sendsStopped.Store(true)
+	passed := make(chan struct{})
+	go func() {
+		s.sendGate.Lock()
+		s.sendGate.Unlock()
+		close(passed)
+	}()
+	select {
+	case <-passed:
+	case <-ctx.Done():
+	}
+}
 
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()

@@ -52,6 +52,8 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 		}
 		refund = undo
 	}
+	s.sendGate.RLock()
+	defer s.sendGate.RUnlock()
 	if s.sendsStopped.Load() {
 		refund()
 		if res, ok := s.retried(ctx, r); ok {

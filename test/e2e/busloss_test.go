@@ -271,7 +271,7 @@ func TestSendsStopBeforeTheWorker(t *testing.T) {
 	if f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s1" }); f[len(f)-1].Type() != "ack" {
 		t.Fatalf("send before shutdown: %v", f[len(f)-1])
 	}
-	gw.StopSends()
+	gw.StopSends(t.Context())
 	c.Send(map[string]any{"type": "send", "conversation_id": "draining", "text": "after", "message_id": "m2", "id": "s2"})
 	if last := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s2" }); last[len(last)-1].Str("code") != "unavailable" {
 		t.Fatalf("send while shutting down: %v, want error unavailable", last[len(last)-1])

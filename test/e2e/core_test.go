@@ -403,3 +403,38 @@ func TestSIGTERMShutsDownCleanly(t *testing.T) {
 		t.Fatalf("stored %s %q, streamed %q", m.Status, m.Content, tr.Text.String())
 	}
 }
+
+// A turn still queued when serve stops (its one worker slot busy) ends as
+// interrupted before the connection closes, as a running one does, instead
+// of staying queued until the next start.
+func TestSIGTERMEndsQueuedTurns(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "20", "--sim-tokens", "500", "--worker-concurrency", "1")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("busy", nil)
+	c.Join("waiting", nil)
+	c.Send(map[string]any{"type": "send", "conversation_id": "busy", "text": "long", "id": "1"})
+	c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "turn.delta" })
+	c.Send(map[string]any{"type": "send", "conversation_id": "waiting", "text": "next", "turn_id": "queued-turn", "id": "2"})
+	if f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "2" }); f[len(f)-1].Type() != "ack" {
+		t.Fatalf("send: %v", f[len(f)-1])
+	}
+	if err := p.Stop(); err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, p.Stderr())
+	}
+	var status string
+	for {
+		f, err := c.Next(wait)
+		if err != nil {
+			break
+		}
+		if f.Type() == "turn.end" && f.Str("turn_id") == "queued-turn" {
+			status = f.Str("status")
+		}
+	}
+	if status != "interrupted" {
+		t.Fatalf("the queued turn's end before the close: %q, want interrupted\n%s", status, p.Stderr())
+	}
+	if code := c.CloseStatus(); code != 1001 {
+		t.Fatalf("close code %d, want 1001", code)
+	}
+}
