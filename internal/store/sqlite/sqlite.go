@@ -140,7 +140,8 @@ func (s *DB) checkpointer(ctx context.Context) {
 		// A failure (a busy lock held by another process) is retried at
 		// the next tick.
 		var busy, frames, copied int
-		if err := s.ckpt.QueryRowContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied); err == nil {
+		// A checkpoint that found another one running reads -1 frames.
+		if err := s.ckpt.QueryRowContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied); err == nil && frames >= 0 {
 			s.d.w.walFrames.Store(int64(frames))
 		}
 	}

