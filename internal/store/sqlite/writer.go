@@ -149,13 +149,14 @@ func (w *writer) loop() {
 	}
 }
 
-// The WAL starts over once it holds walRestartFrames pages (16 MiB), the
-// writer trying at most every restartEvery while idle, or between batches
-// when it has not been idle for restartOverdue; the restart cuts the file
-// to walKeepBytes (journal_size_limit).
+// The WAL starts over once it holds walRestartFrames pages (64 MiB of
+// 4 KiB pages), the writer trying at most every restartEvery while idle, or
+// between batches when it has not been idle for restartOverdue; the restart
+// cuts the file to walKeepBytes (journal_size_limit), as large, so that the
+// next round of writes overwrites the file instead of extending it.
 var (
-	walRestartFrames int64 = 4096
-	walKeepBytes           = 16 << 20
+	walRestartFrames int64 = 16384
+	walKeepBytes           = 64 << 20
 	restartEvery           = time.Second
 	restartOverdue         = 10 * time.Second
 	restartWait            = 10 * time.Millisecond
