@@ -292,10 +292,6 @@ func (w *apiErrorWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// Shutdown closes every WebSocket connection with 1001 (going away) and
-// waits for their goroutines, or until ctx is done. Events already received
-// from the bus (a turn's end published by a stopping worker, say) are
-// written before the close.
 // StopSends refuses every later send with unavailable, while the rest
 // (joins, cancels, the turns running) goes on, and returns once the sends
 // already past that check have stored and enqueued their turns, or when
@@ -315,6 +311,10 @@ func (s *Server) StopSends(ctx context.Context) {
 	}
 }
 
+// Shutdown closes every WebSocket connection with 1001 (going away) and
+// waits for their goroutines, or until ctx is done. Events already received
+// from the bus (a turn's end published by a stopping worker, say) are
+// written before the close.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing = true
