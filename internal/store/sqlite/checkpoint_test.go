@@ -15,8 +15,8 @@ import (
 // TestWALStartsOverUnderLoad: with writes back to back and reads always
 // running, the WAL still starts over from its beginning once it has grown
 // past walRestartFrames, and the restart cuts its file to walKeepBytes,
-// where before it kept every write since the store opened (164 MB for the
-// 12 MB of text written here).
+// where before it kept every write since the store opened (164 MB for 12 MB
+// of text written this way).
 func TestWALStartsOverUnderLoad(t *testing.T) {
 	frames, keep, every := walRestartFrames, walKeepBytes, restartEvery
 	walRestartFrames, walKeepBytes, restartEvery = 64, 256<<10, 0
@@ -53,7 +53,7 @@ func TestWALStartsOverUnderLoad(t *testing.T) {
 		}
 		return fi.Size()
 	}
-	const writes, size = 3000, 4000
+	const writes, size = 1000, 4000
 	text := strings.Repeat("x", size)
 	var largest int64
 	for i := range writes {
