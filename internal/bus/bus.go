@@ -430,13 +430,20 @@ func (b *Bus) SubscribeConversation(conversationID string, fn func(Event)) (Subs
 	return sub, nil
 }
 
-// SubscribeTurnEnd calls fn with the end event of one turn. Under a Local,
-// fn runs on the goroutine announcing the end and must not block.
-func (b *Bus) SubscribeTurnEnd(conversationID, turnID string, fn func(Event)) (Subscription, error) {
+// SubscribeTurnEnd calls fn with the end event of one turn, whatever its
+// conversation: a caller can listen before it has read the turn, so that an
+// end stored after that read cannot go unseen. Under a Local, fn runs on the
+// goroutine announcing the end and must not block. Over NATS it returns once
+// the server this process is connected to has the subscription (one round
+// trip), so that an end published through that server after the call is
+// delivered; in a cluster, an end published through another server
+// meanwhile can still be missed while the interest spreads, which a caller
+// waiting for the end must bound with a timeout.
+func (b *Bus) SubscribeTurnEnd(ctx context.Context, turnID string, fn func(Event)) (Subscription, error) {
 	if b.cfg.Local != nil {
 		return b.cfg.Local.subscribeTurnEnd(turnID, fn), nil
 	}
-	sub, err := b.nc.Subscribe(EventSubject(conversationID, turnID, KindEnd), func(m *nats.Msg) {
+	sub, err := b.nc.Subscribe(anyTurnEndSubject(turnID), func(m *nats.Msg) {
 		e, err := DecodeEvent(m.Subject, m.Data)
 		if err != nil {
 			return
@@ -444,6 +451,14 @@ func (b *Bus) SubscribeTurnEnd(conversationID, turnID string, fn func(Event)) (S
 		fn(e)
 	})
 	if err != nil {
+		return nil, fmt.Errorf("subscribe turn end: %w", err)
+	}
+	flush := b.nc.Flush // waits at most nats.go's default, 10 s
+	if _, ok := ctx.Deadline(); ok {
+		flush = func() error { return b.nc.FlushWithContext(ctx) }
+	}
+	if err := flush(); err != nil {
+		_ = sub.Unsubscribe()
 		return nil, fmt.Errorf("subscribe turn end: %w", err)
 	}
 	return sub, nil

@@ -29,7 +29,7 @@ func TestLocalCarriesLiveEventsInProcess(t *testing.T) {
 	}
 	defer spy.Unsubscribe()
 	ends := make(chan bus.Event, 1)
-	sub, err := gateway.SubscribeTurnEnd("c.1", "t:1", func(e bus.Event) { ends <- e })
+	sub, err := gateway.SubscribeTurnEnd(t.Context(), "t:1", func(e bus.Event) { ends <- e })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,7 +243,7 @@ func TestLocalCarriesCancelsAndEndsInProcess(t *testing.T) {
 	gnc.Close()
 
 	ended := make(chan bus.Event, 1)
-	sub, err := gateway.SubscribeTurnEnd("c", "t", func(e bus.Event) { ended <- e })
+	sub, err := gateway.SubscribeTurnEnd(t.Context(), "t", func(e bus.Event) { ended <- e })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -49,6 +49,12 @@ func EventSubject(conversationID, turnID, kind string) string {
 	return eventPrefix + Token(conversationID) + "." + Token(turnID) + "." + kind
 }
 
+// anyTurnEndSubject matches the end event of turn turnID in any
+// conversation.
+func anyTurnEndSubject(turnID string) string {
+	return eventPrefix + "*." + Token(turnID) + "." + KindEnd
+}
+
 // ConversationSubject matches every event of a conversation.
 func ConversationSubject(conversationID string) string {
 	return eventPrefix + Token(conversationID) + ".>"

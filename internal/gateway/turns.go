@@ -177,6 +177,7 @@ type pendingCancel struct {
 	sub      bus.Subscription
 	final    chat.TurnStatus // of a queued turn, ended in the store here
 	won      bool
+	owned    atomic.Bool // the turn is the cancelling user's
 	observed atomic.Bool // cancelLatency has this cancel's sample
 }
 
@@ -198,25 +199,16 @@ func (c *pendingCancel) observe() {
 // The caller must call finish.
 func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pendingCancel, error) {
 	started := s.now()
-	t, err := s.store.TurnHead(ctx, turnID)
-	if err != nil {
+	if !chat.ValidID(turnID) {
 		s.m.cancels.WithLabelValues("not_found").Inc()
-		return nil, err
+		return nil, chat.ErrNotFound
 	}
-	if t.Owner != user {
-		s.m.cancels.WithLabelValues("forbidden").Inc()
-		return nil, chat.ErrForbidden
-	}
-	c := &pendingCancel{s: s, t: t, res: cancelResult{TurnID: t.ID, Status: t.Status}, started: started}
-	if t.Status.Terminal() {
-		c.res.Already, c.done = true, true
-		s.m.cancels.WithLabelValues("already_ended").Inc()
-		return c, nil
-	}
-	// Listen for the end before asking for it.
-	c.ended = make(chan bus.Event, 1)
-	c.sub, err = s.bus.SubscribeTurnEnd(t.ConversationID, t.ID, func(e bus.Event) {
-		if e.Status == chat.StatusCancelled {
+	// Listen for the end before reading the turn: an end stored after the
+	// read is then heard, and one stored before it is in what is read, so
+	// that one read of the store tells a cancel all it needs.
+	c := &pendingCancel{s: s, started: started, ended: make(chan bus.Event, 1)}
+	sub, err := s.bus.SubscribeTurnEnd(ctx, turnID, func(e bus.Event) {
+		if e.Status == chat.StatusCancelled && c.owned.Load() {
 			c.observe()
 		}
 		select {
@@ -225,8 +217,28 @@ func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pending
 		}
 	})
 	if err != nil {
+		return nil, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
+	}
+	t, err := s.store.TurnHead(ctx, turnID)
+	if err != nil {
+		_ = sub.Unsubscribe()
+		s.m.cancels.WithLabelValues("not_found").Inc()
 		return nil, err
 	}
+	if t.Owner != user {
+		_ = sub.Unsubscribe()
+		s.m.cancels.WithLabelValues("forbidden").Inc()
+		return nil, chat.ErrForbidden
+	}
+	c.owned.Store(true)
+	c.t, c.res = t, cancelResult{TurnID: t.ID, Status: t.Status}
+	if t.Status.Terminal() {
+		_ = sub.Unsubscribe()
+		c.res.Already, c.done = true, true
+		s.m.cancels.WithLabelValues("already_ended").Inc()
+		return c, nil
+	}
+	c.sub = sub
 	// A turn no worker has started is ended in the store first: a worker's
 	// start and this update are both conditional on "queued", so exactly
 	// one wins, and a worker that loses never calls the model, however
@@ -285,45 +297,29 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 		return res, nil
 	}
 	res.Already = !created
-	if t.Status == chat.StatusQueued {
-		if final == chat.StatusCancelled {
-			res.Already = true // another cancel ended it first
-		}
-	} else {
-		// Streaming when read: it may have ended meanwhile. Only its
-		// status is read, without asking the store's single writer for
-		// an update that cannot apply.
-		var now chat.Turn
-		if now, err = s.store.TurnHead(ctx, t.ID); err != nil {
-			return res, err
-		}
-		final = now.Status
-	}
-	if final.Terminal() {
-		// The producer saw the tombstone and ended the turn already, or
-		// the turn ended on its own first.
-		res.Status = final
-		res.Already = res.Already || final != chat.StatusCancelled
+	if t.Status == chat.StatusQueued && final.Terminal() {
+		// Another cancel, or the turn's own end, came first.
+		res.Status, res.Already = final, true
 		s.observeCancel(res)
 		return res, nil
 	}
-	// Streaming: the producer sees the tombstone and ends the turn.
+	// Streaming when read (or started by a worker since, which sees the
+	// tombstone), and listened for since before that read: the end,
+	// whoever stores it (the producer, another cancel, a recovery), comes
+	// as an event carrying the status stored.
 	wait := time.NewTimer(s.cfg.CancelWait)
 	defer wait.Stop()
 	select {
 	case e := <-c.ended:
 		res.Status = e.Status
 	case <-wait.C:
+		// Not heard in time (in a NATS cluster, an end published through
+		// another server before this one's interest reached it): read it.
 		if t, err := s.store.TurnHead(ctx, t.ID); err == nil {
 			res.Status = t.Status
 		}
 	case <-ctx.Done():
 		return res, ctx.Err()
-	}
-	// The end event carries the stored status, but re-read in case this
-	// cancel raced a producer that was replaced.
-	if t, err := s.store.TurnHead(ctx, t.ID); err == nil && t.Status.Terminal() {
-		res.Status = t.Status
 	}
 	res.Already = res.Already || (res.Status.Terminal() && res.Status != chat.StatusCancelled)
 	s.observeCancel(res)

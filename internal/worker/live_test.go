@@ -283,7 +283,7 @@ func TestCancelToEndStopsWhenTheEndGoesLive(t *testing.T) {
 	e := journaledEnv(t, cfg, p)
 	b := e.bus
 	e.start(t)
-	sub, err := b.SubscribeTurnEnd("c", "t", func(bus.Event) { live.Store(true) })
+	sub, err := b.SubscribeTurnEnd(t.Context(), "t", func(bus.Event) { live.Store(true) })
 	if err != nil {
 		t.Fatal(err)
 	}

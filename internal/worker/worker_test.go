@@ -102,7 +102,7 @@ func (e *env) start(t *testing.T) {
 func (e *env) send(t *testing.T, conv, turn, text string, enqueue bool) <-chan bus.Event {
 	t.Helper()
 	ends := make(chan bus.Event, 4)
-	sub, err := e.bus.SubscribeTurnEnd(conv, turn, func(ev bus.Event) { ends <- ev })
+	sub, err := e.bus.SubscribeTurnEnd(t.Context(), turn, func(ev bus.Event) { ends <- ev })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -519,7 +519,7 @@ func TestLostProducerIsStopped(t *testing.T) {
 func TestQueuedTurnWithoutAJobIsProduced(t *testing.T) {
 	e := setup(t, worker.Config{QueuedTimeout: 300 * time.Millisecond}, false)
 	ends := make(chan bus.Event, 4)
-	sub, err := e.bus.SubscribeTurnEnd("c", "t1", func(ev bus.Event) { ends <- ev })
+	sub, err := e.bus.SubscribeTurnEnd(t.Context(), "t1", func(ev bus.Event) { ends <- ev })
 	if err != nil {
 		t.Fatal(err)
 	}

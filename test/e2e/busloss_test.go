@@ -47,14 +47,11 @@ func TestGatewayCutOffFromNATSMissesNoEnd(t *testing.T) {
 	// published it (seen on a connection that is never cut).
 	endOf := func(turn string) <-chan bus.Event {
 		ch := make(chan bus.Event, 1)
-		sub, err := server.SubscribeTurnEnd(conv, turn, func(e bus.Event) { ch <- e })
+		sub, err := server.SubscribeTurnEnd(t.Context(), turn, func(e bus.Event) { ch <- e })
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { _ = sub.Unsubscribe() })
-		if err := server.Conn().Flush(); err != nil {
-			t.Fatal(err)
-		}
 		return ch
 	}
 	waitEnd := func(ch <-chan bus.Event) {
