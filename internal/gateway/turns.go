@@ -183,10 +183,10 @@ type pendingCancel struct {
 
 // observe records in cancelLatency how long this cancel waited for its
 // turn's end, once: at the end's arrival here (the end every connection of
-// the turn's conversation gets now), or, when that arrival went unseen (the
-// turn ended before the cancel listened), at the answer. The answer may
-// come later: it also waits for the tombstone's round trip and a read of
-// the store, which no user waits for.
+// the turn's conversation gets now), or, when that arrival went unseen (it
+// came before the turn was found to be the user's, or was not heard in
+// time), at the answer. The answer may come later: it also waits for the
+// tombstone's round trip, which no user waits for.
 func (c *pendingCancel) observe() {
 	if c.observed.CompareAndSwap(false, true) {
 		c.s.m.cancelLatency.Observe(c.s.now().Sub(c.started).Seconds())
