@@ -179,8 +179,8 @@ func (sw *sseWriter) deadline() error {
 }
 
 // handleSSE streams one turn as Server-Sent Events: a finished turn is
-// replayed and ended; a running one continues live. Last-Event-ID (or
-// ?after=) resumes after that seq.
+// replayed and ended; a running one continues live. Last-Event-ID or
+// ?after= (the later, when both are given) resumes after that seq.
 func (s *Server) handleSSE() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		turnID, err := s.pathID(r, "turn")
@@ -188,15 +188,16 @@ func (s *Server) handleSSE() http.Handler {
 			writeError(w, err)
 			return
 		}
-		afterStr := r.Header.Get("Last-Event-ID")
-		if q := r.URL.Query().Get("after"); q != "" {
-			afterStr = q
-		}
-		after, ok := ParseLastEventID(afterStr)
-		if !ok {
+		// An EventSource opened on ".../events?after=N" reconnects to the
+		// same URL with Last-Event-ID set to the last delta it received,
+		// which is past N: the later of the two is where the client is.
+		after, ok := ParseLastEventID(r.Header.Get("Last-Event-ID"))
+		q, qok := ParseLastEventID(r.URL.Query().Get("after"))
+		if !ok || !qok {
 			writeError(w, badRequest("Last-Event-ID / after must be a delta seq"))
 			return
 		}
+		after = max(after, q)
 		// The turn's head: its text is read from the store only when the
 		// bus no longer has it (a long answer need not be held twice).
 		ctx, cancel := s.reqCtx(r)

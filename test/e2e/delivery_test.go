@@ -398,6 +398,13 @@ func TestSSE(t *testing.T) {
 	if tail != tail2 || !strings.HasSuffix(live, tail) || len(tail) >= len(live) || tail == "" {
 		t.Fatalf("resume after 100: %q / %q", tail, tail2)
 	}
+	// An EventSource opened with ?after= reconnects to the same URL with
+	// Last-Event-ID set to the last delta it saw: that one is where it is.
+	tail3, _, _ := read(http.Header{"Last-Event-Id": {"100"}}, "?after=3")
+	tail4, _, _ := read(http.Header{"Last-Event-Id": {"3"}}, "?after=100")
+	if tail3 != tail || tail4 != tail {
+		t.Fatalf("resume with Last-Event-ID 100 and after=3: %q; with 3 and 100: %q; want %q", tail3, tail4, tail)
+	}
 	if code := trtest.Get(t, p.URL+"/v1/turns/"+tr.ID+"/events?after=x", nil); code != 400 {
 		t.Fatalf("bad after: %d", code)
 	}
