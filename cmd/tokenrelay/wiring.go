@@ -266,7 +266,7 @@ func workerConfig(c *config, log *slog.Logger, reg prometheus.Registerer) worker
 	return wc
 }
 
-// countedBudget counts the turns its budget refuses as
+// countedBudget counts the turns its budget refuses or stops as
 // tokenrelay_limit_hits_total{limit="tokens_per_hour"}, beside the
 // gateway's own limits.
 type countedBudget struct {
@@ -279,6 +279,15 @@ type countedBudget struct {
 
 func (b *countedBudget) Allow(user string) (bool, string) {
 	ok, msg := b.TokenBudget.Allow(user)
+	if !ok {
+		b.counter().Inc()
+	}
+	return ok, msg
+}
+
+// Take counts a turn that the budget stops while it streams.
+func (b *countedBudget) Take(user string) (bool, string) {
+	ok, msg := b.TokenBudget.Take(user)
 	if !ok {
 		b.counter().Inc()
 	}

@@ -38,15 +38,36 @@ func (b *HourlyBudget) Allow(user string) (bool, string) {
 	defer b.mu.Unlock()
 	b.rollLocked()
 	if b.spent[user] >= b.limit {
-		return false, "your model token budget of " + strconv.Itoa(b.limit) + " tokens per hour is used up; try again later"
+		return false, b.refusal()
 	}
 	return true, ""
 }
 
-// Spend implements TokenBudget.
+// Take implements TokenBudget.
+func (b *HourlyBudget) Take(user string) (bool, string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.rollLocked()
+	if b.spent[user] >= b.limit {
+		return false, b.refusal()
+	}
+	b.spent[user]++
+	return true, ""
+}
+
+func (b *HourlyBudget) refusal() string {
+	return "your model token budget of " + strconv.Itoa(b.limit) + " tokens per hour is used up; try again later"
+}
+
+// Spend implements TokenBudget. The spend of an hour does not go below
+// zero: tokens taken before the hour turned are given back to none.
 func (b *HourlyBudget) Spend(user string, tokens int) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.rollLocked()
-	b.spent[user] += tokens
+	if n := b.spent[user] + tokens; n > 0 {
+		b.spent[user] = n
+	} else {
+		delete(b.spent, user)
+	}
 }

@@ -46,6 +46,10 @@ type publisher struct {
 	saveTimer *time.Timer
 	saveArmed bool
 	stopped   bool
+	// With a token budget: the tokens Take charged this turn, and the
+	// message of the refusal that stopped it; guarded by mu.
+	taken   int
+	refusal string
 
 	// Under a journal (see TextAfter): the text length after each delta.
 	liveMu sync.Mutex
@@ -86,6 +90,14 @@ func (p *publisher) emit(tok string) error {
 	if p.err != nil {
 		return p.err
 	}
+	if b := p.w.cfg.TokenBudget; b != nil {
+		ok, msg := b.Take(p.turn.Owner)
+		if !ok {
+			p.refusal = msg
+			return errBudgetSpent
+		}
+		p.taken++
+	}
 	p.pending = append(p.pending, tok...)
 	if p.w.cfg.DeltaTimestamps {
 		p.pendingTS = p.w.cfg.Now().UnixMicro()
@@ -102,6 +114,21 @@ func (p *publisher) emit(tok string) error {
 		})
 	}
 	return nil
+}
+
+// charged is how many tokens the budget charged this turn as it streamed.
+func (p *publisher) charged() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.taken
+}
+
+// budgetRefusal is the message of the budget's refusal that stopped the
+// turn.
+func (p *publisher) budgetRefusal() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.refusal
 }
 
 // flush publishes what is pending and waits until every delta of the turn

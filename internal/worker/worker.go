@@ -75,12 +75,18 @@ type Config struct {
 	Now      func() time.Time
 }
 
-// TokenBudget limits the model tokens a user may spend.
+// TokenBudget limits the model tokens a user may spend. A turn is charged
+// as it streams, a token for each piece of text the model sends (Take), and
+// when it ends the provider's own count replaces that estimate (Spend).
 type TokenBudget interface {
 	// Allow reports whether user may start another turn; a false answer
 	// comes with the message shown to the user.
 	Allow(user string) (bool, string)
-	// Spend records tokens used by user.
+	// Take charges user one token of a reply as it streams, or refuses it,
+	// with the message shown to the user, when the budget is used up.
+	Take(user string) (bool, string)
+	// Spend records tokens used by user; a negative count gives back
+	// tokens that Take charged and the provider did not count.
 	Spend(user string, tokens int)
 }
 
@@ -124,6 +130,9 @@ const freshTurn = time.Second
 var (
 	errCancelled = errors.New("turn cancelled")
 	errShutdown  = errors.New("worker shutting down")
+	// errBudgetSpent is emit's answer to a token past the owner's budget:
+	// the provider stops, and the turn ends with status error.
+	errBudgetSpent = errors.New("token budget used up")
 )
 
 // New returns a worker.
@@ -554,6 +563,8 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 		status = chat.StatusCancelled
 	case errors.Is(cause, errShutdown):
 		status = chat.StatusInterrupted
+	case errors.Is(perr, errBudgetSpent):
+		status, errMsg = chat.StatusError, pub.budgetRefusal()
 	default:
 		status = chat.StatusError
 		var pe *provider.Error
@@ -564,8 +575,10 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 			log.Error("provider failed", "err", perr)
 		}
 	}
-	if w.cfg.TokenBudget != nil && res.Usage != nil {
-		w.cfg.TokenBudget.Spend(t.Owner, res.Usage.PromptTokens+res.Usage.CompletionTokens)
+	if b := w.cfg.TokenBudget; b != nil && res.Usage != nil {
+		// Take charged the reply's pieces as they came: the provider's own
+		// count, prompt included, replaces that estimate.
+		b.Spend(t.Owner, res.Usage.PromptTokens+res.Usage.CompletionTokens-pub.charged())
 	}
 	w.m.duration.Observe(w.cfg.Now().Sub(startedAt).Seconds())
 	if !pub.firstAt.IsZero() {

@@ -553,16 +553,31 @@ func TestBatchWindowMergesTokens(t *testing.T) {
 	}
 }
 
+// TestTokenBudget: a turn within the budget completes and is charged the
+// provider's count; a turn that reaches the budget while it streams stops
+// there with status error and its text so far; the next one ends at once.
 func TestTokenBudget(t *testing.T) {
-	budget := worker.NewHourlyBudget(25, nil)
+	budget := worker.NewHourlyBudget(40, nil)
 	e := setup(t, worker.Config{TokenBudget: budget}, true)
-	first := waitEnd(t, e.send(t, "c1", "t1", "[sim tokens=30 rate=0] a", true))
-	if first.Status != chat.StatusComplete {
+	first := waitEnd(t, e.send(t, "c1", "t1", "[sim tokens=10 rate=0] a", true))
+	if first.Status != chat.StatusComplete || first.Usage == nil {
 		t.Fatalf("first turn %+v", first)
 	}
-	second := waitEnd(t, e.send(t, "c2", "t2", "[sim tokens=30 rate=0] b", true))
-	if second.Status != chat.StatusError || !strings.Contains(second.Error, "budget") {
-		t.Fatalf("second turn %+v, want an error naming the budget", second)
+	left := 40 - first.Usage.PromptTokens - first.Usage.CompletionTokens
+	second := waitEnd(t, e.send(t, "c2", "t2", "[sim tokens=100 rate=0] b", true))
+	if second.Status != chat.StatusError || !strings.Contains(second.Error, "budget") || second.Seq != int64(left) {
+		t.Fatalf("second turn %+v, want an error naming the budget after %d deltas", second, left)
+	}
+	st, err := e.store.Turn(t.Context(), "t2")
+	if err != nil || st.Status != chat.StatusError || len(strings.Fields(st.Content)) != left {
+		t.Fatalf("stored second turn %+v (%v): want its %d words kept", st, err, left)
+	}
+	third := waitEnd(t, e.send(t, "c3", "t3", "[sim tokens=10 rate=0] c", true))
+	if third.Status != chat.StatusError || third.Seq != 0 || !strings.Contains(third.Error, "budget") {
+		t.Fatalf("third turn %+v, want an error at once", third)
+	}
+	if ok, _ := budget.Allow("alice"); !ok {
+		t.Fatal("another user refused")
 	}
 }
 

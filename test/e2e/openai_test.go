@@ -160,3 +160,32 @@ func TestOpenAICancelClosesUpstream(t *testing.T) {
 		t.Fatal("the API key appears in the server's log")
 	}
 }
+
+// TestOpenAITokenBudgetClosesUpstream: a turn that reaches
+// --limit-tokens-per-hour while it streams closes the model's request and
+// ends with status error after exactly the budget's pieces, keeping them.
+func TestOpenAITokenBudgetClosesUpstream(t *testing.T) {
+	fm := &fakeModel{closed: make(chan time.Time, 4), delay: 5 * time.Millisecond, answer: func(int) []string {
+		return strings.Split(strings.Repeat("tok ", 1000), " ")
+	}}
+	srv := httptest.NewServer(fm)
+	defer srv.Close()
+	p := trtest.Serve(t, "--provider", "openai", "--openai-base-url", srv.URL+"/v1", "--openai-api-key", "sk-test-secret", "--model", "m1",
+		"--limit-tokens-per-hour", "20")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("ob", nil)
+	tr := startTurn(t, c, "ob", "go", 1)
+	select {
+	case <-fm.closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the model server never saw the request closed")
+	}
+	fs := finish(t, c, tr)
+	end := fs[len(fs)-1]
+	if tr.Status != "error" || tr.Seq != 20 || !strings.Contains(end.Str("error"), "budget") {
+		t.Fatalf("turn ended %s after %d deltas, error %q; want error after 20", tr.Status, tr.Seq, end.Str("error"))
+	}
+	if tr.Text.String() != strings.Repeat("tok", 20) {
+		t.Fatalf("text %q", tr.Text.String())
+	}
+}

@@ -310,8 +310,9 @@ func TestConcurrentTurns(t *testing.T) {
 	}
 }
 
-// TestTokenBudget checks --limit-tokens-per-hour: once a user has spent the
-// budget, the next turn ends with status error and a message saying why, in
+// TestTokenBudget checks --limit-tokens-per-hour: a turn that reaches the
+// budget while it streams stops there with status error, a message saying
+// why and its text so far; the next turn ends at once the same way, in
 // turn.end, in the stored message and over SSE; another user is not
 // affected.
 func TestTokenBudget(t *testing.T) {
@@ -342,12 +343,17 @@ func TestTokenBudget(t *testing.T) {
 	if tr, _ := run("first question"); tr.Status != "complete" { // 2 + 25 tokens: within 30
 		t.Fatalf("first turn: %s", tr.Status)
 	}
-	if tr, _ := run("second question"); tr.Status != "complete" { // starts with 27 spent
-		t.Fatalf("second turn: %s", tr.Status)
+	// Starts with 27 spent: stopped after 3 of its 25 tokens, which it keeps.
+	cut, cutEnd := run("second question")
+	if cut.Status != "error" || cut.Seq != 3 || !strings.Contains(cutEnd.Str("error"), "budget") {
+		t.Fatalf("second turn: %s after %d deltas, error %q; want error after 3", cut.Status, cut.Seq, cutEnd.Str("error"))
+	}
+	if stored := storedMessages(t, p.URL, alice, "budget"); stored[len(stored)-1].Content != cut.Text.String() {
+		t.Fatalf("stored %q, streamed %q", stored[len(stored)-1].Content, cut.Text.String())
 	}
 	tr, end := run("third question")
 	msg := end.Str("error")
-	if tr.Status != "error" || !strings.Contains(msg, "budget") || !strings.Contains(msg, "30") {
+	if tr.Status != "error" || tr.Seq != 0 || !strings.Contains(msg, "budget") || !strings.Contains(msg, "30") {
 		t.Fatalf("over budget: status %s, error %q; want error naming the budget", tr.Status, msg)
 	}
 	stored := storedMessages(t, p.URL, alice, "budget")
@@ -363,7 +369,7 @@ func TestTokenBudget(t *testing.T) {
 	if tr := startTurn(t, b, "bob", "bob's question"); tr == nil {
 		t.Fatal("bob's turn did not stream")
 	}
-	waitMetric(t, p.URL, "tokenrelay_limit_hits_total", `limit="tokens_per_hour"`, 1)
+	waitMetric(t, p.URL, "tokenrelay_limit_hits_total", `limit="tokens_per_hour"`, 2)
 }
 
 // TestBadFrames checks --limit-bad-frames: each bad frame is answered with
