@@ -198,6 +198,9 @@ func (c *conn) handle(f protocol.ClientFrame) {
 	}
 }
 
+// joinRetryAfter is the retry_after_ms of a join refused by --limit-joins.
+const joinRetryAfter = time.Second
+
 func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 	c.mu.Lock()
 	_, rejoin := c.views[f.ConversationID]
@@ -207,7 +210,11 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 		// Refused before the claim: a join that is not carried out
 		// creates no conversation.
 		c.s.m.limitHits.WithLabelValues("joins").Inc()
-		return &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many conversations joined on this connection (limit " + itoa(lim) + "); leave one first"}
+		// Every rate_limited error carries retry_after_ms, so that a client
+		// that retries by it alone retries slowly; only a leave frees a
+		// slot, which the message says.
+		return &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many conversations joined on this connection (limit " + itoa(lim) + "); leave one first",
+			RetryAfterMS: joinRetryAfter.Milliseconds()}
 	}
 	if _, err := c.s.store.ClaimConversation(ctx, f.ConversationID, c.user, c.s.now()); err != nil {
 		return err

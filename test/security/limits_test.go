@@ -238,8 +238,11 @@ func TestJoinsPerConnection(t *testing.T) {
 	}
 	f := join("j4", "over")
 	wantError(t, f, "rate_limited")
-	if !strings.Contains(f.Str("message"), "3") {
-		t.Errorf("the error does not name the limit: %v", f)
+	if !strings.Contains(f.Str("message"), "3") || !strings.Contains(f.Str("message"), "leave") {
+		t.Errorf("the error does not name the limit and the way out: %v", f)
+	}
+	if ms, ok := f["retry_after_ms"].(float64); !ok || ms <= 0 {
+		t.Errorf("rate_limited without retry_after_ms: %v", f)
 	}
 	// A refused join is not joined: no events of j4 arrive. Leave frees a
 	// slot.

@@ -778,7 +778,9 @@ ui.alertClose.addEventListener('click', () => {
 function describe(e) {
   switch (e.code) {
     case 'rate_limited': {
-      const s = e.retryAfterMs ? Math.max(1, Math.ceil(e.retryAfterMs / 1000)) : 0;
+      // A join refused for the conversations already joined waits on a
+      // leave, not on time: its retry_after_ms is not worth saying.
+      const s = e.retryAfterMs && e.request !== 'join' ? Math.max(1, Math.ceil(e.retryAfterMs / 1000)) : 0;
       const retry = s ? ` Try again in ${s} second${s === 1 ? '' : 's'}.` : '';
       // The send-rate limit is said in the page's words; any other limit
       // (answers running at once, conversations joined) in the server's.
@@ -803,7 +805,7 @@ client.addEventListener('error', (e) => {
   if (d.conversationId && d.conversationId !== current) return;
   // An error that answers no request is about the connection (closed
   // 4009 for too many connections, 4001 for the token).
-  showAlert(describe(d), d.code === 'rate_limited' && d.retryAfterMs ? d.retryAfterMs + 1000 : 0, !d.request);
+  showAlert(describe(d), d.code === 'rate_limited' && d.retryAfterMs && d.request !== 'join' ? d.retryAfterMs + 1000 : 0, !d.request);
 });
 
 const connectionWords = {
