@@ -266,3 +266,59 @@ func TestDeleteCancelsRunningTurn(t *testing.T) {
 		t.Fatalf("messages of a deleted conversation: %d %v", code, body)
 	}
 }
+
+// TestDeletedTurnIDIsNotReused: after a conversation is deleted, a send that
+// names one of its turn ids again is refused (the bus still holds that
+// turn's events), while the conversation and message ids are free; a fresh
+// turn id then answers the new prompt, not the deleted one.
+func TestDeletedTurnIDIsNotReused(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("gone", nil)
+	send := func(id, text, turn string) trtest.Frame {
+		c.Send(map[string]any{"type": "send", "conversation_id": "gone", "text": text, "message_id": "m1", "turn_id": turn, "id": id})
+		return ackOf(t, c, id)
+	}
+	if f := send("s1", "[sim tokens=30] first", "t-old"); f.Type() != "ack" {
+		t.Fatalf("first send: %v", f)
+	}
+	old := &trtest.Turn{ID: "t-old"}
+	finish(t, c, old)
+	if code := trtest.Do(t, "DELETE", p.URL+"/v1/conversations/gone", "", nil, nil); code != 204 {
+		t.Fatalf("DELETE: %d", code)
+	}
+	// A resume of the deleted turn gets nothing of it.
+	d := trtest.Dial(t, p.WSURL(), nil)
+	d.Send(map[string]any{"type": "join", "conversation_id": "gone", "after": map[string]any{"turn_id": "t-old", "seq": 5}, "id": "j"})
+	for _, f := range d.Until(wait, func(f trtest.Frame) bool { return f.Type() == "joined" || f.Type() == "error" }) {
+		if f.Str("turn_id") == "t-old" || f["active"] != nil || len(asList(f["messages"])) != 0 {
+			t.Fatalf("resume of a deleted turn got %v", f)
+		}
+	}
+	d.Send(map[string]any{"type": "ping", "id": "p"})
+	for _, f := range d.Until(wait, func(f trtest.Frame) bool { return f.Type() == "pong" }) {
+		if f.Type() != "pong" && f.Type() != "ack" {
+			t.Fatalf("after the resume of a deleted turn: %v", f)
+		}
+	}
+	c.Join("gone", nil)
+	f := send("s2", "[sim tokens=60] second, another prompt", "t-old")
+	if f.Type() != "error" || f.Str("code") != "bad_request" || !strings.Contains(f.Str("message"), "turn_id") {
+		t.Fatalf("send with the deleted turn's id: %v", f)
+	}
+	var body map[string]any
+	if code := trtest.Do(t, "POST", p.URL+"/v1/conversations/gone/messages", "", map[string]any{"text": "x", "message_id": "m1", "turn_id": "t-old"}, &body); code != 400 {
+		t.Fatalf("HTTP send with the deleted turn's id: %d %v", code, body)
+	}
+	if f := send("s3", "[sim tokens=60] second, another prompt", "t-new"); f.Type() != "ack" {
+		t.Fatalf("send with a new turn id: %v", f)
+	}
+	tr := &trtest.Turn{ID: "t-new"}
+	finish(t, c, tr)
+	if tr.Status != "complete" || tr.Seq != 60 || tr.Text.String() == old.Text.String() {
+		t.Fatalf("new turn %s after %d deltas, text %q (the deleted one's: %q)", tr.Status, tr.Seq, tr.Text.String(), old.Text.String())
+	}
+}
+
+// asList is v as a JSON array (nil when it is not one).
+func asList(v any) []any { l, _ := v.([]any); return l }

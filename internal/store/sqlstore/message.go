@@ -65,7 +65,7 @@ func sendIn(ctx context.Context, d Dialect, tx Queryer, req store.SendRequest) (
 	var prevRole, active sql.NullString
 	var used bool
 	err = tx.QueryRow(ctx, SendChecks,
-		req.ConversationID, req.MessageID, req.ConversationID, req.TurnID, req.ConversationID, req.TurnID,
+		req.ConversationID, req.MessageID, req.ConversationID, req.TurnID, req.ConversationID, req.TurnID, req.TurnID,
 	).Scan(&prevRole, &active, &used)
 	if err != nil {
 		return store.SendResult{}, err
@@ -125,15 +125,17 @@ func sendIn(ctx context.Context, d Dialect, tx Queryer, req store.SendRequest) (
 }
 
 // SendChecks reads what Send checks before it stores, for conversation c,
-// message id m and turn id t (arguments c, m, c, t, c, t): the role of the
-// message already stored as m (NULL when none), the conversation's active
-// turn (NULL when none), and whether t is already a turn or a message of c.
+// message id m and turn id t (arguments c, m, c, t, c, t, t): the role of
+// the message already stored as m (NULL when none), the conversation's
+// active turn (NULL when none), and whether t is already a turn or a
+// message of c, or was a turn of a deleted conversation.
 const SendChecks = `SELECT
 	(SELECT m.role FROM messages m WHERE m.conversation_id = ? AND m.id = ?),
 	(SELECT m.id FROM messages m WHERE m.conversation_id = ? AND ` + ActiveTurn + `
 		ORDER BY m.position DESC LIMIT 1),
 	EXISTS (SELECT 1 FROM messages WHERE turn_id = ? AND role = 'assistant')
-		OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)`
+		OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)
+		OR EXISTS (SELECT 1 FROM deleted_turns WHERE turn_id = ?)`
 
 // duplicate answers a send whose message is already stored, as a user
 // message: a retry, which gets the stored message and its turn.

@@ -220,7 +220,16 @@ func testDeleteConversation(t *testing.T, s store.Store) {
 
 	// Other conversations are untouched.
 	equal(t, "other messages", messageIDs(t, s, "b1"), []string{"m1", "b1-t1"})
-	// Nothing of c1 is left to collide with: its ids are free again.
-	send(t, s, req("c1", "m1", "c1-t1", at(7)))
-	equal(t, "new messages", messageIDs(t, s, "c1"), []string{"m1", "c1-t1"})
+	// Its conversation and message ids are free again; its turn ids are
+	// not, since they also name the turns' events on the bus.
+	for _, id := range []string{"c1-t1", "c1-t2"} {
+		_, err = s.Send(t.Context(), req("c1", "m1", id, at(7)))
+		wantErr(t, "Send with the deleted turn id "+id, err, chat.ErrConflict)
+	}
+	send(t, s, req("c1", "m1", "c1-t3", at(7)))
+	equal(t, "new messages", messageIDs(t, s, "c1"), []string{"m1", "c1-t3"})
+	// Deleting it again keeps the new turn's id too.
+	wantErr(t, "delete again", s.DeleteConversation(t.Context(), "c1", "alice"), nil)
+	_, err = s.Send(t.Context(), req("c2", "m1", "c1-t3", at(8)))
+	wantErr(t, "Send with the deleted turn id c1-t3", err, chat.ErrConflict)
 }
