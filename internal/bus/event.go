@@ -15,10 +15,13 @@ type Event struct {
 	ConversationID string `json:"-"`
 	TurnID         string `json:"-"`
 
-	// KindStart: the user message and the turn it started.
+	// KindStart: the user message and the turn it started, and the
+	// conversation's owner, whom views of another user do not follow (a
+	// conversation deleted and then taken by another user keeps its id).
 	Message *WireMessage `json:"m,omitempty"`
 	ReplyTo string       `json:"r,omitempty"`
 	Model   string       `json:"mo,omitempty"`
+	Owner   string       `json:"ow,omitempty"`
 
 	// KindDelta: delta Seq, whose text starts at byte Off of the turn's text.
 	// KindEnd: Seq is the last delta's seq.

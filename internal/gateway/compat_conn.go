@@ -130,6 +130,12 @@ func (c *compatConn) end(_, turn string, _ int64, status chat.TurnStatus, _ stri
 	c.cp.release(ct.st)
 }
 
+// revoked closes the socket: the session was deleted and another user has
+// taken its id, and COMPAT.md has no frame for that. A reconnect is refused.
+func (c *compatConn) revoked(*view) {
+	c.closeWith(websocket.StatusPolicyViolation, "session deleted")
+}
+
 func (c *compatConn) fail(err error) {
 	c.logger().Warn("compat view failed; closing so the page reconnects", "err", err)
 	c.closeWith(websocket.StatusInternalError, "resume needed")
@@ -330,7 +336,7 @@ func (c *compatConn) recoverLive(turn string, answer func(string, int64)) bool {
 // the reply in flight, so that nothing published meanwhile is lost or
 // doubled (see view.join).
 func (c *compatConn) join(ctx context.Context) error {
-	v := newView(c.s, c.ctx, &c.wg, c.conv, c)
+	v := newView(c.s, c.ctx, &c.wg, c.conv, c.user, c)
 	if err := c.s.hub.add(c.conv, v); err != nil {
 		return err
 	}

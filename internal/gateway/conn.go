@@ -222,7 +222,7 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 	if rejoin {
 		c.leave(f.ConversationID)
 	}
-	v := newView(c.s, c.ctx, &c.wg, f.ConversationID, c)
+	v := newView(c.s, c.ctx, &c.wg, f.ConversationID, c.user, c)
 	if err := c.s.hub.add(f.ConversationID, v); err != nil {
 		return err
 	}
@@ -257,6 +257,26 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 	}
 	c.s.m.joins.WithLabelValues(outcome).Inc()
 	return nil
+}
+
+// revoked tells the client that it no longer follows v's conversation (see
+// sink), and leaves it on the connection's behalf.
+func (c *conn) revoked(v *view) {
+	c.push(protocol.ErrorFrame{Type: "error", Code: protocol.CodeForbidden, ConversationID: v.conv,
+		Message: "conversation " + v.conv + " was deleted and now belongs to another user; it is no longer joined"})
+	if c.ctx.Err() != nil {
+		return // the connection is going: its release drops every view
+	}
+	c.wg.Add(1)
+	go func() { // v's lock is held, and the hub may be delivering to v
+		defer c.wg.Done()
+		c.mu.Lock()
+		if c.views[v.conv] == v {
+			delete(c.views, v.conv)
+		}
+		c.mu.Unlock()
+		c.s.hub.remove(v.conv, v)
+	}()
 }
 
 func (c *conn) leave(conv string) {

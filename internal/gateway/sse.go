@@ -107,7 +107,8 @@ func (k *sseSink) end(_, turn string, seq int64, status chat.TurnStatus, errMsg 
 		k.add(sseItem{seq: seq, end: true, status: status, errMsg: errMsg})
 	}
 }
-func (k *sseSink) fail(error) { k.add(sseItem{failed: true}) }
+func (k *sseSink) fail(error)    { k.add(sseItem{failed: true}) }
+func (k *sseSink) revoked(*view) {} // its views follow every turn
 
 // sseWriter writes a stream's events, each write bounded by the server's
 // write timeout: a client that stops reading is dropped as a WebSocket
@@ -216,7 +217,8 @@ func (s *Server) handleSSE() http.Handler {
 		defer rcancel()
 		var wg sync.WaitGroup
 		defer wg.Wait()
-		v := newView(s, rctx, &wg, t.ConversationID, sink)
+		// The stream follows one turn, whose owner was checked above.
+		v := newView(s, rctx, &wg, t.ConversationID, "", sink)
 		if !t.Status.Terminal() {
 			if err := s.hub.add(t.ConversationID, v); err != nil {
 				writeError(w, err)

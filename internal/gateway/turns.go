@@ -94,7 +94,7 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	start := &bus.Event{
 		Kind: bus.KindStart, ConversationID: r.ConversationID, TurnID: res.Turn.ID,
 		Message: &bus.WireMessage{ID: res.Message.ID, Content: res.Message.Content, CreatedAt: res.Message.CreatedAt.UnixMilli()},
-		ReplyTo: res.Message.ID, Model: res.Turn.Model,
+		ReplyTo: res.Message.ID, Model: res.Turn.Model, Owner: r.User,
 	}
 	// The start is published (stored, except under serve's Local) before
 	// the job exists, so every delta a worker publishes comes after it.

@@ -29,6 +29,10 @@ type sink interface {
 	// fail: the view cannot continue (a gap it cannot repair); the sink
 	// should make its client resume.
 	fail(err error)
+	// revoked: view v has stopped for good, with v's lock held, because its
+	// conversation now belongs to another user (it was deleted, and another
+	// user took its id); the sink drops v without calling back into it.
+	revoked(v *view)
 }
 
 // view is one client's window on one conversation: it turns the
@@ -39,6 +43,9 @@ type sink interface {
 type view struct {
 	s    *Server
 	conv string
+	// user is the client's user: a turn of another owner stops the view
+	// (see revokeLocked). "" follows every turn.
+	user string
 	out  sink
 	// ctx is the view's lifetime (the connection's): repairs stop with it.
 	ctx    context.Context
@@ -96,8 +103,8 @@ func repairBackoff(attempt int) time.Duration {
 	return min(time.Duration(attempt)*25*time.Millisecond, 500*time.Millisecond)
 }
 
-func newView(s *Server, ctx context.Context, wg *sync.WaitGroup, conv string, out sink) *view {
-	return &view{s: s, ctx: ctx, wg: wg, conv: conv, out: out, buffering: true, turns: make(map[string]*turnState), joined: s.now()}
+func newView(s *Server, ctx context.Context, wg *sync.WaitGroup, conv, user string, out sink) *view {
+	return &view{s: s, ctx: ctx, wg: wg, conv: conv, user: user, out: out, buffering: true, turns: make(map[string]*turnState), joined: s.now()}
 }
 
 func (v *view) deliver(e bus.Event) {
@@ -111,6 +118,19 @@ func (v *view) deliver(e bus.Event) {
 		return
 	}
 	v.processLocked(e)
+}
+
+// foreignLocked reports whether a turn of owner belongs to another user than
+// the view's, and then stops the view for good: the conversation was
+// deleted while the view followed it, and another user has taken its id.
+func (v *view) foreignLocked(owner string) bool {
+	if v.user == "" || owner == "" || owner == v.user {
+		return false
+	}
+	v.closed = true
+	v.buf = nil
+	v.out.revoked(v)
+	return true
 }
 
 func (v *view) close() {
@@ -265,6 +285,9 @@ func (v *view) processLocked(e bus.Event) {
 	if e.Kind == bus.KindStart {
 		if ts != nil {
 			return // already known: a duplicate, or covered by the join
+		}
+		if v.foreignLocked(e.Owner) {
+			return
 		}
 		v.setTurnLocked(e.TurnID, &turnState{started: true})
 		v.out.message(v.conv, e.UserMessage())
@@ -440,6 +463,9 @@ func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 			return
 		}
 		if needStart {
+			if v.foreignLocked(info.Owner) {
+				return
+			}
 			if info.Status.Terminal() && !info.FinishedAt.IsZero() && info.FinishedAt.Before(v.joined) {
 				// It ended before this view joined: the client has it in history.
 				v.endedLocked(turn)

@@ -270,6 +270,9 @@ type ErrorFrame struct {
 	Message      string `json:"message"`
 	TurnID       string `json:"turn_id,omitempty"`
 	RetryAfterMS int64  `json:"retry_after_ms,omitempty"`
+	// ConversationID names the conversation of an error that answers no
+	// request (a conversation no longer joined).
+	ConversationID string `json:"conversation_id,omitempty"`
 }
 
 // Encode marshals a frame; frames are plain structs, so it cannot fail for

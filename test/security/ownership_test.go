@@ -190,3 +190,71 @@ func storedMessages(t *testing.T, base, token, conv string) []storedMessage {
 	}
 	return body.Messages
 }
+
+// TestDeletedConversationTakenByAnother: a user joined to a conversation
+// that is deleted and then taken by another user receives nothing of the
+// new owner's turns: her connection is told it no longer follows the
+// conversation, and a join again is forbidden. A tab that stays on a
+// conversation its own user deletes and re-creates keeps following it.
+func TestDeletedConversationTakenByAnother(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--sim-rate", "0", "--sim-tokens", "20")
+	mallory, victim := tokenFor(t, "mallory"), tokenFor(t, "victim")
+	const conv = "project-notes"
+
+	m := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: mallory})
+	m.Join(conv, nil)
+	if code, _, body := do(t, "DELETE", p.URL+"/v1/conversations/"+conv, mallory, "", nil); code != 204 {
+		t.Fatalf("DELETE: %d %s", code, body)
+	}
+	v := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: victim})
+	v.Join(conv, nil)
+	turn := func(c *trtest.Client, conv, text string) *trtest.Turn {
+		c.Send(map[string]any{"type": "send", "conversation_id": conv, "text": text, "id": "s"})
+		tr := &trtest.Turn{}
+		c.Until(wait, func(f trtest.Frame) bool {
+			if f.Type() == "turn.start" {
+				tr.ID = f.Str("turn_id")
+			}
+			tr.Apply(f)
+			return tr.ID != "" && tr.Ends > 0
+		})
+		return tr
+	}
+	turn(v, conv, "my password is hunter2")
+	// Mallory's stale subscription is told, and nothing else of conv.
+	seen := m.Until(wait, func(f trtest.Frame) bool { return f.Type() == "error" })
+	if last := seen[len(seen)-1]; last.Str("code") != "forbidden" || last.Str("conversation_id") != conv {
+		t.Fatalf("mallory's connection was told %v", last)
+	}
+	m.Send(map[string]any{"type": "join", "conversation_id": conv, "id": "again"})
+	if f := reply(t, m, "again"); f.Str("code") != "forbidden" {
+		t.Fatalf("mallory's join again: %v", f)
+	}
+	turn(v, conv, "and my pin is 1234")
+	m.Send(map[string]any{"type": "ping", "id": "p"})
+	seen = append(seen, m.Until(wait, func(f trtest.Frame) bool { return f.Type() == "pong" })...)
+	for _, f := range seen {
+		b, _ := json.Marshal(f)
+		if strings.Contains(string(b), "hunter2") || strings.Contains(string(b), "1234") ||
+			(f.Str("conversation_id") == conv && f.Type() != "error" && f.Type() != "ack") {
+			t.Fatalf("mallory received %s", b)
+		}
+	}
+
+	// The owner's own other tab follows the conversation she re-creates.
+	tab1 := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: victim})
+	tab1.Join("mine", nil)
+	tab2 := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: victim})
+	tab2.Join("mine", nil)
+	turn(tab1, "mine", "first")
+	if code, _, body := do(t, "DELETE", p.URL+"/v1/conversations/mine", victim, "", nil); code != 204 {
+		t.Fatalf("DELETE mine: %d %s", code, body)
+	}
+	sent := turn(tab1, "mine", "after the delete")
+	got := &trtest.Turn{ID: sent.ID}
+	tab2.Until(wait, func(f trtest.Frame) bool { got.Apply(f); return got.Ends > 0 })
+	if got.Text.String() != sent.Text.String() || got.Status != "complete" {
+		t.Fatalf("the other tab got %q (%s), the sender %q", got.Text.String(), got.Status, sent.Text.String())
+	}
+}

@@ -657,6 +657,15 @@ export class TokenRelayClient extends EventTarget {
         conv.joined = false;
         for (const w of conv.waiters.splice(0)) w.reject(new ClientError(f.code, f.message, detail));
       }
+    } else if (f.conversation_id && this._convs.has(f.conversation_id)) {
+      // The server stopped following a joined conversation (it was
+      // deleted and another user took its id): forget it, as leave() does.
+      const conv = this._convs.get(f.conversation_id);
+      detail.conversationId = conv.id;
+      this._convs.delete(conv.id);
+      conv.joining = false;
+      conv.joined = false;
+      for (const w of conv.waiters.splice(0)) w.reject(new ClientError(f.code, f.message, detail));
     }
     this._emit('error', detail);
   }
