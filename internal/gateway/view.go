@@ -595,6 +595,19 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 				// the client with a gap: fail the join, the client retries.
 				return j, nil, nil, err
 			}
+			if after.Seq < t.Seq && cu.To < t.Seq {
+				// Its events are gone (past --retention), as for SSE: the
+				// store holds its whole text but not where its deltas began.
+				// From the start it is sent whole; from within it only the
+				// end, with the turn's real last seq (its final message is in
+				// the history).
+				cu.Missed = true
+				if after.Seq == 0 {
+					if full, err := v.s.store.Turn(ctx, t.ID); err == nil && full.Seq == t.Seq {
+						cu = catchUpResult{From: 1, To: full.Seq, ToLen: int64(len(full.Content)), Text: []byte(full.Content)}
+					}
+				}
+			}
 			if !cu.Missed {
 				text, from, to := string(cu.Text), cu.From, cu.To
 				off := cu.ToLen - int64(len(cu.Text))

@@ -289,6 +289,35 @@ func TestSSEPastRetention(t *testing.T) {
 	if wantEnd := fmt.Sprintf(`event: end`+"\n"+`data: {"seq":%d,"status":"complete"}`, tr.Seq); !strings.Contains(rest, wantEnd) {
 		t.Fatalf("replay's end: %q, want %q", rest, wantEnd)
 	}
+
+	// Over WebSocket the same: a join that follows the turn from its
+	// start gets it whole; one from within it gets the final message in
+	// its history and the end with the turn's real last seq, never an end
+	// at the client's own seq that would pass for the whole answer.
+	for _, have := range []int64{0, 5} {
+		w := trtest.Dial(t, p.WSURL(), nil)
+		w.Send(map[string]any{"type": "join", "conversation_id": "expired", "after": map[string]any{"turn_id": tr.ID, "seq": have}, "id": "j"})
+		got := &trtest.Turn{ID: tr.ID, Seq: have}
+		var history []any
+		var endSeq int64
+		for _, f := range w.Until(wait, func(f trtest.Frame) bool { got.Apply(f); return got.Ends > 0 }) {
+			switch f.Type() {
+			case "joined":
+				history, _ = f["messages"].([]any)
+			case "turn.end":
+				endSeq = f.Int("seq")
+			}
+		}
+		if got.Status != "complete" || endSeq != tr.Seq {
+			t.Fatalf("join after %d past retention: ended %s at seq %d, want complete at %d", have, got.Status, endSeq, tr.Seq)
+		}
+		if have == 0 && got.Text.String() != tr.Text.String() {
+			t.Fatalf("join from the start past retention: %q, want %q", got.Text.String(), tr.Text.String())
+		}
+		if last, _ := history[len(history)-1].(map[string]any); last["content"] != tr.Text.String() {
+			t.Fatalf("join after %d past retention: history ends with %v", have, last)
+		}
+	}
 }
 
 // TestStalledSSEReaderIsDropped: an SSE client that stops reading is
