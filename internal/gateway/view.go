@@ -44,7 +44,7 @@ type view struct {
 	s    *Server
 	conv string
 	// user is the client's user: a turn of another owner stops the view
-	// (see revokeLocked). "" follows every turn.
+	// (see foreignLocked). "" follows every turn.
 	user string
 	out  sink
 	// ctx is the view's lifetime (the connection's): repairs stop with it.
