@@ -33,25 +33,20 @@ func (b *HourlyBudget) rollLocked() {
 }
 
 // Allow implements TokenBudget.
-func (b *HourlyBudget) Allow(user string) (bool, string) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.rollLocked()
-	if b.spent[user] >= b.limit {
-		return false, b.refusal()
-	}
-	return true, ""
-}
+func (b *HourlyBudget) Allow(user string) (bool, string) { return b.take(user, 0) }
 
 // Take implements TokenBudget.
-func (b *HourlyBudget) Take(user string) (bool, string) {
+func (b *HourlyBudget) Take(user string) (bool, string) { return b.take(user, 1) }
+
+// take charges user n tokens, or none when the budget is already used up.
+func (b *HourlyBudget) take(user string, n int) (bool, string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.rollLocked()
 	if b.spent[user] >= b.limit {
 		return false, b.refusal()
 	}
-	b.spent[user]++
+	b.spent[user] += n
 	return true, ""
 }
 
