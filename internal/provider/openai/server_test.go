@@ -38,6 +38,12 @@ func contentChunk(text string) string {
 	return `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":` + string(b) + `},"finish_reason":null}]}` + "\n\n"
 }
 
+// rawContentChunk is contentChunk with the content's JSON escapes written
+// as given, as a server that escapes per token sends them.
+func rawContentChunk(escaped string) string {
+	return `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"` + escaped + `"},"finish_reason":null}]}` + "\n\n"
+}
+
 // fakeServer is an httptest model server. Its handler runs with the request
 // body already read (so the server notices at once when the client goes
 // away) and kept in r.Body, and with the 1-based number of the request.

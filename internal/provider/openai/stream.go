@@ -87,7 +87,9 @@ type chunk struct {
 	Choices []struct {
 		Index int `json:"index"`
 		Delta struct {
-			Content string `json:"content"`
+			// The content is decoded by a pairJoiner, which mends an
+			// emoji whose escape a server split across two chunks.
+			Content json.RawMessage `json:"content"`
 			// Reasoning models stream their thinking first under one of
 			// these names; it is not emitted but shows the model is working.
 			ReasoningContent string `json:"reasoning_content"`
@@ -148,8 +150,16 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		started  bool // a token (content or reasoning) arrived
 		emitted  bool // emit was called
 		finished bool // a finish_reason arrived
+		pairs    pairJoiner
 		sse      = newSSEReader(resp.Body, maxEventBytes)
 	)
+	// end emits what the joiner still holds, once the answer is complete.
+	end := func() error {
+		if rest := pairs.flush(); rest != "" {
+			return emit(rest)
+		}
+		return nil
+	}
 	for {
 		data, err := sse.next()
 		if err != nil {
@@ -163,7 +173,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 				return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
 			}
 			if err == io.EOF && finished {
-				return res, nil, nil // a server that omits [DONE]
+				return res, nil, end() // a server that omits [DONE]
 			}
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
@@ -177,7 +187,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		if string(data) == "[DONE]" {
 			// Let the connection be reused: the body ends right after [DONE].
 			_, _ = io.CopyN(io.Discard, resp.Body, 4096)
-			return res, nil, nil
+			return res, nil, end()
 		}
 		var c chunk
 		if err := json.Unmarshal(data, &c); err != nil {
@@ -199,15 +209,19 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 				continue // we never ask for n > 1
 			}
 			d := ch.Delta
-			if d.Content != "" || d.ReasoningContent != "" || d.Reasoning != "" {
+			text, err := pairs.decode(d.Content)
+			if err != nil {
+				return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
+			}
+			if text != "" || pairs.held != "" || d.ReasoningContent != "" || d.Reasoning != "" {
 				started = true
 			}
-			if d.Content != "" {
+			if text != "" {
 				// emit may block (a slow consumer); that is not the server's
 				// silence, so the watchdog waits.
 				wd.arm(nil)
 				emitted = true
-				if err := emit(d.Content); err != nil {
+				if err := emit(text); err != nil {
 					return provider.Result{}, nil, err
 				}
 			}

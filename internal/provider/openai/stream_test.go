@@ -131,6 +131,21 @@ func TestStreamWire(t *testing.T) {
 			want:  []string{"Hel"},
 		},
 		{
+			name: "an emoji's surrogate pair split across chunks",
+			parts: []string{
+				rawContentChunk(`Hi \ud83d`), rawContentChunk(`\ude00!`),
+				rawContentChunk(`\uD83D`), rawContentChunk(`\uDE00`), // a chunk each, upper case
+				rawContentChunk(`\\ud83d`), rawContentChunk(`\ude00`), // an escaped backslash, then a lone low half
+				rawContentChunk(`\ud83d`), finishChunk, doneEvent, // a high half last
+			},
+			want: []string{"Hi ", "\U0001F600!", "\U0001F600", `\ud83d`, "\uFFFD", "\uFFFD"},
+		},
+		{
+			name:  "a high half before a chunk without one",
+			parts: []string{rawContentChunk(`a\ud83d`), rawContentChunk(`b`), doneEvent},
+			want:  []string{"a", "\uFFFDb"},
+		},
+		{
 			name:  "byte order mark",
 			parts: []string{"\xEF\xBB\xBF" + hel, doneEvent},
 			want:  []string{"Hel"},
