@@ -53,14 +53,18 @@ func (e *redactedError) Unwrap() error {
 // statusFailure reads the error response resp and says what went wrong.
 func (p *Provider) statusFailure(resp *http.Response, model string) *failure {
 	raw, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBodyBytes))
-	detail, code := errorDetail(raw)
+	detail, code := p.errorDetail(raw)
+	if detail == "" && strings.HasPrefix(resp.Header.Get("Content-Type"), "text/plain") && utf8.Valid(raw) {
+		// Some servers and proxies explain a refusal in plain text.
+		detail = p.cut(string(raw), 300)
+	}
 	st := resp.StatusCode
 	cause := fmt.Errorf("status %d", st)
 	switch {
 	case detail != "":
 		cause = fmt.Errorf("status %d: %s", st, detail)
 	case len(raw) > 0:
-		cause = fmt.Errorf("status %d: %s", st, truncate(oneLine(string(raw)), 200))
+		cause = fmt.Errorf("status %d: %s", st, p.cut(string(raw), 200))
 	}
 	f := &failure{}
 	var msg string
@@ -124,6 +128,19 @@ func (p *Provider) retryAfter(v string) time.Duration {
 	return 0
 }
 
+// errorDetail is the package's errorDetail, made fit to show: secrets
+// redacted, then cut to 300 bytes (in that order, so that no part of a
+// secret that the cut would split is left).
+func (p *Provider) errorDetail(body []byte) (detail, code string) {
+	detail, code = errorDetail(body)
+	return p.cut(detail, 300), code
+}
+
+// cut makes s one line with its secrets redacted, at most n bytes long.
+func (p *Provider) cut(s string, n int) string {
+	return truncate(p.redact(oneLine(s)), n)
+}
+
 // errorDetail extracts the message and code of an error body in any of the
 // shapes OpenAI-compatible servers use: {"error":{"message","code"}}
 // (OpenAI, Ollama /v1, llama.cpp), {"error":"..."} (Ollama native) and
@@ -155,7 +172,7 @@ func errorDetail(body []byte) (detail, code string) {
 	case json.Unmarshal(e.Error, &flat) == nil:
 		detail = flat
 	}
-	return truncate(oneLine(detail), 300), code
+	return oneLine(detail), code
 }
 
 // oneLine collapses runs of white space, so that a detail fits a log line

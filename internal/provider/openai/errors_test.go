@@ -70,6 +70,10 @@ func TestStreamStatusErrors(t *testing.T) {
 			wantMsg: "the model server rejected the request (400): This model's maximum context length is 8192 tokens. Please reduce the length.", wantRequests: 1,
 		},
 		{
+			name: "bad request in plain text shows it", status: 400, body: "Invalid value for max_tokens:\n -1\n",
+			wantMsg: "the model server rejected the request (400): Invalid value for max_tokens: -1", wantRequests: 1,
+		},
+		{
 			name: "out of quota is not retried", status: 429,
 			body:    `{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}`,
 			wantMsg: "the model server account has run out of quota (429)", wantRequests: 1,
@@ -450,10 +454,17 @@ func TestErrorDetail(t *testing.T) {
 		{"not JSON", `Bad Gateway`, "", ""},
 		{"white space", `{"error":{"message":" a\n\tb  "}}`, "a b", ""},
 		{"long", `{"error":{"message":"` + strings.Repeat("é", 400) + `"}}`, strings.Repeat("é", 150) + "…", ""},
+		// The key is redacted before the cut, which would split it.
+		{"secret across the cut", `{"error":{"message":"` + strings.Repeat("x", 290) + ` sk-secret-0123456789"}}`, strings.Repeat("x", 290) + " [redacted…", ""},
+		{"secret in a header's value", `{"error":{"message":"Incorrect API key provided: hdr-token-0123456789."}}`, "Incorrect API key provided: [redacted].", ""},
+	}
+	p, err := New(Config{BaseURL: "http://127.0.0.1:1/v1", APIKey: "sk-secret-0123456789", Headers: map[string]string{"Authorization": "Bearer hdr-token-0123456789"}})
+	if err != nil {
+		t.Fatal(err)
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			detail, code := errorDetail([]byte(tt.body))
+			detail, code := p.errorDetail([]byte(tt.body))
 			if detail != tt.wantDetail || code != tt.wantCode {
 				t.Errorf("errorDetail = %q, %q; want %q, %q", detail, code, tt.wantDetail, tt.wantCode)
 			}

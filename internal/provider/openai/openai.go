@@ -318,6 +318,11 @@ func secretsOf(cfg Config) []string {
 	p.addSecret(cfg.APIKey)
 	for _, v := range cfg.Headers {
 		p.addSecret(v)
+		// "Bearer <token>", "Basic <credentials>": a server that echoes
+		// the credential quotes the token alone.
+		if _, token, ok := strings.Cut(strings.TrimSpace(v), " "); ok {
+			p.addSecret(strings.TrimSpace(token))
+		}
 	}
 	return p.secrets
 }

@@ -194,12 +194,12 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
 		}
 		if len(c.Error) > 0 && string(c.Error) != "null" {
-			detail, _ := errorDetail(data)
+			detail, _ := p.errorDetail(data)
 			msg := "the model server reported an error"
 			if detail != "" {
 				msg += ": " + detail
 			}
-			return provider.Result{}, &failure{err: p.fail(msg, fmt.Errorf("error event: %s", truncate(string(data), 300)), false)}, nil
+			return provider.Result{}, &failure{err: p.fail(msg, fmt.Errorf("error event: %s", p.cut(string(data), 300)), false)}, nil
 		}
 		if c.Usage != nil {
 			res.Usage = &chat.Usage{PromptTokens: c.Usage.PromptTokens, CompletionTokens: c.Usage.CompletionTokens}
