@@ -123,7 +123,10 @@ func TestTrim(t *testing.T) {
 		{"latest only, no gaps", []provider.Message{u("a"), a("bbbbbbbb"), u("c")}, 3, []provider.Message{u("c")}},
 		{"trailing assistant kept with last user", []provider.Message{u("aa"), u("bb"), a("cc")}, 1, []provider.Message{u("bb"), a("cc")}},
 		{"no user message", []provider.Message{a("aa"), a("bb")}, 1, []provider.Message{a("bb")}},
-		{"untrimmed start with answer kept", []provider.Message{a("hi"), u("q")}, 10, []provider.Message{a("hi"), u("q")}},
+		// The worker loads the latest messages only, which may start with
+		// an answer whose question was not loaded.
+		{"answer at the front dropped", []provider.Message{a("hi"), u("q")}, 10, []provider.Message{u("q")}},
+		{"answer at the front dropped without a limit", []provider.Message{a("hi"), u("q"), a("r"), u("s")}, -1, []provider.Message{u("q"), a("r"), u("s")}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

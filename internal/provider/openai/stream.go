@@ -356,7 +356,15 @@ func (p *Provider) requestBody(model string, msgs []provider.Message) wireReques
 	if p.cfg.SystemPrompt != "" {
 		r.Messages = append(r.Messages, wireMessage{Role: "system", Content: p.cfg.SystemPrompt})
 	}
-	for _, m := range kept {
+	// Many chat templates (Mistral's, Gemma's) refuse two messages in a
+	// row from one role, and a question whose turn failed or was cancelled
+	// before any text has no answer stored: it is joined to the message
+	// after it, so the model still sees it.
+	for i, m := range kept {
+		if n := len(r.Messages); i > 0 && n > 0 && r.Messages[n-1].Role == m.Role {
+			r.Messages[n-1].Content += "\n\n" + m.Content
+			continue
+		}
 		r.Messages = append(r.Messages, wireMessage{Role: m.Role, Content: m.Content})
 	}
 	return r
@@ -364,11 +372,12 @@ func (p *Provider) requestBody(model string, msgs []provider.Message) wireReques
 
 // trim returns the latest messages whose content totals at most budget bytes
 // (negative: no limit). It always keeps the last user message and what
-// follows it, however large. When it drops messages it also drops assistant
-// messages left at the front, whose question is gone: some chat templates
-// require the conversation to start with a user turn.
+// follows it, however large. It also drops assistant messages at the front,
+// whose question was dropped here or was not loaded (the worker offers the
+// latest messages only): some chat templates require the conversation to
+// start with a user turn.
 func trim(msgs []provider.Message, budget int) []provider.Message {
-	if budget < 0 || len(msgs) == 0 {
+	if len(msgs) == 0 {
 		return msgs
 	}
 	keep := len(msgs) - 1
@@ -383,14 +392,12 @@ func trim(msgs []provider.Message, budget int) []provider.Message {
 		total += len(m.Content)
 	}
 	start := keep
-	for start > 0 && total+len(msgs[start-1].Content) <= budget {
+	for start > 0 && (budget < 0 || total+len(msgs[start-1].Content) <= budget) {
 		start--
 		total += len(msgs[start].Content)
 	}
-	if start > 0 {
-		for start < keep && msgs[start].Role == string(chat.RoleAssistant) {
-			start++
-		}
+	for start < keep && msgs[start].Role == string(chat.RoleAssistant) {
+		start++
 	}
 	return msgs[start:]
 }

@@ -209,6 +209,20 @@ func TestStreamRequest(t *testing.T) {
 			},
 		},
 		{
+			name: "a question left without an answer is joined to the next",
+			req: provider.Request{TurnID: "t1", Messages: []provider.Message{
+				{Role: "assistant", Content: "an answer whose question was not loaded"},
+				{Role: "user", Content: "hi"}, {Role: "assistant", Content: "hello"},
+				{Role: "user", Content: "failed"}, {Role: "user", Content: "cancelled"}, {Role: "user", Content: "again?"},
+			}},
+			wantModel: "m",
+			wantMessages: []any{
+				map[string]any{"role": "user", "content": "hi"},
+				map[string]any{"role": "assistant", "content": "hello"},
+				map[string]any{"role": "user", "content": "failed\n\ncancelled\n\nagain?"},
+			},
+		},
+		{
 			name:      "requested model",
 			edit:      func(c *Config) { c.Models = []string{"big"} },
 			req:       provider.Request{TurnID: "t1", Model: "big", Messages: []provider.Message{{Role: "user", Content: "hi"}}},
