@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptrace"
+	"strings"
 	"sync"
 	"time"
 
@@ -144,6 +145,20 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		}
 		return provider.Result{}, f, nil
 	}
+	if isJSON(resp.Header.Get("Content-Type")) {
+		// A server (or a proxy) that ignored "stream": true, or that
+		// reports an error with a 200.
+		res, f := p.wholeAnswer(resp.Body)
+		if f != nil {
+			return provider.Result{}, f, nil
+		}
+		if res.text != "" {
+			if err := emit(res.text); err != nil {
+				return provider.Result{}, nil, err
+			}
+		}
+		return res.Result, nil, nil
+	}
 
 	var (
 		res      provider.Result
@@ -166,14 +181,16 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			if ctx.Err() != nil {
 				return provider.Result{}, nil, ctx.Err()
 			}
+			if finished {
+				// The answer is complete: a server that omits [DONE] and
+				// closes, or keeps the response open past trailerWait.
+				return res, nil, end()
+			}
 			if f := p.timeoutFailure(actx, err); f != nil {
 				return provider.Result{}, f, nil
 			}
 			if errors.Is(err, errEventTooLarge) {
 				return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
-			}
-			if err == io.EOF && finished {
-				return res, nil, end() // a server that omits [DONE]
 			}
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
@@ -185,7 +202,10 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			return provider.Result{}, &failure{err: p.fail(msg, err, false), retry: true}, nil
 		}
 		if string(data) == "[DONE]" {
-			// Let the connection be reused: the body ends right after [DONE].
+			// Let the connection be reused: the body ends right after
+			// [DONE]. A server that keeps it open is given trailerWait,
+			// then the connection is closed.
+			wd.arm(&timeoutError{phase: phaseIdle, after: trailerWait})
 			_, _ = io.CopyN(io.Discard, resp.Body, 4096)
 			return res, nil, end()
 		}
@@ -229,10 +249,77 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 				finished = true
 			}
 		}
-		if started {
+		switch {
+		case finished:
+			// Only the usage (or [DONE]) may follow, at once.
+			wd.arm(&timeoutError{phase: phaseIdle, after: trailerWait})
+		case started:
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.cfg.IdleTimeout})
 		}
 	}
+}
+
+// trailerWait is how long a stream may stay open after its answer is
+// complete (a finish_reason, or [DONE]) before the connection is closed.
+const trailerWait = time.Second
+
+// isJSON reports whether a response's Content-Type is JSON, not the
+// event stream that was asked for.
+func isJSON(contentType string) bool {
+	mt, _, _ := strings.Cut(contentType, ";")
+	mt = strings.ToLower(strings.TrimSpace(mt))
+	return mt == "application/json" || strings.HasSuffix(mt, "+json")
+}
+
+// whole is an answer that came as one chat.completion.
+type whole struct {
+	provider.Result
+	text string
+}
+
+// wholeAnswer reads a JSON response to a streaming request: a whole
+// chat.completion, whose text is the answer, or an error object. It is not
+// retried either way: a retry would only make the server answer again.
+func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
+	raw, err := io.ReadAll(io.LimitReader(body, maxEventBytes+1))
+	if err != nil {
+		return whole{}, &failure{err: p.fail("the connection to the model server was lost before it answered", err, false)}
+	}
+	if len(raw) > maxEventBytes {
+		return whole{}, &failure{err: p.fail(msgMalformed, errEventTooLarge, false)}
+	}
+	if detail, _ := p.errorDetail(raw); detail != "" {
+		return whole{}, &failure{err: p.fail("the model server reported an error: "+detail, fmt.Errorf("status 200: %s", detail), false)}
+	}
+	var c struct {
+		Choices []struct {
+			Index   int `json:"index"`
+			Message *struct {
+				Content string `json:"content"`
+			} `json:"message"`
+		} `json:"choices"`
+		Usage *struct {
+			PromptTokens     int `json:"prompt_tokens"`
+			CompletionTokens int `json:"completion_tokens"`
+		} `json:"usage"`
+	}
+	if err := json.Unmarshal(raw, &c); err != nil {
+		return whole{}, &failure{err: p.fail(msgMalformed, err, false)}
+	}
+	var w whole
+	found := false
+	for _, ch := range c.Choices {
+		if ch.Index == 0 && ch.Message != nil {
+			w.text, found = ch.Message.Content, true
+		}
+	}
+	if !found {
+		return whole{}, &failure{err: p.fail(msgMalformed, fmt.Errorf("a JSON answer without choices[0].message: %s", p.cut(string(raw), 200)), false)}
+	}
+	if c.Usage != nil {
+		w.Usage = &chat.Usage{PromptTokens: c.Usage.PromptTokens, CompletionTokens: c.Usage.CompletionTokens}
+	}
+	return w, nil
 }
 
 // timeoutFailure returns the failure for err when the watchdog cancelled

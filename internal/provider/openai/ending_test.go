@@ -1,0 +1,116 @@
+package openai
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/provider"
+)
+
+// A server that ignores "stream": true answers with one chat.completion:
+// its text is the answer, and the request is made once.
+func TestStreamJSONAnswer(t *testing.T) {
+	tests := []struct {
+		name      string
+		body      string
+		want      []string
+		wantUsage *chat.Usage
+		wantErr   string
+	}{
+		{
+			name:      "a whole completion",
+			body:      `{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there."},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":3}}`,
+			want:      []string{"Hello there."},
+			wantUsage: &chat.Usage{PromptTokens: 4, CompletionTokens: 3},
+		},
+		{
+			name:    "an error with status 200",
+			body:    `{"error":{"message":"The model is overloaded","type":"server_error"}}`,
+			wantErr: "the model server reported an error: The model is overloaded",
+		},
+		{
+			name:    "neither",
+			body:    `{"object":"list","data":[]}`,
+			wantErr: msgMalformed,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+				w.Header().Set("Content-Type", "application/json; charset=utf-8")
+				_, _ = io.WriteString(w, tt.body)
+			})
+			f := newFixture(t, srv.baseURL(), nil)
+			got, res, err := f.stream(t)
+			if tt.wantErr != "" {
+				var pe *provider.Error
+				if !errors.As(err, &pe) || pe.Message != tt.wantErr {
+					t.Fatalf("Stream error %v, want %q", err, tt.wantErr)
+				}
+			} else if err != nil {
+				t.Fatalf("Stream: %v", err)
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("emitted %q, want %q", got, tt.want)
+			}
+			if !equalUsage(res.Usage, tt.wantUsage) {
+				t.Errorf("usage %+v, want %+v", res.Usage, tt.wantUsage)
+			}
+			if n := srv.requests.Load(); n != 1 {
+				t.Errorf("%d requests, want 1", n)
+			}
+		})
+	}
+}
+
+// A complete answer ends the turn although the server keeps the response
+// open: after [DONE], or after a finish_reason without [DONE]. The
+// timeouts are lifted, so only the answer's end can end the stream.
+func TestStreamEndsWithoutTheServerClosing(t *testing.T) {
+	tests := []struct {
+		name  string
+		parts []string
+	}{
+		{"after [DONE]", []string{contentChunk("Hi"), finishChunk, usageChunk, doneEvent}},
+		{"after finish_reason and usage", []string{contentChunk("Hi"), finishChunk, usageChunk}},
+		{"after finish_reason alone", []string{contentChunk("Hi"), finishChunk}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			closed := make(chan struct{})
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+				writeSSE(t, w, tt.parts...)
+				<-r.Context().Done() // until the client closes the connection
+				close(closed)
+			})
+			f := newFixture(t, srv.baseURL(), func(c *Config) {
+				c.IdleTimeout = -1
+				c.FirstTokenTimeout = -1
+			})
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			var got []string
+			_, err := f.p.Stream(ctx, provider.Request{TurnID: "t1", Messages: []provider.Message{{Role: "user", Content: "hello"}}}, func(s string) error {
+				got = append(got, s)
+				return nil
+			})
+			if err != nil {
+				t.Fatalf("Stream: %v (the answer was complete)", err)
+			}
+			if !slices.Equal(got, []string{"Hi"}) {
+				t.Errorf("emitted %q, want [Hi]", got)
+			}
+			select {
+			case <-closed:
+			case <-ctx.Done():
+				t.Fatal("the lingering response was never closed")
+			}
+		})
+	}
+}
