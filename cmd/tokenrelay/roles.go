@@ -53,7 +53,7 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	}
 	defer closeBackends()
 	reg := newRegistry()
-	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, nil), b, st, a)
+	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, nil, a.Dev()), b, st, a)
 	srv, httpDone := serveHTTP(ln, gw, log)
 	log.Info("listening", "addr", ln.Addr().String())
 	fmt.Fprintf(stdout, "tokenrelay gateway %s listening on http://%s\n", version, ln.Addr())

@@ -229,7 +229,7 @@ func newRegistry() *prometheus.Registry {
 	return reg
 }
 
-func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowed func(string) bool, probes map[string]func(context.Context) error) gateway.Config {
+func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowed func(string) bool, probes map[string]func(context.Context) error, dev bool) gateway.Config {
 	// The node's name in health answers: its host and process, which
 	// stay unique when several gateways share a host (--addr :0 does not).
 	hostname, _ := os.Hostname()
@@ -238,6 +238,9 @@ func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowe
 		ModelAllowed: allowed, DeltaTimestamps: c.DeltaTimestamps, CancelWait: c.CancelWait,
 		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, QuietCheck: c.QuietCheck, WriteTimeout: c.WriteTimeout, ReadyProbes: probes,
 		Static: web.Static(), NodeID: fmt.Sprintf("%s-%d", hostname, os.Getpid()), Logger: log, Registry: reg, Gatherer: reg,
+		// Dev mode on a loopback address trusts whoever can reach it, which
+		// a rebound name would extend to any web page.
+		LoopbackHostsOnly: dev && auth.IsLoopback(c.Addr),
 	}
 }
 

@@ -25,6 +25,7 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/auth"
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
 	"github.com/tokenrelay/tokenrelay/internal/store"
 )
 
@@ -34,6 +35,12 @@ type Config struct {
 	// AllowedOrigins lists the origins allowed to open /v1/ws besides the
 	// server's own (see auth.OriginAllowed).
 	AllowedOrigins []string
+	// LoopbackHostsOnly refuses requests whose Host is not a loopback name
+	// (localhost, *.localhost, 127.0.0.0/8, ::1). Set for dev mode on a
+	// loopback address: a web page whose own name an attacker rebinds to
+	// 127.0.0.1 (DNS rebinding) is the same origin as itself, so the Origin
+	// check passes, but its requests carry that name as their Host.
+	LoopbackHostsOnly bool
 	// CompatOrigins lists the origins allowed on the compatibility paths
 	// (/ws/chat, /api/…); empty allows any, as COMPAT.md says.
 	CompatOrigins []string
@@ -226,6 +233,10 @@ func (s *Server) now() time.Time { return s.cfg.Now() }
 // have) gets the API's JSON error, 404 or 405, rather than the plain text
 // of net/http or the web page's file server.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.LoopbackHostsOnly && !loopbackHost(r.Host) {
+		writeError(w, protocol.Errorf(protocol.CodeForbidden, "this development server answers only requests for localhost or a loopback address, not "+quote(r.Host)))
+		return
+	}
 	if isAPIPath(r.URL.Path) {
 		if !canonical(r.URL.EscapedPath()) {
 			// net/http would redirect to the cleaned path, which names
@@ -239,6 +250,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// loopbackHost reports whether a Host header names this machine by a
+// loopback name or address, which no other site's page can be served under.
+// An empty Host (HTTP/1.0) comes from no browser.
+func loopbackHost(host string) bool {
+	if host == "" || auth.IsLoopback(host) {
+		return true
+	}
+	name := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		name = h
+	}
+	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	return name == "localhost" || strings.HasSuffix(name, ".localhost")
 }
 
 // isAPIPath reports whether path belongs to the API of PROTOCOL.md.

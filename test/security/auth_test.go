@@ -1,6 +1,8 @@
 package security_test
 
 import (
+	"context"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -323,6 +325,50 @@ func TestDevModeRule(t *testing.T) {
 		}
 		if strings.Contains(p.Stderr(), "DEV MODE") {
 			t.Fatal("loopback dev mode warned as if it were public")
+		}
+	})
+	t.Run("dev mode answers loopback host names only", func(t *testing.T) {
+		// A page whose name an attacker rebinds to 127.0.0.1 is its own
+		// origin, so only the Host it sends tells it from the web page.
+		t.Parallel()
+		p := trtest.Serve(t)
+		port := p.URL[strings.LastIndex(p.URL, ":")+1:]
+		for host, want := range map[string]int{
+			"attacker.example:" + port:    http.StatusForbidden,
+			"127.0.0.1.nip.io:" + port:    http.StatusForbidden,
+			"localhost.evil.test:" + port: http.StatusForbidden,
+			"127.0.0.1:" + port:           http.StatusOK,
+			"localhost:" + port:           http.StatusOK,
+			"app.localhost:" + port:       http.StatusOK,
+			"[::1]:" + port:               http.StatusOK,
+		} {
+			for _, path := range []string{"/v1/conversations", "/"} {
+				req, err := http.NewRequest("GET", p.URL+path, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				req.Host = host
+				req.Header.Set("Origin", "http://"+host)
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatalf("GET %s with Host %s: %v", path, host, err)
+				}
+				resp.Body.Close()
+				if resp.StatusCode != want {
+					t.Errorf("GET %s with Host %s: %d, want %d", path, host, resp.StatusCode, want)
+				}
+			}
+		}
+		h := http.Header{"Origin": {"http://attacker.example:" + port}}
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		defer cancel()
+		ws, resp, err := websocket.Dial(ctx, p.WSURL(), &websocket.DialOptions{HTTPHeader: h, Host: "attacker.example:" + port})
+		if err == nil {
+			ws.CloseNow()
+			t.Fatal("a WebSocket for a rebound name was accepted")
+		}
+		if resp == nil || resp.StatusCode != http.StatusForbidden {
+			t.Fatalf("WebSocket for a rebound name: %v, %v", resp, err)
 		}
 	})
 	t.Run("loopback with a key is not dev", func(t *testing.T) {
