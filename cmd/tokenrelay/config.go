@@ -261,14 +261,21 @@ func splitList(s string) []string {
 }
 
 func readPEM(v string) ([]byte, error) {
-	if strings.HasPrefix(strings.TrimSpace(v), "-----BEGIN") {
-		return []byte(v), nil
+	if i := strings.Index(v, "-----BEGIN"); i >= 0 {
+		// PEM, maybe after a header such as openssl's "Bag Attributes";
+		// the key parser refuses a private key without echoing it.
+		return []byte(v[i:]), nil
 	}
 	b, err := os.ReadFile(v)
-	if err != nil {
-		return nil, fmt.Errorf("read --jwt-public-key: %w", err)
+	if err == nil {
+		return b, nil
 	}
-	return b, nil
+	// A value that does not look like a path may be a key pasted without
+	// its armour, perhaps a private one: the error must not repeat it.
+	if strings.ContainsAny(v, "\r\n") || len(v) > 255 || !strings.ContainsAny(v, "/.\\") {
+		return nil, errors.New("read --jwt-public-key: the value is neither a PEM key (-----BEGIN PUBLIC KEY-----) nor the path of a readable file")
+	}
+	return nil, fmt.Errorf("read --jwt-public-key: %w", err)
 }
 
 // load parses a subcommand's flags and environment into a config and

@@ -415,6 +415,9 @@ func TestDevModeRule(t *testing.T) {
 		{"public address, dev off by env", []string{"--addr", "0.0.0.0:0"}, []string{"TOKENRELAY_DEV=false"}, "no JWT secret or public key"},
 		{"unreadable public key", []string{"--jwt-public-key", "/nonexistent/key.pem"}, nil, "jwt-public-key"},
 		{"private key as public key", []string{"--jwt-public-key", "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"}, nil, "not a public key"},
+		// Neither is echoed: the check below looks for "MIIEvQIBADAN".
+		{"private key after openssl's attributes", []string{"--jwt-public-key", "Bag Attributes\n    localKeyID: 01 00\n-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----\n"}, nil, "not a public key"},
+		{"private key without its armour", nil, []string{"TOKENRELAY_JWT_PUBLIC_KEY=MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7"}, "neither a PEM key"},
 	}
 	for _, tt := range refuse {
 		t.Run("refuses: "+tt.name, func(t *testing.T) {
@@ -433,6 +436,9 @@ func TestDevModeRule(t *testing.T) {
 			last := lines[len(lines)-1]
 			if !strings.HasPrefix(last, "tokenrelay:") || !strings.Contains(last, tt.want) {
 				t.Fatalf("last line %q, want a one-line reason with %q", last, tt.want)
+			}
+			if strings.Contains(out, "MIIEvQIBADAN") {
+				t.Fatalf("the key was echoed:\n%s", out)
 			}
 		})
 	}
