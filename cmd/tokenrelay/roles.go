@@ -37,7 +37,7 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	if err != nil {
 		return err
 	}
-	stopDebug, err := startDebug(c.DebugAddr, log)
+	stopDebug, err := startDebug(c.DebugAddr, log, stderr)
 	if err != nil {
 		return fmt.Errorf("debug server: %w", err)
 	}

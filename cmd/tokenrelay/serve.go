@@ -33,7 +33,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	if err != nil {
 		return err
 	}
-	stopDebug, err := startDebug(c.DebugAddr, log)
+	stopDebug, err := startDebug(c.DebugAddr, log, stderr)
 	if err != nil {
 		return fmt.Errorf("debug server: %w", err)
 	}
@@ -64,11 +64,17 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		if err := os.MkdirAll(natsDir, 0o755); err != nil {
 			return fmt.Errorf("nats store: %w", err)
 		}
+		if c.NATSListen != "" {
+			warnUnauthenticated("--nats-listen", c.NATSListen, "the embedded NATS server (every conversation's text)", log, stderr)
+		}
 		emb, err = bus.StartEmbedded(bus.EmbeddedConfig{StoreDir: natsDir, Listen: c.NATSListen})
 		if err != nil {
 			return err
 		}
 		defer emb.Shutdown()
+		if a := emb.Server.Addr(); a != nil {
+			log.Info("nats listening", "addr", a.String())
+		}
 	}
 	gwNC, err := connect(&c, emb, "tokenrelay-gateway", log)
 	if err != nil {

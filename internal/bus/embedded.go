@@ -3,6 +3,7 @@ package bus
 import (
 	"errors"
 	"fmt"
+	"net"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -47,6 +48,17 @@ func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
 			host, port, err := splitHostPort(cfg.Listen)
 			if err != nil {
 				return nil, err
+			}
+			if port == 0 {
+				port = server.RANDOM_PORT // as for --addr, :0 picks a free port
+			} else {
+				// The server would only log a port in use (and never get
+				// ready): say it now.
+				ln, err := net.Listen("tcp", cfg.Listen)
+				if err != nil {
+					return nil, fmt.Errorf("start nats: %w", err)
+				}
+				ln.Close()
 			}
 			opts.Host, opts.Port = host, port
 		}
