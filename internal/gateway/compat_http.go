@@ -179,13 +179,13 @@ func (cp *compat) owner(ctx context.Context, c compatCaller, conv string) (owner
 func (cp *compat) resolveTurn(ctx context.Context, conv, id string) (chat.Turn, error) {
 	st := cp.s.store
 	t, err := st.Turn(ctx, id)
-	if err == nil {
-		if t.ConversationID != conv {
-			return chat.Turn{}, chat.ErrNotFound
-		}
+	if err == nil && t.ConversationID == conv {
 		return t, nil
 	}
-	if !errors.Is(err, chat.ErrNotFound) {
+	// A turn of another conversation with this id (ids are chosen by
+	// clients, and other users' are not secrets) must not hide the user
+	// message id of this one.
+	if err != nil && !errors.Is(err, chat.ErrNotFound) {
 		return chat.Turn{}, err
 	}
 	m, err := st.Message(ctx, conv, id)

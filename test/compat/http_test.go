@@ -89,6 +89,12 @@ func TestCancelByUserMessageID(t *testing.T) {
 	p := serve(t)
 	c := page(t, p, "early", "demo_user")
 	userID := sendChat(t, p, "early", "demo_user", "[sim tokens=50 delay_ms=20000] slow to start")
+	// Another user's turn in another conversation, given the same id
+	// (ids are chosen by clients), does not stand in its way.
+	m := trtest.Dial(t, p.WSURL(), nil)
+	m.Join("mallory-conv", nil)
+	m.Send(map[string]any{"type": "send", "id": "s1", "conversation_id": "mallory-conv", "turn_id": userID, "text": "[sim tokens=5000 rate=20] hers"})
+	m.Until(wait, func(f trtest.Frame) bool { return f.Type() == "turn.start" })
 	code, body, _ := call(t, "POST", p.URL+"/cancel", map[string]any{"session_id": "early", "message_id": userID}, nil)
 	if code != 200 || body["status"] != "cancelled" || body["message_id"] != userID {
 		t.Fatalf("POST /cancel = %d %v", code, body)
