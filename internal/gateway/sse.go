@@ -198,7 +198,7 @@ func (s *Server) handleSSE() http.Handler {
 			writeError(w, badRequest("Last-Event-ID / after must be a delta seq"))
 			return
 		}
-		after = max(after, q)
+		after = min(max(after, q), protocol.MaxSeq)
 		// The turn's head: its text is read from the store only when the
 		// bus no longer has it (a long answer need not be held twice).
 		ctx, cancel := s.reqCtx(r)

@@ -51,6 +51,11 @@ const (
 	MaxHistory     = 500
 )
 
+// MaxSeq is the largest delta seq a cursor means as given: JavaScript's
+// largest exact integer. A larger after.seq (or SSE Last-Event-ID) is read
+// as MaxSeq, which is past the end of every turn as well.
+const MaxSeq = 1<<53 - 1
+
 // DecodeError is a frame that could not be accepted; ID is the frame's id
 // when it could be read, so the error can be matched to the request.
 type DecodeError struct {
@@ -116,6 +121,8 @@ func DecodeClient(data []byte) (ClientFrame, error) {
 			if f.After.Seq < 0 {
 				return bad("after.seq must not be negative")
 			}
+			// Past every turn's end all the same, and no sum overflows.
+			f.After.Seq = min(f.After.Seq, MaxSeq)
 		}
 	case TypeLeave:
 		if err := checkID("conversation_id", f.ConversationID, true); err != nil {

@@ -62,6 +62,18 @@ func TestDecodeClient(t *testing.T) {
 	}
 }
 
+// A cursor past any possible seq is read as MaxSeq, so that no seq+1
+// computed from it overflows.
+func TestDecodeClientHugeAfter(t *testing.T) {
+	f, err := DecodeClient([]byte(`{"type":"join","conversation_id":"c","after":{"turn_id":"t","seq":9223372036854775807}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.After.Seq != MaxSeq {
+		t.Fatalf("after.seq %d, want %d", f.After.Seq, MaxSeq)
+	}
+}
+
 func TestAppendJSONStringMatchesEncodingJSON(t *testing.T) {
 	tests := []string{"", "plain", `quote " and \ slash`, "line\nbreak\ttab\r", "ctrl \x00\x01\x1f",
 		"unicode héllo ✓ 🎉", "invalid \xff\xfe utf8", "line sep \u2028 para \u2029", "<script>&amp;</script>"}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -436,6 +437,27 @@ func TestSSE(t *testing.T) {
 	}
 	if code := trtest.Get(t, p.URL+"/v1/turns/"+tr.ID+"/events?after=x", nil); code != 400 {
 		t.Fatalf("bad after: %d", code)
+	}
+	// A cursor past every seq, however far, gets the end alone, on SSE
+	// and on a WebSocket join; past 2^53-1 it is read as that.
+	resp, err := http.Get(p.URL + "/v1/turns/" + tr.ID + "/events?after=9223372036854775807")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || strings.Contains(string(body), "event: delta") || !strings.Contains(string(body), `"seq":9007199254740991,`) {
+		t.Fatalf("SSE after the largest int64: %v\n%s", err, body)
+	}
+	c2 := trtest.Dial(t, p.WSURL(), nil)
+	j := c2.Join("sse", map[string]any{"after": map[string]any{"turn_id": tr.ID, "seq": int64(math.MaxInt64)}})
+	if from, ok := j.Obj("active")["from"].(float64); ok && from < 0 {
+		t.Fatalf("joined after the largest int64: %v", j)
+	}
+	for _, f := range c2.Until(wait, func(f trtest.Frame) bool { return f.Type() == "turn.end" }) {
+		if f.Type() == "turn.delta" || f.Type() == "turn.end" && f.Int("seq") != 1<<53-1 {
+			t.Fatalf("after the largest int64: %v", f)
+		}
 	}
 }
 
