@@ -121,6 +121,10 @@ var (
 	ErrForbidden    = errors.New("forbidden")
 	ErrConflict     = errors.New("conflict")
 	ErrTooManyTurns = errors.New("too many turns running")
+	// ErrUnavailable marks a store that could not be reached (its server
+	// down or restarting): worth trying again, unlike a failure of the
+	// request itself.
+	ErrUnavailable = errors.New("the store is unavailable")
 )
 
 // TurnActiveError is returned when a conversation already has a turn that is

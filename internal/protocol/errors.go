@@ -89,6 +89,8 @@ func AsError(err error) *Error {
 		return &Error{Code: CodeBadRequest, Message: "turn_id is already used by another turn", Err: err}
 	case errors.Is(err, chat.ErrTooManyTurns):
 		return &Error{Code: CodeRateLimited, Message: "too many turns running at once", RetryAfterMS: 1000, Err: err}
+	case errors.Is(err, chat.ErrUnavailable):
+		return &Error{Code: CodeUnavailable, Message: "the history store is unavailable; try again shortly", Err: err}
 	case errors.Is(err, context.DeadlineExceeded):
 		return &Error{Code: CodeUnavailable, Message: "the service did not answer in time", Err: err}
 	}

@@ -33,14 +33,14 @@ func (s *DB) deleteConversation(ctx context.Context, id, owner string) error {
 		)
 		SELECT EXISTS (SELECT 1 FROM gone)`, id, owner, time.Now().UnixMilli()).Scan(&deleted)
 	if err != nil {
-		return err
+		return unreachable(err)
 	}
 	if deleted {
 		return nil
 	}
 	var exists bool
 	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)`, id).Scan(&exists); err != nil {
-		return err
+		return unreachable(err)
 	}
 	if exists {
 		return chat.ErrForbidden

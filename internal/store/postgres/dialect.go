@@ -3,13 +3,18 @@ package postgres
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
+	"net"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlstore"
 )
 
@@ -27,13 +32,13 @@ type conn struct{ c pgxConn }
 var _ sqlstore.Queryer = conn{}
 
 func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Scanner {
-	return c.c.QueryRow(ctx, rebind(query), args...)
+	return pgxRow{c.c.QueryRow(ctx, rebind(query), args...)}
 }
 
 func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
 	rows, err := c.c.Query(ctx, rebind(query), args...)
 	if err != nil {
-		return nil, err
+		return nil, unreachable(err)
 	}
 	return pgxRows{rows}, nil
 }
@@ -41,10 +46,15 @@ func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Ro
 func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
 	tag, err := c.c.Exec(ctx, rebind(query), args...)
 	if err != nil {
-		return 0, err
+		return 0, unreachable(err)
 	}
 	return tag.RowsAffected(), nil
 }
+
+// pgxRow marks the Scan error of a server that could not be reached.
+type pgxRow struct{ pgx.Row }
+
+func (r pgxRow) Scan(dest ...any) error { return unreachable(r.Row.Scan(dest...)) }
 
 // pgxRows gives pgx.Rows the Close of [sqlstore.Rows]; its errors come from
 // Err.
@@ -53,6 +63,33 @@ type pgxRows struct{ pgx.Rows }
 func (r pgxRows) Close() error {
 	r.Rows.Close()
 	return nil
+}
+
+func (r pgxRows) Err() error { return unreachable(r.Rows.Err()) }
+
+// unreachable adds chat.ErrUnavailable to an error that says the server
+// could not be reached or went away (down, restarting, the network), so
+// that clients are told to try again rather than of an internal error.
+func unreachable(err error) error {
+	if err == nil || errors.Is(err, chat.ErrUnavailable) ||
+		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err // the caller's own end (also a net.Error)
+	}
+	var (
+		ce *pgconn.ConnectError
+		ne net.Error
+		pe *pgconn.PgError
+	)
+	switch {
+	case errors.As(err, &ce), errors.As(err, &ne), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET), pgconn.SafeToRetry(err):
+	case errors.As(err, &pe) && (strings.HasPrefix(pe.Code, "08") || strings.HasPrefix(pe.Code, "57P")):
+		// connection_exception; admin_shutdown, crash_shutdown,
+		// cannot_connect_now (the server starting or stopping)
+	default:
+		return err
+	}
+	return fmt.Errorf("%w: %w", chat.ErrUnavailable, err)
 }
 
 // rebind numbers the ? placeholders of query outside single-quoted literals
@@ -91,7 +128,7 @@ var _ sqlstore.Dialect = dialect{}
 func (d dialect) InTx(ctx context.Context, fn func(context.Context, sqlstore.Queryer) error) error {
 	t, err := d.pool.Begin(ctx)
 	if err != nil {
-		return err
+		return unreachable(err)
 	}
 	if err := fn(ctx, conn{t}); err != nil {
 		// Rolled back even when ctx is done, so that the connection goes
@@ -99,7 +136,7 @@ func (d dialect) InTx(ctx context.Context, fn func(context.Context, sqlstore.Que
 		_ = t.Rollback(context.WithoutCancel(ctx))
 		return err
 	}
-	return t.Commit(ctx)
+	return unreachable(t.Commit(ctx))
 }
 
 // LockConversation makes concurrent sends to one conversation queue on its
