@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs trbench against a fresh tokenrelay: builds the server (of the work
-# tree, or of REV), starts it on a free loopback port with a new data dir,
-# runs trbench with the given arguments, stops the server.
+# tree, or of REV), starts it on 127.0.0.1:TRBENCH_PORT (default 18282; it
+# stops if that port is taken, rather than measure another server) with a
+# new data dir, runs trbench with the given arguments, stops the server.
 #
 #   bench/run.sh [-r REV | -b BINARY] [-f "server flags"] [-p PROFILE_PREFIX] -- trbench args...
 #
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do
 	-b) bin="$2"; shift 2 ;;
 	-f) extra="$2"; shift 2 ;;
 	-p) prof="$2"; shift 2 ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 	--) shift; break ;;
 	*) break ;;
 	esac
@@ -67,6 +69,10 @@ while [ "$waited" -lt "${TRBENCH_QUIET_WAIT:-300}" ]; do
 	waited=$((waited + 2))
 done
 port=${TRBENCH_PORT:-18282}
+if curl -s -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null; then
+	echo "bench/run.sh: something already listens on 127.0.0.1:$port; stop it or set TRBENCH_PORT" >&2
+	exit 1
+fi
 profargs=()
 if [ -n "$prof" ]; then
 	extra="$extra --debug-addr 127.0.0.1:$((port + 1))"
@@ -78,6 +84,11 @@ ${TRBENCH_SERVER_ENV:+env $TRBENCH_SERVER_ENV} "$work/tokenrelay" serve --addr "
 pid=$!
 for _ in $(seq 100); do
 	curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+	if ! kill -0 "$pid" 2>/dev/null; then
+		echo "bench/run.sh: the server exited before it was ready:" >&2
+		tail -20 "$work/server.log" >&2
+		exit 1
+	fi
 	sleep 0.1
 done
 echo "server $commit pid $pid: tokenrelay serve $extra" >&2
