@@ -56,7 +56,7 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, nil, a.Dev()), b, st, a)
 	srv, httpDone := serveHTTP(ln, gw, log)
 	log.Info("listening", "addr", ln.Addr().String())
-	fmt.Fprintf(stdout, "tokenrelay gateway %s listening on http://%s\n", version, ln.Addr())
+	fmt.Fprintf(stdout, "tokenrelay gateway (version %s) listening on http://%s\n", version, ln.Addr())
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -109,7 +109,7 @@ func runWorker(ctx context.Context, args []string, getenv func(string) string, s
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	srv, _ := serveHTTP(ln, mux, log)
-	fmt.Fprintf(stdout, "tokenrelay worker %s running, metrics listening on http://%s\n", version, ln.Addr())
+	fmt.Fprintf(stdout, "tokenrelay worker (version %s) running, metrics listening on http://%s\n", version, ln.Addr())
 	err = w.Run(ctx)
 	_ = srv.Close()
 	return err

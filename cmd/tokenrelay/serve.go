@@ -139,7 +139,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 
 	srv, httpDone := serveHTTP(ln, gw, log)
 	log.Info("listening", "addr", ln.Addr().String(), "provider", c.Provider, "dev", a.Dev())
-	fmt.Fprintf(stdout, "tokenrelay %s listening on http://%s\n", version, ln.Addr())
+	fmt.Fprintf(stdout, "tokenrelay serve (version %s) listening on http://%s\n", version, ln.Addr())
 
 	var runErr error
 	select {
