@@ -56,6 +56,10 @@ type Identity struct {
 	// in dev mode. It always matches ^[A-Za-z0-9_.:@-]{1,128}$, so it is safe
 	// to embed in ids, bus subjects and logs.
 	UserID string
+	// Expires is when the token stops being accepted (its exp plus the
+	// leeway); zero when there is no token or it has no exp. A connection
+	// opened with the token is closed then.
+	Expires time.Time
 }
 
 // DevUserID is the user of requests accepted without a token in dev mode.
@@ -93,6 +97,7 @@ type Authenticator struct {
 	rsaKey *rsa.PublicKey   // nil unless RS256 is enabled
 	ecKey  *ecdsa.PublicKey // nil unless ES256 is enabled
 	parser *jwt.Parser
+	leeway time.Duration
 }
 
 // New returns an Authenticator for cfg. It fails when PublicKeyPEM cannot be
@@ -158,6 +163,7 @@ func New(cfg Config) (*Authenticator, error) {
 		opts = append(opts, jwt.WithAudience(cfg.Audience))
 	}
 	a.parser = jwt.NewParser(opts...)
+	a.leeway = leeway
 	return a, nil
 }
 
@@ -216,7 +222,11 @@ func (a *Authenticator) Verify(token string) (Identity, error) {
 	if !validUserID(claims.Subject) {
 		return Identity{}, &tokenError{reason: "sub claim does not match ^[A-Za-z0-9_.:@-]{1,128}$"}
 	}
-	return Identity{UserID: claims.Subject}, nil
+	id := Identity{UserID: claims.Subject}
+	if claims.ExpiresAt != nil {
+		id.Expires = claims.ExpiresAt.Add(a.leeway)
+	}
+	return id, nil
 }
 
 // key is the jwt.Keyfunc. The parser has already checked the algorithm

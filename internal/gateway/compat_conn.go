@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/coder/websocket"
 
@@ -515,6 +516,15 @@ func (cp *compat) handleWS() http.Handler {
 			c := &compatConn{
 				s: s, cp: cp, ws: ws, raw: raw, user: id.UserID, conv: session, q: oq,
 				ctx: ctx, cancel: cancel, turns: make(map[string]*compatTurn),
+			}
+			if !id.Expires.IsZero() {
+				// As a native socket: closed when its token expires, with
+				// the compat refusal's code.
+				t := time.AfterFunc(time.Until(id.Expires), func() {
+					s.m.authFailures.WithLabelValues("expired").Inc()
+					c.closeWith(closeCompatRejected, "token expired")
+				})
+				defer t.Stop()
 			}
 			c.run()
 		})

@@ -481,6 +481,16 @@ func (s *Server) handleWS() http.Handler {
 				s: s, ws: ws, raw: raw, user: id.UserID, q: q,
 				ctx: ctx, cancel: cancel, views: make(map[string]*view),
 			}
+			if !id.Expires.IsZero() {
+				// A token is checked when the socket opens; the socket
+				// must not outlive it (a stolen token's reach ends with
+				// its exp). The client reconnects with a fresh one.
+				t := time.AfterFunc(time.Until(id.Expires), func() {
+					s.m.authFailures.WithLabelValues("expired").Inc()
+					c.closeWith(closeUnauthorized, "token expired")
+				})
+				defer t.Stop()
+			}
 			c.run()
 		})
 	})

@@ -472,3 +472,27 @@ func runWithTimeout(cmd *exec.Cmd, d time.Duration) (string, error) {
 		return out.String(), nil
 	}
 }
+
+// A socket does not outlive its token: it is closed with 4001 when the
+// token's exp (plus the 30 s leeway) passes, and a fresh token opens a new
+// one. The token here expired 28 s ago, so it is still accepted and the
+// socket closes about 2 s after it opens.
+func TestTokenExpiresOnOpenSocket(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t)
+	now := time.Now()
+	claims := jwt.MapClaims{"sub": "alice", "iat": now.Add(-time.Hour).Unix(), "exp": now.Add(-28 * time.Second).Unix()}
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: sign(t, jwt.SigningMethodHS256, []byte(secret), claims)})
+	c.Join("expiring", nil)
+	select {
+	case <-c.Done():
+	case <-time.After(wait):
+		t.Fatal("the socket outlived its token")
+	}
+	if code := c.CloseStatus(); code != 4001 {
+		t.Fatalf("closed with %d, want 4001", code)
+	}
+	waitMetric(t, p.URL, "tokenrelay_auth_failures_total", `reason="expired"`, 1)
+	fresh := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tokenFor(t, "alice")})
+	fresh.Join("expiring", nil)
+}
