@@ -601,7 +601,12 @@ ui.list.addEventListener('click', async (e) => {
 // ---- switching -----------------------------------------------------------
 
 function idFromHash() {
-  const h = decodeURIComponent(location.hash.slice(1));
+  let h;
+  try {
+    h = decodeURIComponent(location.hash.slice(1));
+  } catch {
+    return null; // a stray % (#100%): no id, as an invalid one
+  }
   return ID_RE.test(h) ? h : null;
 }
 
@@ -697,7 +702,13 @@ ui.input.addEventListener('input', () => {
   autosize();
   updateComposer();
 });
-ui.stop.addEventListener('click', stop);
+ui.stop.addEventListener('click', (e) => {
+  // Stop takes Send's place as soon as a message goes: the second click of
+  // a double-click on Send lands on Stop (its click count, detail, is 2)
+  // and must not stop the answer it just asked for.
+  if (e.detail > 1) return;
+  stop();
+});
 document.addEventListener('keydown', (e) => {
   if (e.key !== 'Escape' || e.isComposing) return;
   if (ui.sidebar.classList.contains('open')) {

@@ -57,3 +57,25 @@ test('on a narrow screen the open list takes the focus and keeps it until Esc', 
   assert.equal((await focused()).inSidebar, false, 'the page behind is reachable again');
   h.noPageErrors(assert, page);
 });
+
+test('a malformed hash is ignored like an invalid id, at start and later', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  const page = await (await browser.newContext()).newPage();
+  const errors = [];
+  page.on('pageerror', (err) => errors.push(err));
+  await page.goto(`${server.url}/#100%`);
+  const conv = await page.waitForFunction(() => {
+    const id = window.tokenrelay?.conversationId;
+    return id && window.tokenrelay.client.conversation(id)?.joined && id;
+  }).then((h) => h.jsonValue());
+  assert.match(conv, /^c-/, 'a new conversation instead of the malformed one');
+  await h.send(page, 'Still works [sim tokens=5 rate=0]');
+  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page), 10000), 'complete');
+  // The app's hashchange listener, registered first, has run when ours does.
+  await page.evaluate(() => new Promise((resolve) => {
+    addEventListener('hashchange', () => setTimeout(resolve), { once: true });
+    location.hash = '#bad%zz';
+  }));
+  assert.deepEqual(errors.map(String), []);
+});

@@ -63,3 +63,24 @@ test('Esc right after Enter stops the turn before the server acknowledged it', a
   assert.ok(iSend < iCancel && (iAck === -1 || iCancel < iAck), `cancel left before the ack (send ${iSend}, cancel ${iCancel}, ack ${iAck})`);
   h.noPageErrors(assert, page);
 });
+
+test('A double-click on Send sends once and does not stop the answer', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  let frames;
+  const { page } = await h.openChat(t, browser, server, { setup: (p) => { frames = h.recordFrames(p); } });
+  await page.fill('#input', 'Keep going [sim tokens=20 rate=40]');
+  // Stop appears where Send was once the message goes; a real double-click
+  // lands its second click (click count 2) there.
+  const box = await page.getByRole('button', { name: 'Send message' }).boundingBox();
+  const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
+  await page.mouse.click(x, y);
+  await page.getByRole('button', { name: 'Stop answer' }).waitFor();
+  await page.mouse.down({ clickCount: 2 }); // the second press of the pair
+  await page.mouse.up({ clickCount: 2 });
+  const answer = h.lastAnswer(page);
+  assert.equal(await h.waitAnswerEnded(answer, 10000), 'complete');
+  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'send').length, 1, 'one send');
+  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'cancel').length, 0, 'no cancel');
+  h.noPageErrors(assert, page);
+});
