@@ -111,6 +111,7 @@ export class TokenRelayClient extends EventTarget {
     this._ws = null;
     this._attempt = 0;
     this._wanted = false; // connect() called and close() not
+    this._stopped = null; // {code, message} once stopped for good, until connect()
     this._gen = 0; // bumped by every _open() and close(): an older open finding it changed gives up
     this._opening = false; // _open() is awaiting the token
     this._retryTimer = null;
@@ -134,6 +135,7 @@ export class TokenRelayClient extends EventTarget {
   connect() {
     if (this._wanted) return;
     this._wanted = true;
+    this._stopped = null;
     globalThis.addEventListener?.('online', this._onOnline);
     globalThis.addEventListener?.('offline', this._onOffline);
     this._open();
@@ -170,6 +172,9 @@ export class TokenRelayClient extends EventTarget {
    * send's rejection takes its optimistic message and answer away.
    */
   _failPending(code, message) {
+    // Until connect() is called again, a new request fails the same way
+    // at once: nothing would ever send it.
+    this._stopped = { code, message };
     const reqs = [...this._requests.values()];
     this._requests.clear();
     for (const req of reqs) {
@@ -375,6 +380,12 @@ export class TokenRelayClient extends EventTarget {
     const json = JSON.stringify(frame);
     return new Promise((resolve, reject) => {
       const req = { frame, json, bytes: byteLength(json), resend, resolve, reject, ws: null };
+      if (this._stopped && !this._wanted) {
+        // Stopped for good (close(), a refused fixed token): fail now
+        // rather than wait for a connection that will not come.
+        this._fail(req, this._stopped.code, this._stopped.message);
+        return;
+      }
       if (this._maxFrame > 0 && req.bytes > this._maxFrame) {
         // The server would close the connection on it (1009): never send it.
         this._fail(req, 'too_large', `the message is too large to send (${req.bytes} bytes; the limit is ${this._maxFrame})`);

@@ -290,6 +290,13 @@ test('close 4001 with a fixed token fails every waiting request, and coming onli
   await flush();
   assert.equal(FakeWS.all.length, 1, 'a fixed token is not tried again');
   assert.equal(c.state, 'offline');
+  // A send made now fails at once too, and takes its optimistic message
+  // away: nothing will ever send it.
+  const later = c.send('c2', 'typed after the refusal');
+  const err = await settled(later.ack, 'a later send');
+  assert.equal(err?.code, 'unauthorized');
+  assert.equal(c.conversation('c2').byMessage.get(later.messageId), undefined, 'its optimistic message is removed');
+  assert.ok(c.events.some((e) => e.type === 'error' && e.request === 'send' && e.code === 'unauthorized'));
 });
 
 test('close() rejects what still waits with code closed and takes optimistic messages away', async (t) => {
