@@ -583,7 +583,14 @@ ui.list.addEventListener('click', async (e) => {
     try {
       await client.deleteConversation(id);
     } catch (err) {
-      showAlert(describe(err));
+      if (err?.code !== 'not_found') {
+        // Not deleted: stay where we are, and say why.
+        showAlert(err?.code === 'unavailable'
+          ? 'The conversation was not deleted: the server cannot be reached. Try again in a moment.'
+          : `The conversation was not deleted. ${describe(err)}`);
+        renderList();
+        return;
+      }
     }
     conversations = conversations.filter((c) => c.conversation_id !== id);
     if (id === current) {

@@ -605,10 +605,19 @@ export class TokenRelayClient extends EventTarget {
     return conv.loadingOlder;
   }
 
-  /** deleteConversation deletes a conversation (cancelling its running turn) and leaves it. */
+  /**
+   * deleteConversation deletes a conversation (cancelling its running turn)
+   * and leaves it; when the delete fails (but for not_found: it is gone)
+   * the conversation stays joined.
+   */
   async deleteConversation(conversationId) {
+    try {
+      await this.api('DELETE', `/v1/conversations/${encodeURIComponent(conversationId)}`);
+    } catch (err) {
+      if (err?.code === 'not_found') this.leave(conversationId); // gone all the same
+      throw err;
+    }
     this.leave(conversationId);
-    await this.api('DELETE', `/v1/conversations/${encodeURIComponent(conversationId)}`);
   }
 
   // ---- frames from the server ---------------------------------------------

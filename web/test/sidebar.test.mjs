@@ -79,3 +79,21 @@ test('a malformed hash is ignored like an invalid id, at start and later', async
   }));
   assert.deepEqual(errors.map(String), []);
 });
+
+test('a delete that fails keeps the conversation on screen and says so', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  const { page, conv } = await h.openChat(t, browser, server);
+  await h.send(page, 'Keep me [sim tokens=5 rate=0]');
+  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page), 10000), 'complete');
+  // The server cannot be reached for the delete.
+  await page.route('**/v1/conversations/*', (route) => (route.request().method() === 'DELETE' ? route.abort('connectionrefused') : route.continue()));
+  const del = page.locator('#conversations li.current button.delete');
+  await del.click();
+  await del.click();
+  await page.locator('#alert', { hasText: 'was not deleted' }).waitFor({ state: 'visible' });
+  assert.equal(await page.evaluate(() => window.tokenrelay.conversationId), conv, 'still on the conversation');
+  assert.ok(await page.evaluate((c) => window.tokenrelay.client.conversation(c)?.joined, conv), 'still joined');
+  assert.equal(await page.locator('#conversations li.current').getAttribute('data-id'), conv);
+  assert.equal((await h.storedMessages(server, conv)).length, 2, 'nothing was deleted');
+});
