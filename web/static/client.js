@@ -53,6 +53,9 @@ const defaults = {
   maxFrameBytes: 65536,
 };
 
+/** How long a socket open across a network change has to answer a ping once the browser is online again. */
+const ONLINE_PROBE_MS = 3000;
+
 const utf8 = new TextEncoder();
 const byteLength = (s) => utf8.encode(s).length;
 
@@ -125,8 +128,19 @@ export class TokenRelayClient extends EventTarget {
     this._convs = new Map();
     /** @type {Map<string, object>} frame id → request awaiting its ack or error */
     this._requests = new Map();
-    this._onOnline = () => { if (this._wanted && !this._ws && !this._opening) this._retryNow(); };
-    this._onOffline = () => { if (this._wanted && !this._ws && !this._opening) this._setState('offline'); };
+    this._onOnline = () => {
+      if (!this._wanted || this._opening) return;
+      if (!this._ws) this._retryNow();
+      // A socket that outlived a network change may be dead without a
+      // word (its peer's address is gone): ask it now, briefly, instead of
+      // waiting for the next ping.
+      else if (this._ws.readyState === 1) this._probe(Math.min(this.opts.pongTimeoutMs, ONLINE_PROBE_MS));
+    };
+    this._onOffline = () => {
+      // Shown as offline until the network is back; an open socket is kept
+      // (it may survive) and says `connected` again when it next answers.
+      if (this._wanted && !this._opening) this._setState('offline');
+    };
   }
 
   // ---- connection ---------------------------------------------------------
@@ -253,6 +267,13 @@ export class TokenRelayClient extends EventTarget {
     // would never notice a dead connection.
     if (this._pongTimer) return;
     this._pongTimer = setTimeout(() => this._noPong(), this.opts.pongTimeoutMs);
+  }
+
+  /** _probe pings now and gives the connection up if no pong comes within ms. */
+  _probe(ms) {
+    if (!this._write({ type: 'ping' })) return;
+    clearTimeout(this._pongTimer);
+    this._pongTimer = setTimeout(() => this._noPong(), ms);
   }
 
   /**
@@ -624,6 +645,7 @@ export class TokenRelayClient extends EventTarget {
 
   _onFrame(ws, data) {
     if (ws !== this._ws) return;
+    if (this.state === 'offline') this._setState('connected'); // it answers: the network is back
     let f;
     try { f = JSON.parse(data); } catch { return; }
     switch (f.type) {

@@ -238,6 +238,29 @@ test('a pong timeout lets go of the socket at once, without waiting for its oncl
   assert.deepEqual(states, ['connecting', 'connected', 'reconnecting', 'connected']);
 });
 
+test('offline shows as offline; online pings an open socket at once and gives it up without a pong', async (t) => {
+  const win = fakeWindow(t);
+  const c = newClient(t, { pingIntervalMs: 0, pongTimeoutMs: 20 });
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all[0];
+  ws.open();
+  win.dispatchEvent(new Event('offline'));
+  assert.equal(c.state, 'offline', 'offline with the socket still open');
+  win.dispatchEvent(new Event('online'));
+  assert.equal(ws.frames('ping').length, 1, 'pinged at once');
+  ws.receive({ type: 'pong' });
+  assert.equal(c.state, 'connected', 'it answered: connected again');
+  // Another change, after which the socket is dead: given up, reconnected.
+  win.dispatchEvent(new Event('offline'));
+  win.dispatchEvent(new Event('online'));
+  assert.equal(ws.frames('ping').length, 2);
+  await until(() => FakeWS.all.length === 2, 'a reconnect once the probe went unanswered');
+  assert.equal(ws.closedWith, 4000);
+  FakeWS.all[1].open();
+  assert.equal(c.state, 'connected');
+});
+
 test('connect, close and connect again while the token is fetched opens one WebSocket', async (t) => {
   const tokens = [];
   const c = newClient(t, { token: () => new Promise((resolve) => tokens.push(resolve)) });
