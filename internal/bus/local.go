@@ -133,6 +133,14 @@ func (b *Bus) announce(e *Event, data []byte) error {
 	return b.nc.Publish(e.Subject(), data)
 }
 
+// AnnounceGone tells the conversation's live subscribers, on every gateway,
+// that it was deleted (an event of kind KindGone). It is not stored: a
+// subscriber that misses it finds the conversation gone when it next reads.
+func (b *Bus) AnnounceGone(conversationID string) error {
+	e := &Event{Kind: KindGone, ConversationID: conversationID, TurnID: goneTurn}
+	return b.announce(e, []byte("{}"))
+}
+
 // watchCancels makes fn hear every SignalCancel of the process until the
 // returned function is called.
 func (l *Local) watchCancels(fn func(turnID string)) (stop func()) {

@@ -31,7 +31,14 @@ const (
 	KindStart = "s" // user message stored and turn created
 	KindDelta = "d"
 	KindEnd   = "e"
+	// KindGone: the conversation was deleted. It is announced live only,
+	// under the turn token goneTurn, which no id maps to.
+	KindGone = "x"
 )
+
+// goneTurn stands for the turn in a KindGone event's subject: '!' is in no
+// Token.
+const goneTurn = "!"
 
 var tokenReplacer = strings.NewReplacer(".", "/", ":", "=")
 var untokenReplacer = strings.NewReplacer("/", ".", "=", ":")

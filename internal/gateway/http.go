@@ -270,7 +270,16 @@ func (s *Server) deleteConversation(ctx context.Context, conv, user string) erro
 		_, _ = s.cancel(cctx, user, t.ID)
 		cancel()
 	}
-	return s.store.DeleteConversation(ctx, conv, user)
+	if err := s.store.DeleteConversation(ctx, conv, user); err != nil {
+		return err
+	}
+	// The views that follow it, on every gateway, stop (the other tabs of
+	// its user are told); best effort, as a view that misses it finds the
+	// conversation gone when it next reads.
+	if err := s.bus.AnnounceGone(conv); err != nil {
+		s.log.Warn("could not announce a deleted conversation", "conversation", conv, "err", err)
+	}
+	return nil
 }
 
 func (s *Server) handleCancel() http.Handler {

@@ -33,6 +33,10 @@ type sink interface {
 	// conversation now belongs to another user (it was deleted, and another
 	// user took its id); the sink drops v without calling back into it.
 	revoked(v *view)
+	// gone: v's conversation was deleted (v's lock is held). The sink
+	// either drops v, as for revoked, and returns true (v then stops for
+	// good), or keeps it following the conversation id.
+	gone(v *view) bool
 }
 
 // view is one client's window on one conversation: it turns the
@@ -111,6 +115,13 @@ func (v *view) deliver(e bus.Event) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.closed {
+		return
+	}
+	if e.Kind == bus.KindGone {
+		if v.out.gone(v) {
+			v.closed = true
+			v.buf = nil
+		}
 		return
 	}
 	if v.buffering {

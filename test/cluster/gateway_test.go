@@ -81,6 +81,18 @@ func TestAnyGatewayServesAnyConversation(t *testing.T) {
 	if t3a.Status != "complete" || t3a.Text.String() != t3b.Text.String() {
 		t.Fatalf("t3: A %s %q, B %s %q", t3a.Status, t3a.Text.String(), t3b.Status, t3b.Text.String())
 	}
+
+	// Deleted through A, the conversation is no longer followed on B
+	// either: its tabs are told.
+	if code := trtest.Do(t, "DELETE", c.gw[0].URL+"/v1/conversations/"+conv, "", nil, nil); code != 204 {
+		t.Fatalf("DELETE on A: %d", code)
+	}
+	for name, cl := range map[string]*trtest.Client{"A": a, "B1": b1, "B2": b2} {
+		fs := cl.Until(wait, func(f trtest.Frame) bool { return f.Type() == "error" })
+		if f := fs[len(fs)-1]; f.Str("code") != "not_found" || f.Str("conversation_id") != conv {
+			t.Fatalf("%s was told %v of the delete", name, f)
+		}
+	}
 }
 
 func sawStart(fs []trtest.Frame, turn string) bool {

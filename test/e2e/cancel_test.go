@@ -287,6 +287,7 @@ func TestDeletedTurnIDIsNotReused(t *testing.T) {
 	if code := trtest.Do(t, "DELETE", p.URL+"/v1/conversations/gone", "", nil, nil); code != 204 {
 		t.Fatalf("DELETE: %d", code)
 	}
+	c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "error" && f.Str("code") == "not_found" }) // no longer joined
 	// A resume of the deleted turn gets nothing of it.
 	d := trtest.Dial(t, p.WSURL(), nil)
 	d.Send(map[string]any{"type": "join", "conversation_id": "gone", "after": map[string]any{"turn_id": "t-old", "seq": 5}, "id": "j"})
@@ -322,3 +323,39 @@ func TestDeletedTurnIDIsNotReused(t *testing.T) {
 
 // asList is v as a JSON array (nil when it is not one).
 func asList(v any) []any { l, _ := v.([]any); return l }
+
+// A connection that follows a conversation deleted elsewhere (another tab,
+// over HTTP) is told so: an error not_found with the conversation_id and
+// no id, and the conversation is no longer joined. A new turn in that id,
+// which its owner creates afresh, is not delivered to it until it joins
+// again.
+func TestDeletedConversationIsAnnounced(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0")
+	a := trtest.Dial(t, p.WSURL(), nil)
+	a.Join("shared", nil)
+	b := trtest.Dial(t, p.WSURL(), nil)
+	b.Join("shared", nil)
+	tr := startTurn(t, a, "shared", "[sim tokens=5] hello", 1)
+	finish(t, a, tr)
+	if code := trtest.Do(t, "DELETE", p.URL+"/v1/conversations/shared", "", nil, nil); code != 204 {
+		t.Fatalf("DELETE: %d", code)
+	}
+	for _, c := range []*trtest.Client{a, b} {
+		frames := c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "error" })
+		f := frames[len(frames)-1]
+		if f.Str("code") != "not_found" || f.Str("conversation_id") != "shared" || f["id"] != nil {
+			t.Fatalf("notice of the delete: %v", f)
+		}
+	}
+	// The conversation is no longer joined: a new turn in it (the id
+	// created afresh) reaches only a connection that joins it again.
+	b.Join("shared", nil)
+	tr2 := startTurn(t, b, "shared", "[sim tokens=5] again", 1)
+	finish(t, b, tr2)
+	a.Send(map[string]any{"type": "ping", "id": "p"})
+	for _, f := range a.Until(wait, func(f trtest.Frame) bool { return f.Type() == "pong" }) {
+		if f.Str("conversation_id") == "shared" {
+			t.Fatalf("a connection that no longer follows the conversation got %v", f)
+		}
+	}
+}

@@ -520,6 +520,7 @@ function refreshList(delay = 0) {
 }
 
 let armedDelete = null; // the conversation whose delete button awaits its second click
+const deleting = new Set(); // conversations this page has asked to delete
 let armTimer = 0;
 function arm(del) {
   del.classList.add('confirm');
@@ -580,6 +581,8 @@ ui.list.addEventListener('click', async (e) => {
     }
     armedDelete = null;
     clearTimeout(armTimer);
+    deleting.add(id); // its notice that the conversation is gone is no news here
+    setTimeout(() => deleting.delete(id), 10000);
     try {
       await client.deleteConversation(id);
     } catch (err) {
@@ -820,6 +823,18 @@ function describe(e) {
 client.addEventListener('error', (e) => {
   const d = e.detail;
   if (d.request === 'cancel' && d.code === 'not_found') return; // its send failed; already reported
+  if (!d.request && d.code === 'not_found' && d.conversationId) {
+    // The server no longer follows a conversation that was deleted.
+    if (deleting.has(d.conversationId) || d.conversationId !== current) {
+      refreshList(0);
+      return;
+    }
+    current = null; // another tab or window deleted the one on screen
+    go(newId('c'), true);
+    showAlert('This conversation was deleted in another tab or window.');
+    refreshList(0);
+    return;
+  }
   if (d.conversationId && d.conversationId !== current) return;
   // An error that answers no request is about the connection (closed
   // 4009 for too many connections, 4001 for the token).

@@ -701,7 +701,8 @@ export class TokenRelayClient extends EventTarget {
       }
     } else if (f.conversation_id && this._convs.has(f.conversation_id)) {
       // The server stopped following a joined conversation (it was
-      // deleted and another user took its id): forget it, as leave() does.
+      // deleted: not_found; or deleted and another user took its id:
+      // forbidden): forget it, as leave() does.
       const conv = this._convs.get(f.conversation_id);
       detail.conversationId = conv.id;
       this._convs.delete(conv.id);

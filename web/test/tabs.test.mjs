@@ -49,3 +49,25 @@ test('two pages on one conversation see each other\'s questions and answers live
     h.noPageErrors(assert, p);
   }
 });
+
+test('a conversation deleted in one tab leaves the other tab, which says so', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  const a = await h.openChat(t, browser, server);
+  const b = await h.openChat(t, browser, server, { conv: a.conv, context: a.context });
+  await h.send(a.page, 'Soon gone [sim tokens=5 rate=0]');
+  await b.page.locator('article.msg.user', { hasText: 'Soon gone' }).waitFor();
+  const del = a.page.locator('#conversations li.current button.delete');
+  await del.click();
+  await del.click();
+  await b.page.locator('#alert', { hasText: 'deleted in another tab' }).waitFor({ state: 'visible' });
+  const now = await b.page.evaluate(() => window.tokenrelay.conversationId);
+  assert.notEqual(now, a.conv, 'B moved to a new conversation');
+  assert.equal(await b.page.locator('article.msg').count(), 0, 'none of the deleted messages is left');
+  await h.waitJoined(b.page, now);
+  // The tab that deleted it says nothing of the sort.
+  await a.page.waitForFunction((c) => window.tokenrelay.conversationId !== c, a.conv);
+  assert.ok(await a.page.locator('#alert').isHidden(), 'no alert in the tab that deleted it');
+  h.noPageErrors(assert, a.page);
+  h.noPageErrors(assert, b.page);
+});
