@@ -339,7 +339,7 @@ func TestStalledSSEReaderIsDropped(t *testing.T) {
 		if tc, ok := conn.(*net.TCPConn); ok {
 			_ = tc.SetReadBuffer(4096)
 		}
-		fmt.Fprintf(conn, "GET /v1/turns/%s/events HTTP/1.1\r\nHost: x\r\n\r\n", turn)
+		fmt.Fprintf(conn, "GET /v1/turns/%s/events HTTP/1.1\r\nHost: %s\r\n\r\n", turn, strings.TrimPrefix(p.URL, "http://"))
 		status, err := bufio.NewReaderSize(conn, 16).ReadString('\n')
 		if err != nil || !strings.Contains(status, " 200 ") {
 			t.Fatalf("SSE request: %q %v", status, err)
