@@ -502,12 +502,15 @@ function updateTitle() {
 // ---- conversation list ---------------------------------------------------
 
 const BUSY_POLL_MS = 2000;
+const LIST_MAX = 1000; // the most conversations the server lists at once
 let listTimer = 0;
+let listLimit = 100; // raised by "Show more"
+let listHasMore = false;
 function refreshList(delay = 0) {
   clearTimeout(listTimer);
   listTimer = setTimeout(async () => {
     try {
-      conversations = await client.listConversations();
+      ({ conversations, hasMore: listHasMore } = await client.listConversationsPage({ limit: listLimit }));
     } catch {
       return; // offline: keep what we have
     }
@@ -560,6 +563,20 @@ function renderList() {
     return li;
   }));
   if (!shown.length) ui.list.innerHTML = '<li class="none">No conversations yet</li>';
+  if (listHasMore && listLimit < LIST_MAX) {
+    const li = document.createElement('li');
+    li.className = 'more';
+    const more = document.createElement('button');
+    more.type = 'button';
+    more.textContent = 'Show more';
+    more.addEventListener('click', () => {
+      listLimit = Math.min(listLimit * 2, LIST_MAX);
+      more.disabled = true;
+      refreshList(0);
+    });
+    li.append(more);
+    ui.list.append(li);
+  }
   if (had && !ui.list.contains(document.activeElement)) {
     const li = [...ui.list.children].find((x) => x.dataset.id === focusId);
     (li?.querySelector(focusDelete ? '.delete' : 'a') ?? ui.newChat).focus();

@@ -586,9 +586,19 @@ export class TokenRelayClient extends EventTarget {
     return data;
   }
 
-  /** listConversations returns the user's conversations, most recent first. */
+  /** listConversations returns the user's conversations, most recent first (the server's first 100). */
   async listConversations() {
-    return (await this.api('GET', '/v1/conversations')).conversations ?? [];
+    return (await this.listConversationsPage()).conversations;
+  }
+
+  /**
+   * listConversationsPage returns the user's `limit` (1–1000, default 100)
+   * most recent conversations, and whether there are more:
+   * `{conversations, hasMore}`.
+   */
+  async listConversationsPage({ limit } = {}) {
+    const r = await this.api('GET', `/v1/conversations${limit ? `?limit=${limit}` : ''}`);
+    return { conversations: r.conversations ?? [], hasMore: !!r.has_more };
   }
 
   /**

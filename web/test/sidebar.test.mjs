@@ -97,3 +97,23 @@ test('a delete that fails keeps the conversation on screen and says so', async (
   assert.equal(await page.locator('#conversations li.current').getAttribute('data-id'), conv);
   assert.equal((await h.storedMessages(server, conv)).length, 2, 'nothing was deleted');
 });
+
+test('the conversation list shows more than 100 conversations on request', async (t) => {
+  const server = await h.startServer(t, { simRate: 0, args: ['--limit-sends', '0', '--limit-turns', '0'] });
+  for (let i = 0; i < 105; i++) {
+    const r = await fetch(`${server.url}/v1/conversations/many-${i}/messages`, {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ text: `Conversation ${i} [sim tokens=1 rate=0]` }),
+    });
+    assert.equal(r.status, 202);
+  }
+  const browser = await h.launchBrowser(t);
+  const { page } = await h.openChat(t, browser, server);
+  const rows = page.locator('#conversations li[data-id^="many-"]');
+  await page.locator('#conversations li.more button', { hasText: 'Show more' }).waitFor();
+  assert.equal(await rows.count(), 100);
+  await page.locator('#conversations li.more button').click();
+  await page.waitForFunction(() => document.querySelectorAll('#conversations li[data-id^="many-"]').length === 105);
+  assert.equal(await page.locator('#conversations li.more').count(), 0, 'nothing more to show');
+  h.noPageErrors(assert, page);
+});
