@@ -135,7 +135,7 @@ func (b *Bus) announce(e *Event, data []byte) error {
 
 // AnnounceGone tells the conversation's live subscribers, on every gateway,
 // that it was deleted (an event of kind KindGone). It is not stored: a
-// subscriber that misses it finds the conversation gone when it next reads.
+// subscriber that misses it (its NATS connection was down) is not told.
 func (b *Bus) AnnounceGone(conversationID string) error {
 	e := &Event{Kind: KindGone, ConversationID: conversationID, TurnID: goneTurn}
 	return b.announce(e, []byte("{}"))

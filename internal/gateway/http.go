@@ -274,8 +274,8 @@ func (s *Server) deleteConversation(ctx context.Context, conv, user string) erro
 		return err
 	}
 	// The views that follow it, on every gateway, stop (the other tabs of
-	// its user are told); best effort, as a view that misses it finds the
-	// conversation gone when it next reads.
+	// its user are told). Best effort: a view that misses the notice keeps
+	// following the id, and stops when another user takes it (revoked).
 	if err := s.bus.AnnounceGone(conv); err != nil {
 		s.log.Warn("could not announce a deleted conversation", "conversation", conv, "err", err)
 	}
