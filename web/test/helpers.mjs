@@ -144,6 +144,26 @@ export async function waitJoined(page, conv, timeout = 15000) {
     window.tokenrelay.client.conversation(c)?.joined === true, conv, { timeout });
 }
 
+/**
+ * deleteFromSidebar deletes conversation conv with its row's delete button:
+ * a first click arms it, a second deletes. The list is re-rendered now and
+ * then (a refresh replaces its rows), and a click that lands while its row
+ * is replaced is lost: each step is repeated until it shows (the armed
+ * state survives a re-render, and goes once the second click is taken).
+ */
+export async function deleteFromSidebar(page, conv) {
+  const row = page.locator(`#conversations li[data-id="${conv}"]`);
+  const armed = row.locator('button.delete.confirm');
+  for (let i = 0; !(await armed.count()); i++) {
+    if (i === 10) throw new Error(`the delete button of ${conv} would not arm`);
+    await row.locator('button.delete').click({ timeout: 5000 }).catch(() => {});
+  }
+  for (let i = 0; await armed.count(); i++) {
+    if (i === 10) throw new Error(`the armed delete button of ${conv} would not take a click`);
+    await armed.click({ timeout: 2000 }).catch(() => {});
+  }
+}
+
 /** send types text into the composer and presses Enter. */
 export async function send(page, text) {
   const input = page.getByLabel('Message', { exact: true });

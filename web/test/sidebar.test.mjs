@@ -88,9 +88,7 @@ test('a delete that fails keeps the conversation on screen and says so', async (
   assert.equal(await h.waitAnswerEnded(h.lastAnswer(page), 10000), 'complete');
   // The server cannot be reached for the delete.
   await page.route('**/v1/conversations/*', (route) => (route.request().method() === 'DELETE' ? route.abort('connectionrefused') : route.continue()));
-  const del = page.locator('#conversations li.current button.delete');
-  await del.click();
-  await del.click();
+  await h.deleteFromSidebar(page, conv);
   await page.locator('#alert', { hasText: 'was not deleted' }).waitFor({ state: 'visible' });
   assert.equal(await page.evaluate(() => window.tokenrelay.conversationId), conv, 'still on the conversation');
   assert.ok(await page.evaluate((c) => window.tokenrelay.client.conversation(c)?.joined, conv), 'still joined');

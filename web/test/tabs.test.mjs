@@ -57,9 +57,10 @@ test('a conversation deleted in one tab leaves the other tab, which says so', as
   const b = await h.openChat(t, browser, server, { conv: a.conv, context: a.context });
   await h.send(a.page, 'Soon gone [sim tokens=5 rate=0]');
   await b.page.locator('article.msg.user', { hasText: 'Soon gone' }).waitFor();
-  const del = a.page.locator('#conversations li.current button.delete');
-  await del.click();
-  await del.click();
+  // A was opened first, so B is the tab in front; a tab behind gets no
+  // animation frames, which Playwright's clicks wait for.
+  await a.page.bringToFront();
+  await h.deleteFromSidebar(a.page, a.conv);
   await b.page.locator('#alert', { hasText: 'deleted in another tab' }).waitFor({ state: 'visible' });
   const now = await b.page.evaluate(() => window.tokenrelay.conversationId);
   assert.notEqual(now, a.conv, 'B moved to a new conversation');
