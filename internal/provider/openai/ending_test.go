@@ -35,6 +35,12 @@ func TestStreamJSONAnswer(t *testing.T) {
 			wantErr: "the model server reported an error: The model is overloaded",
 		},
 		{
+			name:      "an event stream labelled JSON",
+			body:      "\n" + contentChunk("Hi") + finishChunk + doneEvent,
+			want:      []string{"Hi"},
+			wantUsage: nil,
+		},
+		{
 			name:    "neither",
 			body:    `{"object":"list","data":[]}`,
 			wantErr: msgMalformed,

@@ -1,6 +1,7 @@
 package openai
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -145,19 +146,25 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		}
 		return provider.Result{}, f, nil
 	}
+	var stream io.Reader = resp.Body
 	if isJSON(resp.Header.Get("Content-Type")) {
 		// A server (or a proxy) that ignored "stream": true, or that
-		// reports an error with a 200.
-		res, f := p.wholeAnswer(resp.Body)
-		if f != nil {
-			return provider.Result{}, f, nil
-		}
-		if res.text != "" {
-			if err := emit(res.text); err != nil {
-				return provider.Result{}, nil, err
+		// reports an error with a 200; or an event stream labelled JSON,
+		// told apart by its first byte.
+		br := bufio.NewReader(resp.Body)
+		stream = br
+		if firstByte(br) == '{' {
+			res, f := p.wholeAnswer(br)
+			if f != nil {
+				return provider.Result{}, f, nil
 			}
+			if res.text != "" {
+				if err := emit(res.text); err != nil {
+					return provider.Result{}, nil, err
+				}
+			}
+			return res.Result, nil, nil
 		}
-		return res.Result, nil, nil
 	}
 
 	var (
@@ -166,7 +173,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		emitted  bool // emit was called
 		finished bool // a finish_reason arrived
 		pairs    pairJoiner
-		sse      = newSSEReader(resp.Body, maxEventBytes)
+		sse      = newSSEReader(stream, maxEventBytes)
 	)
 	// end emits what the joiner still holds, once the answer is complete.
 	end := func() error {
@@ -269,6 +276,29 @@ func isJSON(contentType string) bool {
 	mt, _, _ := strings.Cut(contentType, ";")
 	mt = strings.ToLower(strings.TrimSpace(mt))
 	return mt == "application/json" || strings.HasSuffix(mt, "+json")
+}
+
+// firstByte returns the first byte of r that is not white space (or a
+// byte order mark), left unread; 0 when there is none.
+func firstByte(r *bufio.Reader) byte {
+	for {
+		b, err := r.Peek(1)
+		if err != nil {
+			return 0
+		}
+		switch b[0] {
+		case ' ', '\t', '\r', '\n':
+			_, _ = r.ReadByte()
+		case 0xEF: // a UTF-8 byte order mark
+			if bom, err := r.Peek(3); err == nil && string(bom) == "\xEF\xBB\xBF" {
+				_, _ = r.Discard(3)
+				continue
+			}
+			return b[0]
+		default:
+			return b[0]
+		}
+	}
 }
 
 // whole is an answer that came as one chat.completion.
