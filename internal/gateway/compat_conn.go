@@ -137,10 +137,10 @@ func (c *compatConn) revoked(*view) {
 	c.closeWith(websocket.StatusPolicyViolation, "session deleted")
 }
 
-// gone keeps following the session: the old system had no word for a
-// deleted session, and its page clears its history (which deletes the
-// conversation) and goes on chatting in the same session on this socket.
-func (c *compatConn) gone(*view) bool { return false }
+// gone says nothing: the old system had no word for a deleted session, and
+// its page clears its history (which deletes the conversation) and goes on
+// chatting in the same session.
+func (c *compatConn) gone(*view) {}
 
 func (c *compatConn) fail(err error) {
 	c.logger().Warn("compat view failed; closing so the page reconnects", "err", err)

@@ -262,21 +262,8 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 // revoked tells the client that it no longer follows v's conversation (see
 // sink), and leaves it on the connection's behalf.
 func (c *conn) revoked(v *view) {
-	c.stopFollowing(v, protocol.CodeForbidden, "conversation "+v.conv+" was deleted and now belongs to another user; it is no longer joined")
-}
-
-// gone tells the client that v's conversation was deleted (see sink), and
-// leaves it on the connection's behalf.
-func (c *conn) gone(v *view) bool {
-	c.stopFollowing(v, protocol.CodeNotFound, "conversation "+v.conv+" was deleted; it is no longer joined")
-	return true
-}
-
-// stopFollowing sends the error that says the connection no longer follows
-// v's conversation (an error with its conversation_id and no id) and drops
-// v, whose lock is held.
-func (c *conn) stopFollowing(v *view, code protocol.Code, msg string) {
-	c.push(protocol.ErrorFrame{Type: "error", Code: code, ConversationID: v.conv, Message: msg})
+	c.push(protocol.ErrorFrame{Type: "error", Code: protocol.CodeForbidden, ConversationID: v.conv,
+		Message: "conversation " + v.conv + " was deleted and now belongs to another user; it is no longer joined"})
 	if c.ctx.Err() != nil {
 		return // the connection is going: its release drops every view
 	}
@@ -290,6 +277,14 @@ func (c *conn) stopFollowing(v *view, code protocol.Code, msg string) {
 		c.mu.Unlock()
 		c.s.hub.remove(v.conv, v)
 	}()
+}
+
+// gone tells the client that v's conversation was deleted (see sink). The
+// connection keeps following the id, as a join of it would: what its user
+// sends there next (a conversation created afresh) reaches it as before.
+func (c *conn) gone(v *view) {
+	c.push(protocol.ErrorFrame{Type: "error", Code: protocol.CodeNotFound, ConversationID: v.conv,
+		Message: "conversation " + v.conv + " was deleted"})
 }
 
 func (c *conn) leave(conv string) {

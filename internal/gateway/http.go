@@ -273,9 +273,9 @@ func (s *Server) deleteConversation(ctx context.Context, conv, user string) erro
 	if err := s.store.DeleteConversation(ctx, conv, user); err != nil {
 		return err
 	}
-	// The views that follow it, on every gateway, stop (the other tabs of
-	// its user are told). Best effort: a view that misses the notice keeps
-	// following the id, and stops when another user takes it (revoked).
+	// The connections that follow it, on every gateway, are told (the
+	// other tabs of its user drop what they show of it). Best effort: the
+	// notice is not stored, and a view follows the id either way.
 	if err := s.bus.AnnounceGone(conv); err != nil {
 		s.log.Warn("could not announce a deleted conversation", "conversation", conv, "err", err)
 	}

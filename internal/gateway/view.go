@@ -33,10 +33,9 @@ type sink interface {
 	// conversation now belongs to another user (it was deleted, and another
 	// user took its id); the sink drops v without calling back into it.
 	revoked(v *view)
-	// gone: v's conversation was deleted (v's lock is held). The sink
-	// either drops v, as for revoked, and returns true (v then stops for
-	// good), or keeps it following the conversation id.
-	gone(v *view) bool
+	// gone: v's conversation was deleted (v's lock is held). v keeps
+	// following the id: its user may create the conversation afresh.
+	gone(v *view)
 }
 
 // view is one client's window on one conversation: it turns the
@@ -118,10 +117,7 @@ func (v *view) deliver(e bus.Event) {
 		return
 	}
 	if e.Kind == bus.KindGone {
-		if v.out.gone(v) {
-			v.closed = true
-			v.buf = nil
-		}
+		v.out.gone(v)
 		return
 	}
 	if v.buffering {

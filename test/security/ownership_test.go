@@ -194,9 +194,9 @@ func storedMessages(t *testing.T, base, token, conv string) []storedMessage {
 // TestDeletedConversationTakenByAnother: a user joined to a conversation
 // that is deleted and then taken by another user receives nothing of the
 // new owner's turns: her connection is told it no longer follows the
-// conversation, and a join again is forbidden. A tab of the owner on a
-// conversation she deletes elsewhere is told so too, and follows the
-// conversation she re-creates once it joins it again.
+// conversation, and a join again is forbidden. A tab that stays on a
+// conversation its own user deletes is told so, and keeps following the
+// conversation she re-creates.
 func TestDeletedConversationTakenByAnother(t *testing.T) {
 	t.Parallel()
 	p := serveJWT(t, "--sim-rate", "0", "--sim-tokens", "20")
@@ -223,10 +223,13 @@ func TestDeletedConversationTakenByAnother(t *testing.T) {
 		return tr
 	}
 	turn(v, conv, "my password is hunter2")
-	// Mallory's subscription was told of her delete (before the victim
-	// took the id), and gets nothing else of conv.
-	seen := m.Until(wait, func(f trtest.Frame) bool { return f.Type() == "error" })
-	if last := seen[len(seen)-1]; last.Str("code") != "not_found" || last.Str("conversation_id") != conv {
+	// Mallory's stale subscription is told of her delete, then that the
+	// id is another user's now, and nothing else of conv.
+	seen := m.Until(wait, func(f trtest.Frame) bool { return f.Type() == "error" && f.Str("code") == "forbidden" })
+	if f := seen[0]; f.Type() != "error" || f.Str("code") != "not_found" || f.Str("conversation_id") != conv {
+		t.Fatalf("mallory's connection was first told %v", f)
+	}
+	if last := seen[len(seen)-1]; last.Str("conversation_id") != conv {
 		t.Fatalf("mallory's connection was told %v", last)
 	}
 	m.Send(map[string]any{"type": "join", "conversation_id": conv, "id": "again"})
@@ -255,10 +258,9 @@ func TestDeletedConversationTakenByAnother(t *testing.T) {
 	}
 	for _, tab := range []*trtest.Client{tab1, tab2} {
 		seen := tab.Until(wait, func(f trtest.Frame) bool { return f.Type() == "error" })
-		if last := seen[len(seen)-1]; last.Str("code") != "not_found" || last.Str("conversation_id") != "mine" {
-			t.Fatalf("a tab of the owner was told %v", last)
+		if last := seen[len(seen)-1]; last.Str("code") != "not_found" || last.Str("conversation_id") != "mine" || last["id"] != nil {
+			t.Fatalf("a tab of the owner was told %v of the delete", last)
 		}
-		tab.Join("mine", nil)
 	}
 	sent := turn(tab1, "mine", "after the delete")
 	got := &trtest.Turn{ID: sent.ID}

@@ -841,7 +841,8 @@ client.addEventListener('error', (e) => {
   const d = e.detail;
   if (d.request === 'cancel' && d.code === 'not_found') return; // its send failed; already reported
   if (!d.request && d.code === 'not_found' && d.conversationId) {
-    // The server no longer follows a conversation that was deleted.
+    // A conversation this page follows was deleted: leave it.
+    client.leave(d.conversationId);
     if (deleting.has(d.conversationId) || d.conversationId !== current) {
       refreshList(0);
       return;

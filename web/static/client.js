@@ -709,10 +709,14 @@ export class TokenRelayClient extends EventTarget {
         conv.joined = false;
         for (const w of conv.waiters.splice(0)) w.reject(new ClientError(f.code, f.message, detail));
       }
+    } else if (f.conversation_id && this._convs.has(f.conversation_id) && f.code === 'not_found') {
+      // A joined conversation was deleted (in another tab, say). The
+      // server still follows its id; what to do is the app's choice (the
+      // page leaves it).
+      detail.conversationId = f.conversation_id;
     } else if (f.conversation_id && this._convs.has(f.conversation_id)) {
       // The server stopped following a joined conversation (it was
-      // deleted: not_found; or deleted and another user took its id:
-      // forbidden): forget it, as leave() does.
+      // deleted and another user took its id): forget it, as leave() does.
       const conv = this._convs.get(f.conversation_id);
       detail.conversationId = conv.id;
       this._convs.delete(conv.id);

@@ -462,3 +462,13 @@ test('api() rejects with a ClientError when the token function throws', async (t
   assert.equal(err.code, 'unauthorized');
   assert.match(err.message, /no session/);
 });
+
+test('a notice that a joined conversation was deleted is reported and leaves the choice to the app', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  ws.receive({ type: 'error', code: 'not_found', conversation_id: 'c1', message: 'conversation c1 was deleted' });
+  assert.ok(c.events.some((e) => e.type === 'error' && e.code === 'not_found' && e.conversationId === 'c1' && !e.request));
+  assert.ok(c.conversation('c1'), 'still joined: the server still follows the id');
+  ws.receive({ type: 'error', code: 'forbidden', conversation_id: 'c1', message: 'taken by another user' });
+  assert.equal(c.conversation('c1'), undefined, 'forgotten once the server no longer follows it');
+});
