@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"path"
 	"strconv"
 	"strings"
@@ -254,7 +255,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // loopbackHost reports whether a Host header names this machine by a
 // loopback name or address, which no other site's page can be served under.
-// An empty Host (HTTP/1.0) comes from no browser.
+// An empty Host (HTTP/1.0) comes from no browser; 0.0.0.0 and [::] are this
+// machine as a person may type them.
 func loopbackHost(host string) bool {
 	if host == "" || auth.IsLoopback(host) {
 		return true
@@ -263,7 +265,10 @@ func loopbackHost(host string) bool {
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		name = h
 	}
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	name = strings.ToLower(strings.TrimSuffix(strings.TrimPrefix(strings.TrimSuffix(name, "."), "["), "]"))
+	if ip, err := netip.ParseAddr(name); err == nil && ip.IsUnspecified() {
+		return true
+	}
 	return name == "localhost" || strings.HasSuffix(name, ".localhost")
 }
 

@@ -341,6 +341,7 @@ func TestDevModeRule(t *testing.T) {
 			"localhost:" + port:           http.StatusOK,
 			"app.localhost:" + port:       http.StatusOK,
 			"[::1]:" + port:               http.StatusOK,
+			"0.0.0.0:" + port:             http.StatusOK,
 		} {
 			for _, path := range []string{"/v1/conversations", "/"} {
 				req, err := http.NewRequest("GET", p.URL+path, nil)
