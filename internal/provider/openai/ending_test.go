@@ -101,11 +101,7 @@ func TestStreamEndsWithoutTheServerClosing(t *testing.T) {
 			})
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			var got []string
-			_, err := f.p.Stream(ctx, provider.Request{TurnID: "t1", Messages: []provider.Message{{Role: "user", Content: "hello"}}}, func(s string) error {
-				got = append(got, s)
-				return nil
-			})
+			got, _, err := f.streamCtx(ctx)
 			if err != nil {
 				t.Fatalf("Stream: %v (the answer was complete)", err)
 			}

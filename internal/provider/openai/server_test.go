@@ -143,6 +143,11 @@ func newFixture(t testing.TB, baseURL string, edit func(*Config)) fixture {
 // stream runs f.p.Stream for one user message and returns the pieces emitted.
 func (f fixture) stream(t testing.TB, msgs ...string) ([]string, provider.Result, error) {
 	t.Helper()
+	return f.streamCtx(t.Context(), msgs...)
+}
+
+// streamCtx is stream under ctx.
+func (f fixture) streamCtx(ctx context.Context, msgs ...string) ([]string, provider.Result, error) {
 	req := provider.Request{TurnID: "t1"}
 	for _, m := range msgs {
 		req.Messages = append(req.Messages, provider.Message{Role: "user", Content: m})
@@ -151,7 +156,7 @@ func (f fixture) stream(t testing.TB, msgs ...string) ([]string, provider.Result
 		req.Messages = []provider.Message{{Role: "user", Content: "hello"}}
 	}
 	var got []string
-	res, err := f.p.Stream(t.Context(), req, func(text string) error {
+	res, err := f.p.Stream(ctx, req, func(text string) error {
 		got = append(got, text)
 		return nil
 	})
