@@ -6,7 +6,9 @@ package gateway
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -589,6 +591,7 @@ func acceptWS(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOpti
 	// Accept fails unless it has hijacked the connection through w.
 	ws, err := websocket.Accept(w, r, &o)
 	if err == nil {
+		raw.takeHeld()
 		raw.prepare()
 	}
 	return ws, raw, err
@@ -613,15 +616,36 @@ func (b smallBuffers) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 			return c, brw, err
 		}
 	}
-	r := brw.Reader
-	if r.Buffered() == 0 {
-		r = bufio.NewReaderSize(c, wsReadBuffer)
-		b.raw.br = r
+	b.raw.br, b.raw.held = smallReader(c, brw.Reader)
+	return c, bufio.NewReadWriter(b.raw.br, bufio.NewWriterSize(libWriter{b.raw}, wsWriteBuffer)), nil
+}
+
+// smallReader is a reader of wsReadBuffer bytes (more when more is held)
+// for c that holds what net/http's reader r holds: bytes the client sent
+// behind its upgrade request, or right after the answer, which net/http
+// writes before it lets go of the connection. It also returns how many
+// bytes that is (see takeHeld).
+func smallReader(c net.Conn, r *bufio.Reader) (*bufio.Reader, int) {
+	n := r.Buffered()
+	if n == 0 {
+		return bufio.NewReaderSize(c, wsReadBuffer), 0
 	}
-	// Else bytes the client sent behind the upgrade request stay in
-	// net/http's reader, which is then kept (and the socket not parked:
-	// the library reads those bytes through a reader of its own).
-	return c, bufio.NewReadWriter(r, bufio.NewWriterSize(libWriter{b.raw}, wsWriteBuffer)), nil
+	held, _ := r.Peek(n)
+	br := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(held)), c), max(n, wsReadBuffer))
+	_, _ = br.Peek(n) // one read, of the held bytes
+	return br, n
+}
+
+// takeHeld brings back into br, after Accept, the bytes that smallReader
+// put there: Accept moves what br holds into a reader ahead of the socket
+// (golang/go#32314), and a reader that holds nothing must mean a socket
+// that has not been read, as park and frameTooLarge take it. One read, of
+// bytes already here: it does not wait.
+func (r *rawSocket) takeHeld() {
+	if r.held > 0 {
+		_, _ = r.br.Peek(r.held)
+		r.held = 0
+	}
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }

@@ -75,30 +75,54 @@ var errFrameTooLarge = errors.New("frame too large")
 // frameTooLarge reports whether the next frame from the peer is a data
 // frame whose header announces more than limit bytes. It peeks, so the
 // library still reads the frame from its start; it answers false when it
-// cannot tell (no buffer of ours, a socket not parked, a control frame, a
-// header cut short), and the library's own read limit then applies (to a
-// message cut in fragments, too).
+// cannot tell (no buffer of ours, a control frame, the connection
+// closing), and the library's own read limit then applies (to a message
+// cut in fragments, too).
 //
-// It looks at br under mu and only while not closing, as park does: the
-// close handshake reads br once closing is set. Filling an empty buffer
-// does not wait: park returned because the socket has data.
+// A header that arrived cut in two (br's last fill ended inside it, or the
+// peer sent it in two writes) waits for the rest, as the library's read
+// would: otherwise the library would refuse the frame itself, closing at
+// once, before the answers to the frames ahead of it.
 func (r *rawSocket) frameTooLarge(limit int64) bool {
 	if r.br == nil || r.readable == nil || limit <= 0 {
 		return false
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.closing {
-		return false
-	}
-	if r.br.Buffered() == 0 {
-		if _, err := r.br.Peek(1); err != nil {
+	for waited := false; ; waited = true {
+		tooLarge, known := r.peekHeader(limit, waited)
+		if known {
+			return tooLarge
+		}
+		// Waiting holds no lock: a close may start meanwhile, and then
+		// peekHeader answers false without touching br.
+		if r.rc.Read(hasData) != nil {
 			return false
 		}
 	}
+}
+
+// peekHeader looks at the frame header at the front of br, under mu and
+// only while not closing, as park does: the close handshake reads br once
+// closing is set. known is false when the header is not all there and the
+// socket must be waited on for the rest. br takes what the socket has
+// when it holds nothing (park returned, so the socket has data) or after
+// the caller waited for more: one read, which does not wait.
+func (r *rawSocket) peekHeader(limit int64, waited bool) (tooLarge, known bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closing {
+		return false, true
+	}
+	if waited || r.br.Buffered() == 0 {
+		if _, err := r.br.Peek(r.br.Buffered() + 1); err != nil {
+			return false, true // the library reads the error
+		}
+	}
 	h, _ := r.br.Peek(min(r.br.Buffered(), 10))
-	if len(h) < 2 || h[0]&0x0F > 2 { // opcodes 0-2: continuation, text, binary
-		return false
+	if len(h) < 2 {
+		return false, false
+	}
+	if h[0]&0x0F > 2 { // opcodes 0-2: continuation, text, binary
+		return false, true
 	}
 	n := int64(h[1] & 0x7F)
 	switch {
@@ -107,13 +131,13 @@ func (r *rawSocket) frameTooLarge(limit int64) bool {
 	case n == 127 && len(h) >= 10:
 		u := binary.BigEndian.Uint64(h[2:])
 		if u > math.MaxInt64 {
-			return true
+			return true, true
 		}
 		n = int64(u)
 	case n >= 126:
-		return false // the length is not all here yet
+		return false, false // the length is not all here yet
 	}
-	return n > limit
+	return n > limit, true
 }
 
 // waitIdle waits until q has nothing queued and no writer runs, for d at
@@ -224,11 +248,11 @@ func isControlFrame(f []byte) bool { return len(f) >= 2 && f[0] >= 0x88 && f[0] 
 // orders all of them, so that frames never interleave.
 type rawSocket struct {
 	nc net.Conn
-	// br is the library's buffered reader when it is one of ours: park
-	// reads the socket only when br holds nothing. nil when net/http's
-	// reader was kept (bytes came behind the upgrade request), and then
-	// the socket is not parked.
+	// br is the library's buffered reader (see smallReader): park reads
+	// the socket only when br holds nothing. nil leaves the socket
+	// unparked.
 	br       *bufio.Reader
+	held     int                   // bytes br held at the upgrade (see takeHeld)
 	rc       syscall.RawConn       // nil when the system's socket is out of reach
 	readable func(fd uintptr) bool // park's test; nil when the socket is not parked
 	pinger   pinger

@@ -66,3 +66,16 @@ func (r *rawSocket) peek(fd uintptr) bool {
 		r.control(b[:k])
 	}
 }
+
+// hasData is a wait's test, run by the runtime's poller whenever the
+// socket may be readable: true once something has arrived (or the
+// connection failed), which is left for the next read.
+func hasData(fd uintptr) bool {
+	var b [1]byte
+	for {
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		if err != syscall.EINTR {
+			return err != syscall.EAGAIN
+		}
+	}
+}
