@@ -44,9 +44,119 @@ type conn struct {
 	badFrames int // owned by the read loop
 	w         connWriter
 	writers   sync.WaitGroup // the queue's running writers
+	held      jobHold        // jobs of sends with frames right behind them (see hold)
 }
 
-var _ sink = (*conn)(nil)
+// jobHold is the jobs a connection holds back (see conn.hold).
+type jobHold struct {
+	any    atomic.Bool // jobs is not empty
+	mu     sync.Mutex
+	jobs   []func()    // guarded by mu
+	busy   bool        // a frame is being handled; guarded by mu
+	frames int         // frames handled since the first job was held; guarded by mu
+	timer  *time.Timer // releases the jobs after holdMax without a frame; guarded by mu
+}
+
+// A connection holds jobs back while it handles the frames that arrived
+// with their sends: at most holdFrames of them, and for at most holdMax
+// while it waits for the rest of a frame that has arrived only in part.
+const (
+	holdFrames = 16
+	holdMax    = 100 * time.Millisecond
+)
+
+// hold takes a send's job (see sendRequest.hold) when a frame sent right
+// behind the send has already arrived, and enqueues it only once the
+// frames already here have been handled (see frame). A cancel among them
+// then ends the turn while it is still queued, before any worker can start
+// it, however long the handling takes: a cancel written right behind its
+// message never lets the model be called.
+func (c *conn) hold(enqueue func()) bool {
+	if !c.raw.moreFrames() {
+		return false
+	}
+	h := &c.held
+	h.mu.Lock()
+	h.jobs = append(h.jobs, enqueue)
+	h.busy = true // called while a frame (the send) is handled
+	h.any.Store(true)
+	h.mu.Unlock()
+	return true
+}
+
+// handling marks the start of a frame's handling while jobs are held: the
+// time it takes does not count against holdMax.
+func (c *conn) handling() {
+	h := &c.held
+	h.mu.Lock()
+	h.busy = true
+	if h.timer != nil {
+		h.timer.Stop()
+	}
+	h.mu.Unlock()
+}
+
+// handled follows a frame's handling while jobs are held: they are
+// enqueued when no other frame has arrived, or after holdFrames frames;
+// otherwise the wait for the next frame begins, holdMax at most.
+func (c *conn) handled() {
+	h := &c.held
+	h.mu.Lock()
+	h.frames++
+	if h.frames < holdFrames && c.raw.moreFrames() {
+		h.busy = false
+		if h.timer == nil {
+			h.timer = time.AfterFunc(holdMax, c.heldTimeout)
+		} else {
+			h.timer.Reset(holdMax)
+		}
+		h.mu.Unlock()
+		return
+	}
+	jobs := h.takeLocked()
+	h.mu.Unlock()
+	runAll(jobs)
+}
+
+// heldTimeout enqueues the held jobs when the next frame has not come
+// whole within holdMax.
+func (c *conn) heldTimeout() {
+	h := &c.held
+	h.mu.Lock()
+	if h.busy {
+		h.mu.Unlock() // a frame came after all (a timer that fired as it was stopped)
+		return
+	}
+	jobs := h.takeLocked()
+	h.mu.Unlock()
+	runAll(jobs)
+}
+
+// releaseHeld enqueues the jobs the connection holds, as it ends.
+func (c *conn) releaseHeld() {
+	h := &c.held
+	h.mu.Lock()
+	jobs := h.takeLocked()
+	h.mu.Unlock()
+	runAll(jobs)
+}
+
+// takeLocked empties the hold and returns its jobs; called with mu held.
+func (h *jobHold) takeLocked() []func() {
+	jobs := h.jobs
+	h.jobs, h.busy, h.frames = nil, false, 0
+	h.any.Store(false)
+	if h.timer != nil {
+		h.timer.Stop()
+	}
+	return jobs
+}
+
+func runAll(fs []func()) {
+	for _, f := range fs {
+		f()
+	}
+}
 
 // logger is the connection's logger, made when something is logged: an
 // idle connection keeps none.
@@ -116,8 +226,20 @@ func (c *conn) sendError(id string, err error) {
 	c.push(pe.Frame(id))
 }
 
-// frame handles one client frame.
+// frame handles one client frame, and tells the jobs the connection holds
+// (see hold) that it did.
 func (c *conn) frame(typ websocket.MessageType, data []byte) {
+	held := c.held.any.Load()
+	if held {
+		c.handling()
+	}
+	c.decodeAndHandle(typ, data)
+	if held || c.held.any.Load() {
+		c.handled()
+	}
+}
+
+func (c *conn) decodeAndHandle(typ websocket.MessageType, data []byte) {
 	if c.closing.Load() {
 		return // a frame that came after the reason to close
 	}
@@ -168,7 +290,7 @@ func (c *conn) handle(f protocol.ClientFrame) {
 			c.push(protocol.Ack{Type: "ack", ID: f.ID, ConversationID: f.ConversationID})
 		}
 	case protocol.TypeSend:
-		res, err := c.s.send(ctx, sendRequest{User: c.user, ConversationID: f.ConversationID, MessageID: f.MessageID, TurnID: f.TurnID, Text: f.Text, Model: f.Model})
+		res, err := c.s.send(ctx, sendRequest{User: c.user, ConversationID: f.ConversationID, MessageID: f.MessageID, TurnID: f.TurnID, Text: f.Text, Model: f.Model, hold: c.hold})
 		if err != nil {
 			c.sendError(f.ID, err)
 			return
@@ -322,6 +444,7 @@ func (c *conn) setup() {
 
 //go:noinline
 func (c *conn) release() {
+	c.releaseHeld()
 	c.cancel()
 	c.q.close()
 	c.writers.Wait()

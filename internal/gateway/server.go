@@ -100,8 +100,9 @@ type Server struct {
 	shutdown    context.CancelFunc
 	conns       sync.WaitGroup
 
-	sendsStopped atomic.Bool  // see StopSends
-	sendGate     sync.RWMutex // read-held by each send past the check of sendsStopped
+	sendsStopped atomic.Bool    // see StopSends
+	sendGate     sync.RWMutex   // read-held by each send past the check of sendsStopped
+	heldJobs     sync.WaitGroup // jobs connections hold (see sendRequest.hold); added to under sendGate
 
 	workerMu   sync.Mutex
 	workerSeen time.Time    // when a worker last answered; guarded by workerMu
@@ -328,7 +329,8 @@ func (w *apiErrorWriter) Write(p []byte) (int, error) {
 // StopSends refuses every later send with unavailable, while the rest
 // (joins, cancels, the turns running) goes on, and returns once the sends
 // already past that check have stored and enqueued their turns, or when
-// ctx ends first. serve calls it before it stops its worker: a turn sent
+// ctx ends first, jobs held by connections included (see
+// sendRequest.hold). serve calls it before it stops its worker: a turn sent
 // then would stay queued until the next start.
 func (s *Server) StopSends(ctx context.Context) {
 	s.sendsStopped.Store(true)
@@ -336,6 +338,8 @@ func (s *Server) StopSends(ctx context.Context) {
 	go func() {
 		s.sendGate.Lock()
 		s.sendGate.Unlock()
+		// No send adds a held job any more: wait for those held.
+		s.heldJobs.Wait()
 		close(passed)
 	}()
 	select {

@@ -100,6 +100,30 @@ func (r *rawSocket) frameTooLarge(limit int64) bool {
 	}
 }
 
+// moreFrames reports whether a client frame other than pings and pongs
+// has arrived behind the ones read: in br, or in the socket, which br then
+// takes (one read, which does not wait). It is called between frames, on
+// the goroutine that reads them, and answers false when it cannot tell.
+func (r *rawSocket) moreFrames() bool {
+	if r.br == nil || r.readable == nil {
+		return false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closing {
+		return false
+	}
+	if r.br.Buffered() > 0 {
+		return true
+	}
+	arrived := false
+	if r.rc.Control(func(fd uintptr) { arrived = frameArrived(fd) }) != nil || !arrived {
+		return false
+	}
+	_, err := r.br.Peek(1)
+	return err == nil
+}
+
 // peekHeader looks at the frame header at the front of br, under mu and
 // only while not closing, as park does: the close handshake reads br once
 // closing is set. known is false when the header is not all there and the

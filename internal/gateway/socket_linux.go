@@ -79,3 +79,17 @@ func hasData(fd uintptr) bool {
 		}
 	}
 }
+
+// frameArrived reports whether the socket fd holds bytes that are not
+// whole pings and pongs (which park consumes), without taking them or
+// waiting.
+func frameArrived(fd uintptr) bool {
+	var b [64]byte
+	for {
+		n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		if err == syscall.EINTR {
+			continue
+		}
+		return err == nil && n > 0 && controlFrames(b[:n]) != n
+	}
+}

@@ -10,6 +10,9 @@ func (r *rawSocket) prepare() {}
 // hasData is not reached where prepare leaves the socket unparked.
 func hasData(uintptr) bool { return true }
 
+// frameArrived is not reached where prepare leaves the socket unparked.
+func frameArrived(uintptr) bool { return false }
+
 // writeOnce is not reached where prepare leaves rc unset.
 func writeOnce(uintptr, []byte) int { return 0 }
 

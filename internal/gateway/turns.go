@@ -24,6 +24,12 @@ type sendRequest struct {
 	TurnID         string
 	Text           string
 	Model          string
+
+	// hold, when set, is offered the turn's job before it is enqueued,
+	// and reports whether it takes it: a WebSocket connection takes it
+	// when frames sent right behind the message have already arrived, and
+	// enqueues it once it has handled them (see conn.hold).
+	hold func(enqueue func()) bool
 }
 
 // send stores the user message and its turn, announces both and enqueues
@@ -102,12 +108,30 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 		s.failTurn(res.Turn)
 		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
 	}
+	s.heldJobs.Add(1)
+	if r.hold != nil && r.hold(func() { defer s.heldJobs.Done(); s.enqueueHeld(res.Turn) }) {
+		s.m.sends.Inc()
+		return res, nil
+	}
+	s.heldJobs.Done()
 	if err := s.bus.EnqueueJob(ctx, bus.JobOf(res.Turn)); err != nil {
 		s.failTurn(res.Turn)
 		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
 	}
 	s.m.sends.Inc()
 	return res, nil
+}
+
+// enqueueHeld enqueues the job of a turn whose send was answered while its
+// connection held the job (see sendRequest.hold). The turn is stored and
+// announced, so a broker that refuses the job now ends it with an error.
+func (s *Server) enqueueHeld(t chat.Turn) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.RequestTimeout)
+	defer cancel()
+	if err := s.bus.EnqueueJob(ctx, bus.JobOf(t)); err != nil {
+		s.log.Warn("enqueue job", "turn_id", t.ID, "err", err)
+		s.failTurn(t)
+	}
 }
 
 // retried answers a send that was refused before the store saw it (the

@@ -2,9 +2,11 @@ package trtest
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -44,6 +46,22 @@ type Client struct {
 	done   chan struct{}
 	// Raw holds every frame's bytes, in order, for validity checks.
 	Raw [][]byte
+
+	nc *lockedConn // the TCP connection beneath Conn (see SendTogether)
+}
+
+// lockedConn is a client's TCP connection, written one Write at a time, so
+// that SendTogether's write does not land inside a frame of the library's
+// (which writes each of its own control frames with one Write).
+type lockedConn struct {
+	net.Conn
+	mu sync.Mutex
+}
+
+func (c *lockedConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.Conn.Write(p)
 }
 
 // DialOptions tune Dial.
@@ -76,12 +94,24 @@ func TryDial(t testing.TB, wsURL string, opts *DialOptions) (*Client, error) {
 			do.HTTPHeader.Set("Authorization", "Bearer "+opts.Token)
 		}
 	}
+	var nc *lockedConn
+	dialer := &net.Dialer{}
+	do.HTTPClient = &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dialer.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			nc = &lockedConn{Conn: c}
+			return nc, nil
+		},
+	}}
 	ws, _, err := websocket.Dial(ctx, wsURL, do)
 	if err != nil {
 		return nil, err
 	}
 	ws.SetReadLimit(-1)
-	c := &Client{t: t, Conn: ws, frames: make(chan Frame, 1<<16), done: make(chan struct{})}
+	c := &Client{t: t, Conn: ws, frames: make(chan Frame, 1<<16), done: make(chan struct{}), nc: nc}
 	go c.read()
 	t.Cleanup(func() { _ = ws.CloseNow() })
 	return c, nil
@@ -129,22 +159,67 @@ func (c *Client) Done() <-chan struct{} { return c.done }
 // sent as is).
 func (c *Client) Send(v any) {
 	c.t.Helper()
-	var data []byte
-	switch x := v.(type) {
-	case string:
-		data = []byte(x)
-	case []byte:
-		data = x
-	default:
-		var err error
-		data, err = json.Marshal(v)
-		if err != nil {
-			c.t.Fatal(err)
-		}
-	}
+	data := c.encode(v)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := c.Conn.Write(ctx, websocket.MessageText, data); err != nil {
+		c.t.Fatalf("write: %v", err)
+	}
+}
+
+// encode is v as Send writes it.
+func (c *Client) encode(v any) []byte {
+	c.t.Helper()
+	switch x := v.(type) {
+	case string:
+		return []byte(x)
+	case []byte:
+		return x
+	}
+	data, err := json.Marshal(v)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return data
+}
+
+// SendTogether writes frames (as Send takes them) to the socket with one
+// write, so that the server receives them together: the second is there
+// while the first is handled.
+func (c *Client) SendTogether(vs ...any) {
+	c.t.Helper()
+	c.WriteRaw(c.Frames(vs...))
+}
+
+// Frames encodes vs (as Send takes them) as a client's frames on the wire,
+// for WriteRaw.
+func (c *Client) Frames(vs ...any) []byte {
+	c.t.Helper()
+	var b []byte
+	for _, v := range vs {
+		data := c.encode(v)
+		// A final text frame, masked (RFC 6455 5.2) with the key 0, which
+		// leaves the payload as it is.
+		b = append(b, 0x81)
+		switch n := len(data); {
+		case n < 126:
+			b = append(b, 0x80|byte(n))
+		case n <= 0xFFFF:
+			b = append(b, 0x80|126, byte(n>>8), byte(n))
+		default:
+			b = append(b, 0x80|127)
+			b = binary.BigEndian.AppendUint64(b, uint64(n))
+		}
+		b = append(b, 0, 0, 0, 0)
+		b = append(b, data...)
+	}
+	return b
+}
+
+// WriteRaw writes b to the socket beneath the WebSocket with one write.
+func (c *Client) WriteRaw(b []byte) {
+	c.t.Helper()
+	if _, err := c.nc.Write(b); err != nil {
 		c.t.Fatalf("write: %v", err)
 	}
 }

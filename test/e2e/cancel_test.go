@@ -115,15 +115,27 @@ func TestCancelDuringStreaming(t *testing.T) {
 	}
 }
 
+// TestCancelBeforeStartNeverCallsTheModel sends cancels right behind their
+// sends on the same connection. With the start grace off, a worker would
+// start each turn as soon as its job exists: only the connection holding
+// the job until it has handled the frames behind the send keeps the model
+// from being called, however long a busy server takes over the cancel.
 func TestCancelBeforeStartNeverCallsTheModel(t *testing.T) {
-	p := trtest.Serve(t, "--sim-rate", "100", "--sim-tokens", "20", "--limit-sends", "0")
+	for _, grace := range []string{"50ms", "-1ms"} {
+		t.Run("start grace "+grace, func(t *testing.T) {
+			cancelRightBehindSends(t, trtest.Serve(t, "--sim-rate", "100", "--sim-tokens", "20", "--limit-sends", "0", "--start-grace", grace))
+		})
+	}
+}
+
+func cancelRightBehindSends(t *testing.T, p *trtest.Proc) {
 	c := trtest.Dial(t, p.WSURL(), nil)
 	c.Join("early", nil)
 	before := trtest.Metric(t, p.URL, "tokenrelay_provider_requests_total", "")
 	for i := range 20 {
 		turn := fmt.Sprintf("early-turn-%d", i)
-		c.Send(fmt.Sprintf(`{"type":"send","conversation_id":"early","text":"hi %d","turn_id":%q,"id":"s%d"}`, i, turn, i))
-		c.Send(fmt.Sprintf(`{"type":"cancel","turn_id":%q,"id":"c%d"}`, turn, i))
+		c.SendTogether(fmt.Sprintf(`{"type":"send","conversation_id":"early","text":"hi %d","turn_id":%q,"id":"s%d"}`, i, turn, i),
+			fmt.Sprintf(`{"type":"cancel","turn_id":%q,"id":"c%d"}`, turn, i))
 		tr := &trtest.Turn{ID: turn}
 		fs := c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return tr.Ends > 0 })
 		if tr.Status != "cancelled" || tr.Seq != 0 {
@@ -144,6 +156,37 @@ func TestCancelBeforeStartNeverCallsTheModel(t *testing.T) {
 	}
 	if after := trtest.Metric(t, p.URL, "tokenrelay_provider_requests_total", ""); after != before {
 		t.Fatalf("the provider was called %v times for turns cancelled before they started", after-before)
+	}
+}
+
+// TestFramesRightBehindASend: a send's job, held while the frames that
+// came with it are handled, is enqueued once they are, or after a moment
+// when the next frame has come only in part: the turn runs either way.
+func TestFramesRightBehindASend(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "1000", "--sim-tokens", "5", "--limit-sends", "0", "--start-grace", "-1ms")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("behind", nil)
+	ping := `{"type":"ping","id":"p1"}`
+	for i, next := range [][]byte{c.Frames(ping), c.Frames(ping)[:3]} {
+		turn := fmt.Sprintf("behind-%d", i)
+		send := fmt.Sprintf(`{"type":"send","conversation_id":"behind","text":"hi","turn_id":%q,"id":"s%d"}`, turn, i)
+		c.WriteRaw(append(c.Frames(send), next...))
+		tr := &trtest.Turn{ID: turn}
+		pong := false
+		c.Until(wait, func(f trtest.Frame) bool {
+			tr.Apply(f)
+			pong = pong || f.Type() == "pong"
+			return tr.Ends > 0
+		})
+		if tr.Status != "complete" || tr.Seq != 5 {
+			t.Fatalf("%d: turn ended %s after %d deltas, want complete after 5", i, tr.Status, tr.Seq)
+		}
+		if i == 1 {
+			c.WriteRaw(c.Frames(ping)[3:])
+		}
+		if !pong {
+			c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "pong" })
+		}
 	}
 }
 
