@@ -570,6 +570,9 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 		var pe *provider.Error
 		if errors.As(perr, &pe) {
 			errMsg = pe.Message
+			// What the user sees is in the turn's end; the cause (the
+			// model server's answer, redacted) only here.
+			log.Warn("turn failed at the model provider", "err", perr, "seq", pub.seq)
 		} else {
 			errMsg = "the model provider failed"
 			log.Error("provider failed", "err", perr)

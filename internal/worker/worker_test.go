@@ -667,3 +667,19 @@ func TestFailingSnapshotsAreLoggedOnce(t *testing.T) {
 		t.Fatalf("%v failed snapshots logged %d warnings and %d recoveries, want 1 and 1:\n%s", counter(t, reg, failures), w, again, logs.b.String())
 	}
 }
+
+// TestProviderFailureIsLogged: a turn that fails at the model provider ends
+// with the provider's message for the user, and the server's log says so,
+// with the cause.
+func TestProviderFailureIsLogged(t *testing.T) {
+	logs := &lockedBuffer{}
+	e := setup(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, true)
+	ends := e.send(t, "c", "t1", "[sim tokens=10 rate=1000 error_after=3] hello", true)
+	end := waitEnd(t, ends)
+	if end.Status != chat.StatusError || end.Error != "the simulated model failed after 3 tokens" {
+		t.Fatalf("end %+v, want error with the provider's message", end)
+	}
+	if n := logs.count(`msg="turn failed at the model provider"`); n != 1 {
+		t.Fatalf("logged the failure %d times, want once:\n%s", n, logs.b.String())
+	}
+}

@@ -15,6 +15,10 @@ import (
 
 const msgMalformed = "the model server sent a malformed stream"
 
+// msgEventTooLarge ends a turn whose stream holds an event (or a line)
+// over maxEventBytes.
+const msgEventTooLarge = "the model server sent an event over 1 MiB"
+
 // fail returns the *provider.Error with message msg and internal cause
 // cause, both with every secret redacted. unavailable adds
 // provider.ErrUnavailable to the chain.

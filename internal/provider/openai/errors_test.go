@@ -275,6 +275,14 @@ func TestStreamBrokenStream(t *testing.T) {
 			wantMsg: msgMalformed,
 		},
 		{
+			name: "an event over 1 MiB",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, contentChunk("Hel"), contentChunk(strings.Repeat("x", maxEventBytes)), doneEvent)
+			},
+			want:    []string{"Hel"},
+			wantMsg: msgEventTooLarge,
+		},
+		{
 			name: "error event mid-answer",
 			respond: func(t testing.TB, w http.ResponseWriter) {
 				writeSSE(t, w, contentChunk("Hel"), "event: error\n"+`data: {"error":{"message":"CUDA out of memory","type":"InternalServerError","code":500}}`+"\n\n")

@@ -197,7 +197,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 				return provider.Result{}, f, nil
 			}
 			if errors.Is(err, errEventTooLarge) {
-				return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
+				return provider.Result{}, &failure{err: p.fail(msgEventTooLarge, err, false)}, nil
 			}
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
