@@ -106,7 +106,7 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	// the job exists, so every delta a worker publishes comes after it.
 	if _, err := s.bus.PublishEvent(ctx, start); err != nil {
 		s.failTurn(res.Turn)
-		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
+		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: msgBrokerUnavailable, Err: err}
 	}
 	s.heldJobs.Add(1)
 	if r.hold != nil && r.hold(func() { defer s.heldJobs.Done(); s.enqueueHeld(res.Turn) }) {
@@ -116,7 +116,7 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	s.heldJobs.Done()
 	if err := s.bus.EnqueueJob(ctx, bus.JobOf(res.Turn)); err != nil {
 		s.failTurn(res.Turn)
-		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
+		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: msgBrokerUnavailable, Err: err}
 	}
 	s.m.sends.Inc()
 	return res, nil
@@ -162,11 +162,11 @@ func (s *Server) retried(ctx context.Context, r sendRequest) (store.SendResult, 
 func (s *Server) failTurn(t chat.Turn) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	final, won, err := s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusError, Error: "the message broker is unavailable", Now: s.now()})
+	final, won, err := s.store.FinishTurn(ctx, store.TurnResult{TurnID: t.ID, Status: chat.StatusError, Error: msgBrokerUnavailable, Now: s.now()})
 	if err != nil || !won {
 		return
 	}
-	_, _ = s.bus.PublishEvent(ctx, &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Status: final, Error: "the message broker is unavailable"})
+	_, _ = s.bus.PublishEvent(ctx, &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Status: final, Error: msgBrokerUnavailable})
 }
 
 // cancelResult is the answer to a cancel.
@@ -241,7 +241,13 @@ func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pending
 		}
 	})
 	if err != nil {
-		return nil, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
+		// A turn that has ended needs no broker to answer its cancel.
+		if t, terr := s.store.TurnHead(ctx, turnID); terr == nil && t.Owner == user && t.Status.Terminal() {
+			s.m.cancels.WithLabelValues("already_ended").Inc()
+			c.t, c.res, c.done = t, cancelResult{TurnID: t.ID, Status: t.Status, Already: true}, true
+			return c, nil
+		}
+		return nil, &protocol.Error{Code: protocol.CodeUnavailable, Message: msgBrokerUnavailable, Err: err}
 	}
 	t, err := s.store.TurnHead(ctx, turnID)
 	if err != nil {
@@ -304,10 +310,13 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 		return res, nil
 	}
 	final, won := c.final, c.won
-	created, err := s.bus.MarkCancelled(ctx, t.ID)
-	if err != nil && !won {
-		return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: "the message broker is unavailable", Err: err}
+	if t.Status == chat.StatusQueued && !won && final.Terminal() {
+		// Another cancel, or the turn's own end, came first.
+		res.Status, res.Already = final, true
+		s.observeCancel(res)
+		return res, nil
 	}
+	created, err := s.bus.MarkCancelled(ctx, t.ID)
 	if won {
 		if err != nil {
 			// The store has ended the turn; no worker will start it.
@@ -320,13 +329,18 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 		s.observeCancel(res)
 		return res, nil
 	}
-	res.Already = !created
-	if t.Status == chat.StatusQueued && final.Terminal() {
-		// Another cancel, or the turn's own end, came first.
-		res.Status, res.Already = final, true
-		s.observeCancel(res)
-		return res, nil
+	tombstone := err
+	if tombstone != nil {
+		// No tombstone (for a few seconds after a NATS node is lost, its
+		// bucket may have no leader), and so no signal from MarkCancelled,
+		// which signals after writing it: signal here. The turn's worker
+		// hears it over any live route and stops; the answer waits for
+		// the end as ever, and is unavailable only when the end is not
+		// heard and the tombstone still cannot be written.
+		s.bus.SignalCancel(t.ID)
+		created = true // not known: the end tells
 	}
+	res.Already = !created
 	// Streaming when read (or started by a worker since, which sees the
 	// tombstone), and listened for since before that read: the end,
 	// whoever stores it (the producer, another cancel, a recovery), comes
@@ -341,6 +355,13 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 		// another server before this one's interest reached it): read it.
 		if t, err := s.store.TurnHead(ctx, t.ID); err == nil {
 			res.Status = t.Status
+		}
+		if tombstone != nil && !res.Status.Terminal() {
+			created, err := s.bus.MarkCancelled(ctx, t.ID)
+			if err != nil {
+				return res, &protocol.Error{Code: protocol.CodeUnavailable, Message: msgBrokerUnavailable, Err: err}
+			}
+			res.Already = !created
 		}
 	case <-ctx.Done():
 		return res, ctx.Err()

@@ -304,3 +304,41 @@ func openBus(t *testing.T, cfg bus.Config) (*bus.Bus, *nats.Conn) {
 	}
 	return b, nc
 }
+
+// TestCancelWhileTombstonesFail: while the cancels bucket refuses writes
+// (as when its stream has no leader, for seconds after a NATS node is
+// lost), a cancel of a streaming turn still stops it, and is answered
+// cancelled: the signal goes over any live route, and the answer waits for
+// the end as ever.
+func TestCancelWhileTombstonesFail(t *testing.T) {
+	server := bustest.Start(t)
+	url := server.Conn().ConnectedUrl()
+	st, a := storeAndAuth(t)
+	runWorker(t, url, st)
+	c := trtest.Dial(t, serveGateway(t, gateway.New(gateway.Config{}, bustest.Open(t, url), st, a)), nil)
+	const conv = "no-tombstones"
+	c.Join(conv, nil)
+	tr := startTurn(t, c, conv, "[sim tokens=1000 rate=50] go on", 2)
+
+	js, err := jetstream.New(server.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := js.Stream(t.Context(), "KV_"+bus.CancelBucket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusing := kv.CachedInfo().Config
+	refusing.MaxMsgSize = 1
+	if _, err := js.UpdateStream(t.Context(), refusing); err != nil {
+		t.Fatal(err)
+	}
+	c.Send(map[string]any{"type": "cancel", "turn_id": tr.ID, "id": "c"})
+	if ack := ackOf(t, c, "c", tr); ack.Type() != "ack" || ack.Str("status") != "cancelled" {
+		t.Fatalf("cancel answered %v", ack)
+	}
+	finish(t, c, tr)
+	if tr.Status != "cancelled" {
+		t.Fatalf("turn ended %s", tr.Status)
+	}
+}
