@@ -559,3 +559,24 @@ func splitHostPort(addr string) (string, int, error) {
 	}
 	return host, port, nil
 }
+
+// Unavailable reports whether err says the message broker cannot be
+// reached or cannot answer now (a connection closed or reconnecting, a
+// stream without a leader, a request nobody answered): a client should try
+// again shortly, as for any unavailable service.
+func Unavailable(err error) bool {
+	if err == nil {
+		return false
+	}
+	for _, e := range []error{
+		nats.ErrConnectionClosed, nats.ErrConnectionDraining, nats.ErrConnectionReconnecting,
+		nats.ErrDisconnected, nats.ErrNoServers, nats.ErrTimeout, nats.ErrNoResponders,
+		jetstream.ErrNoStreamResponse, jetstream.ErrConnectionClosed, jetstream.ErrJetStreamPublisherClosed,
+	} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	var api *jetstream.APIError
+	return errors.As(err, &api) && api.Code == 503
+}

@@ -1,10 +1,13 @@
 package bus_test
 
 import (
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
@@ -237,5 +240,24 @@ func TestProducerAlive(t *testing.T) {
 	defer late.Unsubscribe()
 	if ok, err := b.ProducerAlive(t.Context(), "late", 2*time.Second); !ok || err != nil {
 		t.Fatalf("ProducerAlive of a producer heard late: %v %v", ok, err)
+	}
+}
+
+func TestUnavailable(t *testing.T) {
+	for _, err := range []error{
+		nats.ErrConnectionClosed,
+		fmt.Errorf("join: %w", nats.ErrConnectionReconnecting),
+		fmt.Errorf("mark cancelled: %w", jetstream.ErrNoStreamResponse),
+		nats.ErrNoResponders,
+		&jetstream.APIError{Code: 503, ErrorCode: 10008, Description: "JetStream system temporarily unavailable"},
+	} {
+		if !bus.Unavailable(err) {
+			t.Errorf("Unavailable(%v) = false", err)
+		}
+	}
+	for _, err := range []error{nil, errors.New("boom"), jetstream.ErrKeyExists, &jetstream.APIError{Code: 400}} {
+		if bus.Unavailable(err) {
+			t.Errorf("Unavailable(%v) = true", err)
+		}
 	}
 }

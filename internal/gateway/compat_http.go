@@ -79,7 +79,7 @@ func compatBadRequest(detail string) *compatError {
 func (cp *compat) writeCompatError(w http.ResponseWriter, err error) {
 	var ce *compatError
 	if !errors.As(err, &ce) {
-		pe := protocol.AsError(err)
+		pe := asError(err)
 		ce = &compatError{status: pe.Code.HTTPStatus(), detail: pe.Message}
 		switch pe.Code {
 		case protocol.CodeBadRequest:

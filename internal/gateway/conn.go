@@ -219,7 +219,10 @@ func (c *conn) closeAfter(drain time.Duration, code websocket.StatusCode, reason
 }
 
 func (c *conn) sendError(id string, err error) {
-	pe := protocol.AsError(err)
+	if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
+		return // the connection has ended: nobody reads the answer
+	}
+	pe := asError(err)
 	if pe.Code == protocol.CodeInternal {
 		c.logger().Error("request failed", "err", err)
 	}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/auth"
+	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/protocol"
 )
@@ -75,13 +76,28 @@ func writeError(w http.ResponseWriter, err error) {
 		writeJSON(w, pe.status, body)
 		return
 	}
-	e := protocol.AsError(err)
+	e := asError(err)
 	body.Error.Code, body.Error.Message, body.Error.TurnID, body.Error.RetryAfterMS = string(e.Code), e.Message, e.TurnID, e.RetryAfterMS
 	if e.RetryAfterMS > 0 {
 		w.Header().Set("Retry-After", strconv.FormatInt((e.RetryAfterMS+999)/1000, 10))
 	}
 	writeJSON(w, e.Code.HTTPStatus(), body)
 }
+
+// asError is protocol.AsError, with the message broker's failures (a
+// connection closed or reconnecting, a stream without a leader) as
+// unavailable rather than internal.
+func asError(err error) *protocol.Error {
+	var pe *protocol.Error
+	if !errors.As(err, &pe) && bus.Unavailable(err) {
+		return &protocol.Error{Code: protocol.CodeUnavailable, Message: msgBrokerUnavailable, Err: err}
+	}
+	return protocol.AsError(err)
+}
+
+// msgBrokerUnavailable is the message of an unavailable error whose cause
+// is the message broker.
+const msgBrokerUnavailable = "the message broker is unavailable"
 
 func badRequest(msg string) error { return protocol.Errorf(protocol.CodeBadRequest, msg) }
 
