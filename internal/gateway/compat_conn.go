@@ -383,7 +383,7 @@ func (c *compatConn) join(ctx context.Context) error {
 // run serves the connection until it ends, then releases everything.
 func (c *compatConn) run() {
 	c.setup()
-	c.s.readLoop(c.ws, c.raw, c.clientFrame)
+	c.s.readLoop(c.ws, c.raw, c.clientFrame, func(d time.Duration) { waitIdle(c.q, d) })
 	c.release()
 }
 

@@ -45,6 +45,25 @@ type conn struct {
 	w         connWriter
 	writers   sync.WaitGroup // the queue's running writers
 	held      jobHold        // jobs of sends with frames right behind them (see hold)
+	answers   sync.WaitGroup // cancels still to be answered; added to by the read loop only
+}
+
+// settle waits, for d at most, until the cancels handled so far are
+// answered and the queue is written (see readLoop).
+func (c *conn) settle(d time.Duration) {
+	deadline := time.Now().Add(d)
+	answered := make(chan struct{})
+	go func() { // ends with the last cancel, within the request and cancel timeouts
+		c.answers.Wait()
+		close(answered)
+	}()
+	wait := time.NewTimer(d)
+	defer wait.Stop()
+	select {
+	case <-answered:
+	case <-wait.C:
+	}
+	waitIdle(c.q, time.Until(deadline))
 }
 
 // jobHold is the jobs a connection holds back (see conn.hold).
@@ -53,13 +72,14 @@ type jobHold struct {
 	mu     sync.Mutex
 	jobs   []func()    // guarded by mu
 	busy   bool        // a frame is being handled; guarded by mu
-	frames int         // frames handled since the first job was held; guarded by mu
+	frames int         // frames handled since the last job was held, its send's included; guarded by mu
 	timer  *time.Timer // releases the jobs after holdMax without a frame; guarded by mu
 }
 
 // A connection holds jobs back while it handles the frames that arrived
-// with their sends: at most holdFrames of them, and for at most holdMax
-// while it waits for the rest of a frame that has arrived only in part.
+// with their sends: at most holdFrames of them behind the last send, and
+// for at most holdMax while it waits for the rest of a frame that has
+// arrived only in part.
 const (
 	holdFrames = 16
 	holdMax    = 100 * time.Millisecond
@@ -78,6 +98,7 @@ func (c *conn) hold(enqueue func()) bool {
 	h := &c.held
 	h.mu.Lock()
 	h.jobs = append(h.jobs, enqueue)
+	h.frames = 0  // each send gets its frames behind it
 	h.busy = true // called while a frame (the send) is handled
 	h.any.Store(true)
 	h.mu.Unlock()
@@ -102,8 +123,8 @@ func (c *conn) handling() {
 func (c *conn) handled() {
 	h := &c.held
 	h.mu.Lock()
-	h.frames++
-	if h.frames < holdFrames && c.raw.moreFrames() {
+	h.frames++ // the send's own frame first, then those behind it
+	if h.frames <= holdFrames && c.raw.moreFrames() {
 		h.busy = false
 		if h.timer == nil {
 			h.timer = time.AfterFunc(holdMax, c.heldTimeout)
@@ -308,8 +329,10 @@ func (c *conn) handle(f protocol.ClientFrame) {
 			return
 		}
 		c.wg.Add(1)
+		c.answers.Add(1)
 		go func() {
 			defer c.wg.Done()
+			defer c.answers.Done()
 			ctx, cancel := context.WithTimeout(c.ctx, c.s.cfg.RequestTimeout+c.s.cfg.CancelWait)
 			defer cancel()
 			res, err := pc.finish(ctx)
@@ -428,7 +451,7 @@ func (c *conn) leave(conv string) {
 // stays on the stack all the while the socket is parked.
 func (c *conn) run() {
 	c.setup()
-	c.s.readLoop(c.ws, c.raw, c.frame)
+	c.s.readLoop(c.ws, c.raw, c.frame, c.settle)
 	c.release()
 }
 

@@ -36,7 +36,11 @@ func onOwnStack(f func()) {
 // library and handling deeper (JSON decoding, store and bus calls). The
 // loop's own stack stays at the 2 KiB a park needs, and an idle connection
 // keeps nothing bigger.
-func (s *Server) readLoop(ws *websocket.Conn, raw *rawSocket, handle func(websocket.MessageType, []byte)) {
+//
+// settle waits, for the time it is given at most, until the answers to the
+// frames handled so far are written: a frame over the limit closes the
+// connection after them.
+func (s *Server) readLoop(ws *websocket.Conn, raw *rawSocket, handle func(websocket.MessageType, []byte), settle func(time.Duration)) {
 	var err error
 	limit := int64(s.cfg.Limits.FrameBytes)
 	read := func() {
@@ -45,7 +49,7 @@ func (s *Server) readLoop(ws *websocket.Conn, raw *rawSocket, handle func(websoc
 			// with 1009 at once: the answers to the frames before it go
 			// out first, for a second at most.
 			s.m.limitHits.WithLabelValues("frame_bytes").Inc()
-			waitIdle(raw.q, time.Second)
+			settle(time.Second)
 			_ = raw.close(ws, websocket.StatusMessageTooBig, fmt.Sprintf("frame over %d bytes", limit))
 			err = errFrameTooLarge
 			return
@@ -301,15 +305,27 @@ type rawSocket struct {
 }
 
 // close closes ws with code and reason, the close handshake included. All
-// of a connection's closes go through here (see closing).
+// of a connection's closes go through here (see closing). The handshake
+// takes closeHandshakeMax at most: then the TCP connection is closed,
+// whatever the peer sends or does not.
 func (r *rawSocket) close(ws *websocket.Conn, code websocket.StatusCode, reason string) error {
 	r.mu.Lock()
 	r.closing = true
 	r.unpoke() // the handshake may read before park looks
 	r.mu.Unlock()
 	r.sealed.Store(true)
+	hard := time.AfterFunc(closeHandshakeMax, func() { _ = r.nc.Close() })
+	defer hard.Stop()
 	return ws.Close(code, reason)
 }
+
+// closeHandshakeMax bounds a close handshake. The library waits five
+// seconds for a peer's close frame, but not for the rest of a frame the
+// peer left unfinished, which it reads to its end first: a peer that sent
+// a frame's first bytes (or the header of a frame over the limit) and
+// nothing more would otherwise keep its connection, and a graceful
+// shutdown, waiting.
+const closeHandshakeMax = 5 * time.Second
 
 // errSealed is writeFrames' answer once the close frame is on its way: the
 // frames are dropped, and the close handshake, not the writer, ends the

@@ -97,3 +97,33 @@ func TestFramesBehindTheUpgradeThenPark(t *testing.T) {
 		t.Fatalf("answer %s", payload)
 	}
 }
+
+// A peer that leaves a frame unfinished has its connection closed all the
+// same when the gateway closes it: the library's close handshake would
+// read that frame to its end before it looked for the peer's close frame,
+// and wait for bytes that never come.
+func TestCloseOfPeerWithAFrameUnfinished(t *testing.T) {
+	t.Parallel()
+	_, srv := devServer(t, Config{QuietCheck: -1, PingInterval: -1, Limits: Limits{BadFrames: 1}})
+	nc, br := rawUpgrade(t, srv.URL, "/v1/ws", nil)
+	bad := []byte{0x81, 0x80 | 5, 0, 0, 0, 0, '{', 'n', 'o', 'p', 'e'}
+	// Two bad frames close the connection with 1008; the first byte of a
+	// third frame follows them.
+	if _, err := nc.Write(append(append(bad, bad...), 0x81)); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		op, _ := readFrame(t, br)
+		if op&0x0F == 0x8 {
+			break
+		}
+	}
+	// The peer answers the close, as a client does.
+	if _, err := nc.Write([]byte{0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8}); err != nil {
+		t.Fatal(err)
+	}
+	_ = nc.SetReadDeadline(time.Now().Add(closeHandshakeMax + 5*time.Second))
+	if _, err := io.Copy(io.Discard, br); err != nil {
+		t.Fatalf("reading the closed socket: %v, want EOF within %v", err, closeHandshakeMax)
+	}
+}

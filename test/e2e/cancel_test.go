@@ -6,6 +6,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/coder/websocket"
+
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -186,6 +188,68 @@ func TestFramesRightBehindASend(t *testing.T) {
 		}
 		if !pong {
 			c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "pong" })
+		}
+	}
+}
+
+// TestCancelBehindASecondSend: frames behind a held send count from the
+// last send, so a second send far behind the first still holds its own job
+// while its cancel, right behind it, is handled.
+func TestCancelBehindASecondSend(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--sim-tokens", "3", "--limit-sends", "0", "--start-grace", "-1ms")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("first", nil)
+	c.Join("second", nil)
+	before := trtest.Metric(t, p.URL, "tokenrelay_provider_requests_total", "")
+	frames := []any{`{"type":"send","conversation_id":"first","text":"hi","turn_id":"first-1","id":"s1"}`}
+	for range 15 {
+		frames = append(frames, `{"type":"ping"}`)
+	}
+	frames = append(frames, `{"type":"send","conversation_id":"second","text":"hi","turn_id":"second-1","id":"s2"}`,
+		`{"type":"cancel","turn_id":"second-1","id":"c2"}`)
+	c.SendTogether(frames...)
+	first, second := &trtest.Turn{ID: "first-1"}, &trtest.Turn{ID: "second-1"}
+	c.Until(wait, func(f trtest.Frame) bool {
+		first.Apply(f)
+		second.Apply(f)
+		return first.Ends > 0 && second.Ends > 0
+	})
+	if first.Status != "complete" || second.Status != "cancelled" || second.Seq != 0 {
+		t.Fatalf("first ended %s, second %s after %d deltas: want complete, and cancelled after 0", first.Status, second.Status, second.Seq)
+	}
+	trtest.WaitMetric(t, p.URL, "tokenrelay_provider_requests_total", "", wait, func(v float64) bool { return v >= before+1 })
+	if after := trtest.Metric(t, p.URL, "tokenrelay_provider_requests_total", ""); after != before+1 {
+		t.Fatalf("the provider was called %v times, want once (the first turn only)", after-before)
+	}
+}
+
+// TestOversizedFrameBehindACancel: a frame over --limit-frame-bytes closes
+// the connection with 1009 only after the answers to the frames before it,
+// a cancel's included, whose answer is written by a goroutine of its own.
+func TestOversizedFrameBehindACancel(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--sim-tokens", "3", "--limit-sends", "0", "--limit-frame-bytes", "1024")
+	big := `{"type":"ping","id":"big","pad":"` + strings.Repeat("x", 1024) + `"}`
+	for i := range 5 {
+		c := trtest.Dial(t, p.WSURL(), nil)
+		conv, turn := fmt.Sprintf("big-%d", i), fmt.Sprintf("big-turn-%d", i)
+		c.Join(conv, nil)
+		c.SendTogether(fmt.Sprintf(`{"type":"send","conversation_id":%q,"text":"hi","turn_id":%q,"id":"s"}`, conv, turn),
+			fmt.Sprintf(`{"type":"cancel","turn_id":%q,"id":"c"}`, turn), big)
+		answered := map[string]bool{}
+		for {
+			f, err := c.Next(wait)
+			if err != nil {
+				break
+			}
+			if f.Type() == "ack" {
+				answered[f.Str("id")] = true
+			}
+		}
+		if !answered["s"] || !answered["c"] {
+			t.Fatalf("%d: answered %v before the close, want the send's and the cancel's acks", i, answered)
+		}
+		if code := c.CloseStatus(); code != websocket.StatusMessageTooBig {
+			t.Fatalf("%d: close %d, want 1009", i, code)
 		}
 	}
 }
