@@ -48,6 +48,8 @@ type conn struct {
 	answers   sync.WaitGroup // cancels still to be answered; added to by the read loop only
 }
 
+var _ sink = (*conn)(nil)
+
 // settle waits, for d at most, until the cancels handled so far are
 // answered and the queue is written (see readLoop).
 func (c *conn) settle(d time.Duration) {
