@@ -142,23 +142,22 @@ func (c *conn) handled() {
 }
 
 // heldTimeout enqueues the held jobs when the next frame has not come
-// whole within holdMax.
-func (c *conn) heldTimeout() {
-	h := &c.held
-	h.mu.Lock()
-	if h.busy {
-		h.mu.Unlock() // a frame came after all (a timer that fired as it was stopped)
-		return
-	}
-	jobs := h.takeLocked()
-	h.mu.Unlock()
-	runAll(jobs)
-}
+// whole within holdMax; a timer that fired as a frame came (and stopped
+// it) leaves them.
+func (c *conn) heldTimeout() { c.enqueueHeld(false) }
 
 // releaseHeld enqueues the jobs the connection holds, as it ends.
-func (c *conn) releaseHeld() {
+func (c *conn) releaseHeld() { c.enqueueHeld(true) }
+
+// enqueueHeld enqueues the held jobs, unless a frame is being handled and
+// evenIfBusy is false.
+func (c *conn) enqueueHeld(evenIfBusy bool) {
 	h := &c.held
 	h.mu.Lock()
+	if h.busy && !evenIfBusy {
+		h.mu.Unlock()
+		return
+	}
 	jobs := h.takeLocked()
 	h.mu.Unlock()
 	runAll(jobs)

@@ -1,9 +1,11 @@
 package gateway
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"io"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -33,13 +35,20 @@ func TestShutdownClosesSocketsOfPeersThatDoNotAnswer(t *testing.T) {
 		t.Fatalf("answer to ping: %q %v", pong, err)
 	}
 
+	shutdownWithoutAnswer(t, s, nc, br)
+}
+
+// shutdownWithoutAnswer shuts s down with a context that ends before the
+// peer nc, which never answers, could; the server's close frame, then the
+// end of the stream, must reach the peer well before the library's five
+// seconds.
+func shutdownWithoutAnswer(t *testing.T, s *Server, nc net.Conn, br *bufio.Reader) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
 	defer cancel()
 	if err := s.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Shutdown = %v, want the context's deadline (the peer never answers)", err)
 	}
-	// The server's close frame, then the end of the stream well before
-	// the library's five seconds.
 	_ = nc.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := io.Copy(io.Discard, br); err != nil {
 		t.Fatalf("reading the closed socket: %v, want EOF within 2s", err)
