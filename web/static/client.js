@@ -723,6 +723,10 @@ export class TokenRelayClient extends EventTarget {
       conv.joining = false;
       conv.joined = false;
       for (const w of conv.waiters.splice(0)) w.reject(new ClientError(f.code, f.message, detail));
+    } else if (f.conversation_id) {
+      // About a conversation this client has left: the notice crossed the
+      // leave (a delete answered over HTTP, say), and is no news.
+      return;
     }
     this._emit('error', detail);
   }

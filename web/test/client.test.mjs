@@ -472,3 +472,18 @@ test('a notice that a joined conversation was deleted is reported and leaves the
   ws.receive({ type: 'error', code: 'forbidden', conversation_id: 'c1', message: 'taken by another user' });
   assert.equal(c.conversation('c1'), undefined, 'forgotten once the server no longer follows it');
 });
+
+test('a notice about a conversation the client has left is not news: no error event', async (t) => {
+  // The page deletes a conversation over HTTP and leaves it; the server's
+  // notice to the WebSocket that it was deleted can arrive after that.
+  const c = newClient(t);
+  const ws = await joined(c);
+  c.leave('c1');
+  assert.equal(ws.frames('leave').length, 1);
+  ws.receive({ type: 'error', code: 'not_found', conversation_id: 'c1', message: 'conversation c1 was deleted' });
+  ws.receive({ type: 'error', code: 'forbidden', conversation_id: 'c1', message: 'taken by another user' });
+  assert.deepEqual(c.events.filter((e) => e.type === 'error'), []);
+  // An error that names no conversation is still about the connection.
+  ws.receive({ type: 'error', code: 'rate_limited', message: 'too many frames' });
+  assert.equal(c.events.filter((e) => e.type === 'error').length, 1);
+});

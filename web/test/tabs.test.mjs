@@ -68,7 +68,8 @@ test('a conversation deleted in one tab leaves the other tab, which says so', as
   await h.waitJoined(b.page, now);
   // The tab that deleted it says nothing of the sort.
   await a.page.waitForFunction((c) => window.tokenrelay.conversationId !== c, a.conv);
-  assert.ok(await a.page.locator('#alert').isHidden(), 'no alert in the tab that deleted it');
+  assert.ok(await a.page.locator('#alert').isHidden(),
+    `no alert in the tab that deleted it, yet it says: ${await a.page.locator('#alert').textContent()}`);
   h.noPageErrors(assert, a.page);
   h.noPageErrors(assert, b.page);
 });
