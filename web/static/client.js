@@ -128,6 +128,8 @@ export class TokenRelayClient extends EventTarget {
     this._convs = new Map();
     /** @type {Map<string, object>} frame id → request awaiting its ack or error */
     this._requests = new Map();
+    /** @type {Map<string, number>} conversation id → deleteConversation calls under way */
+    this._deleting = new Map();
     this._onOnline = () => {
       if (!this._wanted || this._opening) return;
       if (!this._ws) this._retryNow();
@@ -211,7 +213,10 @@ export class TokenRelayClient extends EventTarget {
     this._retryTimer = null;
     const gen = ++this._gen;
     this._opening = true;
-    this._setState(this._attempt === 0 && this.state !== 'reconnecting' ? 'connecting' : 'reconnecting');
+    // While the browser reports offline a retry does not say `reconnecting`:
+    // the state stays `offline` until the network is back or a socket opens.
+    const offline = this.state === 'offline' && globalThis.navigator?.onLine === false;
+    this._setState(offline ? 'offline' : this._attempt === 0 && this.state !== 'reconnecting' ? 'connecting' : 'reconnecting');
     let url = this.opts.url;
     try {
       const token = await this._token();
@@ -468,12 +473,16 @@ export class TokenRelayClient extends EventTarget {
     const frame = { type: 'join', conversation_id: conv.id, history: conv.history };
     if (after === undefined) {
       const t = conv.active && conv.byTurn.get(conv.active);
-      if (t && !isTerminal(t.status) && t.seq > 0) after = { turn_id: t.turn_id, seq: t.seq };
+      // Also an answer of which nothing has come yet (seq 0), once the
+      // server knows it: should it end while we are away and slide out of
+      // the snapshot, the catch-up that follows `after` still ends it here.
+      if (t && !isTerminal(t.status) && t.seq != null && (t.seq > 0 || !t.pending)) after = { turn_id: t.turn_id, seq: t.seq };
     }
     if (after) frame.after = after;
     const id = `j${++this._reqSeq}`;
     frame.id = id;
     conv.joinId = id;
+    conv.joinAfter = after ? after.turn_id : null;
     this._write(frame);
   }
 
@@ -642,11 +651,18 @@ export class TokenRelayClient extends EventTarget {
    * the conversation stays joined.
    */
   async deleteConversation(conversationId) {
+    // The server's notice to the socket that the conversation is gone can
+    // come before the HTTP answer: it is this delete's, and no news.
+    this._deleting.set(conversationId, (this._deleting.get(conversationId) ?? 0) + 1);
     try {
       await this.api('DELETE', `/v1/conversations/${encodeURIComponent(conversationId)}`);
     } catch (err) {
       if (err?.code === 'not_found') this.leave(conversationId); // gone all the same
       throw err;
+    } finally {
+      const n = this._deleting.get(conversationId) - 1;
+      if (n > 0) this._deleting.set(conversationId, n);
+      else this._deleting.delete(conversationId);
     }
     this.leave(conversationId);
   }
@@ -712,7 +728,8 @@ export class TokenRelayClient extends EventTarget {
     } else if (f.conversation_id && this._convs.has(f.conversation_id) && f.code === 'not_found') {
       // A joined conversation was deleted (in another tab, say). The
       // server still follows its id; what to do is the app's choice (the
-      // page leaves it).
+      // page leaves it). Its own deleteConversation is no news.
+      if (this._deleting.has(f.conversation_id)) return;
       detail.conversationId = f.conversation_id;
     } else if (f.conversation_id && this._convs.has(f.conversation_id)) {
       // The server stopped following a joined conversation (it was
@@ -791,6 +808,13 @@ export class TokenRelayClient extends EventTarget {
     }
     fresh.items = kept.concat(fresh.items);
     conv.hasMore = kept.length > 0 ? old.hasMore : (f.messages ?? []).length >= conv.history;
+    // The answer this join resumed with `after` may have ended and slid out
+    // of the snapshot's `history` messages (newer turns ended while we were
+    // away). The server sends its catch-up deltas and `turn.end` next: they
+    // finish it as `detached`, outside `items`, for its one `end`.
+    const followed = conv.joinAfter && old.byTurn.get(conv.joinAfter);
+    conv.detached = followed && !isTerminal(followed.status) && followed.seq != null && !fresh.byTurn.has(followed.turn_id)
+      ? followed : null;
     conv.items = fresh.items;
     conv.byMessage = fresh.byMessage;
     conv.byTurn = fresh.byTurn;
@@ -836,9 +860,14 @@ export class TokenRelayClient extends EventTarget {
     this._emit('turn', { conversationId: conv.id, turn: t, phase: 'start' });
   }
 
+  /** _turn is the model of turn id in conv: listed, or the detached one a resume finishes. */
+  _turn(conv, id) {
+    return conv.byTurn.get(id) ?? (conv.detached?.turn_id === id ? conv.detached : undefined);
+  }
+
   _onDelta(conv, f) {
     const from = f.from ?? f.seq;
-    let t = conv.byTurn.get(f.turn_id);
+    let t = this._turn(conv, f.turn_id);
     if (!t && from === 1) t = this._turnItem(conv, f.turn_id);
     if (t && (isTerminal(t.status) || t.seq == null)) return; // already have all of it
     const last = t ? t.seq : 0;
@@ -847,7 +876,7 @@ export class TokenRelayClient extends EventTarget {
       t.seq = f.seq;
       t.status = 'streaming';
       delete t.pending;
-      conv.active = t.turn_id;
+      if (t !== conv.detached) conv.active = t.turn_id;
       this._emit('turn', { conversationId: conv.id, turn: t, phase: 'delta' });
       return;
     }
@@ -856,9 +885,13 @@ export class TokenRelayClient extends EventTarget {
   }
 
   _onEnd(conv, f) {
-    const t = conv.byTurn.get(f.turn_id);
+    const t = this._turn(conv, f.turn_id);
     if (t && (isTerminal(t.status) || t.seq == null)) return;
-    if (!t || f.seq > t.seq) {
+    if (t === conv.detached) {
+      // Its deltas may have expired (past the server's retention): then
+      // only the end comes, and the whole text is in the history.
+      conv.detached = null;
+    } else if (!t || f.seq > t.seq) {
       this._gap(conv, f.turn_id, (t?.seq ?? 0) + 1, f.seq);
       return;
     }
@@ -880,7 +913,7 @@ export class TokenRelayClient extends EventTarget {
 
 function newConversation(id, history) {
   return { id, history, items: [], byMessage: new Map(), byTurn: new Map(), active: null, hasMore: false, loadingOlder: null,
-    joined: false, joining: false, joinId: null, waiters: [] };
+    joined: false, joining: false, joinId: null, joinAfter: null, detached: null, waiters: [] };
 }
 
 function sameItem(a, b) {

@@ -487,3 +487,75 @@ test('a notice about a conversation the client has left is not news: no error ev
   ws.receive({ type: 'error', code: 'rate_limited', message: 'too many frames' });
   assert.equal(c.events.filter((e) => e.type === 'error').length, 1);
 });
+
+test("the notice of the client's own deleteConversation, come before the HTTP answer, is no news", async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  let answer;
+  const realFetch = globalThis.fetch;
+  globalThis.fetch = () => new Promise((resolve) => { answer = resolve; });
+  t.after(() => { globalThis.fetch = realFetch; });
+  const deleted = c.deleteConversation('c1');
+  await until(() => answer, 'the DELETE');
+  ws.receive({ type: 'error', code: 'not_found', conversation_id: 'c1', message: 'conversation c1 was deleted' });
+  answer(new Response(null, { status: 204 }));
+  assert.equal(await settled(deleted, 'the delete'), 'resolved');
+  assert.deepEqual(c.events.filter((e) => e.type === 'error'), []);
+  assert.equal(c.conversation('c1'), undefined, 'left');
+  assert.equal(ws.frames('leave').length, 1);
+});
+
+test('a resumed answer that ended and slid out of the snapshot still gets its catch-up and one end', async (t) => {
+  const c = newClient(t, { history: 2 });
+  const ws = await joined(c, { messages: [userMsg('m1', 't1', 'first')] ,
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 2, text: 'ab', model: 'sim' } });
+  ws.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a new connection');
+  const ws2 = FakeWS.all.at(-1);
+  ws2.open();
+  const j = ws2.frames('join').at(-1);
+  assert.deepEqual(j.after, { turn_id: 't1', seq: 2 });
+  // While away t1 ended and another turn ran: the last two messages are t2's.
+  const m2 = { ...userMsg('m2', 't2', 'second') };
+  const a2 = { message_id: 't2', conversation_id: 'c1', role: 'assistant', content: 'xyz', status: 'complete', created_at: m2.created_at, turn_id: 't2', reply_to: 'm2' };
+  ws2.receive({ type: 'joined', id: j.id, conversation_id: 'c1', messages: [m2, a2], active: null });
+  ws2.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', from: 3, seq: 5, text: 'cde' });
+  ws2.receive({ type: 'turn.end', conversation_id: 'c1', turn_id: 't1', seq: 5, status: 'complete' });
+  assert.deepEqual(c.events.filter((e) => e.type === 'gap'), []);
+  const ends = c.events.filter((e) => e.type === 'turn' && e.phase === 'end');
+  assert.equal(ends.length, 1);
+  assert.equal(ends[0].turn.turn_id, 't1');
+  assert.equal(ends[0].turn.content, 'abcde');
+  assert.equal(ends[0].turn.status, 'complete');
+  assert.equal(ws2.frames('join').length, 1, 'no second join');
+  assert.equal(c.conversation('c1').active, null);
+  assert.deepEqual(c.conversation('c1').items.map((i) => i.message_id), ['m2', 't2']);
+});
+
+test('an answer of which nothing has come yet is resumed with after seq 0', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1', 'first')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'queued', seq: 0, text: '', model: 'sim' } });
+  ws.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a new connection');
+  FakeWS.all.at(-1).open();
+  assert.deepEqual(FakeWS.all.at(-1).frames('join').at(-1).after, { turn_id: 't1', seq: 0 });
+});
+
+test('retries while the browser is offline keep the state offline', async (t) => {
+  const win = fakeWindow(t);
+  const nav = Object.getOwnPropertyDescriptor(globalThis, 'navigator');
+  Object.defineProperty(globalThis, 'navigator', { value: { onLine: true }, configurable: true });
+  t.after(() => { if (nav) Object.defineProperty(globalThis, 'navigator', nav); else delete globalThis.navigator; });
+  const c = newClient(t);
+  await joined(c);
+  globalThis.navigator.onLine = false;
+  win.dispatchEvent(new Event('offline'));
+  FakeWS.all.at(-1).drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a retry');
+  FakeWS.all.at(-1).drop(1006); // the network is still down
+  await until(() => FakeWS.all.length === 3, 'another retry');
+  const states = c.events.filter((e) => e.type === 'status').map((e) => e.state);
+  const after = states.slice(states.indexOf('offline'));
+  assert.ok(after.length >= 3 && after.every((s) => s === 'offline'), `states since offline: ${after}`);
+});
