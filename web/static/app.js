@@ -523,7 +523,6 @@ function refreshList(delay = 0) {
 }
 
 let armedDelete = null; // the conversation whose delete button awaits its second click
-const deleting = new Set(); // conversations this page has asked to delete
 let armTimer = 0;
 function arm(del) {
   del.classList.add('confirm');
@@ -598,8 +597,6 @@ ui.list.addEventListener('click', async (e) => {
     }
     armedDelete = null;
     clearTimeout(armTimer);
-    deleting.add(id); // its notice that the conversation is gone is no news here
-    setTimeout(() => deleting.delete(id), 10000);
     try {
       await client.deleteConversation(id);
     } catch (err) {
@@ -843,7 +840,7 @@ client.addEventListener('error', (e) => {
   if (!d.request && d.code === 'not_found' && d.conversationId) {
     // A conversation this page follows was deleted: leave it.
     client.leave(d.conversationId);
-    if (deleting.has(d.conversationId) || d.conversationId !== current) {
+    if (d.conversationId !== current) {
       refreshList(0);
       return;
     }
