@@ -49,6 +49,7 @@ const defaults = {
   backoffMaxMs: 15000,
   pingIntervalMs: 25000,
   pongTimeoutMs: 10000,
+  openTimeoutMs: 10000,
   stableAfterMs: 5000,
   maxFrameBytes: 65536,
 };
@@ -91,6 +92,8 @@ export class TokenRelayClient extends EventTarget {
    * @param {number} [opts.pingIntervalMs] keep-alive interval (default 25000; 0 = none).
    * @param {number} [opts.pongTimeoutMs] how long the first unanswered ping waits for its pong
    *        before the connection is given up (default 10000).
+   * @param {number} [opts.openTimeoutMs] how long a WebSocket may take to open before it is given
+   *        up and tried again (default 10000; 0 = as long as the browser waits).
    * @param {number} [opts.maxFrameBytes] largest frame the server takes (its --limit-frame-bytes,
    *        default 65536; 0 = no check): a larger `send` is refused here with `too_large`.
    * @param {typeof WebSocket} [opts.WebSocket] WebSocket implementation (default: the global one).
@@ -120,6 +123,7 @@ export class TokenRelayClient extends EventTarget {
     this._retryTimer = null;
     this._pingTimer = null;
     this._pongTimer = null;
+    this._openTimer = null;
     this._stableTimer = null;
     this._reqSeq = 0;
     /** the frame limit in force: the option, lowered when a smaller frame got close 1009 */
@@ -239,6 +243,17 @@ export class TokenRelayClient extends EventTarget {
     ws.onmessage = (ev) => this._onFrame(ws, ev.data);
     ws.onclose = (ev) => this._onClose(ws, ev);
     ws.onerror = () => {}; // onclose follows with the code
+    // A server that accepts the TCP connection and never answers the
+    // upgrade (hung, overloaded, a half-open proxy) would otherwise hold
+    // the client in `reconnecting` for as long as the browser waits.
+    if (this.opts.openTimeoutMs > 0) {
+      this._openTimer = setTimeout(() => {
+        this._openTimer = null;
+        if (ws !== this._ws || ws.readyState !== 0) return;
+        this._onClose(ws, { code: 4000, reason: 'open timed out' });
+        try { ws.close(); } catch { /* already closing */ }
+      }, this.opts.openTimeoutMs);
+    }
   }
 
   async _token() {
@@ -251,6 +266,8 @@ export class TokenRelayClient extends EventTarget {
       ws.close(1000, 'superseded'); // not the client's socket (any more)
       return;
     }
+    clearTimeout(this._openTimer);
+    this._openTimer = null;
     this._setState('connected');
     // The attempt counter resets only once the connection has proven
     // itself, so a server that accepts and at once closes (4009, a
@@ -355,6 +372,8 @@ export class TokenRelayClient extends EventTarget {
     const ws = this._ws;
     if (ws) ws.onopen = ws.onmessage = ws.onclose = null;
     this._ws = null;
+    clearTimeout(this._openTimer);
+    this._openTimer = null;
     clearInterval(this._pingTimer);
     clearTimeout(this._pongTimer);
     this._pongTimer = null;

@@ -559,3 +559,16 @@ test('retries while the browser is offline keep the state offline', async (t) =>
   const after = states.slice(states.indexOf('offline'));
   assert.ok(after.length >= 3 && after.every((s) => s === 'offline'), `states since offline: ${after}`);
 });
+
+test('a WebSocket that does not open within openTimeoutMs is given up and tried again', async (t) => {
+  const c = newClient(t, { openTimeoutMs: 30 });
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const stuck = FakeWS.all[0]; // accepted, never answered
+  await until(() => FakeWS.all.length === 2, 'a second try');
+  assert.equal(stuck.closedWith, 1000, 'the stuck one was closed');
+  assert.ok(c.events.some((e) => e.type === 'status' && e.state === 'reconnecting' && e.code === 4000));
+  FakeWS.all[1].open();
+  assert.equal(c.state, 'connected');
+  assert.equal(c._openTimer, null, 'an open socket is not timed out');
+});
