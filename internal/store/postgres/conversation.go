@@ -2,18 +2,19 @@ package postgres
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/store/sqlstore"
 )
 
 // DeleteConversation deletes conversation id and, by cascade, its messages,
 // and keeps its turn ids in deleted_turns (see Send). It returns
-// chat.ErrNotFound, or chat.ErrForbidden when owner differs. One statement
-// deletes, checks the owner and keeps the ids (its parts see the rows as
-// they were before it); only when it deletes nothing does a second one look
-// for the reason.
+// chat.ErrNotFound, or chat.ErrForbidden when owner differs.
 func (s *DB) DeleteConversation(ctx context.Context, id, owner string) error {
 	if err := s.deleteConversation(ctx, id, owner); err != nil {
 		return fmt.Errorf("delete conversation: %w", err)
@@ -22,28 +23,29 @@ func (s *DB) DeleteConversation(ctx context.Context, id, owner string) error {
 }
 
 func (s *DB) deleteConversation(ctx context.Context, id, owner string) error {
-	var deleted bool
-	err := s.pool.QueryRow(ctx, `WITH gone AS (
-			DELETE FROM conversations WHERE id = $1 AND owner = $2 RETURNING id
-		), kept AS (
-			INSERT INTO deleted_turns (turn_id, deleted_at)
-			SELECT m.turn_id, $3 FROM messages m JOIN gone ON m.conversation_id = gone.id
-			WHERE m.role = 'assistant'
-			ON CONFLICT (turn_id) DO NOTHING
-		)
-		SELECT EXISTS (SELECT 1 FROM gone)`, id, owner, time.Now().UnixMilli()).Scan(&deleted)
-	if err != nil {
-		return unreachable(err)
-	}
-	if deleted {
-		return nil
-	}
-	var exists bool
-	if err := s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM conversations WHERE id = $1)`, id).Scan(&exists); err != nil {
-		return unreachable(err)
-	}
-	if exists {
-		return chat.ErrForbidden
-	}
-	return chat.ErrNotFound
+	return dialect{s.pool}.InTx(ctx, func(ctx context.Context, tx sqlstore.Queryer) error {
+		// The conversation's row lock first: a send under way holds it
+		// (LockConversation), and once that send has committed, the
+		// statements below, each reading what has committed when it
+		// starts (READ COMMITTED), see its turn, whose id is then kept. A
+		// single statement would read the messages as they were before
+		// it waited for the lock, and forget that turn's id.
+		var got string
+		err := tx.QueryRow(ctx, `SELECT owner FROM conversations WHERE id = ? FOR UPDATE`, id).Scan(&got)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			return chat.ErrNotFound
+		case err != nil:
+			return err
+		case got != owner:
+			return chat.ErrForbidden
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO deleted_turns (turn_id, deleted_at)
+			SELECT turn_id, ? FROM messages WHERE conversation_id = ? AND role = 'assistant'
+			ON CONFLICT (turn_id) DO NOTHING`, time.Now().UnixMilli(), id); err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, `DELETE FROM conversations WHERE id = ?`, id)
+		return err
+	})
 }

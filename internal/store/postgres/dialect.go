@@ -143,16 +143,23 @@ func (d dialect) InTx(ctx context.Context, fn func(context.Context, sqlstore.Que
 // row lock (SELECT … FOR UPDATE). Under READ COMMITTED every later statement
 // of the transaction sees the sends that committed while it waited.
 func (dialect) LockConversation(ctx context.Context, tx sqlstore.Queryer, id, owner string, now int64) (string, error) {
-	// Create the conversation if need be, so that there is a row to lock.
-	_, err := tx.Exec(ctx, `INSERT INTO conversations (id, owner, title, created_at, updated_at)
-		VALUES (?, ?, '', ?, ?) ON CONFLICT (id) DO NOTHING`, id, owner, now, now)
-	if err != nil {
-		return "", err
+	for range 3 {
+		// Create the conversation if need be, so that there is a row to lock.
+		_, err := tx.Exec(ctx, `INSERT INTO conversations (id, owner, title, created_at, updated_at)
+			VALUES (?, ?, '', ?, ?) ON CONFLICT (id) DO NOTHING`, id, owner, now, now)
+		if err != nil {
+			return "", err
+		}
+		var got string
+		err = tx.QueryRow(ctx, `SELECT owner FROM conversations WHERE id = ? FOR UPDATE`, id).Scan(&got)
+		if !errors.Is(err, pgx.ErrNoRows) {
+			return got, err
+		}
+		// Deleted between the two statements (a delete held the lock this
+		// waited for): the send goes to the conversation created afresh,
+		// as a send made after the delete does.
 	}
-	var got string
-	// ErrNoRows too is an error: deleted between the two statements.
-	err = tx.QueryRow(ctx, `SELECT owner FROM conversations WHERE id = ? FOR UPDATE`, id).Scan(&got)
-	return got, err
+	return "", fmt.Errorf("conversation %s: deleted as often as it was created", id)
 }
 
 // ownerLockSpace is the first key of the transaction advisory lock that
