@@ -26,17 +26,37 @@ type pgxConn interface {
 }
 
 // conn runs the shared queries on the pool or in a transaction, their ?
-// placeholders numbered as PostgreSQL wants them.
-type conn struct{ c pgxConn }
+// placeholders numbered as PostgreSQL wants them. On the pool (maxConns >
+// 0) a statement that a dead connection did not run is run again (see
+// retry.go).
+type conn struct {
+	c        pgxConn
+	maxConns int // the pool's; 0 in a transaction
+}
 
 var _ sqlstore.Queryer = conn{}
 
 func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Scanner {
+	if c.maxConns > 0 {
+		return retryRow{c: c, ctx: ctx, query: rebind(query), args: args}
+	}
 	return pgxRow{c.c.QueryRow(ctx, rebind(query), args...)}
 }
 
 func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
-	rows, err := c.c.Query(ctx, rebind(query), args...)
+	query = rebind(query)
+	if c.maxConns > 0 {
+		var rows pgx.Rows
+		err := c.retry(ctx, func() (err error) {
+			rows, err = c.c.Query(ctx, query, args...)
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+		return &retryRows{pgxRows: pgxRows{rows}, c: c, ctx: ctx, query: query, args: args}, nil
+	}
+	rows, err := c.c.Query(ctx, query, args...)
 	if err != nil {
 		return nil, unreachable(err)
 	}
@@ -44,8 +64,17 @@ func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Ro
 }
 
 func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
-	tag, err := c.c.Exec(ctx, rebind(query), args...)
-	if err != nil {
+	query = rebind(query)
+	var tag pgconn.CommandTag
+	run := func() (err error) {
+		tag, err = c.c.Exec(ctx, query, args...)
+		return err
+	}
+	if c.maxConns > 0 {
+		if err := c.retry(ctx, run); err != nil {
+			return 0, err
+		}
+	} else if err := run(); err != nil {
 		return 0, unreachable(err)
 	}
 	return tag.RowsAffected(), nil
@@ -125,18 +154,28 @@ type dialect struct {
 
 var _ sqlstore.Dialect = dialect{}
 
+// InTx runs fn in a transaction. One whose connection failed before it ran
+// a statement has changed nothing, so it is run again from the start on
+// another connection, as the pool's single statements are (see retry.go);
+// a COMMIT that fails is not, since it may have committed.
 func (d dialect) InTx(ctx context.Context, fn func(context.Context, sqlstore.Queryer) error) error {
-	t, err := d.pool.Begin(ctx)
-	if err != nil {
-		return unreachable(err)
-	}
-	if err := fn(ctx, conn{t}); err != nil {
-		// Rolled back even when ctx is done, so that the connection goes
-		// back to the pool clean rather than being closed.
-		_ = t.Rollback(context.WithoutCancel(ctx))
-		return err
-	}
-	return unreachable(t.Commit(ctx))
+	c := conn{c: d.pool, maxConns: int(d.pool.Config().MaxConns)}
+	return c.retry(ctx, func() error {
+		t, err := d.pool.Begin(ctx)
+		if err != nil {
+			return err
+		}
+		if err := fn(ctx, conn{c: t}); err != nil {
+			// Rolled back even when ctx is done, so that the connection
+			// goes back to the pool clean rather than being closed.
+			_ = t.Rollback(context.WithoutCancel(ctx))
+			return err
+		}
+		if err := t.Commit(ctx); err != nil {
+			return commitFailed{err}
+		}
+		return nil
+	})
 }
 
 // LockConversation makes concurrent sends to one conversation queue on its

@@ -58,7 +58,8 @@ func open(ctx context.Context, url string) (*DB, error) {
 		pool.Close()
 		return nil, err
 	}
-	return &DB{DB: sqlstore.New(conn{pool}, conn{pool}, dialect{pool}), pool: pool}, nil
+	c := conn{c: pool, maxConns: int(cfg.MaxConns)}
+	return &DB{DB: sqlstore.New(c, c, dialect{pool}), pool: pool}, nil
 }
 
 // Migrate applies the pending migrations to the database at url and

@@ -49,3 +49,35 @@ func TestUnreachable(t *testing.T) {
 		t.Fatal("unreachable(nil) != nil")
 	}
 }
+
+// Only an error that says the statement never ran is run again: after a
+// broken connection that may have run it, or a COMMIT that failed, the
+// statement may have taken effect.
+func TestNotRun(t *testing.T) {
+	tests := []struct {
+		name  string
+		err   error
+		again bool
+		waits bool
+	}{
+		{"terminated backend", &pgconn.PgError{Code: "57P01"}, true, false},
+		{"connection exception", &pgconn.PgError{Code: "08006"}, true, false},
+		{"server starting", &pgconn.PgError{Code: "57P03"}, true, true},
+		{"no connection", &pgconn.ConnectError{}, true, true},
+		{"terminated, wrapped as unavailable", unreachable(&pgconn.PgError{Code: "57P01"}), true, false},
+		{"broken while it ran", io.ErrUnexpectedEOF, false, false},
+		{"reset while it ran", syscall.ECONNRESET, false, false},
+		{"a failed commit", commitFailed{&pgconn.PgError{Code: "57P01"}}, false, false},
+		{"unique violation", &pgconn.PgError{Code: "23505"}, false, false},
+		{"the caller's deadline", context.DeadlineExceeded, false, false},
+		{"domain error", chat.ErrNotFound, false, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			wait, again := notRun(tt.err, 0)
+			if again != tt.again || (wait > 0) != tt.waits {
+				t.Fatalf("notRun(%v) = %v, %v; want again %v, waits %v", tt.err, wait, again, tt.again, tt.waits)
+			}
+		})
+	}
+}
