@@ -133,7 +133,15 @@ var (
 	// errBudgetSpent is emit's answer to a token past the owner's budget:
 	// the provider stops, and the turn ends with status error.
 	errBudgetSpent = errors.New("token budget used up")
+	// errNotStored: the store refused a turn's end for finishRetryFor.
+	// Nothing has announced it, so the job is left unacked: the turn goes
+	// to recovery once the job comes back, rather than stay streaming.
+	errNotStored = errors.New("the turn's end could not be stored")
 )
+
+// finishRetryFor is how long a turn's end is tried again while the store
+// fails (a database restarting or failing over), the job kept meanwhile.
+const finishRetryFor = 30 * time.Second
 
 // New returns a worker.
 func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
@@ -419,12 +427,12 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 	}
 	if cancelled || tctx.Err() != nil {
 		_, err := w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil, nil)
-		return true, err
+		return !errors.Is(err, errNotStored), err
 	}
 	if w.cfg.TokenBudget != nil {
 		if ok, msg := w.cfg.TokenBudget.Allow(t.Owner); !ok {
 			_, err := w.finish(ctx, t, r, chat.StatusError, nil, 0, msg, nil, nil)
-			return true, err
+			return !errors.Is(err, errNotStored), err
 		}
 	}
 	started, err := w.store.StartTurn(ctx, t.ID, w.cfg.Now())
@@ -446,11 +454,15 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 			status = chat.StatusInterrupted
 		}
 		_, err := w.finish(ctx, t, r, status, nil, 0, "", nil, nil)
-		return true, err
+		return !errors.Is(err, errNotStored), err
 	}
 	req, err := w.request(ctx, t)
 	if err != nil {
-		return false, err
+		// Started, so no other worker will produce it: end it now, with
+		// the reason, rather than leave it to be found interrupted.
+		log.Error("turn failed: the conversation could not be read", "err", err)
+		_, err := w.finish(ctx, t, r, chat.StatusError, nil, 0, "the conversation could not be read", nil, nil)
+		return !errors.Is(err, errNotStored), err
 	}
 	return w.stream(ctx, tctx, r, t, req, log)
 }
@@ -592,6 +604,16 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 		settle = func() error { return pub.save(status) }
 	}
 	won, err := w.finish(ctx, t, r, status, pub.text, pub.seq, errMsg, res.Usage, settle)
+	if errors.Is(err, errNotStored) {
+		// Left to recovery, which ends the turn from the snapshot and the
+		// stream: under a journal, save what only the journal holds.
+		if journaled {
+			if err := pub.save(chat.StatusStreaming); err != nil {
+				log.Error("save the journaled deltas", "err", err)
+			}
+		}
+		return false, err
+	}
 	if err != nil || !won {
 		// Ended by another (a worker that took this one for lost): the
 		// stored text is the winner's, and so must the snapshot be.
@@ -609,7 +631,7 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 // before the end is stored in the stream (see bus.PublishEnd), if this
 // call's end won. It reports whether it did.
 func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, text []byte, seq int64, errMsg string, usage *chat.Usage, settle func() error) (bool, error) {
-	final, won, err := w.store.FinishTurn(ctx, store.TurnResult{
+	final, won, err := w.finishTurn(ctx, store.TurnResult{
 		TurnID: t.ID, Status: status, Content: string(text), Seq: seq,
 		Error: errMsg, Usage: usage, Now: w.cfg.Now(),
 	})
@@ -617,7 +639,7 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 		return false, nil // deleted meanwhile
 	}
 	if err != nil {
-		return false, fmt.Errorf("finish turn: %w", err)
+		return false, fmt.Errorf("%w: %w", errNotStored, err)
 	}
 	end := &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Seq: seq, Status: final}
 	if won {
@@ -646,6 +668,30 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 		w.m.turns.WithLabelValues(string(final)).Inc()
 	}
 	return won, nil
+}
+
+// finishTurn stores a turn's end, trying again with a growing pause while
+// the store fails, for up to finishRetryFor, or once the worker is shutting
+// down. While it tries, the turn's run stays registered, so its job is
+// renewed and a worker asking whether it is produced hears that it is.
+func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult) (chat.TurnStatus, bool, error) {
+	started := time.Now()
+	pause := 100 * time.Millisecond
+	for {
+		final, won, err := w.store.FinishTurn(ctx, r)
+		if err == nil || errors.Is(err, chat.ErrNotFound) || time.Since(started)+pause > finishRetryFor {
+			return final, won, err
+		}
+		w.log.Warn("store the end of a turn; trying again", "turn_id", r.TurnID, "status", r.Status, "err", err, "in", pause)
+		timer := time.NewTimer(pause)
+		select {
+		case <-timer.C:
+		case <-w.shutdownCtx.Done():
+			timer.Stop()
+			return final, won, err
+		}
+		pause = min(2*pause, 2*time.Second)
+	}
 }
 
 // Interrupt ends a turn whose producer is gone: its text so far (snapshot

@@ -56,6 +56,13 @@ type env struct {
 
 func setup(t *testing.T, cfg worker.Config, run bool) *env {
 	t.Helper()
+	return setupWith(t, cfg, run, nil)
+}
+
+// setupWith is setup with the worker's store wrapped by wrap (when not
+// nil), which may make some of its calls fail.
+func setupWith(t *testing.T, cfg worker.Config, run bool, wrap func(store.Store) store.Store) *env {
+	t.Helper()
 	b := bustest.Start(t)
 	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
 	if err != nil {
@@ -63,7 +70,11 @@ func setup(t *testing.T, cfg worker.Config, run bool) *env {
 	}
 	t.Cleanup(func() { st.Close() })
 	p := &countingProvider{Provider: sim.New(sim.Config{Rate: 0, Tokens: 20})}
-	e := &env{bus: b, store: st, prov: p, w: worker.New(cfg, b, st, p), stop: func() {}}
+	ws := store.Store(st)
+	if wrap != nil {
+		ws = wrap(st)
+	}
+	e := &env{bus: b, store: st, prov: p, w: worker.New(cfg, b, ws, p), stop: func() {}}
 	if run {
 		e.start(t)
 	}
@@ -681,5 +692,68 @@ func TestProviderFailureIsLogged(t *testing.T) {
 	}
 	if n := logs.count(`msg="turn failed at the model provider"`); n != 1 {
 		t.Fatalf("logged the failure %d times, want once:\n%s", n, logs.b.String())
+	}
+}
+
+// failingStore fails the first finishes FinishTurn calls and the first
+// reads Messages calls as a database restarting does.
+type failingStore struct {
+	store.Store
+	finishes, reads atomic.Int64
+}
+
+var errRestarting = fmt.Errorf("%w: the database system is starting up", chat.ErrUnavailable)
+
+func (s *failingStore) FinishTurn(ctx context.Context, r store.TurnResult, from ...chat.TurnStatus) (chat.TurnStatus, bool, error) {
+	if s.finishes.Add(-1) >= 0 {
+		return "", false, errRestarting
+	}
+	return s.Store.FinishTurn(ctx, r, from...)
+}
+
+func (s *failingStore) Messages(ctx context.Context, conv string, limit int, before string) ([]chat.Message, error) {
+	if s.reads.Add(-1) >= 0 {
+		return nil, errRestarting
+	}
+	return s.Store.Messages(ctx, conv, limit, before)
+}
+
+// A turn whose end the store refuses for a while is ended once the store
+// takes it, with its whole text, instead of staying streaming for good.
+func TestEndStoredOnceTheStoreIsBack(t *testing.T) {
+	fs := &failingStore{}
+	fs.finishes.Store(3)
+	logs := &lockedBuffer{}
+	e := setupWith(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, true,
+		func(st store.Store) store.Store { fs.Store = st; return fs })
+	end := waitEnd(t, e.send(t, "c", "t1", "hello", true))
+	st, err := e.store.Turn(t.Context(), "t1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end.Status != chat.StatusComplete || st.Status != chat.StatusComplete || st.Seq != 20 || end.Seq != 20 {
+		t.Fatalf("end %+v, stored %+v: want complete after 20 deltas", end, st)
+	}
+	if n := logs.count("store the end of a turn; trying again"); n != 3 {
+		t.Fatalf("%d retries logged, want 3:\n%s", n, logs.b.String())
+	}
+}
+
+// A turn whose conversation cannot be read for the model ends at once with
+// status error and says why; the model is not asked.
+func TestUnreadableConversationEndsTheTurn(t *testing.T) {
+	fs := &failingStore{}
+	fs.reads.Store(1)
+	e := setupWith(t, worker.Config{}, true, func(st store.Store) store.Store { fs.Store = st; return fs })
+	end := waitEnd(t, e.send(t, "c", "t1", "hello", true))
+	if end.Status != chat.StatusError || end.Error != "the conversation could not be read" {
+		t.Fatalf("end %+v, want error: the conversation could not be read", end)
+	}
+	if n := e.prov.calls.Load(); n != 0 {
+		t.Fatalf("the model was asked %d times", n)
+	}
+	// The next turn of the conversation runs.
+	if end := waitEnd(t, e.send(t, "c", "t2", "again", true)); end.Status != chat.StatusComplete {
+		t.Fatalf("next turn: %+v", end)
 	}
 }
