@@ -187,6 +187,16 @@ func (c *compatConn) push(frame []byte) {
 	c.pushLocked(frame)
 }
 
+// pushWholeLocked queues a frame the client asked for whole, which the
+// backlog limit does not count, as it does not count a native joined
+// frame: the history on connect, a finished reply's final frame on
+// reconnect. Counted, one reply longer than the limit closed every socket
+// of its session with 4008 as it connected, and its reconnect too. c.mu is
+// held.
+func (c *compatConn) pushWholeLocked(frame []byte) {
+	c.q.pushExempt(frame)
+}
+
 // resolve returns the frame to write for f, a frame taken from the queue:
 // f itself, or for a marker its turn's newest frame (nil when a later
 // marker of the turn has it).
@@ -313,7 +323,7 @@ func (c *compatConn) reconnect(ctx context.Context, id string, k int64) {
 	case err != nil:
 		answer("not_found", 0)
 	case t.Status.Terminal():
-		c.pushLocked(compatFinalFrame(t.ID, c.conv, c.user, []byte(t.Content), t.Status, c.nowMS()))
+		c.pushWholeLocked(compatFinalFrame(t.ID, c.conv, c.user, []byte(t.Content), t.Status, c.nowMS()))
 		answer("completed", t.Seq)
 	default:
 		// Running, and this socket has been given nothing of it yet.
@@ -360,7 +370,9 @@ func (c *compatConn) join(ctx context.Context) error {
 		}
 	}
 	if len(hist) > 0 {
-		c.push(compatHistoryFrame(hist, c.s.cfg.Limits.OutboundBytes/2))
+		c.mu.Lock()
+		c.pushWholeLocked(compatHistoryFrame(hist, c.s.cfg.Limits.OutboundBytes/2))
+		c.mu.Unlock()
 	}
 	if a := j.Active; a != nil {
 		c.mu.Lock()

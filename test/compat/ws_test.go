@@ -489,3 +489,39 @@ func TestIdleSocketHoldsOneGoroutine(t *testing.T) {
 	// last frame reached the client.
 	trtest.WaitMetric(t, p.URL, "go_goroutines", "", wait, func(v float64) bool { return v-before <= n })
 }
+
+// A finished reply longer than --limit-outbound-bytes neither keeps a page
+// from connecting to its session nor closes the socket that asks for it
+// with reconnect: such frames are asked for whole, as a native joined frame
+// is, and the backlog limit does not count them.
+func TestReplyLongerThanTheOutboundLimit(t *testing.T) {
+	t.Parallel()
+	p := serve(t, "--limit-outbound-bytes", "16384")
+	// Followed natively, whose deltas are small, until it ends.
+	n := trtest.Dial(t, p.WSURL(), nil) // dev mode: user "dev"
+	n.Join("long", nil)
+	n.Send(map[string]any{"type": "send", "conversation_id": "long", "text": "[sim tokens=4000 rate=0] a long one", "id": "s1"})
+	ack := n.Until(wait, func(f trtest.Frame) bool { return f.Type() == "ack" && f.Str("id") == "s1" })
+	turn := &trtest.Turn{ID: ack[len(ack)-1].Str("turn_id")}
+	n.Until(wait, func(f trtest.Frame) bool { turn.Apply(f); return turn.Ends > 0 })
+	if len(turn.Errors) > 0 || turn.Text.Len() <= 16384 {
+		t.Fatalf("reply of %d bytes (%v), want over the limit", turn.Text.Len(), turn.Errors)
+	}
+
+	c := page(t, p, "long", "dev")
+	f, err := c.Next(wait)
+	if err != nil || f.Type() != "history" {
+		t.Fatalf("after welcome: %v %v, want the history", f, err)
+	}
+	if a := lastAssistant(t, messages(t, f["messages"])); a.Str("content") != turn.Text.String() {
+		t.Fatalf("history's reply has %d bytes, want the %d stored", len(a.Str("content")), turn.Text.Len())
+	}
+	c.Send(map[string]any{"type": "reconnect", "messageId": turn.ID, "lastChunkIndex": 0})
+	fs := c.UntilType(wait, "recovery_status")
+	if len(fs) != 2 || fs[0].Obj("data").Str("content") != turn.Text.String() || fs[1].Str("status") != "completed" {
+		t.Fatalf("reconnect for the long reply: %d frames, last %v", len(fs), fs[len(fs)-1])
+	}
+	if pong := pingPong(t, c); len(pong) != 0 {
+		t.Fatalf("frames before the pong: %v", pong)
+	}
+}
