@@ -60,6 +60,9 @@ type Journal struct {
 	// on rotMu one after another.
 	rotMu  sync.Mutex
 	nextID uint64 // guarded by rotMu (set by OpenJournal)
+	// failing is set while segments cannot be started (the disk is
+	// full), so that the failure is logged once, not once per delta.
+	failing atomic.Bool
 }
 
 // segment is one journal file.
@@ -365,8 +368,13 @@ func (j *Journal) append(pd *PendingDelta) error {
 			// stored and then announced, as without a journal, but
 			// before returning, so that the producer's deltas stay in
 			// order.
-			j.log.Error("start delta journal segment", "err", err)
+			if !j.failing.Swap(true) {
+				j.log.Error("start delta journal segment; deltas are stored in the stream until one starts", "err", err)
+			}
 			return pd.a.b.storeNow(pd)
+		}
+		if j.failing.Swap(false) {
+			j.log.Info("delta journal segment started again")
 		}
 	}
 }

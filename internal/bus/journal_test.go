@@ -1,10 +1,12 @@
 package bus_test
 
 import (
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -38,9 +40,9 @@ func journalSetup(t *testing.T) func(local *bus.Local, j *bus.Journal) (*bus.Bus
 
 // smallSegments starts a journal in dir whose segments hold about three
 // deltas, and opens a producer's bus with it.
-func smallSegments(t *testing.T, open func(*bus.Local, *bus.Journal) (*bus.Bus, *nats.Conn), dir string) (*bus.Local, *bus.Bus) {
+func smallSegments(t *testing.T, open func(*bus.Local, *bus.Journal) (*bus.Bus, *nats.Conn), dir string, log ...*slog.Logger) (*bus.Local, *bus.Bus) {
 	t.Helper()
-	j, err := bus.OpenJournal(dir, nil)
+	j, err := bus.OpenJournal(dir, append(log, nil)[0])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -394,7 +396,14 @@ func TestJournalNeedsLocal(t *testing.T) {
 func TestJournalFallsBackToTheStream(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
-	local, producer := smallSegments(t, open, dir)
+	var logs strings.Builder
+	var logsMu sync.Mutex
+	log := slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		logsMu.Lock()
+		defer logsMu.Unlock()
+		return logs.Write(p)
+	}), nil))
+	local, producer := smallSegments(t, open, dir, log)
 	got := routedEvents(t, open, local, 64)
 	if err := os.RemoveAll(dir); err != nil {
 		t.Fatal(err)
@@ -448,4 +457,15 @@ func TestJournalFallsBackToTheStream(t *testing.T) {
 	if e := <-got; e.Seq != 21 {
 		t.Fatalf("live event %+v, want delta 21", e)
 	}
+	// Logged once when segments fail and once when they start again, not
+	// once per delta.
+	logsMu.Lock()
+	defer logsMu.Unlock()
+	if failed, again := strings.Count(logs.String(), "start delta journal segment"), strings.Count(logs.String(), "started again"); failed != 1 || again != 1 {
+		t.Fatalf("%d failures and %d recoveries logged, want 1 and 1:\n%s", failed, again, logs.String())
+	}
 }
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

@@ -7,16 +7,19 @@ import (
 	"syscall"
 )
 
-// mapSegment creates the segment file at path, size bytes long (sparse),
-// and maps it shared into memory: what is copied into the mapping is in the
-// page cache at once.
+// mapSegment creates the segment file at path, size bytes long with its
+// disk space allocated, and maps it shared into memory: what is copied into
+// the mapping is in the page cache at once. A sparse file would be found
+// short of space only when a page of the mapping is first written, and
+// the kernel answers that with SIGBUS, which ends the process: allocated
+// here, a full disk is an error the caller can take another way.
 func mapSegment(path string, size int) ([]byte, error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o640)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	if err := f.Truncate(int64(size)); err != nil {
+	if err := allocate(f, int64(size)); err != nil {
 		_ = os.Remove(path)
 		return nil, err
 	}
