@@ -257,6 +257,9 @@ func (w *Worker) Run(ctx context.Context) error {
 	if err == nil && ctx.Err() == nil {
 		err = context.Cause(jobsCtx) // the cancel watch's end, or nil
 	}
+	// ConsumeJobs may also have ended on its own (the consumer deleted):
+	// what runs on jobsCtx (requeue, waited for below) ends with it.
+	stopJobs(err)
 	w.shutdown(errShutdown)
 	w.wg.Wait()
 	w.log.Info("worker stopped")

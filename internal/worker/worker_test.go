@@ -375,6 +375,34 @@ func TestWorkerStopsWhenItCannotWatchCancels(t *testing.T) {
 	}
 }
 
+// A worker whose job consumer is deleted cannot take jobs: Run returns,
+// saying why, also while its sweep of queued turns runs.
+func TestWorkerStopsWhenItsConsumerIsDeleted(t *testing.T) {
+	e := setup(t, worker.Config{QueuedTimeout: 30 * time.Second}, false)
+	done := make(chan error, 1)
+	go func() { done <- e.w.Run(t.Context()) }()
+	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=200] long", true)
+	waitStreaming(t, e.bus, "t1", 2)
+	js, err := jetstream.New(e.bus.Conn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := js.DeleteConsumer(t.Context(), bus.JobsStream, bus.JobsConsumer); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err = <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the worker still runs 20 s after its consumer was deleted")
+	}
+	if err == nil || !strings.Contains(err.Error(), "consumer deleted") {
+		t.Fatalf("Run returned %v", err)
+	}
+	if end := waitEnd(t, ends); end.Status != chat.StatusInterrupted {
+		t.Fatalf("end %+v, want interrupted", end)
+	}
+}
+
 // TestLongTurnKeepsItsJob runs a turn for more than twice the bus's ack
 // wait (2 s): the worker keeps its job in progress, so the job is never
 // redelivered and the turn is produced once.
