@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
@@ -103,16 +104,62 @@ func runWorker(ctx context.Context, args []string, getenv func(string) string, s
 	w := worker.New(workerConfig(&c, log, reg), b, st, p)
 	if ln == nil {
 		fmt.Fprintf(stdout, "tokenrelay worker %s running\n", version)
-		return w.Run(ctx)
+		return runWithin(ctx, w.Run, c.ShutdownTimeout, log)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
 	srv, _ := serveHTTP(ln, mux, log)
 	fmt.Fprintf(stdout, "tokenrelay worker (version %s) running, metrics listening on http://%s\n", version, ln.Addr())
-	err = w.Run(ctx)
+	err = runWithin(ctx, w.Run, c.ShutdownTimeout, log)
 	_ = srv.Close()
 	return err
+}
+
+// runWithin runs a worker's Run until it returns, but once ctx is done
+// (SIGTERM) for at most timeout more: a worker ending its turns against a
+// store or broker that does not answer would otherwise hold the process
+// for as long as their calls wait (30 s for a publish, for ever for a hung
+// database). Turns it had not ended by then are ended by recovery when
+// their jobs come back to another worker.
+func runWithin(ctx context.Context, run func(context.Context) error, timeout time.Duration, log *slog.Logger) error {
+	done := make(chan error, 1)
+	go func() { done <- run(ctx) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		log.Warn("turns still ending at the shutdown timeout; leaving them to recovery", "timeout", timeout)
+		return nil
+	}
+}
+
+// closeGrace is how long a stopping process waits for a store to close.
+const closeGrace = 2 * time.Second
+
+// closeWithin calls closeFn, waiting for it at most closeGrace: a pool whose
+// connections are held by calls that do not return (a hung database) waits
+// for them to be released, and the process is stopping.
+func closeWithin(what string, closeFn func(), log *slog.Logger) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		closeFn()
+	}()
+	t := time.NewTimer(closeGrace)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		log.Warn("still closing at the shutdown timeout; not waiting", "what", what)
+	}
 }
 
 // runMigrate applies the store's migrations.
@@ -159,7 +206,7 @@ func openBackends(ctx context.Context, c *config, name string, log *slog.Logger)
 		st.Close()
 		return nil, nil, nil, err
 	}
-	return st, b, func() { nc.Close(); st.Close() }, nil
+	return st, b, func() { nc.Close(); closeWithin("store", func() { st.Close() }, log) }, nil
 }
 
 // shutdownHTTP closes the gateway's connections and then the HTTP server,

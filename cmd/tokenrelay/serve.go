@@ -56,7 +56,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	if err != nil {
 		return fmt.Errorf("open store: %w", err)
 	}
-	defer st.Close()
+	defer closeWithin("store", func() { st.Close() }, log)
 
 	var emb *bus.Embedded
 	if c.NATSURL == "" {
