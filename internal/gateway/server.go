@@ -85,16 +85,19 @@ type Config struct {
 
 // Server is a gateway. It is an http.Handler.
 type Server struct {
-	cfg    Config
-	bus    *bus.Bus
-	store  store.Store
-	auth   *auth.Authenticator
-	hub    *hub
-	limits *userLimits
-	m      *metrics
-	log    *slog.Logger
-	mux    *http.ServeMux
-	api    *http.ServeMux // the API's routes alone (see ServeHTTP)
+	// readyCauses holds each readiness check's last failure ("" when it
+	// passed), so that a change is logged once.
+	readyCauses sync.Map
+	cfg         Config
+	bus         *bus.Bus
+	store       store.Store
+	auth        *auth.Authenticator
+	hub         *hub
+	limits      *userLimits
+	m           *metrics
+	log         *slog.Logger
+	mux         *http.ServeMux
+	api         *http.ServeMux // the API's routes alone (see ServeHTTP)
 
 	shutdownCtx context.Context // cancelled by Shutdown: every connection derives from it
 	shutdown    context.CancelFunc

@@ -3,6 +3,7 @@ package e2e_test
 import (
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -187,5 +188,30 @@ func TestOpenAITokenBudgetClosesUpstream(t *testing.T) {
 	}
 	if tr.Text.String() != strings.Repeat("tok", 20) {
 		t.Fatalf("text %q", tr.Text.String())
+	}
+}
+
+// /readyz answers whoever asks, without a token: a failing check is named,
+// and its cause, which gives addresses away, goes to the log instead.
+func TestReadyzKeepsCausesInTheLog(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := "http://" + ln.Addr().String() + "/v1" // nothing answers there once closed
+	ln.Close()
+	p := trtest.Start(t, "serve", "--addr", "127.0.0.1:0", "--data-dir", t.TempDir(),
+		"--provider", "openai", "--openai-base-url", down, "--openai-api-key", "sk-test-secret", "--model", "m1")
+	var ready map[string]any
+	code := trtest.Get(t, p.URL+"/readyz", &ready)
+	checks, _ := ready["checks"].(map[string]any)
+	if code != http.StatusServiceUnavailable || ready["failing"] != "provider" || checks["provider"] != "failing" {
+		t.Fatalf("readyz %d %v, want 503 naming the provider", code, ready)
+	}
+	if b, _ := json.Marshal(ready); strings.Contains(string(b), ln.Addr().String()) {
+		t.Fatalf("readyz gives the model server's address away: %s", b)
+	}
+	if !strings.Contains(p.Stderr(), `msg="readiness check failing" check=provider`) {
+		t.Fatalf("the cause is not in the log:\n%s", p.Stderr())
 	}
 }
