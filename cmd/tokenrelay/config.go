@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"strings"
 	"time"
@@ -224,7 +225,8 @@ func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
 }
 
 // checkNotNegative refuses a negative number or duration, which no flag
-// gives a meaning to except those whose usage says "negative disables".
+// gives a meaning to except those whose usage says "negative disables", and
+// a number that is not finite (NaN, Inf), which none gives a meaning to.
 func checkNotNegative(fs *flag.FlagSet) error {
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
@@ -239,6 +241,10 @@ func checkNotNegative(fs *flag.FlagSet) error {
 		case int64:
 			negative = v < 0
 		case float64:
+			if math.IsNaN(v) || math.IsInf(v, 0) {
+				err = fmt.Errorf("invalid value %q for --%s: must be a finite number", f.Value.String(), f.Name)
+				return
+			}
 			negative = v < 0
 		case time.Duration:
 			negative = v < 0

@@ -340,6 +340,8 @@ func TestServeRefusesToStart(t *testing.T) {
 		{"bad flag", []string{"--sim-rate", "fast"}, "invalid value", true},
 		{"unknown flag", []string{"--bogus"}, "not defined: -bogus", true},
 		{"negative limit", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--limit-turns", "-2"}, "must not be negative", true},
+		{"rate not a number", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--sim-rate", "NaN"}, "must be a finite number", true},
+		{"rate infinite", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--sim-rate", "Inf"}, "must be a finite number", true},
 		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication", false},
 		{"data dir in use", []string{"--addr", "127.0.0.1:0", "--data-dir", running.DataDir}, "in use by another tokenrelay", false},
 		{"retention too short", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--retention", "500ms"}, "--retention must be 0", false},
