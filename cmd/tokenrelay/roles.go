@@ -164,10 +164,10 @@ func closeWithin(what string, closeFn func(), log *slog.Logger) {
 
 // runMigrate applies the store's migrations.
 func runMigrate(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	var c config
-	fs := newFlagSet("migrate", stderr)
-	c.register(fs, roleMigrate)
-	if err := parse(fs, args, getenv); err != nil {
+	// The log flags it takes are checked like every role's, though it
+	// logs nothing of its own.
+	c, _, err := load("migrate", roleMigrate, args, getenv, stderr)
+	if err != nil {
 		return err
 	}
 	if c.StoreURL == "" {

@@ -149,10 +149,12 @@ func newProvider(c *config, log *slog.Logger) (provider.Provider, func(string) b
 		return sim.New(sim.Config{Rate: c.SimRate, Tokens: c.SimTokens}), allowed, nil
 	case "openai":
 		headers := map[string]string{}
-		for _, h := range c.OpenAIHeaders {
+		for i, h := range c.OpenAIHeaders {
 			k, v, ok := strings.Cut(h, ":")
 			if !ok || strings.TrimSpace(k) == "" {
-				return nil, nil, fmt.Errorf("--openai-header %q: want \"Name: value\"", h)
+				// Not quoted: a header given without its colon may be a
+				// secret (an API key), and this goes to stderr.
+				return nil, nil, fmt.Errorf("--openai-header #%d (%d bytes) has no header name before a colon: want \"Name: value\"", i+1, len(h))
 			}
 			headers[strings.TrimSpace(k)] = strings.TrimSpace(v)
 		}

@@ -342,6 +342,8 @@ func TestServeRefusesToStart(t *testing.T) {
 		{"negative limit", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--limit-turns", "-2"}, "must not be negative", true},
 		{"rate not a number", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--sim-rate", "NaN"}, "must be a finite number", true},
 		{"rate infinite", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--sim-rate", "Inf"}, "must be a finite number", true},
+		{"header without a name", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--provider", "openai",
+			"--openai-base-url", "http://127.0.0.1:1/v1", "--openai-header", "sk-not-to-be-printed"}, "has no header name", true},
 		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication", false},
 		{"data dir in use", []string{"--addr", "127.0.0.1:0", "--data-dir", running.DataDir}, "in use by another tokenrelay", false},
 		{"retention too short", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--retention", "500ms"}, "--retention must be 0", false},
@@ -362,6 +364,9 @@ func TestServeRefusesToStart(t *testing.T) {
 			}
 			if tt.alone && len(lines) != 1 {
 				t.Fatalf("%d lines, want the reason alone:\n%s", len(lines), out)
+			}
+			if strings.Contains(string(out), "sk-not-to-be-printed") {
+				t.Fatalf("a header value, which may be a secret, was printed:\n%s", out)
 			}
 		})
 	}
@@ -438,5 +443,19 @@ func TestSIGTERMEndsQueuedTurns(t *testing.T) {
 	}
 	if code := c.CloseStatus(); code != 1001 {
 		t.Fatalf("close code %d, want 1001", code)
+	}
+}
+
+// migrate checks the flags it takes like every command: a bad log level
+// stops it with the reason and status 1 before it touches the store.
+func TestMigrateChecksItsFlags(t *testing.T) {
+	db := "sqlite://" + t.TempDir() + "/m.db"
+	out, err := exec.CommandContext(trtest.Ctx(t, 20*time.Second), trtest.Binary(t), "migrate", "--log-level", "bogus", "--store-url", db).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "--log-level") {
+		t.Fatalf("migrate --log-level bogus: %v\n%s", err, out)
+	}
+	out, err = exec.CommandContext(trtest.Ctx(t, 20*time.Second), trtest.Binary(t), "migrate", "--store-url", db).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "migrations applied") {
+		t.Fatalf("migrate: %v\n%s", err, out)
 	}
 }
