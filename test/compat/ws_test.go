@@ -496,9 +496,11 @@ func TestIdleSocketHoldsOneGoroutine(t *testing.T) {
 // is, and the backlog limit does not count them.
 func TestReplyLongerThanTheOutboundLimit(t *testing.T) {
 	t.Parallel()
-	p := serve(t, "--limit-outbound-bytes", "16384")
-	// Followed natively, whose deltas are small, until it ends.
-	n := trtest.Dial(t, p.WSURL(), nil) // dev mode: user "dev"
+	// The reply is made under the default limit, followed natively until
+	// it ends; then the server runs again on the same data with a limit
+	// the reply is longer than.
+	first := serve(t)
+	n := trtest.Dial(t, first.WSURL(), nil) // dev mode: user "dev"
 	n.Join("long", nil)
 	n.Send(map[string]any{"type": "send", "conversation_id": "long", "text": "[sim tokens=4000 rate=0] a long one", "id": "s1"})
 	ack := n.Until(wait, func(f trtest.Frame) bool { return f.Type() == "ack" && f.Str("id") == "s1" })
@@ -507,6 +509,10 @@ func TestReplyLongerThanTheOutboundLimit(t *testing.T) {
 	if len(turn.Errors) > 0 || turn.Text.Len() <= 16384 {
 		t.Fatalf("reply of %d bytes (%v), want over the limit", turn.Text.Len(), turn.Errors)
 	}
+	if err := first.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	p := serve(t, "--data-dir", first.DataDir, "--limit-outbound-bytes", "16384")
 
 	c := page(t, p, "long", "dev")
 	f, err := c.Next(wait)
