@@ -211,6 +211,10 @@ func TestReadyzKeepsCausesInTheLog(t *testing.T) {
 	if b, _ := json.Marshal(ready); strings.Contains(string(b), ln.Addr().String()) {
 		t.Fatalf("readyz gives the model server's address away: %s", b)
 	}
+	// Stopped, its log has been read to the end.
+	if err := p.Stop(); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
 	if !strings.Contains(p.Stderr(), `msg="readiness check failing" check=provider`) {
 		t.Fatalf("the cause is not in the log:\n%s", p.Stderr())
 	}
