@@ -197,6 +197,11 @@ func allowList(c *config) func(string) bool {
 // only on a loopback address with no JWT key; on any other address without
 // a key, starting requires an explicit --dev.
 func newAuth(c *config, log *slog.Logger, stderr io.Writer) (*auth.Authenticator, error) {
+	// An address that is not one is said to be so, rather than taken for
+	// a public one that needs authentication.
+	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
+		return nil, fmt.Errorf("--addr %s: %w", c.Addr, err)
+	}
 	hasKey := c.JWTSecret != "" || c.JWTPublicKey != ""
 	loopback := auth.IsLoopback(c.Addr)
 	dev := c.Dev
