@@ -341,19 +341,29 @@ func TestShutdownInterruptsRunningTurns(t *testing.T) {
 	}
 }
 
-// A worker whose watch of the cancel bucket ends (here the bucket is
-// deleted) could miss a cancel: it stops as on shutdown, its turn ended
-// interrupted with the text saved, and Run says why.
-func TestWorkerStopsWhenItCannotWatchCancels(t *testing.T) {
-	e := setup(t, worker.Config{}, false)
-	done := make(chan error, 1)
-	go func() { done <- e.w.Run(t.Context()) }()
-	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=200] long", true)
+// runLongTurn runs the worker, whose Run's result done gives, and a long
+// turn t1 until it streams; it returns the turn's end events and a
+// JetStream handle to break the worker's bus with.
+func (e *env) runLongTurn(t *testing.T) (done <-chan error, ends <-chan bus.Event, js jetstream.JetStream) {
+	t.Helper()
+	ran := make(chan error, 1)
+	go func() { ran <- e.w.Run(t.Context()) }()
+	ends = e.send(t, "c", "t1", "[sim tokens=100000 rate=200] long", true)
 	waitStreaming(t, e.bus, "t1", 2)
 	js, err := jetstream.New(e.bus.Conn())
 	if err != nil {
 		t.Fatal(err)
 	}
+	return ran, ends, js
+}
+
+// A worker whose watch of the cancel bucket ends (here the bucket is
+// deleted) could miss a cancel: it stops as on shutdown, its turn ended
+// interrupted with the text saved, and Run says why.
+func TestWorkerStopsWhenItCannotWatchCancels(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	done, ends, js := e.runLongTurn(t)
+	var err error
 	if err := js.DeleteKeyValue(t.Context(), bus.CancelBucket); err != nil {
 		t.Fatal(err)
 	}
@@ -379,14 +389,8 @@ func TestWorkerStopsWhenItCannotWatchCancels(t *testing.T) {
 // saying why, also while its sweep of queued turns runs.
 func TestWorkerStopsWhenItsConsumerIsDeleted(t *testing.T) {
 	e := setup(t, worker.Config{QueuedTimeout: 30 * time.Second}, false)
-	done := make(chan error, 1)
-	go func() { done <- e.w.Run(t.Context()) }()
-	ends := e.send(t, "c", "t1", "[sim tokens=100000 rate=200] long", true)
-	waitStreaming(t, e.bus, "t1", 2)
-	js, err := jetstream.New(e.bus.Conn())
-	if err != nil {
-		t.Fatal(err)
-	}
+	done, ends, js := e.runLongTurn(t)
+	var err error
 	if err := js.DeleteConsumer(t.Context(), bus.JobsStream, bus.JobsConsumer); err != nil {
 		t.Fatal(err)
 	}

@@ -59,25 +59,48 @@ func (f *fixture) send(ctx context.Context, conv, turn string) (store.SendResult
 		TurnID: turn, Text: "hello", Now: time.Now()})
 }
 
-// waitLockWaiters waits until n of the store's connections wait for a lock.
-func (f *fixture) waitLockWaiters(t *testing.T, n int) {
+// waitBackends waits until the number of the store's server backends
+// matching where (an SQL condition on pg_stat_activity) satisfies ok.
+func (f *fixture) waitBackends(t *testing.T, what, where string, ok func(n int) bool) {
 	t.Helper()
 	for {
-		var waiting int
+		var n int
 		err := f.watch.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
-			WHERE application_name = $1 AND wait_event_type = 'Lock'`, f.appName).Scan(&waiting)
+			WHERE application_name = $1 AND `+where, f.appName).Scan(&n)
 		if err != nil {
-			t.Fatalf("look for lock waiters: %v", err)
+			t.Fatalf("%s: %v", what, err)
 		}
-		if waiting >= n {
+		if ok(n) {
 			return
 		}
 		select {
 		case <-t.Context().Done():
-			t.Fatal("gave up waiting for lock waiters")
+			t.Fatalf("gave up waiting: %s", what)
 		case <-time.After(5 * time.Millisecond): // polling the server's view
 		}
 	}
+}
+
+// waitLockWaiters waits until n of the store's connections wait for a lock.
+func (f *fixture) waitLockWaiters(t *testing.T, n int) {
+	t.Helper()
+	f.waitBackends(t, "lock waiters", "wait_event_type = 'Lock'", func(w int) bool { return w >= n })
+}
+
+// lockConversation takes conversation id's row lock on the other
+// connection, as a send or a delete under way holds it, until the returned
+// transaction ends.
+func (f *fixture) lockConversation(t *testing.T, id string) pgx.Tx {
+	t.Helper()
+	tx, err := f.other.Begin(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tx.Rollback(context.Background()) })
+	if _, err := tx.Exec(t.Context(), `SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE`, id); err != nil {
+		t.Fatal(err)
+	}
+	return tx
 }
 
 // A delete that waits for a send under way in the same conversation keeps
@@ -93,14 +116,7 @@ func TestDeleteKeepsTheTurnOfASendItWaitedFor(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The other connection holds the conversation's lock, as a send does.
-	tx, err := f.other.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback(context.Background())
-	if _, err := tx.Exec(ctx, `SELECT 1 FROM conversations WHERE id = 'c1' FOR UPDATE`); err != nil {
-		t.Fatal(err)
-	}
+	tx := f.lockConversation(t, "c1")
 	sent := make(chan error, 1)
 	go func() {
 		_, err := f.send(ctx, "c1", "t-late")
@@ -138,14 +154,7 @@ func TestSendWhoseConversationIsDeletedWhileItWaits(t *testing.T) {
 	if _, err := f.db.ClaimConversation(ctx, "c1", "alice", time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	tx, err := f.other.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback(context.Background())
-	if _, err := tx.Exec(ctx, `SELECT 1 FROM conversations WHERE id = 'c1' FOR UPDATE`); err != nil {
-		t.Fatal(err)
-	}
+	tx := f.lockConversation(t, "c1")
 	sent := make(chan error, 1)
 	go func() {
 		_, err := f.send(ctx, "c1", "t1")
@@ -183,21 +192,7 @@ func (f *fixture) terminate(t *testing.T) {
 	if n == 0 {
 		t.Fatal("the store had no connection to terminate")
 	}
-	for {
-		err := f.watch.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
-			WHERE application_name = $1`, f.appName).Scan(&n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if n == 0 {
-			return
-		}
-		select {
-		case <-t.Context().Done():
-			t.Fatal("terminated backends did not go")
-		case <-time.After(5 * time.Millisecond): // polling the server's view
-		}
-	}
+	f.waitBackends(t, "terminated backends to go", "true", func(n int) bool { return n == 0 })
 }
 
 // The pooled connections' backends are terminated between calls: every
