@@ -489,13 +489,14 @@ func (cp *compat) handleHealth() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), compatProbeTimeout)
 		defer cancel()
-		if err := s.bus.Ping(ctx); err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "DOWN", "error": "broker: " + err.Error()})
-			return
-		}
-		if err := s.store.Ping(ctx); err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "DOWN", "error": "store: " + err.Error()})
-			return
+		for _, c := range []struct {
+			name string
+			ping func(context.Context) error
+		}{{"broker", s.bus.Ping}, {"store", s.store.Ping}} {
+			if st := s.checked(c.name, c.ping(ctx)); st != "ok" {
+				writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "DOWN", "error": c.name + " " + st})
+				return
+			}
 		}
 		port := 0
 		if a, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr); ok {

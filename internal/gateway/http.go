@@ -348,28 +348,34 @@ func (s *Server) ready(ctx context.Context) (map[string]string, bool) {
 	ok := true
 	for range checks {
 		r := <-ch
-		// The answer goes to whoever asks (a load balancer, without a
-		// token), so it says only which check fails; the cause, which
-		// names addresses, databases and the model server, goes to the log,
-		// when it changes.
-		cause := ""
-		if r.err != nil {
-			out[r.name] = "failing"
-			ok = false
-			cause = r.err.Error()
-		} else {
-			out[r.name] = "ok"
-		}
-		last, _ := s.readyCauses.Swap(r.name, cause)
-		switch prev, _ := last.(string); {
-		case cause == prev:
-		case cause != "":
-			s.log.Warn("readiness check failing", "check", r.name, "err", cause)
-		default:
-			s.log.Info("readiness check passing again", "check", r.name)
-		}
+		out[r.name] = s.checked(r.name, r.err)
+		ok = ok && r.err == nil
 	}
 	return out, ok
+}
+
+// checked returns what a health answer says of check name, given its
+// error: "ok" or "failing". The answer goes to whoever asks (a load
+// balancer, without a token), so it says no more; the cause, which names
+// addresses, databases and the model server, goes to the log, when it
+// changes.
+func (s *Server) checked(name string, err error) string {
+	cause := ""
+	if err != nil {
+		cause = err.Error()
+	}
+	last, _ := s.readyCauses.Swap(name, cause)
+	switch prev, _ := last.(string); {
+	case cause == prev:
+	case cause != "":
+		s.log.Warn("readiness check failing", "check", name, "err", cause)
+	default:
+		s.log.Info("readiness check passing again", "check", name)
+	}
+	if err != nil {
+		return "failing"
+	}
+	return "ok"
 }
 
 func (s *Server) handleReadyz() http.Handler {
