@@ -189,12 +189,14 @@ func (c *compatConn) push(frame []byte) {
 
 // pushWholeLocked queues a frame the client asked for whole, which the
 // backlog limit does not count, as it does not count a native joined
-// frame: the history on connect, a finished reply's final frame on
-// reconnect. Counted, one reply longer than the limit closed every socket
-// of its session with 4008 as it connected, and its reconnect too. c.mu is
-// held.
-func (c *compatConn) pushWholeLocked(frame []byte) {
-	c.q.pushExempt(frame)
+// frame: the history on connect (kind "history"), a finished reply's final
+// frame on reconnect (kind "reconnect"). Counted, one reply longer than the
+// limit closed every socket of its session with 4008 as it connected, and
+// its reconnect too. As for a joined frame, only one frame of a kind is
+// exempt at a time (see outQueue.pushAsked): a client that asks for reply
+// after reply without reading is closed as a slow consumer. c.mu is held.
+func (c *compatConn) pushWholeLocked(frame []byte, kind string) {
+	c.q.pushAsked(frame, kind)
 }
 
 // resolve returns the frame to write for f, a frame taken from the queue:
@@ -255,6 +257,9 @@ type compatClientFrame struct {
 
 // frame answers one client text frame.
 func (c *compatConn) frame(data []byte) {
+	if c.q.stopped() {
+		return // it overflowed: the client stopped reading what it asked for
+	}
 	if string(bytes.TrimSpace(data)) == "ping" {
 		c.push(compatTextPong)
 		return
@@ -323,7 +328,7 @@ func (c *compatConn) reconnect(ctx context.Context, id string, k int64) {
 	case err != nil:
 		answer("not_found", 0)
 	case t.Status.Terminal():
-		c.pushWholeLocked(compatFinalFrame(t.ID, c.conv, c.user, []byte(t.Content), t.Status, c.nowMS()))
+		c.pushWholeLocked(compatFinalFrame(t.ID, c.conv, c.user, []byte(t.Content), t.Status, c.nowMS()), "reconnect")
 		answer("completed", t.Seq)
 	default:
 		// Running, and this socket has been given nothing of it yet.
@@ -371,7 +376,7 @@ func (c *compatConn) join(ctx context.Context) error {
 	}
 	if len(hist) > 0 {
 		c.mu.Lock()
-		c.pushWholeLocked(compatHistoryFrame(hist, c.s.cfg.Limits.OutboundBytes/2))
+		c.pushWholeLocked(compatHistoryFrame(hist, c.s.cfg.Limits.OutboundBytes/2), "history")
 		c.mu.Unlock()
 	}
 	if a := j.Active; a != nil {

@@ -188,12 +188,6 @@ func (c *conn) push(v any) {
 	c.q.push(protocol.Encode(v))
 }
 
-// pushExempt queues a frame that the backlog limit does not count: a
-// joined frame, as large as the history the client asked for.
-func (c *conn) pushExempt(v any) {
-	c.q.pushExempt(protocol.Encode(v))
-}
-
 func (c *conn) message(conv string, m chat.Message) {
 	c.push(protocol.MessageFrame{Type: "message", ConversationID: conv, Message: protocol.WireMessage(m)})
 }
@@ -203,11 +197,11 @@ func (c *conn) start(conv, turn, replyTo, model string) {
 }
 
 func (c *conn) delta(conv, turn string, from, seq int64, _ int64, text string, ts int64) {
-	exempt := ts == catchUpTS
-	if exempt || !c.s.cfg.DeltaTimestamps {
+	catchUp := ts == catchUpTS
+	if catchUp || !c.s.cfg.DeltaTimestamps {
 		ts = 0
 	}
-	c.q.pushDelta(conv, turn, from, seq, text, ts, exempt)
+	c.q.pushDelta(conv, turn, from, seq, text, ts, catchUp)
 }
 
 func (c *conn) end(conv, turn string, seq int64, status chat.TurnStatus, errMsg string, usage *chat.Usage) {
@@ -265,8 +259,10 @@ func (c *conn) frame(typ websocket.MessageType, data []byte) {
 }
 
 func (c *conn) decodeAndHandle(typ websocket.MessageType, data []byte) {
-	if c.closing.Load() {
-		return // a frame that came after the reason to close
+	if c.closing.Load() || c.q.stopped() {
+		// A frame that came after the reason to close, or after the
+		// queue overflowed (the client stopped reading what it asked for).
+		return
 	}
 	if typ != websocket.MessageText {
 		c.badFrame("", "frames must be text")
@@ -392,7 +388,7 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 	if j.Messages == nil {
 		j.Messages = []protocol.Message{}
 	}
-	c.pushExempt(j)
+	c.q.pushAsked(protocol.Encode(j), f.ConversationID)
 	if f.ID != "" {
 		c.push(protocol.Ack{Type: "ack", ID: f.ID, ConversationID: f.ConversationID})
 	}

@@ -135,7 +135,7 @@ func TestDirectWriteOnAnIdleSocket(t *testing.T) {
 			t.Fatalf("frame %d: op %#x %s", i, op, payload)
 		}
 	}
-	qs.q.pushExempt(pingFrame)
+	qs.q.pushPing(pingFrame)
 	if op, payload := readFrame(t, br); op != 0x89 || len(payload) != 0 {
 		t.Fatalf("ping written as op %#x, % x", op, payload)
 	}

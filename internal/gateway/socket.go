@@ -234,7 +234,7 @@ func (p *pinger) fire() {
 	case now.Sub(p.sent) >= interval:
 		p.sent = now
 		p.waiting.Store(true)
-		p.q.pushExempt(pingFrame)
+		p.q.pushPing(pingFrame)
 		next = now.Add(min(interval, timeout))
 	default:
 		next = p.sent.Add(interval)

@@ -25,7 +25,11 @@ type outQueue struct {
 	bytes    int               // bytes queued; guarded by mu
 	closed   bool              // guarded by mu
 	overflow bool              // closed for passing limit; guarded by mu
-	merged   int               // merges since the last take; guarded by mu
+	// asked holds, per key (a conversation), whether the frames of the
+	// request that last queued some under it go uncounted (see pushAsked);
+	// guarded by mu, emptied when the queue is taken.
+	asked  map[string]bool
+	merged int // merges since the last take; guarded by mu
 	// spawn, the connection's writer, is started in a new goroutine
 	// whenever items arrive and no writer is running: an idle connection
 	// costs no writer goroutine. Until it is set, items only wait. Its
@@ -153,9 +157,50 @@ func (q *outQueue) next(frames [][]byte, buf []byte) (_ [][]byte, _ []byte, merg
 // closed or overflowed (the queue is then closed).
 func (q *outQueue) push(frame []byte) bool { return q.pushFrame(frame, false, false) }
 
-// pushExempt enqueues a frame not counted against the limit (a joined frame,
-// as large as the history the client asked for).
-func (q *outQueue) pushExempt(frame []byte) bool { return q.pushFrame(frame, true, false) }
+// pushPing enqueues a ping, which the limit does not count.
+func (q *outQueue) pushPing(frame []byte) bool { return q.pushFrame(frame, true, false) }
+
+// pushAsked enqueues the first frame of what the client asked for under key
+// (a joined frame, as large as the history it asked for; key is the
+// conversation), which the limit does not count, and neither does the
+// catch-up text that follows it under the same key (pushDelta). One such
+// request per key is exempt at a time: while frames of an earlier request
+// of key are still queued, this one's count in full. A client that asks
+// again and again without reading is then closed as a slow consumer, as one
+// that falls behind a stream is, rather than growing the queue by a
+// history each time; and however many it asks for, no more is queued
+// uncounted than one request's frames per key.
+func (q *outQueue) pushAsked(frame []byte, key string) bool {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return false
+	}
+	_, waiting := q.asked[key]
+	if q.asked == nil {
+		q.asked = make(map[string]bool)
+	}
+	q.asked[key] = !waiting
+	q.items = append(q.items, outItem{frame: frame})
+	if waiting {
+		q.bytes += len(frame)
+	}
+	return q.unlockAfterPush(false)
+}
+
+// exemptLocked reports whether catch-up text under key goes uncounted: it
+// follows the request that last queued frames under key, or, when none is
+// queued, starts one. q.mu is held.
+func (q *outQueue) exemptLocked(key string) bool {
+	free, waiting := q.asked[key]
+	if !waiting {
+		if q.asked == nil {
+			q.asked = make(map[string]bool)
+		}
+		q.asked[key], free = true, true
+	}
+	return free
+}
 
 // pushEnd enqueues a turn's end. No frame of the turn comes behind it to
 // share a write with, so when no writer runs the pusher writes it itself
@@ -179,13 +224,15 @@ func (q *outQueue) pushFrame(frame []byte, exempt, last bool) bool {
 
 // pushDelta enqueues delta seq (text from..seq) of a turn, merging it into
 // that turn's delta still waiting in the queue when it continues it. The
-// text of an exempt delta (catch-up) is not counted against the limit.
-func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts int64, exempt bool) bool {
+// text of a catch-up delta is not counted against the limit when the
+// request it follows is exempt (see pushAsked).
+func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts int64, catchUp bool) bool {
 	q.mu.Lock()
 	if q.closed {
 		q.mu.Unlock()
 		return false
 	}
+	exempt := catchUp && q.exemptLocked(conv)
 	if d := q.pending[turn]; d != nil && d.seq+1 == from {
 		d.seq = seq
 		d.text = append(d.text, text...)
@@ -266,6 +313,9 @@ func (q *outQueue) take(frames [][]byte, buf []byte) (_ [][]byte, _ []byte, merg
 	clear(q.items)
 	q.items = q.items[:0]
 	q.bytes = 0
+	if len(q.asked) > 0 {
+		clear(q.asked)
+	}
 	merged, q.merged = q.merged, 0
 	return frames, buf, merged, false
 }
@@ -279,6 +329,14 @@ func (q *outQueue) close() {
 		q.signal(false) // closed: never direct
 	}
 	q.mu.Unlock()
+}
+
+// stopped reports whether the queue was closed: what a client asks for
+// then can no longer be answered, so its frames need not be handled.
+func (q *outQueue) stopped() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.closed
 }
 
 // idle reports whether nothing is queued and no writer runs.

@@ -86,8 +86,8 @@ func TestOutQueueMerge(t *testing.T) {
 
 func TestOutQueueOverflow(t *testing.T) {
 	q := newOutQueue(1000)
-	if !q.pushExempt(make([]byte, 5000)) {
-		t.Fatal("an exempt frame overflowed the queue")
+	if !q.pushAsked(make([]byte, 5000), "c") {
+		t.Fatal("a joined frame overflowed the queue")
 	}
 	if !q.pushDelta("c", "t", 1, 1, string(make([]byte, 4000)), 0, true) {
 		t.Fatal("exempt catch-up text overflowed the queue")
@@ -100,6 +100,33 @@ func TestOutQueueOverflow(t *testing.T) {
 	}
 	if q.push([]byte("{}")) {
 		t.Fatal("push after overflow succeeded")
+	}
+	if _, _, _, overflow := q.take(nil, nil); !overflow {
+		t.Fatal("take did not report the overflow")
+	}
+}
+
+// One request per key is exempt while its frames are queued: a second
+// joined frame of the same conversation, and the catch-up after it, count;
+// another conversation's do not; and once the queue is taken, the key is
+// exempt again.
+func TestOutQueueAskedOncePerKey(t *testing.T) {
+	q := newOutQueue(1000)
+	if !q.pushAsked(make([]byte, 5000), "c") || !q.pushDelta("c", "t", 1, 1, string(make([]byte, 4000)), 0, true) {
+		t.Fatal("the first request's frames overflowed the queue")
+	}
+	if !q.pushAsked(make([]byte, 5000), "d") {
+		t.Fatal("another conversation's joined frame overflowed the queue")
+	}
+	q.take(nil, nil)
+	if !q.pushAsked(make([]byte, 5000), "c") {
+		t.Fatal("a joined frame overflowed the queue after it was taken")
+	}
+	if !q.pushAsked(make([]byte, 600), "c") || !q.pushDelta("c", "t", 2, 2, string(make([]byte, 200)), 0, true) {
+		t.Fatal("overflow below the limit")
+	}
+	if q.pushDelta("c", "t", 3, 3, string(make([]byte, 200)), 0, true) {
+		t.Fatal("a second request's catch-up was not counted")
 	}
 	if _, _, _, overflow := q.take(nil, nil); !overflow {
 		t.Fatal("take did not report the overflow")
