@@ -67,6 +67,7 @@ type config struct {
 	PingInterval    time.Duration
 	QuietCheck      time.Duration
 	WriteTimeout    time.Duration
+	ReadTimeout     time.Duration
 	IdleTimeout     time.Duration
 	ShutdownTimeout time.Duration
 	LogLevel        string
@@ -152,8 +153,9 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.IntVar(&c.Limits.BadFrames, "limit-bad-frames", d.BadFrames, "bad frames per connection before close 1008")
 		fs.DurationVar(&c.CancelWait, "cancel-wait", 5*time.Second, "how long a cancel waits for a streaming turn to end before answering")
 		fs.DurationVar(&c.WriteTimeout, "write-timeout", 10*time.Second, "a socket write blocked this long closes the connection (the peer stopped reading)")
+		fs.DurationVar(&c.ReadTimeout, "read-timeout", 10*time.Second, "an HTTP request's headers, and its body, must arrive within this")
 		fs.DurationVar(&c.PingInterval, "ping-interval", 30*time.Second, "server ping interval per connection (negative disables)")
-		fs.DurationVar(&c.IdleTimeout, "idle-timeout", 60*time.Second, "a connection that does not answer a ping within this is closed")
+		fs.DurationVar(&c.IdleTimeout, "idle-timeout", 60*time.Second, "a connection that does not answer a ping within this is closed, and an HTTP connection idle this long between requests")
 		fs.DurationVar(&c.QuietCheck, "quiet-check", 10*time.Second, "an open turn silent this long is read again from the stream, in case its end was lost (negative disables)")
 	}
 	fs.BoolVar(&c.DeltaTimestamps, "delta-timestamps", false, "stamp every turn.delta with its emission time (\"ts\", Unix µs)")

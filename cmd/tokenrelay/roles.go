@@ -55,7 +55,7 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	defer closeBackends()
 	reg := newRegistry()
 	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, nil, a.Dev()), b, st, a)
-	srv, httpDone := serveHTTP(ln, gw, log)
+	srv, httpDone := serveHTTP(ln, gw, c.ReadTimeout, c.IdleTimeout, log)
 	log.Info("listening", "addr", ln.Addr().String())
 	fmt.Fprintf(stdout, "tokenrelay gateway (version %s) listening on http://%s\n", version, ln.Addr())
 	var runErr error
@@ -109,7 +109,7 @@ func runWorker(ctx context.Context, args []string, getenv func(string) string, s
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok\n") })
-	srv, _ := serveHTTP(ln, mux, log)
+	srv, _ := serveHTTP(ln, mux, 10*time.Second, time.Minute, log)
 	fmt.Fprintf(stdout, "tokenrelay worker (version %s) running, metrics listening on http://%s\n", version, ln.Addr())
 	err = runWithin(ctx, w.Run, c.ShutdownTimeout, log)
 	_ = srv.Close()

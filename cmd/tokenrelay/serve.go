@@ -137,7 +137,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	workerDone := make(chan error, 1)
 	go func() { workerDone <- w.Run(workerCtx) }()
 
-	srv, httpDone := serveHTTP(ln, gw, log)
+	srv, httpDone := serveHTTP(ln, gw, c.ReadTimeout, c.IdleTimeout, log)
 	log.Info("listening", "addr", ln.Addr().String(), "provider", c.Provider, "dev", a.Dev())
 	fmt.Fprintf(stdout, "tokenrelay serve (version %s) listening on http://%s\n", version, ln.Addr())
 

@@ -243,7 +243,7 @@ func gatewayConfig(c *config, log *slog.Logger, reg *prometheus.Registry, allowe
 	return gateway.Config{
 		Limits: c.Limits, AllowedOrigins: splitList(c.AllowedOrigins), CompatOrigins: splitList(c.CompatOrigins), DefaultModel: defaultModel(c),
 		ModelAllowed: allowed, DeltaTimestamps: c.DeltaTimestamps, CancelWait: c.CancelWait,
-		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, QuietCheck: c.QuietCheck, WriteTimeout: c.WriteTimeout, ReadyProbes: probes,
+		PingInterval: c.PingInterval, IdleTimeout: c.IdleTimeout, QuietCheck: c.QuietCheck, WriteTimeout: c.WriteTimeout, ReadTimeout: c.ReadTimeout, ReadyProbes: probes,
 		Static: web.Static(), NodeID: fmt.Sprintf("%s-%d", hostname, os.Getpid()), Logger: log, Registry: reg, Gatherer: reg,
 		// Dev mode on a loopback address trusts whoever can reach it, which
 		// a rebound name would extend to any web page.
@@ -335,9 +335,13 @@ func providerProbe(p provider.Provider) map[string]func(context.Context) error {
 	return nil
 }
 
-// serveHTTP runs h on ln until ctx is done, then shuts it down.
-func serveHTTP(ln net.Listener, h http.Handler, log *slog.Logger) (*http.Server, <-chan error) {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+// serveHTTP runs h on ln until ctx is done, then shuts it down. A request's
+// headers must arrive within read (and the gateway bounds its body and its
+// answer: see gateway.Server.ServeHTTP); a connection idle longer than idle
+// between requests is closed, so that idle keep-alive connections do not
+// hold file descriptors for good.
+func serveHTTP(ln net.Listener, h http.Handler, read, idle time.Duration, log *slog.Logger) (*http.Server, <-chan error) {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: read, IdleTimeout: idle, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
 	errc := make(chan error, 1)
 	go func() {
 		err := srv.Serve(ln)

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -210,6 +211,9 @@ func (cp *compat) readCompatBody(r *http.Request) (map[string]json.RawMessage, e
 	}
 	data, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
 	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, compatBadRequest("The request body did not arrive within " + cp.s.cfg.ReadTimeout.String())
+		}
 		return nil, compatBadRequest("Cannot read the request body")
 	}
 	if int64(len(data)) > limit {

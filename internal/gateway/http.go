@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"time"
 
@@ -114,6 +115,14 @@ func (s *Server) reqCtx(r *http.Request) (context.Context, context.CancelFunc) {
 }
 
 // ownConversation checks that the user may see conversation id.
+// bodyError says why a request's body could not be read.
+func (s *Server) bodyError(err error) string {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return "the request body did not arrive within " + s.cfg.ReadTimeout.String() + " (--read-timeout)"
+	}
+	return "cannot read body"
+}
+
 func (s *Server) ownConversation(ctx context.Context, id, user string) error {
 	c, err := s.store.Conversation(ctx, id)
 	if err != nil {
@@ -228,7 +237,7 @@ func (s *Server) handlePostMessage() http.Handler {
 		}
 		data, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
 		if err != nil {
-			writeError(w, badRequest("cannot read body"))
+			writeError(w, badRequest(s.bodyError(err)))
 			return
 		}
 		if int64(len(data)) > limit {

@@ -60,6 +60,9 @@ type Config struct {
 	RequestTimeout time.Duration
 	// WriteTimeout bounds one socket write (default 10s).
 	WriteTimeout time.Duration
+	// ReadTimeout bounds how long a plain HTTP request's body may take to
+	// arrive (default 10s; see ServeHTTP).
+	ReadTimeout time.Duration
 	// PingInterval is how often the server pings a connection; a peer that
 	// does not answer within IdleTimeout is disconnected. Defaults 30s/60s;
 	// a negative PingInterval disables pings.
@@ -127,6 +130,9 @@ func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server 
 	}
 	if cfg.WriteTimeout <= 0 {
 		cfg.WriteTimeout = 10 * time.Second
+	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = 10 * time.Second
 	}
 	if cfg.PingInterval == 0 {
 		cfg.PingInterval = 30 * time.Second
@@ -239,7 +245,18 @@ func (s *Server) now() time.Time { return s.cfg.Now() }
 // route takes (an unknown path under /v1/, or a method a path does not
 // have) gets the API's JSON error, 404 or 405, rather than the plain text
 // of net/http or the web page's file server.
+//
+// A plain request's body must arrive within ReadTimeout of its start, and
+// its answer be written within WriteTimeout after the longest a request may
+// work (RequestTimeout, and CancelWait more for a cancel): a client that
+// trickles its body, or does not read the answer, does not hold the
+// connection, a goroutine and the answer for good. A WebSocket upgrade and
+// an SSE stream lift both (see unbound) and bound each write instead.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	rc := http.NewResponseController(w)
+	now := time.Now()
+	_ = rc.SetReadDeadline(now.Add(s.cfg.ReadTimeout))
+	_ = rc.SetWriteDeadline(now.Add(s.cfg.RequestTimeout + s.cfg.CancelWait + s.cfg.WriteTimeout))
 	if s.cfg.LoopbackHostsOnly && !loopbackHost(r.Host) {
 		writeError(w, protocol.Errorf(protocol.CodeForbidden, "this development server answers only requests for localhost or a loopback address, not "+quote(r.Host)))
 		return
@@ -257,6 +274,17 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// unbound lifts the deadlines ServeHTTP set on w's connection, for a
+// WebSocket, which outlives them. An SSE stream lifts only the read
+// deadline and bounds each write itself (see sseWriter).
+func unbound(w http.ResponseWriter, write bool) {
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Time{})
+	if write {
+		_ = rc.SetWriteDeadline(time.Time{})
+	}
 }
 
 // loopbackHost reports whether a Host header names this machine by a
@@ -589,6 +617,7 @@ const (
 // acceptWS upgrades a request to a WebSocket with buffers of the sizes
 // above. It also returns the TCP connection under the WebSocket.
 func acceptWS(w http.ResponseWriter, r *http.Request, opts *websocket.AcceptOptions) (*websocket.Conn, *rawSocket, error) {
+	unbound(w, true)
 	raw := &rawSocket{}
 	o := *opts
 	o.OnPongReceived = func(context.Context, []byte) { raw.pinger.pong() }

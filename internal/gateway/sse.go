@@ -185,6 +185,9 @@ func (sw *sseWriter) deadline() error {
 // ?after= (the later, when both are given) resumes after that seq.
 func (s *Server) handleSSE() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// It has no body to wait for; a read deadline passing while it
+		// streams would end its request's context.
+		unbound(w, false)
 		turnID, err := s.pathID(r, "turn")
 		if err != nil {
 			writeError(w, err)

@@ -69,3 +69,61 @@ func TestIdleTimeout(t *testing.T) {
 		t.Errorf("idle_timeout hits = %v, want 1", got)
 	}
 }
+
+// An HTTP connection kept alive after its request is closed once it has
+// been idle --idle-timeout: idle keep-alive connections, which need no
+// token, cannot hold the server's file descriptors for good.
+func TestIdleKeepAliveConnectionIsClosed(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--idle-timeout", "1s")
+	nc := rawHTTP(t, p, "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(nc), nil)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /healthz: %v %v", resp, err)
+	}
+	if _, err := io.Copy(io.Discard, nc); err != nil {
+		t.Fatalf("the idle connection was not closed: %v", err)
+	}
+}
+
+// A request whose body does not arrive within --read-timeout is answered
+// 400, saying so, and does not hold its connection for longer.
+func TestTrickledBodyTimesOut(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--read-timeout", "1s")
+	for _, tc := range []struct{ name, path string }{
+		{"native", "/v1/conversations/trickle/messages"},
+		{"compat", "/api/chat"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			nc := rawHTTP(t, p, "POST "+tc.path+" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "+tokenFor(t, "alice")+
+				"\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"text\":\"")
+			resp, err := http.ReadResponse(bufio.NewReader(nc), nil)
+			if err != nil {
+				t.Fatalf("no answer to a trickled body: %v", err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "did not arrive within 1s") {
+				t.Fatalf("trickled body: %d %s", resp.StatusCode, body)
+			}
+		})
+	}
+}
+
+// rawHTTP opens a TCP connection to p, writes req, and returns the
+// connection, which reads fail on after the test's wait.
+func rawHTTP(t *testing.T, p *trtest.Proc, req string) net.Conn {
+	t.Helper()
+	nc, err := net.Dial("tcp", strings.TrimPrefix(p.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	if err := nc.SetDeadline(time.Now().Add(wait)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(nc, req); err != nil {
+		t.Fatal(err)
+	}
+	return nc
+}
