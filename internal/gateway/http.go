@@ -23,6 +23,15 @@ func userOf(r *http.Request) string {
 	return u
 }
 
+type expiresKey struct{}
+
+// expiresOf is when the request's token stops being accepted; zero when it
+// has no exp (or there is no token).
+func expiresOf(r *http.Request) time.Time {
+	t, _ := r.Context().Value(expiresKey{}).(time.Time)
+	return t
+}
+
 // authed authenticates the request and passes the user on in its context.
 func (s *Server) authed(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -41,7 +50,11 @@ func (s *Server) authed(h http.Handler) http.Handler {
 			writeError(w, protocol.Errorf(protocol.CodeUnauthorized, "a valid token is required"))
 			return
 		}
-		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), userKey{}, id.UserID)))
+		ctx := context.WithValue(r.Context(), userKey{}, id.UserID)
+		if !id.Expires.IsZero() {
+			ctx = context.WithValue(ctx, expiresKey{}, id.Expires)
+		}
+		h.ServeHTTP(w, r.WithContext(ctx))
 	})
 }
 
@@ -102,6 +115,14 @@ const msgBrokerUnavailable = "the message broker is unavailable"
 
 func badRequest(msg string) error { return protocol.Errorf(protocol.CodeBadRequest, msg) }
 
+// bodyError says why a request's body could not be read.
+func (s *Server) bodyError(err error) string {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return "the request body did not arrive within " + s.cfg.ReadTimeout.String() + " (--read-timeout)"
+	}
+	return "cannot read body"
+}
+
 func (s *Server) pathID(r *http.Request, name string) (string, error) {
 	v := r.PathValue(name)
 	if !chat.ValidID(v) {
@@ -115,14 +136,6 @@ func (s *Server) reqCtx(r *http.Request) (context.Context, context.CancelFunc) {
 }
 
 // ownConversation checks that the user may see conversation id.
-// bodyError says why a request's body could not be read.
-func (s *Server) bodyError(err error) string {
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return "the request body did not arrive within " + s.cfg.ReadTimeout.String() + " (--read-timeout)"
-	}
-	return "cannot read body"
-}
-
 func (s *Server) ownConversation(ctx context.Context, id, user string) error {
 	c, err := s.store.Conversation(ctx, id)
 	if err != nil {

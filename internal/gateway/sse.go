@@ -193,6 +193,16 @@ func (s *Server) handleSSE() http.Handler {
 			writeError(w, err)
 			return
 		}
+		// A stream is a connection: it counts against the user's
+		// --limit-connections as a WebSocket does.
+		user := userOf(r)
+		if !s.limits.openConn(user) {
+			s.m.limitHits.WithLabelValues("connections").Inc()
+			writeError(w, &protocol.Error{Code: protocol.CodeRateLimited, RetryAfterMS: time.Second.Milliseconds(),
+				Message: "too many connections (limit " + itoa(s.cfg.Limits.Connections) + "); close one first"})
+			return
+		}
+		defer s.limits.closeConn(user)
 		// An EventSource opened on ".../events?after=N" reconnects to the
 		// same URL with Last-Event-ID set to the last delta it received,
 		// which is past N: the later of the two is where the client is.
@@ -212,13 +222,23 @@ func (s *Server) handleSSE() http.Handler {
 			writeError(w, err)
 			return
 		}
-		if t.Owner != userOf(r) {
+		if t.Owner != user {
 			writeError(w, chat.ErrForbidden)
 			return
 		}
 		sink := &sseSink{turn: turnID, limit: s.cfg.Limits.OutboundBytes, notify: make(chan struct{}, 1)}
 		rctx, rcancel := contextWithCancel(r, s)
 		defer rcancel()
+		if exp := expiresOf(r); !exp.IsZero() {
+			// As a socket does not (see handleWS), the stream does not
+			// outlive its token: it ends, and an EventSource reconnecting
+			// with the same token is refused.
+			t := time.AfterFunc(time.Until(exp), func() {
+				s.m.authFailures.WithLabelValues("expired").Inc()
+				rcancel()
+			})
+			defer t.Stop()
+		}
 		var wg sync.WaitGroup
 		defer wg.Wait()
 		// The stream follows one turn, whose owner was checked above.

@@ -1,0 +1,115 @@
+package security_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
+)
+
+// openSSE opens the SSE stream of turn with token and returns the response
+// (its body unread) and a function that closes it.
+func openSSE(t *testing.T, p *trtest.Proc, turn, token string) (*http.Response, func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, "GET", p.URL+"/v1/turns/"+turn+"/events", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	closed := func() { cancel(); resp.Body.Close() }
+	t.Cleanup(closed)
+	return resp, closed
+}
+
+// An SSE stream is a connection: it counts against --limit-connections
+// with the user's WebSockets, and the one past the limit is refused with
+// 429 rate_limited until another is closed.
+func TestSSECountsAgainstTheConnectionLimit(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--limit-connections", "2")
+	tok := tokenFor(t, "alice")
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
+	c.Join("streams", nil)
+	tr := startTurn(t, c, "streams", "[sim tokens=100000 rate=20] a long one")
+
+	first, closeFirst := openSSE(t, p, tr.ID, tok)
+	if first.StatusCode != http.StatusOK {
+		t.Fatalf("the second connection: %d, want 200", first.StatusCode)
+	}
+	code, e := httpErr(t, "GET", p.URL+"/v1/turns/"+tr.ID+"/events", tok, "")
+	if code != http.StatusTooManyRequests || e.Error.Code != "rate_limited" || e.Error.RetryAfterMS <= 0 {
+		t.Fatalf("the third connection: %d %+v, want 429 rate_limited with retry_after_ms", code, e)
+	}
+	// Bob's streams are his own.
+	bob := tokenFor(t, "bob")
+	bc := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: bob})
+	bc.Join("bob-streams", nil)
+	btr := startTurn(t, bc, "bob-streams", "[sim tokens=100000 rate=20] his")
+	if resp, _ := openSSE(t, p, btr.ID, bob); resp.StatusCode != http.StatusOK {
+		t.Fatalf("bob's stream: %d, want 200", resp.StatusCode)
+	}
+	// Closing the first frees its place, once the server has seen it go.
+	closeFirst()
+	deadline := time.Now().Add(wait)
+	for {
+		resp, closeIt := openSSE(t, p, tr.ID, tok)
+		if resp.StatusCode == http.StatusOK {
+			break
+		}
+		closeIt()
+		if time.Now().After(deadline) {
+			t.Fatalf("a stream after one was closed: %d", resp.StatusCode)
+		}
+	}
+}
+
+// An SSE stream does not outlive its token, as a socket does not: it ends
+// when the token's exp (plus the 30 s leeway) passes, long before the turn
+// does. The token here expired 28 s ago.
+func TestTokenExpiresOnOpenSSEStream(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t)
+	tok := tokenFor(t, "alice")
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
+	c.Join("expiring-sse", nil)
+	tr := startTurn(t, c, "expiring-sse", "[sim tokens=100000 rate=20] a long one")
+	now := time.Now()
+	claims := jwt.MapClaims{"sub": "alice", "iat": now.Add(-time.Hour).Unix(), "exp": now.Add(-28 * time.Second).Unix()}
+	resp, _ := openSSE(t, p, tr.ID, sign(t, jwt.SigningMethodHS256, []byte(secret), claims))
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("stream: %d, want 200", resp.StatusCode)
+	}
+	ended := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(resp.Body)
+		last := ""
+		for sc.Scan() {
+			if len(sc.Text()) > 0 {
+				last = sc.Text()
+			}
+		}
+		ended <- last
+	}()
+	select {
+	case last := <-ended:
+		var d struct{ Status string }
+		if len(last) > 6 && json.Unmarshal([]byte(last[6:]), &d) == nil && d.Status != "" {
+			t.Fatalf("the stream ended with the turn (%s), not with its token", last)
+		}
+	case <-time.After(wait):
+		t.Fatal("the stream outlived its token")
+	}
+	waitMetric(t, p.URL, "tokenrelay_auth_failures_total", `reason="expired"`, 1)
+}
