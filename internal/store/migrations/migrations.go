@@ -9,8 +9,12 @@
 package migrations
 
 import (
+	"context"
 	"embed"
+	"fmt"
 	"io/fs"
+
+	"github.com/pressly/goose/v3"
 )
 
 // files holds both dialects' migrations; it is read-only.
@@ -28,6 +32,24 @@ func SQLite() fs.FS { return sub("sqlite") }
 
 // Postgres returns the migrations for PostgreSQL, for goose.NewProvider.
 func Postgres() fs.FS { return sub("postgres") }
+
+// Up applies p's pending migrations. It refuses a database that a newer
+// tokenrelay has migrated past the newest migration this one holds (goose
+// alone would pass over the versions it does not know): this one's code
+// may not read, or may spoil, what that one's schema holds.
+func Up(ctx context.Context, p *goose.Provider) error {
+	if _, err := p.Up(ctx); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	current, newest, err := p.GetVersions(ctx)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	if current > newest {
+		return fmt.Errorf("the database's schema is at version %d, which a newer tokenrelay migrated it to; this one knows versions up to %d: run the newer one, or restore a backup taken before it ran", current, newest)
+	}
+	return nil
+}
 
 func sub(dir string) fs.FS {
 	f, err := fs.Sub(files, dir)

@@ -88,10 +88,7 @@ func migrate(ctx context.Context, cfg *pgxpool.Config) error {
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
-	if _, err := p.Up(ctx); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	return nil
+	return migrations.Up(ctx, p)
 }
 
 // migrationLockID is the advisory lock key held while migrating. Advisory

@@ -1,11 +1,15 @@
 package postgres_test
 
 import (
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/tokenrelay/tokenrelay/internal/store"
+	"github.com/tokenrelay/tokenrelay/internal/store/migrations"
 	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
 	"github.com/tokenrelay/tokenrelay/internal/store/postgres/pgtest"
 	"github.com/tokenrelay/tokenrelay/internal/store/storetest"
@@ -49,5 +53,29 @@ func TestMigrateConcurrently(t *testing.T) {
 	defer db.Close()
 	if _, err := db.ClaimConversation(t.Context(), "c1", "alice", time.Unix(1, 0)); err != nil {
 		t.Fatalf("ClaimConversation: %v", err)
+	}
+}
+
+// A schema a newer tokenrelay migrated further is refused, not used.
+func TestMigrateRefusesANewerSchema(t *testing.T) {
+	u := pgtest.SchemaURL(t)
+	if err := postgres.Migrate(t.Context(), u); err != nil {
+		t.Fatalf("Migrate: %v", err)
+	}
+	conn, err := pgx.Connect(t.Context(), u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = conn.Exec(t.Context(), `INSERT INTO `+migrations.TableName+` (version_id, is_applied) VALUES (999, true)`)
+	conn.Close(t.Context())
+	if err != nil {
+		t.Fatalf("record a newer version: %v", err)
+	}
+	if err := postgres.Migrate(t.Context(), u); err == nil || !strings.Contains(err.Error(), "version 999, which a newer tokenrelay migrated it to") {
+		t.Fatalf("Migrate of a schema at version 999: %v", err)
+	}
+	if db, err := postgres.Open(t.Context(), u); err == nil {
+		db.Close()
+		t.Fatal("a schema at version 999 was opened")
 	}
 }

@@ -1,6 +1,7 @@
 package sqlite_test
 
 import (
+	"database/sql"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/store"
+	"github.com/tokenrelay/tokenrelay/internal/store/migrations"
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
 	"github.com/tokenrelay/tokenrelay/internal/store/storetest"
 )
@@ -93,5 +95,31 @@ func TestCheckpointsInTheBackground(t *testing.T) {
 			t.Fatalf("database file %d bytes after 800 kB written (%d before): not checkpointed", size(), before)
 		case <-time.After(20 * time.Millisecond):
 		}
+	}
+}
+
+// A database a newer tokenrelay migrated further is refused, not used.
+func TestOpenRefusesANewerSchema(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "history.db")
+	db, err := sqlite.Open(t.Context(), path)
+	if err != nil {
+		t.Fatalf("open: %v", err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	raw, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := raw.Exec(`INSERT INTO ` + migrations.TableName + ` (version_id, is_applied) VALUES (999, 1)`); err != nil {
+		t.Fatalf("record a newer version: %v", err)
+	}
+	raw.Close()
+	if db, err := sqlite.Open(t.Context(), path); err == nil {
+		db.Close()
+		t.Fatal("a schema at version 999 was opened")
+	} else if !strings.Contains(err.Error(), "version 999, which a newer tokenrelay migrated it to") {
+		t.Fatalf("open: %v", err)
 	}
 }
