@@ -11,12 +11,43 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 )
 
-// version is set at build time with -ldflags "-X main.version=…".
-var version = "dev"
+// version is set at build time with -ldflags "-X main.version=…"; a build
+// without it is "dev", followed by the commit it was built from when Go
+// recorded one (see buildVersion), so that the processes of a cluster in
+// the middle of an upgrade can be told apart.
+var version = buildVersion("dev")
+
+// buildVersion is v, or, when v is "dev", "dev+" and the first 12 digits
+// of the commit the binary was built from, "-dirty" when the work tree
+// had changes.
+func buildVersion(v string) string {
+	info, ok := debug.ReadBuildInfo()
+	if v != "dev" || !ok {
+		return v
+	}
+	var rev, modified string
+	for _, s := range info.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			modified = s.Value
+		}
+	}
+	if rev == "" {
+		return v
+	}
+	v += "+" + rev[:min(12, len(rev))]
+	if modified == "true" {
+		v += "-dirty"
+	}
+	return v
+}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

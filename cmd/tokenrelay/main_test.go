@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"regexp"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -249,4 +250,15 @@ func TestStress(t *testing.T) {
 	}
 	flood.CloseNow()
 	http.DefaultClient.CloseIdleConnections()
+}
+
+// A version set at build time is printed as set; a dev build's names the
+// commit when Go recorded one (go build -buildvcs), and is "dev" otherwise.
+func TestBuildVersion(t *testing.T) {
+	if got := buildVersion("1.4.0"); got != "1.4.0" {
+		t.Fatalf("buildVersion(1.4.0) = %q", got)
+	}
+	if got := buildVersion("dev"); got != "dev" && !strings.HasPrefix(got, "dev+") {
+		t.Fatalf("buildVersion(dev) = %q", got)
+	}
 }
