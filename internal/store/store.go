@@ -32,8 +32,15 @@ type Store interface {
 	Conversations(ctx context.Context, owner string, limit int) ([]chat.Conversation, error)
 
 	// DeleteConversation deletes conversation id and all its messages. It
-	// returns chat.ErrNotFound or chat.ErrForbidden (owner differs).
+	// returns chat.ErrNotFound or chat.ErrForbidden (owner differs). The ids
+	// of its turns stay taken (Send returns chat.ErrConflict for them)
+	// until ForgetDeletedTurns lets them go.
 	DeleteConversation(ctx context.Context, id, owner string) error
+
+	// ForgetDeletedTurns lets sends take again the ids of turns deleted
+	// before before, and returns how many it let go. The caller chooses
+	// before past what the bus keeps of those turns.
+	ForgetDeletedTurns(ctx context.Context, before time.Time) (int64, error)
 
 	// Send stores a user message and its queued turn in one transaction.
 	// When a message with req.MessageID already exists in the conversation it

@@ -63,6 +63,11 @@ type Config struct {
 	// as soon as a worker finds the turn started. Not under serve's
 	// in-process bus, whose restart ends such turns (RecoverAll).
 	QueuedTimeout time.Duration
+	// Retention is how long the bus keeps a finished turn's events
+	// (--retention; 0 keeps them for good). The ids of turns deleted longer
+	// ago than it and the bus's two-minute duplicate window are let go,
+	// hourly (see forgetDeleted); with 0 they are kept for good too.
+	Retention time.Duration
 	// ContextMessages is how many stored messages are offered to the
 	// provider as context (default 100; the provider trims to its budget).
 	ContextMessages int
@@ -239,6 +244,15 @@ func (w *Worker) Run(ctx context.Context) error {
 		defer func() { <-requeueDone }()
 	}
 
+	if w.cfg.Retention > 0 {
+		forgetDone := make(chan struct{})
+		go func() {
+			defer close(forgetDone)
+			w.forgetDeleted(jobsCtx)
+		}()
+		defer func() { <-forgetDone }()
+	}
+
 	sem := make(chan struct{}, w.cfg.Concurrency)
 	w.log.Info("worker started", "concurrency", w.cfg.Concurrency)
 	err = w.bus.ConsumeJobs(jobsCtx, min(w.cfg.Concurrency, 256), func(jm *bus.JobMsg) {
@@ -318,6 +332,32 @@ func (w *Worker) requeue(ctx context.Context) {
 				break
 			}
 			w.log.Debug("enqueued the job of a queued turn again", "turn_id", tn.ID, "queued_since", tn.CreatedAt)
+		}
+	}
+}
+
+// forgetDeleted lets sends take again the ids of turns deleted longer ago
+// than Retention and the duplicate window, at once and then every hour (or
+// every Retention, when shorter) until ctx is done. By then the bus holds
+// nothing of those turns that a new turn of the same id could be given,
+// and the store need not keep their ids for good (one row per deleted
+// turn). Several workers doing it at once do it no harm.
+func (w *Worker) forgetDeleted(ctx context.Context) {
+	t := time.NewTicker(min(w.cfg.Retention, time.Hour))
+	defer t.Stop()
+	for {
+		before := w.cfg.Now().Add(-w.cfg.Retention - 2*time.Minute)
+		n, err := w.store.ForgetDeletedTurns(ctx, before)
+		switch {
+		case err != nil && ctx.Err() == nil:
+			w.log.Warn("forget the ids of deleted turns", "err", err)
+		case n > 0:
+			w.log.Debug("forgot the ids of deleted turns", "turns", n, "deleted_before", before)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
 		}
 	}
 }

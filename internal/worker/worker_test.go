@@ -2,6 +2,7 @@ package worker_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -787,5 +788,34 @@ func TestUnreadableConversationEndsTheTurn(t *testing.T) {
 	// The next turn of the conversation runs.
 	if end := waitEnd(t, e.send(t, "c", "t2", "again", true)); end.Status != chat.StatusComplete {
 		t.Fatalf("next turn: %+v", end)
+	}
+}
+
+// A worker lets go of the ids of turns deleted longer ago than --retention
+// and the duplicate window: a send may take such an id again. The worker's
+// clock runs three hours ahead here.
+func TestWorkerForgetsDeletedTurns(t *testing.T) {
+	cfg := worker.Config{Retention: time.Hour, Now: func() time.Time { return time.Now().Add(3 * time.Hour) }}
+	e := setup(t, cfg, false)
+	req := store.SendRequest{ConversationID: "gone", Owner: "u", MessageID: "m1", TurnID: "t-gone", Text: "hello", Now: time.Now()}
+	if _, err := e.store.Send(t.Context(), req); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.store.DeleteConversation(t.Context(), "gone", "u"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.store.Send(t.Context(), req); !errors.Is(err, chat.ErrConflict) {
+		t.Fatalf("send with a deleted turn's id: %v, want a conflict", err)
+	}
+	e.start(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := e.store.Send(t.Context(), req)
+		if err == nil {
+			return
+		}
+		if !errors.Is(err, chat.ErrConflict) || time.Now().After(deadline) {
+			t.Fatalf("send with the id of a turn deleted past the retention: %v", err)
+		}
 	}
 }

@@ -126,3 +126,12 @@ func queryAll[T any](ctx context.Context, q Queryer, scan func(Scanner) (T, erro
 	}
 	return out, nil
 }
+
+// ForgetDeletedTurns implements [store.Store].
+func (s *DB) ForgetDeletedTurns(ctx context.Context, before time.Time) (int64, error) {
+	n, err := s.write.Exec(ctx, `DELETE FROM deleted_turns WHERE deleted_at < ?`, before.UnixMilli())
+	if err != nil {
+		return 0, fmt.Errorf("forget deleted turns: %w", err)
+	}
+	return n, nil
+}

@@ -2,6 +2,7 @@ package storetest
 
 import (
 	"testing"
+	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/store"
@@ -232,4 +233,16 @@ func testDeleteConversation(t *testing.T, s store.Store) {
 	wantErr(t, "delete again", s.DeleteConversation(t.Context(), "c1", "alice"), nil)
 	_, err = s.Send(t.Context(), req("c2", "m1", "c1-t3", at(8)))
 	wantErr(t, "Send with the deleted turn id c1-t3", err, chat.ErrConflict)
+
+	// Forgetting the ids deleted before a moment already past keeps them.
+	n, err := s.ForgetDeletedTurns(t.Context(), time.Now().Add(-time.Hour))
+	wantErr(t, "ForgetDeletedTurns an hour ago", err, nil)
+	equal(t, "ids forgotten an hour ago", n, int64(0))
+	_, err = s.Send(t.Context(), req("c2", "m1", "c1-t3", at(9)))
+	wantErr(t, "Send with the deleted turn id c1-t3", err, chat.ErrConflict)
+	// Forgetting those deleted before now lets them go.
+	n, err = s.ForgetDeletedTurns(t.Context(), time.Now().Add(time.Second))
+	wantErr(t, "ForgetDeletedTurns", err, nil)
+	equal(t, "ids forgotten", n, int64(3))
+	send(t, s, req("c2", "m1", "c1-t3", at(9)))
 }
