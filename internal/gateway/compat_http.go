@@ -446,7 +446,7 @@ func (cp *compat) handleHistory() http.Handler {
 				}
 			}
 		}
-		writeJSON(w, http.StatusOK, map[string]any{"session_id": sid, "messages": out, "count": len(out)})
+		writeObject(w, http.StatusOK, jsonField{name: "count", v: len(out)}, jsonField{name: "messages", list: listOf(out)}, jsonField{name: "session_id", v: sid})
 	})
 }
 

@@ -73,6 +73,70 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
+// jsonField is a field of the object writeObject writes: v encoded whole,
+// or, when list is not nil, the array of list's elements.
+type jsonField struct {
+	name string
+	v    any
+	list []any
+}
+
+// listOf is s as the list of a jsonField.
+func listOf[T any](s []T) []any {
+	l := make([]any, len(s))
+	for i := range s {
+		l[i] = s[i]
+	}
+	return l
+}
+
+// writeObject writes the object of fields, in their order, as writeJSON
+// would write a map of them (whose keys it sorts), but an array one
+// element at a time: a history of long answers is not encoded whole in
+// memory besides the messages themselves, and encoding/json's pooled
+// buffers, which it keeps whatever their size, grow only to the longest
+// message.
+func writeObject(w http.ResponseWriter, status int, fields ...jsonField) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	var err error
+	put := func(v any) {
+		if err != nil {
+			return
+		}
+		var b []byte
+		if b, err = json.Marshal(v); err == nil {
+			_, err = w.Write(b)
+		}
+	}
+	write := func(s string) {
+		if err == nil {
+			_, err = io.WriteString(w, s)
+		}
+	}
+	write("{")
+	for i, f := range fields {
+		if i > 0 {
+			write(",")
+		}
+		put(f.name)
+		write(":")
+		if f.list == nil {
+			put(f.v)
+			continue
+		}
+		write("[")
+		for j, e := range f.list {
+			if j > 0 {
+				write(",")
+			}
+			put(e)
+		}
+		write("]")
+	}
+	write("}\n")
+}
+
 type errorBody struct {
 	Error struct {
 		Code         string `json:"code"`
@@ -220,12 +284,11 @@ func (s *Server) handleListMessages() http.Handler {
 		if more {
 			msgs = msgs[len(msgs)-limit:] // the newest limit, oldest first
 		}
-		out := make([]protocol.Message, 0, len(msgs))
+		out := make([]any, 0, len(msgs))
 		for _, m := range msgs {
 			out = append(out, protocol.WireMessage(m))
 		}
-		body := map[string]any{"messages": out, "has_more": more}
-		writeJSON(w, http.StatusOK, body)
+		writeObject(w, http.StatusOK, jsonField{name: "has_more", v: more}, jsonField{name: "messages", list: out})
 	})
 }
 
