@@ -230,9 +230,9 @@ func (s *Server) handleSSE() http.Handler {
 		rctx, rcancel := contextWithCancel(r, s)
 		defer rcancel()
 		if exp := expiresOf(r); !exp.IsZero() {
-			// As a socket does not (see handleWS), the stream does not
-			// outlive its token: it ends, and an EventSource reconnecting
-			// with the same token is refused.
+			// Like a socket (see handleWS), the stream does not outlive
+			// its token: it ends, and an EventSource reconnecting with the
+			// same token is refused.
 			t := time.AfterFunc(time.Until(exp), func() {
 				s.m.authFailures.WithLabelValues("expired").Inc()
 				rcancel()
