@@ -122,6 +122,22 @@ type compatCaller struct {
 var errCompatAuth = &compatError{status: http.StatusUnauthorized, err: "Unauthorized", detail: "Authentication failed"}
 
 func (cp *compat) caller(r *http.Request, userID string) (compatCaller, error) {
+	c, err := cp.identify(r, userID)
+	if err != nil {
+		return c, err
+	}
+	// The request counts against the user's requests in flight, as a
+	// native one does (see authed), until its handler returns and net/http
+	// ends its context.
+	if !cp.s.limits.beginRequest(c.user) {
+		return compatCaller{}, cp.s.tooManyRequests()
+	}
+	context.AfterFunc(r.Context(), func() { cp.s.limits.endRequest(c.user) })
+	return c, nil
+}
+
+// identify is caller without the count of requests in flight.
+func (cp *compat) identify(r *http.Request, userID string) (compatCaller, error) {
 	token := r.URL.Query().Get("token")
 	if h := r.Header.Get("Authorization"); h != "" {
 		token = h

@@ -339,7 +339,7 @@ func TestCompatCaller(t *testing.T) {
 			if tt.header != "" {
 				r.Header.Set("Authorization", tt.header)
 			}
-			c, err := cp.caller(r, tt.userID)
+			c, err := cp.identify(r, tt.userID)
 			var ce *compatError
 			switch {
 			case tt.wantCode == 0 && err != nil:

@@ -50,6 +50,11 @@ func (s *Server) authed(h http.Handler) http.Handler {
 			writeError(w, protocol.Errorf(protocol.CodeUnauthorized, "a valid token is required"))
 			return
 		}
+		if !s.limits.beginRequest(id.UserID) {
+			writeError(w, s.tooManyRequests())
+			return
+		}
+		defer s.limits.endRequest(id.UserID)
 		ctx := context.WithValue(r.Context(), userKey{}, id.UserID)
 		if !id.Expires.IsZero() {
 			ctx = context.WithValue(ctx, expiresKey{}, id.Expires)

@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
+
+	"github.com/tokenrelay/tokenrelay/internal/protocol"
 )
 
 // Limits are the per-user and per-connection limits of PROTOCOL.md; 0
@@ -19,15 +21,17 @@ type Limits struct {
 	Turns          int // turns running at once per user
 	OutboundBytes  int // queued outbound bytes per connection (close 4008)
 	BadFrames      int // bad frames per connection before close 1008
+	Requests       int // HTTP requests in flight per user, SSE streams included (429)
 }
 
 // DefaultLimits are PROTOCOL.md's defaults.
 func DefaultLimits() Limits {
 	return Limits{FrameBytes: 65536, TextBytes: 32768, SendsPerMinute: 30, SendBurst: 10, Connections: 20,
-		Joins: 16, Turns: 4, OutboundBytes: 1 << 20, BadFrames: 20}
+		Joins: 16, Turns: 4, OutboundBytes: 1 << 20, BadFrames: 20, Requests: 32}
 }
 
-// userLimits tracks per-user state: send rate and open connections.
+// userLimits tracks per-user state: send rate, open connections and HTTP
+// requests in flight.
 type userLimits struct {
 	l   Limits
 	now func() time.Time
@@ -43,8 +47,9 @@ type userLimits struct {
 const limitsSweepEvery = time.Minute
 
 type userState struct {
-	sends *rate.Limiter
-	conns int
+	sends    *rate.Limiter
+	conns    int
+	requests int // HTTP requests in flight
 }
 
 func newUserLimits(l Limits) *userLimits {
@@ -67,7 +72,7 @@ func (u *userLimits) sweepLocked(now time.Time) {
 
 // idle says whether st holds nothing a new user's state would not.
 func (st *userState) idle(now time.Time) bool {
-	return st.conns <= 0 && (st.sends == nil || st.sends.TokensAt(now) >= float64(st.sends.Burst()))
+	return st.conns <= 0 && st.requests <= 0 && (st.sends == nil || st.sends.TokensAt(now) >= float64(st.sends.Burst()))
 }
 
 func (u *userLimits) stateLocked(user string) *userState {
@@ -119,6 +124,41 @@ func (u *userLimits) openConn(user string) bool {
 	}
 	st.conns++
 	return true
+}
+
+// beginRequest counts an HTTP request of user in flight, refusing it past
+// the limit; endRequest ends it. Each request holds its answer in memory
+// while it is written (a history may be megabytes), so without a bound one
+// user's concurrent requests could take the server's memory.
+func (u *userLimits) beginRequest(user string) bool {
+	now := u.now()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.sweepLocked(now)
+	st := u.stateLocked(user)
+	if u.l.Requests > 0 && st.requests >= u.l.Requests {
+		return false
+	}
+	st.requests++
+	return true
+}
+
+func (u *userLimits) endRequest(user string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if st := u.users[user]; st != nil {
+		st.requests--
+		if st.idle(u.now()) {
+			delete(u.users, user)
+		}
+	}
+}
+
+// tooManyRequests is the error of a request refused by beginRequest.
+func (s *Server) tooManyRequests() *protocol.Error {
+	s.m.limitHits.WithLabelValues("requests").Inc()
+	return &protocol.Error{Code: protocol.CodeRateLimited, RetryAfterMS: time.Second.Milliseconds(),
+		Message: "too many requests in flight (limit " + itoa(s.cfg.Limits.Requests) + "); wait for one to end"}
 }
 
 func (u *userLimits) closeConn(user string) {

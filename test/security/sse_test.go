@@ -113,3 +113,45 @@ func TestTokenExpiresOnOpenSSEStream(t *testing.T) {
 	}
 	waitMetric(t, p.URL, "tokenrelay_auth_failures_total", `reason="expired"`, 1)
 }
+
+// --limit-requests bounds a user's HTTP requests in flight, SSE streams
+// included, on the native and the compat paths: each holds its answer in
+// memory while it is written. Other users are not affected, and a request
+// ended frees its place.
+func TestRequestsInFlightAreLimited(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--limit-requests", "2")
+	tok := tokenFor(t, "alice")
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
+	c.Join("inflight", nil)
+	tr := startTurn(t, c, "inflight", "[sim tokens=100000 rate=20] a long one")
+	var closers []func()
+	for range 2 {
+		resp, closeIt := openSSE(t, p, tr.ID, tok)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("a stream within the limit: %d", resp.StatusCode)
+		}
+		closers = append(closers, closeIt)
+	}
+	code, e := httpErr(t, "GET", p.URL+"/v1/conversations", tok, "")
+	if code != http.StatusTooManyRequests || e.Error.Code != "rate_limited" || e.Error.RetryAfterMS <= 0 {
+		t.Fatalf("a third request: %d %+v, want 429 rate_limited with retry_after_ms", code, e)
+	}
+	if code, _, body := do(t, "GET", p.URL+"/api/history/inflight", tok, "", nil); code != http.StatusTooManyRequests {
+		t.Fatalf("a third request on the compat path: %d %s", code, body)
+	}
+	if code, _, body := do(t, "GET", p.URL+"/v1/conversations", tokenFor(t, "bob"), "", nil); code != http.StatusOK {
+		t.Fatalf("bob's request: %d %s", code, body)
+	}
+	closers[0]()
+	deadline := time.Now().Add(wait)
+	for {
+		code, _, body := do(t, "GET", p.URL+"/v1/conversations", tok, "", nil)
+		if code == http.StatusOK {
+			break
+		}
+		if code != http.StatusTooManyRequests || time.Now().After(deadline) {
+			t.Fatalf("a request after a stream ended: %d %s", code, body)
+		}
+	}
+}
