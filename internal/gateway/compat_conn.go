@@ -189,14 +189,14 @@ func (c *compatConn) push(frame []byte) {
 
 // pushWholeLocked queues a frame the client asked for whole, which the
 // backlog limit does not count, as it does not count a native joined
-// frame: the history on connect (kind "history"), a finished reply's final
-// frame on reconnect (kind "reconnect"). Counted, one reply longer than the
-// limit closed every socket of its session with 4008 as it connected, and
-// its reconnect too. As for a joined frame, only one frame of a kind is
-// exempt at a time (see outQueue.pushAsked): a client that asks for reply
-// after reply without reading is closed as a slow consumer. c.mu is held.
-func (c *compatConn) pushWholeLocked(frame []byte, kind string) {
-	c.q.pushAsked(frame, kind)
+// frame: the history on connect, a finished reply's final frame on
+// reconnect. Counted, one reply longer than the limit closed every socket
+// of its session with 4008 as it connected, and its reconnect too. As for
+// a joined frame, what it asks for has a budget of its own (see
+// outQueue.pushAsked): a client that asks for reply after reply without
+// reading is closed as a slow consumer. c.mu is held.
+func (c *compatConn) pushWholeLocked(frame []byte) {
+	c.q.pushAsked(frame)
 }
 
 // resolve returns the frame to write for f, a frame taken from the queue:
@@ -328,7 +328,7 @@ func (c *compatConn) reconnect(ctx context.Context, id string, k int64) {
 	case err != nil:
 		answer("not_found", 0)
 	case t.Status.Terminal():
-		c.pushWholeLocked(compatFinalFrame(t.ID, c.conv, c.user, []byte(t.Content), t.Status, c.nowMS()), "reconnect")
+		c.pushWholeLocked(compatFinalFrame(t.ID, c.conv, c.user, []byte(t.Content), t.Status, c.nowMS()))
 		answer("completed", t.Seq)
 	default:
 		// Running, and this socket has been given nothing of it yet.
@@ -376,7 +376,7 @@ func (c *compatConn) join(ctx context.Context) error {
 	}
 	if len(hist) > 0 {
 		c.mu.Lock()
-		c.pushWholeLocked(compatHistoryFrame(hist, c.s.cfg.Limits.OutboundBytes/2), "history")
+		c.pushWholeLocked(compatHistoryFrame(hist, c.s.cfg.Limits.OutboundBytes/2))
 		c.mu.Unlock()
 	}
 	if a := j.Active; a != nil {

@@ -388,7 +388,7 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 	if j.Messages == nil {
 		j.Messages = []protocol.Message{}
 	}
-	c.q.pushAsked(protocol.Encode(j), f.ConversationID)
+	c.q.pushAsked(protocol.Encode(j))
 	if f.ID != "" {
 		c.push(protocol.Ack{Type: "ack", ID: f.ID, ConversationID: f.ConversationID})
 	}

@@ -25,10 +25,9 @@ type outQueue struct {
 	bytes    int               // bytes queued; guarded by mu
 	closed   bool              // guarded by mu
 	overflow bool              // closed for passing limit; guarded by mu
-	// asked holds, per key (a conversation), whether the frames of the
-	// request that last queued some under it go uncounted (see pushAsked);
-	// guarded by mu, emptied when the queue is taken.
-	asked  map[string]bool
+	// asked is the bytes of the frames a client asked for (see pushAsked)
+	// queued uncounted since the queue was last taken; guarded by mu.
+	asked  int
 	merged int // merges since the last take; guarded by mu
 	// spawn, the connection's writer, is started in a new goroutine
 	// whenever items arrive and no writer is running: an idle connection
@@ -160,46 +159,41 @@ func (q *outQueue) push(frame []byte) bool { return q.pushFrame(frame, false, fa
 // pushPing enqueues a ping, which the limit does not count.
 func (q *outQueue) pushPing(frame []byte) bool { return q.pushFrame(frame, true, false) }
 
-// pushAsked enqueues the first frame of what the client asked for under key
-// (a joined frame, as large as the history it asked for; key is the
-// conversation), which the limit does not count, and neither does the
-// catch-up text that follows it under the same key (pushDelta). One such
-// request per key is exempt at a time: while frames of an earlier request
-// of key are still queued, this one's count in full. A client that asks
-// again and again without reading is then closed as a slow consumer, as one
-// that falls behind a stream is, rather than growing the queue by a
-// history each time; and however many it asks for, no more is queued
-// uncounted than one request's frames per key.
-func (q *outQueue) pushAsked(frame []byte, key string) bool {
+// askedPerLimit is how many times the limit the frames a client asked for
+// may take in the queue uncounted (see pushAsked).
+const askedPerLimit = 16
+
+// pushAsked enqueues a frame the client asked for (a joined frame, as large
+// as the history it asked for), which the limit does not count, nor the
+// catch-up text that follows a join (pushDelta): a long history never
+// closes a socket. They have a budget of their own, askedPerLimit times the
+// limit, beyond the first of them queued: a client that asks again and
+// again without reading, or faster than it reads, is closed as a slow
+// consumer once what it asked for passes that, rather than growing the
+// queue by a history each time. (A client that switches between
+// conversations with long histories on a slow link asks faster than it
+// reads; the budget lets it switch a few times before a write would be
+// blocked for --write-timeout anyway.)
+func (q *outQueue) pushAsked(frame []byte) bool {
 	q.mu.Lock()
 	if q.closed {
 		q.mu.Unlock()
 		return false
 	}
-	_, waiting := q.asked[key]
-	if q.asked == nil {
-		q.asked = make(map[string]bool)
-	}
-	q.asked[key] = !waiting
 	q.items = append(q.items, outItem{frame: frame})
-	if waiting {
-		q.bytes += len(frame)
-	}
+	q.countAskedLocked(len(frame))
 	return q.unlockAfterPush(false)
 }
 
-// exemptLocked reports whether catch-up text under key goes uncounted: it
-// follows the request that last queued frames under key, or, when none is
-// queued, starts one. q.mu is held.
-func (q *outQueue) exemptLocked(key string) bool {
-	free, waiting := q.asked[key]
-	if !waiting {
-		if q.asked == nil {
-			q.asked = make(map[string]bool)
-		}
-		q.asked[key], free = true, true
+// countAskedLocked counts n bytes a client asked for: uncounted while
+// within their budget (or the first of them queued), against the limit
+// past it, which then closes the queue. q.mu is held.
+func (q *outQueue) countAskedLocked(n int) {
+	if q.limit > 0 && q.asked > 0 && q.asked+n > askedPerLimit*q.limit {
+		q.bytes += n
+		return
 	}
-	return free
+	q.asked += n
 }
 
 // pushEnd enqueues a turn's end. No frame of the turn comes behind it to
@@ -224,20 +218,21 @@ func (q *outQueue) pushFrame(frame []byte, exempt, last bool) bool {
 
 // pushDelta enqueues delta seq (text from..seq) of a turn, merging it into
 // that turn's delta still waiting in the queue when it continues it. The
-// text of a catch-up delta is not counted against the limit when the
-// request it follows is exempt (see pushAsked).
+// text of a catch-up delta is counted as what the client asked for (see
+// pushAsked).
 func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts int64, catchUp bool) bool {
 	q.mu.Lock()
 	if q.closed {
 		q.mu.Unlock()
 		return false
 	}
-	exempt := catchUp && q.exemptLocked(conv)
 	if d := q.pending[turn]; d != nil && d.seq+1 == from {
 		d.seq = seq
 		d.text = append(d.text, text...)
 		d.ts = ts
-		if !exempt {
+		if catchUp {
+			q.countAskedLocked(len(text))
+		} else {
 			q.bytes += len(text)
 		}
 		q.merged++
@@ -254,7 +249,9 @@ func (q *outQueue) pushDelta(conv, turn string, from, seq int64, text string, ts
 	q.pending[turn] = d
 	q.items = append(q.items, outItem{delta: d})
 	q.bytes += deltaOverhead
-	if !exempt {
+	if catchUp {
+		q.countAskedLocked(len(text))
+	} else {
 		q.bytes += len(text)
 	}
 	return q.unlockAfterPush(false)
@@ -313,9 +310,7 @@ func (q *outQueue) take(frames [][]byte, buf []byte) (_ [][]byte, _ []byte, merg
 	clear(q.items)
 	q.items = q.items[:0]
 	q.bytes = 0
-	if len(q.asked) > 0 {
-		clear(q.asked)
-	}
+	q.asked = 0
 	merged, q.merged = q.merged, 0
 	return frames, buf, merged, false
 }

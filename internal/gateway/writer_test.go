@@ -86,7 +86,7 @@ func TestOutQueueMerge(t *testing.T) {
 
 func TestOutQueueOverflow(t *testing.T) {
 	q := newOutQueue(1000)
-	if !q.pushAsked(make([]byte, 5000), "c") {
+	if !q.pushAsked(make([]byte, 5000)) {
 		t.Fatal("a joined frame overflowed the queue")
 	}
 	if !q.pushDelta("c", "t", 1, 1, string(make([]byte, 4000)), 0, true) {
@@ -106,27 +106,20 @@ func TestOutQueueOverflow(t *testing.T) {
 	}
 }
 
-// One request per key is exempt while its frames are queued: a second
-// joined frame of the same conversation, and the catch-up after it, count;
-// another conversation's do not; and once the queue is taken, the key is
-// exempt again.
-func TestOutQueueAskedOncePerKey(t *testing.T) {
-	q := newOutQueue(1000)
-	if !q.pushAsked(make([]byte, 5000), "c") || !q.pushDelta("c", "t", 1, 1, string(make([]byte, 4000)), 0, true) {
-		t.Fatal("the first request's frames overflowed the queue")
-	}
-	if !q.pushAsked(make([]byte, 5000), "d") {
-		t.Fatal("another conversation's joined frame overflowed the queue")
+// What a client asks for is not counted against the limit up to its own
+// budget (askedPerLimit times the limit), however large the first of it
+// queued; past the budget it counts, and a queue taken starts it afresh.
+func TestOutQueueAskedBudget(t *testing.T) {
+	q := newOutQueue(100) // a budget of 1600 bytes
+	if !q.pushAsked(make([]byte, 5000)) || !q.pushAsked(make([]byte, 10)) {
+		t.Fatal("the first asked-for frame, however large, overflowed the queue")
 	}
 	q.take(nil, nil)
-	if !q.pushAsked(make([]byte, 5000), "c") {
-		t.Fatal("a joined frame overflowed the queue after it was taken")
+	if !q.pushAsked(make([]byte, 1000)) || !q.pushDelta("c", "t", 1, 1, string(make([]byte, 500)), 0, true) {
+		t.Fatal("asked-for frames within their budget overflowed the queue")
 	}
-	if !q.pushAsked(make([]byte, 600), "c") || !q.pushDelta("c", "t", 2, 2, string(make([]byte, 200)), 0, true) {
-		t.Fatal("overflow below the limit")
-	}
-	if q.pushDelta("c", "t", 3, 3, string(make([]byte, 200)), 0, true) {
-		t.Fatal("a second request's catch-up was not counted")
+	if q.pushAsked(make([]byte, 200)) {
+		t.Fatal("an asked-for frame past the budget was not counted")
 	}
 	if _, _, _, overflow := q.take(nil, nil); !overflow {
 		t.Fatal("take did not report the overflow")
