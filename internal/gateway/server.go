@@ -247,16 +247,19 @@ func (s *Server) now() time.Time { return s.cfg.Now() }
 // of net/http or the web page's file server.
 //
 // A plain request's body must arrive within ReadTimeout of its start, and
-// its answer be written within WriteTimeout after the longest a request may
-// work (RequestTimeout, and CancelWait more for a cancel): a client that
-// trickles its body, or does not read the answer, does not hold the
-// connection, a goroutine and the answer for good. A WebSocket upgrade and
-// an SSE stream lift both (see unbound) and bound each write instead.
+// its answer be written within answerWrites write timeouts of it (5 minutes
+// by default): a client that trickles its body, or does not read the
+// answer, does not hold the connection, a goroutine and the answer for
+// good, while one that reads a history of megabytes on a slow link has
+// minutes to. (A deadline for each write would cut off a client that reads
+// steadily but slowly: the kernel lets a writer go on only once half of a
+// send buffer of megabytes has drained.) A WebSocket upgrade and an SSE
+// stream lift both (see unbound) and bound each write instead.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	now := time.Now()
 	_ = rc.SetReadDeadline(now.Add(s.cfg.ReadTimeout))
-	_ = rc.SetWriteDeadline(now.Add(s.cfg.RequestTimeout + s.cfg.CancelWait + s.cfg.WriteTimeout))
+	_ = rc.SetWriteDeadline(now.Add(answerWrites * s.cfg.WriteTimeout))
 	if s.cfg.LoopbackHostsOnly && !loopbackHost(r.Host) {
 		writeError(w, protocol.Errorf(protocol.CodeForbidden, "this development server answers only requests for localhost or a loopback address, not "+quote(r.Host)))
 		return
@@ -275,6 +278,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mux.ServeHTTP(w, r)
 }
+
+// answerWrites is how many --write-timeout a plain HTTP answer may take
+// from its request's start (see ServeHTTP).
+const answerWrites = 30
 
 // unbound lifts the deadlines ServeHTTP set on w's connection, for a
 // WebSocket, which outlives them. An SSE stream lifts only the read
