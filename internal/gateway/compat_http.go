@@ -220,7 +220,7 @@ func (cp *compat) resolveTurn(ctx context.Context, conv, id string) (chat.Turn, 
 }
 
 // readCompatBody decodes a JSON object body into fields (name → raw value).
-func (cp *compat) readCompatBody(r *http.Request) (map[string]json.RawMessage, error) {
+func (cp *compat) readCompatBody(w http.ResponseWriter, r *http.Request) (map[string]json.RawMessage, error) {
 	limit := int64(1 << 20)
 	if cp.s.cfg.Limits.TextBytes > 0 {
 		limit = int64(cp.s.cfg.Limits.TextBytes)*6 + 4096 // JSON escapes may grow text up to 6×
@@ -232,6 +232,7 @@ func (cp *compat) readCompatBody(r *http.Request) (map[string]json.RawMessage, e
 		}
 		return nil, compatBadRequest("Cannot read the request body")
 	}
+	bodyRead(w)
 	if int64(len(data)) > limit {
 		return nil, &compatError{status: http.StatusRequestEntityTooLarge, err: "Payload too large", detail: "The request body is too large"}
 	}
@@ -277,7 +278,7 @@ func (cp *compat) handleChat() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := s.reqCtx(r)
 		defer cancel()
-		body, err := cp.readCompatBody(r)
+		body, err := cp.readCompatBody(w, r)
 		if err != nil {
 			cp.writeCompatError(w, err)
 			return
@@ -344,7 +345,7 @@ func (cp *compat) handleCancel() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), s.cfg.RequestTimeout+s.cfg.CancelWait)
 		defer cancel()
-		body, err := cp.readCompatBody(r)
+		body, err := cp.readCompatBody(w, r)
 		if err != nil {
 			cp.writeCompatError(w, err)
 			return

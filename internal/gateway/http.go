@@ -321,6 +321,7 @@ func (s *Server) handlePostMessage() http.Handler {
 			writeError(w, badRequest(s.bodyError(err)))
 			return
 		}
+		bodyRead(w)
 		if int64(len(data)) > limit {
 			writeError(w, protocol.Errorf(protocol.CodeTooLarge, "request body too large"))
 			return

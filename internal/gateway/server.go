@@ -258,7 +258,12 @@ func (s *Server) now() time.Time { return s.cfg.Now() }
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	now := time.Now()
-	_ = rc.SetReadDeadline(now.Add(s.cfg.ReadTimeout))
+	if r.Body != http.NoBody {
+		// Lifted once the body is read (see bodyRead): past it, net/http
+		// reads on in the background, and a deadline passing then would
+		// end the request's context.
+		_ = rc.SetReadDeadline(now.Add(s.cfg.ReadTimeout))
+	}
 	_ = rc.SetWriteDeadline(now.Add(answerWrites * s.cfg.WriteTimeout))
 	if s.cfg.LoopbackHostsOnly && !loopbackHost(r.Host) {
 		writeError(w, protocol.Errorf(protocol.CodeForbidden, "this development server answers only requests for localhost or a loopback address, not "+quote(r.Host)))
@@ -277,6 +282,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// bodyRead lifts the read deadline ServeHTTP set for a request's body,
+// once the handler has read it.
+func bodyRead(w http.ResponseWriter) {
+	_ = http.NewResponseController(w).SetReadDeadline(time.Time{})
 }
 
 // answerWrites is how many --write-timeout a plain HTTP answer may take
