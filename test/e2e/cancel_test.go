@@ -255,7 +255,7 @@ func TestOversizedFrameBehindACancel(t *testing.T) {
 }
 
 func TestConcurrentCancels(t *testing.T) {
-	p := trtest.Serve(t, "--sim-rate", "50", "--sim-tokens", "1000", "--limit-connections", "0")
+	p := trtest.Serve(t, "--sim-rate", "50", "--sim-tokens", "1000", "--limit-connections", "0", "--limit-requests", "0")
 	c := trtest.Dial(t, p.WSURL(), nil)
 	c.Join("many", nil)
 	tr := startTurn(t, c, "many", "go on", 2)
