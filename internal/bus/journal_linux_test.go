@@ -4,8 +4,6 @@ import (
 	"os"
 	"syscall"
 	"testing"
-
-	"github.com/tokenrelay/tokenrelay/internal/bus"
 )
 
 // A journal segment has its disk space allocated when it is created: a
@@ -14,14 +12,7 @@ import (
 // process, where an allocation that fails sends deltas to the stream.
 func TestJournalSegmentsHaveTheirSpace(t *testing.T) {
 	dir := t.TempDir()
-	j, err := bus.OpenJournal(dir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := j.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
+	startJournal(t, dir, 0, nil)
 	files := segmentFiles(t, dir)
 	if len(files) != 1 {
 		t.Fatalf("segments %v, want one", files)

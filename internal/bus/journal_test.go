@@ -38,19 +38,29 @@ func journalSetup(t *testing.T) func(local *bus.Local, j *bus.Journal) (*bus.Bus
 	}
 }
 
-// smallSegments starts a journal in dir whose segments hold about three
-// deltas, and opens a producer's bus with it.
-func smallSegments(t *testing.T, open func(*bus.Local, *bus.Journal) (*bus.Bus, *nats.Conn), dir string, log ...*slog.Logger) (*bus.Local, *bus.Bus) {
+// startJournal opens and starts a journal in dir, closed when the test
+// ends; segmentBytes, when not 0, sets the size of its segments.
+func startJournal(t *testing.T, dir string, segmentBytes int64, log *slog.Logger) *bus.Journal {
 	t.Helper()
-	j, err := bus.OpenJournal(dir, append(log, nil)[0])
+	j, err := bus.OpenJournal(dir, log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	j.SetSegmentBytes(300)
+	if segmentBytes > 0 {
+		j.SetSegmentBytes(segmentBytes)
+	}
 	if err := j.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { j.Close() })
+	return j
+}
+
+// smallSegments starts a journal in dir whose segments hold about three
+// deltas, and opens a producer's bus with it.
+func smallSegments(t *testing.T, open func(*bus.Local, *bus.Journal) (*bus.Bus, *nats.Conn), dir string, log ...*slog.Logger) (*bus.Local, *bus.Bus) {
+	t.Helper()
+	j := startJournal(t, dir, 300, append(log, nil)[0])
 	local := bus.NewLocal()
 	producer, _ := open(local, j)
 	return local, producer
@@ -103,13 +113,7 @@ func delta(seq int64) *bus.Event {
 func TestJournalReplayStoresWhatWasNotSaved(t *testing.T) {
 	open := journalSetup(t)
 	dir := t.TempDir()
-	j, err := bus.OpenJournal(dir, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := j.Start(); err != nil {
-		t.Fatal(err)
-	}
+	j := startJournal(t, dir, 0, nil)
 	local := bus.NewLocal()
 	producer, _ := open(local, j)
 	gateway, _ := open(local, nil)

@@ -112,18 +112,14 @@ func (u *userLimits) allowSend(user string) (wait time.Duration, ok bool, refund
 	return 0, true, func() { r.CancelAt(now) }
 }
 
-// openConn counts a new connection of user, refusing it past the limit.
+// openConn counts a new connection of user, refusing it past the limit;
+// closeConn ends it.
 func (u *userLimits) openConn(user string) bool {
-	now := u.now()
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	u.sweepLocked(now)
-	st := u.stateLocked(user)
-	if u.l.Connections > 0 && st.conns >= u.l.Connections {
-		return false
-	}
-	st.conns++
-	return true
+	return u.take(user, u.l.Connections, func(st *userState) *int { return &st.conns })
+}
+
+func (u *userLimits) closeConn(user string) {
+	u.give(user, func(st *userState) *int { return &st.conns })
 }
 
 // beginRequest counts an HTTP request of user in flight, refusing it past
@@ -131,23 +127,33 @@ func (u *userLimits) openConn(user string) bool {
 // while it is written (a history may be megabytes), so without a bound one
 // user's concurrent requests could take the server's memory.
 func (u *userLimits) beginRequest(user string) bool {
+	return u.take(user, u.l.Requests, func(st *userState) *int { return &st.requests })
+}
+
+func (u *userLimits) endRequest(user string) {
+	u.give(user, func(st *userState) *int { return &st.requests })
+}
+
+// take adds one to user's count that count picks, refusing past limit (0:
+// unlimited); give takes it back, forgetting a user left with nothing.
+func (u *userLimits) take(user string, limit int, count func(*userState) *int) bool {
 	now := u.now()
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.sweepLocked(now)
-	st := u.stateLocked(user)
-	if u.l.Requests > 0 && st.requests >= u.l.Requests {
+	n := count(u.stateLocked(user))
+	if limit > 0 && *n >= limit {
 		return false
 	}
-	st.requests++
+	*n++
 	return true
 }
 
-func (u *userLimits) endRequest(user string) {
+func (u *userLimits) give(user string, count func(*userState) *int) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if st := u.users[user]; st != nil {
-		st.requests--
+		*count(st)--
 		if st.idle(u.now()) {
 			delete(u.users, user)
 		}
@@ -159,15 +165,4 @@ func (s *Server) tooManyRequests() *protocol.Error {
 	s.m.limitHits.WithLabelValues("requests").Inc()
 	return &protocol.Error{Code: protocol.CodeRateLimited, RetryAfterMS: time.Second.Milliseconds(),
 		Message: "too many requests in flight (limit " + itoa(s.cfg.Limits.Requests) + "); wait for one to end"}
-}
-
-func (u *userLimits) closeConn(user string) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if st := u.users[user]; st != nil {
-		st.conns--
-		if st.idle(u.now()) {
-			delete(u.users, user)
-		}
-	}
 }

@@ -33,6 +33,15 @@ func openSSE(t *testing.T, p *trtest.Proc, turn, token string) (*http.Response, 
 	return resp, closed
 }
 
+// longTurn starts, for the user of token, a turn in conv that runs for
+// minutes, and returns its id.
+func longTurn(t *testing.T, p *trtest.Proc, token, conv string) string {
+	t.Helper()
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: token})
+	c.Join(conv, nil)
+	return startTurn(t, c, conv, "[sim tokens=100000 rate=20] a long one").ID
+}
+
 // An SSE stream is a connection: it counts against --limit-connections
 // with the user's WebSockets, and the one past the limit is refused with
 // 429 rate_limited until another is closed.
@@ -40,31 +49,26 @@ func TestSSECountsAgainstTheConnectionLimit(t *testing.T) {
 	t.Parallel()
 	p := serveJWT(t, "--limit-connections", "2")
 	tok := tokenFor(t, "alice")
-	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
-	c.Join("streams", nil)
-	tr := startTurn(t, c, "streams", "[sim tokens=100000 rate=20] a long one")
+	turn := longTurn(t, p, tok, "streams")
 
-	first, closeFirst := openSSE(t, p, tr.ID, tok)
+	first, closeFirst := openSSE(t, p, turn, tok)
 	if first.StatusCode != http.StatusOK {
 		t.Fatalf("the second connection: %d, want 200", first.StatusCode)
 	}
-	code, e := httpErr(t, "GET", p.URL+"/v1/turns/"+tr.ID+"/events", tok, "")
+	code, e := httpErr(t, "GET", p.URL+"/v1/turns/"+turn+"/events", tok, "")
 	if code != http.StatusTooManyRequests || e.Error.Code != "rate_limited" || e.Error.RetryAfterMS <= 0 {
 		t.Fatalf("the third connection: %d %+v, want 429 rate_limited with retry_after_ms", code, e)
 	}
 	// Bob's streams are his own.
 	bob := tokenFor(t, "bob")
-	bc := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: bob})
-	bc.Join("bob-streams", nil)
-	btr := startTurn(t, bc, "bob-streams", "[sim tokens=100000 rate=20] his")
-	if resp, _ := openSSE(t, p, btr.ID, bob); resp.StatusCode != http.StatusOK {
+	if resp, _ := openSSE(t, p, longTurn(t, p, bob, "bob-streams"), bob); resp.StatusCode != http.StatusOK {
 		t.Fatalf("bob's stream: %d, want 200", resp.StatusCode)
 	}
 	// Closing the first frees its place, once the server has seen it go.
 	closeFirst()
 	deadline := time.Now().Add(wait)
 	for {
-		resp, closeIt := openSSE(t, p, tr.ID, tok)
+		resp, closeIt := openSSE(t, p, turn, tok)
 		if resp.StatusCode == http.StatusOK {
 			break
 		}
@@ -82,12 +86,10 @@ func TestTokenExpiresOnOpenSSEStream(t *testing.T) {
 	t.Parallel()
 	p := serveJWT(t)
 	tok := tokenFor(t, "alice")
-	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
-	c.Join("expiring-sse", nil)
-	tr := startTurn(t, c, "expiring-sse", "[sim tokens=100000 rate=20] a long one")
+	turn := longTurn(t, p, tok, "expiring-sse")
 	now := time.Now()
 	claims := jwt.MapClaims{"sub": "alice", "iat": now.Add(-time.Hour).Unix(), "exp": now.Add(-28 * time.Second).Unix()}
-	resp, _ := openSSE(t, p, tr.ID, sign(t, jwt.SigningMethodHS256, []byte(secret), claims))
+	resp, _ := openSSE(t, p, turn, sign(t, jwt.SigningMethodHS256, []byte(secret), claims))
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("stream: %d, want 200", resp.StatusCode)
 	}
@@ -122,12 +124,10 @@ func TestRequestsInFlightAreLimited(t *testing.T) {
 	t.Parallel()
 	p := serveJWT(t, "--limit-requests", "2")
 	tok := tokenFor(t, "alice")
-	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
-	c.Join("inflight", nil)
-	tr := startTurn(t, c, "inflight", "[sim tokens=100000 rate=20] a long one")
+	turn := longTurn(t, p, tok, "inflight")
 	var closers []func()
 	for range 2 {
-		resp, closeIt := openSSE(t, p, tr.ID, tok)
+		resp, closeIt := openSSE(t, p, turn, tok)
 		if resp.StatusCode != http.StatusOK {
 			t.Fatalf("a stream within the limit: %d", resp.StatusCode)
 		}
