@@ -80,7 +80,7 @@ if [ -n "$prof" ]; then
 fi
 # shellcheck disable=SC2086
 ${TRBENCH_SERVER_ENV:+env $TRBENCH_SERVER_ENV} "$work/tokenrelay" serve --addr "127.0.0.1:$port" --data-dir "$work/data" --delta-timestamps \
-	--limit-sends 0 --limit-connections 0 --limit-turns 0 --log-level warn $extra >"$work/server.log" 2>&1 &
+	--limit-sends 0 --limit-connections 0 --limit-turns 0 --limit-new-conversations 0 --log-level warn $extra >"$work/server.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do
 	curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break

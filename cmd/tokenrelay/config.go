@@ -152,6 +152,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.IntVar(&c.Limits.OutboundBytes, "limit-outbound-bytes", d.OutboundBytes, "queued outbound bytes per connection (close 4008)")
 		fs.IntVar(&c.Limits.BadFrames, "limit-bad-frames", d.BadFrames, "bad frames per connection before close 1008")
 		fs.IntVar(&c.Limits.Requests, "limit-requests", d.Requests, "HTTP requests in flight per user, SSE streams included (429 rate_limited)")
+		fs.IntVar(&c.Limits.NewConversations, "limit-new-conversations", d.NewConversations, "conversations a user's joins may create per minute, burst the same (rate_limited); sends count under --limit-sends")
 		fs.DurationVar(&c.CancelWait, "cancel-wait", 5*time.Second, "how long a cancel waits for a streaming turn to end before answering")
 		fs.DurationVar(&c.WriteTimeout, "write-timeout", 10*time.Second, "a socket write blocked this long closes the connection (the peer stopped reading)")
 		fs.DurationVar(&c.ReadTimeout, "read-timeout", 10*time.Second, "an HTTP request's headers, and its body, must arrive within this")

@@ -20,7 +20,7 @@ func TestScenariosAgainstTheServer(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts the server and runs load for ~20s")
 	}
-	p := trtest.Serve(t, "--delta-timestamps", "--limit-sends", "0", "--limit-connections", "0", "--limit-turns", "0")
+	p := trtest.Serve(t, "--delta-timestamps", "--limit-sends", "0", "--limit-connections", "0", "--limit-turns", "0", "--limit-new-conversations", "0")
 	out := filepath.Join(t.TempDir(), "run.json")
 	const short = "warmup=500ms duration=2s"
 	args := []string{

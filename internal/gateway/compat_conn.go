@@ -470,6 +470,11 @@ type compatErrorFrame struct {
 // reject sends COMPAT.md's error frame on a socket that is refused, then
 // closes it with 1003. Nothing else writes to ws yet.
 func (cp *compat) reject(ws *websocket.Conn, msg string) {
+	cp.rejectWith(ws, closeCompatRejected, msg)
+}
+
+// rejectWith is reject with another close code.
+func (cp *compat) rejectWith(ws *websocket.Conn, code websocket.StatusCode, msg string) {
 	ctx, cancel := context.WithTimeout(cp.s.shutdownCtx, cp.s.cfg.WriteTimeout)
 	defer cancel()
 	frame := protocol.Encode(compatErrorFrame{Type: "error", Error: msg, Timestamp: protocol.FormatTime(cp.s.now())})
@@ -477,7 +482,7 @@ func (cp *compat) reject(ws *websocket.Conn, msg string) {
 		_ = ws.CloseNow()
 		return
 	}
-	_ = ws.Close(closeCompatRejected, msg)
+	_ = ws.Close(code, msg)
 }
 
 // handleWS serves GET /ws/chat: query session_id (default "default"),
@@ -521,12 +526,17 @@ func (cp *compat) handleWS() http.Handler {
 			return
 		}
 		ctx, cancel := s.reqCtx(r)
-		_, err = s.store.ClaimConversation(ctx, session, id.UserID, s.now())
+		err = s.claim(ctx, id.UserID, session)
 		cancel()
 		if err != nil {
 			if errors.Is(err, chat.ErrForbidden) {
 				s.m.authFailures.WithLabelValues("forbidden").Inc()
 				cp.reject(ws, "Authentication failed")
+				return
+			}
+			if pe := (*protocol.Error)(nil); errors.As(err, &pe) {
+				// --limit-new-conversations: the page retries every 2 s.
+				cp.rejectWith(ws, websocket.StatusTryAgainLater, "Too many new sessions; try again later")
 				return
 			}
 			s.log.Error("compat claim session", "err", err)

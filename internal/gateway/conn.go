@@ -361,7 +361,7 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 		return &protocol.Error{Code: protocol.CodeRateLimited, Message: "too many conversations joined on this connection (limit " + itoa(lim) + "); leave one first",
 			RetryAfterMS: joinRetryAfter.Milliseconds()}
 	}
-	if _, err := c.s.store.ClaimConversation(ctx, f.ConversationID, c.user, c.s.now()); err != nil {
+	if err := c.s.claim(ctx, c.user, f.ConversationID); err != nil {
 		return err
 	}
 	if rejoin {
@@ -402,6 +402,30 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 	}
 	c.s.m.joins.WithLabelValues(outcome).Inc()
 	return nil
+}
+
+// claim makes conversation conv user's for a join: it is when it exists
+// and user owns it (chat.ErrForbidden when another user does); when nobody
+// has used its id, it is created for user if --limit-new-conversations
+// allows. Each creation leaves a row, so without that limit a client
+// joining and leaving new ids in a loop could fill the store.
+func (s *Server) claim(ctx context.Context, user, conv string) error {
+	c, err := s.store.Conversation(ctx, conv)
+	switch {
+	case err == nil && c.Owner != user:
+		return chat.ErrForbidden
+	case err == nil:
+		return nil
+	case !errors.Is(err, chat.ErrNotFound):
+		return err
+	}
+	if wait, ok := s.limits.allowClaim(user); !ok {
+		s.m.limitHits.WithLabelValues("new_conversations").Inc()
+		return &protocol.Error{Code: protocol.CodeRateLimited, RetryAfterMS: max(wait.Milliseconds(), 1),
+			Message: "too many new conversations (limit " + itoa(s.cfg.Limits.NewConversations) + " per minute); join one you have, or wait"}
+	}
+	_, err = s.store.ClaimConversation(ctx, conv, user, s.now())
+	return err
 }
 
 // revoked tells the client that it no longer follows v's conversation (see

@@ -22,12 +22,16 @@ type Limits struct {
 	OutboundBytes  int // queued outbound bytes per connection (close 4008)
 	BadFrames      int // bad frames per connection before close 1008
 	Requests       int // HTTP requests in flight per user, SSE streams included (429)
+	// NewConversations is how many conversations a user's joins (and
+	// compatibility sockets) may create per minute, burst the same
+	// (rate_limited). A send that creates one counts under SendsPerMinute.
+	NewConversations int
 }
 
 // DefaultLimits are PROTOCOL.md's defaults.
 func DefaultLimits() Limits {
 	return Limits{FrameBytes: 65536, TextBytes: 32768, SendsPerMinute: 30, SendBurst: 10, Connections: 20,
-		Joins: 16, Turns: 4, OutboundBytes: 1 << 20, BadFrames: 20, Requests: 32}
+		Joins: 16, Turns: 4, OutboundBytes: 1 << 20, BadFrames: 20, Requests: 32, NewConversations: 60}
 }
 
 // userLimits tracks per-user state: send rate, open connections and HTTP
@@ -48,6 +52,7 @@ const limitsSweepEvery = time.Minute
 
 type userState struct {
 	sends    *rate.Limiter
+	claims   *rate.Limiter // conversations created by joins
 	conns    int
 	requests int // HTTP requests in flight
 }
@@ -72,35 +77,60 @@ func (u *userLimits) sweepLocked(now time.Time) {
 
 // idle says whether st holds nothing a new user's state would not.
 func (st *userState) idle(now time.Time) bool {
-	return st.conns <= 0 && st.requests <= 0 && (st.sends == nil || st.sends.TokensAt(now) >= float64(st.sends.Burst()))
+	return st.conns <= 0 && st.requests <= 0 && full(st.sends, now) && full(st.claims, now)
+}
+
+// full says whether l (nil when its limit is off) has its whole burst.
+func full(l *rate.Limiter, now time.Time) bool {
+	return l == nil || l.TokensAt(now) >= float64(l.Burst())
 }
 
 func (u *userLimits) stateLocked(user string) *userState {
 	st := u.users[user]
 	if st == nil {
 		st = &userState{}
-		if u.l.SendsPerMinute > 0 {
-			burst := max(u.l.SendBurst, 1)
-			st.sends = rate.NewLimiter(rate.Limit(float64(u.l.SendsPerMinute)/60), burst)
-		}
+		st.sends = perMinute(u.l.SendsPerMinute, u.l.SendBurst)
+		st.claims = perMinute(u.l.NewConversations, u.l.NewConversations)
 		u.users[user] = st
 	}
 	return st
+}
+
+// perMinute is a limiter of n events a minute with the given burst (at
+// least 1), or nil when n is 0 (unlimited).
+func perMinute(n, burst int) *rate.Limiter {
+	if n <= 0 {
+		return nil
+	}
+	return rate.NewLimiter(rate.Limit(float64(n)/60), max(burst, 1))
 }
 
 // allowSend takes one send from user's budget, or says how long to wait.
 // When it allows the send, refund gives the send back to the budget (a
 // send that stored nothing new: a retry).
 func (u *userLimits) allowSend(user string) (wait time.Duration, ok bool, refund func()) {
-	if u.l.SendsPerMinute <= 0 {
+	return u.allow(user, u.l.SendsPerMinute, func(st *userState) *rate.Limiter { return st.sends })
+}
+
+// allowClaim takes one new conversation from user's budget, or says how
+// long to wait.
+func (u *userLimits) allowClaim(user string) (wait time.Duration, ok bool) {
+	wait, ok, _ = u.allow(user, u.l.NewConversations, func(st *userState) *rate.Limiter { return st.claims })
+	return wait, ok
+}
+
+// allow takes one event from the budget of user's that pick names, whose
+// limit is limit (0: unlimited, and nothing is kept for it), or says how
+// long to wait; refund gives it back.
+func (u *userLimits) allow(user string, limit int, pick func(*userState) *rate.Limiter) (wait time.Duration, ok bool, refund func()) {
+	if limit <= 0 {
 		return 0, true, func() {}
 	}
 	now := u.now()
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.sweepLocked(now)
-	st := u.stateLocked(user)
-	r := st.sends.ReserveN(now, 1)
+	r := pick(u.stateLocked(user)).ReserveN(now, 1)
 	if d := r.DelayFrom(now); d > 0 {
 		r.CancelAt(now)
 		return d, false, nil

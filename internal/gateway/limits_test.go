@@ -39,3 +39,41 @@ func TestUserLimitsForgetIdleUsers(t *testing.T) {
 		t.Fatalf("with no send limit %d users are kept", len(off.users))
 	}
 }
+
+// TestUserLimitsNewConversations: a burst of the limit, then one every
+// minute / limit, for each user apart; a user whose budget is spent is
+// kept until it refills.
+func TestUserLimitsNewConversations(t *testing.T) {
+	now := time.Unix(1000, 0)
+	u := newUserLimits(Limits{NewConversations: 3})
+	u.now = func() time.Time { return now }
+	for i := range 3 {
+		if _, ok := u.allowClaim("alice"); !ok {
+			t.Fatalf("new conversation %d refused", i+1)
+		}
+	}
+	wait, ok := u.allowClaim("alice")
+	if ok || wait != 20*time.Second {
+		t.Fatalf("the fourth: ok %v, wait %v; want refused, 20s", ok, wait)
+	}
+	if _, ok := u.allowClaim("bob"); !ok {
+		t.Fatal("another user refused")
+	}
+	now = now.Add(limitsSweepEvery / 4)
+	if _, ok := u.allowClaim("alice"); ok {
+		t.Fatal("allowed before its time")
+	}
+	u.swept = time.Time{}
+	u.sweepLocked(now)
+	if u.users["alice"] == nil {
+		t.Fatal("a user with a spent budget was forgotten")
+	}
+	now = now.Add(5 * time.Second)
+	if _, ok := u.allowClaim("alice"); !ok {
+		t.Fatal("refused once a new conversation's time has passed")
+	}
+	off := newUserLimits(Limits{})
+	if _, ok := off.allowClaim("someone"); !ok || len(off.users) != 0 {
+		t.Fatalf("with no limit: ok %v, %d users kept", ok, len(off.users))
+	}
+}

@@ -283,7 +283,7 @@ func (c *cluster) startGateway(t testing.TB, extra ...string) *trtest.Proc {
 		args = append(args, "--addr", "127.0.0.1:0")
 	}
 	// One dev user drives every test: lift the per-user limits.
-	args = append(args, "--limit-turns", "0", "--limit-sends", "0", "--limit-connections", "0")
+	args = append(args, "--limit-turns", "0", "--limit-sends", "0", "--limit-connections", "0", "--limit-new-conversations", "0")
 	args = append(args, extra...)
 	p := trtest.Start(t, args...)
 	p.WaitReady(t)

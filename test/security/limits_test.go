@@ -275,6 +275,63 @@ func TestJoinsPerConnection(t *testing.T) {
 	}
 }
 
+// TestNewConversationRate checks --limit-new-conversations: a user's
+// joins (and compatibility sockets) create at most that many conversations
+// in a burst, then one per minute / limit; a refused one creates nothing,
+// joining conversations the user has is not limited, and another user is
+// not affected.
+func TestNewConversationRate(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--limit-new-conversations", "3")
+	alice := tokenFor(t, "alice")
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: alice})
+	join := func(c *trtest.Client, conv, id string) trtest.Frame {
+		c.Send(map[string]any{"type": "join", "conversation_id": conv, "id": id})
+		return reply(t, c, id)
+	}
+	for i := range 3 {
+		conv := "n" + strconv.Itoa(i)
+		if f := join(c, conv, conv); f.Type() != "joined" {
+			t.Fatalf("join %s: %v", conv, f)
+		}
+		c.Send(map[string]any{"type": "leave", "conversation_id": conv})
+	}
+	f := join(c, "n3", "over")
+	wantError(t, f, "rate_limited")
+	if ms, ok := f["retry_after_ms"].(float64); !ok || ms < 1000 {
+		t.Errorf("rate_limited without a retry_after_ms of a new conversation's time: %v", f)
+	}
+	if !strings.Contains(f.Str("message"), "3") {
+		t.Errorf("the error does not name the limit: %v", f)
+	}
+	// Conversations alice has are joined as before.
+	if f := join(c, "n0", "again"); f.Type() != "joined" {
+		t.Fatalf("re-join of alice's conversation: %v", f)
+	}
+	// Her compatibility socket on a new session is refused the same way,
+	// with the "try again later" close; on one she has it is served.
+	compat := strings.Replace(p.WSURL(), "/v1/ws", "/ws/chat", 1) + "?user_id=alice&token=" + alice + "&session_id="
+	cw := trtest.Dial(t, compat+"n4", nil)
+	if f, err := cw.Next(wait); err != nil || f.Type() != "error" || cw.CloseStatus() != websocket.StatusTryAgainLater {
+		t.Errorf("compat socket on a new session over the limit: %v %v, close %d", f, err, cw.CloseStatus())
+	}
+	cw = trtest.Dial(t, compat+"n1", nil)
+	if f, err := cw.Next(wait); err != nil || f.Type() != "welcome" {
+		t.Errorf("compat socket on alice's session: %v %v", f, err)
+	}
+	// Nothing was created by the refusals: bob can take both ids, and he
+	// has a budget of his own.
+	bob := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tokenFor(t, "bob")})
+	for _, conv := range []string{"n3", "n4"} {
+		if f := join(bob, conv, "bob-"+conv); f.Type() != "joined" {
+			t.Fatalf("bob's join of %s, refused to alice: %v", conv, f)
+		}
+	}
+	if got := trtest.Metric(t, p.URL, "tokenrelay_limit_hits_total", `limit="new_conversations"`); got != 2 {
+		t.Errorf("new_conversations hits = %v, want 2", got)
+	}
+}
+
 // TestConcurrentTurns checks --limit-turns: a send past the limit is
 // rate_limited (429 over HTTP) until one of the user's turns ends; another
 // user is not affected.
