@@ -181,6 +181,11 @@ func (q *outQueue) pushAsked(frame []byte) bool {
 		return false
 	}
 	q.items = append(q.items, outItem{frame: frame})
+	// What follows a joined frame continues its snapshot, not a delta
+	// queued before it: a re-join while the previous view's delta still
+	// waits must not have the new view's deltas merged into that one,
+	// ahead of the snapshot they continue.
+	clear(q.pending)
 	q.countAskedLocked(len(frame))
 	return q.unlockAfterPush(false)
 }

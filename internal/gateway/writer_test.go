@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -123,6 +124,27 @@ func TestOutQueueAskedBudget(t *testing.T) {
 	}
 	if _, _, _, overflow := q.take(nil, nil); !overflow {
 		t.Fatal("take did not report the overflow")
+	}
+}
+
+// A delta that follows a joined frame is not merged into its turn's delta
+// queued before that frame: on a re-join the new view's deltas continue the
+// snapshot, and merged ahead of it they would reach the client before the
+// snapshot they continue (a gap).
+func TestOutQueueDoesNotMergeAcrossAJoinedFrame(t *testing.T) {
+	q := newOutQueue(0)
+	q.pushDelta("c", "t", 4, 10, "old", 0, false)
+	q.pushAsked([]byte(`{"type":"joined"}`))
+	q.pushDelta("c", "t", 11, 11, "new", 0, false)
+	q.pushDelta("c", "t", 12, 12, "er", 0, false)
+	frames, _, _, _ := q.take(nil, nil)
+	var got []string
+	for _, f := range frames {
+		got = append(got, string(f))
+	}
+	if len(got) != 3 || !strings.Contains(got[0], `"seq":10`) || got[1] != `{"type":"joined"}` ||
+		!strings.Contains(got[2], `"seq":12`) || !strings.Contains(got[2], `"from":11`) {
+		t.Fatalf("queued frames:\n%s", strings.Join(got, "\n"))
 	}
 }
 
