@@ -55,7 +55,7 @@ func TestRouterReportsDroppedEvents(t *testing.T) {
 	if _, err := r.Subscribe("c.1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Flush(); err != nil {
+	if err := r.Flush(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	for i := int64(1); i <= 10; i++ {
@@ -90,7 +90,7 @@ func TestRouterReportsReconnect(t *testing.T) {
 	if _, err := r.Subscribe("c.1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Flush(); err != nil {
+	if err := r.Flush(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	cut.Cut()

@@ -256,10 +256,19 @@ func (r *Router) Close() {
 
 // Flush returns once the server has processed every subscription made so
 // far: events published after it reach them. Under a Local there is no
-// server-side subscription to wait for.
-func (r *Router) Flush() error {
+// server-side subscription to wait for. It gives up when ctx ends, or
+// after flushTimeout when ctx has no deadline.
+func (r *Router) Flush(ctx context.Context) error {
 	if r.b.cfg.Local != nil {
 		return nil
 	}
-	return r.b.nc.Flush()
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, flushTimeout)
+		defer cancel()
+	}
+	return r.b.nc.FlushWithContext(ctx)
 }
+
+// flushTimeout is how long Flush waits at most (nats.go's own default).
+const flushTimeout = 10 * time.Second

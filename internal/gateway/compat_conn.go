@@ -358,7 +358,8 @@ func (c *compatConn) recoverLive(turn string, answer func(string, int64)) bool {
 // doubled (see view.join).
 func (c *compatConn) join(ctx context.Context) error {
 	v := newView(c.s, c.ctx, &c.wg, c.conv, c.user, c)
-	if err := c.s.hub.add(c.conv, v); err != nil {
+	if err := c.s.hub.add(ctx, c.conv, v); err != nil {
+		v.close()
 		return err
 	}
 	j, followUps, turns, err := v.join(ctx, compatHistory, nil)

@@ -368,7 +368,8 @@ func (c *conn) join(ctx context.Context, f protocol.ClientFrame) error {
 		c.leave(f.ConversationID)
 	}
 	v := newView(c.s, c.ctx, &c.wg, f.ConversationID, c.user, c)
-	if err := c.s.hub.add(f.ConversationID, v); err != nil {
+	if err := c.s.hub.add(ctx, f.ConversationID, v); err != nil {
+		v.close()
 		return err
 	}
 	history := protocol.DefaultHistory

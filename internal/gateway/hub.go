@@ -91,8 +91,25 @@ func (h *hub) close() { h.router.Close() }
 func (h *hub) barrier(ctx context.Context) error { return h.router.Barrier(ctx) }
 
 // add subscribes s to conversation id's events. Events published after add
-// returns reach s.
-func (h *hub) add(conversationID string, s subscriber) error {
+// returns reach s. When it fails, s is not subscribed.
+func (h *hub) add(ctx context.Context, conversationID string, s subscriber) error {
+	if err := h.subscribe(conversationID, s); err != nil {
+		return err
+	}
+	// Make sure the server has the subscription before anything is read
+	// from the store: otherwise an event published in between is lost.
+	// Outside the hub's lock: joins of other conversations do not wait.
+	if err := h.router.Flush(ctx); err != nil {
+		// Left subscribed, s would buffer the conversation's events for
+		// good: its caller never joined it.
+		h.remove(conversationID, s)
+		return err
+	}
+	return nil
+}
+
+// subscribe adds s to conversation id's subscribers.
+func (h *hub) subscribe(conversationID string, s subscriber) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	t := h.topics[conversationID]
@@ -109,13 +126,7 @@ func (h *hub) add(conversationID string, s subscriber) error {
 	t.subs = append(t.subs, s)
 	t.view = append([]subscriber(nil), t.subs...)
 	t.mu.Unlock()
-	h.mu.Unlock()
-	// Make sure the server has the subscription before anything is read
-	// from the store: otherwise an event published in between is lost.
-	// Outside the hub's lock: joins of other conversations do not wait.
-	err := h.router.Flush()
-	h.mu.Lock()
-	return err
+	return nil
 }
 
 // remove unsubscribes s; the last subscriber of a conversation closes its

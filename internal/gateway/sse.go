@@ -244,7 +244,8 @@ func (s *Server) handleSSE() http.Handler {
 		// The stream follows one turn, whose owner was checked above.
 		v := newView(s, rctx, &wg, t.ConversationID, "", sink)
 		if !t.Status.Terminal() {
-			if err := s.hub.add(t.ConversationID, v); err != nil {
+			if err := s.hub.add(rctx, t.ConversationID, v); err != nil {
+				v.close()
 				writeError(w, err)
 				return
 			}
