@@ -167,8 +167,9 @@ func (c *compatConn) stageLocked(ct *compatTurn, frame []byte, from int64) {
 		return
 	}
 	ct.from = from
+	// A push fails once the queue has closed: the writer counts an
+	// overflow as a slow consumer, once; any other close is not one.
 	if !c.q.push(compatMarker) {
-		c.s.m.slowCloses.Inc()
 		return
 	}
 	ct.staged = true
@@ -176,9 +177,7 @@ func (c *compatConn) stageLocked(ct *compatTurn, frame []byte, from int64) {
 }
 
 func (c *compatConn) pushLocked(frame []byte) {
-	if !c.q.push(frame) {
-		c.s.m.slowCloses.Inc()
-	}
+	c.q.push(frame) // a failure is counted as stageLocked's
 }
 
 func (c *compatConn) push(frame []byte) {
@@ -545,6 +544,7 @@ func (cp *compat) handleWS() http.Handler {
 			return
 		}
 		oq := newOutQueue(s.cfg.Limits.OutboundBytes)
+		oq.onSlow = s.m.slowCloses.Inc
 		s.serveSocket(ws, raw, id.UserID, oq, func(ctx context.Context, cancel context.CancelFunc) {
 			c := &compatConn{
 				s: s, cp: cp, ws: ws, raw: raw, user: id.UserID, conv: session, q: oq,

@@ -38,7 +38,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		bytesSent:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_bytes_sent_total", Help: "WebSocket payload bytes written."}),
 		writeErrors:  prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_write_errors_total", Help: "Socket writes that failed."}),
 		mergedFrames: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_merged_deltas_total", Help: "Deltas merged into an earlier queued frame of a slow connection."}),
-		slowCloses:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_slow_consumer_closes_total", Help: "Connections closed with 4008 (or frames refused after it)."}),
+		slowCloses:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_slow_consumer_closes_total", Help: "Connections closed as slow consumers: with 4008, or when a write was blocked for --write-timeout."}),
 		gapsRepaired: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_gap_repairs_total", Help: "Gaps in a connection's live events repaired from JetStream."}),
 		duplicatesDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_duplicate_deltas_dropped_total",
 			Help: "Live deltas dropped because the connection already had them."}),

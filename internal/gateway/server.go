@@ -536,6 +536,7 @@ func (s *Server) handleWS() http.Handler {
 			return
 		}
 		q := newOutQueue(s.cfg.Limits.OutboundBytes)
+		q.onSlow = s.m.slowCloses.Inc
 		s.serveSocket(ws, raw, id.UserID, q, func(ctx context.Context, cancel context.CancelFunc) {
 			c := &conn{
 				s: s, ws: ws, raw: raw, user: id.UserID, q: q,

@@ -578,7 +578,7 @@ type stallTimer struct {
 }
 
 // arm starts the timer; end ends the connection whose context is ctx.
-func (st *stallTimer) arm(s *Server, ctx context.Context, end func()) {
+func (st *stallTimer) arm(s *Server, ctx context.Context, slow, end func()) {
 	if st.t != nil {
 		st.t.Reset(s.cfg.WriteTimeout)
 		return
@@ -587,7 +587,7 @@ func (st *stallTimer) arm(s *Server, ctx context.Context, end func()) {
 		if ctx.Err() != nil {
 			return
 		}
-		s.m.slowCloses.Inc()
+		slow()
 		s.log.Debug("write stalled; closing", "timeout", s.cfg.WriteTimeout)
 		end()
 	})

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -50,6 +51,10 @@ type outQueue struct {
 	writing    bool            // a writer (spawned, or a pusher in direct) runs; guarded by mu
 	writers    *sync.WaitGroup // counts running writers
 	free       []*delta        // recycled deltas; guarded by mu
+	// onSlow counts the connection as a slow consumer (see slowConsumer);
+	// set before the queue is used, or nil.
+	onSlow   func()
+	slowSeen atomic.Bool
 }
 
 type outItem struct {
@@ -279,6 +284,7 @@ func (q *outQueue) unlockAfterPush(last bool) bool {
 		q.items = nil
 		q.signal(false) // closed: never direct
 		q.mu.Unlock()
+		q.slowConsumer()
 		return false
 	}
 	direct := len(q.items) == 1 && q.signal(last)
@@ -318,6 +324,15 @@ func (q *outQueue) take(frames [][]byte, buf []byte) (_ [][]byte, _ []byte, merg
 	q.asked = 0
 	merged, q.merged = q.merged, 0
 	return frames, buf, merged, false
+}
+
+// slowConsumer counts the connection as a slow consumer, once however
+// many ways it shows it: its queue overflowed, or a write was blocked for
+// --write-timeout (often both, one after the other).
+func (q *outQueue) slowConsumer() {
+	if q.onSlow != nil && q.slowSeen.CompareAndSwap(false, true) {
+		q.onSlow()
+	}
 }
 
 // close stops the queue; later pushes fail.
@@ -417,7 +432,7 @@ func (w *connWriter) drain(wb *writeBuffers) {
 		var overflow, ok bool
 		wb.frames, wb.buf, wb.merged, overflow, ok = w.q.next(wb.frames[:0], wb.buf[:0])
 		if overflow {
-			w.s.m.slowCloses.Inc()
+			// Counted by the push that overflowed the queue.
 			w.closeWith(closeSlowConsumer, "slow consumer")
 			return
 		}
@@ -438,7 +453,7 @@ func (w *connWriter) write(wb *writeBuffers) bool {
 	}
 	// A write that blocks for WriteTimeout means the peer stopped reading
 	// (see stallTimer).
-	w.stall.arm(w.s, w.ctx, w.cancel)
+	w.stall.arm(w.s, w.ctx, w.q.slowConsumer, w.cancel)
 	err := w.raw.writeFrames(wb)
 	w.stall.stop()
 	if errors.Is(err, errSealed) {

@@ -83,3 +83,26 @@ func TestCompatReconnectWithoutReadingIsASlowConsumer(t *testing.T) {
 	askWithoutReading(t, u, nil, `{"type":"reconnect","messageId":"`+turn+`","lastChunkIndex":0}`, 200)
 	waitMetric(t, p.URL, slowCloses, "", 1)
 }
+
+// A compat socket closed for another reason (here: it answered no ping)
+// is not counted as a slow consumer, however many of its session's frames
+// arrive while its close handshake runs.
+func TestCompatSocketClosedForIdlenessIsNotASlowConsumer(t *testing.T) {
+	t.Parallel()
+	p := trtest.Serve(t, "--ping-interval", "100ms", "--idle-timeout", "300ms")
+	u := "ws" + strings.TrimPrefix(p.URL, "http") + "/ws/chat?" +
+		url.Values{"session_id": {"idle"}, "user_id": {"dev"}, "token": {"dev-token"}}.Encode()
+	askWithoutReading(t, u, nil, `{"type":"heartbeat"}`, 1)
+	waitMetric(t, p.URL, "tokenrelay_limit_hits_total", `limit="idle_timeout"`, 1)
+	// A reply streams in the session during the socket's close handshake.
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("idle", nil)
+	code, _, body := do(t, "POST", p.URL+"/api/chat", "", `{"session_id":"idle","user_id":"dev","message":"[sim tokens=200 rate=200] go"}`, nil)
+	if code != 200 {
+		t.Fatalf("POST /api/chat: %d %s", code, body)
+	}
+	c.UntilType(wait, "turn.end")
+	if n := trtest.Metric(t, p.URL, slowCloses, ""); n != 0 {
+		t.Fatalf("%s = %v after one socket closed for idleness, want 0", slowCloses, n)
+	}
+}
