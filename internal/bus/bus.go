@@ -232,14 +232,22 @@ func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (u
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
 	subj := e.StoredSubject()
+	announced := false
 	if e.Kind == KindEnd {
 		// An end is announced before it is stored. Every end is published
 		// after the chat store has recorded the turn's final status and
 		// text (FinishTurn), so the live end shows nothing a crash could
 		// take back, and the turn's deltas were all announced before it
 		// (and stored, or journaled and saved by settled). This saves the
-		// end, and so every cancel, a stream round trip.
-		if err := b.announce(e, data); err != nil {
+		// end, and so every cancel, a stream round trip. While the
+		// connection is being re-established the announce is refused at
+		// once: the end is then stored (publish waits for the connection)
+		// and announced after, rather than lost to live subscribers and
+		// to the stream alike.
+		switch err := b.announce(e, data); {
+		case err == nil:
+			announced = true
+		case !disconnected(err):
 			return 0, fmt.Errorf("announce event: %w", err)
 		}
 		if settled != nil {
@@ -252,7 +260,7 @@ func (b *Bus) PublishEnd(ctx context.Context, e *Event, settled func() error) (u
 	if err != nil {
 		return 0, fmt.Errorf("publish event: %w", err)
 	}
-	if e.Kind != KindEnd {
+	if !announced {
 		if err := b.announce(e, data); err != nil {
 			return 0, fmt.Errorf("announce event: %w", err)
 		}

@@ -4,6 +4,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 )
@@ -117,5 +119,62 @@ func TestRouterReportsReconnect(t *testing.T) {
 		case <-timeout:
 			t.Fatal("no live event after the reconnect")
 		}
+	}
+}
+
+// An end published while the publisher's connection is being re-established
+// (whose announce NATS refuses at once, with no reconnect buffer, as the
+// server's connections have none) is stored in the stream once the
+// connection is back, and announced then: neither live subscribers nor
+// readers of the stream miss it.
+func TestEndPublishedWhileReconnecting(t *testing.T) {
+	server := bustest.Start(t)
+	down := make(chan struct{}, 1)
+	c := &bustest.Cutter{}
+	b := bustest.Open(t, server.Conn().ConnectedUrl(), nats.SetCustomDialer(c), nats.MaxReconnects(-1),
+		nats.ReconnectWait(20*time.Millisecond), nats.ReconnectJitter(0, 0), nats.ReconnectBufSize(-1),
+		nats.DisconnectErrHandler(func(*nats.Conn, error) {
+			select {
+			case down <- struct{}{}:
+			default:
+			}
+		}))
+	live := make(chan bus.Event, 4)
+	sub, err := server.SubscribeConversation("c", func(e bus.Event) { live <- e })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Unsubscribe()
+	if err := server.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	c.Cut()
+	<-down
+	published := make(chan error, 1)
+	go func() {
+		_, err := b.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c", TurnID: "t", Seq: 3, Status: "complete"})
+		published <- err
+	}()
+	c.Restore()
+	if err := <-published; err != nil {
+		t.Fatalf("publish of an end while reconnecting: %v", err)
+	}
+	select {
+	case e := <-live:
+		if e.Kind != bus.KindEnd || e.TurnID != "t" {
+			t.Fatalf("announced %+v, want the end", e)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the end was not announced")
+	}
+	stored := false
+	if err := server.ReadTurn(t.Context(), "c", "t", 0, func(e bus.Event) bool {
+		stored = stored || e.Kind == bus.KindEnd
+		return true
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if !stored {
+		t.Fatal("the end is not in the stream")
 	}
 }
