@@ -316,6 +316,13 @@ func (c *pendingCancel) finish(ctx context.Context) (res cancelResult, err error
 		s.observeCancel(res)
 		return res, nil
 	}
+	if won {
+		// The store has ended the turn: its tombstone and its end must
+		// follow even when the cancelling connection goes away now.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), s.cfg.RequestTimeout)
+		defer cancel()
+	}
 	created, err := s.bus.MarkCancelled(ctx, t.ID)
 	if won {
 		if err != nil {
