@@ -240,7 +240,10 @@ func (s *Server) handleSSE() http.Handler {
 			defer t.Stop()
 		}
 		var wg sync.WaitGroup
-		defer wg.Wait()
+		defer func() {
+			rcancel() // the view's repairs stop retrying first
+			wg.Wait()
+		}()
 		// The stream follows one turn, whose owner was checked above.
 		v := newView(s, rctx, &wg, t.ConversationID, "", sink)
 		if !t.Status.Terminal() {
