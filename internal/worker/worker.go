@@ -256,9 +256,7 @@ func (w *Worker) Run(ctx context.Context) error {
 	sem := make(chan struct{}, w.cfg.Concurrency)
 	w.log.Info("worker started", "concurrency", w.cfg.Concurrency)
 	err = w.bus.ConsumeJobs(jobsCtx, min(w.cfg.Concurrency, 256), func(jm *bus.JobMsg) {
-		select {
-		case sem <- struct{}{}:
-		case <-jobsCtx.Done():
+		if !w.takeSlot(jobsCtx, sem, jm) {
 			return // not acked: redelivered to another worker
 		}
 		w.wg.Add(1)
@@ -278,6 +276,29 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.wg.Wait()
 	w.log.Info("worker stopped")
 	return err
+}
+
+// takeSlot waits for a free slot in sem for jm, or for ctx to end, and
+// keeps jm from being redelivered meanwhile: given to another worker, the
+// job would still be this one's first delivery here (see produce).
+func (w *Worker) takeSlot(ctx context.Context, sem chan struct{}, jm *bus.JobMsg) bool {
+	select {
+	case sem <- struct{}{}:
+		return true
+	default:
+	}
+	t := time.NewTicker(max(w.bus.AckWait()/4, 50*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case sem <- struct{}{}:
+			return true
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			_ = jm.InProgress()
+		}
+	}
 }
 
 // producing reports whether this worker has started turnID and runs it.
@@ -468,14 +489,17 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 			return done, err
 		}
 	}
+	// Until this worker has started the turn, it ends it only while it is
+	// queued: a job's first delivery may reach it late (it waited for a
+	// free slot past --ack-wait, unrenewed, and was given to another
+	// worker meanwhile), and the turn that other worker started is not
+	// this one's to end, nor its job this one's to ack.
 	if cancelled || tctx.Err() != nil {
-		_, err := w.finish(ctx, t, r, chat.StatusCancelled, nil, 0, "", nil, nil)
-		return !errors.Is(err, errNotStored), err
+		return w.endQueued(ctx, t, r, chat.StatusCancelled, "")
 	}
 	if w.cfg.TokenBudget != nil {
 		if ok, msg := w.cfg.TokenBudget.Allow(t.Owner); !ok {
-			_, err := w.finish(ctx, t, r, chat.StatusError, nil, 0, msg, nil, nil)
-			return !errors.Is(err, errNotStored), err
+			return w.endQueued(ctx, t, r, chat.StatusError, msg)
 		}
 	}
 	started, err := w.store.StartTurn(ctx, t.ID, w.cfg.Now())
@@ -486,7 +510,16 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		return false, fmt.Errorf("start turn: %w", err)
 	}
 	if !started {
-		return true, nil // a cancel ended it while it was queued
+		// A cancel ended it while it was queued, or another worker
+		// started it (see above).
+		cur, err := w.store.TurnHead(ctx, t.ID)
+		switch {
+		case errors.Is(err, chat.ErrNotFound):
+			return true, nil
+		case err != nil:
+			return false, fmt.Errorf("load turn: %w", err)
+		}
+		return cur.Status.Terminal(), nil
 	}
 	w.mu.Lock()
 	r.started = true
@@ -508,6 +541,17 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		return !errors.Is(err, errNotStored), err
 	}
 	return w.stream(ctx, tctx, r, t, req, log)
+}
+
+// endQueued ends turn t, which this worker has not started, with status,
+// provided it is still queued, and reports whether its job may be acked:
+// not when another producer has started the turn.
+func (w *Worker) endQueued(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, errMsg string) (bool, error) {
+	_, err := w.finish(ctx, t, r, status, nil, 0, errMsg, nil, nil, chat.StatusQueued)
+	if errors.Is(err, errProducerRuns) {
+		return false, nil
+	}
+	return !errors.Is(err, errNotStored), err
 }
 
 // loadTurn reads turn id and reports done when it needs no producing: it
@@ -673,16 +717,21 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 // publishes it with the status that won; settle, when not nil, is called
 // before the end is stored in the stream (see bus.PublishEnd), if this
 // call's end won. It reports whether it did.
-func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, text []byte, seq int64, errMsg string, usage *chat.Usage, settle func() error) (bool, error) {
+func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.TurnStatus, text []byte, seq int64, errMsg string, usage *chat.Usage, settle func() error, from ...chat.TurnStatus) (bool, error) {
 	final, won, err := w.finishTurn(ctx, store.TurnResult{
 		TurnID: t.ID, Status: status, Content: string(text), Seq: seq,
 		Error: errMsg, Usage: usage, Now: w.cfg.Now(),
-	})
+	}, from)
 	if errors.Is(err, chat.ErrNotFound) {
 		return false, nil // deleted meanwhile
 	}
 	if err != nil {
 		return false, fmt.Errorf("%w: %w", errNotStored, err)
+	}
+	if !won && !final.Terminal() {
+		// Only from the statuses from allows, and another producer has
+		// started the turn: its end is that producer's.
+		return false, errProducerRuns
 	}
 	end := &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Seq: seq, Status: final}
 	if won {
@@ -717,11 +766,11 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 // the store fails, for up to finishRetryFor, or once the worker is shutting
 // down. While it tries, the turn's run stays registered, so its job is
 // renewed and a worker asking whether it is produced hears that it is.
-func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult) (chat.TurnStatus, bool, error) {
+func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat.TurnStatus) (chat.TurnStatus, bool, error) {
 	started := time.Now()
 	pause := 100 * time.Millisecond
 	for {
-		final, won, err := w.store.FinishTurn(ctx, r)
+		final, won, err := w.store.FinishTurn(ctx, r, from...)
 		if err == nil || errors.Is(err, chat.ErrNotFound) || time.Since(started)+pause > finishRetryFor {
 			return final, won, err
 		}

@@ -819,3 +819,67 @@ func TestWorkerForgetsDeletedTurns(t *testing.T) {
 		}
 	}
 }
+
+// TestLateFirstDeliveryLeavesAStartedTurnAlone plays a job's first
+// delivery that reaches a worker after another worker has started its turn
+// (it waited past --ack-wait for a free slot): the worker neither ends the
+// turn, even when it finds the turn's tombstone, nor acks the job (an ack
+// would ack the other worker's delivery, and a turn whose producer then
+// died would stay streaming for good). The job is acked once the turn has
+// ended.
+func TestLateFirstDeliveryLeavesAStartedTurnAlone(t *testing.T) {
+	for _, tombstone := range []bool{false, true} {
+		t.Run(map[bool]string{false: "started", true: "started and cancelled"}[tombstone], func(t *testing.T) {
+			e := setup(t, worker.Config{}, false)
+			ends := e.send(t, "c", "t1", "x", false)
+			res, err := e.store.TurnHead(t.Context(), "t1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			job := bus.JobOf(res) // as the gateway made it: the turn queued
+			if ok, err := e.store.StartTurn(t.Context(), "t1", time.Now()); !ok || err != nil {
+				t.Fatal(ok, err)
+			}
+			if tombstone {
+				if _, err := e.bus.MarkCancelled(t.Context(), "t1"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var producing atomic.Bool
+			producing.Store(true)
+			asked := make(chan struct{}, 16)
+			sub, err := e.bus.ServeProducing(func(id string) bool {
+				asked <- struct{}{}
+				return id == "t1" && producing.Load()
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sub.Unsubscribe()
+			acks := jobAcks(t, e.bus)
+			if err := e.bus.EnqueueJob(t.Context(), job); err != nil {
+				t.Fatal(err)
+			}
+			e.start(t)
+			// Redelivered after an ack wait, it asks for the producer.
+			receive(t, asked, "the job was not redelivered")
+			select {
+			case ev := <-ends:
+				t.Fatalf("the turn was ended under its producer: %+v", ev)
+			case n := <-acks:
+				t.Fatalf("the job was acked at delivery %d under the turn's producer", n)
+			default:
+			}
+			producing.Store(false)
+			if _, won, err := e.store.FinishTurn(t.Context(), store.TurnResult{TurnID: "t1", Status: chat.StatusComplete, Content: "done", Seq: 1, Now: time.Now()}); !won || err != nil {
+				t.Fatal(won, err)
+			}
+			if n := waitAck(t, acks); n < 2 {
+				t.Fatalf("job acked at delivery %d, want a redelivery", n)
+			}
+			if e.prov.calls.Load() != 0 {
+				t.Fatal("the provider was called for a turn another worker produces")
+			}
+		})
+	}
+}
