@@ -130,7 +130,9 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 			log.Info("ended unfinished turns of the previous run as interrupted", "turns", n)
 		}
 	}
-	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, providerProbe(p), a.Dev()), gwBus, st, a)
+	gwc := gatewayConfig(&c, log, reg, allowed, providerProbe(p), a.Dev())
+	gwc.ModelUnreachable = w.ModelUnreachable
+	gw := gateway.New(gwc, gwBus, st, a)
 
 	workerCtx, stopWorker := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWorker()

@@ -1,6 +1,7 @@
 package bus_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -258,6 +259,36 @@ func TestUnavailable(t *testing.T) {
 	for _, err := range []error{nil, errors.New("boom"), jetstream.ErrKeyExists, &jetstream.APIError{Code: 400}} {
 		if bus.Unavailable(err) {
 			t.Errorf("Unavailable(%v) = true", err)
+		}
+	}
+}
+
+// PingWorkers names a worker that can reach its model server, whichever
+// answers first; when the only workers answering cannot, it says so with
+// ErrProviderUnreachable; with none subscribed it fails at once.
+func TestPingWorkersPrefersAWorkerThatReachesItsModel(t *testing.T) {
+	b := bustest.Start(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if _, err := b.PingWorkers(ctx); err == nil || errors.Is(err, bus.ErrProviderUnreachable) {
+		t.Fatalf("no worker: %v", err)
+	}
+	down, err := b.ServeWorkerPing("down", func() string { return "connection refused" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer down.Unsubscribe()
+	if _, err := b.PingWorkers(ctx); !errors.Is(err, bus.ErrProviderUnreachable) || !strings.Contains(err.Error(), "connection refused") {
+		t.Fatalf("only a worker whose model is down: %v", err)
+	}
+	up, err := b.ServeWorkerPing("up", func() string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Unsubscribe()
+	for range 5 {
+		if id, err := b.PingWorkers(ctx); id != "up" || err != nil {
+			t.Fatalf("with a worker whose model is up: %q %v", id, err)
 		}
 	}
 }

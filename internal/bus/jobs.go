@@ -173,10 +173,16 @@ func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) erro
 }
 
 // ServeWorkerPing answers the readiness probe of gateways until the returned
-// subscription is unsubscribed.
-func (b *Bus) ServeWorkerPing(workerID string) (Subscription, error) {
+// subscription is unsubscribed. unreachable (called on the connection's
+// goroutine; it must not block) says why the worker's model server cannot
+// be reached, or "": the answer then says so (see PingWorkers).
+func (b *Bus) ServeWorkerPing(workerID string, unreachable func() string) (Subscription, error) {
 	sub, err := b.nc.Subscribe(WorkerPingSubj, func(m *nats.Msg) {
-		_ = m.Respond([]byte(workerID))
+		reply := &nats.Msg{Subject: m.Reply, Data: []byte(workerID)}
+		if why := unreachable(); why != "" {
+			reply.Header = nats.Header{modelDownHeader: {why}}
+		}
+		_ = m.RespondMsg(reply)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("serve worker ping: %w", err)
@@ -244,12 +250,53 @@ func (b *Bus) ProducerAlive(parent context.Context, turnID string, wait time.Dur
 // producerAsk is how often ProducerAlive asks again.
 const producerAsk = 250 * time.Millisecond
 
-// PingWorkers returns the id of one live worker, or an error when none
-// answers before ctx is done.
+// modelDownHeader carries, in a worker's answer to a ping, why its model
+// server cannot be reached. (A worker of an older version never sets it.)
+const modelDownHeader = "Tr-Model-Down"
+
+// ErrProviderUnreachable is wrapped by PingWorkers' error when workers
+// answer but none can reach its model server.
+var ErrProviderUnreachable = errors.New("no worker can reach its model server")
+
+// modelDownGrace is how long PingWorkers waits, after a worker answered
+// that its model server cannot be reached, for another worker that can.
+const modelDownGrace = 200 * time.Millisecond
+
+// PingWorkers returns the id of one live worker that can reach its model
+// server. When the workers that answer cannot, it returns an error
+// wrapping ErrProviderUnreachable (modelDownGrace after the first such
+// answer, or when ctx is done); when none answers before ctx is done, or
+// none is subscribed, another error.
 func (b *Bus) PingWorkers(ctx context.Context) (string, error) {
-	m, err := b.nc.RequestWithContext(ctx, WorkerPingSubj, nil)
+	inbox := b.nc.NewInbox()
+	sub, err := b.nc.SubscribeSync(inbox)
 	if err != nil {
-		return "", fmt.Errorf("no worker answered: %w", err)
+		return "", fmt.Errorf("ping workers: %w", err)
 	}
-	return string(m.Data), nil
+	defer sub.Unsubscribe()
+	if err := b.nc.PublishRequest(WorkerPingSubj, inbox, nil); err != nil {
+		return "", fmt.Errorf("ping workers: %w", err)
+	}
+	down := ""
+	for {
+		m, err := sub.NextMsgWithContext(ctx)
+		switch {
+		case err != nil && down != "":
+			return "", fmt.Errorf("%w: %s", ErrProviderUnreachable, down)
+		case err != nil:
+			return "", fmt.Errorf("no worker answered: %w", err)
+		case len(m.Data) == 0 && m.Header.Get("Status") == "503":
+			return "", fmt.Errorf("no worker answered: %w", nats.ErrNoResponders)
+		}
+		why := m.Header.Get(modelDownHeader)
+		if why == "" {
+			return string(m.Data), nil
+		}
+		if down == "" {
+			down = why
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, modelDownGrace)
+			defer cancel()
+		}
+	}
 }

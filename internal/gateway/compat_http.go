@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/auth"
+	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/protocol"
 )
@@ -322,7 +323,7 @@ func (cp *compat) handleChat() http.Handler {
 		_, err = s.bus.PingWorkers(pctx)
 		pcancel()
 		if err != nil {
-			cp.writeCompatError(w, &compatError{status: http.StatusBadGateway, err: "Communication error with AI service", detail: "No model worker is reachable"})
+			cp.writeCompatError(w, &compatError{status: http.StatusBadGateway, err: "Communication error with AI service", detail: workerDown(err)})
 			return
 		}
 		res, err := s.send(ctx, sendRequest{User: owner, ConversationID: sid, Text: msg})
@@ -497,11 +498,19 @@ func (cp *compat) handleAIHealth() http.Handler {
 		defer cancel()
 		id, err := cp.s.bus.PingWorkers(ctx)
 		if err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"ai_service": "unreachable", "error": "no model worker answered"})
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"ai_service": "unreachable", "error": workerDown(err)})
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]string{"ai_service": "reachable", "status": "healthy", "url": "worker:" + id})
 	})
+}
+
+// workerDown says in a compat answer why PingWorkers failed with err.
+func workerDown(err error) string {
+	if errors.Is(err, bus.ErrProviderUnreachable) {
+		return "The model server cannot be reached"
+	}
+	return "No model worker is reachable"
 }
 
 // handleHealth serves GET /health: UP while the broker and the store answer.

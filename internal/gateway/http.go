@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/auth"
@@ -415,10 +416,27 @@ func (s *Server) handleHealthz() http.Handler {
 
 // ready runs the readiness checks and returns each one's result.
 func (s *Server) ready(ctx context.Context) (map[string]string, bool) {
+	// One ping of the workers answers both whether one runs and, where
+	// no probe of the provider's own is given (a gateway apart from its
+	// workers), whether one can reach its model server.
+	pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	ping := sync.OnceValue(func() error { _, err := s.bus.PingWorkers(pctx); return err })
 	checks := map[string]func(context.Context) error{
 		"broker": s.bus.Ping,
 		"store":  s.store.Ping,
-		"worker": func(ctx context.Context) error { _, err := s.bus.PingWorkers(ctx); return err },
+		"worker": func(context.Context) error {
+			if err := ping(); !errors.Is(err, bus.ErrProviderUnreachable) {
+				return err
+			}
+			return nil
+		},
+		"provider": func(context.Context) error {
+			if err := ping(); errors.Is(err, bus.ErrProviderUnreachable) {
+				return err
+			}
+			return nil
+		},
 	}
 	for name, f := range s.cfg.ReadyProbes {
 		checks[name] = f

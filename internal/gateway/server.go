@@ -75,6 +75,11 @@ type Config struct {
 	QuietCheck time.Duration
 	// ReadyProbes are extra /readyz checks by name (e.g. "provider").
 	ReadyProbes map[string]func(context.Context) error
+	// ModelUnreachable, in a process whose worker is in-process (serve),
+	// says whether that worker's model server can be reached (an error
+	// wrapping bus.ErrProviderUnreachable when not); elsewhere the workers
+	// say so when pinged.
+	ModelUnreachable func(context.Context) error
 	// Static is the web page served at /; nil serves nothing there.
 	Static fs.FS
 	// NodeID names this gateway in health answers.

@@ -67,12 +67,12 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 		}
 		return store.SendResult{}, protocol.Errorf(protocol.CodeUnavailable, "the server is shutting down; send again once it is back")
 	}
-	if !s.workerAlive(ctx) {
+	if err := s.workerReady(ctx); err != nil {
 		refund()
 		if res, ok := s.retried(ctx, r); ok {
 			return res, nil
 		}
-		return store.SendResult{}, protocol.Errorf(protocol.CodeUnavailable, "no model worker is running; try again shortly")
+		return store.SendResult{}, err
 	}
 	if r.MessageID == "" {
 		r.MessageID = newID()
@@ -512,21 +512,42 @@ func newID() string {
 	return id.String()
 }
 
-// workerAlive reports whether a worker answered recently, asking the bus at
-// most every workerCheckEvery; a send with no worker to produce its turn is
-// refused rather than left queued. Sends that find the answer stale share
-// one ping: none waits behind another's.
-func (s *Server) workerAlive(ctx context.Context) bool {
+// workerReady returns nil when a worker that can reach its model server
+// answered recently, else the unavailable error a send gets; see
+// workerAlive.
+func (s *Server) workerReady(ctx context.Context) error {
+	err := s.workerAlive(ctx)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, bus.ErrProviderUnreachable):
+		return protocol.Errorf(protocol.CodeUnavailable, "the model server cannot be reached; try again shortly")
+	}
+	return protocol.Errorf(protocol.CodeUnavailable, "no model worker is running; try again shortly")
+}
+
+// workerAlive returns nil when a worker that can reach its model server
+// answered recently, asking the bus at most every workerCheckEvery; a send
+// with no worker to produce its turn (or none whose turn would not end in
+// an error at once) is refused rather than left queued. Sends that find the
+// answer stale share one ping: none waits behind another's. The error
+// wraps bus.ErrProviderUnreachable when workers answered that their model
+// server cannot be reached.
+func (s *Server) workerAlive(ctx context.Context) error {
 	if s.bus.InProcess() {
 		// serve's own worker, in this process, which ends with it: a
 		// ping would only time out when the machine is overloaded, and
-		// refuse a send for that.
-		return true
+		// refuse a send for that. It says itself whether it can reach
+		// its model server.
+		if s.cfg.ModelUnreachable != nil {
+			return s.cfg.ModelUnreachable(ctx)
+		}
+		return nil
 	}
 	s.workerMu.Lock()
 	if s.now().Sub(s.workerSeen) < workerCheckEvery {
 		s.workerMu.Unlock()
-		return true
+		return nil
 	}
 	p := s.workerPing
 	if p == nil {
@@ -537,16 +558,16 @@ func (s *Server) workerAlive(ctx context.Context) bool {
 	s.workerMu.Unlock()
 	select {
 	case <-p.done:
-		return p.ok
+		return p.err
 	case <-ctx.Done():
-		return false
+		return ctx.Err()
 	}
 }
 
-// workerProbe is one ping of the workers; ok is set before done closes.
+// workerProbe is one ping of the workers; err is set before done closes.
 type workerProbe struct {
 	done chan struct{}
-	ok   bool
+	err  error
 }
 
 func (s *Server) pingWorkers(p *workerProbe) {
@@ -554,8 +575,8 @@ func (s *Server) pingWorkers(p *workerProbe) {
 	_, err := s.bus.PingWorkers(ctx)
 	cancel()
 	s.workerMu.Lock()
-	p.ok = err == nil
-	if p.ok {
+	p.err = err
+	if err == nil {
 		s.workerSeen = s.now()
 	}
 	s.workerPing = nil

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -109,6 +110,9 @@ type Worker struct {
 	shutdownCtx context.Context
 	shutdown    context.CancelCauseFunc
 
+	modelDown atomic.Pointer[string] // see health.go
+	probed    chan struct{}          // closed once the model server was first probed
+
 	mu      sync.Mutex
 	running map[string]*run // turn id → run; guarded by mu
 	wg      sync.WaitGroup  // running turns
@@ -181,12 +185,17 @@ func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
 		cfg.Now = time.Now
 	}
 	ctx, cancel := context.WithCancelCause(context.Background())
-	return &Worker{
+	w := &Worker{
 		cfg: cfg, bus: b, store: s, provider: p,
 		log: cfg.Logger.With("worker_id", cfg.ID), m: newMetrics(cfg.Registry),
 		shutdownCtx: ctx, shutdown: cancel,
 		running: make(map[string]*run),
+		probed:  make(chan struct{}),
 	}
+	if _, ok := p.(provider.Pinger); !ok {
+		close(w.probed) // nothing to probe
+	}
+	return w
 }
 
 // Run takes jobs until ctx is done. Then it ends every turn it is producing
@@ -212,7 +221,22 @@ func (w *Worker) Run(ctx context.Context) error {
 			stopJobs(err)
 		}
 	}()
-	ping, err := w.bus.ServeWorkerPing(w.cfg.ID)
+	// Gateways learn from the ping whether the model server can be
+	// reached: probe it first.
+	probeDone := make(chan struct{})
+	go func() {
+		defer close(probeDone)
+		w.watchProvider(jobsCtx)
+	}()
+	defer func() {
+		stopJobs(nil) // a no-op once Run has stopped its jobs
+		<-probeDone
+	}()
+	select {
+	case <-w.probed:
+	case <-jobsCtx.Done():
+	}
+	ping, err := w.bus.ServeWorkerPing(w.cfg.ID, w.modelDownReason)
 	if err != nil {
 		return err
 	}

@@ -158,7 +158,7 @@ func TestGatewayReadsAQuietTurnAgain(t *testing.T) {
 	c.Join(conv, nil)
 	// No worker runs (the test answers the gateways' worker probe): the
 	// turn stays queued until the test produces it.
-	ping, err := server.ServeWorkerPing("test")
+	ping, err := server.ServeWorkerPing("test", func() string { return "" })
 	if err != nil {
 		t.Fatal(err)
 	}

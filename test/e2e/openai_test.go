@@ -219,3 +219,44 @@ func TestReadyzKeepsCausesInTheLog(t *testing.T) {
 		t.Fatalf("the cause is not in the log:\n%s", p.Stderr())
 	}
 }
+
+// While the model server cannot be reached, a send is refused with
+// unavailable (HTTP 503) rather than accepted to end in an error at once;
+// the compatibility paths answer 502 and ai-health 503 "unreachable", as
+// the service they replace did when its AI service was down. Nothing is
+// stored.
+func TestUnreachableModelServerRefusesSends(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := "http://" + ln.Addr().String() + "/v1" // nothing answers there once closed
+	ln.Close()
+	p := trtest.Start(t, "serve", "--addr", "127.0.0.1:0", "--data-dir", t.TempDir(),
+		"--provider", "openai", "--openai-base-url", down, "--model", "m1")
+
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("c1", nil)
+	c.Send(map[string]any{"type": "send", "conversation_id": "c1", "text": "hello", "id": "s"})
+	f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s" })
+	if last := f[len(f)-1]; last.Type() != "error" || last.Str("code") != "unavailable" {
+		t.Fatalf("WS send: %v, want an unavailable error", last)
+	}
+	var httpErr struct {
+		Error struct{ Code, Message string } `json:"error"`
+	}
+	if code := trtest.Do(t, "POST", p.URL+"/v1/conversations/c1/messages", "", map[string]any{"text": "hello"}, &httpErr); code != http.StatusServiceUnavailable || httpErr.Error.Code != "unavailable" {
+		t.Fatalf("HTTP send: %d %+v, want 503 unavailable", code, httpErr)
+	}
+	var compat map[string]any
+	if code := trtest.Do(t, "POST", p.URL+"/api/chat", "", map[string]any{"session_id": "c1", "message": "hello"}, &compat); code != http.StatusBadGateway || compat["error"] != "Communication error with AI service" {
+		t.Fatalf("compat chat: %d %v, want 502", code, compat)
+	}
+	if code := trtest.Get(t, p.URL+"/api/ai-health", &compat); code != http.StatusServiceUnavailable || compat["ai_service"] != "unreachable" {
+		t.Fatalf("ai-health: %d %v, want 503 unreachable", code, compat)
+	}
+	var page struct{ Messages []any }
+	if code := trtest.Get(t, p.URL+"/v1/conversations/c1/messages", &page); code != http.StatusOK || len(page.Messages) != 0 {
+		t.Fatalf("messages: %d %v, want none stored", code, page.Messages)
+	}
+}

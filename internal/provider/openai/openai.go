@@ -249,10 +249,13 @@ func (p *Provider) ping(ctx context.Context) error {
 	req.Header.Set("Accept", "application/json")
 	resp, err := p.client.Do(req)
 	if err != nil {
+		msg := "could not connect to the model server"
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return p.fail("the model server did not answer in time", err, true)
+			msg = "the model server did not answer in time"
 		}
-		return p.fail("could not connect to the model server", err, true)
+		e := p.fail(msg, err, true)
+		e.Err = fmt.Errorf("%w: %w", provider.ErrUnreachable, e.Err)
+		return e
 	}
 	defer resp.Body.Close()
 	switch st := resp.StatusCode; {
