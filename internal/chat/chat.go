@@ -3,6 +3,7 @@ package chat
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 )
 
@@ -44,6 +45,17 @@ func (s TurnStatus) Valid() bool {
 
 // MaxIDLen is the longest identifier accepted.
 const MaxIDLen = 128
+
+// StorableText returns s with every U+0000 replaced by U+FFFD: PostgreSQL's
+// text cannot hold it, and the stores must keep what clients were given
+// (a turn's content is the concatenation of its deltas) alike. It returns
+// s itself when s holds none.
+func StorableText(s string) string {
+	if strings.IndexByte(s, 0) < 0 {
+		return s
+	}
+	return strings.ReplaceAll(s, "\x00", "\uFFFD")
+}
 
 // ValidID reports whether s may be used as a conversation, message or turn id:
 // it must match ^[A-Za-z0-9_.:-]{1,128}$ (PROTOCOL.md "Identifiers").

@@ -52,3 +52,11 @@ func TestTurnStatusTerminal(t *testing.T) {
 		}
 	}
 }
+
+func TestStorableText(t *testing.T) {
+	for in, want := range map[string]string{"": "", "plain": "plain", "a\x00b\x00": "a\uFFFDb\uFFFD", "\x00": "\uFFFD"} {
+		if got := StorableText(in); got != want {
+			t.Errorf("StorableText(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -36,6 +36,7 @@ type sendRequest struct {
 // the job. A repeated message id returns the existing message and turn and
 // starts nothing.
 func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, error) {
+	r.Text = chat.StorableText(r.Text)
 	if s.cfg.Limits.TextBytes > 0 && len(r.Text) > s.cfg.Limits.TextBytes {
 		s.m.limitHits.WithLabelValues("text_bytes").Inc()
 		return store.SendResult{}, protocol.Errorf(protocol.CodeTooLarge, "the message is longer than the limit of "+itoa(s.cfg.Limits.TextBytes)+" bytes")

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenrelay/tokenrelay/internal/store/postgres/pgtest"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -258,5 +259,38 @@ func TestUnreachableModelServerRefusesSends(t *testing.T) {
 	var page struct{ Messages []any }
 	if code := trtest.Get(t, p.URL+"/v1/conversations/c1/messages", &page); code != http.StatusOK || len(page.Messages) != 0 {
 		t.Fatalf("messages: %d %v, want none stored", code, page.Messages)
+	}
+}
+
+// A NUL character (U+0000), which PostgreSQL's text cannot hold, becomes
+// U+FFFD in a model's answer (in its deltas and its stored content alike)
+// and in a user's message, on either store: the turn ends, and its
+// conversation takes the next message.
+func TestNULCharactersAreStored(t *testing.T) {
+	for _, store := range []string{"sqlite", "postgres"} {
+		t.Run(store, func(t *testing.T) {
+			args := []string{}
+			if store == "postgres" {
+				args = append(args, "--store-url", pgtest.SchemaURL(t))
+			}
+			fm := &fakeModel{closed: make(chan time.Time, 4), answer: func(int) []string { return []string{"wor\x00ld", "!"} }}
+			srv := httptest.NewServer(fm)
+			defer srv.Close()
+			p := trtest.Serve(t, append(args, "--provider", "openai", "--openai-base-url", srv.URL+"/v1",
+				"--openai-api-key", "sk-test-secret", "--model", "m1")...)
+			c := trtest.Dial(t, p.WSURL(), nil)
+			c.Join("nul", nil)
+			tr := runTurn(t, c, "nul", "say \x00 it", nil)
+			if tr.Status != "complete" || tr.Text.String() != "wor\uFFFDld!" {
+				t.Fatalf("turn %s %q, want complete %q", tr.Status, tr.Text.String(), "wor\uFFFDld!")
+			}
+			msgs := messages(t, p.URL, "nul", "")
+			if len(msgs) != 2 || msgs[0].Content != "say \uFFFD it" || msgs[1].Content != tr.Text.String() {
+				t.Fatalf("stored %+v", msgs)
+			}
+			if next := runTurn(t, c, "nul", "again", nil); next.Status != "complete" {
+				t.Fatalf("next turn %s", next.Status)
+			}
+		})
 	}
 }

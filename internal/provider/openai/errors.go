@@ -10,6 +10,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/provider"
 )
 
@@ -34,7 +35,7 @@ func (p *Provider) fail(msg string, cause error, unavailable bool) *provider.Err
 			err = provider.ErrUnavailable
 		}
 	}
-	return &provider.Error{Message: p.redact(msg), Err: err}
+	return &provider.Error{Message: chat.StorableText(p.redact(msg)), Err: err}
 }
 
 // redactedError is an internal cause whose text had secrets removed.

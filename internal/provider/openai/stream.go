@@ -49,7 +49,7 @@ func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(t
 	emitted := false
 	countEmit := func(text string) error {
 		emitted = true
-		return emit(text)
+		return emit(chat.StorableText(text))
 	}
 	for attempt := 0; ; attempt++ {
 		log.Debug("model request", "attempt", attempt+1, "bytes", len(body))
