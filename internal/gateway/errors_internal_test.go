@@ -2,6 +2,9 @@ package gateway
 
 import (
 	"fmt"
+	"log/slog"
+	"net/http/httptest"
+	"strings"
 	"testing"
 
 	"github.com/nats-io/nats.go"
@@ -26,5 +29,25 @@ func TestAsError(t *testing.T) {
 		if got := asError(c.err).Code; got != c.code {
 			t.Errorf("asError(%v) = %s, want %s", c.err, got, c.code)
 		}
+	}
+}
+
+// An HTTP answer of an internal error says nothing of its cause; the log
+// does (and only for internal errors).
+func TestWriteErrorLogsInternalErrors(t *testing.T) {
+	var log strings.Builder
+	s := &Server{log: slog.New(slog.NewTextHandler(&log, nil))}
+	w := httptest.NewRecorder()
+	s.writeError(w, fmt.Errorf("store: disk I/O error"))
+	if w.Code != 500 || strings.Contains(w.Body.String(), "disk") {
+		t.Fatalf("answered %d %s", w.Code, w.Body)
+	}
+	if !strings.Contains(log.String(), "request failed") || !strings.Contains(log.String(), "disk I/O error") {
+		t.Fatalf("log: %q", log.String())
+	}
+	log.Reset()
+	s.writeError(httptest.NewRecorder(), chat.ErrNotFound)
+	if log.Len() != 0 {
+		t.Fatalf("a not_found was logged: %q", log.String())
 	}
 }

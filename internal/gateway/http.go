@@ -42,17 +42,17 @@ func (s *Server) authed(h http.Handler) http.Handler {
 		// open /v1/ws either.
 		if r.Method != http.MethodGet && r.Method != http.MethodHead && !auth.OriginAllowed(r, s.cfg.AllowedOrigins) {
 			s.m.authFailures.WithLabelValues("origin").Inc()
-			writeError(w, protocol.Errorf(protocol.CodeForbidden, "origin not allowed"))
+			s.writeError(w, protocol.Errorf(protocol.CodeForbidden, "origin not allowed"))
 			return
 		}
 		id, err := s.auth.Authenticate(r)
 		if err != nil {
 			s.m.authFailures.WithLabelValues("token").Inc()
-			writeError(w, protocol.Errorf(protocol.CodeUnauthorized, "a valid token is required"))
+			s.writeError(w, protocol.Errorf(protocol.CodeUnauthorized, "a valid token is required"))
 			return
 		}
 		if !s.limits.beginRequest(id.UserID) {
-			writeError(w, s.tooManyRequests())
+			s.writeError(w, s.tooManyRequests())
 			return
 		}
 		defer s.limits.endRequest(id.UserID)
@@ -152,7 +152,12 @@ type errorBody struct {
 	} `json:"error"`
 }
 
-func writeError(w http.ResponseWriter, err error) {
+// writeError answers err as the API's JSON error. An internal error is
+// logged, as a socket's is: the answer says nothing of its cause.
+func (s *Server) writeError(w http.ResponseWriter, err error) {
+	if asError(err).Code == protocol.CodeInternal {
+		s.log.Error("request failed", "err", err)
+	}
 	var body errorBody
 	var pe *protoError
 	if errors.As(err, &pe) {
@@ -231,7 +236,7 @@ func (s *Server) handleListConversations() http.Handler {
 		if v := r.URL.Query().Get("limit"); v != "" {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > 1000 {
-				writeError(w, badRequest("limit must be between 1 and 1000"))
+				s.writeError(w, badRequest("limit must be between 1 and 1000"))
 				return
 			}
 			limit = n
@@ -239,7 +244,7 @@ func (s *Server) handleListConversations() http.Handler {
 		// One more than asked says whether there are others.
 		convs, err := s.store.Conversations(ctx, userOf(r), limit+1)
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		more := len(convs) > limit
@@ -258,7 +263,7 @@ func (s *Server) handleListMessages() http.Handler {
 		defer cancel()
 		conv, err := s.pathID(r, "conversation")
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		q := r.URL.Query()
@@ -266,24 +271,24 @@ func (s *Server) handleListMessages() http.Handler {
 		if v := q.Get("limit"); v != "" {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > protocol.MaxHistory {
-				writeError(w, badRequest("limit must be between 1 and 500"))
+				s.writeError(w, badRequest("limit must be between 1 and 500"))
 				return
 			}
 			limit = n
 		}
 		before := q.Get("before")
 		if before != "" && !chat.ValidID(before) {
-			writeError(w, badRequest("before must be a message id"))
+			s.writeError(w, badRequest("before must be a message id"))
 			return
 		}
 		if err := s.ownConversation(ctx, conv, userOf(r)); err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		// One more than asked says whether older ones exist.
 		msgs, err := s.store.Messages(ctx, conv, limit+1, before)
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		more := len(msgs) > limit
@@ -304,7 +309,7 @@ func (s *Server) handlePostMessage() http.Handler {
 		defer cancel()
 		conv, err := s.pathID(r, "conversation")
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		var body struct {
@@ -319,31 +324,31 @@ func (s *Server) handlePostMessage() http.Handler {
 		}
 		data, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
 		if err != nil {
-			writeError(w, badRequest(s.bodyError(err)))
+			s.writeError(w, badRequest(s.bodyError(err)))
 			return
 		}
 		bodyRead(w)
 		if int64(len(data)) > limit {
-			writeError(w, protocol.Errorf(protocol.CodeTooLarge, "request body too large"))
+			s.writeError(w, protocol.Errorf(protocol.CodeTooLarge, "request body too large"))
 			return
 		}
 		if err := json.Unmarshal(data, &body); err != nil {
-			writeError(w, badRequest("invalid JSON body"))
+			s.writeError(w, badRequest("invalid JSON body"))
 			return
 		}
 		for name, v := range map[string]string{"message_id": body.MessageID, "turn_id": body.TurnID} {
 			if v != "" && !chat.ValidID(v) {
-				writeError(w, badRequest(name+" must match ^[A-Za-z0-9_.:-]{1,128}$"))
+				s.writeError(w, badRequest(name+" must match ^[A-Za-z0-9_.:-]{1,128}$"))
 				return
 			}
 		}
 		if body.Text == "" {
-			writeError(w, badRequest("text is required"))
+			s.writeError(w, badRequest("text is required"))
 			return
 		}
 		res, err := s.send(ctx, sendRequest{User: userOf(r), ConversationID: conv, MessageID: body.MessageID, TurnID: body.TurnID, Text: body.Text, Model: body.Model})
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		writeJSON(w, http.StatusAccepted, map[string]any{"message": protocol.WireMessage(res.Message), "turn_id": res.Turn.ID})
@@ -356,11 +361,11 @@ func (s *Server) handleDeleteConversation() http.Handler {
 		defer cancel()
 		conv, err := s.pathID(r, "conversation")
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		if err := s.deleteConversation(ctx, conv, userOf(r)); err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		w.WriteHeader(http.StatusNoContent)
@@ -396,12 +401,12 @@ func (s *Server) handleCancel() http.Handler {
 		defer cancel()
 		turn, err := s.pathID(r, "turn")
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		res, err := s.cancel(ctx, userOf(r), turn)
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"turn_id": res.TurnID, "status": res.Status, "already": res.Already})

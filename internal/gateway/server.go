@@ -271,14 +271,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	_ = rc.SetWriteDeadline(now.Add(answerWrites * s.cfg.WriteTimeout))
 	if s.cfg.LoopbackHostsOnly && !loopbackHost(r.Host) {
-		writeError(w, protocol.Errorf(protocol.CodeForbidden, "this development server answers only requests for localhost or a loopback address, not "+quote(r.Host)))
+		s.writeError(w, protocol.Errorf(protocol.CodeForbidden, "this development server answers only requests for localhost or a loopback address, not "+quote(r.Host)))
 		return
 	}
 	if isAPIPath(r.URL.Path) {
 		if !canonical(r.URL.EscapedPath()) {
 			// net/http would redirect to the cleaned path, which names
 			// another resource (the id "." or "..", or none).
-			writeError(w, badRequest("the path "+quote(r.URL.Path)+" has an empty, \".\" or \"..\" segment; an id \".\" or \"..\" is written %2E or %2E%2E"))
+			s.writeError(w, badRequest("the path "+quote(r.URL.Path)+" has an empty, \".\" or \"..\" segment; an id \".\" or \"..\" is written %2E or %2E%2E"))
 			return
 		}
 		if _, pattern := s.mux.Handler(r); pattern == "" || pattern == "GET /" {
@@ -524,7 +524,7 @@ func (s *Server) handleWS() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !auth.OriginAllowed(r, s.cfg.AllowedOrigins) {
 			s.m.authFailures.WithLabelValues("origin").Inc()
-			writeError(w, &protoError{status: http.StatusForbidden, code: "forbidden", msg: "origin not allowed"})
+			s.writeError(w, &protoError{status: http.StatusForbidden, code: "forbidden", msg: "origin not allowed"})
 			return
 		}
 		id, authErr := s.auth.Authenticate(r)

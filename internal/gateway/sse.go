@@ -190,7 +190,7 @@ func (s *Server) handleSSE() http.Handler {
 		unbound(w, false)
 		turnID, err := s.pathID(r, "turn")
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		// A stream is a connection: it counts against the user's
@@ -198,7 +198,7 @@ func (s *Server) handleSSE() http.Handler {
 		user := userOf(r)
 		if !s.limits.openConn(user) {
 			s.m.limitHits.WithLabelValues("connections").Inc()
-			writeError(w, &protocol.Error{Code: protocol.CodeRateLimited, RetryAfterMS: time.Second.Milliseconds(),
+			s.writeError(w, &protocol.Error{Code: protocol.CodeRateLimited, RetryAfterMS: time.Second.Milliseconds(),
 				Message: "too many connections (limit " + itoa(s.cfg.Limits.Connections) + "); close one first"})
 			return
 		}
@@ -209,7 +209,7 @@ func (s *Server) handleSSE() http.Handler {
 		after, ok := ParseLastEventID(r.Header.Get("Last-Event-ID"))
 		q, qok := ParseLastEventID(r.URL.Query().Get("after"))
 		if !ok || !qok {
-			writeError(w, badRequest("Last-Event-ID / after must be a delta seq"))
+			s.writeError(w, badRequest("Last-Event-ID / after must be a delta seq"))
 			return
 		}
 		after = min(max(after, q), protocol.MaxSeq)
@@ -219,11 +219,11 @@ func (s *Server) handleSSE() http.Handler {
 		t, err := s.store.TurnHead(ctx, turnID)
 		cancel()
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		if t.Owner != user {
-			writeError(w, chat.ErrForbidden)
+			s.writeError(w, chat.ErrForbidden)
 			return
 		}
 		sink := &sseSink{turn: turnID, limit: s.cfg.Limits.OutboundBytes, notify: make(chan struct{}, 1)}
@@ -249,7 +249,7 @@ func (s *Server) handleSSE() http.Handler {
 		if !t.Status.Terminal() {
 			if err := s.hub.add(rctx, t.ConversationID, v); err != nil {
 				v.close()
-				writeError(w, err)
+				s.writeError(w, err)
 				return
 			}
 			defer func() {
@@ -268,7 +268,7 @@ func (s *Server) handleSSE() http.Handler {
 		cu, err := s.catchUp(ctx, t.ConversationID, turnID, after, -1)
 		cancel()
 		if err != nil {
-			writeError(w, err)
+			s.writeError(w, err)
 			return
 		}
 		if t.Status.Terminal() && after < t.Seq && cu.To < t.Seq {
@@ -276,14 +276,14 @@ func (s *Server) handleSSE() http.Handler {
 			// the store holds its whole text, but not where its deltas
 			// began, so only a replay from the start can be served.
 			if after > 0 {
-				writeError(w, &protocol.Error{Code: protocol.CodeNotFound, Message: "the deltas of turn " + quote(turnID) + " are no longer kept (--retention); replay it from the start, or read its message"})
+				s.writeError(w, &protocol.Error{Code: protocol.CodeNotFound, Message: "the deltas of turn " + quote(turnID) + " are no longer kept (--retention); replay it from the start, or read its message"})
 				return
 			}
 			ctx, cancel := s.reqCtx(r)
 			full, err := s.store.Turn(ctx, turnID)
 			cancel()
 			if err != nil {
-				writeError(w, err)
+				s.writeError(w, err)
 				return
 			}
 			cu = catchUpResult{From: 1, To: full.Seq, Text: []byte(full.Content)}
