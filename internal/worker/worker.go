@@ -350,7 +350,7 @@ func (w *Worker) cancelTurn(turnID string) {
 // of each turn queued for longer than QueuedTimeout (see Config). The job
 // names only the turn, so the worker that takes it reads the turn's state.
 func (w *Worker) requeue(ctx context.Context) {
-	t := time.NewTicker(w.cfg.QueuedTimeout / 2)
+	t := time.NewTicker(max(w.cfg.QueuedTimeout/2, time.Millisecond))
 	defer t.Stop()
 	for {
 		select {
@@ -388,10 +388,14 @@ func (w *Worker) requeue(ctx context.Context) {
 // and the store need not keep their ids for good (one row per deleted
 // turn). Several workers doing it at once do it no harm.
 func (w *Worker) forgetDeleted(ctx context.Context) {
+	keep := w.cfg.Retention + 2*time.Minute // the bus's duplicate window too
+	if keep < w.cfg.Retention {
+		return // past any date (the sum overflowed): kept for good
+	}
 	t := time.NewTicker(min(w.cfg.Retention, time.Hour))
 	defer t.Stop()
 	for {
-		before := w.cfg.Now().Add(-w.cfg.Retention - 2*time.Minute)
+		before := w.cfg.Now().Add(-keep)
 		n, err := w.store.ForgetDeletedTurns(ctx, before)
 		switch {
 		case err != nil && ctx.Err() == nil:

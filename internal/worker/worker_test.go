@@ -883,3 +883,12 @@ func TestLateFirstDeliveryLeavesAStartedTurnAlone(t *testing.T) {
 		})
 	}
 }
+
+// The shortest --queued-timeout a flag takes (1ns) runs: its sweep ticks
+// every millisecond rather than panicking on a zero interval.
+func TestShortestQueuedTimeout(t *testing.T) {
+	e := setup(t, worker.Config{QueuedTimeout: time.Nanosecond}, true)
+	if end := waitEnd(t, e.send(t, "c", "t1", "hello", true)); end.Status != chat.StatusComplete {
+		t.Fatalf("end %+v", end)
+	}
+}
