@@ -86,6 +86,13 @@ func open(ctx context.Context, path string) (*DB, error) {
 		write.Close()
 		return nil, err
 	}
+	// A file this process may not write opens all the same, read only,
+	// and a migrated one is not written above: find out now rather than
+	// at the first send.
+	if err := writable(ctx, write); err != nil {
+		write.Close()
+		return nil, fmt.Errorf("database file %s is not writable: %w", path, err)
+	}
 
 	read, err := sql.Open("sqlite", path+"?"+common+"&_pragma=query_only(1)")
 	if err != nil {
@@ -178,4 +185,17 @@ func (s *DB) Close() error {
 	s.d.readStmts.close()
 	s.d.writeStmts.close()
 	return errors.Join(s.ckpt.Close(), s.read.Close(), s.write.Close())
+}
+
+// writable runs a write statement that changes nothing on db, in a
+// transaction rolled back: a read-only database refuses it (in WAL mode
+// it refuses no BEGIN, only a write).
+func writable(ctx context.Context, db *sql.DB) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	_, err = tx.ExecContext(ctx, `DELETE FROM conversations WHERE 0`)
+	return err
 }
