@@ -195,18 +195,25 @@ func openBackends(ctx context.Context, c *config, name string, log *slog.Logger)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("open store: %w", err)
 	}
+	release, err := holdStore(ctx, st, false)
+	if err != nil {
+		st.Close()
+		return nil, nil, nil, err
+	}
 	nc, err := connectNATS(c, name, log)
 	if err != nil {
+		release()
 		st.Close()
 		return nil, nil, nil, err
 	}
 	b, err := openBus(ctx, c, nc, nil, nil)
 	if err != nil {
 		nc.Close()
+		release()
 		st.Close()
 		return nil, nil, nil, err
 	}
-	return st, b, func() { nc.Close(); closeWithin("store", func() { st.Close() }, log) }, nil
+	return st, b, func() { nc.Close(); release(); closeWithin("store", func() { st.Close() }, log) }, nil
 }
 
 // shutdownHTTP closes the gateway's connections and then the HTTP server,

@@ -57,6 +57,11 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return fmt.Errorf("open store: %w", err)
 	}
 	defer closeWithin("store", func() { st.Close() }, log)
+	release, err := holdStore(ctx, st, c.NATSURL == "" && c.NATSListen == "")
+	if err != nil {
+		return err
+	}
+	defer release()
 
 	var emb *bus.Embedded
 	if c.NATSURL == "" {

@@ -347,6 +347,7 @@ func TestServeRefusesToStart(t *testing.T) {
 		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication", false},
 		{"address without a port", []string{"--addr", "nonsense", "--data-dir", t.TempDir()}, "missing port in address", true},
 		{"data dir in use", []string{"--addr", "127.0.0.1:0", "--data-dir", running.DataDir}, "in use by another tokenrelay", false},
+		{"store in use", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--store-url", "sqlite://" + filepath.Join(running.DataDir, "tokenrelay.db")}, "store is in use by other tokenrelay processes", false},
 		{"retention too short", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--retention", "500ms"}, "--retention must be 0", false},
 		{"nats store dir is a file", []string{"--addr", "127.0.0.1:0", "--data-dir", natsFile}, "not a directory", false},
 	}

@@ -134,3 +134,40 @@ func (s *DB) Close() error {
 	s.pool.Close()
 	return nil
 }
+
+// ErrHeld is Hold's error when other processes hold the lock in a way
+// that excludes the caller.
+var ErrHeld = errors.New("the store's lock is held")
+
+// holdLockSpace is the first key of the session advisory lock Hold takes;
+// the second is the hash of the schema, so that stores in schemas of one
+// database are held apart.
+const holdLockSpace int32 = 0x7472686f // "trho"
+
+// Hold takes the store's lock until release is called or the process
+// ends: exclusive, or shared with other holders of the shared lock. It is
+// a session advisory lock on a connection of its own, taken out of the
+// pool; it returns ErrHeld at once when the lock is held otherwise.
+// (Should that connection break, the lock is gone: it guards against
+// mistakes, not against a determined second holder.)
+func (db *DB) Hold(ctx context.Context, exclusive bool) (release func(), err error) {
+	c, err := db.pool.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	conn := c.Hijack()
+	fn := "pg_try_advisory_lock_shared"
+	if exclusive {
+		fn = "pg_try_advisory_lock"
+	}
+	var ok bool
+	err = conn.QueryRow(ctx, `SELECT `+fn+`($1, hashtext(current_schema()))`, holdLockSpace).Scan(&ok)
+	if err == nil && !ok {
+		err = ErrHeld
+	}
+	if err != nil {
+		conn.Close(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return func() { conn.Close(context.Background()) }, nil
+}

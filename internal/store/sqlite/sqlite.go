@@ -44,6 +44,7 @@ type DB struct {
 	stopCkpt     context.CancelFunc
 	ckptDone     chan struct{}
 	d            dialect
+	path         string
 }
 
 // busyTimeout is how long a connection waits for another process's lock
@@ -116,7 +117,7 @@ func open(ctx context.Context, path string) (*DB, error) {
 	ckpt.SetMaxOpenConns(1)
 	d := dialect{write: write, read: read, writeStmts: &stmtCache{db: write}, readStmts: &stmtCache{db: read}}
 	d.w = newWriter(write, d.writeStmts)
-	db := &DB{DB: sqlstore.New(conn{c: read, cache: d.readStmts}, conn{c: write, cache: d.writeStmts, w: d.w}, d), write: write, read: read, ckpt: ckpt, d: d}
+	db := &DB{DB: sqlstore.New(conn{c: read, cache: d.readStmts}, conn{c: write, cache: d.writeStmts, w: d.w}, d), write: write, read: read, ckpt: ckpt, d: d, path: path}
 	cctx, stop := context.WithCancel(context.Background())
 	db.stopCkpt, db.ckptDone = stop, make(chan struct{})
 	go db.checkpointer(cctx)
@@ -199,3 +200,6 @@ func writable(ctx context.Context, db *sql.DB) error {
 	_, err = tx.ExecContext(ctx, `DELETE FROM conversations WHERE 0`)
 	return err
 }
+
+// Path is the database file's name.
+func (db *DB) Path() string { return db.path }
