@@ -3,6 +3,7 @@ package worker_test
 import (
 	"context"
 	"errors"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync/atomic"
@@ -353,5 +354,36 @@ func TestInProcessTurnEndedWhileQueuedIsLeftAlone(t *testing.T) {
 	}
 	if st, err := e.store.Turn(t.Context(), "t1"); err != nil || st.Status != chat.StatusCancelled {
 		t.Fatalf("stored %+v, %v", st, err)
+	}
+}
+
+// A journaled turn whose conversation is deleted while it streams lets the
+// journal forget its deltas: nothing will read them, and they must not
+// keep their segments on disk (nor be replayed into the stream at the next
+// start).
+func TestDeletedTurnReleasesItsJournaledDeltas(t *testing.T) {
+	dir := t.TempDir()
+	b, j := bustest.StartJournaledIn(t, dir)
+	st, err := sqlite.Open(t.Context(), t.TempDir()+"/t.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	p := &pausingProvider{paused: make(chan struct{}), release: make(chan struct{})}
+	e := &env{bus: b, store: st, w: worker.New(worker.Config{StartGrace: -1}, b, st, p), stop: func() {}}
+	e.start(t)
+	e.send(t, "c", "t1", "hello", true)
+	<-p.paused // its deltas are journaled
+	if err := st.DeleteConversation(t.Context(), "c", "u"); err != nil {
+		t.Fatal(err)
+	}
+	close(p.release)
+	e.stop() // once the turn's producer has returned
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	left, err := filepath.Glob(filepath.Join(dir, "*.journal"))
+	if err != nil || len(left) != 0 {
+		t.Fatalf("journal segments left after close: %v %v", left, err)
 	}
 }

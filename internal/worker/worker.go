@@ -730,8 +730,11 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 		return false, err
 	}
 	if err != nil || !won {
-		// Ended by another (a worker that took this one for lost): the
-		// stored text is the winner's, and so must the snapshot be.
+		// Ended by another (a worker that took this one for lost), or
+		// deleted: the stored text is the winner's, and so must the
+		// snapshot be; nothing will read what the journal holds of this
+		// producer's deltas, which must not keep its segments.
+		pub.drop()
 		return true, err
 	}
 	// After the end: a resume of the finished turn then reads no stream

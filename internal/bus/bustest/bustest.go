@@ -49,13 +49,20 @@ func StartUnlistened(t testing.TB) *bus.Embedded {
 // end of the test, the journal first.
 func StartJournaled(t testing.TB) *bus.Bus {
 	t.Helper()
+	b, _ := StartJournaledIn(t, t.TempDir())
+	return b
+}
+
+// StartJournaledIn is StartJournaled with the journal in dir, returned too.
+func StartJournaledIn(t testing.TB, dir string) (*bus.Bus, *bus.Journal) {
+	t.Helper()
 	emb := StartUnlistened(t)
 	nc, err := nats.Connect(emb.Server.ClientURL(), nats.InProcessServer(emb.Server))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	j, err := bus.OpenJournal(t.TempDir(), nil)
+	j, err := bus.OpenJournal(dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +74,7 @@ func StartJournaled(t testing.TB) *bus.Bus {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return b
+	return b, j
 }
 
 // Open connects a new Bus to url.
