@@ -33,9 +33,9 @@ type publisher struct {
 	timer     *time.Timer // batch flush timer; guarded by mu
 	firstAt   time.Time   // first delta published
 	lastFlush time.Time
-	snapAt    time.Time  // last snapshot written
-	snapLen   int        // text length at the last snapshot
-	snapSeq   int64      // seq at the last snapshot
+	snapAt    time.Time  // last snapshot written or tried
+	snapLen   int        // text length at the last snapshot written or tried
+	snapSeq   int64      // seq at the last snapshot written
 	snapFail  bool       // the last snapshot write failed (logged once a streak)
 	inflight  []sent     // published, not yet acknowledged, oldest first; guarded by mu
 	acked     ackedDelta // the newest acknowledged delta; guarded by mu
@@ -258,8 +258,12 @@ func (p *publisher) snapshotLocked(now time.Time) {
 			p.snapFail = false
 		}
 		p.releaseLocked(p.acked.seq)
+		p.snapSeq = p.acked.seq
 	}
-	p.snapAt, p.snapLen, p.snapSeq = now, p.acked.end, p.acked.seq
+	// A failed one is retried no sooner than a snapshot would be due, but
+	// does not count as written: the final one (save) must not be
+	// skipped for it.
+	p.snapAt, p.snapLen = now, p.acked.end
 }
 
 // armSaveLocked makes sure that journaled deltas are saved within about
@@ -405,6 +409,14 @@ func (p *publisher) stop() {
 	if p.saveTimer != nil {
 		p.saveTimer.Stop()
 	}
+}
+
+// drop lets the journal forget the turn's deltas without saving them: the
+// turn was deleted, or another producer's end won.
+func (p *publisher) drop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.releaseLocked(p.seq)
 }
 
 // finalSnapshot writes the snapshot of the whole turn once every delta is
