@@ -78,9 +78,15 @@ if [ -n "$prof" ]; then
 	extra="$extra --debug-addr 127.0.0.1:$((port + 1))"
 	profargs=(--pprof "http://127.0.0.1:$((port + 1))" --pprof-out "$prof")
 fi
+# Every per-user limit lifted that the build has (older builds lack the
+# newer limits' flags).
+lifts="--limit-sends 0 --limit-connections 0 --limit-turns 0"
+if "$work/tokenrelay" serve -h 2>&1 | grep -q -- -limit-new-conversations; then
+	lifts="$lifts --limit-new-conversations 0"
+fi
 # shellcheck disable=SC2086
 ${TRBENCH_SERVER_ENV:+env $TRBENCH_SERVER_ENV} "$work/tokenrelay" serve --addr "127.0.0.1:$port" --data-dir "$work/data" --delta-timestamps \
-	--limit-sends 0 --limit-connections 0 --limit-turns 0 --limit-new-conversations 0 --log-level warn $extra >"$work/server.log" 2>&1 &
+	$lifts --log-level warn $extra >"$work/server.log" 2>&1 &
 pid=$!
 for _ in $(seq 100); do
 	curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
