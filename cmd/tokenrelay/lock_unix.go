@@ -3,13 +3,16 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // lockDataDir takes the data dir for this process alone: two serve
@@ -27,15 +30,55 @@ func lockDataDir(dir string) (release func(), err error) {
 	return release, nil
 }
 
-// lockFile takes the flock of path, exclusive or shared, and reports
-// errHeld when another process holds it the other way (or exclusively).
-func lockFile(path string, exclusive bool) (release func(), err error) {
-	release, _, err = flockFile(path, exclusive)
-	if errors.Is(err, syscall.EWOULDBLOCK) {
-		return nil, errHeld
+// fileHold is a POSIX record lock on a whole file: shared, and exclusive
+// as well while its process is alone (fcntl locks, unlike flock, convert
+// atomically, and a process's own locks never conflict with it).
+type fileHold struct{ f *os.File }
+
+// holdFile takes path's lock shared (creating the file), waiting while
+// another process holds it exclusively, as long as ctx allows.
+func holdFile(ctx context.Context, path string) (*fileHold, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
 	}
-	return release, err
+	h := &fileHold{f: f}
+	for {
+		err := h.set(syscall.F_RDLCK)
+		if err == nil {
+			return h, nil
+		}
+		if !errors.Is(err, syscall.EAGAIN) && !errors.Is(err, syscall.EACCES) {
+			f.Close()
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("another process holds %s alone: %w", path, ctx.Err())
+		case <-time.After(20 * time.Millisecond): // fcntl cannot wait on ctx
+		}
+	}
 }
+
+func (h *fileHold) set(typ int16) error {
+	return syscall.FcntlFlock(h.f.Fd(), syscall.F_SETLK, &syscall.Flock_t{Type: typ, Whence: io.SeekStart})
+}
+
+// Alone takes the lock exclusively, if no other process holds it.
+func (h *fileHold) Alone(context.Context) (bool, error) {
+	err := h.set(syscall.F_WRLCK)
+	if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EACCES) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// EndAlone turns the exclusive lock back into a shared one.
+func (h *fileHold) EndAlone(context.Context) error { return h.set(syscall.F_RDLCK) }
+
+// Release ends the hold.
+func (h *fileHold) Release() { h.f.Close() }
 
 // flockFile takes the flock of path (created when missing), exclusive or
 // shared, without waiting; an exclusive holder writes its pid in the file.

@@ -195,25 +195,25 @@ func openBackends(ctx context.Context, c *config, name string, log *slog.Logger)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("open store: %w", err)
 	}
-	release, err := holdStore(ctx, st, false)
+	hold, err := holdStore(ctx, st)
 	if err != nil {
 		st.Close()
 		return nil, nil, nil, err
 	}
 	nc, err := connectNATS(c, name, log)
 	if err != nil {
-		release()
+		hold.Release()
 		st.Close()
 		return nil, nil, nil, err
 	}
 	b, err := openBus(ctx, c, nc, nil, nil)
 	if err != nil {
 		nc.Close()
-		release()
+		hold.Release()
 		st.Close()
 		return nil, nil, nil, err
 	}
-	return st, b, func() { nc.Close(); release(); closeWithin("store", func() { st.Close() }, log) }, nil
+	return st, b, func() { nc.Close(); hold.Release(); closeWithin("store", func() { st.Close() }, log) }, nil
 }
 
 // shutdownHTTP closes the gateway's connections and then the HTTP server,

@@ -57,11 +57,11 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return fmt.Errorf("open store: %w", err)
 	}
 	defer closeWithin("store", func() { st.Close() }, log)
-	release, err := holdStore(ctx, st, c.NATSURL == "" && c.NATSListen == "")
+	hold, err := holdStore(ctx, st)
 	if err != nil {
 		return err
 	}
-	defer release()
+	defer hold.Release()
 
 	var emb *bus.Embedded
 	if c.NATSURL == "" {
@@ -126,13 +126,20 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		// (With --nats-listen, workers of other processes may be
 		// producing theirs; the jobs of the previous run's turns are
 		// redelivered, and whoever takes one ends its turn if its
-		// producer is gone.)
-		n, err := w.RecoverAll(ctx)
+		// producer is gone.) Only when no other process uses the store:
+		// theirs may be running.
+		err := whileAlone(ctx, hold, log, "ending the previous run's unfinished turns", func() error {
+			n, err := w.RecoverAll(ctx)
+			if err != nil {
+				return fmt.Errorf("recover unfinished turns: %w", err)
+			}
+			if n > 0 {
+				log.Info("ended unfinished turns of the previous run as interrupted", "turns", n)
+			}
+			return nil
+		})
 		if err != nil {
-			return fmt.Errorf("recover unfinished turns: %w", err)
-		}
-		if n > 0 {
-			log.Info("ended unfinished turns of the previous run as interrupted", "turns", n)
+			return err
 		}
 	}
 	gwc := gatewayConfig(&c, log, reg, allowed, providerProbe(p), a.Dev())
@@ -172,12 +179,15 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 			// The turns still queued would wait for the next start, which
 			// ends them as interrupted (above): end them now, while their
 			// clients are still connected to hear it.
-			n, err := w.RecoverAll(sctx)
-			if err != nil {
-				log.Warn("end queued turns", "err", err)
-			} else if n > 0 {
-				log.Info("ended queued turns as interrupted", "turns", n)
-			}
+			_ = whileAlone(sctx, hold, log, "ending the queued turns", func() error {
+				n, err := w.RecoverAll(sctx)
+				if err != nil {
+					log.Warn("end queued turns", "err", err)
+				} else if n > 0 {
+					log.Info("ended queued turns as interrupted", "turns", n)
+				}
+				return nil
+			})
 		}
 	case <-sctx.Done():
 	}

@@ -2,41 +2,69 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"log/slog"
 
 	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
 	"github.com/tokenrelay/tokenrelay/internal/store/sqlite"
 )
 
-// errHeld is lockFile's error when another process holds the lock in a way
-// that excludes this one.
-var errHeld = errors.New("held by another process")
+// storeHold is a process's hold on its store: shared by every process
+// using it, and held alone, briefly, by a serve that ends the store's
+// unfinished turns as its own (see whileAlone).
+type storeHold interface {
+	Alone(ctx context.Context) (bool, error)
+	EndAlone(ctx context.Context) error
+	Release()
+}
 
-// holdStore takes the store for as long as this process runs: alone for a
-// serve whose bus is its own (no --nats-listen, no --nats-url), which ends
-// every unfinished turn in the store as its own when it starts and stops,
-// and so would end another process's running answers; shared by the
-// processes of a deployment on NATS. Either refuses to start beside the
-// other. A SQLite store is held by an flock on a file beside it, a
-// PostgreSQL one by an advisory lock (per schema).
-func holdStore(ctx context.Context, st store.Store, alone bool) (release func(), err error) {
+// holdStore takes the store shared, waiting while another process holds it
+// alone (as long as ctx allows). A SQLite store is held by a record lock on
+// a file beside it, a PostgreSQL one by an advisory lock (per schema).
+func holdStore(ctx context.Context, st store.Store) (storeHold, error) {
+	var h storeHold
+	var err error
 	switch db := st.(type) {
 	case *postgres.DB:
-		release, err = db.Hold(ctx, alone)
+		h, err = db.Hold(ctx)
 	case *sqlite.DB:
-		release, err = lockFile(db.Path()+".lock", alone)
+		h, err = holdFile(ctx, db.Path()+".lock")
 	default:
-		return func() {}, nil
+		return alwaysAlone{}, nil
 	}
-	switch {
-	case (errors.Is(err, errHeld) || errors.Is(err, postgres.ErrHeld)) && alone:
-		return nil, errors.New("the store is in use by other tokenrelay processes, and a serve without --nats-listen or --nats-url must be its only user (scale out with gateway and worker on NATS)")
-	case errors.Is(err, errHeld) || errors.Is(err, postgres.ErrHeld):
-		return nil, errors.New("the store is in use by a tokenrelay serve without --nats-listen or --nats-url, which must be its only user")
-	case err != nil:
-		return nil, fmt.Errorf("lock the store: %w", err)
+	if err != nil {
+		return nil, fmt.Errorf("hold the store: %w", err)
 	}
-	return release, nil
+	return h, nil
 }
+
+// whileAlone runs f, holding the store alone, when no other process uses
+// it. A serve whose bus is its own ends every unfinished turn in its store
+// as its own when it starts and stops: beside other processes (another
+// serve on the same --store-url, or a deployment on NATS) those turns may
+// be theirs and running, so it leaves them alone and says so.
+func whileAlone(ctx context.Context, h storeHold, log *slog.Logger, what string, f func() error) error {
+	ok, err := h.Alone(ctx)
+	switch {
+	case err != nil:
+		log.Warn("could not hold the store alone; "+what+" skipped", "err", err)
+		return nil
+	case !ok:
+		log.Warn("other tokenrelay processes use this store; " + what + " skipped, since their turns are not this process's to end")
+		return nil
+	}
+	defer func() {
+		if err := h.EndAlone(context.WithoutCancel(ctx)); err != nil {
+			log.Warn("give back the store's exclusive hold", "err", err)
+		}
+	}()
+	return f()
+}
+
+// alwaysAlone is the hold of a store no lock guards.
+type alwaysAlone struct{}
+
+func (alwaysAlone) Alone(context.Context) (bool, error) { return true, nil }
+func (alwaysAlone) EndAlone(context.Context) error      { return nil }
+func (alwaysAlone) Release()                            {}

@@ -112,22 +112,3 @@ func TestStartTogether(t *testing.T) {
 		t.Fatalf("turn ended %s; the other gateway saw %q of %q", ta.Status, tb.Text.String(), ta.Text.String())
 	}
 }
-
-// A serve whose bus is its own ends every unfinished turn in its store as
-// its own when it starts and stops, so it must be its store's only user:
-// a second one, or a worker of a deployment on NATS, is refused on its
-// PostgreSQL schema while it runs (and the other way round).
-func TestServeAloneHoldsItsStore(t *testing.T) {
-	pg := postgresURL(t)
-	migrate(t, pg)
-	trtest.Serve(t, "--store-url", pg)
-	refused := func(want string, args ...string) {
-		t.Helper()
-		out, err := exec.CommandContext(trtest.Ctx(t, 30*time.Second), trtest.Binary(t), args...).CombinedOutput()
-		if err == nil || !strings.Contains(string(out), want) {
-			t.Fatalf("%v: %v, want a refusal naming %q:\n%s", args, err, want, out)
-		}
-	}
-	refused("in use by other tokenrelay processes", "serve", "--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--store-url", pg)
-	refused("in use by a tokenrelay serve", "worker", "--nats-url", "nats://127.0.0.1:1", "--store-url", pg)
-}

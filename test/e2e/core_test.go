@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenrelay/tokenrelay/internal/store/postgres/pgtest"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -347,7 +348,6 @@ func TestServeRefusesToStart(t *testing.T) {
 		{"no auth on a public address", []string{"--addr", "0.0.0.0:0", "--data-dir", t.TempDir()}, "without authentication", false},
 		{"address without a port", []string{"--addr", "nonsense", "--data-dir", t.TempDir()}, "missing port in address", true},
 		{"data dir in use", []string{"--addr", "127.0.0.1:0", "--data-dir", running.DataDir}, "in use by another tokenrelay", false},
-		{"store in use", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--store-url", "sqlite://" + filepath.Join(running.DataDir, "tokenrelay.db")}, "store is in use by other tokenrelay processes", false},
 		{"retention too short", []string{"--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--retention", "500ms"}, "--retention must be 0", false},
 		{"nats store dir is a file", []string{"--addr", "127.0.0.1:0", "--data-dir", natsFile}, "not a directory", false},
 	}
@@ -459,5 +459,39 @@ func TestMigrateChecksItsFlags(t *testing.T) {
 	out, err = exec.CommandContext(trtest.Ctx(t, 20*time.Second), trtest.Binary(t), "migrate", "--store-url", db).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "migrations applied") {
 		t.Fatalf("migrate: %v\n%s", err, out)
+	}
+}
+
+// A serve whose bus is its own ends the unfinished turns in its store as
+// its own when it starts and stops, but only when no other process uses
+// the store: a second serve on the same --store-url leaves the first one's
+// running answers alone, at its start and at its stop.
+func TestServesSharingAStoreLeaveEachOthersTurns(t *testing.T) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) {
+			dir := t.TempDir()
+			url := "sqlite://" + filepath.Join(dir, "shared.db")
+			if kind == "postgres" {
+				url = pgtest.SchemaURL(t)
+			}
+			a := trtest.Serve(t, "--store-url", url)
+			c := trtest.Dial(t, a.WSURL(), nil)
+			c.Join("mine", nil)
+			tr := startTurn(t, c, "mine", "[sim tokens=60 rate=40] a", 1)
+			b := trtest.Serve(t, "--store-url", url)
+			if err := b.Stop(); err != nil {
+				t.Fatalf("stop the second serve: %v", err)
+			}
+			if n := strings.Count(b.Stderr(), "other tokenrelay processes use this store"); n != 2 {
+				t.Errorf("the second serve said %d times that it left the turns alone, want 2 (start, stop):\n%s", n, b.Stderr())
+			}
+			finish(t, c, tr)
+			if tr.Status != "complete" || tr.Seq != 60 {
+				t.Fatalf("the first serve's turn ended %s at seq %d, want complete at 60", tr.Status, tr.Seq)
+			}
+			if m := storedTurn(t, a.URL, "mine", tr.ID); m.Status != "complete" || m.Content != tr.Text.String() {
+				t.Fatalf("stored %s %q, want complete %q", m.Status, m.Content, tr.Text.String())
+			}
+		})
 	}
 }

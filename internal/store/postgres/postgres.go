@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
@@ -135,39 +136,48 @@ func (s *DB) Close() error {
 	return nil
 }
 
-// ErrHeld is Hold's error when other processes hold the lock in a way
-// that excludes the caller.
-var ErrHeld = errors.New("the store's lock is held")
-
 // holdLockSpace is the first key of the session advisory lock Hold takes;
 // the second is the hash of the schema, so that stores in schemas of one
 // database are held apart.
 const holdLockSpace int32 = 0x7472686f // "trho"
 
-// Hold takes the store's lock until release is called or the process
-// ends: exclusive, or shared with other holders of the shared lock. It is
+// Hold is a process's hold on the store (see DB.Hold).
+type Hold struct {
+	conn *pgx.Conn
+}
+
+// Hold takes the store's lock shared, until Release or the process's end:
 // a session advisory lock on a connection of its own, taken out of the
-// pool; it returns ErrHeld at once when the lock is held otherwise.
-// (Should that connection break, the lock is gone: it guards against
-// mistakes, not against a determined second holder.)
-func (db *DB) Hold(ctx context.Context, exclusive bool) (release func(), err error) {
+// pool. It waits, as long as ctx allows, while another process holds it
+// alone (see Alone). (Should that connection break, the hold is gone: it
+// guards against mistakes, not against a determined second process.)
+func (db *DB) Hold(ctx context.Context) (*Hold, error) {
 	c, err := db.pool.Acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
-	conn := c.Hijack()
-	fn := "pg_try_advisory_lock_shared"
-	if exclusive {
-		fn = "pg_try_advisory_lock"
-	}
-	var ok bool
-	err = conn.QueryRow(ctx, `SELECT `+fn+`($1, hashtext(current_schema()))`, holdLockSpace).Scan(&ok)
-	if err == nil && !ok {
-		err = ErrHeld
-	}
-	if err != nil {
-		conn.Close(context.WithoutCancel(ctx))
+	h := &Hold{conn: c.Hijack()}
+	if _, err := h.conn.Exec(ctx, `SELECT pg_advisory_lock_shared($1, hashtext(current_schema()))`, holdLockSpace); err != nil {
+		h.conn.Close(context.WithoutCancel(ctx))
 		return nil, err
 	}
-	return func() { conn.Close(context.Background()) }, nil
+	return h, nil
 }
+
+// Alone takes the lock exclusively as well, and reports whether it could:
+// only when no other process holds the store. EndAlone gives the exclusive
+// hold back.
+func (h *Hold) Alone(ctx context.Context) (bool, error) {
+	var ok bool
+	err := h.conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext(current_schema()))`, holdLockSpace).Scan(&ok)
+	return ok, err
+}
+
+// EndAlone gives back the exclusive hold Alone took.
+func (h *Hold) EndAlone(ctx context.Context) error {
+	_, err := h.conn.Exec(ctx, `SELECT pg_advisory_unlock($1, hashtext(current_schema()))`, holdLockSpace)
+	return err
+}
+
+// Release ends the hold.
+func (h *Hold) Release() { h.conn.Close(context.Background()) }
