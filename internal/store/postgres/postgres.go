@@ -147,16 +147,16 @@ type Hold struct {
 }
 
 // Hold takes the store's lock shared, until Release or the process's end:
-// a session advisory lock on a connection of its own, taken out of the
-// pool. It waits, as long as ctx allows, while another process holds it
-// alone (see Alone). (Should that connection break, the hold is gone: it
-// guards against mistakes, not against a determined second process.)
+// a session advisory lock on a connection of its own, besides the pool's.
+// It waits, as long as ctx allows, while another process holds it alone
+// (see Alone). (Should that connection break, the hold is gone: it guards
+// against mistakes, not against a determined second process.)
 func (db *DB) Hold(ctx context.Context) (*Hold, error) {
-	c, err := db.pool.Acquire(ctx)
+	conn, err := pgx.ConnectConfig(ctx, db.pool.Config().ConnConfig.Copy())
 	if err != nil {
 		return nil, err
 	}
-	h := &Hold{conn: c.Hijack()}
+	h := &Hold{conn: conn}
 	if _, err := h.conn.Exec(ctx, `SELECT pg_advisory_lock_shared($1, hashtext(current_schema()))`, holdLockSpace); err != nil {
 		h.conn.Close(context.WithoutCancel(ctx))
 		return nil, err
