@@ -280,7 +280,13 @@ func (w *Worker) Run(ctx context.Context) error {
 	sem := make(chan struct{}, w.cfg.Concurrency)
 	w.log.Info("worker started", "concurrency", w.cfg.Concurrency)
 	err = w.bus.ConsumeJobs(jobsCtx, min(w.cfg.Concurrency, 256), func(jm *bus.JobMsg) {
-		if !w.takeSlot(jobsCtx, sem, jm) {
+		// A job waiting here for a free slot is not renewed: past
+		// --ack-wait it goes to a worker that has one, and this copy,
+		// still a first delivery here, leaves the turn to that worker
+		// when it gets to it (see produce).
+		select {
+		case sem <- struct{}{}:
+		case <-jobsCtx.Done():
 			return // not acked: redelivered to another worker
 		}
 		w.wg.Add(1)
@@ -300,29 +306,6 @@ func (w *Worker) Run(ctx context.Context) error {
 	w.wg.Wait()
 	w.log.Info("worker stopped")
 	return err
-}
-
-// takeSlot waits for a free slot in sem for jm, or for ctx to end, and
-// keeps jm from being redelivered meanwhile: given to another worker, the
-// job would still be this one's first delivery here (see produce).
-func (w *Worker) takeSlot(ctx context.Context, sem chan struct{}, jm *bus.JobMsg) bool {
-	select {
-	case sem <- struct{}{}:
-		return true
-	default:
-	}
-	t := time.NewTicker(max(w.bus.AckWait()/4, 50*time.Millisecond))
-	defer t.Stop()
-	for {
-		select {
-		case sem <- struct{}{}:
-			return true
-		case <-ctx.Done():
-			return false
-		case <-t.C:
-			_ = jm.InProgress()
-		}
-	}
 }
 
 // producing reports whether this worker has started turnID and runs it.
@@ -519,9 +502,9 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 	}
 	// Until this worker has started the turn, it ends it only while it is
 	// queued: a job's first delivery may reach it late (it waited for a
-	// free slot past --ack-wait, unrenewed, and was given to another
-	// worker meanwhile), and the turn that other worker started is not
-	// this one's to end, nor its job this one's to ack.
+	// free slot past --ack-wait, and was given to another worker
+	// meanwhile), and the turn that other worker started is not this
+	// one's to end, nor its job this one's to ack.
 	if cancelled || tctx.Err() != nil {
 		return w.endQueued(ctx, t, r, chat.StatusCancelled, "")
 	}
