@@ -77,8 +77,8 @@ func (e *Error) Unwrap() error { return e.Err }
 var ErrUnavailable = errors.New("model provider unavailable")
 
 // ErrUnreachable is wrapped, besides ErrUnavailable, by a Pinger's errors
-// that mean no answer came from the model server at all: the connection
-// failed, or it did not answer in time. Workers refuse new turns while
-// their model server is unreachable (a server that answers, even with an
-// error, may still serve chats).
+// that mean the model server cannot be reached at all: the connection
+// failed (refused, no such host). Workers refuse new turns while their
+// model server is unreachable; a server that answers, even with an error,
+// or that is only slow to, may still serve chats.
 var ErrUnreachable = errors.New("model server unreachable")

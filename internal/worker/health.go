@@ -14,6 +14,10 @@ import (
 // provider.Pinger's own answer may be cached for as long).
 const providerProbeEvery = 10 * time.Second
 
+// firstProbeTimeout bounds the probe a worker waits for before it answers
+// pings.
+const firstProbeTimeout = time.Second
+
 // watchProvider probes the provider's model server, when the provider can
 // be probed, at once and then every providerProbeEvery until ctx ends, and
 // keeps why it cannot be reached (provider.ErrUnreachable), or nothing.
@@ -33,7 +37,15 @@ func (w *Worker) watchProvider(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		err := pg.Ping(ctx)
+		pctx, cancel := ctx, context.CancelFunc(func() {})
+		if first {
+			// The worker answers no ping until this one is done: a
+			// refused connection is known at once, and a slow server
+			// counts as reachable anyway.
+			pctx, cancel = context.WithTimeout(ctx, firstProbeTimeout)
+		}
+		err := pg.Ping(pctx)
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}

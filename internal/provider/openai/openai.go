@@ -249,11 +249,12 @@ func (p *Provider) ping(ctx context.Context) error {
 	req.Header.Set("Accept", "application/json")
 	resp, err := p.client.Do(req)
 	if err != nil {
-		msg := "could not connect to the model server"
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			msg = "the model server did not answer in time"
+			// A busy server may answer a chat while its model list
+			// waits: slow is not unreachable.
+			return p.fail("the model server did not answer in time", err, true)
 		}
-		e := p.fail(msg, err, true)
+		e := p.fail("could not connect to the model server", err, true)
 		e.Err = fmt.Errorf("%w: %w", provider.ErrUnreachable, e.Err)
 		return e
 	}

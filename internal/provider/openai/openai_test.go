@@ -194,6 +194,9 @@ func TestPing(t *testing.T) {
 				if !errors.Is(pe, provider.ErrUnavailable) {
 					t.Errorf("Ping error does not wrap ErrUnavailable")
 				}
+				if errors.Is(pe, provider.ErrUnreachable) {
+					t.Errorf("a server that answered is called unreachable")
+				}
 			}
 			check(f.p.Ping(t.Context()))
 			if got := <-auth; got != "Bearer "+testKey {
@@ -221,8 +224,28 @@ func TestPingDown(t *testing.T) {
 	ln.Close()
 	f := newFixture(t, "http://"+addr+"/v1", nil)
 	pe := wantProviderError(t, f.p.Ping(t.Context()), "could not connect to the model server")
-	if !errors.Is(pe, provider.ErrUnavailable) {
-		t.Errorf("Ping error does not wrap ErrUnavailable")
+	if !errors.Is(pe, provider.ErrUnavailable) || !errors.Is(pe, provider.ErrUnreachable) {
+		t.Errorf("Ping error does not wrap ErrUnavailable and ErrUnreachable")
+	}
+}
+
+// A model server that does not answer its model list in time (a busy one)
+// is not called unreachable: it may still answer a chat.
+func TestPingSlowIsNotUnreachable(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	f := newFixture(t, srv.baseURL(), nil)
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	err := f.p.ping(ctx) // Ping itself returns the caller's ctx.Err() then
+	if err == nil || errors.Is(err, provider.ErrUnreachable) {
+		t.Fatalf("Ping of a server that does not answer in time = %v, want an error other than ErrUnreachable", err)
 	}
 }
 
