@@ -195,7 +195,7 @@ func openBackends(ctx context.Context, c *config, name string, log *slog.Logger)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("open store: %w", err)
 	}
-	hold, err := holdStore(ctx, st)
+	hold, err := holdStore(ctx, st, log)
 	if err != nil {
 		st.Close()
 		return nil, nil, nil, err

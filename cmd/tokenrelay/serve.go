@@ -57,7 +57,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return fmt.Errorf("open store: %w", err)
 	}
 	defer closeWithin("store", func() { st.Close() }, log)
-	hold, err := holdStore(ctx, st)
+	hold, err := holdStore(ctx, st, log)
 	if err != nil {
 		return err
 	}

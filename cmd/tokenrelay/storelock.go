@@ -2,8 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"path/filepath"
+	"syscall"
 
 	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
@@ -21,15 +25,26 @@ type storeHold interface {
 
 // holdStore takes the store shared, waiting while another process holds it
 // alone (as long as ctx allows). A SQLite store is held by a record lock on
-// a file beside it, a PostgreSQL one by an advisory lock (per schema).
-func holdStore(ctx context.Context, st store.Store) (storeHold, error) {
+// a file beside it (named after the database file's real path), a
+// PostgreSQL one by an advisory lock (per schema). Where the lock file
+// cannot be made (a read-only directory) the store is used unguarded, as
+// before there was a lock, and the log says so.
+func holdStore(ctx context.Context, st store.Store, log *slog.Logger) (storeHold, error) {
 	var h storeHold
 	var err error
 	switch db := st.(type) {
 	case *postgres.DB:
 		h, err = db.Hold(ctx)
 	case *sqlite.DB:
-		h, err = holdFile(ctx, db.Path()+".lock")
+		path := db.Path()
+		if real, err := filepath.EvalSymlinks(path); err == nil {
+			path = real
+		}
+		h, err = holdFile(ctx, path+".lock")
+		if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
+			log.Warn("the store's lock file cannot be made; other processes on this store go unnoticed", "err", err)
+			return alwaysAlone{}, nil
+		}
 	default:
 		return alwaysAlone{}, nil
 	}
