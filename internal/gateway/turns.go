@@ -36,6 +36,7 @@ type sendRequest struct {
 // the job. A repeated message id returns the existing message and turn and
 // starts nothing.
 func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, error) {
+	// The limit counts what is stored: a NUL is the 3 bytes of U+FFFD.
 	r.Text = chat.StorableText(r.Text)
 	if s.cfg.Limits.TextBytes > 0 && len(r.Text) > s.cfg.Limits.TextBytes {
 		s.m.limitHits.WithLabelValues("text_bytes").Inc()
