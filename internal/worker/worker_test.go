@@ -503,19 +503,26 @@ func TestRedeliveredJobOfALiveProducerIsLeftToIt(t *testing.T) {
 	default:
 	}
 	// The producer ends the turn; the job's next delivery finds it ended.
-	producing.Store(false)
-	if _, won, err := e.store.FinishTurn(t.Context(), store.TurnResult{TurnID: "t1", Status: chat.StatusComplete, Content: "done", Seq: 1, Now: time.Now()}); !won || err != nil {
-		t.Fatal(won, err)
-	}
-	if n := waitAck(t, acks); n < 2 {
-		t.Fatalf("job acked at delivery %d, want a redelivery", n)
-	}
+	producerEnds(t, e, &producing, acks)
 	st, _ := e.store.Turn(t.Context(), "t1")
 	if st.Status != chat.StatusComplete || st.Content != "done" || e.prov.calls.Load() != 0 {
 		t.Fatalf("stored %s %q, provider called %d times", st.Status, st.Content, e.prov.calls.Load())
 	}
 	if cancelled, _ := e.bus.IsCancelled(t.Context(), "t1"); cancelled {
 		t.Fatal("the live producer was told to stop")
+	}
+}
+
+// producerEnds plays the producer of turn t1 ending it (complete, "done")
+// and stopping, and waits for its job to be acked at a redelivery.
+func producerEnds(t *testing.T, e *env, producing *atomic.Bool, acks <-chan uint64) {
+	t.Helper()
+	producing.Store(false)
+	if _, won, err := e.store.FinishTurn(t.Context(), store.TurnResult{TurnID: "t1", Status: chat.StatusComplete, Content: "done", Seq: 1, Now: time.Now()}); !won || err != nil {
+		t.Fatal(won, err)
+	}
+	if n := waitAck(t, acks); n < 2 {
+		t.Fatalf("job acked at delivery %d, want a redelivery", n)
 	}
 }
 
@@ -870,13 +877,7 @@ func TestLateFirstDeliveryLeavesAStartedTurnAlone(t *testing.T) {
 				t.Fatalf("the job was acked at delivery %d under the turn's producer", n)
 			default:
 			}
-			producing.Store(false)
-			if _, won, err := e.store.FinishTurn(t.Context(), store.TurnResult{TurnID: "t1", Status: chat.StatusComplete, Content: "done", Seq: 1, Now: time.Now()}); !won || err != nil {
-				t.Fatal(won, err)
-			}
-			if n := waitAck(t, acks); n < 2 {
-				t.Fatalf("job acked at delivery %d, want a redelivery", n)
-			}
+			producerEnds(t, e, &producing, acks)
 			if e.prov.calls.Load() != 0 {
 				t.Fatal("the provider was called for a turn another worker produces")
 			}

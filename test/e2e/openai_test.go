@@ -192,15 +192,22 @@ func TestOpenAITokenBudgetClosesUpstream(t *testing.T) {
 	}
 }
 
-// /readyz answers whoever asks, without a token: a failing check is named,
-// and its cause, which gives addresses away, goes to the log instead.
-func TestReadyzKeepsCausesInTheLog(t *testing.T) {
+// downModelServer returns the base URL of a model server nobody answers
+// at (a port that was free a moment ago) and its address.
+func downModelServer(t *testing.T) (url, addr string) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	down := "http://" + ln.Addr().String() + "/v1" // nothing answers there once closed
+	addr = ln.Addr().String()
 	ln.Close()
+	return "http://" + addr + "/v1", addr
+}
+
+// /readyz answers whoever asks, without a token: a failing check is named,
+// and its cause, which gives addresses away, goes to the log instead.
+func TestReadyzKeepsCausesInTheLog(t *testing.T) {
+	down, addr := downModelServer(t)
 	p := trtest.Start(t, "serve", "--addr", "127.0.0.1:0", "--data-dir", t.TempDir(),
 		"--provider", "openai", "--openai-base-url", down, "--openai-api-key", "sk-test-secret", "--model", "m1")
 	var ready map[string]any
@@ -209,7 +216,7 @@ func TestReadyzKeepsCausesInTheLog(t *testing.T) {
 	if code != http.StatusServiceUnavailable || ready["failing"] != "provider" || checks["provider"] != "failing" {
 		t.Fatalf("readyz %d %v, want 503 naming the provider", code, ready)
 	}
-	if b, _ := json.Marshal(ready); strings.Contains(string(b), ln.Addr().String()) {
+	if b, _ := json.Marshal(ready); strings.Contains(string(b), addr) {
 		t.Fatalf("readyz gives the model server's address away: %s", b)
 	}
 	// Stopped, its log has been read to the end.
@@ -227,12 +234,7 @@ func TestReadyzKeepsCausesInTheLog(t *testing.T) {
 // the service they replace did when its AI service was down. Nothing is
 // stored.
 func TestUnreachableModelServerRefusesSends(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	down := "http://" + ln.Addr().String() + "/v1" // nothing answers there once closed
-	ln.Close()
+	down, _ := downModelServer(t)
 	p := trtest.Start(t, "serve", "--addr", "127.0.0.1:0", "--data-dir", t.TempDir(),
 		"--provider", "openai", "--openai-base-url", down, "--model", "m1")
 
