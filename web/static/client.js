@@ -561,9 +561,15 @@ export class TokenRelayClient extends EventTarget {
           this._sendJoin(conv); // older than the history loaded: fetch it
         }
       }
+      if (conv.refusedJoin && !conv.joining && this._convs.get(conversationId) === conv) {
+        // The join refused as a new conversation: the send has made it.
+        conv.refusedJoin = null;
+        this._sendJoin(conv);
+      }
       return a;
     }, (err) => {
       dropOptimistic(); // nothing was stored
+      if (conv.refusedJoin && !this._sending(conversationId)) this._forget(conv, conv.refusedJoin);
       throw err;
     });
     ack.catch(() => {}); // reported through the `error` event too
@@ -736,13 +742,20 @@ export class TokenRelayClient extends EventTarget {
         if (conv.joinId !== f.id) continue;
         detail.request = 'join';
         detail.conversationId = conv.id;
+        conv.joining = false;
+        conv.joined = false;
+        if (f.code === 'rate_limited' && this._sending(conv.id)) {
+          // Refused as a new conversation (--limit-new-conversations)
+          // while a send to it is on its way: the send creates the
+          // conversation, and the join after its ack is then no new one.
+          // The send's answer is this join's answer.
+          conv.refusedJoin = new ClientError(f.code, f.message, detail);
+          return;
+        }
         // The server has not joined us: forget the conversation, as leave()
         // does, so that it is not re-joined on every reconnect and a later
         // join() asks the server again.
-        this._convs.delete(conv.id);
-        conv.joining = false;
-        conv.joined = false;
-        for (const w of conv.waiters.splice(0)) w.reject(new ClientError(f.code, f.message, detail));
+        this._forget(conv, new ClientError(f.code, f.message, detail));
       }
     } else if (f.conversation_id && this._convs.has(f.conversation_id) && f.code === 'not_found') {
       // A joined conversation was deleted (in another tab, say). The
@@ -755,16 +768,28 @@ export class TokenRelayClient extends EventTarget {
       // deleted and another user took its id): forget it, as leave() does.
       const conv = this._convs.get(f.conversation_id);
       detail.conversationId = conv.id;
-      this._convs.delete(conv.id);
       conv.joining = false;
       conv.joined = false;
-      for (const w of conv.waiters.splice(0)) w.reject(new ClientError(f.code, f.message, detail));
+      this._forget(conv, new ClientError(f.code, f.message, detail));
     } else if (f.conversation_id) {
       // About a conversation this client has left: the notice crossed the
       // leave (a delete answered over HTTP, say), and is no news.
       return;
     }
     this._emit('error', detail);
+  }
+
+  /** _forget drops conv from the followed conversations, failing its joins still waiting with err. */
+  _forget(conv, err) {
+    if (this._convs.get(conv.id) === conv) this._convs.delete(conv.id);
+    conv.refusedJoin = null;
+    for (const w of conv.waiters.splice(0)) w.reject(err);
+  }
+
+  /** _sending says whether a send to conversation id waits for its answer. */
+  _sending(id) {
+    for (const r of this._requests.values()) if (r.frame.type === 'send' && r.frame.conversation_id === id) return true;
+    return false;
   }
 
   _onJoined(f) {
@@ -932,7 +957,7 @@ export class TokenRelayClient extends EventTarget {
 
 function newConversation(id, history) {
   return { id, history, items: [], byMessage: new Map(), byTurn: new Map(), active: null, hasMore: false, loadingOlder: null,
-    joined: false, joining: false, joinId: null, joinAfter: null, detached: null, waiters: [] };
+    joined: false, joining: false, joinId: null, joinAfter: null, detached: null, waiters: [], refusedJoin: null };
 }
 
 function sameItem(a, b) {

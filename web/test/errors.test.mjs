@@ -70,3 +70,34 @@ test('a rate limit other than the send rate is shown in the server\'s words, wit
   assert.equal(await page.getByLabel('Message', { exact: true }).inputValue(), 'Mine');
   h.noPageErrors(assert, page);
 });
+
+test('a new conversation refused by the new-conversation limit still shows the answer its send starts', async (t) => {
+  const server = await h.startServer(t, { simRate: 0, args: ['--limit-new-conversations', '1'] });
+  const browser = await h.launchBrowser(t);
+  // The page's own conversation uses up the one new conversation a minute
+  // (New chat on an empty one stays on it: it has a message first).
+  const { page, conv: first } = await h.openChat(t, browser, server);
+  const alert = page.getByRole('alert');
+  await h.send(page, 'First [sim tokens=3]');
+  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page)), 'complete');
+
+  // A new chat: its join is refused, and the page says why.
+  await page.getByRole('button', { name: 'New chat', exact: true }).click();
+  await page.waitForFunction((c) => window.tokenrelay.conversationId !== c, first);
+  await alert.getByText(/Too many new conversations/).waitFor();
+  const conv = await page.evaluate(() => window.tokenrelay.conversationId);
+  assert.equal(await page.evaluate((c) => window.tokenrelay.client.conversation(c), conv), undefined);
+
+  // A send creates the conversation (it counts under --limit-sends): the
+  // page joins it then, and shows the answer to the end.
+  await h.send(page, 'Hello anyway [sim tokens=20]');
+  await h.waitJoined(page, conv);
+  const answer = h.lastAnswer(page);
+  assert.equal(await h.waitAnswerEnded(answer), 'complete');
+  const turnId = await answer.getAttribute('data-turn-id');
+  const stored = await h.storedTurn(server, conv, turnId);
+  assert.equal(stored.status, 'complete');
+  assert.equal((await answer.locator('.body').innerText()).trim(), stored.content.trim());
+  assert.equal(await alert.isVisible(), false, 'the refused join leaves no alert once its send went through');
+  h.noPageErrors(assert, page);
+});
