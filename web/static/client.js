@@ -796,6 +796,10 @@ export class TokenRelayClient extends EventTarget {
     const conv = this._convs.get(f.conversation_id);
     if (!conv || (f.id && f.id !== conv.joinId)) return;
     const old = conv;
+    // A conversation deleted while this client was away comes back empty:
+    // the re-join made it anew. Said as a deletion seen live is (below).
+    const deleted = conv.everJoined && !(f.messages ?? []).length && !f.active &&
+      old.items.some((i) => !i.pending) && !this._deleting.has(conv.id);
     const fresh = newConversation(conv.id, conv.history);
     for (const m of f.messages ?? []) {
       const item = { ...m };
@@ -865,9 +869,11 @@ export class TokenRelayClient extends EventTarget {
     conv.active = fresh.active;
     conv.joining = false;
     conv.joined = true;
+    conv.everJoined = true;
     this._emit('joined', { conversationId: conv.id, conversation: conv, resumed });
     for (const t of ended) this._emit('turn', { conversationId: conv.id, turn: t, phase: 'end' });
     for (const w of conv.waiters.splice(0)) w.resolve(conv);
+    if (deleted) this._emit('error', { code: 'not_found', message: `conversation ${conv.id} was deleted`, conversationId: conv.id });
   }
 
   _onMessage(conv, m) {
@@ -957,7 +963,7 @@ export class TokenRelayClient extends EventTarget {
 
 function newConversation(id, history) {
   return { id, history, items: [], byMessage: new Map(), byTurn: new Map(), active: null, hasMore: false, loadingOlder: null,
-    joined: false, joining: false, joinId: null, joinAfter: null, detached: null, waiters: [], refusedJoin: null };
+    joined: false, joining: false, joinId: null, joinAfter: null, detached: null, waiters: [], refusedJoin: null, everJoined: false };
 }
 
 function sameItem(a, b) {
