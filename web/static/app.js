@@ -348,7 +348,7 @@ async function loadOlder() {
   try {
     await client.loadOlder(id);
   } catch (err) {
-    showAlert(describe(err));
+    showAlert(unreachable(err) ? `Could not load older messages. ${describe(err)}` : describe(err), 0, unreachable(err));
   }
   ui.older.disabled = false;
   ui.older.textContent = 'Load older messages';
@@ -651,7 +651,9 @@ function open(id) {
   elements.clear();
   ui.log.replaceChildren();
   ui.empty.hidden = true;
-  hideAlert();
+  // An alert about the connection (too many open, say) still holds in
+  // the next conversation; it goes when the connection is back.
+  if (!alertAboutConnection) hideAlert();
   forceScroll = true;
   client.join(id).then(() => {
     joinedOnce = true;
@@ -694,8 +696,15 @@ function submit() {
   ui.input.value = '';
   autosize();
   forceScroll = true;
-  const { ack } = client.send(current, text);
+  const conv = current;
+  const { ack } = client.send(conv, text);
   ack.catch((err) => {
+    if (conv !== current) {
+      // Refused after the page moved on (it waited for the connection):
+      // its text does not belong in this conversation's composer.
+      showAlert(`Your message "${clip(text, 60)}" in another conversation was not sent. ${describe(err)}`);
+      return;
+    }
     // Nothing was stored: give the text back so it can be fixed and re-sent.
     if (!ui.input.value) {
       ui.input.value = text;
@@ -793,9 +802,11 @@ ui.scrim.addEventListener('click', closeSidebar);
 
 let alertTimer = 0;
 let alertAboutConnection = false; // the alert shown is about the connection, and ends with it
-function showAlert(text, ms = 0, connection = false) {
+let alertTurn = null; // the running answer a turn_active alert is about, which ends it
+function showAlert(text, ms = 0, connection = false, turn = null) {
   clearTimeout(alertTimer);
   alertAboutConnection = connection;
+  alertTurn = turn;
   ui.alertText.textContent = text;
   ui.alert.hidden = false;
   if (ms) alertTimer = setTimeout(hideAlert, ms);
@@ -813,9 +824,7 @@ ui.alertClose.addEventListener('click', () => {
 function describe(e) {
   switch (e.code) {
     case 'rate_limited': {
-      // A join refused for the conversations already joined waits on a
-      // leave, not on time: its retry_after_ms is not worth saying.
-      const s = e.retryAfterMs && e.request !== 'join' ? Math.max(1, Math.ceil(e.retryAfterMs / 1000)) : 0;
+      const s = retryDelay(e) ? Math.max(1, Math.ceil(e.retryAfterMs / 1000)) : 0;
       const retry = s ? ` Try again in ${s} second${s === 1 ? '' : 's'}.` : '';
       // The send-rate limit is said in the page's words; any other limit
       // (answers running at once, conversations joined) in the server's.
@@ -825,13 +834,36 @@ function describe(e) {
     }
     case 'too_large': return 'That message is too long to send. Shorten it and try again.';
     case 'turn_active': return 'An answer is still being written in this conversation. Wait for it to finish, or press Stop.';
-    case 'unavailable': return 'The model is not available right now. Try again in a moment.';
+    case 'unavailable':
+      // The client's own words when the request never reached the server.
+      if (unreachable(e)) return 'The server cannot be reached. Check your connection; the page reconnects by itself.';
+      return 'The model is not available right now. Try again in a moment.';
     case 'unauthorized': return 'You are not signed in, or your session expired. Reload the page to sign in again.';
     case 'forbidden': return 'This conversation belongs to someone else.';
     case 'not_found': return 'That conversation or answer no longer exists.';
     case 'bad_request': return `The server could not accept that: ${e.message}.`;
     default: return `Something went wrong on the server${e.message ? `: ${e.message}` : ''}. Try again.`;
   }
+}
+
+/**
+ * retryDelay says whether a rate_limited error's retry_after_ms is worth
+ * saying: a join refused for the conversations already joined waits on a
+ * leave, not on time; one refused as a new conversation waits on time.
+ */
+function retryDelay(e) {
+  return e.code === 'rate_limited' && !!e.retryAfterMs && (e.request !== 'join' || /new conversations/i.test(e.message ?? ''));
+}
+
+/** clip shortens text to its first line, at most n characters. */
+function clip(text, n) {
+  const line = text.trim().split('\n')[0];
+  return line.length > n ? `${line.slice(0, n - 1)}…` : line;
+}
+
+/** unreachable says whether an `unavailable` error is the client's: no answer came from the server. */
+function unreachable(e) {
+  return e.code === 'unavailable' && e.status == null && /^(could not reach the server|connection lost|not connected)/.test(e.message ?? '');
 }
 
 client.addEventListener('error', (e) => {
@@ -853,7 +885,7 @@ client.addEventListener('error', (e) => {
   if (d.conversationId && d.conversationId !== current) return;
   // An error that answers no request is about the connection (closed
   // 4009 for too many connections, 4001 for the token).
-  showAlert(describe(d), d.code === 'rate_limited' && d.retryAfterMs && d.request !== 'join' ? d.retryAfterMs + 1000 : 0, !d.request);
+  showAlert(describe(d), retryDelay(d) ? d.retryAfterMs + 1000 : 0, !d.request, d.code === 'turn_active' ? d.turnId ?? null : null);
 });
 
 const connectionWords = {
@@ -880,6 +912,8 @@ client.addEventListener('message', (e) => {
 client.addEventListener('turn', (e) => {
   schedule();
   if (e.detail.phase === 'end' || e.detail.phase === 'start') refreshList(100);
+  // "An answer is still being written" holds until that answer ends.
+  if (e.detail.phase === 'end' && alertTurn && e.detail.turn.turn_id === alertTurn && !ui.alert.hidden) hideAlert();
 });
 document.addEventListener('visibilitychange', () => {
   if (frameTimer && !document.hidden) flush();

@@ -84,7 +84,7 @@ test('a new conversation refused by the new-conversation limit still shows the a
   // A new chat: its join is refused, and the page says why.
   await page.getByRole('button', { name: 'New chat', exact: true }).click();
   await page.waitForFunction((c) => window.tokenrelay.conversationId !== c, first);
-  await alert.getByText(/Too many new conversations/).waitFor();
+  await alert.getByText(/^Too many new conversations .*\. Try again in \d+ seconds?\.$/).waitFor();
   const conv = await page.evaluate(() => window.tokenrelay.conversationId);
   assert.equal(await page.evaluate((c) => window.tokenrelay.client.conversation(c), conv), undefined);
 
