@@ -497,6 +497,9 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		// The cancel may have ended the turn while it was queued.
 		var done bool
 		if t, done, err = w.loadTurn(ctx, jm.TurnID, log); done || err != nil {
+			if errors.Is(err, errProducerRuns) {
+				return false, nil // its producer acks it
+			}
 			return done, err
 		}
 	}

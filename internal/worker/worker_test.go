@@ -868,6 +868,11 @@ func TestLateFirstDeliveryLeavesAStartedTurnAlone(t *testing.T) {
 				t.Fatal(err)
 			}
 			e.start(t)
+			if tombstone {
+				// The first delivery, finding the turn cancelled, reads
+				// it, and asks for its producer too.
+				receive(t, asked, "the first delivery did not ask for the producer")
+			}
 			// Redelivered after an ack wait, it asks for the producer.
 			receive(t, asked, "the job was not redelivered")
 			select {
