@@ -290,6 +290,49 @@ func TestStreamBrokenStream(t *testing.T) {
 			want:    []string{"Hel"},
 			wantMsg: "the model server reported an error: CUDA out of memory",
 		},
+		{
+			// llama.cpp server, which still sends [DONE] after it.
+			name: "error field mid-answer",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, contentChunk("Hel"),
+					`error: {"code":500,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}`+"\n\n",
+					doneEvent)
+			},
+			want:    []string{"Hel"},
+			wantMsg: "the model server reported an error: the request exceeds the available context size, try increasing it",
+		},
+		{
+			name: "error event with a flat error object",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, contentChunk("Hel"), "event: error\n"+`data: {"message":"CUDA out of memory","type":"server_error","code":500}`+"\n\n", doneEvent)
+			},
+			want:    []string{"Hel"},
+			wantMsg: "the model server reported an error: CUDA out of memory",
+		},
+		{
+			// Older vLLM and FastChat, in place of a chunk.
+			name: "an error object as a chunk",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, contentChunk("Hel"), `data: {"object":"error","message":"CUDA out of memory","type":"InternalServerError","param":null,"code":500}`+"\n\n", doneEvent)
+			},
+			want:    []string{"Hel"},
+			wantMsg: "the model server reported an error: CUDA out of memory",
+		},
+		{
+			name: "error event in plain text",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, contentChunk("Hel"), "event: error\ndata: upstream reset\n\n", doneEvent)
+			},
+			want:    []string{"Hel"},
+			wantMsg: "the model server reported an error: upstream reset",
+		},
+		{
+			name: "error event before the first token is not retried",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, roleChunk, `error: {"code":503,"message":"Loading model","type":"unavailable_error"}`+"\n\n", doneEvent)
+			},
+			wantMsg: "the model server reported an error: Loading model",
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

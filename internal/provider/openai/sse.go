@@ -14,10 +14,15 @@ var errEventTooLarge = errors.New("server-sent event too large")
 
 // sseReader decodes a text/event-stream body as the HTML Living Standard
 // ("Interpreting an event stream") describes it, keeping only what the Chat
-// Completions API uses: the data of each event. Lines end with LF, CRLF or a
-// lone CR; lines starting with ':' are comments (keep-alives); event:, id:,
+// Completions API uses: the type and data of each event. Lines end with LF,
+// CRLF or a lone CR; lines starting with ':' are comments (keep-alives); id:,
 // retry: and unknown fields are ignored; several data: lines of one event are
 // joined with "\n"; a blank line dispatches the event.
+//
+// One field outside the standard is read: llama.cpp server reports a failure
+// mid-stream as "error: {json}", which the standard would drop, leaving the
+// turn to end as if complete. Its value is read as the data of an event of
+// type "error", as if the server had sent "event: error" and "data: {json}".
 //
 // An sseReader is used by one goroutine. It never reads ahead of the line it
 // needs, so an event is returned as soon as its blank line has arrived, even
@@ -30,33 +35,37 @@ type sseReader struct {
 	skipLF  bool   // the previous line ended with CR: an LF right after it belongs to it
 	line    []byte // the line being read; reused
 	data    []byte // the data buffer of the event being read; reused
+	event   string // the type of the event being read; "" until an event: field
 }
 
 func newSSEReader(r io.Reader, max int) *sseReader {
 	return &sseReader{br: bufio.NewReaderSize(r, 4096), max: max}
 }
 
-// next returns the data of the next event, without its final "\n". The slice
-// is valid until the following call. At the end of the body, data lines not
-// yet followed by a blank line are still returned as one event (some servers
-// close right after "data: [DONE]\n"); a final line without its terminator is
-// dropped. Then next returns io.EOF, or the read error that ended the body.
-func (s *sseReader) next() ([]byte, error) {
+// next returns the type of the next event ("" when it has no event: field)
+// and its data, without the final "\n". The slice is valid until the
+// following call. At the end of the body, data lines not yet followed by a
+// blank line are still returned as one event (some servers close right after
+// "data: [DONE]\n"); a final line without its terminator is dropped. Then
+// next returns io.EOF, or the read error that ended the body.
+func (s *sseReader) next() (event string, data []byte, err error) {
 	s.data = s.data[:0]
+	s.event = ""
 	hasData := false
 	for {
 		line, err := s.readLine()
 		if err != nil {
 			if err == io.EOF && hasData {
-				return s.data[:len(s.data)-1], nil
+				return s.event, s.data[:len(s.data)-1], nil
 			}
-			return nil, err
+			return "", nil, err
 		}
 		if len(line) == 0 {
 			if !hasData {
-				continue // the spec: an event without data is not dispatched
+				s.event = "" // the spec: an event without data is not dispatched
+				continue
 			}
-			return s.data[:len(s.data)-1], nil
+			return s.event, s.data[:len(s.data)-1], nil
 		}
 		if line[0] == ':' {
 			continue
@@ -68,11 +77,18 @@ func (s *sseReader) next() ([]byte, error) {
 				value = value[1:]
 			}
 		}
-		if string(field) != "data" {
+		switch string(field) {
+		case "event":
+			s.event = string(value)
+			continue
+		case "error":
+			s.event = "error"
+		case "data":
+		default:
 			continue
 		}
 		if len(s.data)+len(value)+1 > s.max {
-			return nil, errEventTooLarge
+			return "", nil, errEventTooLarge
 		}
 		s.data = append(s.data, value...)
 		s.data = append(s.data, '\n')

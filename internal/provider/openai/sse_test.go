@@ -14,7 +14,7 @@ func readEvents(r io.Reader, max int) ([]string, error) {
 	s := newSSEReader(r, max)
 	var got []string
 	for {
-		data, err := s.next()
+		_, data, err := s.next()
 		if err != nil {
 			return got, err
 		}
@@ -68,6 +68,43 @@ func TestSSEReader(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+func TestSSEReaderEventType(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		want []string // type, then data
+	}{
+		{"none", "data: a\n\n", []string{"", "a"}},
+		{"event field", "event: message\ndata: a\n\n", []string{"message", "a"}},
+		{"after the data", "data: a\nevent: error\n\n", []string{"error", "a"}},
+		{"last one counts", "event: a\nevent: b\ndata: x\n\n", []string{"b", "x"}},
+		{"reset after each event", "event: error\ndata: a\n\ndata: b\n\n", []string{"error", "a", "", "b"}},
+		{"reset by an event without data", "event: error\n\ndata: a\n\n", []string{"", "a"}},
+		// llama.cpp server's error field.
+		{"error field", "data: a\n\nerror: {\"code\":500}\n\ndata: [DONE]\n\n", []string{"", "a", "error", `{"code":500}`, "", "[DONE]"}},
+		{"error field at EOF", "error: boom\n", []string{"error", "boom"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := newSSEReader(strings.NewReader(tt.in), 1<<10)
+			var got []string
+			for {
+				event, data, err := s.next()
+				if err != nil {
+					if err != io.EOF {
+						t.Errorf("ended with %v, want io.EOF", err)
+					}
+					break
+				}
+				got = append(got, event, string(data))
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("events %q, want %q", got, tt.want)
+			}
+		})
 	}
 }
 

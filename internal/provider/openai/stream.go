@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/provider"
@@ -104,6 +105,25 @@ type chunk struct {
 		CompletionTokens int `json:"completion_tokens"`
 	} `json:"usage"`
 	Error json.RawMessage `json:"error"`
+	// "error" in the flat error object of older vLLM and FastChat,
+	// {"object":"error","message":…}, sent in place of a chunk.
+	Object string `json:"object"`
+}
+
+// errorEvent is the failure for an error the server reported inside the
+// stream: an event of type "error", or a chunk that is an error object. It
+// is not retried: the server may have answered in part, and would likely
+// fail the same way again.
+func (p *Provider) errorEvent(data []byte) *failure {
+	detail, _ := p.errorDetail(data)
+	if detail == "" && !json.Valid(data) && utf8.Valid(data) {
+		detail = p.cut(string(data), 300) // "event: error" with a plain text reason
+	}
+	msg := "the model server reported an error"
+	if detail != "" {
+		msg += ": " + detail
+	}
+	return &failure{err: p.fail(msg, fmt.Errorf("error event: %s", p.cut(string(data), 300)), false)}
 }
 
 // attempt makes one request. It returns the result, or how the attempt
@@ -183,7 +203,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		return nil
 	}
 	for {
-		data, err := sse.next()
+		event, data, err := sse.next()
 		if err != nil {
 			if ctx.Err() != nil {
 				return provider.Result{}, nil, ctx.Err()
@@ -216,17 +236,15 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			_, _ = io.CopyN(io.Discard, resp.Body, 4096)
 			return res, nil, end()
 		}
+		if event == "error" {
+			return provider.Result{}, p.errorEvent(data), nil
+		}
 		var c chunk
 		if err := json.Unmarshal(data, &c); err != nil {
 			return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
 		}
-		if len(c.Error) > 0 && string(c.Error) != "null" {
-			detail, _ := p.errorDetail(data)
-			msg := "the model server reported an error"
-			if detail != "" {
-				msg += ": " + detail
-			}
-			return provider.Result{}, &failure{err: p.fail(msg, fmt.Errorf("error event: %s", p.cut(string(data), 300)), false)}, nil
+		if (len(c.Error) > 0 && string(c.Error) != "null") || c.Object == "error" {
+			return provider.Result{}, p.errorEvent(data), nil
 		}
 		if c.Usage != nil {
 			res.Usage = &chat.Usage{PromptTokens: c.Usage.PromptTokens, CompletionTokens: c.Usage.CompletionTokens}
