@@ -86,6 +86,10 @@ func TestStreamEndsWithoutTheServerClosing(t *testing.T) {
 		{"after [DONE]", []string{contentChunk("Hi"), finishChunk, usageChunk, doneEvent}},
 		{"after finish_reason and usage", []string{contentChunk("Hi"), finishChunk, usageChunk}},
 		{"after finish_reason alone", []string{contentChunk("Hi"), finishChunk}},
+		{"after a finish_reason on the last token", []string{
+			`data: {"choices":[{"index":0,"delta":{"reasoning_content":"hmm"},"finish_reason":null}]}` + "\n\n",
+			`data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}` + "\n\n",
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -114,5 +118,69 @@ func TestStreamEndsWithoutTheServerClosing(t *testing.T) {
 				t.Fatal("the lingering response was never closed")
 			}
 		})
+	}
+}
+
+// Relays that put finish_reason "stop" on every chunk (one-api's Gemini
+// relay, older LiteLLM on Vertex, Open WebUI) must not have the rest of an
+// answer cut off when the model pauses longer than trailerWait: the pause
+// is held to the idle timeout, and [DONE] or the body's end closes the
+// answer.
+func TestStreamFinishReasonOnEveryChunk(t *testing.T) {
+	stop := func(s string) string {
+		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
+	}
+	for _, done := range []bool{true, false} {
+		name := "then [DONE]"
+		if !done {
+			name = "then the body ends"
+		}
+		t.Run(name, func(t *testing.T) {
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+				for i, part := range []string{stop("Hello"), stop(" world"), stop("!")} {
+					if i > 0 {
+						// The model pauses for longer than trailerWait;
+						// the pause is the behaviour under test.
+						select {
+						case <-time.After(100 * time.Millisecond):
+						case <-r.Context().Done():
+							return
+						}
+					}
+					writeSSE(t, w, part)
+				}
+				if done {
+					writeSSE(t, w, doneEvent)
+				}
+			})
+			f := newFixture(t, srv.baseURL(), nil)
+			f.p.trailerWait = 10 * time.Millisecond
+			got, _, err := f.stream(t)
+			if err != nil {
+				t.Fatalf("Stream: %v", err)
+			}
+			if want := []string{"Hello", " world", "!"}; !slices.Equal(got, want) {
+				t.Errorf("emitted %q, want %q", got, want)
+			}
+		})
+	}
+}
+
+// Once a relay has shown that its finish_reasons mean nothing, a silence
+// after one is the idle timeout's, and fails the turn as any other.
+func TestStreamUnreliableFinishReasonIdle(t *testing.T) {
+	stop := func(s string) string {
+		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
+	}
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+		writeSSE(t, w, stop("Hello"), stop(" world"))
+		<-r.Context().Done() // until the client gives up
+	})
+	f := newFixture(t, srv.baseURL(), func(c *Config) { c.IdleTimeout = 50 * time.Millisecond })
+	f.p.trailerWait = 10 * time.Millisecond
+	got, _, err := f.stream(t)
+	wantProviderError(t, err, "the model server stopped sending tokens for 50ms")
+	if want := []string{"Hello", " world"}; !slices.Equal(got, want) {
+		t.Errorf("emitted %q, want %q", got, want)
 	}
 }

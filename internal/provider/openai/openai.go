@@ -126,6 +126,9 @@ type Provider struct {
 	log       *slog.Logger
 	secrets   []string            // redacted from every error, longest first
 	allowed   map[string]struct{} // cfg.Models
+	// trailerWait is the package's trailerWait; a test may shorten it
+	// before the first Stream.
+	trailerWait time.Duration
 
 	mu      sync.Mutex
 	pingAt  time.Time // guarded by mu: when pingErr was found; zero: never
@@ -140,7 +143,7 @@ var (
 // New checks cfg, applies its defaults and returns a Provider. It makes no
 // request: use [Provider.Ping] to check that the server answers.
 func New(cfg Config) (*Provider, error) {
-	p := &Provider{cfg: cfg}
+	p := &Provider{cfg: cfg, trailerWait: trailerWait}
 	p.secrets = secretsOf(cfg)
 	base, err := p.parseBaseURL(cfg.BaseURL)
 	if err != nil {

@@ -191,9 +191,17 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		res      provider.Result
 		started  bool // a token (content or reasoning) arrived
 		emitted  bool // emit was called
-		finished bool // a finish_reason arrived
-		pairs    pairJoiner
-		sse      = newSSEReader(stream, maxEventBytes)
+		finished bool // a finish_reason arrived, and no token since
+		// Some relays put a finish_reason on every chunk. Only once a
+		// token has come without one (plainToken) and none after one
+		// (finishUnreliable) is a finish_reason taken as the answer's
+		// end, after which the server has only trailerWait to close;
+		// until then the idle timeout applies, and [DONE] or the body's
+		// end close the answer.
+		plainToken       bool
+		finishUnreliable bool
+		pairs            pairJoiner
+		sse              = newSSEReader(stream, maxEventBytes)
 	)
 	// end emits what the joiner still holds, once the answer is complete.
 	end := func() error {
@@ -208,7 +216,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			if ctx.Err() != nil {
 				return provider.Result{}, nil, ctx.Err()
 			}
-			if finished {
+			if finished && (!finishUnreliable || err == io.EOF) {
 				// The answer is complete: a server that omits [DONE] and
 				// closes, or keeps the response open past trailerWait.
 				return res, nil, end()
@@ -232,7 +240,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			// Let the connection be reused: the body ends right after
 			// [DONE]. A server that keeps it open is given trailerWait,
 			// then the connection is closed.
-			wd.arm(&timeoutError{phase: phaseIdle, after: trailerWait})
+			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
 			_, _ = io.CopyN(io.Discard, resp.Body, 4096)
 			return res, nil, end()
 		}
@@ -258,8 +266,12 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			if err != nil {
 				return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
 			}
-			if text != "" || pairs.held != "" || d.ReasoningContent != "" || d.Reasoning != "" {
+			token := text != "" || pairs.held != "" || d.ReasoningContent != "" || d.Reasoning != ""
+			if token {
 				started = true
+				if finished {
+					finished, finishUnreliable = false, true
+				}
 			}
 			if text != "" {
 				// emit may block (a slow consumer); that is not the server's
@@ -272,12 +284,14 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			}
 			if ch.FinishReason != nil && *ch.FinishReason != "" {
 				finished = true
+			} else if token {
+				plainToken = true
 			}
 		}
 		switch {
-		case finished:
+		case finished && plainToken && !finishUnreliable:
 			// Only the usage (or [DONE]) may follow, at once.
-			wd.arm(&timeoutError{phase: phaseIdle, after: trailerWait})
+			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
 		case started:
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.cfg.IdleTimeout})
 		}
@@ -286,6 +300,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 
 // trailerWait is how long a stream may stay open after its answer is
 // complete (a finish_reason, or [DONE]) before the connection is closed.
+// Provider.trailerWait holds it; tests shorten it.
 const trailerWait = time.Second
 
 // isJSON reports whether a response's Content-Type is JSON, not the
