@@ -41,6 +41,22 @@ func TestStreamJSONAnswer(t *testing.T) {
 			wantUsage: nil,
 		},
 		{
+			name:      "content as a list of parts",
+			body:      `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"hmm"}]},{"type":"text","text":"Hello."}]},"finish_reason":"stop"}]}`,
+			want:      []string{"Hello."},
+			wantUsage: nil,
+		},
+		{
+			name:      "no content",
+			body:      `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":null}}]}`,
+			wantUsage: nil,
+		},
+		{
+			name:    "content of another type",
+			body:    `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":42}}]}`,
+			wantErr: msgMalformed,
+		},
+		{
 			name:    "neither",
 			body:    `{"object":"list","data":[]}`,
 			wantErr: msgMalformed,

@@ -262,11 +262,11 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 				continue // we never ask for n > 1
 			}
 			d := ch.Delta
-			text, err := pairs.decode(d.Content)
+			text, thinking, err := deltaText(&pairs, d.Content)
 			if err != nil {
 				return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
 			}
-			token := text != "" || pairs.held != "" || d.ReasoningContent != "" || d.Reasoning != ""
+			token := text != "" || pairs.held != "" || thinking || d.ReasoningContent != "" || d.Reasoning != ""
 			if token {
 				started = true
 				if finished {
@@ -296,6 +296,43 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.cfg.IdleTimeout})
 		}
 	}
+}
+
+// deltaText returns the text of a delta's content: a JSON string, decoded
+// by pairs, or a list of parts, as Mistral's reasoning models send it
+// ([{"type":"thinking",…}] then [{"type":"text","text":…}]). thinking
+// reports parts that are not text: not emitted, they show the model at work.
+func deltaText(pairs *pairJoiner, raw json.RawMessage) (text string, thinking bool, err error) {
+	if len(raw) == 0 || raw[0] != '[' {
+		text, err = pairs.decode(raw)
+		return text, false, err
+	}
+	text, thinking, err = partsText(raw)
+	// A high half held from the chunk before has no partner here.
+	return pairs.flush() + text, thinking, err
+}
+
+// partsText returns the text of a content given as a list of parts: that
+// of its "text" parts, joined; thinking reports a part of another type.
+func partsText(raw json.RawMessage) (text string, thinking bool, err error) {
+	var parts []struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
+	}
+	if err := json.Unmarshal(raw, &parts); err != nil {
+		return "", false, err
+	}
+	var b strings.Builder
+	for _, part := range parts {
+		switch part.Type {
+		case "text":
+			b.WriteString(part.Text)
+		case "":
+		default:
+			thinking = true
+		}
+	}
+	return b.String(), thinking, nil
 }
 
 // trailerWait is how long a stream may stay open after its answer is
@@ -358,7 +395,7 @@ func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
 		Choices []struct {
 			Index   int `json:"index"`
 			Message *struct {
-				Content string `json:"content"`
+				Content json.RawMessage `json:"content"` // a string, a list of parts or null
 			} `json:"message"`
 		} `json:"choices"`
 		Usage *struct {
@@ -373,7 +410,10 @@ func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
 	found := false
 	for _, ch := range c.Choices {
 		if ch.Index == 0 && ch.Message != nil {
-			w.text, found = ch.Message.Content, true
+			if w.text, err = messageText(ch.Message.Content); err != nil {
+				return whole{}, &failure{err: p.fail(msgMalformed, err, false)}
+			}
+			found = true
 		}
 	}
 	if !found {
@@ -383,6 +423,23 @@ func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
 		w.Usage = &chat.Usage{PromptTokens: c.Usage.PromptTokens, CompletionTokens: c.Usage.CompletionTokens}
 	}
 	return w, nil
+}
+
+// messageText returns the text of a whole message's content: a string, a
+// list of parts (see deltaText) or null.
+func messageText(raw json.RawMessage) (string, error) {
+	if len(raw) == 0 {
+		return "", nil
+	}
+	if raw[0] == '[' {
+		text, _, err := partsText(raw)
+		return text, err
+	}
+	var text *string
+	if err := json.Unmarshal(raw, &text); err != nil || text == nil {
+		return "", err
+	}
+	return *text, nil
 }
 
 // timeoutFailure returns the failure for err when the watchdog cancelled

@@ -110,6 +110,23 @@ func TestStreamWire(t *testing.T) {
 			want: []string{"Hel"},
 		},
 		{
+			// Mistral's reasoning models (magistral).
+			name: "content as a list of parts",
+			parts: []string{
+				`data: {"id":"x","object":"chat.completion.chunk","model":"magistral-medium-2509","choices":[{"index":0,"delta":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"a greeting"}]}]},"finish_reason":null}]}` + "\n\n",
+				`data: {"id":"x","object":"chat.completion.chunk","model":"magistral-medium-2509","choices":[{"index":0,"delta":{"content":[{"type":"text","text":"Hel"},{"type":"text","text":"lo"}]},"finish_reason":null}]}` + "\n\n",
+				`data: {"id":"x","object":"chat.completion.chunk","model":"magistral-medium-2509","choices":[{"index":0,"delta":{"content":[]},"finish_reason":null}]}` + "\n\n",
+				`data: {"id":"x","object":"chat.completion.chunk","model":"magistral-medium-2509","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"stop"}]}` + "\n\n",
+				doneEvent,
+			},
+			want: []string{"Hello", "!"},
+		},
+		{
+			name:  "a high half before a list of parts",
+			parts: []string{rawContentChunk(`a\ud83d`), `data: {"choices":[{"index":0,"delta":{"content":[{"type":"text","text":"b"}]}}]}` + "\n\n", doneEvent},
+			want:  []string{"a", "\uFFFDb"},
+		},
+		{
 			name: "usage on every chunk keeps the last",
 			parts: []string{
 				`data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":5,"completion_tokens":1}}` + "\n\n",
