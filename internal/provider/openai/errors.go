@@ -72,6 +72,9 @@ func (p *Provider) statusFailure(resp *http.Response, model string) *failure {
 		cause = fmt.Errorf("status %d: %s", st, p.cut(string(raw), 200))
 	}
 	f := &failure{}
+	if st == http.StatusBadRequest || st == http.StatusUnprocessableEntity {
+		f.streamOptions = refusesStreamOptions(raw, detail)
+	}
 	var msg string
 	switch {
 	case st == http.StatusUnauthorized:
@@ -109,6 +112,23 @@ func (p *Provider) statusFailure(resp *http.Response, model string) *failure {
 	unavailable := st == http.StatusBadGateway || st == http.StatusServiceUnavailable || st == http.StatusGatewayTimeout
 	f.err = p.fail(msg, cause, unavailable)
 	return f
+}
+
+// refusesStreamOptions reports whether the error body of a refused request
+// blames stream_options: OpenAI's "param", or the message naming it
+// (Azure's "Unrecognized request argument supplied: stream_options").
+func refusesStreamOptions(body []byte, detail string) bool {
+	if strings.Contains(detail, "stream_options") {
+		return true
+	}
+	var e struct {
+		Param jsonString `json:"param"`
+		Error struct {
+			Param jsonString `json:"param"`
+		} `json:"error"`
+	}
+	_ = json.Unmarshal(body, &e) // "error" may be a string: the fields that fit are still read
+	return e.Param == "stream_options" || e.Error.Param == "stream_options"
 }
 
 // retryAfter parses a Retry-After value (seconds or an HTTP date), capped at

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/provider"
@@ -129,6 +130,10 @@ type Provider struct {
 	// trailerWait is the package's trailerWait; a test may shorten it
 	// before the first Stream.
 	trailerWait time.Duration
+
+	// noStreamOptions: the server refused stream_options once, so no
+	// request carries it any more.
+	noStreamOptions atomic.Bool
 
 	mu      sync.Mutex
 	pingAt  time.Time // guarded by mu: when pingErr was found; zero: never

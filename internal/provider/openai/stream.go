@@ -42,7 +42,8 @@ func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(t
 	if model == "" {
 		model = p.cfg.Model
 	}
-	body, err := json.Marshal(p.requestBody(model, req.Messages))
+	wreq := p.requestBody(model, req.Messages)
+	body, err := json.Marshal(wreq)
 	if err != nil {
 		return provider.Result{}, p.fail("could not encode the request", err, false)
 	}
@@ -63,6 +64,18 @@ func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(t
 				log.Debug("model answer complete", "prompt_tokens", res.Usage.PromptTokens, "completion_tokens", res.Usage.CompletionTokens)
 			}
 			return res, nil
+		case f.streamOptions && wreq.StreamOptions != nil:
+			// Not a retry but the same request made right: at once, and
+			// without stream_options for the provider's lifetime.
+			if p.noStreamOptions.CompareAndSwap(false, true) {
+				log.Warn("the model server refuses stream_options: asking without it from now on; token usage only if the server sends it anyway", "error", f.err.Error())
+			}
+			wreq.StreamOptions = nil
+			if body, err = json.Marshal(wreq); err != nil {
+				return provider.Result{}, p.fail("could not encode the request", err, false)
+			}
+			attempt--
+			continue
 		case emitted || !f.retry || attempt >= p.cfg.MaxRetries:
 			return provider.Result{}, f.err
 		}
@@ -82,6 +95,9 @@ type failure struct {
 	err        *provider.Error
 	retry      bool          // worth retrying if nothing was emitted yet
 	retryAfter time.Duration // what the server asked for; 0: our backoff
+	// The server refused stream_options (Azure OpenAI before api-version
+	// 2024-09-01, some relays): worth asking again without it.
+	streamOptions bool
 }
 
 // chunk is one streamed chat.completion.chunk (or an error object some
@@ -542,12 +558,14 @@ type wireMessage struct {
 }
 
 type wireRequest struct {
-	Model         string        `json:"model,omitempty"`
-	Messages      []wireMessage `json:"messages"`
-	Stream        bool          `json:"stream"`
-	StreamOptions struct {
-		IncludeUsage bool `json:"include_usage"`
-	} `json:"stream_options"`
+	Model         string         `json:"model,omitempty"`
+	Messages      []wireMessage  `json:"messages"`
+	Stream        bool           `json:"stream"`
+	StreamOptions *streamOptions `json:"stream_options,omitempty"`
+}
+
+type streamOptions struct {
+	IncludeUsage bool `json:"include_usage"`
 }
 
 // requestBody builds the JSON request for model and msgs: the system prompt,
@@ -559,7 +577,9 @@ func (p *Provider) requestBody(model string, msgs []provider.Message) wireReques
 	}
 	kept := trim(msgs, budget)
 	r := wireRequest{Model: model, Stream: true, Messages: make([]wireMessage, 0, len(kept)+1)}
-	r.StreamOptions.IncludeUsage = true
+	if !p.noStreamOptions.Load() {
+		r.StreamOptions = &streamOptions{IncludeUsage: true}
+	}
 	if p.cfg.SystemPrompt != "" {
 		r.Messages = append(r.Messages, wireMessage{Role: "system", Content: p.cfg.SystemPrompt})
 	}

@@ -1,0 +1,132 @@
+package openai
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/tokenrelay/tokenrelay/internal/chat"
+)
+
+// Azure OpenAI before api-version 2024-09-01, and some relays, refuse
+// stream_options with a 400. The request is made again at once without
+// it, and no later request carries it.
+func TestStreamWithoutStreamOptions(t *testing.T) {
+	for name, refusal := range map[string]string{
+		"OpenAI's param":    `{"error":{"message":"Unknown parameter: 'stream_options'.","type":"invalid_request_error","param":"stream_options","code":"unknown_parameter"}}`,
+		"Azure's message":   `{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}}`,
+		"a flat error body": `{"object":"error","message":"extra field not permitted","type":"BadRequestError","param":"stream_options","code":400}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			var (
+				mu          sync.Mutex
+				withOptions []bool // guarded by mu
+			)
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+				var body map[string]any
+				if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+					t.Errorf("decode request: %v", err)
+				}
+				_, has := body["stream_options"]
+				mu.Lock()
+				withOptions = append(withOptions, has)
+				mu.Unlock()
+				if has {
+					w.Header().Set("Content-Type", "application/json")
+					w.WriteHeader(http.StatusBadRequest)
+					io.WriteString(w, refusal)
+					return
+				}
+				writeSSE(t, w, contentChunk("a"), finishChunk, doneEvent)
+			})
+			f := newFixture(t, srv.URL+"/openai/deployments/gpt4o?api-version=2024-02-01", func(c *Config) {
+				c.APIKey = ""
+				c.Headers = map[string]string{"api-key": "azure-key-123456"}
+			})
+			for turn := range 2 {
+				got, res, err := f.stream(t)
+				if err != nil {
+					t.Fatalf("turn %d: Stream: %v", turn+1, err)
+				}
+				if !slices.Equal(got, []string{"a"}) {
+					t.Errorf("turn %d: emitted %q, want [a]", turn+1, got)
+				}
+				if res.Usage != nil {
+					t.Errorf("turn %d: usage %+v, want none", turn+1, res.Usage)
+				}
+			}
+			mu.Lock()
+			if want := []bool{true, false, false}; !slices.Equal(withOptions, want) {
+				t.Errorf("requests with stream_options: %v, want %v", withOptions, want)
+			}
+			mu.Unlock()
+			if sleeps := f.sleeps.got(); len(sleeps) != 0 {
+				t.Errorf("slept %v before asking again", sleeps)
+			}
+			if n := strings.Count(f.logs.String(), "refuses stream_options"); n != 1 {
+				t.Errorf("logged the refusal %d times, want once:\n%s", n, f.logs)
+			}
+		})
+	}
+}
+
+// Usage sent without stream_options having asked for it is still read.
+func TestStreamWithoutStreamOptionsUsage(t *testing.T) {
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		if strings.Contains(string(body), "stream_options") {
+			writeError(w, http.StatusBadRequest, "Unrecognized request argument supplied: stream_options", "")
+			return
+		}
+		writeSSE(t, w, contentChunk("a"), finishChunk, usageChunk, doneEvent)
+	})
+	f := newFixture(t, srv.baseURL(), nil)
+	_, res, err := f.stream(t)
+	if err != nil {
+		t.Fatalf("Stream: %v", err)
+	}
+	if want := (&chat.Usage{PromptTokens: 9, CompletionTokens: 3}); !equalUsage(res.Usage, want) {
+		t.Errorf("usage %+v, want %+v", res.Usage, want)
+	}
+}
+
+// A server that refuses the request for another reason after stream_options
+// was dropped, or refuses something else, is not asked again.
+func TestStreamRefusalNotAboutStreamOptions(t *testing.T) {
+	tests := []struct {
+		name, body, wantMsg string
+		wantRequests        int32
+	}{
+		{
+			name:         "another parameter",
+			body:         `{"error":{"message":"Unknown parameter: 'foo'.","type":"invalid_request_error","param":"foo","code":"unknown_parameter"}}`,
+			wantMsg:      "the model server rejected the request (400): Unknown parameter: 'foo'.",
+			wantRequests: 1,
+		},
+		{
+			name:         "stream_options blamed again without it",
+			body:         `{"error":{"message":"stream_options is not supported with this model","param":"stream_options"}}`,
+			wantMsg:      "the model server rejected the request (400): stream_options is not supported with this model",
+			wantRequests: 2,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusBadRequest)
+				io.WriteString(w, tt.body)
+			})
+			f := newFixture(t, srv.baseURL(), nil)
+			_, _, err := f.stream(t)
+			wantProviderError(t, err, tt.wantMsg)
+			if n := srv.requests.Load(); n != tt.wantRequests {
+				t.Errorf("%d requests, want %d", n, tt.wantRequests)
+			}
+		})
+	}
+}
