@@ -130,3 +130,70 @@ func TestStreamRefusalNotAboutStreamOptions(t *testing.T) {
 		})
 	}
 }
+
+// A 200 that holds no event stream (a captive portal's or a web app's HTML
+// page, a misrouted proxy) is a malformed stream, not a lost connection,
+// and is not asked for again.
+func TestStreamNotAnEventStream(t *testing.T) {
+	tests := []struct {
+		name, ctype, body string
+		wantMsg           string
+		wantRequests      int32
+	}{
+		{
+			name: "an HTML page", ctype: "text/html; charset=utf-8",
+			body:    "<!doctype html><html><head><title>Open WebUI</title></head><body></body></html>\n",
+			wantMsg: msgMalformed, wantRequests: 1,
+		},
+		{
+			name: "an HTML page without a final newline", ctype: "text/html",
+			body:    "<html>\n<body>Sign in to continue</body>\n</html>",
+			wantMsg: msgMalformed, wantRequests: 1,
+		},
+		{
+			name: "plain text labelled an event stream", ctype: "text/event-stream",
+			body:    "upstream connect error or disconnect/reset before headers",
+			wantMsg: msgMalformed, wantRequests: 1,
+		},
+		{
+			// Nothing but keep-alives: a connection lost, worth retrying.
+			name: "comments and blank lines only", ctype: "text/event-stream",
+			body:    ": keep-alive\n\n\n",
+			wantMsg: "the connection to the model server was lost before it answered", wantRequests: 3,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+				w.Header().Set("Content-Type", tt.ctype)
+				io.WriteString(w, tt.body)
+			})
+			f := newFixture(t, srv.baseURL(), nil)
+			_, _, err := f.stream(t)
+			pe := wantProviderError(t, err, tt.wantMsg)
+			if n := srv.requests.Load(); n != tt.wantRequests {
+				t.Errorf("%d requests, want %d", n, tt.wantRequests)
+			}
+			if tt.wantMsg == msgMalformed && !strings.Contains(pe.Error(), tt.ctype) {
+				t.Errorf("error %q does not name the Content-Type %q", pe, tt.ctype)
+			}
+		})
+	}
+}
+
+// A whole chat.completion labelled text/event-stream is read as the answer
+// it is.
+func TestStreamJSONAnswerLabelledEventStream(t *testing.T) {
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, `{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there."},"finish_reason":"stop"}]}`)
+	})
+	f := newFixture(t, srv.baseURL(), nil)
+	got, _, err := f.stream(t)
+	if err != nil {
+		t.Fatalf("Stream: %v", err)
+	}
+	if !slices.Equal(got, []string{"Hello there."}) {
+		t.Errorf("emitted %q, want [Hello there.]", got)
+	}
+}

@@ -36,6 +36,11 @@ type sseReader struct {
 	line    []byte // the line being read; reused
 	data    []byte // the data buffer of the event being read; reused
 	event   string // the type of the event being read; "" until an event: field
+
+	// junk is set once a line that is neither a comment nor a field the
+	// stream may carry was read (a final one without its terminator too):
+	// the body is something else, an HTML page say.
+	junk bool
 }
 
 func newSSEReader(r io.Reader, max int) *sseReader {
@@ -55,6 +60,9 @@ func (s *sseReader) next() (event string, data []byte, err error) {
 	for {
 		line, err := s.readLine()
 		if err != nil {
+			if err == io.EOF && len(s.line) > 0 && s.line[0] != ':' && !knownField(s.line) {
+				s.junk = true
+			}
 			if err == io.EOF && hasData {
 				return s.event, s.data[:len(s.data)-1], nil
 			}
@@ -84,7 +92,10 @@ func (s *sseReader) next() (event string, data []byte, err error) {
 		case "error":
 			s.event = "error"
 		case "data":
+		case "id", "retry":
+			continue
 		default:
+			s.junk = true
 			continue
 		}
 		if len(s.data)+len(value)+1 > s.max {
@@ -94,6 +105,17 @@ func (s *sseReader) next() (event string, data []byte, err error) {
 		s.data = append(s.data, '\n')
 		hasData = true
 	}
+}
+
+// knownField reports whether line starts with the name of a field the
+// stream may carry, followed by a colon or nothing.
+func knownField(line []byte) bool {
+	field, _, _ := bytes.Cut(line, []byte(":"))
+	switch string(field) {
+	case "data", "event", "id", "retry", "error":
+		return true
+	}
+	return false
 }
 
 // readLine returns the next line without its terminator. The slice is valid

@@ -108,6 +108,31 @@ func TestSSEReaderEventType(t *testing.T) {
 	}
 }
 
+func TestSSEReaderJunk(t *testing.T) {
+	tests := []struct {
+		in   string
+		want bool
+	}{
+		{"data: a\n\n", false},
+		{": comment\n\nevent: x\nid: 1\nretry: 5\nerror: e\ndata\n\n", false},
+		{"data: [DONE]", false}, // a final line without its terminator
+		{"<html>\n", true},
+		{"<html>", true},
+		{"foo: bar\ndata: a\n\n", true},
+	}
+	for _, tt := range tests {
+		s := newSSEReader(strings.NewReader(tt.in), 1<<10)
+		for {
+			if _, _, err := s.next(); err != nil {
+				break
+			}
+		}
+		if s.junk != tt.want {
+			t.Errorf("%q: junk = %v, want %v", tt.in, s.junk, tt.want)
+		}
+	}
+}
+
 func TestSSEReaderTooLarge(t *testing.T) {
 	tests := []struct {
 		name string

@@ -182,29 +182,28 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		}
 		return provider.Result{}, f, nil
 	}
-	var stream io.Reader = resp.Body
-	if isJSON(resp.Header.Get("Content-Type")) {
-		// A server (or a proxy) that ignored "stream": true, or that
-		// reports an error with a 200; or an event stream labelled JSON,
-		// told apart by its first byte.
-		br := bufio.NewReader(resp.Body)
-		stream = br
-		if firstByte(br) == '{' {
-			res, f := p.wholeAnswer(br)
-			if f != nil {
-				return provider.Result{}, f, nil
-			}
-			if res.text != "" {
-				if err := emit(res.text); err != nil {
-					return provider.Result{}, nil, err
-				}
-			}
-			return res.Result, nil, nil
+	// A server (or a proxy) that ignored "stream": true, or that reports an
+	// error with a 200, answers with JSON: told apart from an event stream
+	// by its first byte, not its Content-Type, which some label
+	// text/event-stream, and others label an event stream JSON.
+	ctype := resp.Header.Get("Content-Type")
+	stream := bufio.NewReader(resp.Body)
+	if firstByte(stream) == '{' {
+		res, f := p.wholeAnswer(stream)
+		if f != nil {
+			return provider.Result{}, f, nil
 		}
+		if res.text != "" {
+			if err := emit(res.text); err != nil {
+				return provider.Result{}, nil, err
+			}
+		}
+		return res.Result, nil, nil
 	}
 
 	var (
 		res      provider.Result
+		events   int  // events read
 		started  bool // a token (content or reasoning) arrived
 		emitted  bool // emit was called
 		finished bool // a finish_reason arrived, and no token since
@@ -243,6 +242,11 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			if errors.Is(err, errEventTooLarge) {
 				return provider.Result{}, &failure{err: p.fail(msgEventTooLarge, err, false)}, nil
 			}
+			if err == io.EOF && events == 0 && sse.junk {
+				// Not an event stream (a captive portal's or a web
+				// app's HTML page): asking again would get it again.
+				return provider.Result{}, &failure{err: p.fail(msgMalformed, fmt.Errorf("a 200 answer of type %q holding no server-sent event", ctype), false)}, nil
+			}
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
@@ -252,6 +256,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			}
 			return provider.Result{}, &failure{err: p.fail(msg, err, false), retry: true}, nil
 		}
+		events++
 		if string(data) == "[DONE]" {
 			// Let the connection be reused: the body ends right after
 			// [DONE]. A server that keeps it open is given trailerWait,
@@ -355,14 +360,6 @@ func partsText(raw json.RawMessage) (text string, thinking bool, err error) {
 // complete (a finish_reason, or [DONE]) before the connection is closed.
 // Provider.trailerWait holds it; tests shorten it.
 const trailerWait = time.Second
-
-// isJSON reports whether a response's Content-Type is JSON, not the
-// event stream that was asked for.
-func isJSON(contentType string) bool {
-	mt, _, _ := strings.Cut(contentType, ";")
-	mt = strings.ToLower(strings.TrimSpace(mt))
-	return mt == "application/json" || strings.HasSuffix(mt, "+json")
-}
 
 // firstByte returns the first byte of r that is not white space (or a
 // byte order mark), left unread; 0 when there is none.
