@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -68,7 +69,8 @@ func (p *Provider) statusFailure(resp *http.Response, model string) *failure {
 	switch {
 	case detail != "":
 		cause = fmt.Errorf("status %d: %s", st, detail)
-	case len(raw) > 0:
+	case len(raw) > 0 && (st < 300 || st >= 400):
+		// A redirect's body repeats its Location, query and all.
 		cause = fmt.Errorf("status %d: %s", st, p.cut(string(raw), 200))
 	}
 	f := &failure{}
@@ -96,6 +98,8 @@ func (p *Provider) statusFailure(resp *http.Response, model string) *failure {
 	case st >= 500:
 		msg = fmt.Sprintf("the model server failed (%d)", st)
 		f.retry = st != http.StatusNotImplemented && st != http.StatusHTTPVersionNotSupported
+	case st >= 300 && st < 400 && resp.Header.Get("Location") != "":
+		msg = p.redirectMessage(resp)
 	case st >= 400:
 		msg = fmt.Sprintf("the model server rejected the request (%d)", st)
 		if detail != "" {
@@ -112,6 +116,23 @@ func (p *Provider) statusFailure(resp *http.Response, model string) *failure {
 	unavailable := st == http.StatusBadGateway || st == http.StatusServiceUnavailable || st == http.StatusGatewayTimeout
 	f.err = p.fail(msg, cause, unavailable)
 	return f
+}
+
+// redirectMessage says where the redirect resp points to. A move of the
+// chat completions endpoint is told as the base URL to use instead. The
+// query is left out: it may hold a secret (an api-key, a signature).
+func (p *Provider) redirectMessage(resp *http.Response) string {
+	st := resp.StatusCode
+	u, err := resp.Location()
+	if err != nil {
+		return fmt.Sprintf("the model server redirected to an invalid location (%d)", st)
+	}
+	to := url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}
+	if base, ok := strings.CutSuffix(strings.TrimRight(u.Path, "/"), "/chat/completions"); ok {
+		to.Path = base
+		return fmt.Sprintf("the model server redirected to %s (%d): use it as --openai-base-url", to.String(), st)
+	}
+	return fmt.Sprintf("the model server redirected to %s (%d)", to.String(), st)
 }
 
 // refusesStreamOptions reports whether the error body of a refused request

@@ -103,7 +103,8 @@ type Config struct {
 
 	// HTTPClient makes the requests. Nil: a client of its own with no
 	// overall timeout (answers stream for minutes), honouring HTTPS_PROXY.
-	// Its Timeout, if any, also bounds streaming answers.
+	// Its Timeout, if any, also bounds streaming answers. Redirects are
+	// never followed, whatever its CheckRedirect: a copy of it is used.
 	HTTPClient *http.Client
 
 	// Logger receives retry warnings and debug lines; never message text.
@@ -195,10 +196,18 @@ func New(cfg Config) (*Provider, error) {
 	if c.Sleep == nil {
 		c.Sleep = sleep
 	}
-	p.client = c.HTTPClient
-	if p.client == nil {
+	if c.HTTPClient != nil {
+		client := *c.HTTPClient
+		p.client = &client
+	} else {
 		p.client = newClient()
 	}
+	// A redirect is not followed but reported (see statusFailure): the
+	// extra headers, secrets, would follow it to another host (net/http
+	// drops only Authorization and cookies there), and a 301 or 302
+	// would replay the POST as a GET, which the server refuses with a
+	// status that says nothing of the move.
+	p.client.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	p.log = c.Logger
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)

@@ -197,3 +197,90 @@ func TestStreamJSONAnswerLabelledEventStream(t *testing.T) {
 		t.Errorf("emitted %q, want [Hello there.]", got)
 	}
 }
+
+// A redirect is reported, not followed: following it would send the extra
+// headers (secrets) to another host, and replay a POST as a GET after a
+// 301 or 302. The query of its target, which may hold a secret, is not
+// shown.
+func TestStreamRedirect(t *testing.T) {
+	other := newFakeServer(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+		writeSSE(t, w, contentChunk("a"), doneEvent)
+	})
+	// localhost and 127.0.0.1: two hosts to net/http's redirect policy.
+	otherURL := strings.Replace(other.URL, "127.0.0.1", "localhost", 1)
+	tests := []struct {
+		name     string
+		status   int
+		location string // "/…": on the same server
+		wantMsg  string
+	}{
+		{
+			name: "the endpoint moved", status: http.StatusMovedPermanently,
+			location: "/v1/chat/completions",
+			wantMsg:  "the model server redirected to {srv}/v1 (301): use it as --openai-base-url",
+		},
+		{
+			name: "to another host, with a secret in the query", status: http.StatusTemporaryRedirect,
+			location: otherURL + "/openai/v1/chat/completions/?api-key=secret-in-query-123&x=1",
+			wantMsg:  "the model server redirected to " + otherURL + "/openai/v1 (307): use it as --openai-base-url",
+		},
+		{
+			name: "to a login page", status: http.StatusFound,
+			location: otherURL + "/sso/login?next=%2Fv1",
+			wantMsg:  "the model server redirected to " + otherURL + "/sso/login (302)",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var (
+				mu      sync.Mutex
+				methods []string // guarded by mu
+			)
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+				mu.Lock()
+				methods = append(methods, r.Method+" "+r.URL.Path)
+				mu.Unlock()
+				if strings.HasPrefix(r.URL.Path, "/old/") {
+					http.Redirect(w, r, tt.location, tt.status)
+					return
+				}
+				w.WriteHeader(http.StatusMethodNotAllowed)
+			})
+			f := newFixture(t, srv.URL+"/old/v1", func(c *Config) {
+				c.Headers = map[string]string{"api-key": "azure-secret-123456"}
+			})
+			_, _, err := f.stream(t)
+			pe := wantProviderError(t, err, strings.Replace(tt.wantMsg, "{srv}", srv.URL, 1))
+			if strings.Contains(pe.Error(), "secret-in-query") {
+				t.Errorf("error %q shows the redirect's query", pe)
+			}
+			mu.Lock()
+			if want := []string{"POST /old/v1/chat/completions"}; !slices.Equal(methods, want) {
+				t.Errorf("requests %q, want %q", methods, want)
+			}
+			mu.Unlock()
+			if n := other.requests.Load(); n != 0 {
+				t.Errorf("the other host got %d requests", n)
+			}
+		})
+	}
+}
+
+// A client given in Config does not follow redirects either, and is not
+// changed.
+func TestStreamRedirectWithOwnClient(t *testing.T) {
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/old/") {
+			http.Redirect(w, r, "/v1/chat/completions", http.StatusPermanentRedirect)
+			return
+		}
+		writeSSE(t, w, contentChunk("a"), doneEvent)
+	})
+	client := &http.Client{}
+	f := newFixture(t, srv.URL+"/old/v1", func(c *Config) { c.HTTPClient = client })
+	_, _, err := f.stream(t)
+	wantProviderError(t, err, "the model server redirected to "+srv.URL+"/v1 (308): use it as --openai-base-url")
+	if client.CheckRedirect != nil {
+		t.Error("the given client's CheckRedirect was changed")
+	}
+}
