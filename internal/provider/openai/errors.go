@@ -189,19 +189,24 @@ func (p *Provider) cut(s string, n int) string {
 
 // errorDetail extracts the message and code of an error body in any of the
 // shapes OpenAI-compatible servers use: {"error":{"message","code"}}
-// (OpenAI, Ollama /v1, llama.cpp), {"error":"..."} (Ollama native) and
-// {"object":"error","message","code"} (older vLLM). It returns "" when body
-// is not one of them.
+// (OpenAI, Ollama /v1, llama.cpp), {"error":"..."} (Ollama native),
+// {"object":"error","message","code"} (older vLLM) and FastAPI's
+// {"detail":"..."} or {"detail":[{"loc","msg"}]} (proxies, routers). It
+// returns "" when body is not one of them.
 func errorDetail(body []byte) (detail, code string) {
 	var e struct {
 		Error   json.RawMessage `json:"error"`
 		Message string          `json:"message"`
 		Code    jsonString      `json:"code"`
+		Detail  json.RawMessage `json:"detail"`
 	}
 	if json.Unmarshal(body, &e) != nil {
 		return "", ""
 	}
 	detail, code = e.Message, string(e.Code)
+	if detail == "" {
+		detail = fastAPIDetail(e.Detail)
+	}
 	var nested struct {
 		Message string     `json:"message"`
 		Code    jsonString `json:"code"`
@@ -219,6 +224,36 @@ func errorDetail(body []byte) (detail, code string) {
 		detail = flat
 	}
 	return oneLine(detail), code
+}
+
+// fastAPIDetail returns the text of FastAPI's "detail": a string, or a list
+// of validation errors, each told as "field: msg".
+func fastAPIDetail(raw json.RawMessage) string {
+	var flat string
+	if json.Unmarshal(raw, &flat) == nil {
+		return flat
+	}
+	var list []struct {
+		Loc []any  `json:"loc"` // e.g. ["body", "max_tokens"]
+		Msg string `json:"msg"`
+	}
+	if json.Unmarshal(raw, &list) != nil {
+		return ""
+	}
+	msgs := make([]string, 0, len(list))
+	for _, v := range list {
+		if v.Msg == "" {
+			continue
+		}
+		if n := len(v.Loc); n > 0 {
+			if field, ok := v.Loc[n-1].(string); ok && field != "body" {
+				msgs = append(msgs, field+": "+v.Msg)
+				continue
+			}
+		}
+		msgs = append(msgs, v.Msg)
+	}
+	return strings.Join(msgs, "; ")
 }
 
 // oneLine collapses runs of white space, so that a detail fits a log line

@@ -70,6 +70,11 @@ func TestStreamStatusErrors(t *testing.T) {
 			wantMsg: "the model server rejected the request (400): This model's maximum context length is 8192 tokens. Please reduce the length.", wantRequests: 1,
 		},
 		{
+			name: "bad request from FastAPI shows the detail", status: 400,
+			body:    `{"detail":"max_tokens must be at least 1, got -5."}`,
+			wantMsg: "the model server rejected the request (400): max_tokens must be at least 1, got -5.", wantRequests: 1,
+		},
+		{
 			name: "bad request in plain text shows it", status: 400, body: "Invalid value for max_tokens:\n -1\n",
 			wantMsg: "the model server rejected the request (400): Invalid value for max_tokens: -1", wantRequests: 1,
 		},
@@ -502,6 +507,10 @@ func TestErrorDetail(t *testing.T) {
 		{"flat string", `{"error":"model 'x' not found"}`, "model 'x' not found", ""},
 		{"old vLLM", `{"object":"error","message":"bad","code":400}`, "bad", "400"},
 		{"null error", `{"error":null,"message":"m"}`, "m", ""},
+		{"FastAPI string", `{"detail":"max_tokens must be at least 1, got -5."}`, "max_tokens must be at least 1, got -5.", ""},
+		{"FastAPI validation errors", `{"detail":[{"type":"greater_than","loc":["body","max_tokens"],"msg":"Input should be greater than 0","input":-5},{"loc":["body"],"msg":"bad body"},{"loc":["query",0],"msg":"x"}]}`, "max_tokens: Input should be greater than 0; bad body; x", ""},
+		{"FastAPI detail of another shape", `{"detail":{"a":1}}`, "", ""},
+		{"message before detail", `{"message":"m","detail":"d"}`, "m", ""},
 		{"not JSON", `Bad Gateway`, "", ""},
 		{"white space", `{"error":{"message":" a\n\tb  "}}`, "a b", ""},
 		{"long", `{"error":{"message":"` + strings.Repeat("é", 400) + `"}}`, strings.Repeat("é", 150) + "…", ""},

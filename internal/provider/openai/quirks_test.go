@@ -16,10 +16,15 @@ import (
 // stream_options with a 400. The request is made again at once without
 // it, and no later request carries it.
 func TestStreamWithoutStreamOptions(t *testing.T) {
-	for name, refusal := range map[string]string{
-		"OpenAI's param":    `{"error":{"message":"Unknown parameter: 'stream_options'.","type":"invalid_request_error","param":"stream_options","code":"unknown_parameter"}}`,
-		"Azure's message":   `{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}}`,
-		"a flat error body": `{"object":"error","message":"extra field not permitted","type":"BadRequestError","param":"stream_options","code":400}`,
+	type refusal struct {
+		status int
+		body   string
+	}
+	for name, refusal := range map[string]refusal{
+		"OpenAI's param":    {400, `{"error":{"message":"Unknown parameter: 'stream_options'.","type":"invalid_request_error","param":"stream_options","code":"unknown_parameter"}}`},
+		"Azure's message":   {400, `{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}}`},
+		"a flat error body": {400, `{"object":"error","message":"extra field not permitted","type":"BadRequestError","param":"stream_options","code":400}`},
+		"FastAPI's 422":     {422, `{"detail":[{"type":"extra_forbidden","loc":["body","stream_options"],"msg":"Extra inputs are not permitted"}]}`},
 	} {
 		t.Run(name, func(t *testing.T) {
 			var (
@@ -37,8 +42,8 @@ func TestStreamWithoutStreamOptions(t *testing.T) {
 				mu.Unlock()
 				if has {
 					w.Header().Set("Content-Type", "application/json")
-					w.WriteHeader(http.StatusBadRequest)
-					io.WriteString(w, refusal)
+					w.WriteHeader(refusal.status)
+					io.WriteString(w, refusal.body)
 					return
 				}
 				writeSSE(t, w, contentChunk("a"), finishChunk, doneEvent)
