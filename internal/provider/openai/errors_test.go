@@ -1,6 +1,7 @@
 package openai
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"io"
@@ -88,6 +89,19 @@ func TestStreamStatusErrors(t *testing.T) {
 		{name: "502, retries exhausted", status: 502, wantMsg: "the model server failed (502)", wantRequests: 3, wantUnavailable: true},
 		{name: "503, retries exhausted", status: 503, wantMsg: "the model server failed (503)", wantRequests: 3, wantUnavailable: true},
 		{name: "501 is not retried", status: 501, body: "no", wantMsg: "the model server failed (501)", wantRequests: 1},
+		{
+			name: "a proxy's HTML error page", status: 502, body: "<html><body><h1>502 Bad Gateway</h1>nginx</body></html>",
+			wantMsg: "the model server failed (502)", wantRequests: 3, wantUnavailable: true,
+		},
+		{
+			name: "an HTML page is not shown", status: 400, body: "<html>" + strings.Repeat("x", 5000) + "</html>",
+			wantMsg: "the model server rejected the request (400)", wantRequests: 1,
+		},
+		{
+			name: "a detail echoing the key", status: 400,
+			body:    `{"error":{"message":"Bearer ` + testKey + ` is bad; context too long","code":400}}`,
+			wantMsg: "the model server rejected the request (400): Bearer [redacted] is bad; context too long", wantRequests: 1,
+		},
 		{name: "no content", status: 204, body: "", wantMsg: "the model server answered with unexpected status 204", wantRequests: 1},
 	}
 	for _, tt := range tests {
@@ -202,6 +216,29 @@ func TestStreamRetriesBeforeFirstToken(t *testing.T) {
 				t.Errorf("slept %v", sleeps)
 			}
 		})
+	}
+}
+
+// Cancelling during the wait a Retry-After asked for returns at once,
+// without another request.
+func TestStreamCancelDuringRetryWait(t *testing.T) {
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Retry-After", "20")
+		writeError(w, 429, "slow down", "rate_limit_exceeded")
+	})
+	f := newFixture(t, srv.baseURL(), func(c *Config) { c.Sleep = sleep })
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, _, err := f.streamCtx(ctx)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Stream = %v, want context.DeadlineExceeded", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Stream returned after %v, not when cancelled", d)
+	}
+	if n := srv.requests.Load(); n != 1 {
+		t.Errorf("%d requests, want 1", n)
 	}
 }
 

@@ -1,6 +1,7 @@
 package openai
 
 import (
+	"compress/gzip"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -10,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
+	"github.com/tokenrelay/tokenrelay/internal/provider"
 )
 
 // Azure OpenAI before api-version 2024-09-01, and some relays, refuse
@@ -287,5 +289,43 @@ func TestStreamRedirectWithOwnClient(t *testing.T) {
 	wantProviderError(t, err, "the model server redirected to "+srv.URL+"/v1 (308): use it as --openai-base-url")
 	if client.CheckRedirect != nil {
 		t.Error("the given client's CheckRedirect was changed")
+	}
+}
+
+// A proxy that compresses the event stream: it is decoded, and still
+// streams, the first token emitted before the server has sent the rest.
+func TestStreamGzip(t *testing.T) {
+	release := make(chan struct{})
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("Content-Encoding", "gzip")
+		w.WriteHeader(http.StatusOK)
+		gz := gzip.NewWriter(w)
+		io.WriteString(gz, contentChunk("a"))
+		gz.Flush()
+		w.(http.Flusher).Flush()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+		io.WriteString(gz, contentChunk("b")+doneEvent)
+		gz.Close()
+	})
+	f := newFixture(t, srv.baseURL(), nil)
+	var got []string
+	req := provider.Request{Messages: []provider.Message{{Role: "user", Content: "hi"}}}
+	_, err := f.p.Stream(t.Context(), req, func(s string) error {
+		got = append(got, s)
+		if s == "a" {
+			close(release)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("Stream: %v", err)
+	}
+	if !slices.Equal(got, []string{"a", "b"}) {
+		t.Errorf("emitted %q, want [a b]", got)
 	}
 }

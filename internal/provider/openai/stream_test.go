@@ -167,6 +167,49 @@ func TestStreamWire(t *testing.T) {
 			parts: []string{"\xEF\xBB\xBF" + hel, doneEvent},
 			want:  []string{"Hel"},
 		},
+		{
+			name:  "a chunk over bufio's 64 KiB",
+			parts: []string{contentChunk(strings.Repeat("é", 40<<10)), doneEvent},
+			want:  []string{strings.Repeat("é", 40<<10)},
+		},
+		{
+			name: "finish_reason length",
+			parts: []string{
+				roleChunk, hel,
+				`data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}` + "\n\n",
+				usageChunk, doneEvent,
+			},
+			want:      []string{"Hel"},
+			wantUsage: &chat.Usage{PromptTokens: 9, CompletionTokens: 3},
+		},
+		{
+			name:  "finish_reason content_filter",
+			parts: []string{hel, `data: {"choices":[{"index":0,"delta":{},"finish_reason":"content_filter"}]}` + "\n\n"},
+			want:  []string{"Hel"},
+		},
+		{
+			name:  "Azure's prompt_filter_results first",
+			parts: []string{`data: {"choices":[],"prompt_filter_results":[{"prompt_index":0}]}` + "\n\n", hel, finishChunk, doneEvent},
+			want:  []string{"Hel"},
+		},
+		{
+			name: "tool_calls deltas ignored",
+			parts: []string{
+				`data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"x","function":{"name":"f","arguments":""}}]}}]}` + "\n\n",
+				hel, doneEvent,
+			},
+			want: []string{"Hel"},
+		},
+		{
+			name:  "an escaped NUL",
+			parts: []string{rawContentChunk(`a\u0000b`), doneEvent},
+			want:  []string{"a\uFFFDb"},
+		},
+		{
+			name:  "invalid UTF-8",
+			parts: []string{"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\xffb\"}}]}\n\n", doneEvent},
+			want:  []string{"a\uFFFDb"},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -406,6 +449,44 @@ func TestStreamCancelClosesUpstream(t *testing.T) {
 	}
 	if n := srv.requests.Load(); n != 1 {
 		t.Errorf("%d requests, want 1", n)
+	}
+}
+
+// Cancelling while the server has not answered yet (a model loading)
+// closes the request at once too.
+func TestStreamCancelBeforeHeaders(t *testing.T) {
+	closed := make(chan time.Time, 1)
+	inHandler := make(chan struct{})
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+		close(inHandler)
+		<-r.Context().Done()
+		closed <- time.Now()
+	})
+	f := newFixture(t, srv.baseURL(), nil)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := f.streamCtx(ctx)
+		done <- err
+	}()
+	select {
+	case <-inHandler:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no request")
+	}
+	cancelled := time.Now()
+	cancel()
+	select {
+	case at := <-closed:
+		if d := at.Sub(cancelled); d > 50*time.Millisecond {
+			t.Errorf("the server saw the request closed %v after cancel, want within 50ms", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the server never saw the request closed")
+	}
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("Stream = %v, want context.Canceled", err)
 	}
 }
 
