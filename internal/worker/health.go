@@ -11,8 +11,13 @@ import (
 )
 
 // providerProbeEvery is how often a worker probes its model server (a
-// provider.Pinger's own answer may be cached for as long).
-const providerProbeEvery = 10 * time.Second
+// provider.Pinger's own answer may be cached for as long), and
+// providerProbeDownEvery how often while it cannot be reached, so that
+// new turns are taken again soon after it is back.
+const (
+	providerProbeEvery     = 10 * time.Second
+	providerProbeDownEvery = 2 * time.Second
+)
 
 // firstProbeTimeout bounds the probe a worker waits for before it answers
 // pings.
@@ -49,19 +54,29 @@ func (w *Worker) watchProvider(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		every := providerProbeEvery
 		if errors.Is(err, provider.ErrUnreachable) {
 			why := err.Error()
 			if w.modelDown.Swap(&why) == nil {
 				w.log.Warn("the model server cannot be reached; new turns are refused until it can", "err", err)
 			}
-		} else if w.modelDown.Swap(nil) != nil {
-			w.log.Info("the model server can be reached again")
+			every = providerProbeDownEvery
+		} else {
+			w.modelReached()
 		}
 		if first {
 			first = false
 			close(w.probed)
 		}
-		t.Reset(providerProbeEvery)
+		t.Reset(every)
+	}
+}
+
+// modelReached records that the model server answered: a probe, or a
+// turn's first token.
+func (w *Worker) modelReached() {
+	if w.modelDown.Load() != nil && w.modelDown.Swap(nil) != nil {
+		w.log.Info("the model server can be reached again")
 	}
 }
 

@@ -225,6 +225,7 @@ func (p *publisher) flushLocked() error {
 	now := p.w.cfg.Now()
 	if p.firstAt.IsZero() {
 		p.firstAt = now
+		p.w.modelReached() // whatever the last probe said
 	}
 	p.lastFlush = now
 	p.w.m.deltas.Inc()

@@ -898,3 +898,44 @@ func TestShortestQueuedTimeout(t *testing.T) {
 		t.Fatalf("end %+v", end)
 	}
 }
+
+// downPinger is a provider whose model server cannot be reached at its
+// first probe; later probes wait for their context, as on a host that
+// takes no connection, and so tell nothing.
+type downPinger struct {
+	*countingProvider
+	probes atomic.Int32
+}
+
+func (p *downPinger) Ping(ctx context.Context) error {
+	if p.probes.Add(1) == 1 {
+		return &provider.Error{Message: "could not connect to the model server", Err: provider.ErrUnreachable}
+	}
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// A turn whose model answered lifts the worker's "cannot be reached",
+// without waiting for the next probe.
+func TestTokenFromTheModelLiftsUnreachable(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	w := worker.New(worker.Config{}, e.bus, e.store, &downPinger{countingProvider: e.prov})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := w.Run(ctx); err != nil {
+			t.Error(err)
+		}
+	}()
+	defer func() { cancel(); <-done }()
+	if err := w.ModelUnreachable(t.Context()); !errors.Is(err, bus.ErrProviderUnreachable) {
+		t.Fatalf("ModelUnreachable after a failed probe = %v", err)
+	}
+	if end := waitEnd(t, e.send(t, "c", "t1", "hello", true)); end.Status != chat.StatusComplete {
+		t.Fatalf("end %+v", end)
+	}
+	if err := w.ModelUnreachable(t.Context()); err != nil {
+		t.Fatalf("ModelUnreachable after the model answered = %v", err)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"slices"
 	"strconv"
@@ -38,6 +39,7 @@ const MaxRetryAfter = 30 * time.Second
 const (
 	pingTimeout       = 5 * time.Second  // when Ping's ctx has no deadline
 	pingCacheTTL      = 10 * time.Second // /readyz may be polled often; the model server need not be
+	pingFailTTL       = 2 * time.Second  // a failure is asked again sooner: the server may be back
 	backoffBase       = 500 * time.Millisecond
 	backoffMax        = 8 * time.Second
 	maxEventBytes     = 1 << 20  // one SSE line or event; a chunk is a few hundred bytes
@@ -229,13 +231,19 @@ func (p *Provider) Allowed(model string) bool {
 // Ping implements [provider.Pinger]: it reports whether the model server
 // answers GET {BaseURL}/models. A 401 or 403 (bad API key) or a 5xx is a
 // failure; any other status means the server is up. The result is cached
-// for about 10s, so frequent /readyz probes cost one request. When ctx has no
-// deadline, Ping gives up after 5s. Failures are *provider.Error wrapping
-// provider.ErrUnavailable; when ctx ends first, Ping returns ctx.Err().
+// for about 10s (a failure for 2s), so frequent /readyz probes cost one
+// request. When ctx has no deadline, Ping gives up after 5s. Failures are
+// *provider.Error wrapping provider.ErrUnavailable, and also
+// provider.ErrUnreachable when no connection could be made (refused, or
+// none in the time given); when ctx ends first, Ping returns ctx.Err().
 func (p *Provider) Ping(ctx context.Context) error {
 	now := p.cfg.Now()
 	p.mu.Lock()
-	if !p.pingAt.IsZero() && now.Sub(p.pingAt) < pingCacheTTL && now.Sub(p.pingAt) >= 0 {
+	ttl := pingCacheTTL
+	if p.pingErr != nil {
+		ttl = pingFailTTL
+	}
+	if !p.pingAt.IsZero() && now.Sub(p.pingAt) < ttl && now.Sub(p.pingAt) >= 0 {
 		err := p.pingErr
 		p.mu.Unlock()
 		return err
@@ -258,7 +266,9 @@ func (p *Provider) ping(ctx context.Context) error {
 		ctx, cancel = context.WithTimeout(ctx, pingTimeout)
 		defer cancel()
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, p.modelsURL, nil)
+	var connected atomic.Bool
+	tctx := httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { connected.Store(true) }})
+	req, err := http.NewRequestWithContext(tctx, http.MethodGet, p.modelsURL, nil)
 	if err != nil {
 		return p.fail("could not build the request to the model server", err, true)
 	}
@@ -266,9 +276,11 @@ func (p *Provider) ping(ctx context.Context) error {
 	req.Header.Set("Accept", "application/json")
 	resp, err := p.client.Do(req)
 	if err != nil {
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		if connected.Load() && errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			// A busy server may answer a chat while its model list
-			// waits: slow is not unreachable.
+			// waits: slow is not unreachable. One that took no
+			// connection in that time (a host that is down, a firewall
+			// dropping the packets) is.
 			return p.fail("the model server did not answer in time", err, true)
 		}
 		e := p.fail("could not connect to the model server", err, true)

@@ -261,3 +261,49 @@ func TestPingCallerCancelNotCached(t *testing.T) {
 		t.Fatalf("Ping after a cancelled one = %v", err)
 	}
 }
+
+// A model server whose host takes no connection (down, or a firewall
+// dropping the packets) is unreachable, though the ping only timed out.
+func TestPingOfAServerTakingNoConnectionIsUnreachable(t *testing.T) {
+	dialing := make(chan struct{}, 1)
+	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		dialing <- struct{}{}
+		<-ctx.Done() // no SYN-ACK ever comes
+		return nil, ctx.Err()
+	}}}
+	f := newFixture(t, "http://192.0.2.1/v1", func(c *Config) { c.HTTPClient = client })
+	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+	defer cancel()
+	err := f.p.ping(ctx)
+	<-dialing
+	if !errors.Is(err, provider.ErrUnreachable) {
+		t.Fatalf("Ping of a server taking no connection = %v, want ErrUnreachable", err)
+	}
+}
+
+// A failed ping is asked again sooner than a good one: the server may be
+// back.
+func TestPingFailureCachedBriefly(t *testing.T) {
+	var up atomic.Bool
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, _ *http.Request) {
+		if !up.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	})
+	var now atomic.Int64
+	now.Store(testNow.UnixNano())
+	f := newFixture(t, srv.baseURL(), func(c *Config) {
+		c.Now = func() time.Time { return time.Unix(0, now.Load()) }
+	})
+	if err := f.p.Ping(t.Context()); err == nil {
+		t.Fatal("Ping of a failing server = nil")
+	}
+	up.Store(true)
+	if err := f.p.Ping(t.Context()); err == nil {
+		t.Fatal("a failure was not cached at all")
+	}
+	now.Add(int64(pingFailTTL))
+	if err := f.p.Ping(t.Context()); err != nil {
+		t.Fatalf("Ping %v after the failure's cache time = %v", pingFailTTL, err)
+	}
+}
