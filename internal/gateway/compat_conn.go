@@ -485,6 +485,30 @@ func (cp *compat) rejectWith(ws *websocket.Conn, code websocket.StatusCode, msg 
 	_ = ws.Close(code, msg)
 }
 
+// claim makes session user's conversation for a socket (see
+// Server.claim), or refuses the socket and reports false.
+func (cp *compat) claim(ctx context.Context, ws *websocket.Conn, user, session string) bool {
+	s := cp.s
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+	err := s.claim(ctx, user, session)
+	cancel()
+	var pe *protocol.Error
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, chat.ErrForbidden):
+		s.m.authFailures.WithLabelValues("forbidden").Inc()
+		cp.reject(ws, "Authentication failed")
+	case errors.As(err, &pe):
+		// --limit-new-conversations: the page retries every 2 s.
+		cp.rejectWith(ws, websocket.StatusTryAgainLater, "Too many new sessions; try again later")
+	default:
+		s.log.Error("compat claim session", "err", err)
+		_ = ws.Close(websocket.StatusInternalError, "internal error")
+	}
+	return false
+}
+
 // handleWS serves GET /ws/chat: query session_id (default "default"),
 // user_id (default "default_user") and token (COMPAT.md). Any origin is
 // accepted: the original page is served from elsewhere, and the token is
@@ -525,27 +549,15 @@ func (cp *compat) handleWS() http.Handler {
 			cp.reject(ws, "Invalid session_id: it must match ^[A-Za-z0-9_.:-]{1,128}$")
 			return
 		}
-		ctx, cancel := s.reqCtx(r)
-		err = s.claim(ctx, id.UserID, session)
-		cancel()
-		if err != nil {
-			if errors.Is(err, chat.ErrForbidden) {
-				s.m.authFailures.WithLabelValues("forbidden").Inc()
-				cp.reject(ws, "Authentication failed")
-				return
-			}
-			if pe := (*protocol.Error)(nil); errors.As(err, &pe) {
-				// --limit-new-conversations: the page retries every 2 s.
-				cp.rejectWith(ws, websocket.StatusTryAgainLater, "Too many new sessions; try again later")
-				return
-			}
-			s.log.Error("compat claim session", "err", err)
-			_ = ws.Close(websocket.StatusInternalError, "internal error")
-			return
-		}
 		oq := newOutQueue(s.cfg.Limits.OutboundBytes)
 		oq.onSlow = s.m.slowCloses.Inc
 		s.serveSocket(ws, raw, id.UserID, oq, func(ctx context.Context, cancel context.CancelFunc) {
+			// The session is claimed once the socket is taken (not refused
+			// for --limit-connections, nor by a shutdown): a refused
+			// socket creates nothing and spends no new conversation.
+			if !cp.claim(ctx, ws, id.UserID, session) {
+				return
+			}
 			c := &compatConn{
 				s: s, cp: cp, ws: ws, raw: raw, user: id.UserID, conv: session, q: oq,
 				ctx: ctx, cancel: cancel, turns: make(map[string]*compatTurn),

@@ -420,12 +420,17 @@ func (s *Server) claim(ctx context.Context, user, conv string) error {
 	case !errors.Is(err, chat.ErrNotFound):
 		return err
 	}
-	if wait, ok := s.limits.allowClaim(user); !ok {
+	wait, ok, refund := s.limits.allowClaim(user)
+	if !ok {
 		s.m.limitHits.WithLabelValues("new_conversations").Inc()
 		return &protocol.Error{Code: protocol.CodeRateLimited, RetryAfterMS: max(wait.Milliseconds(), 1),
 			Message: "too many new conversations (limit " + itoa(s.cfg.Limits.NewConversations) + " per minute); join one you have, or wait"}
 	}
-	_, err = s.store.ClaimConversation(ctx, conv, user, s.now())
+	if _, err = s.store.ClaimConversation(ctx, conv, user, s.now()); err != nil {
+		// Nothing of this user's was created: another user took the id
+		// meanwhile, or the store failed.
+		refund()
+	}
 	return err
 }
 

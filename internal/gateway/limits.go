@@ -113,10 +113,9 @@ func (u *userLimits) allowSend(user string) (wait time.Duration, ok bool, refund
 }
 
 // allowClaim takes one new conversation from user's budget, or says how
-// long to wait.
-func (u *userLimits) allowClaim(user string) (wait time.Duration, ok bool) {
-	wait, ok, _ = u.allow(user, u.l.NewConversations, func(st *userState) *rate.Limiter { return st.claims })
-	return wait, ok
+// long to wait. When it allows it, refund gives it back (nothing created).
+func (u *userLimits) allowClaim(user string) (wait time.Duration, ok bool, refund func()) {
+	return u.allow(user, u.l.NewConversations, func(st *userState) *rate.Limiter { return st.claims })
 }
 
 // allow takes one event from the budget of user's that pick names, whose

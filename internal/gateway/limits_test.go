@@ -48,19 +48,19 @@ func TestUserLimitsNewConversations(t *testing.T) {
 	u := newUserLimits(Limits{NewConversations: 3})
 	u.now = func() time.Time { return now }
 	for i := range 3 {
-		if _, ok := u.allowClaim("alice"); !ok {
+		if _, ok, _ := u.allowClaim("alice"); !ok {
 			t.Fatalf("new conversation %d refused", i+1)
 		}
 	}
-	wait, ok := u.allowClaim("alice")
+	wait, ok, _ := u.allowClaim("alice")
 	if ok || wait != 20*time.Second {
 		t.Fatalf("the fourth: ok %v, wait %v; want refused, 20s", ok, wait)
 	}
-	if _, ok := u.allowClaim("bob"); !ok {
+	if _, ok, _ := u.allowClaim("bob"); !ok {
 		t.Fatal("another user refused")
 	}
 	now = now.Add(limitsSweepEvery / 4)
-	if _, ok := u.allowClaim("alice"); ok {
+	if _, ok, _ := u.allowClaim("alice"); ok {
 		t.Fatal("allowed before its time")
 	}
 	u.swept = time.Time{}
@@ -69,11 +69,11 @@ func TestUserLimitsNewConversations(t *testing.T) {
 		t.Fatal("a user with a spent budget was forgotten")
 	}
 	now = now.Add(5 * time.Second)
-	if _, ok := u.allowClaim("alice"); !ok {
+	if _, ok, _ := u.allowClaim("alice"); !ok {
 		t.Fatal("refused once a new conversation's time has passed")
 	}
 	off := newUserLimits(Limits{})
-	if _, ok := off.allowClaim("someone"); !ok || len(off.users) != 0 {
+	if _, ok, _ := off.allowClaim("someone"); !ok || len(off.users) != 0 {
 		t.Fatalf("with no limit: ok %v, %d users kept", ok, len(off.users))
 	}
 }

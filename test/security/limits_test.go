@@ -520,3 +520,30 @@ func TestLimitFromEnvironment(t *testing.T) {
 		t.Fatalf("2nd connection with TOKENRELAY_LIMIT_CONNECTIONS=1: close %d, want 4009", code)
 	}
 }
+
+// A compat socket refused for --limit-connections (close 4009) creates
+// nothing: its session stays free for anyone, and the user's allowance of
+// new conversations is untouched.
+func TestCompatSocketRefusedForConnectionsCreatesNothing(t *testing.T) {
+	p := serveJWT(t, "--limit-connections", "1", "--limit-new-conversations", "1")
+	alice := tokenFor(t, "alice")
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: alice}) // her one connection
+	c.Send(map[string]any{"type": "ping", "id": "p"})
+	reply(t, c, "p")
+
+	compat := strings.Replace(p.WSURL(), "/v1/ws", "/ws/chat", 1) + "?user_id=alice&token=" + alice + "&session_id=refused"
+	cw := trtest.Dial(t, compat, nil)
+	<-cw.Done()
+	if code := cw.CloseStatus(); code != 4009 {
+		t.Fatalf("compat socket past --limit-connections: close %d, want 4009", code)
+	}
+	bob := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tokenFor(t, "bob")})
+	bob.Send(map[string]any{"type": "join", "conversation_id": "refused", "id": "j"})
+	if f := reply(t, bob, "j"); f.Type() != "joined" {
+		t.Errorf("the refused socket's session was created: another user's join of it got %v", f)
+	}
+	c.Send(map[string]any{"type": "join", "conversation_id": "fresh", "id": "j2"})
+	if f := reply(t, c, "j2"); f.Type() != "joined" {
+		t.Errorf("the refused socket spent a new conversation: the user's next one got %v", f)
+	}
+}
