@@ -83,7 +83,7 @@ func open(ctx context.Context, path string) (*DB, error) {
 		write.Close()
 		return nil, err
 	}
-	if err := migrate(ctx, write); err != nil {
+	if err := migrateShared(ctx, write); err != nil {
 		write.Close()
 		return nil, err
 	}
@@ -151,6 +151,21 @@ func (s *DB) checkpointer(ctx context.Context) {
 		// A checkpoint that found another one running reads -1 frames.
 		if err := s.ckpt.QueryRowContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied); err == nil && frames >= 0 {
 			s.d.w.walFrames.Store(int64(frames))
+		}
+	}
+}
+
+// migrateShared migrates db, which other processes may be migrating at
+// the same moment (a gateway and workers starting together on a new file).
+// Each migration is one transaction, but the check of which are applied
+// is not in it: of two processes that both found one missing, the second
+// to run it fails on a table the first created, and finds it applied when
+// it checks again.
+func migrateShared(ctx context.Context, db *sql.DB) error {
+	for attempt := 1; ; attempt++ {
+		err := migrate(ctx, db)
+		if err == nil || attempt == 3 || !strings.Contains(err.Error(), "already exists") {
+			return err
 		}
 	}
 }
