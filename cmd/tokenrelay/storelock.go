@@ -34,7 +34,7 @@ func holdStore(ctx context.Context, st store.Store, log *slog.Logger) (storeHold
 	var err error
 	switch db := st.(type) {
 	case *postgres.DB:
-		h, err = db.Hold(ctx)
+		h, err = db.Hold(ctx, log)
 	case *sqlite.DB:
 		path := db.Path()
 		if real, err := filepath.EvalSymlinks(path); err == nil {

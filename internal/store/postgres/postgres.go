@@ -7,6 +7,10 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -141,43 +145,258 @@ func (s *DB) Close() error {
 // database are held apart.
 const holdLockSpace int32 = 0x7472686f // "trho"
 
+const (
+	// holdPingEvery is how often Hold checks its connection: a lost hold
+	// lets another process take itself for the store's only user.
+	holdPingEvery = 5 * time.Second
+	// holdRetryMax bounds the wait between attempts to take a lost hold
+	// again.
+	holdRetryMax = 10 * time.Second
+)
+
 // Hold is a process's hold on the store (see DB.Hold).
 type Hold struct {
-	conn *pgx.Conn
+	cfg   *pgx.ConnConfig
+	log   *slog.Logger
+	every time.Duration
+
+	mu       sync.Mutex // held while conn is in use
+	conn     *pgx.Conn  // nil while the hold is lost
+	alone    bool       // conn holds the lock exclusively too
+	released bool
+
+	lost chan struct{} // wakes watch when a call found conn gone
+	stop context.CancelFunc
+	done chan struct{}
 }
 
 // Hold takes the store's lock shared, until Release or the process's end:
 // a session advisory lock on a connection of its own, besides the pool's.
 // It waits, as long as ctx allows, while another process holds it alone
-// (see Alone). (Should that connection break, the hold is gone: it guards
-// against mistakes, not against a determined second process.)
-func (db *DB) Hold(ctx context.Context) (*Hold, error) {
-	conn, err := pgx.ConnectConfig(ctx, db.pool.Config().ConnConfig.Copy())
+// (see Alone). Should that connection break (a server restart, a proxy
+// ending idle connections), the lock goes with it: the connection is
+// pinged every few seconds, and a lost lock is taken again on a new one;
+// log says when it is lost and when it is held again.
+func (db *DB) Hold(ctx context.Context, log *slog.Logger) (*Hold, error) {
+	return db.hold(ctx, log, holdPingEvery)
+}
+
+func (db *DB) hold(ctx context.Context, log *slog.Logger, every time.Duration) (*Hold, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	cfg := db.pool.Config().ConnConfig.Copy()
+	// TCP keepalives notice a dead server where no ping can, while a take
+	// waits in pg_advisory_lock_shared; connect_timeout still applies.
+	d := &net.Dialer{
+		Timeout:         cfg.ConnectTimeout,
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3},
+	}
+	cfg.DialFunc = d.DialContext
+	h := &Hold{cfg: cfg, log: log, every: every, lost: make(chan struct{}, 1), done: make(chan struct{})}
+	conn, err := h.take(ctx, true)
 	if err != nil {
 		return nil, err
 	}
-	h := &Hold{conn: conn}
-	if _, err := h.conn.Exec(ctx, `SELECT pg_advisory_lock_shared($1, hashtext(current_schema()))`, holdLockSpace); err != nil {
-		h.conn.Close(context.WithoutCancel(ctx))
+	h.conn = conn
+	wctx, stop := context.WithCancel(context.Background())
+	h.stop = stop
+	go h.watch(wctx)
+	return h, nil
+}
+
+// take connects and takes the lock shared, waiting for it when wait is
+// set; without wait, a nil conn and error say another process holds it
+// alone.
+func (h *Hold) take(ctx context.Context, wait bool) (*pgx.Conn, error) {
+	conn, err := pgx.ConnectConfig(ctx, h.cfg)
+	if err != nil {
 		return nil, err
 	}
-	return h, nil
+	// Timeouts the URL, role or database may set (idle_session_timeout on
+	// managed databases) would end the hold's idle session. They are set
+	// here, not as startup parameters, which servers before 14 (for
+	// idle_session_timeout) and PgBouncer refuse.
+	_, err = conn.Exec(ctx, `SELECT set_config(name, '0', false) FROM pg_settings
+		WHERE name IN ('idle_session_timeout', 'idle_in_transaction_session_timeout', 'statement_timeout')`)
+	if err == nil {
+		if wait {
+			_, err = conn.Exec(ctx, `SELECT pg_advisory_lock_shared($1, hashtext(current_schema()))`, holdLockSpace)
+		} else {
+			var ok bool
+			err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock_shared($1, hashtext(current_schema()))`, holdLockSpace).Scan(&ok)
+			if err == nil && !ok {
+				conn.Close(context.WithoutCancel(ctx))
+				return nil, nil
+			}
+		}
+	}
+	if err != nil {
+		conn.Close(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return conn, nil
+}
+
+// watch pings the hold's connection every h.every and, once it is gone,
+// takes the hold again on a new one, retrying with backoff.
+func (h *Hold) watch(ctx context.Context) {
+	defer close(h.done)
+	tick := time.NewTicker(h.every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		case <-h.lost:
+		}
+		if h.ping(ctx) {
+			continue
+		}
+		for wait := 100 * time.Millisecond; !h.held(); wait = min(2*wait, holdRetryMax) {
+			conn, err := h.take(ctx, true)
+			if err == nil {
+				h.mu.Lock()
+				if !h.installLocked(conn) {
+					conn.Close(context.Background())
+				}
+				h.mu.Unlock()
+				break
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			h.log.Debug("take the store's hold again", "err", err, "retry_in", wait)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(wait):
+			}
+		}
+	}
+}
+
+// ping reports whether the hold is there, dropping a connection that does
+// not answer.
+func (h *Hold) ping(ctx context.Context) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.conn == nil {
+		return false
+	}
+	pctx, cancel := context.WithTimeout(ctx, max(h.every, holdPingEvery))
+	defer cancel()
+	err := h.conn.Ping(pctx)
+	if err != nil && ctx.Err() == nil {
+		h.dropLocked(err)
+		return false
+	}
+	return true
+}
+
+// installLocked makes conn the hold's, unless it has one again or is
+// released.
+func (h *Hold) installLocked(conn *pgx.Conn) bool {
+	if h.conn != nil || h.released {
+		return false
+	}
+	h.conn = conn
+	h.log.Info("the store's lock is held again")
+	return true
+}
+
+// dropLocked ends a hold whose connection failed with err, and has watch
+// take it again.
+func (h *Hold) dropLocked(err error) {
+	h.conn.Close(context.Background())
+	h.conn, h.alone = nil, false
+	h.log.Warn("the store's lock is lost with its connection; until it is held again, another process may take itself for the store's only user", "err", err)
+	select {
+	case h.lost <- struct{}{}:
+	default:
+	}
 }
 
 // Alone takes the lock exclusively as well, and reports whether it could:
 // only when no other process holds the store. EndAlone gives the exclusive
-// hold back.
+// hold back. A lost hold is taken again first, if it can be now.
 func (h *Hold) Alone(ctx context.Context) (bool, error) {
-	var ok bool
-	err := h.conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext(current_schema()))`, holdLockSpace).Scan(&ok)
-	return ok, err
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for retried := false; ; retried = true {
+		if h.released {
+			return false, errors.New("the store's hold is released")
+		}
+		if h.conn == nil {
+			conn, err := h.take(ctx, false)
+			if err != nil {
+				return false, fmt.Errorf("the store's lock is lost: %w", err)
+			}
+			if conn == nil {
+				return false, nil // another process is alone meanwhile
+			}
+			h.installLocked(conn)
+		}
+		var ok bool
+		err := h.conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext(current_schema()))`, holdLockSpace).Scan(&ok)
+		if err == nil {
+			h.alone = ok
+			return ok, nil
+		}
+		if !h.conn.IsClosed() || retried {
+			return false, err
+		}
+		h.dropLocked(err)
+	}
 }
 
-// EndAlone gives back the exclusive hold Alone took.
+// EndAlone gives back the exclusive hold Alone took; a hold lost meanwhile
+// has none to give back.
 func (h *Hold) EndAlone(ctx context.Context) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.conn == nil || !h.alone {
+		return nil
+	}
 	_, err := h.conn.Exec(ctx, `SELECT pg_advisory_unlock($1, hashtext(current_schema()))`, holdLockSpace)
+	if err != nil && h.conn.IsClosed() {
+		h.dropLocked(err)
+		return nil
+	}
+	if err == nil {
+		h.alone = false
+	}
 	return err
 }
 
 // Release ends the hold.
-func (h *Hold) Release() { h.conn.Close(context.Background()) }
+func (h *Hold) Release() {
+	h.stop()
+	<-h.done
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.released = true
+	if h.conn != nil {
+		h.conn.Close(context.Background())
+		h.conn = nil
+	}
+}
+
+// held reports whether the hold has a connection (Alone may have taken it
+// again).
+func (h *Hold) held() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.conn != nil
+}
+
+// pid is the server process of the hold's connection, 0 while it is lost.
+func (h *Hold) pid() uint32 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.conn == nil {
+		return 0
+	}
+	return h.conn.PgConn().PID()
+}
