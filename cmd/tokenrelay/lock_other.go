@@ -2,7 +2,11 @@
 
 package main
 
-import "context"
+import (
+	"context"
+	"io/fs"
+	"os"
+)
 
 // lockDataDir does nothing where flock is not available: keep one serve
 // per data dir by hand there.
@@ -12,7 +16,10 @@ func lockDataDir(string) (func(), error) { return func() {}, nil }
 // process takes itself for its store's only user there.
 type fileHold struct{}
 
-func holdFile(context.Context, string) (*fileHold, error) { return &fileHold{}, nil }
-func (*fileHold) Alone(context.Context) (bool, error)     { return true, nil }
-func (*fileHold) EndAlone(context.Context) error          { return nil }
-func (*fileHold) Release()                                {}
+type openFunc func(name string, flag int, perm fs.FileMode) (*os.File, error)
+
+func holdFile(context.Context, string, openFunc) (*fileHold, error) { return &fileHold{}, nil }
+func (*fileHold) readOnly() error                                   { return nil }
+func (*fileHold) Alone(context.Context) (bool, error)               { return true, nil }
+func (*fileHold) EndAlone(context.Context) error                    { return nil }
+func (*fileHold) Release()                                          {}

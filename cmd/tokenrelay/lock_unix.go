@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -33,16 +34,39 @@ func lockDataDir(dir string) (release func(), err error) {
 // fileHold is a POSIX record lock on a whole file: shared, and exclusive
 // as well while its process is alone (fcntl locks, unlike flock, convert
 // atomically, and a process's own locks never conflict with it).
-type fileHold struct{ f *os.File }
+type fileHold struct {
+	f    *os.File
+	path string
+	// ro is why f is open read-only (the file is another user's): its read
+	// lock is shared like any, but it can never be exclusive.
+	ro error
+}
 
-// holdFile takes path's lock shared (creating the file), waiting while
-// another process holds it exclusively, as long as ctx allows.
-func holdFile(ctx context.Context, path string) (*fileHold, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+// openFunc opens a file as os.OpenFile does.
+type openFunc func(name string, flag int, perm fs.FileMode) (*os.File, error)
+
+// holdFile takes path's lock shared (creating the file with open), waiting
+// while another process holds it exclusively, as long as ctx allows.
+func holdFile(ctx context.Context, path string, open openFunc) (*fileHold, error) {
+	// 0664: processes of several users in one group may share the store.
+	f, err := open(path, os.O_RDWR|os.O_CREATE, 0o664)
+	var ro error
+	if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
+		// fcntl takes a read lock through a read-only descriptor too.
+		g, rerr := open(path, os.O_RDONLY, 0)
+		switch {
+		case rerr == nil:
+			f, ro, err = g, err, nil
+		case errors.Is(rerr, fs.ErrNotExist):
+			err = fmt.Errorf("%w: %w", errNoLockFile, err)
+		default:
+			err = fmt.Errorf("this user can neither write nor read the lock file: %w", rerr)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
-	h := &fileHold{f: f}
+	h := &fileHold{f: f, path: path, ro: ro}
 	for {
 		err := h.set(syscall.F_RDLCK)
 		if err == nil {
@@ -65,8 +89,14 @@ func (h *fileHold) set(typ int16) error {
 	return syscall.FcntlFlock(h.f.Fd(), syscall.F_SETLK, &syscall.Flock_t{Type: typ, Whence: io.SeekStart})
 }
 
+// readOnly is why the hold can never be exclusive, or nil.
+func (h *fileHold) readOnly() error { return h.ro }
+
 // Alone takes the lock exclusively, if no other process holds it.
 func (h *fileHold) Alone(context.Context) (bool, error) {
+	if h.ro != nil {
+		return false, fmt.Errorf("the store's lock file %s is not writable by this user, so this process cannot hold it alone: %w", h.path, h.ro)
+	}
 	err := h.set(syscall.F_WRLCK)
 	if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EACCES) {
 		return false, nil
@@ -75,7 +105,12 @@ func (h *fileHold) Alone(context.Context) (bool, error) {
 }
 
 // EndAlone turns the exclusive lock back into a shared one.
-func (h *fileHold) EndAlone(context.Context) error { return h.set(syscall.F_RDLCK) }
+func (h *fileHold) EndAlone(context.Context) error {
+	if h.ro != nil {
+		return nil
+	}
+	return h.set(syscall.F_RDLCK)
+}
 
 // Release ends the hold.
 func (h *fileHold) Release() { h.f.Close() }

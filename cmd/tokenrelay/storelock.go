@@ -4,10 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
+	"os"
 	"path/filepath"
-	"syscall"
 
 	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
@@ -26,9 +25,7 @@ type storeHold interface {
 // holdStore takes the store shared, waiting while another process holds it
 // alone (as long as ctx allows). A SQLite store is held by a record lock on
 // a file beside it (named after the database file's real path), a
-// PostgreSQL one by an advisory lock (per schema). Where the lock file
-// cannot be made (a read-only directory) the store is used unguarded, as
-// before there was a lock, and the log says so.
+// PostgreSQL one by an advisory lock (per schema).
 func holdStore(ctx context.Context, st store.Store, log *slog.Logger) (storeHold, error) {
 	var h storeHold
 	var err error
@@ -40,16 +37,34 @@ func holdStore(ctx context.Context, st store.Store, log *slog.Logger) (storeHold
 		if real, err := filepath.EvalSymlinks(path); err == nil {
 			path = real
 		}
-		h, err = holdFile(ctx, path+".lock")
-		if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
-			log.Warn("the store's lock file cannot be made; other processes on this store go unnoticed", "err", err)
-			return alwaysAlone{}, nil
-		}
+		h, err = holdLockFile(ctx, path+".lock", os.OpenFile, log)
 	default:
 		return alwaysAlone{}, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("hold the store: %w", err)
+	}
+	return h, nil
+}
+
+// errNoLockFile says the lock file neither exists nor can be made.
+var errNoLockFile = errors.New("the lock file cannot be made")
+
+// holdLockFile holds a SQLite store by its lock file at path. Where the file
+// cannot be made (a read-only directory) the store is used unguarded, as
+// before there was a lock, and the log says so. A file this user cannot
+// write (another user's) is held shared, never alone.
+func holdLockFile(ctx context.Context, path string, open openFunc, log *slog.Logger) (storeHold, error) {
+	h, err := holdFile(ctx, path, open)
+	if errors.Is(err, errNoLockFile) {
+		log.Warn("the store's lock file cannot be made; other processes on this store go unnoticed", "err", err)
+		return alwaysAlone{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if ro := h.readOnly(); ro != nil {
+		log.Warn("the store's lock file is not writable by this user; this process holds the store shared but never alone, so a serve's ending of unfinished turns is skipped", "path", path, "err", ro)
 	}
 	return h, nil
 }
