@@ -109,15 +109,27 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bus: jobs stream: %w", err)
 	}
-	_, err = b.jobs.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
-		Durable:       JobsConsumer,
-		Description:   "tokenrelay workers share this consumer",
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       cfg.AckWait,
-		MaxDeliver:    -1,
-		MaxAckPending: 100000,
-		FilterSubject: JobSubject,
-		Replicas:      cfg.Replicas,
+	// The consumer is given the replicas its stream was just given. When
+	// that raised the stream's, the server refuses the consumer's until
+	// the stream's new peers are in place (about 10 s on nats-server 2.15;
+	// 2.9 places them at once): wait for them.
+	err = retrying(ctx, "creating or updating consumer "+JobsConsumer, func(err error) string {
+		if apiErrorCode(err) == errCodeConsumerReplicasExceedStream {
+			return "stream " + JobsStream + " did not take its new replicas"
+		}
+		return ""
+	}, func(ctx context.Context) error {
+		_, err := b.jobs.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
+			Durable:       JobsConsumer,
+			Description:   "tokenrelay workers share this consumer",
+			AckPolicy:     jetstream.AckExplicitPolicy,
+			AckWait:       cfg.AckWait,
+			MaxDeliver:    -1,
+			MaxAckPending: 100000,
+			FilterSubject: JobSubject,
+			Replicas:      cfg.Replicas,
+		})
+		return err
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open bus: jobs consumer: %w", err)
@@ -159,6 +171,62 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.Str
 		return js.UpdateStream(ctx, cfg)
 	}
 	return s, err
+}
+
+// errCodeConsumerReplicasExceedStream is JetStream's error code for a
+// consumer given more replicas than its stream has.
+const errCodeConsumerReplicasExceedStream = 10126
+
+// apiErrorCode returns the JetStream error code of err, or 0.
+func apiErrorCode(err error) jetstream.ErrorCode {
+	var api *jetstream.APIError
+	if errors.As(err, &api) {
+		return api.ErrorCode
+	}
+	return 0
+}
+
+// openRetryFor bounds how long one step of Open retries an error that
+// waiting may cure.
+var openRetryFor = 30 * time.Second
+
+// retrying runs op, one step of Open described by what, until it succeeds,
+// fails with an error that transient does not describe (with the cause it
+// names), ctx ends or openRetryFor has passed. The pause between attempts
+// grows from 50ms to 1s.
+func retrying(ctx context.Context, what string, transient func(error) string, op func(context.Context) error) error {
+	start := time.Now()
+	pause := 50 * time.Millisecond
+	for {
+		err := op(ctx)
+		if err == nil {
+			return nil
+		}
+		cause := transient(err)
+		if cause == "" || ctx.Err() != nil {
+			return err
+		}
+		if time.Since(start)+pause > openRetryFor {
+			return fmt.Errorf("%s: %s (tried for %v): %w", what, cause, roundElapsed(time.Since(start)), err)
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		pause = min(2*pause, time.Second)
+	}
+}
+
+// roundElapsed rounds d for an error message: to the second, or to the
+// millisecond under a second.
+func roundElapsed(d time.Duration) time.Duration {
+	if d < time.Second {
+		return d.Round(time.Millisecond)
+	}
+	return d.Round(time.Second)
 }
 
 // ensureKeyValue is ensureStream for a bucket.

@@ -3,7 +3,9 @@ package bustest
 
 import (
 	"errors"
+	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -144,4 +146,79 @@ func OpenCuttable(t testing.TB, url string) (*bus.Bus, *Cutter) {
 	b := Open(t, url, nats.SetCustomDialer(c), nats.MaxReconnects(-1),
 		nats.ReconnectWait(20*time.Millisecond), nats.ReconnectJitter(0, 0))
 	return b, c
+}
+
+// StartCluster runs an in-process JetStream cluster of n nodes in
+// t.TempDir on loopback, waits until every node follows one JetStream meta
+// leader, and returns the client URLs of the nodes, comma separated.
+// Everything stops at the end of the test.
+func StartCluster(t testing.TB, n int) string {
+	t.Helper()
+	// Every node is given every route port before any starts, so the
+	// ports are picked free beforehand (a clash is unlikely, not ruled out).
+	ports := make([]int, n)
+	lns := make([]net.Listener, n)
+	var routes []string
+	for i := range ports {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns[i] = ln
+		ports[i] = ln.Addr().(*net.TCPAddr).Port
+		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", ports[i]))
+	}
+	for _, ln := range lns {
+		ln.Close()
+	}
+	var nodes []*bus.Embedded
+	var urls []string
+	for i := range n {
+		opts := &server.Options{
+			ServerName: fmt.Sprintf("n%d", i+1),
+			JetStream:  true,
+			StoreDir:   t.TempDir(),
+			Host:       "127.0.0.1",
+			Port:       -1,
+			Cluster:    server.ClusterOpts{Name: "bustest", Host: "127.0.0.1", Port: ports[i]},
+			Routes:     server.RoutesFromStr(strings.Join(routes, ",")),
+			NoLog:      true,
+			NoSigs:     true,
+		}
+		emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: opts})
+		if err != nil {
+			t.Fatalf("start nats node %d: %v", i+1, err)
+		}
+		t.Cleanup(emb.Shutdown)
+		nodes = append(nodes, emb)
+		urls = append(urls, emb.Server.ClientURL())
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !clusterReady(nodes) {
+		if time.Now().After(deadline) {
+			t.Fatalf("nats cluster: no JetStream meta leader followed by all %d nodes after 30s", n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return strings.Join(urls, ",")
+}
+
+// clusterReady reports whether nodes have a meta leader that knows every
+// one of them and that each is current with.
+func clusterReady(nodes []*bus.Embedded) bool {
+	var leader *server.Server
+	for _, n := range nodes {
+		if n.Server.JetStreamIsLeader() {
+			leader = n.Server
+		}
+	}
+	if leader == nil || len(leader.JetStreamClusterPeers()) != len(nodes) {
+		return false
+	}
+	for _, n := range nodes {
+		if !n.Server.JetStreamIsCurrent() {
+			return false
+		}
+	}
+	return true
 }
