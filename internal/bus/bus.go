@@ -112,12 +112,17 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	// The consumer is given the replicas its stream was just given. When
 	// that raised the stream's, the server refuses the consumer's until
 	// the stream's new peers are in place (about 10 s on nats-server 2.15;
-	// 2.9 places them at once): wait for them.
+	// 2.9 places them at once): wait for them. A new nats-server 2.9
+	// cluster may also answer that the stream it has just confirmed is not
+	// found, while another process's creation of it is still applied.
 	err = retrying(ctx, "creating or updating consumer "+JobsConsumer, func(err error) string {
-		if apiErrorCode(err) == errCodeConsumerReplicasExceedStream {
+		switch apiErrorCode(err) {
+		case errCodeConsumerReplicasExceedStream:
 			return "stream " + JobsStream + " did not take its new replicas"
+		case jetstream.JSErrCodeStreamNotFound:
+			return "stream " + JobsStream + " was not found"
 		}
-		return ""
+		return unanswered(err)
 	}, func(ctx context.Context) error {
 		_, err := b.jobs.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
 			Durable:       JobsConsumer,
@@ -160,16 +165,20 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 }
 
 // ensureStream creates the stream, or updates it when it exists with
-// another config. Create comes first because it is idempotent: gateways and
+// another config, retrying while JetStream does not answer (see
+// unanswered). Create comes first because it is idempotent: gateways and
 // workers starting together on a new cluster all create the same streams,
 // and jetstream's CreateOrUpdateStream, which tries an update first, then
 // gets no answer (an update of a stream whose creation is still in flight)
 // and every process fails to start.
-func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
-	s, err := js.CreateStream(ctx, cfg)
-	if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-		return js.UpdateStream(ctx, cfg)
-	}
+func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig) (s jetstream.Stream, err error) {
+	err = retrying(ctx, "creating or updating stream "+cfg.Name, unanswered, func(ctx context.Context) error {
+		s, err = js.CreateStream(ctx, cfg)
+		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			s, err = js.UpdateStream(ctx, cfg)
+		}
+		return err
+	})
 	return s, err
 }
 
@@ -186,19 +195,45 @@ func apiErrorCode(err error) jetstream.ErrorCode {
 	return 0
 }
 
-// openRetryFor bounds how long one step of Open retries an error that
-// waiting may cure.
-var openRetryFor = 30 * time.Second
+// errCodeClusterNotAvailable is JetStream's error code for a cluster
+// without a meta leader, as while a new cluster elects its first one.
+const errCodeClusterNotAvailable = 10008
+
+// unanswered names the cause of err when it is one that waiting may cure
+// in a cluster that is busy or electing a leader: no answer to an API
+// request (a new nats-server 2.9 cluster leaves some unanswered while it
+// creates streams for several processes at once), or no meta leader. It
+// returns "" otherwise. No responders is not among them: a server enables
+// JetStream before it accepts clients, so it means no JetStream at all.
+func unanswered(err error) string {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout):
+		return "JetStream did not answer"
+	case apiErrorCode(err) == errCodeClusterNotAvailable:
+		return "JetStream was unavailable"
+	}
+	return ""
+}
+
+// openAttempt bounds one attempt of a step of Open (jetstream's default
+// for an API request), and openRetryFor the attempts of the step.
+var (
+	openAttempt  = 5 * time.Second
+	openRetryFor = 30 * time.Second
+)
 
 // retrying runs op, one step of Open described by what, until it succeeds,
 // fails with an error that transient does not describe (with the cause it
-// names), ctx ends or openRetryFor has passed. The pause between attempts
-// grows from 50ms to 1s.
+// names), ctx ends or openRetryFor has passed. Each attempt is given at
+// most openAttempt; the pause between attempts grows from 50ms to 1s. The
+// first attempt starts at once, so a healthy server sees no delay.
 func retrying(ctx context.Context, what string, transient func(error) string, op func(context.Context) error) error {
 	start := time.Now()
 	pause := 50 * time.Millisecond
 	for {
-		err := op(ctx)
+		actx, cancel := context.WithTimeout(ctx, openAttempt)
+		err := op(actx)
+		cancel()
 		if err == nil {
 			return nil
 		}
@@ -230,11 +265,14 @@ func roundElapsed(d time.Duration) time.Duration {
 }
 
 // ensureKeyValue is ensureStream for a bucket.
-func ensureKeyValue(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
-	kv, err := js.CreateKeyValue(ctx, cfg)
-	if errors.Is(err, jetstream.ErrBucketExists) {
-		return js.UpdateKeyValue(ctx, cfg)
-	}
+func ensureKeyValue(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (kv jetstream.KeyValue, err error) {
+	err = retrying(ctx, "creating or updating bucket "+cfg.Bucket, unanswered, func(ctx context.Context) error {
+		kv, err = js.CreateKeyValue(ctx, cfg)
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			kv, err = js.UpdateKeyValue(ctx, cfg)
+		}
+		return err
+	})
 	return kv, err
 }
 

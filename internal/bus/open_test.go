@@ -1,7 +1,12 @@
 package bus_test
 
 import (
+	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -53,5 +58,106 @@ func TestOpenRaisesReplicas(t *testing.T) {
 	}
 	if r := cons.CachedInfo().Config.Replicas; r != 3 {
 		t.Errorf("the job consumer has %d replicas, want 3", r)
+	}
+}
+
+// relayJS starts a nats-server without JetStream whose JetStream API
+// requests a test connection relays to one with JetStream, except those
+// that intercept takes: it answers them with the reply it returns, or not
+// at all for none, as a busy cluster may leave them. It returns the URL of
+// the server without JetStream.
+func relayJS(t *testing.T, intercept func(subject string) (taken bool, reply []byte)) string {
+	t.Helper()
+	start := func(js bool) *bus.Embedded {
+		emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+			JetStream: js, StoreDir: t.TempDir(), Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(emb.Shutdown)
+		return emb
+	}
+	front, back := start(false), start(true)
+	up := connect(t, back.Server.ClientURL())
+	nc := connect(t, front.Server.ClientURL())
+	if _, err := nc.Subscribe("$JS.API.>", func(m *nats.Msg) {
+		if taken, reply := intercept(m.Subject); taken {
+			if reply != nil {
+				_ = m.Respond(reply)
+			}
+			return
+		}
+		resp, err := up.RequestMsg(&nats.Msg{Subject: m.Subject, Header: m.Header, Data: m.Data}, 5*time.Second)
+		if err != nil {
+			t.Errorf("relay %s: %v", m.Subject, err)
+			return
+		}
+		_ = m.RespondMsg(&nats.Msg{Header: resp.Header, Data: resp.Data})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return front.Server.ClientURL()
+}
+
+// A JetStream API request left unanswered, as a new cluster busy creating
+// the streams of processes starting together may leave one, is asked
+// again: every process comes up.
+func TestOpenRetriesAnUnansweredRequest(t *testing.T) {
+	bus.SetOpenTimeouts(t, 300*time.Millisecond, 10*time.Second)
+	var creates atomic.Int32
+	url := relayJS(t, func(subj string) (bool, []byte) {
+		return subj == "$JS.API.STREAM.CREATE."+bus.JobsStream && creates.Add(1) == 1, nil
+	})
+	if _, err := bus.Open(t.Context(), connect(t, url), bus.Config{}); err != nil {
+		t.Fatalf("open with its first request to create %s unanswered: %v", bus.JobsStream, err)
+	}
+	if n := creates.Load(); n != 2 {
+		t.Fatalf("%s created with %d requests, want 2", bus.JobsStream, n)
+	}
+}
+
+// A step of Open that JetStream never answers fails after the time
+// allowed, naming the cause.
+func TestOpenSaysJetStreamDidNotAnswer(t *testing.T) {
+	bus.SetOpenTimeouts(t, 100*time.Millisecond, time.Second)
+	var creates atomic.Int32
+	url := relayJS(t, func(subj string) (bool, []byte) {
+		if subj != "$JS.API.STREAM.CREATE."+bus.JobsStream {
+			return false, nil
+		}
+		creates.Add(1)
+		return true, nil
+	})
+	_, err := bus.Open(t.Context(), connect(t, url), bus.Config{})
+	want := "open bus: jobs stream: creating or updating stream " + bus.JobsStream + ": JetStream did not answer (tried for "
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("open with no answer to creating %s: %v; want %q…", bus.JobsStream, err, want)
+	}
+	if n := creates.Load(); n < 3 {
+		t.Fatalf("%s asked for %d times, want several", bus.JobsStream, n)
+	}
+	t.Log(err)
+}
+
+// A new nats-server 2.9 cluster may say that the stream a process has just
+// created is not found when it creates the stream's consumer, while
+// another process's creation of the stream is applied: it is asked again.
+func TestOpenWaitsForItsNewStreamToBeFound(t *testing.T) {
+	var creates atomic.Int32
+	url := relayJS(t, func(subj string) (bool, []byte) {
+		if !strings.HasPrefix(subj, "$JS.API.CONSUMER.CREATE."+bus.JobsStream+".") || creates.Add(1) > 1 {
+			return false, nil
+		}
+		return true, []byte(`{"type":"io.nats.jetstream.api.v1.consumer_create_response","error":{"code":404,"err_code":10059,"description":"stream not found"}}`)
+	})
+	if _, err := bus.Open(t.Context(), connect(t, url), bus.Config{}); err != nil {
+		t.Fatalf("open with %s not found at first: %v", bus.JobsStream, err)
+	}
+	if n := creates.Load(); n != 2 {
+		t.Fatalf("consumer %s created with %d requests, want 2", bus.JobsConsumer, n)
 	}
 }
