@@ -206,7 +206,7 @@ func openBackends(ctx context.Context, c *config, name string, log *slog.Logger)
 		st.Close()
 		return nil, nil, nil, err
 	}
-	b, err := openBus(ctx, c, nc, nil, nil)
+	b, err := openBus(ctx, c, nc, nil, nil, log)
 	if err != nil {
 		nc.Close()
 		hold.Release()

@@ -100,7 +100,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	if c.NATSURL == "" && c.NATSListen == "" {
 		local = bus.NewLocal()
 	}
-	gwBus, err := openBus(ctx, &c, gwNC, local, nil)
+	gwBus, err := openBus(ctx, &c, gwNC, local, nil, log)
 	if err != nil {
 		return err
 	}
@@ -113,7 +113,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		// it, once the worker has stopped (below).
 		defer journal.Close()
 	}
-	wkBus, err := openBus(ctx, &c, wkNC, local, journal)
+	wkBus, err := openBus(ctx, &c, wkNC, local, journal, log)
 	if err != nil {
 		return err
 	}

@@ -133,12 +133,14 @@ func logNATSError(log *slog.Logger) nats.ErrHandler {
 
 // openBus opens the bus on nc; local, when not nil, carries live events
 // inside the process (see bus.Local), and journal, when not nil, makes the
-// deltas published through it live once journaled (see bus.Journal).
-func openBus(ctx context.Context, c *config, nc *nats.Conn, local *bus.Local, journal *bus.Journal) (*bus.Bus, error) {
+// deltas published through it live once journaled (see bus.Journal). log
+// is told when the process changes the replicas or retention of the
+// streams that every process shares.
+func openBus(ctx context.Context, c *config, nc *nats.Conn, local *bus.Local, journal *bus.Journal, log *slog.Logger) (*bus.Bus, error) {
 	if c.Retention > 0 && c.Retention < time.Second {
 		return nil, fmt.Errorf("--retention must be 0 (kept for good) or at least 1s, not %v", c.Retention)
 	}
-	return bus.Open(ctx, nc, bus.Config{Replicas: c.Replicas, Retention: c.Retention, AckWait: c.AckWait, Local: local, Journal: journal})
+	return bus.Open(ctx, nc, bus.Config{Replicas: c.Replicas, Retention: c.Retention, AckWait: c.AckWait, Local: local, Journal: journal, Log: log})
 }
 
 // newProvider builds the model provider and the model allow-list check.

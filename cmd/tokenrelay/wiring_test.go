@@ -5,8 +5,11 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nats-io/nats.go"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 )
 
 // nats.go's asynchronous errors reach the log as warnings, with the
@@ -74,5 +77,27 @@ func TestOneLine(t *testing.T) {
 	}
 	if got := oneLine("port taken"); got != "port taken" {
 		t.Fatalf("oneLine of one line = %q", got)
+	}
+}
+
+// A process started with another --retention than the streams have says,
+// in its log, that it changes them for every process.
+func TestOpenBusLogsAChangedRetention(t *testing.T) {
+	emb := bustest.StartUnlistened(t)
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&buf, nil))
+	for _, retention := range []time.Duration{time.Hour, 2 * time.Hour} {
+		nc, err := emb.Connect("test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		if _, err := openBus(t.Context(), &config{Replicas: 1, Retention: retention}, nc, nil, nil, log); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := `level=WARN msg="changing the retention of a shared stream to this process's --retention; give every process the same" stream=TR_EVENTS from=1h0m0s to=2h0m0s`
+	if !strings.Contains(buf.String(), want) {
+		t.Fatalf("logged:\n%s\nwant a line with %s", &buf, want)
 	}
 }

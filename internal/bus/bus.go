@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"strconv"
 	"time"
@@ -30,6 +31,9 @@ type Config struct {
 	// Journal). The caller has started it and closes it after the Bus's
 	// last delta.
 	Journal *Journal
+	// Log, when set, is told when Open changes the replicas or retention
+	// of a stream or bucket that other processes share.
+	Log *slog.Logger
 }
 
 func (c *Config) defaults() {
@@ -38,6 +42,9 @@ func (c *Config) defaults() {
 	}
 	if c.AckWait <= 0 {
 		c.AckWait = 4 * time.Second
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
 	}
 }
 
@@ -77,7 +84,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	}
 	b := &Bus{nc: nc, js: js, cfg: cfg}
 	b.acks = newAcks(b)
-	b.events, err = ensureStream(ctx, js, jetstream.StreamConfig{
+	b.events, err = ensureStream(ctx, js, cfg.Log, jetstream.StreamConfig{
 		Name:        EventsStream,
 		Description: "tokenrelay turn events (start, deltas, end)",
 		Subjects:    []string{storedPrefix + ">"},
@@ -96,7 +103,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bus: events stream: %w", err)
 	}
-	b.jobs, err = ensureStream(ctx, js, jetstream.StreamConfig{
+	b.jobs, err = ensureStream(ctx, js, cfg.Log, jetstream.StreamConfig{
 		Name:        JobsStream,
 		Description: "tokenrelay turn jobs, one per turn",
 		Subjects:    []string{JobSubject},
@@ -139,7 +146,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bus: jobs consumer: %w", err)
 	}
-	b.turns, err = ensureKeyValue(ctx, js, jetstream.KeyValueConfig{
+	b.turns, err = ensureKeyValue(ctx, js, cfg.Log, jetstream.KeyValueConfig{
 		Bucket:      TurnsBucket,
 		Description: "tokenrelay turn snapshots (text so far, seq)",
 		History:     1,
@@ -150,7 +157,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open bus: turns bucket: %w", err)
 	}
-	b.cancels, err = ensureKeyValue(ctx, js, jetstream.KeyValueConfig{
+	b.cancels, err = ensureKeyValue(ctx, js, cfg.Log, jetstream.KeyValueConfig{
 		Bucket:      CancelBucket,
 		Description: "tokenrelay cancel tombstones",
 		History:     1,
@@ -170,16 +177,43 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 // workers starting together on a new cluster all create the same streams,
 // and jetstream's CreateOrUpdateStream, which tries an update first, then
 // gets no answer (an update of a stream whose creation is still in flight)
-// and every process fails to start.
-func ensureStream(ctx context.Context, js jetstream.JetStream, cfg jetstream.StreamConfig) (s jetstream.Stream, err error) {
+// and every process fails to start. An update that changes the replicas or
+// retention is logged (see warnChanges).
+func ensureStream(ctx context.Context, js jetstream.JetStream, log *slog.Logger, cfg jetstream.StreamConfig) (s jetstream.Stream, err error) {
 	err = retrying(ctx, "creating or updating stream "+cfg.Name, unanswered, func(ctx context.Context) error {
 		s, err = js.CreateStream(ctx, cfg)
-		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-			s, err = js.UpdateStream(ctx, cfg)
+		if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			return err
 		}
+		if err := warnChanges(ctx, js, log, cfg.Name, cfg.Replicas, cfg.MaxAge); err != nil {
+			return err
+		}
+		s, err = js.UpdateStream(ctx, cfg)
 		return err
 	})
 	return s, err
+}
+
+// warnChanges logs the replicas and retention of existing stream name that
+// differ from the ones about to be set. Every process sets them when it
+// starts, so one started with another --replicas or --retention changes
+// them for all, and a change of replicas from 3 to 1 loses the cluster's
+// tolerance of a node's loss.
+func warnChanges(ctx context.Context, js jetstream.JetStream, log *slog.Logger, name string, replicas int, maxAge time.Duration) error {
+	s, err := js.Stream(ctx, name)
+	if err != nil {
+		return err
+	}
+	old := s.CachedInfo().Config
+	if old.Replicas != replicas {
+		log.Warn("changing the replicas of a shared stream to this process's --replicas; give every process the same",
+			"stream", name, "from", old.Replicas, "to", replicas)
+	}
+	if old.MaxAge != maxAge {
+		log.Warn("changing the retention of a shared stream to this process's --retention; give every process the same",
+			"stream", name, "from", old.MaxAge, "to", maxAge)
+	}
+	return nil
 }
 
 // errCodeConsumerReplicasExceedStream is JetStream's error code for a
@@ -265,12 +299,16 @@ func roundElapsed(d time.Duration) time.Duration {
 }
 
 // ensureKeyValue is ensureStream for a bucket.
-func ensureKeyValue(ctx context.Context, js jetstream.JetStream, cfg jetstream.KeyValueConfig) (kv jetstream.KeyValue, err error) {
+func ensureKeyValue(ctx context.Context, js jetstream.JetStream, log *slog.Logger, cfg jetstream.KeyValueConfig) (kv jetstream.KeyValue, err error) {
 	err = retrying(ctx, "creating or updating bucket "+cfg.Bucket, unanswered, func(ctx context.Context) error {
 		kv, err = js.CreateKeyValue(ctx, cfg)
-		if errors.Is(err, jetstream.ErrBucketExists) {
-			kv, err = js.UpdateKeyValue(ctx, cfg)
+		if !errors.Is(err, jetstream.ErrBucketExists) {
+			return err
 		}
+		if err := warnChanges(ctx, js, log, "KV_"+cfg.Bucket, cfg.Replicas, cfg.TTL); err != nil {
+			return err
+		}
+		kv, err = js.UpdateKeyValue(ctx, cfg)
 		return err
 	})
 	return kv, err

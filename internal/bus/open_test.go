@@ -1,6 +1,8 @@
 package bus_test
 
 import (
+	"bytes"
+	"log/slog"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -160,4 +162,40 @@ func TestOpenWaitsForItsNewStreamToBeFound(t *testing.T) {
 	if n := creates.Load(); n != 2 {
 		t.Fatalf("consumer %s created with %d requests, want 2", bus.JobsConsumer, n)
 	}
+}
+
+// A process started with other --replicas or --retention than the running
+// ones changes the shared streams and buckets for all: it says so, for
+// each, with the old and new values; one started with the same says
+// nothing.
+func TestOpenWarnsOfChangedReplicasAndRetention(t *testing.T) {
+	urls := bustest.StartCluster(t, 3)
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	open := func(replicas int, retention time.Duration) {
+		t.Helper()
+		if _, err := bus.Open(t.Context(), connect(t, urls), bus.Config{Replicas: replicas, Retention: retention, Log: log}); err != nil {
+			t.Fatalf("open with --replicas %d --retention %v: %v", replicas, retention, err)
+		}
+	}
+	open(3, time.Hour)
+	open(3, time.Hour)
+	if logs.Len() > 0 {
+		t.Fatalf("opening with the streams' own settings logged:\n%s", &logs)
+	}
+	open(1, 2*time.Hour)
+	for _, name := range []string{bus.EventsStream, bus.JobsStream, "KV_" + bus.TurnsBucket, "KV_" + bus.CancelBucket} {
+		for _, want := range []string{
+			"level=WARN msg=\"changing the replicas of a shared stream to this process's --replicas; give every process the same\" stream=" + name + " from=3 to=1\n",
+			"level=WARN msg=\"changing the retention of a shared stream to this process's --retention; give every process the same\" stream=" + name + " from=1h0m0s to=2h0m0s\n",
+		} {
+			if !strings.Contains(logs.String(), want) {
+				t.Errorf("no warning %q", want)
+			}
+		}
+	}
+	if t.Failed() {
+		t.Fatalf("logged:\n%s", &logs)
+	}
+	t.Log(&logs)
 }
