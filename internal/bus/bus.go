@@ -101,7 +101,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		AllowDirect: true,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open bus: events stream: %w", err)
+		return nil, fmt.Errorf("open bus: events stream: %w", needServers(err, cfg.Replicas))
 	}
 	b.jobs, err = ensureStream(ctx, js, cfg.Log, jetstream.StreamConfig{
 		Name:        JobsStream,
@@ -114,7 +114,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		Replicas:    cfg.Replicas,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open bus: jobs stream: %w", err)
+		return nil, fmt.Errorf("open bus: jobs stream: %w", needServers(err, cfg.Replicas))
 	}
 	// The consumer is given the replicas its stream was just given. When
 	// that raised the stream's, the server refuses the consumer's until
@@ -144,7 +144,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open bus: jobs consumer: %w", err)
+		return nil, fmt.Errorf("open bus: jobs consumer: %w", needServers(err, cfg.Replicas))
 	}
 	b.turns, err = ensureKeyValue(ctx, js, cfg.Log, jetstream.KeyValueConfig{
 		Bucket:      TurnsBucket,
@@ -155,7 +155,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		Replicas:    cfg.Replicas,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open bus: turns bucket: %w", err)
+		return nil, fmt.Errorf("open bus: turns bucket: %w", needServers(err, cfg.Replicas))
 	}
 	b.cancels, err = ensureKeyValue(ctx, js, cfg.Log, jetstream.KeyValueConfig{
 		Bucket:      CancelBucket,
@@ -166,7 +166,7 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Bus, error) {
 		Replicas:    cfg.Replicas,
 	})
 	if err != nil {
-		return nil, fmt.Errorf("open bus: cancel bucket: %w", err)
+		return nil, fmt.Errorf("open bus: cancel bucket: %w", needServers(err, cfg.Replicas))
 	}
 	return b, nil
 }
@@ -219,6 +219,28 @@ func warnChanges(ctx context.Context, js jetstream.JetStream, log *slog.Logger, 
 // errCodeConsumerReplicasExceedStream is JetStream's error code for a
 // consumer given more replicas than its stream has.
 const errCodeConsumerReplicasExceedStream = 10126
+
+// JetStream's error codes for replicas it cannot place: too few servers
+// in the cluster (or too few with room), or a server not in a cluster.
+const (
+	errCodeNoSuitablePeers      = 10005
+	errCodeReplicasNotSupported = 10074
+)
+
+// needServers adds to err, when JetStream refused to place the replicas,
+// what --replicas asks of the cluster: the server's words do not name the
+// setting to change.
+func needServers(err error, replicas int) error {
+	switch apiErrorCode(err) {
+	case errCodeNoSuitablePeers:
+		if replicas > 1 {
+			return fmt.Errorf("--replicas %d needs at least %d JetStream servers up in the cluster: %w", replicas, replicas, err)
+		}
+	case errCodeReplicasNotSupported:
+		return fmt.Errorf("--replicas %d needs a cluster of at least %d JetStream servers: %w", replicas, replicas, err)
+	}
+	return err
+}
 
 // apiErrorCode returns the JetStream error code of err, or 0.
 func apiErrorCode(err error) jetstream.ErrorCode {

@@ -199,3 +199,29 @@ func TestOpenWarnsOfChangedReplicasAndRetention(t *testing.T) {
 	}
 	t.Log(&logs)
 }
+
+// More replicas than the cluster has servers, or replicas on a server not
+// in a cluster, fail at once with an error naming --replicas.
+func TestOpenSaysWhatReplicasNeed(t *testing.T) {
+	nc := connect(t, bustest.StartCluster(t, 3))
+	_, err := bus.Open(t.Context(), nc, bus.Config{Replicas: 5})
+	want := "open bus: events stream: --replicas 5 needs at least 5 JetStream servers up in the cluster: "
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("open with --replicas 5 on three servers: %v; want %q…", err, want)
+	}
+	t.Log(err)
+
+	emb, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: t.TempDir(), Host: "127.0.0.1", Port: -1, NoLog: true, NoSigs: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emb.Shutdown)
+	_, err = bus.Open(t.Context(), connect(t, emb.Server.ClientURL()), bus.Config{Replicas: 3})
+	want = "open bus: events stream: --replicas 3 needs a cluster of at least 3 JetStream servers: "
+	if err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("open with --replicas 3 on a server not in a cluster: %v; want %q…", err, want)
+	}
+	t.Log(err)
+}
