@@ -803,10 +803,12 @@ ui.scrim.addEventListener('click', closeSidebar);
 let alertTimer = 0;
 let alertAboutConnection = false; // the alert shown is about the connection, and ends with it
 let alertTurn = null; // the running answer a turn_active alert is about, which ends it
-function showAlert(text, ms = 0, connection = false, turn = null) {
+let alertJoin = null; // the conversation whose failed join the alert is about, which joining ends
+function showAlert(text, ms = 0, connection = false, turn = null, join = null) {
   clearTimeout(alertTimer);
   alertAboutConnection = connection;
   alertTurn = turn;
+  alertJoin = join;
   ui.alertText.textContent = text;
   ui.alert.hidden = false;
   if (ms) alertTimer = setTimeout(hideAlert, ms);
@@ -822,6 +824,9 @@ ui.alertClose.addEventListener('click', () => {
 
 /** describe turns an error (a ClientError or an `error` event's detail) into words for a person. */
 function describe(e) {
+  if (e.request === 'join' && (e.code === 'unavailable' || e.code === 'internal')) {
+    return 'This conversation could not be loaded just now. Trying again…'; // the client does
+  }
   switch (e.code) {
     case 'rate_limited': {
       const s = retryDelay(e) ? Math.max(1, Math.ceil(e.retryAfterMs / 1000)) : 0;
@@ -885,7 +890,8 @@ client.addEventListener('error', (e) => {
   if (d.conversationId && d.conversationId !== current) return;
   // An error that answers no request is about the connection (closed
   // 4009 for too many connections, 4001 for the token).
-  showAlert(describe(d), retryDelay(d) ? d.retryAfterMs + 1000 : 0, !d.request, d.code === 'turn_active' ? d.turnId ?? null : null);
+  showAlert(describe(d), retryDelay(d) ? d.retryAfterMs + 1000 : 0, !d.request, d.code === 'turn_active' ? d.turnId ?? null : null,
+    d.request === 'join' ? d.conversationId : null);
 });
 
 const connectionWords = {
@@ -904,7 +910,10 @@ client.addEventListener('status', (e) => {
   }
 });
 
-client.addEventListener('joined', schedule);
+client.addEventListener('joined', (e) => {
+  schedule();
+  if (alertJoin && e.detail.conversationId === alertJoin && !ui.alert.hidden) hideAlert();
+});
 client.addEventListener('message', (e) => {
   schedule();
   if (e.detail.conversationId === current && !e.detail.message.pending) refreshList(100);

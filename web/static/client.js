@@ -477,6 +477,7 @@ export class TokenRelayClient extends EventTarget {
     const conv = this._convs.get(conversationId);
     if (!conv) return;
     this._convs.delete(conversationId);
+    clearTimeout(conv.joinTimer);
     for (const w of conv.waiters) w.reject(new ClientError('cancelled', 'left the conversation'));
     this._write({ type: 'leave', conversation_id: conversationId });
   }
@@ -744,6 +745,14 @@ export class TokenRelayClient extends EventTarget {
         detail.conversationId = conv.id;
         conv.joining = false;
         conv.joined = false;
+        if (f.code === 'unavailable' || f.code === 'internal') {
+          // The server could not join us just now (its broker or store
+          // failed for a moment): ask again later, as a reconnect would,
+          // rather than forget a conversation the app still shows.
+          this._retryJoin(conv);
+          this._emit('error', detail);
+          return;
+        }
         if (f.code === 'rate_limited' && this._sending(conv.id)) {
           // Refused as a new conversation (--limit-new-conversations)
           // while a send to it is on its way: the send creates the
@@ -779,9 +788,21 @@ export class TokenRelayClient extends EventTarget {
     this._emit('error', detail);
   }
 
+  /** _retryJoin joins conv again after a backoff, if it is still followed and not joined by then. */
+  _retryJoin(conv) {
+    const base = Math.min(this.opts.backoffMaxMs, this.opts.backoffInitialMs * 2 ** conv.joinRetries++);
+    clearTimeout(conv.joinTimer);
+    conv.joinTimer = setTimeout(() => {
+      conv.joinTimer = null;
+      // Not connected: the reconnect joins it.
+      if (this._convs.get(conv.id) === conv && !conv.joined && !conv.joining && this.state === 'connected') this._sendJoin(conv);
+    }, base / 2 + Math.random() * base / 2);
+  }
+
   /** _forget drops conv from the followed conversations, failing its joins still waiting with err. */
   _forget(conv, err) {
     if (this._convs.get(conv.id) === conv) this._convs.delete(conv.id);
+    clearTimeout(conv.joinTimer);
     conv.refusedJoin = null;
     for (const w of conv.waiters.splice(0)) w.reject(err);
   }
@@ -870,6 +891,7 @@ export class TokenRelayClient extends EventTarget {
     conv.joining = false;
     conv.joined = true;
     conv.everJoined = true;
+    conv.joinRetries = 0;
     this._emit('joined', { conversationId: conv.id, conversation: conv, resumed });
     for (const t of ended) this._emit('turn', { conversationId: conv.id, turn: t, phase: 'end' });
     for (const w of conv.waiters.splice(0)) w.resolve(conv);
@@ -963,7 +985,8 @@ export class TokenRelayClient extends EventTarget {
 
 function newConversation(id, history) {
   return { id, history, items: [], byMessage: new Map(), byTurn: new Map(), active: null, hasMore: false, loadingOlder: null,
-    joined: false, joining: false, joinId: null, joinAfter: null, detached: null, waiters: [], refusedJoin: null, everJoined: false };
+    joined: false, joining: false, joinId: null, joinAfter: null, detached: null, waiters: [], refusedJoin: null, everJoined: false,
+    joinRetries: 0, joinTimer: null };
 }
 
 function sameItem(a, b) {

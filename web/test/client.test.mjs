@@ -572,3 +572,76 @@ test('a WebSocket that does not open within openTimeoutMs is given up and tried 
   assert.equal(c.state, 'connected');
   assert.equal(c._openTimer, null, 'an open socket is not timed out');
 });
+
+test('a join the server could not make just now is asked again, and its waiter resolves then', async (t) => {
+  const c = newClient(t);
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all[0];
+  ws.open();
+  const p = c.join('c1');
+  const j = ws.frames('join').at(-1);
+  ws.receive({ type: 'error', id: j.id, code: 'unavailable', message: 'the message broker is unavailable; try again' });
+  assert.equal(c.events.find((e) => e.type === 'error')?.request, 'join');
+  assert.ok(c.conversation('c1'), 'the conversation is kept');
+  await until(() => ws.frames('join').length === 2, 'the join asked again');
+  const j2 = ws.frames('join').at(-1);
+  ws.receive({ type: 'joined', id: j2.id, conversation_id: 'c1', messages: [], active: null });
+  assert.equal(await settled(p, 'the join'), 'resolved');
+  assert.equal(c.conversation('c1').joined, true);
+});
+
+test('a join refused as a new conversation while a send to it waits is made again once the send is acknowledged', async (t) => {
+  const c = newClient(t);
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all[0];
+  ws.open();
+  const { ack } = c.send('c1', 'hello', { messageId: 'm1', turnId: 't1' });
+  const j = ws.frames('join').at(-1);
+  ws.receive({ type: 'error', id: j.id, code: 'rate_limited', retry_after_ms: 30000, message: 'too many new conversations (limit 1 per minute); join one you have, or wait' });
+  assert.equal(c.events.filter((e) => e.type === 'error').length, 0, 'the send answers for it');
+  const s = ws.frames('send').at(-1);
+  ws.receive({ type: 'ack', id: s.id, message_id: 'm1', turn_id: 't1' });
+  await ack;
+  await until(() => ws.frames('join').length === 2, 'the join made again');
+  const j2 = ws.frames('join').at(-1);
+  ws.receive({ type: 'joined', id: j2.id, conversation_id: 'c1', messages: [userMsg('m1', 't1', 'hello')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 1, text: 'a', model: 'sim' } });
+  assert.equal(c.conversation('c1').byTurn.get('t1').content, 'a');
+
+  // Refused the same way, and the send refused too: forgotten, with the send's error only.
+  const other = c.send('c2', 'again', { messageId: 'm2', turnId: 't2' });
+  const j3 = ws.frames('join').at(-1);
+  ws.receive({ type: 'error', id: j3.id, code: 'rate_limited', retry_after_ms: 30000, message: 'too many new conversations' });
+  const s2 = ws.frames('send').at(-1);
+  ws.receive({ type: 'error', id: s2.id, code: 'rate_limited', retry_after_ms: 1000, message: 'too many messages; slow down' });
+  assert.equal((await settled(other.ack, 'the send')).code, 'rate_limited');
+  assert.equal(c.conversation('c2'), undefined);
+  assert.deepEqual(c.events.filter((e) => e.type === 'error').map((e) => e.request), ['send']);
+});
+
+test('a conversation that comes back empty after a drop was deleted meanwhile: reported as a deletion', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1'), answerMsg('t1', 'm1', 'hello')] });
+  ws.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  const ws2 = FakeWS.all[1];
+  ws2.open();
+  const j = ws2.frames('join').at(-1);
+  ws2.receive({ type: 'joined', id: j.id, conversation_id: 'c1', messages: [], active: null });
+  const err = c.events.find((e) => e.type === 'error');
+  assert.equal(err?.code, 'not_found');
+  assert.equal(err.conversationId, 'c1');
+  assert.equal(err.request, undefined);
+
+  // An empty conversation that stays empty is no deletion.
+  const d = newClient(t);
+  const ws3 = await joined(d);
+  ws3.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  FakeWS.all[1].open();
+  const j2 = FakeWS.all[1].frames('join').at(-1);
+  FakeWS.all[1].receive({ type: 'joined', id: j2.id, conversation_id: 'c1', messages: [], active: null });
+  assert.equal(d.events.filter((e) => e.type === 'error').length, 0);
+});
