@@ -93,19 +93,22 @@ func TestStreamJSONAnswer(t *testing.T) {
 
 // A complete answer ends the turn although the server keeps the response
 // open: after [DONE], or after a finish_reason without [DONE]. The
-// timeouts are lifted, so only the answer's end can end the stream.
+// timeouts are lifted, so only the answer's end can end the stream;
+// after a finish_reason that came with text, which relays put on every
+// chunk, the idle timeout (idle) does.
 func TestStreamEndsWithoutTheServerClosing(t *testing.T) {
 	tests := []struct {
 		name  string
 		parts []string
+		idle  time.Duration
 	}{
-		{"after [DONE]", []string{contentChunk("Hi"), finishChunk, usageChunk, doneEvent}},
-		{"after finish_reason and usage", []string{contentChunk("Hi"), finishChunk, usageChunk}},
-		{"after finish_reason alone", []string{contentChunk("Hi"), finishChunk}},
+		{"after [DONE]", []string{contentChunk("Hi"), finishChunk, usageChunk, doneEvent}, 0},
+		{"after finish_reason and usage", []string{contentChunk("Hi"), finishChunk, usageChunk}, 0},
+		{"after finish_reason alone", []string{contentChunk("Hi"), finishChunk}, 0},
 		{"after a finish_reason on the last token", []string{
 			`data: {"choices":[{"index":0,"delta":{"reasoning_content":"hmm"},"finish_reason":null}]}` + "\n\n",
 			`data: {"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":"stop"}]}` + "\n\n",
-		}},
+		}, 100 * time.Millisecond},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -117,6 +120,9 @@ func TestStreamEndsWithoutTheServerClosing(t *testing.T) {
 			})
 			f := newFixture(t, srv.baseURL(), func(c *Config) {
 				c.IdleTimeout = -1
+				if tt.idle > 0 {
+					c.IdleTimeout = tt.idle
+				}
 				c.FirstTokenTimeout = -1
 			})
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -197,6 +203,35 @@ func TestStreamUnreliableFinishReasonIdle(t *testing.T) {
 	got, _, err := f.stream(t)
 	wantProviderError(t, err, "the model server stopped sending tokens for 50ms")
 	if want := []string{"Hello", " world"}; !slices.Equal(got, want) {
+		t.Errorf("emitted %q, want %q", got, want)
+	}
+}
+
+// A relay whose first chunk has no finish_reason and every later one has
+// (text and all) is not cut at the first pause after a finish_reason: one
+// that came with text leaves the idle timeout in force.
+func TestStreamFinishReasonWithTextWaitsForTheRest(t *testing.T) {
+	stop := func(s string) string {
+		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
+	}
+	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+		writeSSE(t, w, contentChunk("A"), stop("B"))
+		// The model pauses for longer than trailerWait; the pause is the
+		// behaviour under test.
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-r.Context().Done():
+			return
+		}
+		writeSSE(t, w, stop("C"), doneEvent)
+	})
+	f := newFixture(t, srv.baseURL(), nil)
+	f.p.trailerWait = 10 * time.Millisecond
+	got, _, err := f.stream(t)
+	if err != nil {
+		t.Fatalf("Stream: %v", err)
+	}
+	if want := []string{"A", "B", "C"}; !slices.Equal(got, want) {
 		t.Errorf("emitted %q, want %q", got, want)
 	}
 }

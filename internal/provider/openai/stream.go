@@ -207,13 +207,14 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		started  bool // a token (content or reasoning) arrived
 		emitted  bool // emit was called
 		finished bool // a finish_reason arrived, and no token since
-		// Some relays put a finish_reason on every chunk. Only once a
-		// token has come without one (plainToken) and none after one
-		// (finishUnreliable) is a finish_reason taken as the answer's
-		// end, after which the server has only trailerWait to close;
-		// until then the idle timeout applies, and [DONE] or the body's
-		// end close the answer.
-		plainToken       bool
+		// Some relays put a finish_reason on every chunk, text and all.
+		// Only a finish_reason on a chunk of its own, with no text (as
+		// OpenAI, vLLM and Ollama end), leaves the server just
+		// trailerWait to close; after one that came with text, the idle
+		// timeout applies, and [DONE] or the body's end close the answer.
+		// A token after a finish_reason (finishUnreliable) shows them
+		// meaningless: only [DONE] and the body's end close it then.
+		finishBare       bool
 		finishUnreliable bool
 		pairs            pairJoiner
 		sse              = newSSEReader(stream, maxEventBytes)
@@ -304,13 +305,11 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 				}
 			}
 			if ch.FinishReason != nil && *ch.FinishReason != "" {
-				finished = true
-			} else if token {
-				plainToken = true
+				finished, finishBare = true, !token
 			}
 		}
 		switch {
-		case finished && plainToken && !finishUnreliable:
+		case finished && finishBare && !finishUnreliable:
 			// Only the usage (or [DONE]) may follow, at once.
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
 		case started:
