@@ -819,7 +819,8 @@ export class TokenRelayClient extends EventTarget {
     const old = conv;
     // A conversation deleted while this client was away comes back empty:
     // the re-join made it anew. Said as a deletion seen live is (below).
-    const deleted = conv.everJoined && !(f.messages ?? []).length && !f.active &&
+    // (With history 0 every snapshot is empty.)
+    const deleted = conv.everJoined && conv.history > 0 && !(f.messages ?? []).length && !f.active &&
       old.items.some((i) => !i.pending) && !this._deleting.has(conv.id);
     const fresh = newConversation(conv.id, conv.history);
     for (const m of f.messages ?? []) {
@@ -892,6 +893,7 @@ export class TokenRelayClient extends EventTarget {
     conv.joined = true;
     conv.everJoined = true;
     conv.joinRetries = 0;
+    conv.refusedJoin = null;
     this._emit('joined', { conversationId: conv.id, conversation: conv, resumed });
     for (const t of ended) this._emit('turn', { conversationId: conv.id, turn: t, phase: 'end' });
     for (const w of conv.waiters.splice(0)) w.resolve(conv);

@@ -635,6 +635,21 @@ test('a conversation that comes back empty after a drop was deleted meanwhile: r
   assert.equal(err.conversationId, 'c1');
   assert.equal(err.request, undefined);
 
+  // Nor is a snapshot of no messages asked for (history 0).
+  const h0 = newClient(t, { history: 0 });
+  h0.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  FakeWS.all[0].open();
+  const p0 = h0.join('c1');
+  FakeWS.all[0].receive({ type: 'joined', id: FakeWS.all[0].frames('join').at(-1).id, conversation_id: 'c1', messages: [], active: null });
+  await p0;
+  FakeWS.all[0].receive({ type: 'message', conversation_id: 'c1', message: userMsg('m5', 't5') });
+  FakeWS.all[0].drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  FakeWS.all[1].open();
+  FakeWS.all[1].receive({ type: 'joined', id: FakeWS.all[1].frames('join').at(-1).id, conversation_id: 'c1', messages: [], active: null });
+  assert.equal(h0.events.filter((e) => e.type === 'error').length, 0, 'history 0: an empty snapshot is no deletion');
+
   // An empty conversation that stays empty is no deletion.
   const d = newClient(t);
   const ws3 = await joined(d);
