@@ -79,7 +79,7 @@ func open(ctx context.Context, path string) (*DB, error) {
 	write.SetConnMaxIdleTime(0)
 	// The writer connects first so that the file exists and is in WAL mode
 	// before a read-only connection opens it.
-	if err := write.PingContext(ctx); err != nil {
+	if err := whileBusy(ctx, func() error { return write.PingContext(ctx) }); err != nil {
 		write.Close()
 		return nil, err
 	}
@@ -162,9 +162,32 @@ func (s *DB) checkpointer(ctx context.Context) {
 // to run it fails on a table the first created, and finds it applied when
 // it checks again.
 func migrateShared(ctx context.Context, db *sql.DB) error {
-	for attempt := 1; ; attempt++ {
+	return whileBusy(ctx, func() error {
 		err := migrate(ctx, db)
-		if err == nil || attempt == 3 || !strings.Contains(err.Error(), "already exists") {
+		if err != nil && strings.Contains(err.Error(), "already exists") {
+			return fmt.Errorf("%w: another process migrates it too: %w", errBusy, err)
+		}
+		return err
+	})
+}
+
+var errBusy = errors.New("busy")
+
+// whileBusy calls fn until it returns something else than SQLite's
+// "database is locked", for as long as busy_timeout. Some steps of opening
+// a file that other processes open at the same moment fail so at once
+// instead of waiting out busy_timeout: the first connection's switch of a
+// new file to WAL mode, say.
+func whileBusy(ctx context.Context, fn func() error) error {
+	deadline := time.Now().Add(busyTimeout)
+	for pause := 5 * time.Millisecond; ; pause = min(2*pause, 100*time.Millisecond) {
+		err := fn()
+		if err == nil || !(errors.Is(err, errBusy) || strings.Contains(err.Error(), "SQLITE_BUSY")) || time.Now().Add(pause).After(deadline) {
+			return err
+		}
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
 			return err
 		}
 	}
