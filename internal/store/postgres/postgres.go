@@ -152,6 +152,14 @@ const (
 	// holdRetryMax bounds the wait between attempts to take a lost hold
 	// again.
 	holdRetryMax = 10 * time.Second
+	// holdPingTimeout is how long a ping may take before its connection is
+	// given up, and the lock with it: a busy server or a slow network
+	// must not cost the lock, a dead one is noticed by TCP keepalives too.
+	holdPingTimeout = 30 * time.Second
+	// holdCallTimeout bounds Alone and EndAlone, which run at start and
+	// shutdown and hold the hold's mutex: a server that stops answering
+	// must not hang them.
+	holdCallTimeout = 10 * time.Second
 )
 
 // Hold is a process's hold on the store (see DB.Hold).
@@ -285,7 +293,7 @@ func (h *Hold) ping(ctx context.Context) bool {
 	if h.conn == nil {
 		return false
 	}
-	pctx, cancel := context.WithTimeout(ctx, max(h.every, holdPingEvery))
+	pctx, cancel := context.WithTimeout(ctx, holdPingTimeout)
 	defer cancel()
 	err := h.conn.Ping(pctx)
 	if err != nil && ctx.Err() == nil {
@@ -322,6 +330,8 @@ func (h *Hold) dropLocked(err error) {
 // only when no other process holds the store. EndAlone gives the exclusive
 // hold back. A lost hold is taken again first, if it can be now.
 func (h *Hold) Alone(ctx context.Context) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
+	defer cancel()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for retried := false; ; retried = true {
@@ -354,6 +364,8 @@ func (h *Hold) Alone(ctx context.Context) (bool, error) {
 // EndAlone gives back the exclusive hold Alone took; a hold lost meanwhile
 // has none to give back.
 func (h *Hold) EndAlone(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
+	defer cancel()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.conn == nil || !h.alone {
