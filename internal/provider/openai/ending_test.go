@@ -235,3 +235,40 @@ func TestStreamFinishReasonWithTextWaitsForTheRest(t *testing.T) {
 		t.Errorf("emitted %q, want %q", got, want)
 	}
 }
+
+// A relay that puts finish_reason on every chunk, empty ones too, is not
+// cut by a pause after one of those: neither after a role-only first
+// chunk (the model's first token may take long) nor after an empty chunk
+// following text that also carried one.
+func TestStreamFinishReasonOnEmptyChunks(t *testing.T) {
+	stop := func(s string) string {
+		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
+	}
+	role := `data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"stop"}]}` + "\n\n"
+	for name, parts := range map[string][2][]string{
+		"a role-only first chunk":  {{role}, {stop("Hello"), stop(" world"), doneEvent}},
+		"an empty chunk mid-reply": {{stop("Hello"), stop("")}, {stop(" world"), doneEvent}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+				writeSSE(t, w, parts[0]...)
+				// Longer than trailerWait: the pause is the behaviour under test.
+				select {
+				case <-time.After(100 * time.Millisecond):
+				case <-r.Context().Done():
+					return
+				}
+				writeSSE(t, w, parts[1]...)
+			})
+			f := newFixture(t, srv.baseURL(), nil)
+			f.p.trailerWait = 10 * time.Millisecond
+			got, _, err := f.stream(t)
+			if err != nil {
+				t.Fatalf("Stream: %v", err)
+			}
+			if want := []string{"Hello", " world"}; !slices.Equal(got, want) {
+				t.Errorf("emitted %q, want %q", got, want)
+			}
+		})
+	}
+}

@@ -207,14 +207,16 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		started  bool // a token (content or reasoning) arrived
 		emitted  bool // emit was called
 		finished bool // a finish_reason arrived, and no token since
-		// Some relays put a finish_reason on every chunk, text and all.
-		// Only a finish_reason on a chunk of its own, with no text (as
-		// OpenAI, vLLM and Ollama end), leaves the server just
-		// trailerWait to close; after one that came with text, the idle
-		// timeout applies, and [DONE] or the body's end close the answer.
-		// A token after a finish_reason (finishUnreliable) shows them
-		// meaningless: only [DONE] and the body's end close it then.
+		// Some relays put a finish_reason on every chunk, text and all,
+		// empty chunks too. Only a finish_reason on a chunk of its own,
+		// with no text, after text that came without one (as OpenAI, vLLM
+		// and Ollama end), leaves the server just trailerWait to close;
+		// otherwise the idle timeout applies, and [DONE] or the body's end
+		// close the answer. A token after a finish_reason
+		// (finishUnreliable) shows them meaningless: only [DONE] and the
+		// body's end close it then.
 		finishBare       bool
+		lastTokenFinish  bool // the last chunk with a token had a finish_reason
 		finishUnreliable bool
 		pairs            pairJoiner
 		sse              = newSSEReader(stream, maxEventBytes)
@@ -304,12 +306,16 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 					return provider.Result{}, nil, err
 				}
 			}
-			if ch.FinishReason != nil && *ch.FinishReason != "" {
+			finish := ch.FinishReason != nil && *ch.FinishReason != ""
+			if finish {
 				finished, finishBare = true, !token
+			}
+			if token {
+				lastTokenFinish = finish
 			}
 		}
 		switch {
-		case finished && finishBare && !finishUnreliable:
+		case finished && finishBare && started && !lastTokenFinish && !finishUnreliable:
 			// Only the usage (or [DONE]) may follow, at once.
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
 		case started:
