@@ -221,3 +221,29 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// An EndAlone whose unlock fails (here its context has ended; a server
+// that stops answering does the same) gives the exclusive lock up with
+// its connection: it must not keep every other process out for this
+// one's life.
+func TestFailedEndAloneLeavesNoExclusiveLock(t *testing.T) {
+	db := openDB(t, pgtest.SchemaURL(t))
+	a := takeHold(t, db, nil, time.Hour)
+	ok, err := a.Alone(t.Context())
+	if err != nil || !ok {
+		t.Fatalf("alone: %v, %v", ok, err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := a.EndAlone(ctx); err != nil {
+		t.Fatalf("end alone: %v", err)
+	}
+	// Another process can hold the store (it waits while one is alone).
+	hctx, hcancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer hcancel()
+	b, err := db.hold(hctx, nil, time.Hour)
+	if err != nil {
+		t.Fatalf("a second hold after a failed EndAlone: %v", err)
+	}
+	b.Release()
+}

@@ -153,12 +153,12 @@ const (
 	// again.
 	holdRetryMax = 10 * time.Second
 	// holdPingTimeout is how long a ping may take before its connection is
-	// given up, and the lock with it: a busy server or a slow network
-	// must not cost the lock, a dead one is noticed by TCP keepalives too.
-	holdPingTimeout = 30 * time.Second
-	// holdCallTimeout bounds Alone and EndAlone, which run at start and
-	// shutdown and hold the hold's mutex: a server that stops answering
-	// must not hang them.
+	// given up, and the lock with it (watch takes it again at once). The
+	// ping holds the hold's mutex, so Alone and EndAlone may wait as long.
+	holdPingTimeout = 5 * time.Second
+	// holdCallTimeout bounds the queries of Alone and EndAlone, which run
+	// at start and shutdown: a server that stops answering must not hang
+	// them.
 	holdCallTimeout = 10 * time.Second
 )
 
@@ -317,7 +317,9 @@ func (h *Hold) installLocked(conn *pgx.Conn) bool {
 // dropLocked ends a hold whose connection failed with err, and has watch
 // take it again.
 func (h *Hold) dropLocked(err error) {
-	h.conn.Close(context.Background())
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	h.conn.Close(ctx) // a server that does not answer is not waited for
 	h.conn, h.alone = nil, false
 	h.log.Warn("the store's lock is lost with its connection; until it is held again, another process may take itself for the store's only user", "err", err)
 	select {
@@ -330,10 +332,10 @@ func (h *Hold) dropLocked(err error) {
 // only when no other process holds the store. EndAlone gives the exclusive
 // hold back. A lost hold is taken again first, if it can be now.
 func (h *Hold) Alone(ctx context.Context) (bool, error) {
-	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
-	defer cancel()
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
+	defer cancel()
 	for retried := false; ; retried = true {
 		if h.released {
 			return false, errors.New("the store's hold is released")
@@ -354,32 +356,36 @@ func (h *Hold) Alone(ctx context.Context) (bool, error) {
 			h.alone = ok
 			return ok, nil
 		}
-		if !h.conn.IsClosed() || retried {
+		closed := h.conn.IsClosed()
+		// Whether the lock was taken is unknown: the connection goes, and
+		// the exclusive lock with it, should it have been.
+		h.dropLocked(err)
+		if !closed || retried {
 			return false, err
 		}
-		h.dropLocked(err)
 	}
 }
 
 // EndAlone gives back the exclusive hold Alone took; a hold lost meanwhile
 // has none to give back.
 func (h *Hold) EndAlone(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
-	defer cancel()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.conn == nil || !h.alone {
 		return nil
 	}
+	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
+	defer cancel()
 	_, err := h.conn.Exec(ctx, `SELECT pg_advisory_unlock($1, hashtext(current_schema()))`, holdLockSpace)
-	if err != nil && h.conn.IsClosed() {
+	if err != nil {
+		// The exclusive lock must not outlive this call, or it would keep
+		// every other process out for this one's life: the connection
+		// goes, and the lock with it (watch takes the shared one again).
 		h.dropLocked(err)
 		return nil
 	}
-	if err == nil {
-		h.alone = false
-	}
-	return err
+	h.alone = false
+	return nil
 }
 
 // Release ends the hold.
