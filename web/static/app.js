@@ -824,7 +824,7 @@ ui.alertClose.addEventListener('click', () => {
 
 /** describe turns an error (a ClientError or an `error` event's detail) into words for a person. */
 function describe(e) {
-  if (e.request === 'join' && (e.code === 'unavailable' || e.code === 'internal')) {
+  if (e.request === 'join' && e.code === 'unavailable') {
     return 'This conversation could not be loaded just now. Trying again…'; // the client does
   }
   switch (e.code) {

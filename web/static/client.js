@@ -206,6 +206,9 @@ export class TokenRelayClient extends EventTarget {
     }
     for (const conv of this._convs.values()) {
       conv.joining = false;
+      clearTimeout(conv.joinTimer);
+      conv.joinTimer = null;
+      conv.joinRetries = 0;
       for (const w of conv.waiters.splice(0)) {
         w.reject(new ClientError(code, message, { request: 'join', conversationId: conv.id }));
       }
@@ -745,10 +748,11 @@ export class TokenRelayClient extends EventTarget {
         detail.conversationId = conv.id;
         conv.joining = false;
         conv.joined = false;
-        if (f.code === 'unavailable' || f.code === 'internal') {
+        if (f.code === 'unavailable') {
           // The server could not join us just now (its broker or store
           // failed for a moment): ask again later, as a reconnect would,
-          // rather than forget a conversation the app still shows.
+          // rather than forget a conversation the app still shows. (An
+          // `internal` error may be for good: it is refused as any other.)
           this._retryJoin(conv);
           this._emit('error', detail);
           return;

@@ -589,6 +589,20 @@ test('a join the server could not make just now is asked again, and its waiter r
   ws.receive({ type: 'joined', id: j2.id, conversation_id: 'c1', messages: [], active: null });
   assert.equal(await settled(p, 'the join'), 'resolved');
   assert.equal(c.conversation('c1').joined, true);
+
+  // An internal error may be for good: refused, as any other.
+  const q = c.join('c2');
+  ws.receive({ type: 'error', id: ws.frames('join').at(-1).id, code: 'internal', message: 'internal error' });
+  assert.equal((await settled(q, 'the join of c2')).code, 'internal');
+  assert.equal(c.conversation('c2'), undefined);
+
+  // A retry waiting when the client is closed is dropped with it.
+  const r = c.join('c3');
+  ws.receive({ type: 'error', id: ws.frames('join').at(-1).id, code: 'unavailable', message: 'try again' });
+  assert.ok(c.conversation('c3').joinTimer, 'a retry waits');
+  c.close();
+  assert.equal((await settled(r, 'the join of c3')).code, 'closed');
+  assert.equal(c.conversation('c3')?.joinTimer ?? null, null);
 });
 
 test('a join refused as a new conversation while a send to it waits is made again once the send is acknowledged', async (t) => {
