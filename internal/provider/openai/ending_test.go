@@ -272,3 +272,41 @@ func TestStreamFinishReasonOnEmptyChunks(t *testing.T) {
 		})
 	}
 }
+
+// An answer of no text (the model stops at once, calls tools only, or is
+// filtered before any text) ends at its bare finish_reason too, although
+// the server keeps the response open: the timeouts are lifted, so only
+// the trailer wait can end it.
+func TestStreamAnswerOfNoTextEndsWithoutTheServerClosing(t *testing.T) {
+	role := `data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}` + "\n\n"
+	tool := `data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":null}]}` + "\n\n"
+	finish := func(reason string) string {
+		return `data: {"choices":[{"index":0,"delta":{},"finish_reason":"` + reason + `"}]}` + "\n\n"
+	}
+	for name, parts := range map[string][]string{
+		"empty":           {role, finish("stop"), usageChunk},
+		"tool calls only": {role, tool, finish("tool_calls"), usageChunk},
+		"filtered":        {role, finish("content_filter")},
+	} {
+		t.Run(name, func(t *testing.T) {
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+				writeSSE(t, w, parts...)
+				<-r.Context().Done() // until the client closes the connection
+			})
+			f := newFixture(t, srv.baseURL(), func(c *Config) {
+				c.IdleTimeout = -1
+				c.FirstTokenTimeout = -1
+			})
+			f.p.trailerWait = 10 * time.Millisecond
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			got, _, err := f.streamCtx(ctx)
+			if err != nil {
+				t.Fatalf("Stream: %v (the answer was complete)", err)
+			}
+			if len(got) != 0 {
+				t.Errorf("emitted %q, want nothing", got)
+			}
+		})
+	}
+}

@@ -208,15 +208,16 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		emitted  bool // emit was called
 		finished bool // a finish_reason arrived, and no token since
 		// Some relays put a finish_reason on every chunk, text and all,
-		// empty chunks too. Only a finish_reason on a chunk of its own,
-		// with no text, after text that came without one (as OpenAI, vLLM
-		// and Ollama end), leaves the server just trailerWait to close;
+		// empty and role-only ones too. Only a finish_reason on a chunk
+		// with no token, whose chunk before had none (as OpenAI, vLLM and
+		// Ollama end, also an answer of no text: empty, tool calls only,
+		// filtered), leaves the server just trailerWait to close;
 		// otherwise the idle timeout applies, and [DONE] or the body's end
 		// close the answer. A token after a finish_reason
 		// (finishUnreliable) shows them meaningless: only [DONE] and the
 		// body's end close it then.
 		finishBare       bool
-		lastTokenFinish  bool // the last chunk with a token had a finish_reason
+		prevFinish       = true // the chunk before had a finish_reason (none before the first)
 		finishUnreliable bool
 		pairs            pairJoiner
 		sse              = newSSEReader(stream, maxEventBytes)
@@ -308,14 +309,12 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			}
 			finish := ch.FinishReason != nil && *ch.FinishReason != ""
 			if finish {
-				finished, finishBare = true, !token
+				finished, finishBare = true, !token && !prevFinish
 			}
-			if token {
-				lastTokenFinish = finish
-			}
+			prevFinish = finish
 		}
 		switch {
-		case finished && finishBare && started && !lastTokenFinish && !finishUnreliable:
+		case finished && finishBare && !finishUnreliable:
 			// Only the usage (or [DONE]) may follow, at once.
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
 		case started:
