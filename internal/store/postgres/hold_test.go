@@ -247,3 +247,56 @@ func TestFailedEndAloneLeavesNoExclusiveLock(t *testing.T) {
 	}
 	b.Release()
 }
+
+// An EndAlone that cannot have the hold's connection in time (a ping
+// holds it, waiting on a server that does not answer) cuts the connection
+// under it: the exclusive lock goes with it, and other processes can hold
+// the store again.
+func TestEndAloneBehindAStuckPingCutsTheConnection(t *testing.T) {
+	db := openDB(t, pgtest.SchemaURL(t))
+	a := takeHold(t, db, nil, time.Hour)
+	ok, err := a.Alone(t.Context())
+	if err != nil || !ok {
+		t.Fatalf("alone: %v, %v", ok, err)
+	}
+	a.mu.Lock() // as a ping in progress holds it
+	ended := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+		defer cancel()
+		ended <- a.EndAlone(ctx)
+	}()
+	waitFor(t, "EndAlone cuts the connection", func() bool {
+		a.rawMu.Lock()
+		defer a.rawMu.Unlock()
+		_, err := a.raw.Write([]byte{})
+		return err != nil
+	})
+	a.mu.Unlock() // the ping fails and returns
+	if err := <-ended; err != nil {
+		t.Fatalf("end alone: %v", err)
+	}
+	hctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	b, err := db.hold(hctx, nil, time.Hour)
+	if err != nil {
+		t.Fatalf("a second hold after EndAlone cut its connection: %v", err)
+	}
+	b.Release()
+}
+
+// An Alone whose context has ended sends nothing, and so keeps the hold's
+// connection and its shared lock.
+func TestCancelledAloneKeepsTheHold(t *testing.T) {
+	db := openDB(t, pgtest.SchemaURL(t))
+	a := takeHold(t, db, nil, time.Hour)
+	pid := a.pid()
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if ok, err := a.Alone(ctx); ok || err == nil {
+		t.Fatalf("alone with an ended context: %v, %v", ok, err)
+	}
+	if a.pid() != pid {
+		t.Fatalf("the hold's connection changed (%d, was %d): its lock was dropped", a.pid(), pid)
+	}
+}

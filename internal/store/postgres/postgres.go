@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
 	"github.com/pressly/goose/v3"
@@ -153,12 +154,12 @@ const (
 	// again.
 	holdRetryMax = 10 * time.Second
 	// holdPingTimeout is how long a ping may take before its connection is
-	// given up, and the lock with it (watch takes it again at once). The
-	// ping holds the hold's mutex, so Alone and EndAlone may wait as long.
-	holdPingTimeout = 5 * time.Second
-	// holdCallTimeout bounds the queries of Alone and EndAlone, which run
-	// at start and shutdown: a server that stops answering must not hang
-	// them.
+	// given up, and the lock with it: a busy server or a slow network must
+	// not cost the lock (a dead server is noticed by TCP keepalives too).
+	holdPingTimeout = 30 * time.Second
+	// holdCallTimeout bounds Alone and EndAlone, which run at start and
+	// shutdown, whatever a ping in progress: a server that stops
+	// answering must not hang them.
 	holdCallTimeout = 10 * time.Second
 )
 
@@ -168,9 +169,11 @@ type Hold struct {
 	log   *slog.Logger
 	every time.Duration
 
-	mu       sync.Mutex // held while conn is in use
-	conn     *pgx.Conn  // nil while the hold is lost
-	alone    bool       // conn holds the lock exclusively too
+	mu       holdMutex // held while conn is in use
+	rawMu    sync.Mutex
+	raw      net.Conn  // conn's network connection, for abort; guarded by rawMu
+	conn     *pgx.Conn // nil while the hold is lost
+	alone    bool      // conn holds the lock exclusively too
 	released bool
 
 	lost chan struct{} // wakes watch when a call found conn gone
@@ -201,12 +204,12 @@ func (db *DB) hold(ctx context.Context, log *slog.Logger, every time.Duration) (
 		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3},
 	}
 	cfg.DialFunc = d.DialContext
-	h := &Hold{cfg: cfg, log: log, every: every, lost: make(chan struct{}, 1), done: make(chan struct{})}
+	h := &Hold{cfg: cfg, log: log, every: every, mu: make(holdMutex, 1), lost: make(chan struct{}, 1), done: make(chan struct{})}
 	conn, err := h.take(ctx, true)
 	if err != nil {
 		return nil, err
 	}
-	h.conn = conn
+	h.setConnLocked(conn)
 	wctx, stop := context.WithCancel(context.Background())
 	h.stop = stop
 	go h.watch(wctx)
@@ -309,9 +312,52 @@ func (h *Hold) installLocked(conn *pgx.Conn) bool {
 	if h.conn != nil || h.released {
 		return false
 	}
-	h.conn = conn
+	h.setConnLocked(conn)
 	h.log.Info("the store's lock is held again")
 	return true
+}
+
+// setConnLocked makes conn the hold's connection (nil: none).
+func (h *Hold) setConnLocked(conn *pgx.Conn) {
+	h.conn = conn
+	h.rawMu.Lock()
+	h.raw = nil
+	if conn != nil {
+		h.raw = conn.PgConn().Conn()
+	}
+	h.rawMu.Unlock()
+}
+
+// abort closes the hold's network connection under whatever uses it (a
+// ping waiting on a server that does not answer), which then fails and
+// drops it; the server ends the session, and its locks, as it sees the
+// connection close.
+func (h *Hold) abort() {
+	h.rawMu.Lock()
+	defer h.rawMu.Unlock()
+	if h.raw != nil {
+		_ = h.raw.Close()
+	}
+}
+
+// holdMutex is the hold's mutex: a channel, so that Alone and EndAlone can
+// stop waiting for it.
+type holdMutex chan struct{}
+
+func (m holdMutex) Lock()   { m <- struct{}{} }
+func (m holdMutex) Unlock() { <-m }
+
+// lockCtx locks m unless ctx ends first, and reports whether it did.
+func (m holdMutex) lockCtx(ctx context.Context) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	select {
+	case m <- struct{}{}:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // dropLocked ends a hold whose connection failed with err, and has watch
@@ -320,7 +366,8 @@ func (h *Hold) dropLocked(err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	h.conn.Close(ctx) // a server that does not answer is not waited for
-	h.conn, h.alone = nil, false
+	h.setConnLocked(nil)
+	h.alone = false
 	h.log.Warn("the store's lock is lost with its connection; until it is held again, another process may take itself for the store's only user", "err", err)
 	select {
 	case h.lost <- struct{}{}:
@@ -332,10 +379,13 @@ func (h *Hold) dropLocked(err error) {
 // only when no other process holds the store. EndAlone gives the exclusive
 // hold back. A lost hold is taken again first, if it can be now.
 func (h *Hold) Alone(ctx context.Context) (bool, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
 	defer cancel()
+	if !h.mu.lockCtx(ctx) {
+		// A ping waits on a slow server: not alone, as far as anyone knows.
+		return false, fmt.Errorf("the store's lock is busy: %w", context.Cause(ctx))
+	}
+	defer h.mu.Unlock()
 	for retried := false; ; retried = true {
 		if h.released {
 			return false, errors.New("the store's hold is released")
@@ -357,6 +407,9 @@ func (h *Hold) Alone(ctx context.Context) (bool, error) {
 			return ok, nil
 		}
 		closed := h.conn.IsClosed()
+		if !closed && pgconn.SafeToRetry(err) {
+			return false, err // nothing was sent: nothing was taken
+		}
 		// Whether the lock was taken is unknown: the connection goes, and
 		// the exclusive lock with it, should it have been.
 		h.dropLocked(err)
@@ -369,13 +422,19 @@ func (h *Hold) Alone(ctx context.Context) (bool, error) {
 // EndAlone gives back the exclusive hold Alone took; a hold lost meanwhile
 // has none to give back.
 func (h *Hold) EndAlone(ctx context.Context) error {
-	h.mu.Lock()
+	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
+	defer cancel()
+	if !h.mu.lockCtx(ctx) {
+		// A ping holds the connection on a server that does not answer:
+		// cut it under the ping, which then drops it, and the exclusive
+		// lock with it.
+		h.abort()
+		h.mu.Lock()
+	}
 	defer h.mu.Unlock()
 	if h.conn == nil || !h.alone {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, holdCallTimeout)
-	defer cancel()
 	_, err := h.conn.Exec(ctx, `SELECT pg_advisory_unlock($1, hashtext(current_schema()))`, holdLockSpace)
 	if err != nil {
 		// The exclusive lock must not outlive this call, or it would keep
