@@ -8,6 +8,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io/fs"
 	"runtime"
 	"strings"
 	"time"
@@ -164,7 +165,8 @@ func (s *DB) checkpointer(ctx context.Context) {
 func migrateShared(ctx context.Context, db *sql.DB) error {
 	// A process meets another's work at most once per migration (and
 	// once for goose's own table); more is something else.
-	left := 4
+	sqls, _ := fs.Glob(migrations.SQLite(), "*.sql")
+	left := len(sqls) + 1
 	return whileBusy(ctx, func() error {
 		err := migrate(ctx, db)
 		if err != nil && strings.Contains(err.Error(), "already exists") && left > 0 {
