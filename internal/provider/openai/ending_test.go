@@ -245,9 +245,11 @@ func TestStreamFinishReasonOnEmptyChunks(t *testing.T) {
 		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
 	}
 	role := `data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"stop"}]}` + "\n\n"
+	roleNull := `data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}` + "\n\n"
 	for name, parts := range map[string][2][]string{
-		"a role-only first chunk":  {{role}, {stop("Hello"), stop(" world"), doneEvent}},
-		"an empty chunk mid-reply": {{stop("Hello"), stop("")}, {stop(" world"), doneEvent}},
+		"a role-only first chunk":                 {{role}, {stop("Hello"), stop(" world"), doneEvent}},
+		"an empty chunk mid-reply":                {{stop("Hello"), stop("")}, {stop(" world"), doneEvent}},
+		"an empty chunk after a plain role chunk": {{roleNull, stop("")}, {stop("Hello"), stop(" world"), doneEvent}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
@@ -273,10 +275,11 @@ func TestStreamFinishReasonOnEmptyChunks(t *testing.T) {
 	}
 }
 
-// An answer of no text (the model stops at once, calls tools only, or is
-// filtered before any text) ends at its bare finish_reason too, although
-// the server keeps the response open: the timeouts are lifted, so only
-// the trailer wait can end it.
+// An answer of no text (tool calls only, or filtered before any text)
+// ends at its bare finish_reason too, although the server keeps the
+// response open: the timeouts are lifted, so only the trailer wait can end
+// it. (One that stops at once, a bare "stop", is told from an
+// every-chunk relay's empty chunk by [DONE] or the server's close only.)
 func TestStreamAnswerOfNoTextEndsWithoutTheServerClosing(t *testing.T) {
 	role := `data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}` + "\n\n"
 	tool := `data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":null}]}` + "\n\n"
@@ -284,7 +287,6 @@ func TestStreamAnswerOfNoTextEndsWithoutTheServerClosing(t *testing.T) {
 		return `data: {"choices":[{"index":0,"delta":{},"finish_reason":"` + reason + `"}]}` + "\n\n"
 	}
 	for name, parts := range map[string][]string{
-		"empty":           {role, finish("stop"), usageChunk},
 		"tool calls only": {role, tool, finish("tool_calls"), usageChunk},
 		"filtered":        {role, finish("content_filter")},
 	} {

@@ -209,13 +209,15 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		finished bool // a finish_reason arrived, and no token since
 		// Some relays put a finish_reason on every chunk, text and all,
 		// empty and role-only ones too. Only a finish_reason on a chunk
-		// with no token, whose chunk before had none (as OpenAI, vLLM and
-		// Ollama end, also an answer of no text: empty, tool calls only,
-		// filtered), leaves the server just trailerWait to close;
-		// otherwise the idle timeout applies, and [DONE] or the body's end
-		// close the answer. A token after a finish_reason
-		// (finishUnreliable) shows them meaningless: only [DONE] and the
-		// body's end close it then.
+		// with no token, whose chunk before had none, leaves the server
+		// just trailerWait to close: as OpenAI, vLLM and Ollama end an
+		// answer, and an answer of no text (tool calls only, filtered);
+		// but a "stop" before any token only once a token has come, since
+		// such a relay's empty chunks look the same while the model is
+		// slow to start. Otherwise the idle timeout applies, and [DONE]
+		// or the body's end close the answer. A token after a
+		// finish_reason (finishUnreliable) shows them meaningless: only
+		// [DONE] and the body's end close it then.
 		finishBare       bool
 		prevFinish       = true // the chunk before had a finish_reason (none before the first)
 		finishUnreliable bool
@@ -309,7 +311,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			}
 			finish := ch.FinishReason != nil && *ch.FinishReason != ""
 			if finish {
-				finished, finishBare = true, !token && !prevFinish
+				finished, finishBare = true, !token && !prevFinish && (started || *ch.FinishReason != "stop")
 			}
 			prevFinish = finish
 		}
