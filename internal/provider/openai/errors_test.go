@@ -416,6 +416,15 @@ func TestStreamTimeouts(t *testing.T) {
 			want:    []string{"Hel"},
 			wantMsg: "the model server stopped sending tokens for 50ms",
 		},
+		{
+			name: "silent in a whole JSON answer",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				w.Header().Set("Content-Type", "application/json")
+				_, _ = io.WriteString(w, `{"choices":[{"index":0,"message":{"content":"Hel`)
+				w.(http.Flusher).Flush()
+			},
+			wantMsg: "the model server did not start answering within 50ms",
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -191,6 +191,14 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 	if firstByte(stream) == '{' {
 		res, f := p.wholeAnswer(stream)
 		if f != nil {
+			// A read cut by a cancel or by a timeout says so, not that
+			// the connection was lost.
+			if ctx.Err() != nil {
+				return provider.Result{}, nil, ctx.Err()
+			}
+			if tf := p.timeoutFailure(actx, f.err); tf != nil {
+				return provider.Result{}, tf, nil
+			}
 			return provider.Result{}, f, nil
 		}
 		if res.text != "" {
