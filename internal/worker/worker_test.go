@@ -480,17 +480,7 @@ func TestRedeliveredJobOfALiveProducerIsLeftToIt(t *testing.T) {
 	if ok, err := e.store.StartTurn(t.Context(), "t1", time.Now()); !ok || err != nil {
 		t.Fatal(ok, err)
 	}
-	asked := make(chan struct{}, 16)
-	var producing atomic.Bool
-	producing.Store(true)
-	sub, err := e.bus.ServeProducing(func(id string) bool {
-		asked <- struct{}{}
-		return id == "t1" && producing.Load()
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Unsubscribe()
+	asked, producing := producerOfT1(t, e)
 	acks := jobAcks(t, e.bus)
 	e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: "t1", ConversationID: "c"})
 	e.start(t)
@@ -503,7 +493,7 @@ func TestRedeliveredJobOfALiveProducerIsLeftToIt(t *testing.T) {
 	default:
 	}
 	// The producer ends the turn; the job's next delivery finds it ended.
-	producerEnds(t, e, &producing, acks)
+	producerEnds(t, e, producing, acks)
 	st, _ := e.store.Turn(t.Context(), "t1")
 	if st.Status != chat.StatusComplete || st.Content != "done" || e.prov.calls.Load() != 0 {
 		t.Fatalf("stored %s %q, provider called %d times", st.Status, st.Content, e.prov.calls.Load())
@@ -515,6 +505,24 @@ func TestRedeliveredJobOfALiveProducerIsLeftToIt(t *testing.T) {
 
 // producerEnds plays the producer of turn t1 ending it (complete, "done")
 // and stopping, and waits for its job to be acked at a redelivery.
+// producerOfT1 answers for a producer of turn t1 elsewhere, alive until
+// producing is set false; asked receives every question.
+func producerOfT1(t *testing.T, e *env) (asked chan struct{}, producing *atomic.Bool) {
+	t.Helper()
+	asked = make(chan struct{}, 16)
+	producing = new(atomic.Bool)
+	producing.Store(true)
+	sub, err := e.bus.ServeProducing(func(id string) bool {
+		asked <- struct{}{}
+		return id == "t1" && producing.Load()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sub.Unsubscribe() })
+	return asked, producing
+}
+
 func producerEnds(t *testing.T, e *env, producing *atomic.Bool, acks <-chan uint64) {
 	t.Helper()
 	producing.Store(false)
@@ -852,17 +860,7 @@ func TestLateFirstDeliveryLeavesAStartedTurnAlone(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			var producing atomic.Bool
-			producing.Store(true)
-			asked := make(chan struct{}, 16)
-			sub, err := e.bus.ServeProducing(func(id string) bool {
-				asked <- struct{}{}
-				return id == "t1" && producing.Load()
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer sub.Unsubscribe()
+			asked, producing := producerOfT1(t, e)
 			acks := jobAcks(t, e.bus)
 			if err := e.bus.EnqueueJob(t.Context(), job); err != nil {
 				t.Fatal(err)
@@ -882,7 +880,7 @@ func TestLateFirstDeliveryLeavesAStartedTurnAlone(t *testing.T) {
 				t.Fatalf("the job was acked at delivery %d under the turn's producer", n)
 			default:
 			}
-			producerEnds(t, e, &producing, acks)
+			producerEnds(t, e, producing, acks)
 			if e.prov.calls.Load() != 0 {
 				t.Fatal("the provider was called for a turn another worker produces")
 			}

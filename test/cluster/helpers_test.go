@@ -9,7 +9,6 @@ import (
 
 	"bufio"
 	"fmt"
-	"net"
 	"net/http"
 	"os/exec"
 	"strconv"
@@ -22,31 +21,12 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
 // wait bounds every wait for an event of a turn.
 const wait = 30 * time.Second
-
-// freePorts returns n TCP ports that were free a moment ago (a route port
-// must be known before any node starts, so Port: -1 does not do).
-func freePorts(t testing.TB, n int) []int {
-	t.Helper()
-	ports := make([]int, n)
-	lns := make([]net.Listener, n)
-	for i := range lns {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		lns[i] = ln
-		ports[i] = ln.Addr().(*net.TCPAddr).Port
-	}
-	for _, ln := range lns {
-		ln.Close()
-	}
-	return ports
-}
 
 // natsCluster is an in-process nats-server cluster with JetStream.
 type natsCluster struct {
@@ -60,7 +40,7 @@ type natsCluster struct {
 func startNATS(t testing.TB) *natsCluster {
 	t.Helper()
 	const size = 3
-	ports := freePorts(t, 2*size)
+	ports := bustest.FreePorts(t, 2*size)
 	var routes []string
 	for _, p := range ports[size:] {
 		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))

@@ -10,6 +10,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
+	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -190,7 +191,7 @@ func TestWorkerStopped(t *testing.T) {
 func TestServeRestartLeavesOtherWorkersTurns(t *testing.T) {
 	pg := postgresURL(t)
 	migrate(t, pg)
-	hub := fmt.Sprintf("127.0.0.1:%d", freePorts(t, 1)[0])
+	hub := fmt.Sprintf("127.0.0.1:%d", bustest.FreePorts(t, 1)[0])
 	srv := trtest.Serve(t, "--nats-listen", hub, "--store-url", pg, "--worker-concurrency", "1",
 		"--limit-turns", "0", "--limit-sends", "0", "--limit-connections", "0")
 	wk := trtest.Start(t, "worker", "--nats-url", "nats://"+hub, "--store-url", pg, "--metrics-addr", "127.0.0.1:0")

@@ -148,28 +148,37 @@ func OpenCuttable(t testing.TB, url string) (*bus.Bus, *Cutter) {
 	return b, c
 }
 
-// StartCluster runs an in-process JetStream cluster of n nodes in
-// t.TempDir on loopback, waits until every node follows one JetStream meta
-// leader, and returns the client URLs of the nodes, comma separated.
-// Everything stops at the end of the test.
-func StartCluster(t testing.TB, n int) string {
+// FreePorts returns n loopback TCP ports that were free a moment ago: a
+// cluster's route ports must be known before any node starts, so Port: -1
+// does not do (a clash is unlikely, not ruled out).
+func FreePorts(t testing.TB, n int) []int {
 	t.Helper()
-	// Every node is given every route port before any starts, so the
-	// ports are picked free beforehand (a clash is unlikely, not ruled out).
 	ports := make([]int, n)
 	lns := make([]net.Listener, n)
-	var routes []string
-	for i := range ports {
+	for i := range lns {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
 		lns[i] = ln
 		ports[i] = ln.Addr().(*net.TCPAddr).Port
-		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", ports[i]))
 	}
 	for _, ln := range lns {
 		ln.Close()
+	}
+	return ports
+}
+
+// StartCluster runs an in-process JetStream cluster of n nodes in
+// t.TempDir on loopback, waits until every node follows one JetStream meta
+// leader, and returns the client URLs of the nodes, comma separated.
+// Everything stops at the end of the test.
+func StartCluster(t testing.TB, n int) string {
+	t.Helper()
+	ports := FreePorts(t, n)
+	var routes []string
+	for _, port := range ports {
+		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", port))
 	}
 	var nodes []*bus.Embedded
 	var urls []string

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -149,9 +150,6 @@ func TestStreamEndsWithoutTheServerClosing(t *testing.T) {
 // is held to the idle timeout, and [DONE] or the body's end closes the
 // answer.
 func TestStreamFinishReasonOnEveryChunk(t *testing.T) {
-	stop := func(s string) string {
-		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
-	}
 	for _, done := range []bool{true, false} {
 		name := "then [DONE]"
 		if !done {
@@ -159,7 +157,7 @@ func TestStreamFinishReasonOnEveryChunk(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
-				for i, part := range []string{stop("Hello"), stop(" world"), stop("!")} {
+				for i, part := range []string{stopChunk("Hello"), stopChunk(" world"), stopChunk("!")} {
 					if i > 0 {
 						// The model pauses for longer than trailerWait;
 						// the pause is the behaviour under test.
@@ -191,11 +189,8 @@ func TestStreamFinishReasonOnEveryChunk(t *testing.T) {
 // Once a relay has shown that its finish_reasons mean nothing, a silence
 // after one is the idle timeout's, and fails the turn as any other.
 func TestStreamUnreliableFinishReasonIdle(t *testing.T) {
-	stop := func(s string) string {
-		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
-	}
 	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
-		writeSSE(t, w, stop("Hello"), stop(" world"))
+		writeSSE(t, w, stopChunk("Hello"), stopChunk(" world"))
 		<-r.Context().Done() // until the client gives up
 	})
 	f := newFixture(t, srv.baseURL(), func(c *Config) { c.IdleTimeout = 50 * time.Millisecond })
@@ -207,49 +202,25 @@ func TestStreamUnreliableFinishReasonIdle(t *testing.T) {
 	}
 }
 
-// A relay whose first chunk has no finish_reason and every later one has
-// (text and all) is not cut at the first pause after a finish_reason: one
-// that came with text leaves the idle timeout in force.
-func TestStreamFinishReasonWithTextWaitsForTheRest(t *testing.T) {
-	stop := func(s string) string {
-		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
-	}
-	srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
-		writeSSE(t, w, contentChunk("A"), stop("B"))
-		// The model pauses for longer than trailerWait; the pause is the
-		// behaviour under test.
-		select {
-		case <-time.After(100 * time.Millisecond):
-		case <-r.Context().Done():
-			return
-		}
-		writeSSE(t, w, stop("C"), doneEvent)
-	})
-	f := newFixture(t, srv.baseURL(), nil)
-	f.p.trailerWait = 10 * time.Millisecond
-	got, _, err := f.stream(t)
-	if err != nil {
-		t.Fatalf("Stream: %v", err)
-	}
-	if want := []string{"A", "B", "C"}; !slices.Equal(got, want) {
-		t.Errorf("emitted %q, want %q", got, want)
-	}
+// stopChunk is a chunk of text s carrying finish_reason "stop", as relays
+// that put one on every chunk send them.
+func stopChunk(s string) string {
+	return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
 }
 
-// A relay that puts finish_reason on every chunk, empty ones too, is not
-// cut by a pause after one of those: neither after a role-only first
-// chunk (the model's first token may take long) nor after an empty chunk
-// following text that also carried one.
-func TestStreamFinishReasonOnEmptyChunks(t *testing.T) {
-	stop := func(s string) string {
-		return `data: {"choices":[{"index":0,"delta":{"content":"` + s + `"},"finish_reason":"stop"}]}` + "\n\n"
-	}
+// A relay that puts finish_reason on every chunk, text, role-only and
+// empty ones alike, is not cut by a pause after one of those: not after
+// text carrying one (when the first chunk had none), nor after a
+// role-only first chunk (the model's first token may take long), nor
+// after an empty chunk, whatever came before it.
+func TestStreamFinishReasonThenAPause(t *testing.T) {
 	role := `data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":"stop"}]}` + "\n\n"
 	roleNull := `data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}` + "\n\n"
 	for name, parts := range map[string][2][]string{
-		"a role-only first chunk":                 {{role}, {stop("Hello"), stop(" world"), doneEvent}},
-		"an empty chunk mid-reply":                {{stop("Hello"), stop("")}, {stop(" world"), doneEvent}},
-		"an empty chunk after a plain role chunk": {{roleNull, stop("")}, {stop("Hello"), stop(" world"), doneEvent}},
+		"text after a first chunk without one":    {{contentChunk("Hel"), stopChunk("lo")}, {stopChunk(" world"), doneEvent}},
+		"a role-only first chunk":                 {{role}, {stopChunk("Hello"), stopChunk(" world"), doneEvent}},
+		"an empty chunk mid-reply":                {{stopChunk("Hello"), stopChunk("")}, {stopChunk(" world"), doneEvent}},
+		"an empty chunk after a plain role chunk": {{roleNull, stopChunk("")}, {stopChunk("Hello"), stopChunk(" world"), doneEvent}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
@@ -268,8 +239,8 @@ func TestStreamFinishReasonOnEmptyChunks(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Stream: %v", err)
 			}
-			if want := []string{"Hello", " world"}; !slices.Equal(got, want) {
-				t.Errorf("emitted %q, want %q", got, want)
+			if text := strings.Join(got, ""); text != "Hello world" {
+				t.Errorf("emitted %q, want %q", got, "Hello world")
 			}
 		})
 	}

@@ -228,22 +228,34 @@ func (s *syncBuffer) String() string {
 // one's life.
 func TestFailedEndAloneLeavesNoExclusiveLock(t *testing.T) {
 	db := openDB(t, pgtest.SchemaURL(t))
-	a := takeHold(t, db, nil, time.Hour)
-	ok, err := a.Alone(t.Context())
-	if err != nil || !ok {
-		t.Fatalf("alone: %v, %v", ok, err)
-	}
+	a := aloneHold(t, db)
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
 	if err := a.EndAlone(ctx); err != nil {
 		t.Fatalf("end alone: %v", err)
 	}
-	// Another process can hold the store (it waits while one is alone).
-	hctx, hcancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer hcancel()
-	b, err := db.hold(hctx, nil, time.Hour)
+	notAloneAnyMore(t, db)
+}
+
+// aloneHold takes db's hold and has it alone.
+func aloneHold(t *testing.T, db *DB) *Hold {
+	t.Helper()
+	h := takeHold(t, db, nil, time.Hour)
+	if ok, err := h.Alone(t.Context()); err != nil || !ok {
+		t.Fatalf("alone: %v, %v", ok, err)
+	}
+	return h
+}
+
+// notAloneAnyMore checks that another process can hold the store: it
+// would wait while one is alone.
+func notAloneAnyMore(t *testing.T, db *DB) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	b, err := db.hold(ctx, nil, time.Hour)
 	if err != nil {
-		t.Fatalf("a second hold after a failed EndAlone: %v", err)
+		t.Fatalf("a second hold: %v (the first is still alone)", err)
 	}
 	b.Release()
 }
@@ -254,11 +266,7 @@ func TestFailedEndAloneLeavesNoExclusiveLock(t *testing.T) {
 // the store again.
 func TestEndAloneBehindAStuckPingCutsTheConnection(t *testing.T) {
 	db := openDB(t, pgtest.SchemaURL(t))
-	a := takeHold(t, db, nil, time.Hour)
-	ok, err := a.Alone(t.Context())
-	if err != nil || !ok {
-		t.Fatalf("alone: %v, %v", ok, err)
-	}
+	a := aloneHold(t, db)
 	a.mu.Lock() // as a ping in progress holds it
 	ended := make(chan error, 1)
 	go func() {
@@ -276,13 +284,7 @@ func TestEndAloneBehindAStuckPingCutsTheConnection(t *testing.T) {
 	if err := <-ended; err != nil {
 		t.Fatalf("end alone: %v", err)
 	}
-	hctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	b, err := db.hold(hctx, nil, time.Hour)
-	if err != nil {
-		t.Fatalf("a second hold after EndAlone cut its connection: %v", err)
-	}
-	b.Release()
+	notAloneAnyMore(t, db)
 }
 
 // An Alone whose context has ended sends nothing, and so keeps the hold's
