@@ -305,7 +305,11 @@ func (s *Server) handleListMessages() http.Handler {
 
 func (s *Server) handlePostMessage() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ctx, cancel := s.reqCtx(r)
+		// Not the request's context: a client that goes away once its
+		// message is stored must not leave the turn unpublished (ended as
+		// an error, which its retry would then find). A WebSocket's send
+		// runs to its end the same way.
+		ctx, cancel := s.requestCtx()
 		defer cancel()
 		conv, err := s.pathID(r, "conversation")
 		if err != nil {
