@@ -180,6 +180,13 @@ func (sw *sseWriter) deadline() error {
 	return nil
 }
 
+// sseHeaders sets the headers of an SSE stream.
+func sseHeaders(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.Header().Set("X-Accel-Buffering", "no")
+}
+
 // handleSSE streams one turn as Server-Sent Events: a finished turn is
 // replayed and ended; a running one continues live. Last-Event-ID or
 // ?after= (the later, when both are given) resumes after that seq.
@@ -224,6 +231,14 @@ func (s *Server) handleSSE() http.Handler {
 		}
 		if t.Owner != user {
 			s.writeError(w, chat.ErrForbidden)
+			return
+		}
+		if r.Method == http.MethodHead {
+			// The headers of the stream, and no stream: its body would be
+			// dropped, and writing it would hold the connection (and a
+			// stream of the user's) until the turn ends.
+			sseHeaders(w)
+			w.WriteHeader(http.StatusOK)
 			return
 		}
 		sink := &sseSink{turn: turnID, limit: s.cfg.Limits.OutboundBytes, notify: make(chan struct{}, 1)}
@@ -288,9 +303,7 @@ func (s *Server) handleSSE() http.Handler {
 			}
 			cu = catchUpResult{From: 1, To: full.Seq, Text: []byte(full.Content)}
 		}
-		w.Header().Set("Content-Type", "text/event-stream")
-		w.Header().Set("Cache-Control", "no-cache")
-		w.Header().Set("X-Accel-Buffering", "no")
+		sseHeaders(w)
 		w.WriteHeader(http.StatusOK)
 		s.m.sseStreams.Inc()
 		defer s.m.sseStreams.Dec()

@@ -11,6 +11,7 @@ import (
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
 	"github.com/tokenrelay/tokenrelay/internal/store"
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
 // goneAfterSend is a store whose Send, once stored, ends the context of
@@ -59,4 +60,30 @@ func TestPostedMessageOutlivesItsClient(t *testing.T) {
 			t.Fatalf("POST %s whose client left: turn %s, want queued", tt.path, turn.Status)
 		}
 	}
+}
+
+// TestSSEHead: HEAD of a running turn's events answers the stream's headers
+// and ends; it does not hold its connection until the turn ends, so the
+// next request on that connection is answered.
+func TestSSEHead(t *testing.T) {
+	p := trtest.Serve(t)
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("head", nil)
+	tr := startTurn(t, c, "head", "a long one [sim tokens=100000 rate=10]", 1)
+	client := &http.Client{Timeout: wait / 2, Transport: &http.Transport{MaxConnsPerHost: 1}}
+	t.Cleanup(client.CloseIdleConnections)
+	resp, err := client.Head(p.URL + "/v1/turns/" + tr.ID + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("HEAD: %d %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	// The same connection (one per host) serves the next request.
+	resp, err = client.Get(p.URL + "/healthz")
+	if err != nil {
+		t.Fatalf("the request after a HEAD of a running turn's events: %v", err)
+	}
+	resp.Body.Close()
 }
