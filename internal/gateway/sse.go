@@ -336,10 +336,26 @@ func (s *Server) handleSSE() http.Handler {
 			return
 		}
 		v.ready(map[string]*turnState{turnID: {started: true, seq: seq, len: cu.ToLen}})
+		// A comment every PingInterval, which EventSource ignores, keeps a
+		// stream that waits (a queued turn, a model slow to its first
+		// token) from being cut as idle by a proxy, as a socket's pings do.
+		var ping <-chan time.Time
+		if s.cfg.PingInterval > 0 {
+			tk := time.NewTicker(s.cfg.PingInterval)
+			defer tk.Stop()
+			ping = tk.C
+		}
 		for {
 			select {
 			case <-rctx.Done():
 				return
+			case <-ping:
+				sw.write([]byte(": ping\n\n"))
+				sw.flush()
+				if sw.err != nil {
+					return
+				}
+				continue
 			case <-sink.notify:
 			}
 			sink.mu.Lock()

@@ -1,6 +1,7 @@
 package e2e_test
 
 import (
+	"bufio"
 	"context"
 	"net/http"
 	"net/http/httptest"
@@ -86,4 +87,28 @@ func TestSSEHead(t *testing.T) {
 		t.Fatalf("the request after a HEAD of a running turn's events: %v", err)
 	}
 	resp.Body.Close()
+}
+
+// TestSSEKeepAlive: a stream that waits for its turn's next delta gets a
+// comment every --ping-interval, so that a proxy does not cut it as idle.
+func TestSSEKeepAlive(t *testing.T) {
+	p := trtest.Serve(t, "--ping-interval", "50ms")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("keepalive", nil)
+	tr := startTurn(t, c, "keepalive", "a slow one [sim tokens=10 rate=1]", 1)
+	resp, err := http.Get(p.URL + "/v1/turns/" + tr.ID + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		switch line := sc.Text(); {
+		case strings.HasPrefix(line, ":"):
+			return
+		case line == "event: end":
+			t.Fatal("the stream ended without a keep-alive comment")
+		}
+	}
+	t.Fatalf("the stream was cut: %v", sc.Err())
 }
