@@ -190,6 +190,15 @@ const msgBrokerUnavailable = "the message broker is unavailable"
 
 func badRequest(msg string) error { return protocol.Errorf(protocol.CodeBadRequest, msg) }
 
+// named is err, or when err is chat.ErrNotFound a not_found error that
+// names what was not found (one answer may be about several things).
+func named(err error, what string) error {
+	if errors.Is(err, chat.ErrNotFound) {
+		return &protocol.Error{Code: protocol.CodeNotFound, Message: what + " not found", Err: err}
+	}
+	return err
+}
+
 // bodyError says why a request's body could not be read.
 func (s *Server) bodyError(err error) string {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -214,7 +223,7 @@ func (s *Server) reqCtx(r *http.Request) (context.Context, context.CancelFunc) {
 func (s *Server) ownConversation(ctx context.Context, id, user string) error {
 	c, err := s.store.Conversation(ctx, id)
 	if err != nil {
-		return err
+		return named(err, "conversation "+quote(id))
 	}
 	if c.Owner != user {
 		return chat.ErrForbidden
@@ -288,7 +297,7 @@ func (s *Server) handleListMessages() http.Handler {
 		// One more than asked says whether older ones exist.
 		msgs, err := s.store.Messages(ctx, conv, limit+1, before)
 		if err != nil {
-			s.writeError(w, err)
+			s.writeError(w, named(err, "message "+quote(before)+" (before) in conversation "+quote(conv)))
 			return
 		}
 		more := len(msgs) > limit
@@ -410,7 +419,7 @@ func (s *Server) handleCancel() http.Handler {
 		}
 		res, err := s.cancel(ctx, userOf(r), turn)
 		if err != nil {
-			s.writeError(w, err)
+			s.writeError(w, named(err, "turn "+quote(turn)))
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]any{"turn_id": res.TurnID, "status": res.Status, "already": res.Already})

@@ -226,7 +226,7 @@ func (s *Server) handleSSE() http.Handler {
 		t, err := s.store.TurnHead(ctx, turnID)
 		cancel()
 		if err != nil {
-			s.writeError(w, err)
+			s.writeError(w, named(err, "turn "+quote(turnID)))
 			return
 		}
 		if t.Owner != user {

@@ -112,3 +112,28 @@ func TestSSEKeepAlive(t *testing.T) {
 	}
 	t.Fatalf("the stream was cut: %v", sc.Err())
 }
+
+// TestNotFoundSaysWhat: a 404 of the API names what it did not find, so
+// that a client paging with before can tell a message gone from a
+// conversation gone.
+func TestNotFoundSaysWhat(t *testing.T) {
+	p := trtest.Serve(t)
+	if code := trtest.Do(t, "POST", p.URL+"/v1/conversations/found/messages", "", map[string]any{"text": "hi", "message_id": "m1"}, nil); code != http.StatusAccepted {
+		t.Fatalf("POST: %d", code)
+	}
+	for _, tt := range []struct{ method, path, want string }{
+		{"GET", "/v1/conversations/found/messages?before=gone", `message "gone" (before) in conversation "found" not found`},
+		{"GET", "/v1/conversations/nope/messages", `conversation "nope" not found`},
+		{"DELETE", "/v1/conversations/nope", `conversation "nope" not found`},
+		{"POST", "/v1/turns/nope/cancel", `turn "nope" not found`},
+		{"GET", "/v1/turns/nope/events", `turn "nope" not found`},
+	} {
+		var body struct {
+			Error struct{ Code, Message string }
+		}
+		code := trtest.Do(t, tt.method, p.URL+tt.path, "", nil, &body)
+		if code != http.StatusNotFound || body.Error.Code != "not_found" || body.Error.Message != tt.want {
+			t.Errorf("%s %s: %d %+v, want 404 not_found %q", tt.method, tt.path, code, body.Error, tt.want)
+		}
+	}
+}
