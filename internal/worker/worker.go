@@ -465,6 +465,11 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 			if errors.Is(err, errProducerRuns) {
 				return false, nil // its producer acks it
 			}
+			if err == nil && t.Status.Terminal() {
+				if err := w.publishLostEnd(ctx, t); err != nil {
+					return false, err
+				}
+			}
 			return done, err
 		}
 	}
@@ -612,6 +617,29 @@ func (w *Worker) loadTurn(ctx context.Context, id string, log *slog.Logger) (t c
 		return t, true, nil
 	}
 	return t, false, nil
+}
+
+// publishLostEnd publishes the stored end of turn t when its events lack
+// it: the turn's producer stored the end, then died (or could not publish
+// it) before the end reached the bus, and the job came back. A join reads
+// an ended turn from the store, but a connection already following the
+// turn hears its end only from the bus, and would wait for it for good.
+func (w *Worker) publishLostEnd(ctx context.Context, t chat.Turn) error {
+	head, err := w.bus.ReadHead(ctx, t.ID)
+	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
+		return err
+	}
+	found := false
+	err = w.bus.ReadTurn(ctx, t.ConversationID, t.ID, head.StreamSeq+1, func(e bus.Event) bool {
+		found = e.Kind == bus.KindEnd
+		return !found
+	})
+	if err != nil || found {
+		return err
+	}
+	w.log.Warn("publishing the stored end of a turn whose producer did not", "turn_id", t.ID, "status", t.Status)
+	_, err = w.bus.PublishEnd(ctx, &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Seq: t.Seq, Status: t.Status, Error: t.Error, Usage: t.Usage}, nil)
+	return err
 }
 
 // request builds the provider request: the conversation up to the message

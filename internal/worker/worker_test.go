@@ -470,6 +470,57 @@ func TestRedeliveredStreamingTurnIsInterrupted(t *testing.T) {
 	}
 }
 
+// TestRedeliveredEndedTurnGetsItsEnd plays a worker that stored a turn's
+// end and died before publishing it: the job comes back, and the worker
+// that takes it publishes the stored end, which the connections following
+// the turn wait for; an end already published is not published again.
+func TestRedeliveredEndedTurnGetsItsEnd(t *testing.T) {
+	e := setup(t, worker.Config{}, false)
+	usage := &chat.Usage{PromptTokens: 1, CompletionTokens: 3}
+	ended := func(turn string) <-chan bus.Event {
+		ends := e.send(t, "c-"+turn, turn, "x", false)
+		if ok, err := e.store.StartTurn(t.Context(), turn, time.Now()); !ok || err != nil {
+			t.Fatal(ok, err)
+		}
+		for i := int64(1); i <= 3; i++ {
+			if _, err := e.bus.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindDelta, ConversationID: "c-" + turn, TurnID: turn, Seq: i, Off: i - 1, Text: "a"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, won, err := e.store.FinishTurn(t.Context(), store.TurnResult{TurnID: turn, Status: chat.StatusComplete, Content: "aaa", Seq: 3, Usage: usage, Now: time.Now()}); !won || err != nil {
+			t.Fatal(won, err)
+		}
+		return ends
+	}
+	lost := ended("lost")
+	published := ended("published")
+	if _, err := e.bus.PublishEnd(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c-published", TurnID: "published", Seq: 3, Status: chat.StatusComplete, Usage: usage}, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitEnd(t, published)
+	acks := jobAcks(t, e.bus)
+	for _, turn := range []string{"lost", "published"} {
+		if err := e.bus.EnqueueJob(t.Context(), bus.Job{TurnID: turn, ConversationID: "c-" + turn}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.start(t)
+	end := waitEnd(t, lost)
+	if end.Status != chat.StatusComplete || end.Seq != 3 || end.Usage == nil || *end.Usage != *usage {
+		t.Fatalf("end %+v, want the stored one", end)
+	}
+	waitAck(t, acks)
+	waitAck(t, acks)
+	select {
+	case end := <-published:
+		t.Fatalf("a published end was published again: %+v", end)
+	default:
+	}
+	if e.prov.calls.Load() != 0 {
+		t.Fatal("the provider was called for an ended turn")
+	}
+}
+
 // TestRedeliveredJobOfALiveProducerIsLeftToIt plays a job redelivered
 // while its producer runs (the renewals were lost with a NATS node): the
 // producer answers for its turn, so the worker leaves the job alone, and
