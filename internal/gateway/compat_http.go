@@ -222,10 +222,7 @@ func (cp *compat) resolveTurn(ctx context.Context, conv, id string) (chat.Turn, 
 
 // readCompatBody decodes a JSON object body into fields (name → raw value).
 func (cp *compat) readCompatBody(w http.ResponseWriter, r *http.Request) (map[string]json.RawMessage, error) {
-	limit := int64(1 << 20)
-	if cp.s.cfg.Limits.TextBytes > 0 {
-		limit = int64(cp.s.cfg.Limits.TextBytes)*6 + 4096 // JSON escapes may grow text up to 6×
-	}
+	limit := cp.s.bodyLimit()
 	data, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"strconv"
@@ -199,6 +200,23 @@ func named(err error, what string) error {
 	return err
 }
 
+// bodyLimit is the largest request body that may hold a message's text:
+// 6 times --limit-text-bytes (JSON escapes may grow text up to 6×) and 4
+// KiB for the rest, or 1 MiB when the text is unlimited. A limit too large
+// to multiply is no limit on the body either, rather than one that wraps
+// around to refuse every body.
+func (s *Server) bodyLimit() int64 {
+	const rest = 4096
+	n := int64(s.cfg.Limits.TextBytes)
+	switch {
+	case n <= 0:
+		return 1 << 20
+	case n > (math.MaxInt64-1-rest)/6:
+		return math.MaxInt64 - 1 // so that limit+1 does not wrap either
+	}
+	return n*6 + rest
+}
+
 // bodyError says why a request's body could not be read.
 func (s *Server) bodyError(err error) string {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -331,10 +349,7 @@ func (s *Server) handlePostMessage() http.Handler {
 			TurnID    string `json:"turn_id"`
 			Model     string `json:"model"`
 		}
-		limit := int64(1 << 20)
-		if s.cfg.Limits.TextBytes > 0 {
-			limit = int64(s.cfg.Limits.TextBytes)*6 + 4096 // JSON escapes may grow text up to 6×
-		}
+		limit := s.bodyLimit()
 		data, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
 		if err != nil {
 			s.writeError(w, badRequest(s.bodyError(err)))

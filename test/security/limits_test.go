@@ -96,6 +96,21 @@ func TestFrameAndTextSize(t *testing.T) {
 	}
 }
 
+// TestHugeTextLimit: a --limit-text-bytes too large to bound a request's
+// body by (6 times it) is as good as no limit; it does not wrap around to
+// refuse every message posted over HTTP, native or compat.
+func TestHugeTextLimit(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--limit-text-bytes", "2000000000000000000", "--sim-rate", "0", "--sim-tokens", "3")
+	tok := tokenFor(t, "alice")
+	if code, _, b := do(t, "POST", p.URL+"/v1/conversations/huge/messages", tok, `{"text":"hello"}`, nil); code != 202 {
+		t.Fatalf("POST a message: %d %s", code, b)
+	}
+	if code, _, b := do(t, "POST", p.URL+"/api/chat", tok, `{"session_id":"huge-compat","message":"hello"}`, nil); code != 200 {
+		t.Fatalf("POST /api/chat: %d %s", code, b)
+	}
+}
+
 // TestSendRate checks --limit-sends: a burst of 10, then rate_limited with
 // retry_after_ms (WebSocket) or 429 with Retry-After (HTTP); other users
 // keep their own budget.
