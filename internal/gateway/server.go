@@ -139,6 +139,10 @@ func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server 
 	if cfg.ReadTimeout <= 0 {
 		cfg.ReadTimeout = 10 * time.Second
 	}
+	// A write timeout set huge to mean "none" must not overflow the
+	// deadline of a plain answer (see ServeHTTP): wrapped around into the
+	// past, it would drop every answer.
+	cfg.WriteTimeout = min(cfg.WriteTimeout, maxDuration/answerWrites)
 	if cfg.PingInterval == 0 {
 		cfg.PingInterval = 30 * time.Second
 	}
@@ -298,6 +302,9 @@ func bodyRead(w http.ResponseWriter) {
 // answerWrites is how many --write-timeout a plain HTTP answer may take
 // from its request's start (see ServeHTTP).
 const answerWrites = 30
+
+// maxDuration is the longest time.Duration.
+const maxDuration = time.Duration(1<<63 - 1)
 
 // unbound lifts the deadlines ServeHTTP set on w's connection, for a
 // WebSocket, which outlives them. An SSE stream lifts only the read

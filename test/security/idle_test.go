@@ -127,3 +127,14 @@ func rawHTTP(t *testing.T, p *trtest.Proc, req string) net.Conn {
 	}
 	return nc
 }
+
+// TestHugeWriteTimeout: a --write-timeout set huge, to mean "none", does not
+// overflow the deadline of a plain HTTP answer (30 times it), which wrapped
+// around into the past would drop every answer unwritten.
+func TestHugeWriteTimeout(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--write-timeout", "1000000h")
+	if code, _, b := do(t, "GET", p.URL+"/v1/conversations", tokenFor(t, "alice"), "", nil); code != 200 {
+		t.Fatalf("GET /v1/conversations: %d %s", code, b)
+	}
+}
