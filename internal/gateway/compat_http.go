@@ -454,7 +454,13 @@ func (cp *compat) handleHistory() http.Handler {
 		out := []chatMessage{}
 		if exists {
 			msgs, err := s.store.Messages(ctx, sid, compatHistory, "")
-			if err != nil && !errors.Is(err, chat.ErrNotFound) {
+			if err == nil {
+				err = s.stillOwned(ctx, sid, owner, msgs)
+			}
+			switch {
+			case errors.Is(err, chat.ErrNotFound):
+				msgs = nil // deleted meanwhile
+			case err != nil:
 				cp.writeCompatError(w, err)
 				return
 			}

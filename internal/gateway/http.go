@@ -233,6 +233,18 @@ func (s *Server) pathID(r *http.Request, name string) (string, error) {
 	return v, nil
 }
 
+// stillOwned checks, once msgs have been read from conversation id, that
+// the conversation is still the user's. Its owner was checked before the
+// read, but may have deleted it since, and another user taken its id and
+// written to it: msgs would then be that user's. An empty read shows
+// nothing, and needs no check.
+func (s *Server) stillOwned(ctx context.Context, id, user string, msgs []chat.Message) error {
+	if len(msgs) == 0 || user == "" {
+		return nil
+	}
+	return s.ownConversation(ctx, id, user)
+}
+
 func (s *Server) reqCtx(r *http.Request) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(r.Context(), s.cfg.RequestTimeout)
 }
@@ -316,6 +328,10 @@ func (s *Server) handleListMessages() http.Handler {
 		msgs, err := s.store.Messages(ctx, conv, limit+1, before)
 		if err != nil {
 			s.writeError(w, named(err, "message "+quote(before)+" (before) in conversation "+quote(conv)))
+			return
+		}
+		if err := s.stillOwned(ctx, conv, userOf(r), msgs); err != nil {
+			s.writeError(w, err)
 			return
 		}
 		more := len(msgs) > limit

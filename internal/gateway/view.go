@@ -532,6 +532,9 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 	} else {
 		msgs, err = v.s.store.Messages(ctx, v.conv, max(history, 2)+1, "")
 	}
+	if err == nil {
+		err = v.s.stillOwned(ctx, v.conv, v.user, msgs)
+	}
 	if err != nil {
 		return j, nil, nil, err
 	}

@@ -3,11 +3,18 @@ package e2e_test
 import (
 	"bufio"
 	"context"
+	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
+	"github.com/golang-jwt/jwt/v5"
+
+	"github.com/tokenrelay/tokenrelay/internal/auth"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
@@ -134,6 +141,121 @@ func TestNotFoundSaysWhat(t *testing.T) {
 		code := trtest.Do(t, tt.method, p.URL+tt.path, "", nil, &body)
 		if code != http.StatusNotFound || body.Error.Code != "not_found" || body.Error.Message != tt.want {
 			t.Errorf("%s %s: %d %+v, want 404 not_found %q", tt.method, tt.path, code, body.Error, tt.want)
+		}
+	}
+}
+
+// retakenOnRead is a store where, at the first read of a listed
+// conversation's messages, its owner alice has just deleted it and bob
+// taken its id and written to it: the read finds bob's message.
+type retakenOnRead struct {
+	store.Store
+	mu      sync.Mutex
+	pending map[string]bool
+}
+
+func (s *retakenOnRead) retake(ctx context.Context, conv string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.pending[conv] {
+		return nil
+	}
+	delete(s.pending, conv)
+	if err := s.Store.DeleteConversation(ctx, conv, "alice"); err != nil {
+		return err
+	}
+	_, err := s.Store.Send(ctx, store.SendRequest{ConversationID: conv, Owner: "bob", MessageID: "bob-" + conv, Text: "bob's own words", Now: time.Now()})
+	return err
+}
+
+func (s *retakenOnRead) Messages(ctx context.Context, conv string, limit int, before string) ([]chat.Message, error) {
+	if err := s.retake(ctx, conv); err != nil {
+		return nil, err
+	}
+	return s.Store.Messages(ctx, conv, limit, before)
+}
+
+func (s *retakenOnRead) MessageHeads(ctx context.Context, conv string, limit int) ([]chat.Message, error) {
+	if err := s.retake(ctx, conv); err != nil {
+		return nil, err
+	}
+	return s.Store.MessageHeads(ctx, conv, limit)
+}
+
+// TestHistoryOfARetakenConversation: a conversation whose owner deletes it
+// while a read of its history is under way, and whose id another user then
+// takes, shows that user's messages to no one but them: a join (native and
+// compatible) and a read of the messages check the owner again after the
+// read, and refuse.
+func TestHistoryOfARetakenConversation(t *testing.T) {
+	const secret = "a secret of thirty-two bytes or more"
+	server := bustest.Start(t)
+	st, _ := storeAndAuth(t)
+	a, err := auth.New(auth.Config{HS256Secret: []byte(secret)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	convs := []string{"native", "native-resume", "api", "compat-ws", "compat-http"}
+	rs := &retakenOnRead{Store: st, pending: make(map[string]bool)}
+	for _, c := range convs {
+		if _, err := st.Send(t.Context(), store.SendRequest{ConversationID: c, Owner: "alice", MessageID: "alice-" + c, TurnID: "alice-" + c + "-t", Text: "alice's words", Now: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := st.FinishTurn(t.Context(), store.TurnResult{TurnID: "alice-" + c + "-t", Status: chat.StatusComplete, Content: "an answer", Seq: 1, Now: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		rs.pending[c] = true
+	}
+	gw := gateway.New(gateway.Config{}, bustest.Open(t, server.Conn().ConnectedUrl()), rs, a)
+	wsURL := serveGateway(t, gw)
+	base := "http" + strings.TrimSuffix(strings.TrimPrefix(wsURL, "ws"), "/v1/ws")
+	token, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "alice", "exp": time.Now().Add(time.Hour).Unix()}).SignedString([]byte(secret))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	for _, join := range []map[string]any{
+		{"type": "join", "conversation_id": "native"},
+		{"type": "join", "conversation_id": "native-resume", "history": 0},
+	} {
+		c := trtest.Dial(t, wsURL, &trtest.DialOptions{Token: token})
+		c.Send(join)
+		fs := c.Until(10*time.Second, func(f trtest.Frame) bool { return f.Type() == "joined" || f.Type() == "error" })
+		if f := fs[len(fs)-1]; f.Type() != "error" || f.Str("code") != "forbidden" {
+			t.Errorf("join %v of a conversation bob took meanwhile: %v, want error forbidden", join, fs)
+		}
+	}
+
+	req, _ := http.NewRequest(http.MethodGet, base+"/v1/conversations/api/messages", nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden || strings.Contains(string(body), "bob") {
+		t.Errorf("GET messages of a conversation bob took meanwhile: %d %s, want 403", resp.StatusCode, body)
+	}
+
+	resp, err = http.Get(base + "/api/history/compat-http?user_id=alice&token=" + token)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if strings.Contains(string(body), "bob") {
+		t.Errorf("compatible history of a session bob took meanwhile: %d %s", resp.StatusCode, body)
+	}
+
+	c := trtest.Dial(t, strings.TrimSuffix(wsURL, "/v1/ws")+"/ws/chat?session_id=compat-ws&user_id=alice&token="+token, nil)
+	for {
+		f, err := c.Next(10 * time.Second)
+		if err != nil {
+			break // closed, as a session of another user is
+		}
+		if b, _ := json.Marshal(f); strings.Contains(string(b), "bob") {
+			t.Fatalf("compatible socket of a session bob took meanwhile got %s", b)
 		}
 	}
 }
