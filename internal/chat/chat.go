@@ -129,10 +129,15 @@ type Turn struct {
 
 // Domain errors. Callers compare with errors.Is.
 var (
-	ErrNotFound     = errors.New("not found")
-	ErrForbidden    = errors.New("forbidden")
-	ErrConflict     = errors.New("conflict")
-	ErrTooManyTurns = errors.New("too many turns running")
+	ErrNotFound  = errors.New("not found")
+	ErrForbidden = errors.New("forbidden")
+	ErrConflict  = errors.New("conflict")
+	// The conflicts of a send's ids; each is an ErrConflict.
+	ErrTurnIDTaken     = fmt.Errorf("%w: the turn id is already used by another turn", ErrConflict)
+	ErrTurnIDOfMessage = fmt.Errorf("%w: the turn id is the id of a message of the conversation", ErrConflict)
+	ErrMessageIDOfTurn = fmt.Errorf("%w: the message id is the id of an assistant message of the conversation", ErrConflict)
+	ErrSameIDs         = fmt.Errorf("%w: the turn id equals the message id", ErrConflict)
+	ErrTooManyTurns    = errors.New("too many turns running")
 	// ErrUnavailable marks a store that could not be reached (its server
 	// down or restarting): worth trying again, unlike a failure of the
 	// request itself.

@@ -85,6 +85,12 @@ func AsError(err error) *Error {
 		return &Error{Code: CodeNotFound, Message: "not found", Err: err}
 	case errors.Is(err, chat.ErrForbidden):
 		return &Error{Code: CodeForbidden, Message: "this belongs to another user", Err: err}
+	case errors.Is(err, chat.ErrMessageIDOfTurn):
+		return &Error{Code: CodeBadRequest, Message: "message_id is the id of an assistant message in this conversation", Err: err}
+	case errors.Is(err, chat.ErrSameIDs):
+		return &Error{Code: CodeBadRequest, Message: "turn_id must differ from message_id", Err: err}
+	case errors.Is(err, chat.ErrTurnIDOfMessage):
+		return &Error{Code: CodeBadRequest, Message: "turn_id is the id of a message in this conversation", Err: err}
 	case errors.Is(err, chat.ErrConflict):
 		return &Error{Code: CodeBadRequest, Message: "turn_id is already used by another turn", Err: err}
 	case errors.Is(err, chat.ErrTooManyTurns):

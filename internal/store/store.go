@@ -47,8 +47,11 @@ type Store interface {
 	// stores nothing and returns the existing message and turn with
 	// Duplicate set. Otherwise it returns chat.ErrForbidden (conversation of
 	// another user), *chat.TurnActiveError (a turn of the conversation is
-	// queued or streaming), chat.ErrConflict (req.TurnID is already used by
-	// another turn) or chat.ErrTooManyTurns (req.MaxActiveTurns > 0 and the
+	// queued or streaming), chat.ErrConflict (one of the errors that wrap
+	// it: req.MessageID is the id of an assistant message of the
+	// conversation, req.TurnID equals req.MessageID, is already used by
+	// another turn or is the id of a message of the conversation) or
+	// chat.ErrTooManyTurns (req.MaxActiveTurns > 0 and the
 	// owner already has that many turns queued or streaming). The
 	// conversation is created when missing, titled after the first message.
 	Send(ctx context.Context, req SendRequest) (SendResult, error)

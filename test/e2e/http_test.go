@@ -259,3 +259,41 @@ func TestHistoryOfARetakenConversation(t *testing.T) {
 		}
 	}
 }
+
+// TestIDConflictsSayWhich: a send whose ids clash with what is stored is
+// bad_request with a message naming the id at fault, over HTTP and
+// WebSocket.
+func TestIDConflictsSayWhich(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0")
+	post := func(conv string, body map[string]any) (int, string, string) {
+		t.Helper()
+		var res struct {
+			Error struct{ Code, Message string }
+		}
+		code := trtest.Do(t, "POST", p.URL+"/v1/conversations/"+conv+"/messages", "", body, &res)
+		return code, res.Error.Code, res.Error.Message
+	}
+	if code, _, msg := post("ids", map[string]any{"text": "[sim tokens=3] hi", "message_id": "m1", "turn_id": "t1"}); code != http.StatusAccepted {
+		t.Fatalf("first POST: %d %s", code, msg)
+	}
+	c := trtest.Dial(t, p.WSURL(), nil)
+	for _, tt := range []struct {
+		name, conv, message, turn, want string
+	}{
+		{"message id of a turn", "ids", "t1", "t2", "message_id is the id of an assistant message in this conversation"},
+		{"same ids", "ids2", "x1", "x1", "turn_id must differ from message_id"},
+		{"turn id of another conversation", "ids3", "m1", "t1", "turn_id is already used by another turn"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			code, ec, msg := post(tt.conv, map[string]any{"text": "again", "message_id": tt.message, "turn_id": tt.turn})
+			if code != http.StatusBadRequest || ec != "bad_request" || msg != tt.want {
+				t.Errorf("POST: %d %s %q, want 400 bad_request %q", code, ec, msg, tt.want)
+			}
+			c.Send(map[string]any{"type": "send", "id": "s", "conversation_id": tt.conv, "text": "again", "message_id": tt.message, "turn_id": tt.turn})
+			f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "s" })
+			if last := f[len(f)-1]; last.Type() != "error" || last.Str("code") != "bad_request" || last.Str("message") != tt.want {
+				t.Errorf("send: %v, want bad_request %q", last, tt.want)
+			}
+		})
+	}
+}

@@ -29,7 +29,7 @@ func TestActiveTurnPlan(t *testing.T) {
 			WHERE ` + sqlstore.ActiveTurn + ` ORDER BY m.created_at, m.position`, nil},
 		{"owner", `SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id
 			WHERE c.owner = ? AND ` + sqlstore.ActiveTurn, []any{"alice"}},
-		{"send checks", sqlstore.SendChecks, []any{"c", "m", "c", "t", "c", "t", "t"}},
+		{"send checks", sqlstore.SendChecks, []any{"c", "m", "c", "t", "t", "c", "t"}},
 		{"listed", `SELECT ` + sqlstore.ConversationColumns + ` FROM conversations c WHERE c.id = ?`, []any{"c"}},
 	}
 	for _, tt := range tests {

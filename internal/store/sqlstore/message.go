@@ -16,8 +16,9 @@ import (
 // Send stores a user message and its queued turn in one transaction, with the
 // errors and the Duplicate retry that [store.Store] documents. Checks come in
 // this order: chat.ErrForbidden (so a retry never shows another user's
-// message), the duplicate retry, *chat.TurnActiveError, chat.ErrConflict,
-// chat.ErrTooManyTurns. An empty req.MessageID or req.TurnID is filled with a
+// message), the duplicate retry, chat.ErrMessageIDOfTurn,
+// *chat.TurnActiveError, chat.ErrSameIDs, chat.ErrTurnIDTaken,
+// chat.ErrTurnIDOfMessage, chat.ErrTooManyTurns. An empty req.MessageID or req.TurnID is filled with a
 // new UUIDv7; ids that chat.ValidID rejects are an error. The conversation is
 // created when missing; it takes its title from the first message sent to it
 // while its title is empty, and its updated_at from every send.
@@ -63,10 +64,10 @@ func sendIn(ctx context.Context, d Dialect, tx Queryer, req store.SendRequest) (
 	// whether the turn id is taken, in one statement; the checks then come
 	// in the order Send documents.
 	var prevRole, active sql.NullString
-	var used bool
+	var turnUsed, messageUsed bool
 	err = tx.QueryRow(ctx, SendChecks,
-		req.ConversationID, req.MessageID, req.ConversationID, req.TurnID, req.ConversationID, req.TurnID, req.TurnID,
-	).Scan(&prevRole, &active, &used)
+		req.ConversationID, req.MessageID, req.ConversationID, req.TurnID, req.TurnID, req.ConversationID, req.TurnID,
+	).Scan(&prevRole, &active, &turnUsed, &messageUsed)
 	if err != nil {
 		return store.SendResult{}, err
 	}
@@ -74,14 +75,18 @@ func sendIn(ctx context.Context, d Dialect, tx Queryer, req store.SendRequest) (
 	case prevRole.Valid && chat.Role(prevRole.String) == chat.RoleUser:
 		return duplicate(ctx, tx, req)
 	case prevRole.Valid:
-		return store.SendResult{}, chat.ErrConflict // the id of an assistant message
+		return store.SendResult{}, chat.ErrMessageIDOfTurn
 	case active.Valid:
 		return store.SendResult{}, &chat.TurnActiveError{TurnID: active.String}
-	case used || req.TurnID == req.MessageID:
+	case req.TurnID == req.MessageID:
+		return store.SendResult{}, chat.ErrSameIDs
+	case turnUsed:
 		// Where a turn id taken by a send still in flight elsewhere passes
 		// this check, the unique index fails the insert below, mapped to
-		// ErrConflict.
-		return store.SendResult{}, chat.ErrConflict
+		// the same error.
+		return store.SendResult{}, chat.ErrTurnIDTaken
+	case messageUsed:
+		return store.SendResult{}, chat.ErrTurnIDOfMessage
 	}
 
 	if req.MaxActiveTurns > 0 {
@@ -109,7 +114,9 @@ func sendIn(ctx context.Context, d Dialect, tx Queryer, req store.SendRequest) (
 			reply_to, model, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 			m.ConversationID, m.ID, m.Role, m.Content, m.Status, m.TurnID, m.ReplyTo, m.Model, now)
 		if d.IsUniqueViolation(err) {
-			return store.SendResult{}, chat.ErrConflict
+			// Only the turn's id can be taken meanwhile: sends to this
+			// conversation wait for this one.
+			return store.SendResult{}, chat.ErrTurnIDTaken
 		}
 		if err != nil {
 			return store.SendResult{}, err
@@ -125,17 +132,17 @@ func sendIn(ctx context.Context, d Dialect, tx Queryer, req store.SendRequest) (
 }
 
 // SendChecks reads what Send checks before it stores, for conversation c,
-// message id m and turn id t (arguments c, m, c, t, c, t, t): the role of
+// message id m and turn id t (arguments c, m, c, t, t, c, t): the role of
 // the message already stored as m (NULL when none), the conversation's
-// active turn (NULL when none), and whether t is already a turn or a
-// message of c, or was a turn of a deleted conversation.
+// active turn (NULL when none), whether t is already a turn or was a turn
+// of a deleted conversation, and whether t is a message of c.
 const SendChecks = `SELECT
 	(SELECT m.role FROM messages m WHERE m.conversation_id = ? AND m.id = ?),
 	(SELECT m.id FROM messages m WHERE m.conversation_id = ? AND ` + ActiveTurn + `
 		ORDER BY m.position DESC LIMIT 1),
 	EXISTS (SELECT 1 FROM messages WHERE turn_id = ? AND role = 'assistant')
-		OR EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)
-		OR EXISTS (SELECT 1 FROM deleted_turns WHERE turn_id = ?)`
+		OR EXISTS (SELECT 1 FROM deleted_turns WHERE turn_id = ?),
+	EXISTS (SELECT 1 FROM messages WHERE conversation_id = ? AND id = ?)`
 
 // duplicate answers a send whose message is already stored, as a user
 // message: a retry, which gets the stored message and its turn.

@@ -225,21 +225,21 @@ func testDeleteConversation(t *testing.T, s store.Store) {
 	// not, since they also name the turns' events on the bus.
 	for _, id := range []string{"c1-t1", "c1-t2"} {
 		_, err = s.Send(t.Context(), req("c1", "m1", id, at(7)))
-		wantErr(t, "Send with the deleted turn id "+id, err, chat.ErrConflict)
+		wantErr(t, "Send with the deleted turn id "+id, err, chat.ErrTurnIDTaken)
 	}
 	send(t, s, req("c1", "m1", "c1-t3", at(7)))
 	equal(t, "new messages", messageIDs(t, s, "c1"), []string{"m1", "c1-t3"})
 	// Deleting it again keeps the new turn's id too.
 	wantErr(t, "delete again", s.DeleteConversation(t.Context(), "c1", "alice"), nil)
 	_, err = s.Send(t.Context(), req("c2", "m1", "c1-t3", at(8)))
-	wantErr(t, "Send with the deleted turn id c1-t3", err, chat.ErrConflict)
+	wantErr(t, "Send with the deleted turn id c1-t3", err, chat.ErrTurnIDTaken)
 
 	// Forgetting the ids deleted before a moment already past keeps them.
 	n, err := s.ForgetDeletedTurns(t.Context(), time.Now().Add(-time.Hour))
 	wantErr(t, "ForgetDeletedTurns an hour ago", err, nil)
 	equal(t, "ids forgotten an hour ago", n, int64(0))
 	_, err = s.Send(t.Context(), req("c2", "m1", "c1-t3", at(9)))
-	wantErr(t, "Send with the deleted turn id c1-t3", err, chat.ErrConflict)
+	wantErr(t, "Send with the deleted turn id c1-t3", err, chat.ErrTurnIDTaken)
 	// Forgetting those deleted before now lets them go.
 	n, err = s.ForgetDeletedTurns(t.Context(), time.Now().Add(time.Second))
 	wantErr(t, "ForgetDeletedTurns", err, nil)

@@ -242,7 +242,7 @@ func testSendErrors(t *testing.T, s store.Store) {
 				finish(t, s, "taken", chat.StatusComplete, at(2))
 			},
 			req:            req("turn2", "m1", "taken", at(3)),
-			err:            chat.ErrConflict,
+			err:            chat.ErrTurnIDTaken,
 			stored:         map[string][]string{"turn1": {"m1", "taken"}},
 			noConversation: "turn2",
 		},
@@ -253,7 +253,7 @@ func testSendErrors(t *testing.T, s store.Store) {
 				finish(t, s, "turn3-t1", chat.StatusComplete, at(2))
 			},
 			req:    req("turn3", "m2", "m1", at(3)),
-			err:    chat.ErrConflict,
+			err:    chat.ErrTurnIDOfMessage,
 			stored: map[string][]string{"turn3": {"m1", "turn3-t1"}},
 		},
 		{
@@ -267,15 +267,35 @@ func testSendErrors(t *testing.T, s store.Store) {
 				r.MaxActiveTurns = 1
 				return r
 			}(),
-			err:            chat.ErrConflict,
+			err:            chat.ErrTurnIDTaken,
 			stored:         map[string][]string{"lim1": {"m1", "lim1-t1"}},
 			noConversation: "lim2",
 		},
 		{
 			name:           "turn id equals message id",
 			req:            req("turn4", "same", "same", at(1)),
-			err:            chat.ErrConflict,
+			err:            chat.ErrSameIDs,
 			noConversation: "turn4",
+		},
+		{
+			name: "message id of a running turn",
+			setup: func(t testing.TB) {
+				send(t, s, req("turn6", "m1", "turn6-t1", at(1)))
+			},
+			req:    req("turn6", "turn6-t1", "turn6-t2", at(2)),
+			err:    chat.ErrMessageIDOfTurn,
+			stored: map[string][]string{"turn6": {"m1", "turn6-t1"}},
+			absent: []string{"turn6-t2"},
+		},
+		{
+			name: "turn id of an earlier turn of the conversation",
+			setup: func(t testing.TB) {
+				send(t, s, req("turn7", "m1", "turn7-t1", at(1)))
+				finish(t, s, "turn7-t1", chat.StatusComplete, at(2))
+			},
+			req:    req("turn7", "m2", "turn7-t1", at(3)),
+			err:    chat.ErrTurnIDTaken,
+			stored: map[string][]string{"turn7": {"m1", "turn7-t1"}},
 		},
 		{
 			name: "message id of a reply",
@@ -284,7 +304,7 @@ func testSendErrors(t *testing.T, s store.Store) {
 				finish(t, s, "turn5-t1", chat.StatusComplete, at(2))
 			},
 			req:    req("turn5", "turn5-t1", "turn5-t2", at(3)),
-			err:    chat.ErrConflict,
+			err:    chat.ErrMessageIDOfTurn,
 			stored: map[string][]string{"turn5": {"m1", "turn5-t1"}},
 			absent: []string{"turn5-t2"},
 		},
