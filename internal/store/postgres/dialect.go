@@ -222,3 +222,7 @@ func (dialect) IsUniqueViolation(err error) bool {
 
 // NoLimit is NULL, which PostgreSQL's LIMIT takes as no limit.
 func (dialect) NoLimit() any { return nil }
+
+// Bytewise is the "C" collation: a database made with another (en_US.UTF-8,
+// an ICU locale) would otherwise order ids as words, unlike SQLite.
+func (dialect) Bytewise() string { return `COLLATE "C"` }

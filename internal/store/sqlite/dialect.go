@@ -209,3 +209,6 @@ func (dialect) IsUniqueViolation(err error) bool {
 
 // NoLimit is SQLite's LIMIT -1.
 func (dialect) NoLimit() any { return -1 }
+
+// Bytewise is SQLite's BINARY collation, its default.
+func (dialect) Bytewise() string { return "COLLATE BINARY" }

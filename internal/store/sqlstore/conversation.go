@@ -86,11 +86,12 @@ func (s *DB) conversation(ctx context.Context, id string) (chat.Conversation, er
 }
 
 // Conversations lists owner's conversations that hold at least one message,
-// most recently updated first, at most limit of them (all when limit <= 0).
+// most recently updated first (those updated in the same millisecond by
+// their ids' bytes, descending), at most limit of them (all when limit <= 0).
 func (s *DB) Conversations(ctx context.Context, owner string, limit int) ([]chat.Conversation, error) {
 	cs, err := queryAll(ctx, s.read, scanConversation, `SELECT `+ConversationColumns+` FROM conversations c
 		WHERE c.owner = ? AND EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)
-		ORDER BY c.updated_at DESC, c.id DESC LIMIT ?`, owner, s.limit(limit))
+		ORDER BY c.updated_at DESC, c.id `+s.d.Bytewise()+` DESC LIMIT ?`, owner, s.limit(limit))
 	if err != nil {
 		return nil, fmt.Errorf("conversations: %w", err)
 	}

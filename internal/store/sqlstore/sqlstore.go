@@ -58,6 +58,11 @@ type Dialect interface {
 
 	// NoLimit is the argument of LIMIT ? that means no limit.
 	NoLimit() any
+
+	// Bytewise is the COLLATE clause that orders text by its bytes,
+	// whatever collation the database or column has, so that ties are
+	// broken alike on every dialect.
+	Bytewise() string
 }
 
 // DB implements the methods of [store.Store] that every dialect shares; a

@@ -154,6 +154,15 @@ func testConversations(t *testing.T, s store.Store) {
 	c2 := chat.Conversation{ID: "c2", Owner: "alice", Title: "hello m1", CreatedAt: at(3), UpdatedAt: at(3), ActiveTurnID: "c2-t1"}
 	c3 := chat.Conversation{ID: "c3", Owner: "alice", Title: "hello m1", CreatedAt: at(2), UpdatedAt: at(2)}
 	b1 := chat.Conversation{ID: "b1", Owner: "bob", Title: "hello m1", CreatedAt: at(4), UpdatedAt: at(4), ActiveTurnID: "b1-t1"}
+	// Conversations updated in the same millisecond come by their ids'
+	// bytes, descending, as every database orders them.
+	var ties []chat.Conversation
+	for _, id := range []string{"a", "_x", "B", "-y"} {
+		r := req(id, "m1", "dora"+id, at(7))
+		r.Owner = "dora"
+		send(t, s, r)
+		ties = append(ties, chat.Conversation{ID: id, Owner: "dora", Title: "hello m1", CreatedAt: at(7), UpdatedAt: at(7), ActiveTurnID: "dora" + id})
+	}
 	tests := []struct {
 		name  string
 		owner string
@@ -165,6 +174,7 @@ func testConversations(t *testing.T, s store.Store) {
 		{"one", "alice", 1, []chat.Conversation{c1}},
 		{"another owner", "bob", 10, []chat.Conversation{b1}},
 		{"no conversations", "carol", 10, nil},
+		{"updated together", "dora", 10, ties},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
