@@ -218,6 +218,13 @@ func newAuth(c *config, log *slog.Logger, stderr io.Writer) (*auth.Authenticator
 		// Also past any --log-level: this must not go unseen.
 		fmt.Fprintf(stderr, "tokenrelay: WARNING: --dev on %s: no authentication, anyone who can reach this address is user dev\n", c.Addr)
 	}
+	if dev && hasKey {
+		// A token's user and a tokenless one mix: the compatible paths
+		// take the user_id a tokenless request names (COMPAT.md), so
+		// anyone may act there as any user the tokens name.
+		log.Warn("DEV MODE WITH A JWT KEY: a request without a token to the compatible paths acts as whatever user_id it names, token users included")
+		fmt.Fprintf(stderr, "tokenrelay: WARNING: --dev with a JWT key: the compatible paths (/ws/chat, /api/…) take the user_id a request without a token names, so anyone can act there as any token's user\n")
+	}
 	cfg := auth.Config{Dev: dev, HS256Secret: []byte(c.JWTSecret), Issuer: c.JWTIssuer, Audience: c.JWTAudience}
 	if c.JWTSecret == "" {
 		cfg.HS256Secret = nil

@@ -402,6 +402,13 @@ func TestDevModeRule(t *testing.T) {
 			t.Fatalf("no loud warning:\n%s", p.Stderr())
 		}
 	})
+	t.Run("--dev with a key warns of the compatible paths", func(t *testing.T) {
+		t.Parallel()
+		p := trtest.Serve(t, "--dev", "--jwt-secret", secret)
+		if !strings.Contains(p.Stderr(), "WARNING: --dev with a JWT key") {
+			t.Fatalf("no warning that tokenless compatible requests name any user:\n%s", p.Stderr())
+		}
+	})
 	bin := trtest.Binary(t)
 	refuse := []struct {
 		name string
