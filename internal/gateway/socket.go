@@ -302,6 +302,9 @@ type rawSocket struct {
 	// sealed is set before the close frame is written: no frame of the
 	// gateway's follows it.
 	sealed atomic.Bool
+	// written counts the bytes the gateway's writes have handed the
+	// socket (see writeAll); written under wmu, read by the stallTimer.
+	written atomic.Uint64
 }
 
 // close closes ws with code and reason, the close handshake included. All
@@ -407,7 +410,7 @@ func (r *rawSocket) writeFrames(wb *writeBuffers) error {
 		// wmu has been held since (see writeNow).
 		rest := wb.rest
 		wb.rest = nil
-		_, err := r.nc.Write(rest)
+		err := r.writeAll(net.Buffers{rest})
 		r.wmu.Unlock()
 		return err
 	}
@@ -417,12 +420,61 @@ func (r *rawSocket) writeFrames(wb *writeBuffers) error {
 	if r.sealed.Load() {
 		return errSealed
 	}
-	if len(wb.iov) == 1 {
-		_, err := r.nc.Write(wb.iov[0])
+	return r.writeAll(wb.iov)
+}
+
+// writeChunk is the most writeAll hands the socket at once: a peer that
+// reads less than this in --write-timeout has stopped reading (see
+// stallTimer).
+const writeChunk = 64 << 10
+
+// writeAll writes bufs, which it consumes, counting in written what the
+// socket has taken: a batch larger than writeChunk (a joined frame with a
+// long history, a resume's catch-up) goes in pieces of at most writeChunk,
+// so that a peer reading it steadily, however slowly, shows progress. wmu
+// is held.
+func (r *rawSocket) writeAll(bufs net.Buffers) error {
+	total := 0
+	for _, b := range bufs {
+		total += len(b)
+	}
+	if total <= writeChunk {
+		var n int64
+		var err error
+		if len(bufs) == 1 {
+			var m int
+			m, err = r.nc.Write(bufs[0])
+			n = int64(m)
+		} else {
+			n, err = bufs.WriteTo(r.nc)
+		}
+		r.written.Add(uint64(n))
 		return err
 	}
-	_, err := wb.iov.WriteTo(r.nc)
-	return err
+	for len(bufs) > 0 {
+		if len(bufs[0]) > writeChunk {
+			n, err := r.nc.Write(bufs[0][:writeChunk])
+			r.written.Add(uint64(n))
+			if err != nil {
+				return err
+			}
+			bufs[0] = bufs[0][writeChunk:]
+			continue
+		}
+		i, size := 0, 0
+		for i < len(bufs) && size+len(bufs[i]) <= writeChunk {
+			size += len(bufs[i])
+			i++
+		}
+		piece := bufs[:i:i]
+		n, err := piece.WriteTo(r.nc)
+		r.written.Add(uint64(n))
+		if err != nil {
+			return err
+		}
+		bufs = bufs[i:]
+	}
+	return nil
 }
 
 // writeNow writes wb's frames with one system call that does not block,
@@ -573,20 +625,44 @@ func (r *rawSocket) control(b []byte) {
 // sockets are written without a context, which would cost a timer and a
 // registration per write. Ending the connection closes its TCP connection,
 // which fails the blocked write.
+//
+// Blocked means that the socket took nothing in that time (see
+// rawSocket.written): a large batch written to a peer that reads it
+// steadily but slowly (a long history on a slow link) takes as long as it
+// takes, as the peer is reading. Progress is looked at when the timer
+// fires, so a write that stalls midway is ended between one and two
+// WriteTimeout after the socket last took something.
 type stallTimer struct {
-	t *time.Timer
+	mu    sync.Mutex
+	t     *time.Timer
+	armed bool   // between arm and stop; guarded by mu
+	seen  uint64 // the socket's written count when last armed or checked; guarded by mu
 }
 
-// arm starts the timer; end ends the connection whose context is ctx.
-func (st *stallTimer) arm(s *Server, ctx context.Context, slow, end func()) {
+// arm starts the timer; written counts what the socket has taken, and end
+// ends the connection whose context is ctx.
+func (st *stallTimer) arm(s *Server, ctx context.Context, written *atomic.Uint64, slow, end func()) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.armed, st.seen = true, written.Load()
 	if st.t != nil {
 		st.t.Reset(s.cfg.WriteTimeout)
 		return
 	}
 	st.t = time.AfterFunc(s.cfg.WriteTimeout, func() {
-		if ctx.Err() != nil {
+		st.mu.Lock()
+		if !st.armed || ctx.Err() != nil {
+			st.mu.Unlock()
 			return
 		}
+		if n := written.Load(); n != st.seen {
+			st.seen = n
+			st.t.Reset(s.cfg.WriteTimeout)
+			st.mu.Unlock()
+			return
+		}
+		st.armed = false
+		st.mu.Unlock()
 		slow()
 		s.log.Debug("write stalled; closing", "timeout", s.cfg.WriteTimeout)
 		end()
@@ -594,6 +670,9 @@ func (st *stallTimer) arm(s *Server, ctx context.Context, slow, end func()) {
 }
 
 func (st *stallTimer) stop() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.armed = false
 	if st.t != nil {
 		st.t.Stop()
 	}

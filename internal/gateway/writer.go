@@ -453,7 +453,7 @@ func (w *connWriter) write(wb *writeBuffers) bool {
 	}
 	// A write that blocks for WriteTimeout means the peer stopped reading
 	// (see stallTimer).
-	w.stall.arm(w.s, w.ctx, w.q.slowConsumer, w.cancel)
+	w.stall.arm(w.s, w.ctx, &w.raw.written, w.q.slowConsumer, w.cancel)
 	err := w.raw.writeFrames(wb)
 	w.stall.stop()
 	if errors.Is(err, errSealed) {

@@ -3,10 +3,13 @@ package gateway
 import (
 	"context"
 	"encoding/json"
+	"io"
+	"log/slog"
 	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -176,4 +179,90 @@ func TestWriterLeavesASealedSocketToTheHandshake(t *testing.T) {
 	if q.push([]byte("{}")) {
 		t.Fatal("the queue still takes frames")
 	}
+}
+
+// newTestWriter returns a writer to nc whose connection's end sets ended.
+func newTestWriter(nc net.Conn, writeTimeout time.Duration, ended *atomic.Bool) *connWriter {
+	s := &Server{cfg: Config{WriteTimeout: writeTimeout}, m: newMetrics(prometheus.NewRegistry()), log: slog.New(slog.DiscardHandler)}
+	return &connWriter{s: s, raw: &rawSocket{nc: nc}, q: newOutQueue(1 << 20), ctx: context.Background(), cancel: func() { ended.Store(true) }}
+}
+
+// A peer that reads a batch larger than it can take in --write-timeout
+// (a long history on a slow link), but reads it steadily, is not taken for
+// one that stopped reading: the write goes on as long as the socket takes
+// something.
+func TestWriterWaitsForAPeerThatReadsSlowly(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		client, server := net.Pipe()
+		defer client.Close()
+		defer server.Close()
+		var ended atomic.Bool
+		w := newTestWriter(server, time.Second, &ended)
+		frame := []byte(`{"type":"joined","text":"` + strings.Repeat("x", 1<<20) + `"}`)
+		want := len(frame) + maxHeader // its header has the 8-byte length
+		read := make(chan int)
+		go func() { // 32 KiB every 100 ms: the frame takes more than 3 s
+			buf := make([]byte, 32<<10)
+			n := 0
+			for n < want {
+				m, err := client.Read(buf)
+				n += m
+				if err != nil {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			read <- n
+		}()
+		wb := getWriteBuffers()
+		defer wb.put()
+		wb.frames = append(wb.frames, frame)
+		if !w.write(wb) {
+			t.Fatal("the write failed")
+		}
+		if n := <-read; n != want {
+			t.Fatalf("the peer read %d bytes, want %d", n, want)
+		}
+		if ended.Load() {
+			t.Fatal("the connection of a peer that reads steadily was ended as stalled")
+		}
+	})
+}
+
+// A peer that stops reading in the middle of a batch is ended once the
+// socket has taken nothing for --write-timeout.
+func TestWriterEndsAPeerThatStopsReading(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		client, server := net.Pipe()
+		defer server.Close()
+		var ended atomic.Bool
+		w := newTestWriter(server, time.Second, &ended)
+		frame := []byte(`{"type":"joined","text":"` + strings.Repeat("x", 1<<20) + `"}`)
+		go func() { // reads 256 KiB, then nothing
+			_, _ = io.ReadFull(client, make([]byte, 256<<10))
+		}()
+		done := make(chan bool)
+		go func() {
+			wb := getWriteBuffers()
+			defer wb.put()
+			wb.frames = append(wb.frames, frame)
+			done <- w.write(wb)
+		}()
+		// The socket took the 256 KiB at once: the connection is ended
+		// between one and two --write-timeout later (see stallTimer).
+		time.Sleep(900 * time.Millisecond)
+		synctest.Wait()
+		if ended.Load() {
+			t.Fatal("the connection was ended before --write-timeout without progress")
+		}
+		time.Sleep(1200 * time.Millisecond)
+		synctest.Wait()
+		if !ended.Load() {
+			t.Fatal("the connection of a peer that stopped reading was not ended")
+		}
+		client.Close() // as ending the connection closes its socket
+		if <-done {
+			t.Fatal("the write to a closed socket succeeded")
+		}
+	})
 }
