@@ -635,8 +635,9 @@ func (r *rawSocket) control(b []byte) {
 type stallTimer struct {
 	mu    sync.Mutex
 	t     *time.Timer
-	armed bool   // between arm and stop; guarded by mu
-	seen  uint64 // the socket's written count when last armed or checked; guarded by mu
+	armed bool      // between arm and stop; guarded by mu
+	seen  uint64    // the socket's written count when last armed or checked; guarded by mu
+	due   time.Time // when the timer set last is due; guarded by mu
 }
 
 // arm starts the timer; written counts what the socket has taken, and end
@@ -644,19 +645,22 @@ type stallTimer struct {
 func (st *stallTimer) arm(s *Server, ctx context.Context, written *atomic.Uint64, slow, end func()) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	st.armed, st.seen = true, written.Load()
+	st.armed, st.seen, st.due = true, written.Load(), time.Now().Add(s.cfg.WriteTimeout)
 	if st.t != nil {
 		st.t.Reset(s.cfg.WriteTimeout)
 		return
 	}
 	st.t = time.AfterFunc(s.cfg.WriteTimeout, func() {
 		st.mu.Lock()
-		if !st.armed || ctx.Err() != nil {
+		// Not armed, or armed again since this firing was due (the write it
+		// was for ended as it fired, and the next one reset the timer,
+		// which fires again for it).
+		if !st.armed || ctx.Err() != nil || time.Now().Before(st.due) {
 			st.mu.Unlock()
 			return
 		}
 		if n := written.Load(); n != st.seen {
-			st.seen = n
+			st.seen, st.due = n, time.Now().Add(s.cfg.WriteTimeout)
 			st.t.Reset(s.cfg.WriteTimeout)
 			st.mu.Unlock()
 			return
