@@ -323,10 +323,7 @@ func (cp *compat) handleChat() http.Handler {
 			cp.writeCompatError(w, &compatError{status: http.StatusBadGateway, err: "Communication error with AI service", detail: workerDown(err)})
 			return
 		}
-		// As handlePostMessage's: the send outlives a client that leaves.
-		sctx, scancel := s.requestCtx()
-		defer scancel()
-		res, err := s.send(sctx, sendRequest{User: owner, ConversationID: sid, Text: msg})
+		res, err := s.send(ctx, sendRequest{User: owner, ConversationID: sid, Text: msg})
 		if err != nil {
 			cp.writeCompatError(w, err)
 			return

@@ -348,11 +348,10 @@ func (s *Server) handleListMessages() http.Handler {
 
 func (s *Server) handlePostMessage() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		// Not the request's context: a client that goes away once its
-		// message is stored must not leave the turn unpublished (ended as
-		// an error, which its retry would then find). A WebSocket's send
-		// runs to its end the same way.
-		ctx, cancel := s.requestCtx()
+		// A client that goes away once its message is stored does not stop
+		// the turn's publish (see send); nor does a shutdown, which lets
+		// the requests under way finish.
+		ctx, cancel := s.reqCtx(r)
 		defer cancel()
 		conv, err := s.pathID(r, "conversation")
 		if err != nil {

@@ -99,6 +99,12 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 		refund() // a retry costs the sender nothing
 		return res, nil
 	}
+	// The message is stored: its turn is published and enqueued even when
+	// the caller's context ends now (its client went away, or a shutdown
+	// began), else the turn would end in an error for a broker that was
+	// never down, which the client's retry of the message would then find.
+	ctx, cancel := uncancelled(ctx)
+	defer cancel()
 	start := &bus.Event{
 		Kind: bus.KindStart, ConversationID: r.ConversationID, TurnID: res.Turn.ID,
 		Message: &bus.WireMessage{ID: res.Message.ID, Content: res.Message.Content, CreatedAt: res.Message.CreatedAt.UnixMilli()},
@@ -122,6 +128,16 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	}
 	s.m.sends.Inc()
 	return res, nil
+}
+
+// uncancelled is ctx without its cancellation, within its deadline.
+func uncancelled(ctx context.Context) (context.Context, context.CancelFunc) {
+	d, ok := ctx.Deadline()
+	ctx = context.WithoutCancel(ctx)
+	if !ok {
+		return ctx, func() {}
+	}
+	return context.WithDeadline(ctx, d)
 }
 
 // enqueueHeld enqueues the job of a turn whose send was answered while its

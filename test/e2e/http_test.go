@@ -297,3 +297,83 @@ func TestIDConflictsSayWhich(t *testing.T) {
 		})
 	}
 }
+
+// shutDuringSend is a store whose Send, once stored, waits until the
+// gateway has shut down: the send was in flight when the process was told
+// to stop. A send whose context the shutdown ends waits for that; another
+// waits to be resumed.
+type shutDuringSend struct {
+	store.Store
+	stored chan struct{}
+	resume chan struct{}
+}
+
+func (s *shutDuringSend) Send(ctx context.Context, req store.SendRequest) (store.SendResult, error) {
+	res, err := s.Store.Send(ctx, req)
+	close(s.stored)
+	select {
+	case <-ctx.Done():
+	case <-s.resume:
+	}
+	return res, err
+}
+
+// TestSendOutlivesAShutdown: a message whose send is in flight when the
+// gateway shuts down (SIGTERM: the sockets close, then the HTTP server
+// waits for the requests under way) still starts its turn; the turn does
+// not end in an error for a broker that was never down. Over HTTP, native
+// and compat, and over a WebSocket.
+func TestSendOutlivesAShutdown(t *testing.T) {
+	server := bustest.Start(t)
+	ping, err := server.ServeWorkerPing("test", func() string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ping.Unsubscribe() })
+	for _, tt := range []struct{ name, path, body, conv string }{
+		{"native", "/v1/conversations/shut/messages", `{"text":"hello","message_id":"m1"}`, "shut"},
+		{"compat", "/api/chat", `{"message":"hello","session_id":"shut-compat"}`, "shut-compat"},
+		{"websocket", "", "", "shut-ws"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			st, a := storeAndAuth(t)
+			slow := &shutDuringSend{Store: st, stored: make(chan struct{}), resume: make(chan struct{})}
+			gw := gateway.New(gateway.Config{}, bustest.Open(t, server.Conn().ConnectedUrl()), slow, a)
+			srv := httptest.NewServer(gw)
+			t.Cleanup(srv.Close)
+			answered := make(chan int, 1)
+			if tt.path != "" {
+				go func() {
+					resp, err := http.Post(srv.URL+tt.path, "application/json", strings.NewReader(tt.body))
+					if err != nil {
+						answered <- 0
+						return
+					}
+					resp.Body.Close()
+					answered <- resp.StatusCode
+				}()
+			} else {
+				c := trtest.Dial(t, "ws"+strings.TrimPrefix(srv.URL, "http")+"/v1/ws", nil)
+				c.Send(map[string]any{"type": "send", "conversation_id": tt.conv, "text": "hello", "id": "s"})
+			}
+			<-slow.stored
+			// The shutdown ends the sockets (their frames' sends included)
+			// before it returns.
+			ctx, cancel := context.WithTimeout(t.Context(), wait)
+			defer cancel()
+			if err := gw.Shutdown(ctx); err != nil {
+				t.Fatal(err)
+			}
+			close(slow.resume)
+			if tt.path != "" {
+				if code := <-answered; code/100 != 2 {
+					t.Errorf("POST %s in flight at the shutdown: %d", tt.path, code)
+				}
+			}
+			turn, err := st.ActiveTurn(t.Context(), tt.conv)
+			if err != nil || turn.Status != chat.StatusQueued {
+				t.Fatalf("a send in flight at the shutdown: turn %+v, %v; want it queued", turn, err)
+			}
+		})
+	}
+}
