@@ -322,7 +322,7 @@ func (c *conn) handle(f protocol.ClientFrame) {
 		// up this connection's other frames: that goes on elsewhere.
 		pc, err := c.s.beginCancel(ctx, c.user, f.TurnID)
 		if err != nil {
-			c.sendError(f.ID, err)
+			c.sendError(f.ID, named(err, "turn "+quote(f.TurnID)))
 			return
 		}
 		c.wg.Add(1)

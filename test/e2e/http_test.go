@@ -143,6 +143,13 @@ func TestNotFoundSaysWhat(t *testing.T) {
 			t.Errorf("%s %s: %d %+v, want 404 not_found %q", tt.method, tt.path, code, body.Error, tt.want)
 		}
 	}
+	// A socket's cancel says the same as the API's.
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Send(map[string]any{"type": "cancel", "id": "c", "turn_id": "nope"})
+	fs := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "c" })
+	if f := fs[len(fs)-1]; f.Type() != "error" || f.Str("code") != "not_found" || f.Str("message") != `turn "nope" not found` {
+		t.Errorf("cancel of an unknown turn: %v, want not_found %q", f, `turn "nope" not found`)
+	}
 }
 
 // retakenOnRead is a store where, at the first read of a listed
