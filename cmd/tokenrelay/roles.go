@@ -88,6 +88,11 @@ func runWorker(ctx context.Context, args []string, getenv func(string) string, s
 	if err != nil {
 		return err
 	}
+	stopDebug, err := startDebug(c.DebugAddr, log, stderr)
+	if err != nil {
+		return fmt.Errorf("debug server: %w", err)
+	}
+	defer stopDebug()
 	var ln net.Listener
 	if *metricsAddr != "" {
 		if ln, err = net.Listen("tcp", *metricsAddr); err != nil {

@@ -237,3 +237,21 @@ func TestServeRestartLeavesOtherWorkersTurns(t *testing.T) {
 		t.Logf("worker's log:\n%s\nserve's log:\n%s", wk.Stderr(), srv.Stderr())
 	}
 }
+
+// TestWorkerServesProfiler: a worker given --debug-addr serves Go's
+// profiler there, as serve and gateway do.
+func TestWorkerServesProfiler(t *testing.T) {
+	nc := startNATS(t)
+	pg := postgresURL(t)
+	migrate(t, pg)
+	addr := fmt.Sprintf("127.0.0.1:%d", bustest.FreePorts(t, 1)[0])
+	trtest.Start(t, "worker", "--nats-url", nc.URLs(), "--store-url", pg, "--replicas", "3", "--debug-addr", addr)
+	resp, err := http.Get("http://" + addr + "/debug/pprof/goroutine?debug=1")
+	if err != nil {
+		t.Fatalf("the worker's --debug-addr: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("the worker's /debug/pprof/goroutine answered %d", resp.StatusCode)
+	}
+}
