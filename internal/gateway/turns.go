@@ -445,6 +445,39 @@ func (s *Server) catchUp(ctx context.Context, conv, turn string, have, haveLen i
 	}
 }
 
+// storedEnd completes cu, a catch-up of turn that found no end in the
+// stream, from the store when the store has ended the turn: its end was
+// stored and never published (the gateway that cancelled the turn before
+// it started, or the worker that produced it, died in between, or the
+// stream refused the end). A client following the turn would otherwise
+// wait for good. t is the turn's head when known already. Text the stream
+// lacks is taken from the stored reply. A store that cannot be read leaves
+// cu as it is, for the next sweep.
+func (s *Server) storedEnd(ctx context.Context, turn string, cu catchUpResult, t chat.Turn, known bool) catchUpResult {
+	var err error
+	if !known {
+		if t, err = s.store.TurnHead(ctx, turn); err != nil {
+			return cu
+		}
+	}
+	if !t.Status.Terminal() {
+		return cu
+	}
+	if t.Seq > cu.To {
+		if cu.ToLen < 0 {
+			return cu
+		}
+		if t, err = s.store.Turn(ctx, turn); err != nil || int64(len(t.Content)) < cu.ToLen {
+			return cu
+		}
+		cu.Text = append(cu.Text, t.Content[cu.ToLen:]...)
+		cu.To, cu.ToLen = t.Seq, int64(len(t.Content))
+	}
+	s.log.Warn("a turn's end is not in the stream; sending the stored one", "turn_id", turn, "status", t.Status)
+	cu.End = &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: turn, Seq: t.Seq, Status: t.Status, Error: t.Error, Usage: t.Usage}
+	return cu
+}
+
 // testHookHeadRead, when set, runs after catchUpStored has read a turn's
 // snapshot head.
 var testHookHeadRead func()

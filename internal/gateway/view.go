@@ -96,6 +96,9 @@ const keepEnded = 32
 // catchUpTS marks a delta passed to a sink as catch-up text (see sink.delta).
 const catchUpTS = -1
 
+// quietFetch is the attempt of fetchLocked that a quiet sweep asks for.
+const quietFetch = -1
+
 // A gap is read back from the stream up to repairAttempts times, the waits
 // growing to half a second: about 20 s in all, more than a stream leader
 // election and the publisher's retries take. Then the connection is closed
@@ -256,7 +259,7 @@ func (v *view) checkQuiet() int {
 			ts.quiet = false
 		case ts.quiet && ts.quietSeq == ts.seq:
 			ts.quiet = false
-			v.fetchLocked(id, ts, 0)
+			v.fetchLocked(id, ts, quietFetch)
 			n++
 		default:
 			ts.quiet, ts.quietSeq = true, ts.seq
@@ -407,6 +410,9 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 // the client's position and sends it; events of the turn wait until it is
 // done. attempt counts the repairs of one gap (the later ones wait before
 // reading); 0 is a resync's check, which expects no gap and counts none.
+//
+// quietFetch is a quiet sweep's check (see checkQuiet): when the stream
+// holds no end of the turn, the store is asked too.
 func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 	ts.repairing = true
 	ts.gen++
@@ -453,6 +459,9 @@ func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 				t.Stop()
 				return
 			}
+		}
+		if attempt == quietFetch && err == nil && cu.End == nil {
+			cu = v.s.storedEnd(v.ctx, turn, cu, info, needStart)
 		}
 		v.mu.Lock()
 		defer v.mu.Unlock()
