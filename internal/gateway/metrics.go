@@ -1,6 +1,10 @@
 package gateway
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 type metrics struct {
 	connections       prometheus.Gauge
@@ -23,6 +27,7 @@ type metrics struct {
 	sseStreams        prometheus.Gauge
 	resyncs           *prometheus.CounterVec
 	quietChecks       prometheus.Counter
+	turns             *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -56,11 +61,30 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Conversations whose views read their open turns again after live events may have been lost, by reason: reconnect (the bus connection was down) or slow_consumer (the bus dropped messages)."}, []string{"reason"}),
 		quietChecks: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenrelay_quiet_turn_checks_total",
 			Help: "Open turns read again from the stream because no event of theirs came for --quiet-check."}),
+		turns: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenrelay_turns_total",
+			Help: "Turns ended, by terminal status."}, []string{"status"}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.connections, m.connectsTotal, m.joins, m.resumes, m.sends, m.framesSent, m.bytesSent, m.writeErrors,
 			m.mergedFrames, m.slowCloses, m.gapsRepaired, m.duplicatesDropped, m.badFrames, m.cancels, m.cancelLatency,
 			m.authFailures, m.limitHits, m.sseStreams, m.resyncs, m.quietChecks)
+		m.turns = shared(reg, m.turns)
 	}
 	return m
+}
+
+// shared registers vec, or returns the identical one already registered: a
+// gateway ends the turns no worker started (a cancel of a queued turn, a
+// job the broker refused) and counts them under the workers' turns_total,
+// which serve's worker has registered first.
+func shared(reg prometheus.Registerer, vec *prometheus.CounterVec) *prometheus.CounterVec {
+	var are prometheus.AlreadyRegisteredError
+	if err := reg.Register(vec); errors.As(err, &are) {
+		if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
+			return existing
+		}
+	} else if err != nil {
+		panic(err)
+	}
+	return vec
 }

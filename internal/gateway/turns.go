@@ -184,6 +184,7 @@ func (s *Server) failTurn(t chat.Turn) {
 	if err != nil || !won {
 		return
 	}
+	s.m.turns.WithLabelValues(string(final)).Inc()
 	_, _ = s.bus.PublishEvent(ctx, &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: t.ID, Status: final, Error: msgBrokerUnavailable})
 }
 
@@ -296,6 +297,9 @@ func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pending
 		if err != nil {
 			_ = c.sub.Unsubscribe()
 			return nil, err
+		}
+		if c.won {
+			s.m.turns.WithLabelValues(string(c.final)).Inc()
 		}
 	}
 	if t.Status == chat.StatusStreaming {
