@@ -56,7 +56,7 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	reg := newRegistry()
 	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, nil, a.Dev()), b, st, a)
 	srv, httpDone := serveHTTP(ln, gw, c.ReadTimeout, c.IdleTimeout, log)
-	log.Info("listening", "addr", ln.Addr().String())
+	log.Info("listening", append([]any{"addr", ln.Addr().String(), "dev", a.Dev()}, startAttrs(&c)...)...)
 	fmt.Fprintf(stdout, "tokenrelay gateway (version %s) listening on http://%s\n", version, ln.Addr())
 	var runErr error
 	select {
@@ -107,6 +107,11 @@ func runWorker(ctx context.Context, args []string, getenv func(string) string, s
 	defer closeBackends()
 	reg := newRegistry()
 	w := worker.New(workerConfig(&c, log, reg), b, st, p)
+	metrics := "none"
+	if ln != nil {
+		metrics = ln.Addr().String()
+	}
+	log.Info("starting", append([]any{"provider", c.Provider, "metrics_addr", metrics}, startAttrs(&c)...)...)
 	if ln == nil {
 		fmt.Fprintf(stdout, "tokenrelay worker %s running\n", version)
 		return runWithin(ctx, w.Run, c.ShutdownTimeout, log)

@@ -152,7 +152,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	go func() { workerDone <- w.Run(workerCtx) }()
 
 	srv, httpDone := serveHTTP(ln, gw, c.ReadTimeout, c.IdleTimeout, log)
-	log.Info("listening", "addr", ln.Addr().String(), "provider", c.Provider, "dev", a.Dev())
+	log.Info("listening", append([]any{"addr", ln.Addr().String(), "provider", c.Provider, "dev", a.Dev()}, startAttrs(&c)...)...)
 	fmt.Fprintf(stdout, "tokenrelay serve (version %s) listening on http://%s\n", version, ln.Addr())
 
 	var runErr error

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -67,6 +68,30 @@ func openStore(ctx context.Context, url, dataDir string) (store.Store, error) {
 		return sqlite.Open(ctx, strings.TrimPrefix(url, "sqlite://"))
 	}
 	return nil, fmt.Errorf("--store-url must start with sqlite:// or postgres://")
+}
+
+// startAttrs are what a process's first log line says of it besides its
+// address: its version, its store (a SQLite file, or a PostgreSQL host and
+// database, never a user or password) and where its NATS is.
+func startAttrs(c *config) []any {
+	st := "sqlite://" + filepath.Join(c.DataDir, "tokenrelay.db")
+	switch u, err := url.Parse(c.StoreURL); {
+	case c.StoreURL == "":
+	case err == nil && (u.Scheme == "postgres" || u.Scheme == "postgresql"):
+		st = "postgres://" + u.Host + u.Path
+	case err == nil && u.Scheme == "sqlite":
+		st = c.StoreURL
+	default:
+		st = "unknown"
+	}
+	nats := "external"
+	if c.NATSURL == "" {
+		nats = "embedded"
+		if c.NATSListen != "" {
+			nats = "embedded, listening on " + c.NATSListen
+		}
+	}
+	return []any{"version", version, "store", st, "nats", nats}
 }
 
 // checkWritable fails with a clear reason when dir cannot hold files.

@@ -101,3 +101,24 @@ func TestOpenBusLogsAChangedRetention(t *testing.T) {
 		t.Fatalf("logged:\n%s\nwant a line with %s", &buf, want)
 	}
 }
+
+// The first log line of a process says which build it is, which store it
+// uses and where its NATS is, and never a store's user or password.
+func TestStartAttrs(t *testing.T) {
+	for _, tt := range []struct {
+		c    config
+		want string
+	}{
+		{config{DataDir: "/var/lib/tr"}, "version=" + version + " store=sqlite:///var/lib/tr/tokenrelay.db nats=embedded"},
+		{config{DataDir: "d", NATSListen: "127.0.0.1:4222"}, "nats=\"embedded, listening on 127.0.0.1:4222\""},
+		{config{StoreURL: "postgres://tr:s3cret@db.internal:5432/chat?sslmode=verify-full", NATSURL: "nats://n1:4222"},
+			"store=postgres://db.internal:5432/chat nats=external"},
+		{config{StoreURL: "sqlite:///data/x.db", NATSURL: "nats://n1:4222"}, "store=sqlite:///data/x.db nats=external"},
+	} {
+		var buf bytes.Buffer
+		slog.New(slog.NewTextHandler(&buf, nil)).Info("listening", startAttrs(&tt.c)...)
+		if line := buf.String(); !strings.Contains(line, tt.want) || strings.Contains(line, "s3cret") || strings.Contains(line, "tr:") {
+			t.Errorf("%+v logged %s, want %s", tt.c, line, tt.want)
+		}
+	}
+}
