@@ -1,9 +1,9 @@
 package gateway
 
 import (
-	"errors"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenrelay/tokenrelay/internal/promreg"
 )
 
 type metrics struct {
@@ -68,23 +68,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		reg.MustRegister(m.connections, m.connectsTotal, m.joins, m.resumes, m.sends, m.framesSent, m.bytesSent, m.writeErrors,
 			m.mergedFrames, m.slowCloses, m.gapsRepaired, m.duplicatesDropped, m.badFrames, m.cancels, m.cancelLatency,
 			m.authFailures, m.limitHits, m.sseStreams, m.resyncs, m.quietChecks)
-		m.turns = shared(reg, m.turns)
+		m.turns = promreg.Shared(reg, m.turns)
 	}
 	return m
-}
-
-// shared registers vec, or returns the identical one already registered: a
-// gateway ends the turns no worker started (a cancel of a queued turn, a
-// job the broker refused) and counts them under the workers' turns_total,
-// which serve's worker has registered first.
-func shared(reg prometheus.Registerer, vec *prometheus.CounterVec) *prometheus.CounterVec {
-	var are prometheus.AlreadyRegisteredError
-	if err := reg.Register(vec); errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
-			return existing
-		}
-	} else if err != nil {
-		panic(err)
-	}
-	return vec
 }

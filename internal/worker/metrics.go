@@ -1,9 +1,9 @@
 package worker
 
 import (
-	"errors"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenrelay/tokenrelay/internal/promreg"
 )
 
 type metrics struct {
@@ -48,23 +48,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 	}
 	if reg != nil {
-		m.turns = shared(reg, m.turns)
+		m.turns = promreg.Shared(reg, m.turns)
 		reg.MustRegister(m.running, m.providerReqs, m.duration, m.firstDelta, m.deltas, m.cancelToEnd, m.snapFails)
 	}
 	return m
-}
-
-// shared registers vec, or returns the identical one already registered: a
-// gateway in the same process counts the turns it ends itself (a cancel of
-// a queued turn) under the same tokenrelay_turns_total.
-func shared(reg prometheus.Registerer, vec *prometheus.CounterVec) *prometheus.CounterVec {
-	var are prometheus.AlreadyRegisteredError
-	if err := reg.Register(vec); errors.As(err, &are) {
-		if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
-			return existing
-		}
-	} else if err != nil {
-		panic(err)
-	}
-	return vec
 }
