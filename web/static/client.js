@@ -465,6 +465,15 @@ export class TokenRelayClient extends EventTarget {
    */
   join(conversationId, { history } = {}) {
     let conv = this._convs.get(conversationId);
+    if (!conv?.joined && this._stopped && !this._wanted) {
+      // Stopped for good (close(), a refused fixed token): fail now rather
+      // than wait for a connection that will not come. A conversation not
+      // followed yet is not followed.
+      const { code, message } = this._stopped;
+      const detail = { code, message, request: 'join', conversationId };
+      this._emit('error', detail);
+      return Promise.reject(new ClientError(code, message, detail));
+    }
     if (!conv) {
       conv = newConversation(conversationId, history ?? this.opts.history);
       this._convs.set(conversationId, conv);
@@ -522,8 +531,9 @@ export class TokenRelayClient extends EventTarget {
   send(conversationId, text, { model, messageId, turnId } = {}) {
     messageId ??= newId('m');
     turnId ??= newId('t');
-    if (!this._convs.has(conversationId)) this.join(conversationId).catch(() => {});
-    const conv = this._convs.get(conversationId);
+    const stopped = this._stopped && !this._wanted; // the send fails at once, and says so itself
+    if (!stopped && !this._convs.has(conversationId)) this.join(conversationId).catch(() => {});
+    const conv = this._convs.get(conversationId) ?? newConversation(conversationId, this.opts.history);
     const user = { message_id: messageId, conversation_id: conversationId, role: 'user', content: text,
       status: 'pending', turn_id: turnId, pending: true, created_at: new Date().toISOString() };
     const turn = { message_id: turnId, conversation_id: conversationId, role: 'assistant', content: '',

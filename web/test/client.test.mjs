@@ -343,6 +343,26 @@ test('close() rejects what still waits with code closed and takes optimistic mes
   assert.ok(!conv.byMessage.has(messageId));
 });
 
+test('a join or send made while stopped fails at once, also to a conversation not followed yet', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  c.close();
+  const err = await settled(c.join('c2'), 'a join after close()');
+  assert.ok(err instanceof ClientError);
+  assert.equal(err.code, 'closed');
+  assert.equal(c.conversation('c2'), undefined, 'the refused join is not followed');
+  assert.ok(c.events.some((e) => e.type === 'error' && e.request === 'join' && e.conversationId === 'c2' && e.code === 'closed'));
+  const again = await settled(c.join('c1'), 'a join of a followed conversation after close()');
+  assert.equal(again.code, 'closed');
+  assert.ok(c.conversation('c1'), 'a followed conversation stays for connect()');
+  const errors = c.events.filter((e) => e.type === 'error').length;
+  const { ack } = c.send('c3', 'hi');
+  assert.equal((await settled(ack, 'a send after close()')).code, 'closed');
+  assert.equal(c.conversation('c3'), undefined);
+  assert.equal(c.events.filter((e) => e.type === 'error').length, errors + 1, 'one error event, the send\'s');
+  assert.deepEqual(ws.frames('join').length, 1, 'nothing went out');
+});
+
 test('a refused join is forgotten: a reconnect does not repeat it, joining again asks again', async (t) => {
   const c = newClient(t);
   c.connect();
