@@ -185,7 +185,9 @@ func waitIdle(q *outQueue, d time.Duration) {
 // keepAlive pings the peer every PingInterval until ctx ends; a peer that
 // has not answered a ping within IdleTimeout is closed with closeWith
 // (1001), so dead connections are reaped within PingInterval +
-// IdleTimeout. A PingInterval of 0 disables it.
+// IdleTimeout. A PingInterval of 0 disables it. A peer whose socket took
+// more than the ping meanwhile is still reading what was queued ahead of
+// the ping, and is given another IdleTimeout.
 //
 // The ping is a frame in the connection's queue, written by its writer
 // (see rawSocket.writeFrames), and any pong ends the wait, whether the
@@ -199,7 +201,7 @@ func (s *Server) keepAlive(ctx context.Context, raw *rawSocket, q *outQueue, clo
 		return
 	}
 	p := &raw.pinger
-	p.s, p.ctx, p.q, p.closeWith = s, ctx, q, closeWith
+	p.s, p.ctx, p.q, p.closeWith, p.written = s, ctx, q, closeWith, &raw.written
 	p.sent = time.Now()
 	// Armed once p.t is set, which fire reads.
 	p.t = time.AfterFunc(math.MaxInt64, p.fire)
@@ -215,6 +217,11 @@ type pinger struct {
 	sent      time.Time // the last ping (or the start); owned by fire
 	// waiting is set while a ping is out, and cleared by any pong.
 	waiting atomic.Bool
+	// written is the socket's count of bytes taken (rawSocket.written);
+	// seen is what it was when the ping was queued or the wait last
+	// renewed, owned by fire.
+	written *atomic.Uint64
+	seen    uint64
 }
 
 func (p *pinger) fire() {
@@ -225,6 +232,14 @@ func (p *pinger) fire() {
 	interval, timeout := p.s.cfg.PingInterval, p.s.cfg.IdleTimeout
 	var next time.Time
 	switch {
+	case p.waiting.Load() && now.Sub(p.sent) >= timeout && p.written.Load()-p.seen > uint64(len(pingFrame)):
+		// The socket took more than the ping meanwhile: the peer is still
+		// reading what was queued before the ping (a long joined frame on
+		// a slow link), which it must read before it can answer. The wait
+		// starts again; a peer that is gone stops taking anything once its
+		// socket's buffers are full.
+		p.sent, p.seen = now, p.written.Load()
+		next = now.Add(timeout)
 	case p.waiting.Load() && now.Sub(p.sent) >= timeout:
 		p.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
 		p.closeWith(websocket.StatusGoingAway, "idle timeout")
@@ -232,7 +247,7 @@ func (p *pinger) fire() {
 	case p.waiting.Load():
 		next = p.sent.Add(timeout)
 	case now.Sub(p.sent) >= interval:
-		p.sent = now
+		p.sent, p.seen = now, p.written.Load()
 		p.waiting.Store(true)
 		p.q.pushPing(pingFrame)
 		next = now.Add(min(interval, timeout))

@@ -7,11 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
 
+	"github.com/coder/websocket"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -263,6 +265,55 @@ func TestWriterEndsAPeerThatStopsReading(t *testing.T) {
 		client.Close() // as ending the connection closes its socket
 		if <-done {
 			t.Fatal("the write to a closed socket succeeded")
+		}
+	})
+}
+
+// A peer still reading, however slowly, a batch queued before the
+// keep-alive's ping (a long joined frame) cannot answer the ping until it
+// has read that: it is not closed as idle meanwhile.
+func TestKeepAliveWaitsForAPeerReadingWhatCameBeforeItsPing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		client, server := net.Pipe()
+		defer client.Close()
+		defer server.Close()
+		var ended, idle atomic.Bool
+		w := newTestWriter(server, time.Second, &ended)
+		w.s.cfg.PingInterval, w.s.cfg.IdleTimeout = time.Second, 2*time.Second
+		var writers sync.WaitGroup
+		w.q.spawn, w.q.writers = w.drain, &writers
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		w.s.keepAlive(ctx, w.raw, w.q, func(websocket.StatusCode, string) { idle.Store(true) })
+		frame := []byte(`{"type":"joined","text":"` + strings.Repeat("x", 2<<20) + `"}`)
+		want := len(frame) + maxHeader + len(pingFrame)
+		read := make(chan int)
+		go func() { // 32 KiB every 100 ms: the frame takes more than 6 s
+			buf := make([]byte, 32<<10)
+			n := 0
+			for n < want {
+				m, err := client.Read(buf[:min(len(buf), want-n)])
+				n += m
+				if err != nil {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			w.raw.pinger.pong() // the ping came last: it is answered
+			read <- n
+		}()
+		if !w.q.pushAsked(frame) {
+			t.Fatal("the queue refused the frame")
+		}
+		if n := <-read; n != want {
+			t.Fatalf("the peer read %d bytes, want %d", n, want)
+		}
+		writers.Wait()
+		if idle.Load() {
+			t.Fatal("a peer reading what came before its ping was closed as idle")
+		}
+		if ended.Load() {
+			t.Fatal("a peer reading steadily was ended as stalled")
 		}
 	})
 }
