@@ -147,17 +147,24 @@ func (sw *sseWriter) end(seq int64, status chat.TurnStatus, errMsg string) {
 	sw.flush()
 }
 
+// write writes b in pieces of at most writeChunk, each bounded by the
+// write timeout, as a socket's writes are (see rawSocket.writeAll): a
+// catch-up of a long answer reaches a client that reads it steadily over
+// a slow link, however long it takes as a whole.
 func (sw *sseWriter) write(b []byte) {
-	if sw.err != nil {
-		return
+	for sw.err == nil {
+		if sw.err = sw.deadline(); sw.err != nil {
+			return
+		}
+		if sw.err = sw.ctx.Err(); sw.err != nil {
+			return // shut down: its deadline may have been set before ours
+		}
+		n := min(len(b), writeChunk)
+		_, sw.err = sw.w.Write(b[:n])
+		if b = b[n:]; len(b) == 0 {
+			return
+		}
 	}
-	if sw.err = sw.deadline(); sw.err != nil {
-		return
-	}
-	if sw.err = sw.ctx.Err(); sw.err != nil {
-		return // shut down: its deadline may have been set before ours
-	}
-	_, sw.err = sw.w.Write(b)
 }
 
 func (sw *sseWriter) flush() {
