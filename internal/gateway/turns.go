@@ -457,29 +457,52 @@ func (s *Server) catchUp(ctx context.Context, conv, turn string, have, haveLen i
 // wait for good. t is the turn's head when known already. Text the stream
 // lacks is taken from the stored reply. A store that cannot be read leaves
 // cu as it is, for the next sweep.
-func (s *Server) storedEnd(ctx context.Context, turn string, cu catchUpResult, t chat.Turn, known bool) catchUpResult {
+//
+// A turn the store no longer has in conversation conv gives
+// chat.ErrNotFound: conv was deleted, and the turn with it. Its id may
+// since name another conversation's turn (see ForgetDeletedTurns), whose
+// reply is not the follower's to see.
+func (s *Server) storedEnd(ctx context.Context, conv, turn string, cu catchUpResult, t chat.Turn, known bool) (catchUpResult, error) {
 	var err error
 	if !known {
 		if t, err = s.store.TurnHead(ctx, turn); err != nil {
-			return cu
+			return cu, notFoundOnly(err)
 		}
 	}
+	if t.ConversationID != conv {
+		return cu, chat.ErrNotFound
+	}
 	if !t.Status.Terminal() {
-		return cu
+		return cu, nil
 	}
 	if t.Seq > cu.To {
 		if cu.ToLen < 0 {
-			return cu
+			return cu, nil
 		}
-		if t, err = s.store.Turn(ctx, turn); err != nil || int64(len(t.Content)) < cu.ToLen {
-			return cu
+		if t, err = s.store.Turn(ctx, turn); err != nil {
+			return cu, notFoundOnly(err)
+		}
+		if t.ConversationID != conv {
+			return cu, chat.ErrNotFound
+		}
+		if int64(len(t.Content)) < cu.ToLen {
+			return cu, nil
 		}
 		cu.Text = append(cu.Text, t.Content[cu.ToLen:]...)
 		cu.To, cu.ToLen = t.Seq, int64(len(t.Content))
 	}
 	s.log.Warn("a turn's end is not in the stream; sending the stored one", "turn_id", turn, "status", t.Status)
 	cu.End = &bus.Event{Kind: bus.KindEnd, ConversationID: t.ConversationID, TurnID: turn, Seq: t.Seq, Status: t.Status, Error: t.Error, Usage: t.Usage}
-	return cu
+	return cu, nil
+}
+
+// notFoundOnly returns err when it is chat.ErrNotFound, else nil: any
+// other failure is left for the next try.
+func notFoundOnly(err error) error {
+	if errors.Is(err, chat.ErrNotFound) {
+		return err
+	}
+	return nil
 }
 
 // testHookHeadRead, when set, runs after catchUpStored has read a turn's

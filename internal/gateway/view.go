@@ -412,7 +412,8 @@ func (v *view) repairLocked(turn string, ts *turnState, trigger bus.Event) {
 // reading); 0 is a resync's check, which expects no gap and counts none.
 //
 // quietFetch is a quiet sweep's check (see checkQuiet): when the stream
-// holds no end of the turn, the store is asked too.
+// holds no end of the turn, the store is asked too (see storedEnd), and a
+// turn it no longer has in the view's conversation is followed no more.
 func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 	ts.repairing = true
 	ts.gen++
@@ -461,7 +462,7 @@ func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 			}
 		}
 		if attempt == quietFetch && err == nil && cu.End == nil {
-			cu = v.s.storedEnd(v.ctx, turn, cu, info, needStart)
+			cu, err = v.s.storedEnd(v.ctx, v.conv, turn, cu, info, needStart)
 		}
 		v.mu.Lock()
 		defer v.mu.Unlock()
