@@ -59,24 +59,32 @@ type LiveTurn interface {
 	TextAfter(have int64) (text []byte, to, toLen int64, ok bool)
 }
 
-// AddLiveTurn makes t answer TextAfter for its turn until the returned
-// function is called. Only a Bus with a Journal has live turns.
-func (b *Bus) AddLiveTurn(turnID string, t LiveTurn) (remove func()) {
+// liveKey names a live turn by its conversation too: a turn id of a
+// deleted conversation may be taken again by another (see
+// store.ForgetDeletedTurns), and a reader still following the old turn
+// must not be given the new one's text.
+type liveKey struct{ conv, turn string }
+
+// AddLiveTurn makes t answer TextAfter for turn of conversation conv until
+// the returned function is called. Only a Bus with a Journal has live
+// turns.
+func (b *Bus) AddLiveTurn(conv, turn string, t LiveTurn) (remove func()) {
 	l := b.cfg.Local
 	if l == nil || b.cfg.Journal == nil {
 		return func() {}
 	}
-	l.live.Store(turnID, t)
-	return func() { l.live.CompareAndDelete(turnID, t) }
+	k := liveKey{conv, turn}
+	l.live.Store(k, t)
+	return func() { l.live.CompareAndDelete(k, t) }
 }
 
-// LiveText is TextAfter of the turn when it is being produced in this
-// process (see LiveTurn); ok is false otherwise.
-func (b *Bus) LiveText(turnID string, have int64) (text []byte, to, toLen int64, ok bool) {
+// LiveText is TextAfter of turn of conversation conv when it is being
+// produced in this process (see LiveTurn); ok is false otherwise.
+func (b *Bus) LiveText(conv, turn string, have int64) (text []byte, to, toLen int64, ok bool) {
 	if b.cfg.Local == nil {
 		return nil, 0, 0, false
 	}
-	t, found := b.cfg.Local.live.Load(turnID)
+	t, found := b.cfg.Local.live.Load(liveKey{conv, turn})
 	if !found {
 		return nil, 0, 0, false
 	}

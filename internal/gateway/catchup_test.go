@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"testing"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
@@ -53,5 +54,28 @@ func TestCatchUpReadsAgainWhenTheTurnEndsBetweenItsReads(t *testing.T) {
 	if string(res.Text) != text || res.From != 1 || res.To != 3 || res.ToLen != int64(len(text)) || res.End == nil || res.Missed {
 		t.Fatalf("catch-up %q from %d to %d (len %d), end %v, missed %v; want %q from 1 to 3 and the end",
 			res.Text, res.From, res.To, res.ToLen, res.End != nil, res.Missed, text)
+	}
+}
+
+// A turn id of a deleted conversation may be taken again by another
+// conversation's turn once the id is let go (store.ForgetDeletedTurns): a
+// catch-up for a view still following the old turn finds the new turn's
+// snapshot, and must not send its text.
+func TestCatchUpOfATurnIDTakenByAnotherConversation(t *testing.T) {
+	b := bustest.StartJournaled(t)
+	s := New(Config{QuietCheck: -1}, b, nil, nil)
+	t.Cleanup(func() { _ = s.Shutdown(context.Background()) })
+	snap := b.NewSnapshotWriter("bobs", "t")
+	text := "bob's own words"
+	snap.Record(len(text))
+	if err := snap.Write(t.Context(), []byte(text), 1, 0, chat.StatusComplete); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := s.catchUp(t.Context(), "bobs", "t", 0, -1); err != nil || string(res.Text) != text {
+		t.Fatalf("catch-up in the turn's own conversation: %q, %v", res.Text, err)
+	}
+	res, err := s.catchUp(t.Context(), "alices", "t", 0, -1)
+	if !errors.Is(err, chat.ErrNotFound) || len(res.Text) > 0 {
+		t.Fatalf("catch-up of the turn from another conversation: %q, %v; want chat.ErrNotFound", res.Text, err)
 	}
 }

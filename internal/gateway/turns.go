@@ -430,7 +430,7 @@ func (s *Server) catchUp(ctx context.Context, conv, turn string, have, haveLen i
 	if have == 0 {
 		haveLen, res.ToLen = 0, 0
 	}
-	if text, to, toLen, ok := s.bus.LiveText(turn, have); ok {
+	if text, to, toLen, ok := s.bus.LiveText(conv, turn, have); ok {
 		// Produced in this process: its text so far is in memory, ahead of
 		// the stream (serve with its delta journal).
 		res.Text, res.To, res.ToLen = text, to, toLen
@@ -518,6 +518,11 @@ func (s *Server) catchUpStored(ctx context.Context, conv, turn string, res catch
 	}
 	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 		return res, err
+	}
+	if err == nil && head.ConversationID != "" && head.ConversationID != conv {
+		// The snapshot of another conversation's turn that took the id of
+		// this deleted one (see store.ForgetDeletedTurns).
+		return res, chat.ErrNotFound
 	}
 	tailFrom := uint64(1)
 	if head.Seq > have {

@@ -87,16 +87,21 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 		have int64
 		want string
 	}{{0, "one two three"}, {1, "two three"}, {2, "three"}, {3, ""}} {
-		text, to, toLen, ok := b.LiveText("t", c.have)
+		text, to, toLen, ok := b.LiveText("c", "t", c.have)
 		if !ok || string(text) != c.want || to != 3 || toLen != int64(len("one two three")) {
 			t.Fatalf("LiveText after %d = %q, to %d, len %d, %v; want %q to 3", c.have, text, to, toLen, ok, c.want)
 		}
 	}
-	if _, _, _, ok := b.LiveText("t", 4); ok {
+	if _, _, _, ok := b.LiveText("c", "t", 4); ok {
 		t.Fatal("LiveText answered for a position ahead of the producer")
 	}
-	if _, _, _, ok := b.LiveText("other", 0); ok {
+	if _, _, _, ok := b.LiveText("c", "other", 0); ok {
 		t.Fatal("LiveText answered for a turn not running here")
+	}
+	// The id of a turn of a deleted conversation may be taken by another
+	// conversation's: a reader of the old one is not given the new text.
+	if _, _, _, ok := b.LiveText("deleted", "t", 0); ok {
+		t.Fatal("LiveText answered for the turn of another conversation")
 	}
 	// The turn is quiet, yet its deltas are saved from the journal in a
 	// snapshot about JournalSaveInterval after its first delta.
@@ -116,7 +121,7 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 	close(p.release)
 	waitEnd(t, ends)
 	e.stop()
-	if _, _, _, ok := b.LiveText("t", 0); ok {
+	if _, _, _, ok := b.LiveText("c", "t", 0); ok {
 		t.Fatal("LiveText still answers once the turn has ended")
 	}
 	// The journal kept the deltas, and the turn's snapshot saved them
@@ -233,7 +238,7 @@ func TestLiveTextCoversEveryAnnouncedDelta(t *testing.T) {
 		}
 		// On the announcing goroutine, as a join on another would run
 		// the moment after.
-		_, to, toLen, ok := b.LiveText("t", 0)
+		_, to, toLen, ok := b.LiveText("c", "t", 0)
 		got <- seen{seq: ev.Seq, end: ev.Off + int64(len(ev.Text)), to: to, toLen: toLen, ok: ok}
 	})
 	defer r.Close()

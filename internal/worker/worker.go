@@ -669,7 +669,7 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	// Joins and repairs read the turn's text from here while it runs
 	// (see bus.LiveTurn), until the end is stored: the snapshot and the
 	// stream then hold it all when they read it there instead.
-	defer w.bus.AddLiveTurn(t.ID, pub)()
+	defer w.bus.AddLiveTurn(t.ConversationID, t.ID, pub)()
 
 	w.m.providerReqs.Inc()
 	res, perr := w.provider.Stream(tctx, req, pub.emit)
