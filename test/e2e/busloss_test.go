@@ -131,6 +131,18 @@ func storeAndAuth(t *testing.T) (*sqlite.DB, *auth.Authenticator) {
 	return st, a
 }
 
+// answerWorkerPing answers the gateways' probe for a worker on server's
+// bus until the end of the test, as a worker would, though none runs:
+// sends are taken and their turns stay queued.
+func answerWorkerPing(t *testing.T, server *bus.Bus) {
+	t.Helper()
+	ping, err := server.ServeWorkerPing("test", func() string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ping.Unsubscribe() })
+}
+
 // serveGateway serves gw over HTTP until the end of the test and returns
 // its WebSocket URL.
 func serveGateway(t *testing.T, gw *gateway.Server) string {
@@ -158,11 +170,7 @@ func TestGatewayReadsAQuietTurnAgain(t *testing.T) {
 	c.Join(conv, nil)
 	// No worker runs (the test answers the gateways' worker probe): the
 	// turn stays queued until the test produces it.
-	ping, err := server.ServeWorkerPing("test", func() string { return "" })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ping.Unsubscribe() })
+	answerWorkerPing(t, server)
 	if err := server.Conn().Flush(); err != nil {
 		t.Fatal(err)
 	}

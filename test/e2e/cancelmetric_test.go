@@ -75,16 +75,7 @@ func TestCancelOfAStreamingTurnReadsItOnce(t *testing.T) {
 // counts under tokenrelay_turns_total all the same: every turn sent ends
 // there once.
 func TestQueuedCancelCountsAsATurnEnded(t *testing.T) {
-	p := trtest.Serve(t, "--sim-rate", "20", "--sim-tokens", "500", "--worker-concurrency", "1")
-	c := trtest.Dial(t, p.WSURL(), nil)
-	c.Join("busy", nil)
-	c.Join("waiting", nil)
-	c.Send(map[string]any{"type": "send", "conversation_id": "busy", "text": "long", "id": "1"})
-	c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "turn.delta" })
-	c.Send(map[string]any{"type": "send", "conversation_id": "waiting", "text": "next", "turn_id": "queued-turn", "id": "2"})
-	if f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "2" }); f[len(f)-1].Type() != "ack" {
-		t.Fatalf("send: %v", f[len(f)-1])
-	}
+	p, c := queuedTurn(t)
 	c.Send(map[string]any{"type": "cancel", "turn_id": "queued-turn", "id": "3"})
 	if f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "3" }); f[len(f)-1].Str("status") != "cancelled" {
 		t.Fatalf("cancel: %v", f[len(f)-1])

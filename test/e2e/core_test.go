@@ -413,12 +413,13 @@ func TestSIGTERMShutsDownCleanly(t *testing.T) {
 	}
 }
 
-// A turn still queued when serve stops (its one worker slot busy) ends as
-// interrupted before the connection closes, as a running one does, instead
-// of staying queued until the next start.
-func TestSIGTERMEndsQueuedTurns(t *testing.T) {
-	p := trtest.Serve(t, "--sim-rate", "20", "--sim-tokens", "500", "--worker-concurrency", "1")
-	c := trtest.Dial(t, p.WSURL(), nil)
+// queuedTurn starts serve with one worker slot, keeps it busy with a turn
+// of conversation "busy", and sends turn "queued-turn" of conversation
+// "waiting", which stays queued behind it; c follows both.
+func queuedTurn(t *testing.T) (p *trtest.Proc, c *trtest.Client) {
+	t.Helper()
+	p = trtest.Serve(t, "--sim-rate", "20", "--sim-tokens", "500", "--worker-concurrency", "1")
+	c = trtest.Dial(t, p.WSURL(), nil)
 	c.Join("busy", nil)
 	c.Join("waiting", nil)
 	c.Send(map[string]any{"type": "send", "conversation_id": "busy", "text": "long", "id": "1"})
@@ -427,6 +428,14 @@ func TestSIGTERMEndsQueuedTurns(t *testing.T) {
 	if f := c.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "2" }); f[len(f)-1].Type() != "ack" {
 		t.Fatalf("send: %v", f[len(f)-1])
 	}
+	return p, c
+}
+
+// A turn still queued when serve stops (its one worker slot busy) ends as
+// interrupted before the connection closes, as a running one does, instead
+// of staying queued until the next start.
+func TestSIGTERMEndsQueuedTurns(t *testing.T) {
+	p, c := queuedTurn(t)
 	if err := p.Stop(); err != nil {
 		t.Fatalf("exit after SIGTERM: %v\n%s", err, p.Stderr())
 	}

@@ -42,11 +42,7 @@ func (s *goneAfterSend) Send(ctx context.Context, req store.SendRequest) (store.
 // compatibility API.
 func TestPostedMessageOutlivesItsClient(t *testing.T) {
 	server := bustest.Start(t)
-	ping, err := server.ServeWorkerPing("test", func() string { return "" })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ping.Unsubscribe() })
+	answerWorkerPing(t, server)
 	st, a := storeAndAuth(t)
 	gone := &goneAfterSend{Store: st}
 	gw := gateway.New(gateway.Config{}, bustest.Open(t, server.Conn().ConnectedUrl()), gone, a)
@@ -332,11 +328,7 @@ func (s *shutDuringSend) Send(ctx context.Context, req store.SendRequest) (store
 // and compat, and over a WebSocket.
 func TestSendOutlivesAShutdown(t *testing.T) {
 	server := bustest.Start(t)
-	ping, err := server.ServeWorkerPing("test", func() string { return "" })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = ping.Unsubscribe() })
+	answerWorkerPing(t, server)
 	for _, tt := range []struct{ name, path, body, conv string }{
 		{"native", "/v1/conversations/shut/messages", `{"text":"hello","message_id":"m1"}`, "shut"},
 		{"compat", "/api/chat", `{"message":"hello","session_id":"shut-compat"}`, "shut-compat"},
