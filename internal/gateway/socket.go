@@ -185,9 +185,11 @@ func waitIdle(q *outQueue, d time.Duration) {
 // keepAlive pings the peer every PingInterval until ctx ends; a peer that
 // has not answered a ping within IdleTimeout is closed with closeWith
 // (1001), so dead connections are reaped within PingInterval +
-// IdleTimeout. A PingInterval of 0 disables it. A peer whose socket took
-// more than the ping meanwhile is still reading what was queued ahead of
-// the ping, and is given another IdleTimeout.
+// IdleTimeout. A PingInterval of 0 disables it. While the ping still
+// waits behind what was queued ahead of it (a long joined frame on a slow
+// link), a peer whose socket keeps taking that is given another
+// IdleTimeout each time; once the ping is out, the peer has IdleTimeout
+// from then to answer, whatever it reads after it.
 //
 // The ping is a frame in the connection's queue, written by its writer
 // (see rawSocket.writeFrames), and any pong ends the wait, whether the
@@ -203,6 +205,7 @@ func (s *Server) keepAlive(ctx context.Context, raw *rawSocket, q *outQueue, clo
 	p := &raw.pinger
 	p.s, p.ctx, p.q, p.closeWith, p.written = s, ctx, q, closeWith, &raw.written
 	p.sent = time.Now()
+	p.base = p.sent
 	// Armed once p.t is set, which fire reads.
 	p.t = time.AfterFunc(math.MaxInt64, p.fire)
 	p.t.Reset(s.cfg.PingInterval)
@@ -222,6 +225,21 @@ type pinger struct {
 	// renewed, owned by fire.
 	written *atomic.Uint64
 	seen    uint64
+	// out is when the socket took the ping (see wentOut), as the time
+	// since base (set once, by keepAlive); 0 while it waits in the queue.
+	out  atomic.Int64
+	base time.Time
+}
+
+// wentOut notes that the socket has taken frames, the ping perhaps among
+// them: the wait for its pong then runs from now.
+func (p *pinger) wentOut(frames [][]byte) {
+	for _, f := range frames {
+		if len(f) == len(pingFrame) && f[0] == pingFrame[0] {
+			p.out.CompareAndSwap(0, int64(max(time.Since(p.base), 1)))
+			return
+		}
+	}
 }
 
 func (p *pinger) fire() {
@@ -232,22 +250,31 @@ func (p *pinger) fire() {
 	interval, timeout := p.s.cfg.PingInterval, p.s.cfg.IdleTimeout
 	var next time.Time
 	switch {
-	case p.waiting.Load() && now.Sub(p.sent) >= timeout && p.written.Load()-p.seen > uint64(len(pingFrame)):
-		// The socket took more than the ping meanwhile: the peer is still
-		// reading what was queued before the ping (a long joined frame on
-		// a slow link), which it must read before it can answer. The wait
-		// starts again; a peer that is gone stops taking anything once its
-		// socket's buffers are full.
+	case p.waiting.Load() && p.out.Load() != 0:
+		// The ping is out: what the peer reads after it does not excuse
+		// its silence.
+		out := p.base.Add(time.Duration(p.out.Load()))
+		if now.Sub(out) >= timeout {
+			p.idle()
+			return
+		}
+		next = out.Add(timeout)
+	case p.waiting.Load() && now.Sub(p.sent) >= timeout && p.written.Load() != p.seen:
+		// The ping still waits behind what was queued before it (a long
+		// joined frame on a slow link), which the socket keeps taking: the
+		// peer must read that before it can answer. The wait starts again;
+		// a peer that is gone stops taking anything once its socket's
+		// buffers are full.
 		p.sent, p.seen = now, p.written.Load()
 		next = now.Add(timeout)
 	case p.waiting.Load() && now.Sub(p.sent) >= timeout:
-		p.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
-		p.closeWith(websocket.StatusGoingAway, "idle timeout")
+		p.idle()
 		return
 	case p.waiting.Load():
 		next = p.sent.Add(timeout)
 	case now.Sub(p.sent) >= interval:
 		p.sent, p.seen = now, p.written.Load()
+		p.out.Store(0)
 		p.waiting.Store(true)
 		p.q.pushPing(pingFrame)
 		next = now.Add(min(interval, timeout))
@@ -255,6 +282,11 @@ func (p *pinger) fire() {
 		next = p.sent.Add(interval)
 	}
 	p.t.Reset(next.Sub(now))
+}
+
+func (p *pinger) idle() {
+	p.s.m.limitHits.WithLabelValues("idle_timeout").Inc()
+	p.closeWith(websocket.StatusGoingAway, "idle timeout")
 }
 
 // pong ends the wait for a pong; one that comes unasked changes nothing.

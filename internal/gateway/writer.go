@@ -484,6 +484,7 @@ func (w *connWriter) writeNow(wb *writeBuffers) bool {
 }
 
 func (w *connWriter) sent(wb *writeBuffers) {
+	w.raw.pinger.wentOut(wb.frames)
 	n := 0
 	for _, f := range wb.frames {
 		n += len(f)

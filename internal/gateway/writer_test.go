@@ -317,3 +317,42 @@ func TestKeepAliveWaitsForAPeerReadingWhatCameBeforeItsPing(t *testing.T) {
 		}
 	})
 }
+
+// A peer that has been handed the ping, and reads on what came after it
+// (a turn streaming) without ever answering, is closed as idle: only what
+// was queued ahead of the ping, which the peer must read first, earns it
+// more time.
+func TestKeepAliveClosesAPeerThatReadsOnButNeverAnswers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		client, server := net.Pipe()
+		defer client.Close()
+		defer server.Close()
+		var ended atomic.Bool
+		w := newTestWriter(server, time.Second, &ended)
+		w.s.cfg.PingInterval, w.s.cfg.IdleTimeout = time.Second, 2*time.Second
+		var writers sync.WaitGroup
+		w.q.spawn, w.q.writers = w.drain, &writers
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		idle := make(chan struct{})
+		var once sync.Once
+		w.s.keepAlive(ctx, w.raw, w.q, func(websocket.StatusCode, string) { once.Do(func() { close(idle) }) })
+		go io.Copy(io.Discard, client) // reads everything, answers nothing
+		frame := []byte(`{"type":"delta","text":"` + strings.Repeat("x", 100) + `"}`)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		giveUp := time.After(time.Minute)
+		for {
+			select {
+			case <-idle:
+				cancel()
+				writers.Wait()
+				return
+			case <-giveUp:
+				t.Fatal("a peer that never answers a ping was not closed as idle")
+			case <-tick.C:
+				w.q.push(frame)
+			}
+		}
+	})
+}
