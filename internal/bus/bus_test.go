@@ -73,14 +73,14 @@ func TestSnapshotChunksAndIndex(t *testing.T) {
 	if err := w.Write(t.Context(), text, seq, uint64(seq*10), chat.StatusStreaming); err != nil {
 		t.Fatal(err)
 	}
-	s, err := b.ReadSnapshot(t.Context(), "t:1")
+	s, err := b.ReadSnapshot(t.Context(), "c.1", "t:1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if s.Text != string(text) || s.Seq != seq || s.StreamSeq != uint64(seq*10) || s.ConversationID != "c.1" {
 		t.Fatalf("snapshot seq=%d sseq=%d len=%d conv=%s, want seq=%d len=%d", s.Seq, s.StreamSeq, len(s.Text), s.ConversationID, seq, len(text))
 	}
-	h, err := b.ReadHead(t.Context(), "t:1")
+	h, err := b.ReadHead(t.Context(), "c.1", "t:1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,8 +104,13 @@ func TestSnapshotChunksAndIndex(t *testing.T) {
 	if _, ok, _ := b.EndOf(t.Context(), h, seq+1); ok {
 		t.Fatal("EndOf past the snapshot answered")
 	}
-	if _, err := b.ReadSnapshot(t.Context(), "missing"); err != bus.ErrNoSnapshot {
+	if _, err := b.ReadSnapshot(t.Context(), "c.1", "missing"); err != bus.ErrNoSnapshot {
 		t.Fatalf("missing snapshot: %v", err)
+	}
+	// The turn id of a deleted conversation may be taken by another's
+	// turn: neither reads the other's snapshot.
+	if _, err := b.ReadHead(t.Context(), "c.2", "t:1"); err != bus.ErrNoSnapshot {
+		t.Fatalf("snapshot of another conversation's turn of the same id: %v, want ErrNoSnapshot", err)
 	}
 }
 

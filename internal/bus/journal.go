@@ -201,7 +201,7 @@ func (j *Journal) Replay(ctx context.Context, b *Bus) (int, error) {
 // savedDeltas returns the last seq of a turn's deltas its snapshot and the
 // stream after it hold without a gap.
 func (b *Bus) savedDeltas(ctx context.Context, conversationID, turnID string) (int64, error) {
-	head, err := b.ReadHead(ctx, turnID)
+	head, err := b.ReadHead(ctx, conversationID, turnID)
 	if err != nil && !errors.Is(err, ErrNoSnapshot) {
 		return 0, err
 	}

@@ -165,8 +165,13 @@ func (w *SnapshotWriter) Write(ctx context.Context, text []byte, seq int64, sseq
 	return nil
 }
 
-// ReadHead returns the head of a turn's latest snapshot, or ErrNoSnapshot.
-func (b *Bus) ReadHead(ctx context.Context, turnID string) (Head, error) {
+// ReadHead returns the head of the latest snapshot of turn turnID of
+// conversation conv, or ErrNoSnapshot. A snapshot of another
+// conversation's turn of the same id is none of this one's: a turn id of a
+// deleted conversation may be taken again (see store.ForgetDeletedTurns),
+// and the old turn's snapshot may outlive that, or a follower of the old
+// turn read the new one's.
+func (b *Bus) ReadHead(ctx context.Context, conv, turnID string) (Head, error) {
 	e, err := b.turns.Get(ctx, Token(turnID))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return Head{}, ErrNoSnapshot
@@ -177,6 +182,9 @@ func (b *Bus) ReadHead(ctx context.Context, turnID string) (Head, error) {
 	var h snapshotHead
 	if err := json.Unmarshal(e.Value(), &h); err != nil {
 		return Head{}, fmt.Errorf("read snapshot: %w", err)
+	}
+	if h.Conv != "" && h.Conv != conv {
+		return Head{}, ErrNoSnapshot
 	}
 	return Head{
 		ConversationID: h.Conv, Seq: h.Seq, StreamSeq: h.StreamSeq,
@@ -242,10 +250,10 @@ func (b *Bus) ReadText(ctx context.Context, h Head, from int64) (string, error) 
 	return sb.String(), nil
 }
 
-// ReadSnapshot returns the latest snapshot of a turn with its whole text,
-// or ErrNoSnapshot.
-func (b *Bus) ReadSnapshot(ctx context.Context, turnID string) (Snapshot, error) {
-	h, err := b.ReadHead(ctx, turnID)
+// ReadSnapshot returns the latest snapshot of turn turnID of conversation
+// conv with its whole text, or ErrNoSnapshot (see ReadHead).
+func (b *Bus) ReadSnapshot(ctx context.Context, conv, turnID string) (Snapshot, error) {
+	h, err := b.ReadHead(ctx, conv, turnID)
 	if err != nil {
 		return Snapshot{}, err
 	}

@@ -512,17 +512,12 @@ var testHookHeadRead func()
 // catchUpStored is catchUp from the turn's snapshot and the stream, into a
 // copy of res.
 func (s *Server) catchUpStored(ctx context.Context, conv, turn string, res catchUpResult, have, haveLen int64) (catchUpResult, error) {
-	head, err := s.bus.ReadHead(ctx, turn)
+	head, err := s.bus.ReadHead(ctx, conv, turn)
 	if testHookHeadRead != nil {
 		testHookHeadRead()
 	}
 	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 		return res, err
-	}
-	if err == nil && head.ConversationID != "" && head.ConversationID != conv {
-		// The snapshot of another conversation's turn that took the id of
-		// this deleted one (see store.ForgetDeletedTurns).
-		return res, chat.ErrNotFound
 	}
 	tailFrom := uint64(1)
 	if head.Seq > have {

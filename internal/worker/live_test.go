@@ -107,7 +107,7 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 	// snapshot about JournalSaveInterval after its first delta.
 	giveUp := time.After(10 * time.Second)
 	for {
-		if snap, err := b.ReadSnapshot(t.Context(), "t"); err == nil && snap.Seq == 3 {
+		if snap, err := b.ReadSnapshot(t.Context(), "c", "t"); err == nil && snap.Seq == 3 {
 			break
 		} else if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 			t.Fatal(err)
@@ -126,7 +126,7 @@ func TestLiveTextOfARunningTurn(t *testing.T) {
 	}
 	// The journal kept the deltas, and the turn's snapshot saved them
 	// before its end was stored: the stream holds none of them.
-	snap, err := b.ReadSnapshot(t.Context(), "t")
+	snap, err := b.ReadSnapshot(t.Context(), "c", "t")
 	if err != nil || snap.Text != "one two three" || snap.Seq != 3 {
 		t.Fatalf("snapshot %+v (%v), want the whole text to seq 3", snap, err)
 	}
@@ -164,7 +164,7 @@ func TestJournalSaveInterval(t *testing.T) {
 	e.start(t)
 	ends := e.send(t, "c", "t", "hello", true)
 	receive(t, p.paused, "the turn never paused")
-	snap, err := b.ReadSnapshot(t.Context(), "t")
+	snap, err := b.ReadSnapshot(t.Context(), "c", "t")
 	if err != nil || snap.Seq != 5 || snap.Text != "a b c d e " {
 		t.Fatalf("snapshot of the paused turn: %+v (%v), want the text to seq 5", snap, err)
 	}
@@ -174,7 +174,7 @@ func TestJournalSaveInterval(t *testing.T) {
 	// the deltas only the journal holds before the end is stored), so
 	// the worker is stopped first.
 	e.stop()
-	snap, err = b.ReadSnapshot(t.Context(), "t")
+	snap, err = b.ReadSnapshot(t.Context(), "c", "t")
 	if err != nil || snap.Seq != 8 || snap.Text != "a b c d e f g h" {
 		t.Fatalf("snapshot of the ended turn: %+v (%v), want the whole text", snap, err)
 	}

@@ -625,7 +625,7 @@ func (w *Worker) loadTurn(ctx context.Context, id string, log *slog.Logger) (t c
 // an ended turn from the store, but a connection already following the
 // turn hears its end only from the bus, and would wait for it for good.
 func (w *Worker) publishLostEnd(ctx context.Context, t chat.Turn) error {
-	head, err := w.bus.ReadHead(ctx, t.ID)
+	head, err := w.bus.ReadHead(ctx, t.ConversationID, t.ID)
 	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 		return err
 	}
@@ -840,7 +840,7 @@ func (w *Worker) Interrupt(ctx context.Context, t chat.Turn) error {
 
 // end is Interrupt with the status to end the turn with.
 func (w *Worker) end(ctx context.Context, t chat.Turn, status chat.TurnStatus) error {
-	snap, err := w.bus.ReadSnapshot(ctx, t.ID)
+	snap, err := w.bus.ReadSnapshot(ctx, t.ConversationID, t.ID)
 	if err != nil && !errors.Is(err, bus.ErrNoSnapshot) {
 		return err
 	}

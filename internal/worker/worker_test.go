@@ -306,7 +306,7 @@ func waitStreaming(t *testing.T, b *bus.Bus, turn string, seq int64) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if s, err := b.ReadSnapshot(t.Context(), turn); err == nil && s.Seq > seq {
+		if s, err := b.ReadSnapshot(t.Context(), "c", turn); err == nil && s.Seq > seq {
 			return
 		}
 		if time.Now().After(deadline) {
