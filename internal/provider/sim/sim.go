@@ -35,11 +35,25 @@ func New(cfg Config) *Provider {
 	if cfg.Tokens <= 0 {
 		cfg.Tokens = 200
 	}
+	cfg.Tokens = min(cfg.Tokens, MaxTokens)
 	if cfg.Rate < 0 {
 		cfg.Rate = 0
 	}
+	if cfg.Rate > 0 && cfg.Rate < MinRate {
+		cfg.Rate = MinRate
+	}
 	return &Provider{cfg: cfg}
 }
+
+// The limits of a directive: a larger value is taken as the limit. A
+// prompt is a user's, and the reply is built whole before it streams, so
+// without them one prompt could ask for more memory than there is; a rate
+// below MinRate would pace tokens further apart than a time.Duration holds.
+const (
+	MaxTokens  = 10_000_000
+	MaxDelayMS = 3_600_000 // an hour
+	MinRate    = 0.001     // a token every 1000 s
+)
 
 // Directive is what a prompt may ask of the simulator with
 // "[sim tokens=500 rate=200 error_after=40 delay_ms=100 echo=1]" (any subset).
@@ -52,7 +66,8 @@ type Directive struct {
 }
 
 // ParseDirective extracts the directive of prompt, starting from defaults,
-// and returns the prompt without it.
+// and returns the prompt without it. A value the directive sets is kept
+// within MaxTokens, MaxDelayMS and MinRate.
 func ParseDirective(prompt string, d Directive) (Directive, string) {
 	start := strings.Index(prompt, "[sim")
 	if start < 0 {
@@ -74,11 +89,14 @@ func ParseDirective(prompt string, d Directive) (Directive, string) {
 		switch k {
 		case "tokens":
 			if n, err := strconv.Atoi(v); err == nil && n >= 0 {
-				d.Tokens = n
+				d.Tokens = min(n, MaxTokens)
 			}
 		case "rate":
 			if r, err := strconv.ParseFloat(v, 64); err == nil && r >= 0 {
 				d.Rate = r
+				if r > 0 && r < MinRate {
+					d.Rate = MinRate
+				}
 			}
 		case "error_after":
 			if n, err := strconv.Atoi(v); err == nil && n >= 0 {
@@ -86,7 +104,7 @@ func ParseDirective(prompt string, d Directive) (Directive, string) {
 			}
 		case "delay_ms":
 			if n, err := strconv.Atoi(v); err == nil && n >= 0 {
-				d.DelayMS = n
+				d.DelayMS = min(n, MaxDelayMS)
 			}
 		case "echo":
 			d.Echo = v == "1" || v == "true"

@@ -52,6 +52,7 @@ func TestParseDirective(t *testing.T) {
 		{"all", "go [sim tokens=500 rate=200 error_after=40 delay_ms=5 echo=1] now", Directive{Tokens: 500, Rate: 200, ErrorAfter: 40, DelayMS: 5, Echo: true}, "go  now"},
 		{"subset", "[sim rate=0]x", Directive{Tokens: 7, Rate: 0}, "x"},
 		{"bad values ignored", "[sim tokens=-1 rate=abc]", Directive{Tokens: 7}, ""},
+		{"limits", "[sim tokens=1152921504606846976 delay_ms=99999999999999 rate=1e-12]", Directive{Tokens: MaxTokens, DelayMS: MaxDelayMS, Rate: MinRate}, ""},
 		{"not a directive", "[simple]", Directive{Tokens: 7}, "[simple]"},
 		{"unclosed", "[sim tokens=3", Directive{Tokens: 7}, "[sim tokens=3"},
 	}
