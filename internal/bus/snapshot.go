@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
 	"strings"
 	"time"
@@ -179,12 +180,24 @@ func (b *Bus) ReadHead(ctx context.Context, conv, turnID string) (Head, error) {
 	if err != nil {
 		return Head{}, fmt.Errorf("read snapshot: %w", err)
 	}
+	h, err := decodeHead(turnID, e.Value())
+	if err == nil && h.ConversationID != "" && h.ConversationID != conv {
+		return Head{}, ErrNoSnapshot
+	}
+	return h, err
+}
+
+// decodeHead decodes the head of turn turnID's snapshot. A head that does
+// not add up (a negative count, or an index that is not the one its
+// counts call for) is an error: EndOf and ReadText trust what it returns.
+func decodeHead(turnID string, data []byte) (Head, error) {
 	var h snapshotHead
-	if err := json.Unmarshal(e.Value(), &h); err != nil {
+	if err := json.Unmarshal(data, &h); err != nil {
 		return Head{}, fmt.Errorf("read snapshot: %w", err)
 	}
-	if h.Conv != "" && h.Conv != conv {
-		return Head{}, ErrNoSnapshot
+	if h.Seq < 0 || h.Chunks < 0 || h.Chunks > math.MaxInt32 || h.IdxChunks < 0 || h.Indexed < 0 || h.Indexed > h.Seq ||
+		len(h.Ends)%4 != 0 || int64(len(h.Ends)/4) != h.Indexed-int64(h.IdxChunks)*IndexSize {
+		return Head{}, fmt.Errorf("read snapshot: inconsistent head %.200s", data)
 	}
 	return Head{
 		ConversationID: h.Conv, Seq: h.Seq, StreamSeq: h.StreamSeq,
@@ -208,7 +221,7 @@ func (b *Bus) EndOf(ctx context.Context, h Head, seq int64) (end int64, ok bool,
 	k := int((seq - 1) / IndexSize)
 	i := int((seq - 1) % IndexSize)
 	if k >= h.idxChunks {
-		return int64(h.ends[i]), true, nil
+		return int64(h.ends[seq-1-int64(h.idxChunks)*IndexSize]), true, nil
 	}
 	e, err := b.turns.Get(ctx, indexKey(h.turnID, k))
 	if err != nil {
@@ -237,6 +250,9 @@ func (b *Bus) ReadText(ctx context.Context, h Head, from int64) (string, error) 
 		// A chunk is immutable once written, so it is consistent with any
 		// head that counts it.
 		v := c.Value()
+		if len(v) != ChunkSize {
+			return "", fmt.Errorf("read snapshot chunk %d: %d bytes, want %d", i, len(v), ChunkSize)
+		}
 		if start := int64(i) * ChunkSize; from > start {
 			v = v[from-start:]
 		}
