@@ -225,6 +225,13 @@ func readSegment(path string, fn func(Event)) error {
 	if err != nil {
 		return fmt.Errorf("read journal: %w", err)
 	}
+	decodeSegment(data, fn)
+	return nil
+}
+
+// decodeSegment calls fn with the deltas of segment data, as readSegment
+// does.
+func decodeSegment(data []byte, fn func(Event)) {
 	for pos := 0; pos+journalHeader <= len(data); {
 		n := int(binary.LittleEndian.Uint32(data[pos:]))
 		sum := binary.LittleEndian.Uint32(data[pos+4:])
@@ -245,7 +252,6 @@ func readSegment(path string, fn func(Event)) error {
 		}
 		pos += recordSize(n)
 	}
-	return nil
 }
 
 // recordSize is the space a record with an n-byte payload takes.
