@@ -286,7 +286,7 @@ func (c *compatConn) frame(data []byte) {
 // chunkIndex reads lastChunkIndex: a number (0 when absent or not one).
 func chunkIndex(raw json.RawMessage) int64 {
 	f, err := strconv.ParseFloat(string(bytes.Trim(raw, `" `)), 64)
-	if err != nil || f < 0 || f > 1<<53 {
+	if err != nil || !(f >= 0 && f <= 1<<53) { // NaN too
 		return 0
 	}
 	return int64(f)
