@@ -158,6 +158,11 @@ func TestStreamWire(t *testing.T) {
 			want: []string{"Hi ", "\U0001F600!", "\U0001F600", `\ud83d`, "\uFFFD", "\uFFFD"},
 		},
 		{
+			name:  "an empty content between an emoji's halves",
+			parts: []string{rawContentChunk(`a\ud83d`), rawContentChunk(``), rawContentChunk(`\ude00b`), doneEvent},
+			want:  []string{"a", "\U0001F600b"},
+		},
+		{
 			name:  "a high half before a chunk without one",
 			parts: []string{rawContentChunk(`a\ud83d`), rawContentChunk(`b`), doneEvent},
 			want:  []string{"a", "\uFFFDb"},

@@ -18,8 +18,8 @@ type pairJoiner struct {
 // decode returns the text of one delta's content, raw as it was in the
 // chunk (a JSON string, or null).
 func (j *pairJoiner) decode(raw json.RawMessage) (string, error) {
-	if len(raw) == 0 || string(raw) == "null" {
-		return "", nil
+	if len(raw) == 0 || string(raw) == "null" || string(raw) == `""` {
+		return "", nil // nothing: a half held still waits for its partner
 	}
 	s := string(raw)
 	if len(s) < 2 || s[0] != '"' || s[len(s)-1] != '"' {
