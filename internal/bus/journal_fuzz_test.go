@@ -31,12 +31,14 @@ func FuzzDecodeSegment(f *testing.F) {
 			{Kind: KindDelta, ConversationID: "c", TurnID: "u", Seq: 1, Text: text + text},
 		}
 		var seg []byte
-		var ends []int // where each record ends
+		var ends []int  // where each record ends
+		var whole []int // where its payload ends: the padding after it may go
 		for i := range events {
 			e := &events[i]
 			data := appendDelta(nil, e)
 			rec := make([]byte, recordSize(2+storedSubjectLen(e)+len(data)))
 			putDeltaRecord(rec, e, data)
+			whole = append(whole, len(seg)+journalHeader+2+storedSubjectLen(e)+len(data))
 			seg = append(seg, rec...)
 			ends = append(ends, len(seg))
 		}
@@ -63,12 +65,12 @@ func FuzzDecodeSegment(f *testing.F) {
 		}
 		// Cut short anywhere: the whole records before the cut, only.
 		c := int(cut) % (len(seg) + 1)
-		whole := 0
-		for whole < len(ends) && ends[whole] <= c {
-			whole++
+		k := 0
+		for k < len(whole) && whole[k] <= c {
+			k++
 		}
-		if got := read(seg[:c]); len(got) != whole || !same(got, events[:whole]) {
-			t.Fatalf("cut at %d of %d: read %+v, want %+v", c, len(seg), got, events[:whole])
+		if got := read(seg[:c]); len(got) != k || !same(got, events[:k]) {
+			t.Fatalf("cut at %d of %d: read %+v, want %+v", c, len(seg), got, events[:k])
 		}
 		// A torn record, its checksum not yet written, before whole ones.
 		torn := append([]byte(nil), seg...)
