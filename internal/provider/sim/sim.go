@@ -45,7 +45,7 @@ func New(cfg Config) *Provider {
 	return &Provider{cfg: cfg}
 }
 
-// The limits of a directive: a larger value is taken as the limit. A
+// The limits of a directive: a value past one is taken as the limit. A
 // prompt is a user's, and the reply is built whole before it streams, so
 // without them one prompt could ask for more memory than there is; a rate
 // below MinRate would pace tokens further apart than a time.Duration holds.
