@@ -269,6 +269,20 @@ func TestWriterEndsAPeerThatStopsReading(t *testing.T) {
 	})
 }
 
+// keptAlive returns a writer to nc whose writes run on writer goroutines
+// counted in writers, with the keep-alive running (a ping every second,
+// an idle timeout of 2 s) until cancel; idle is called when it closes the
+// connection as idle.
+func keptAlive(nc net.Conn, ended *atomic.Bool, idle func()) (w *connWriter, writers *sync.WaitGroup, cancel context.CancelFunc) {
+	w = newTestWriter(nc, time.Second, ended)
+	w.s.cfg.PingInterval, w.s.cfg.IdleTimeout = time.Second, 2*time.Second
+	writers = new(sync.WaitGroup)
+	w.q.spawn, w.q.writers = w.drain, writers
+	ctx, cancel := context.WithCancel(context.Background())
+	w.s.keepAlive(ctx, w.raw, w.q, func(websocket.StatusCode, string) { idle() })
+	return w, writers, cancel
+}
+
 // A peer still reading, however slowly, a batch queued before the
 // keep-alive's ping (a long joined frame) cannot answer the ping until it
 // has read that: it is not closed as idle meanwhile.
@@ -278,13 +292,8 @@ func TestKeepAliveWaitsForAPeerReadingWhatCameBeforeItsPing(t *testing.T) {
 		defer client.Close()
 		defer server.Close()
 		var ended, idle atomic.Bool
-		w := newTestWriter(server, time.Second, &ended)
-		w.s.cfg.PingInterval, w.s.cfg.IdleTimeout = time.Second, 2*time.Second
-		var writers sync.WaitGroup
-		w.q.spawn, w.q.writers = w.drain, &writers
-		ctx, cancel := context.WithCancel(context.Background())
+		w, writers, cancel := keptAlive(server, &ended, func() { idle.Store(true) })
 		defer cancel()
-		w.s.keepAlive(ctx, w.raw, w.q, func(websocket.StatusCode, string) { idle.Store(true) })
 		frame := []byte(`{"type":"joined","text":"` + strings.Repeat("x", 2<<20) + `"}`)
 		want := len(frame) + maxHeader + len(pingFrame)
 		read := make(chan int)
@@ -328,15 +337,10 @@ func TestKeepAliveClosesAPeerThatReadsOnButNeverAnswers(t *testing.T) {
 		defer client.Close()
 		defer server.Close()
 		var ended atomic.Bool
-		w := newTestWriter(server, time.Second, &ended)
-		w.s.cfg.PingInterval, w.s.cfg.IdleTimeout = time.Second, 2*time.Second
-		var writers sync.WaitGroup
-		w.q.spawn, w.q.writers = w.drain, &writers
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
 		idle := make(chan struct{})
 		var once sync.Once
-		w.s.keepAlive(ctx, w.raw, w.q, func(websocket.StatusCode, string) { once.Do(func() { close(idle) }) })
+		w, writers, cancel := keptAlive(server, &ended, func() { once.Do(func() { close(idle) }) })
+		defer cancel()
 		go io.Copy(io.Discard, client) // reads everything, answers nothing
 		frame := []byte(`{"type":"delta","text":"` + strings.Repeat("x", 100) + `"}`)
 		tick := time.NewTicker(50 * time.Millisecond)
