@@ -117,16 +117,37 @@ func ParseDirective(prompt string, d Directive) (Directive, string) {
 // Reply returns the tokens the simulator streams for prompt: the same prompt
 // always gives the same tokens.
 func (p *Provider) Reply(prompt string) (Directive, []string) {
+	d, next := p.reply(prompt)
+	var toks []string
+	for tok, ok := next(); ok; tok, ok = next() {
+		toks = append(toks, tok)
+	}
+	return d, toks
+}
+
+// reply is Reply as a function that returns the next token, and false
+// after the last: a reply is made as it streams, a batch of tokens at a
+// time, so that a long one (up to MaxTokens) never takes its whole size
+// in memory.
+func (p *Provider) reply(prompt string) (Directive, func() (string, bool)) {
 	d, rest := ParseDirective(prompt, Directive{Tokens: p.cfg.Tokens, Rate: p.cfg.Rate})
 	if d.Echo {
-		return d, splitEcho(rest)
+		toks := splitEcho(rest)
+		return d, func() (string, bool) {
+			if len(toks) == 0 {
+				return "", false
+			}
+			tok := toks[0]
+			toks = toks[1:]
+			return tok, true
+		}
 	}
-	return d, words(prompt, d.Tokens)
+	return d, newWords(prompt, d.Tokens, wordBatch).next
 }
 
 // Stream implements provider.Provider.
 func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(string) error) (provider.Result, error) {
-	d, toks := p.Reply(req.Prompt())
+	d, next := p.reply(req.Prompt())
 	// One timer paces the reply, and a cancel fires it at once: a wait is
 	// then one channel receive, not a select over the timer and ctx.Done,
 	// which locks and queues on both channels for every token.
@@ -156,7 +177,8 @@ func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(s
 	if d.Rate > 0 {
 		interval = time.Duration(float64(time.Second) / d.Rate)
 	}
-	for i, tok := range toks {
+	i := 0
+	for tok, ok := next(); ok; tok, ok = next() {
 		if d.ErrorAfter > 0 && i == d.ErrorAfter {
 			return provider.Result{}, &provider.Error{Message: "the simulated model failed after " + strconv.Itoa(i) + " tokens"}
 		}
@@ -168,13 +190,14 @@ func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(s
 		if err := emit(tok); err != nil {
 			return provider.Result{}, err
 		}
+		i++
 	}
 	if err := ctx.Err(); err != nil {
 		return provider.Result{}, err
 	}
 	return provider.Result{Usage: &chat.Usage{
 		PromptTokens:     len(strings.Fields(req.Prompt())),
-		CompletionTokens: len(toks),
+		CompletionTokens: i,
 	}}, nil
 }
 
@@ -187,43 +210,73 @@ number context provider simulated deterministic prompt same gives result quiet
 bright river mountain window garden paper light signal bridge harbor lantern compass
 orbit meadow thunder silver copper marble velvet amber cedar maple falcon sparrow`)
 
-// words picks n words deterministically from the prompt's hash, with a
-// sentence break now and then so replies look like prose. The reply is
-// built as one string and the tokens are slices of it: three allocations a
-// turn instead of one or two per token.
-func words(prompt string, n int) []string {
+// wordGen picks n words deterministically from the prompt's hash, with a
+// sentence break now and then so replies look like prose. It builds batch
+// tokens at a time as one string, the tokens being slices of it: a few
+// allocations a batch instead of one or two per token, and a batch's
+// worth of memory however long the reply.
+type wordGen struct {
+	rng     *rand.Rand
+	n, i    int // tokens in all, and made so far
+	capital bool
+	size    int      // tokens a batch
+	batch   []string // made and not yet taken
+}
+
+// wordBatch is how many tokens the simulator makes at a time.
+const wordBatch = 256
+
+func newWords(prompt string, n, batch int) *wordGen {
 	h := fnv.New64a()
 	h.Write([]byte(prompt))
-	rng := rand.New(rand.NewPCG(h.Sum64(), 0x746f6b656e72))
+	return &wordGen{rng: rand.New(rand.NewPCG(h.Sum64(), 0x746f6b656e72)), n: n, capital: true, size: batch}
+}
+
+// next returns the next token, and false after the last.
+func (g *wordGen) next() (string, bool) {
+	if len(g.batch) == 0 {
+		if g.i == g.n {
+			return "", false
+		}
+		g.fill()
+	}
+	tok := g.batch[0]
+	g.batch = g.batch[1:]
+	return tok, true
+}
+
+// fill makes the next batch of tokens.
+func (g *wordGen) fill() {
+	m := min(g.size, g.n-g.i)
 	var b strings.Builder
-	b.Grow(n * 9) // the vocabulary's words, with a space or a full stop
-	ends := make([]int, n)
-	capital := true
-	for i := range ends {
-		w := vocabulary[rng.IntN(len(vocabulary))]
-		if i > 0 {
+	b.Grow(m * 10) // the vocabulary's words, with a space and a full stop
+	ends := make([]int, m)
+	for k := range ends {
+		w := vocabulary[g.rng.IntN(len(vocabulary))]
+		if g.i > 0 {
 			b.WriteByte(' ')
 		}
-		if capital {
+		if g.capital {
 			b.WriteByte(w[0] - 'a' + 'A') // the vocabulary is lower-case ASCII
 			w = w[1:]
-			capital = false
+			g.capital = false
 		}
 		b.WriteString(w)
-		if i == n-1 || rng.IntN(12) == 0 {
+		if g.i == g.n-1 || g.rng.IntN(12) == 0 {
 			b.WriteByte('.')
-			capital = true
+			g.capital = true
 		}
-		ends[i] = b.Len()
+		ends[k] = b.Len()
+		g.i++
 	}
 	text := b.String()
-	out := make([]string, n)
+	out := make([]string, m)
 	start := 0
-	for i, end := range ends {
-		out[i] = text[start:end]
+	for k, end := range ends {
+		out[k] = text[start:end]
 		start = end
 	}
-	return out
+	g.batch = out
 }
 
 // splitEcho cuts text into tokens of about four bytes, on rune boundaries.

@@ -3,6 +3,7 @@ package sim
 import (
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"testing/synctest"
@@ -178,6 +179,28 @@ func TestVocabularyIsLowerASCII(t *testing.T) {
 			if w[i] < 'a' || w[i] > 'z' {
 				t.Fatalf("vocabulary word %q is not lower-case ASCII", w)
 			}
+		}
+	}
+}
+
+// A reply is made a batch at a time as it streams; however the batches
+// fall, the tokens are the same.
+func TestReplyBatchesAreOneReply(t *testing.T) {
+	collect := func(batch int) []string {
+		g := newWords("a long one", 1000, batch)
+		var toks []string
+		for tok, ok := g.next(); ok; tok, ok = g.next() {
+			toks = append(toks, tok)
+		}
+		return toks
+	}
+	whole := collect(1000)
+	if len(whole) != 1000 {
+		t.Fatalf("%d tokens, want 1000", len(whole))
+	}
+	for _, batch := range []int{1, 7, 256} {
+		if got := collect(batch); !slices.Equal(got, whole) {
+			t.Fatalf("made %d at a time: %d tokens, differing from the reply made at once", batch, len(got))
 		}
 	}
 }
