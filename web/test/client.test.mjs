@@ -77,6 +77,15 @@ function answerFromElsewhere(ws, question, text) {
   ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't9', seq: 1, text });
 }
 
+// opened connects c and opens its first socket, which it returns.
+async function opened(c) {
+  c.connect();
+  await until(() => FakeWS.all.length === 1, 'a connection');
+  const ws = FakeWS.all[0];
+  ws.open();
+  return ws;
+}
+
 async function joined(c, { messages = [], active = null } = {}) {
   c.connect();
   await until(() => FakeWS.all.length === 1, 'a connection');
@@ -211,10 +220,7 @@ test('another tab\'s question and answer arrive as events', async (t) => {
 
 test('pings closer together than the pong timeout still notice a dead connection', async (t) => {
   const c = newClient(t, { pingIntervalMs: 5, pongTimeoutMs: 40 });
-  c.connect();
-  await until(() => FakeWS.all.length === 1, 'a connection');
-  const ws = FakeWS.all[0];
-  ws.open();
+  const ws = await opened(c);
   await until(() => FakeWS.all.length === 2, 'a reconnect after the pong timeout');
   assert.ok(ws.frames('ping').length >= 2, 'several pings went unanswered');
   assert.equal(ws.closedWith, 4000);
@@ -241,10 +247,7 @@ test('a pong timeout lets go of the socket at once, without waiting for its oncl
 test('offline shows as offline; online pings an open socket at once and gives it up without a pong', async (t) => {
   const win = fakeWindow(t);
   const c = newClient(t, { pingIntervalMs: 0, pongTimeoutMs: 20 });
-  c.connect();
-  await until(() => FakeWS.all.length === 1, 'a connection');
-  const ws = FakeWS.all[0];
-  ws.open();
+  const ws = await opened(c);
   win.dispatchEvent(new Event('offline'));
   assert.equal(c.state, 'offline', 'offline with the socket still open');
   win.dispatchEvent(new Event('online'));
@@ -292,10 +295,7 @@ test("the window's online event while the token is fetched does not open a secon
 test('close 4001 with a fixed token fails every waiting request, and coming online does not retry', async (t) => {
   const win = fakeWindow(t);
   const c = newClient(t, { token: 'expired' });
-  c.connect();
-  await until(() => FakeWS.all.length === 1, 'a connection');
-  const ws = FakeWS.all[0];
-  ws.open();
+  const ws = await opened(c);
   const joining = c.join('c1');
   const { messageId, turnId, ack } = c.send('c2', 'hi');
   const cancelling = c.cancel(turnId);
@@ -365,10 +365,7 @@ test('a join or send made while stopped fails at once, also to a conversation no
 
 test('a refused join is forgotten: a reconnect does not repeat it, joining again asks again', async (t) => {
   const c = newClient(t);
-  c.connect();
-  await until(() => FakeWS.all.length === 1, 'a connection');
-  const ws = FakeWS.all[0];
-  ws.open();
+  const ws = await opened(c);
   const first = c.join('c1');
   const j = ws.frames('join').at(-1);
   ws.receive({ type: 'error', id: j.id, code: 'rate_limited', message: 'too many conversations joined' });
@@ -595,10 +592,7 @@ test('a WebSocket that does not open within openTimeoutMs is given up and tried 
 
 test('a join the server could not make just now is asked again, and its waiter resolves then', async (t) => {
   const c = newClient(t);
-  c.connect();
-  await until(() => FakeWS.all.length === 1, 'a connection');
-  const ws = FakeWS.all[0];
-  ws.open();
+  const ws = await opened(c);
   const p = c.join('c1');
   const j = ws.frames('join').at(-1);
   ws.receive({ type: 'error', id: j.id, code: 'unavailable', message: 'the message broker is unavailable; try again' });
@@ -627,10 +621,7 @@ test('a join the server could not make just now is asked again, and its waiter r
 
 test('a join refused as a new conversation while a send to it waits is made again once the send is acknowledged', async (t) => {
   const c = newClient(t);
-  c.connect();
-  await until(() => FakeWS.all.length === 1, 'a connection');
-  const ws = FakeWS.all[0];
-  ws.open();
+  const ws = await opened(c);
   const { ack } = c.send('c1', 'hello', { messageId: 'm1', turnId: 't1' });
   const j = ws.frames('join').at(-1);
   ws.receive({ type: 'error', id: j.id, code: 'rate_limited', retry_after_ms: 30000, message: 'too many new conversations (limit 1 per minute); join one you have, or wait' });
