@@ -301,6 +301,12 @@ func (c *conn) handle(data []byte, f *frame) {
 			c.conv.seq.Store(0)
 		}
 	case "turn.end":
+		if c.resync {
+			// Rule 2: after a gap the client waits for the re-join's
+			// joined. The end comes again then: live if the turn still
+			// runs, or after the rest of its text if it has ended.
+			return
+		}
 		turn := c.intern(f.turn)
 		if !c.trk.Known(turn) {
 			c.open.Add(1)
