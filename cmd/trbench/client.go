@@ -281,7 +281,10 @@ func (c *conn) handle(data []byte, f *frame) {
 		if rec {
 			c.c.deltaFrames.Add(1)
 			c.c.deltas.Add(n)
-			if f.ts > 0 {
+			// A sample per frame that put new text on the screen: a
+			// duplicate or a frame past a gap shows nothing, and its
+			// stamp may be old (text sent again).
+			if f.ts > 0 && n > 0 {
 				c.lat.Record(now.UnixMicro() - f.ts)
 			}
 		}

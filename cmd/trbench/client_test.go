@@ -153,6 +153,42 @@ func TestConnDeliveryRules(t *testing.T) {
 	}
 }
 
+// TestConnLatencyCountsNewTextOnly: token→screen is one sample per frame
+// that put new text on the screen, from its producer's stamp (Unix µs) to
+// its receipt; frames that add nothing (a duplicate, deltas ignored while
+// re-joining after a gap) or carry no stamp (catch-up text of a resume)
+// are no samples, and nothing counts outside the measured window.
+func TestConnLatencyCountsNewTextOnly(t *testing.T) {
+	stamp := func(ago time.Duration) int64 { return time.Now().Add(-ago).UnixMicro() }
+	c, b := testConn(true)
+	feed(c, start("t"),
+		delta("t", 0, 1, stamp(3*time.Millisecond)),
+		delta("t", 0, 1, stamp(time.Hour)), // duplicate: the screen does not change
+		delta("t", 2, 3, stamp(time.Hour)), // overlapping: seq 3 is new, so this counts
+		delta("t", 0, 5, stamp(time.Hour)), // gap: ignored, the client re-joins
+		delta("t", 0, 6, stamp(time.Hour)), // ignored until joined
+		joinedActive("t", 4, 6),            // the re-join's answer
+		delta("t", 0, 7, 0),                // no stamp
+		delta("t", 0, 8, stamp(2*time.Millisecond)),
+	)
+	h := b.latency()
+	if h.Count() != 3 {
+		t.Fatalf("%d latency samples, want 3 (seqs 1, 2..3 and 8)", h.Count())
+	}
+	if mx := h.Max(); mx < uint64(time.Hour.Microseconds()) || mx > uint64((time.Hour+time.Minute).Microseconds()) {
+		t.Errorf("max %d µs, want about an hour in µs", mx)
+	}
+	if q := h.Quantile(0.5); q < 2000 || q > 60_000 {
+		t.Errorf("median %d µs, want a few ms in µs", q)
+	}
+
+	c, b = testConn(false)
+	feed(c, start("t"), delta("t", 0, 1, stamp(time.Millisecond)))
+	if n := b.latency().Count(); n != 0 {
+		t.Errorf("%d samples outside the window", n)
+	}
+}
+
 // TestCancelToEnd: cancel→end runs from the cancel's write to the sender
 // reading that turn's end with status cancelled; a turn that ended
 // otherwise first, or another turn's end, is no sample.
