@@ -332,9 +332,14 @@ func (c *conn) handle(data []byte, f *frame) {
 		ji := joinedInfo{bytes: len(data)}
 		if sent := c.joinSent.Swap(0); sent != 0 {
 			ji.ttff = now.Sub(time.Unix(0, sent))
-			if joinKind(c.joinKind.Load()) == joinResume {
+			// The figures count the measured window only (not the
+			// connecting, the warm-up or the last turns' drain); the
+			// caller gets ttff either way.
+			switch {
+			case !rec:
+			case joinKind(c.joinKind.Load()) == joinResume:
 				c.b.resume.Record(ji.ttff.Microseconds())
-			} else {
+			default:
 				c.b.join.Record(ji.ttff.Microseconds())
 			}
 		}

@@ -189,6 +189,41 @@ func TestConnLatencyCountsNewTextOnly(t *testing.T) {
 	}
 }
 
+// TestConnJoinTiming: join→joined goes to the resume histogram for a join
+// with after and to the join histogram otherwise, from the join's write to
+// the joined frame, and only while the run records.
+func TestConnJoinTiming(t *testing.T) {
+	c, b := testConn(true)
+	c.joinKind.Store(int32(joinResume))
+	c.joinSent.Store(time.Now().Add(-5 * time.Millisecond).UnixNano())
+	feed(c, joinedIdle)
+	if b.resume.Count() != 1 || b.join.Count() != 0 {
+		t.Fatalf("resume %d join %d samples, want 1 0", b.resume.Count(), b.join.Count())
+	}
+	if us := b.resume.Max(); us < 5000 || us > 5_000_000 {
+		t.Errorf("resume took %d µs, want ≥ 5 ms", us)
+	}
+	ji := <-c.joined
+	if ji.ttff < 5*time.Millisecond {
+		t.Errorf("joinedInfo.ttff %v, want ≥ 5ms", ji.ttff)
+	}
+	feed(c, joinedIdle) // no join waiting: no sample
+	if b.resume.Count() != 1 {
+		t.Errorf("a joined frame with no join waiting was timed")
+	}
+
+	c, b = testConn(false)
+	c.joinKind.Store(int32(joinResume))
+	c.joinSent.Store(time.Now().UnixNano())
+	feed(c, joinedIdle)
+	if b.resume.Count() != 0 {
+		t.Errorf("a resume outside the window was timed")
+	}
+	if ji := <-c.joined; ji.ttff <= 0 {
+		t.Errorf("the caller still needs its time to joined: %v", ji.ttff)
+	}
+}
+
 // TestCancelToEnd: cancel→end runs from the cancel's write to the sender
 // reading that turn's end with status cancelled; a turn that ended
 // otherwise first, or another turn's end, is no sample.
