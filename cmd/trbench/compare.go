@@ -85,8 +85,8 @@ func compare(oldPath, newPath string, w io.Writer) error {
 		}
 		for _, f := range figures {
 			a, b := f.get(or), f.get(nr)
-			if a == 0 || b == 0 {
-				continue
+			if a <= 0 || b <= 0 {
+				continue // not measured (every figure is positive when it is)
 			}
 			verdict := "better"
 			if (b > a) != f.higher {

@@ -96,11 +96,12 @@ func runIdle(ctx context.Context, e *env, n int, hold time.Duration, compat bool
 	r.ServerRSSJoined = joined.RSS
 	r.ServerRSSLoaded = held.RSS
 	if base.RSS > 0 && r.Conns > 0 {
-		r.RSSPerConn = float64(held.RSS-base.RSS) / float64(r.Conns)
+		r.RSSPerConn = r.rssPerUnit(base.RSS, held.RSS, float64(r.Conns), "connection", "by the hold's end")
 		r.ServerCPUs = (held.CPU - joined.CPU).Seconds() / w
 		r.ServerThreads = held.Thread
+		atJoin, _ := rssGrowth(base.RSS, joined.RSS, float64(r.Conns))
 		r.Notes = append(r.Notes, fmt.Sprintf("RSS per connection right after joining: %s; after the hold: %s",
-			kib(float64(joined.RSS-base.RSS)/float64(r.Conns)), kib(r.RSSPerConn)))
+			rssKiB(atJoin), rssKiB(r.RSSPerConn)))
 	}
 	r.ClientCPUs = (self1 - self0).Seconds() / w
 	if tot1 > tot0 {

@@ -55,8 +55,8 @@ type Result struct {
 	ServerRSSBase   int64   `json:"server_rss_base_bytes"`
 	ServerRSSJoined int64   `json:"server_rss_joined_bytes"`
 	ServerRSSLoaded int64   `json:"server_rss_loaded_bytes"`
-	RSSPerConn      float64 `json:"server_rss_per_connection_bytes"`
-	RSSPerTurn      float64 `json:"server_rss_per_active_turn_bytes"`
+	RSSPerConn      float64 `json:"server_rss_per_connection_bytes"`  // 0: not measured (RSS fell; see notes)
+	RSSPerTurn      float64 `json:"server_rss_per_active_turn_bytes"` // 0: not measured (RSS fell; see notes)
 	ServerThreads   int     `json:"server_threads"`
 	ClientCPUs      float64 `json:"client_cores"`
 	MachineBusy     float64 `json:"machine_busy"` // 0..1 over all cores
@@ -101,6 +101,15 @@ type RampBest struct {
 }
 
 func kib(b float64) string { return fmt.Sprintf("%.1f KiB", b/1024) }
+
+// rssKiB prints an RSS growth per unit; 0 (or, in an older report, a
+// negative figure) is none: RSS fell (see rssGrowth and the notes).
+func rssKiB(b float64) string {
+	if b <= 0 {
+		return "not measured"
+	}
+	return kib(b)
+}
 
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
@@ -182,7 +191,7 @@ func (r *Result) print(w io.Writer) {
 	if r.ServerRSSBase > 0 {
 		row("server", "%.2f cores, %.3f CPU-s per 1k tokens, RSS %s → %s joined → %s loaded, %d threads",
 			r.ServerCPUs, r.ServerCPUPer1k, mib(r.ServerRSSBase), mib(r.ServerRSSJoined), mib(r.ServerRSSLoaded), r.ServerThreads)
-		row("server RSS", "%s per connection, %s per active turn", kib(r.RSSPerConn), kib(r.RSSPerTurn))
+		row("server RSS", "%s per connection, %s per active turn", rssKiB(r.RSSPerConn), rssKiB(r.RSSPerTurn))
 	}
 	row("client", "%.2f cores; machine busy %.0f%%, other processes %.2f cores", r.ClientCPUs, 100*r.MachineBusy, r.OtherCPUs)
 	for _, l := range r.Long {
@@ -274,7 +283,11 @@ func (r *Result) historyRow(date, commit string) string {
 		if p.Protocol != "" {
 			proto = p.Protocol + " "
 		}
-		f = append(f, fmt.Sprintf("%d %sconns, %s/conn", r.Conns, proto, kib(r.RSSPerConn)))
+		if r.RSSPerConn > 0 {
+			f = append(f, fmt.Sprintf("%d %sconns, %s/conn", r.Conns, proto, kib(r.RSSPerConn)))
+		} else {
+			f = append(f, fmt.Sprintf("%d %sconns, RSS per conn not measured", r.Conns, proto))
+		}
 	case "ramp":
 		if r.Best != nil {
 			f = append(f, fmt.Sprintf("best %d×%g tok/s ×%dw: %.0f tok/s p99 %.1f ms", r.Best.Turns, p.Rate, p.Watchers, r.Best.TokensS, r.Best.P99MS))
@@ -302,4 +315,27 @@ func (r *Result) historyRow(date, commit string) string {
 		f = append(f, fmt.Sprintf("disturbed: others %.2f cores", r.OtherCPUs))
 	}
 	return fmt.Sprintf("| %s | %s | %s | %s | — |", date, commit, name, strings.Join(f, ", "))
+}
+
+// rssGrowth is the server's RSS growth from from to to per unit (a
+// connection, an active turn), in bytes. ok is false when there is no
+// such figure: no sample, no unit, or RSS fell, the Go runtime having
+// handed freed memory back to the OS meanwhile (more than the units
+// took), so that the difference says nothing about the units.
+func rssGrowth(from, to int64, n float64) (per float64, ok bool) {
+	if from <= 0 || to < from || n <= 0 {
+		return 0, false
+	}
+	return float64(to-from) / n, true
+}
+
+// rssPerUnit is rssGrowth for r: when RSS fell over span it says so in a
+// note and gives 0, which the report prints as not measured.
+func (r *Result) rssPerUnit(from, to int64, n float64, unit, span string) float64 {
+	per, ok := rssGrowth(from, to, n)
+	if !ok && from > 0 && to > 0 && n > 0 {
+		r.Notes = append(r.Notes, fmt.Sprintf("RSS per %s not measured: RSS fell from %s to %s %s (the Go runtime handed freed memory back to the OS), so the difference says nothing about the %ss",
+			unit, mib(from), mib(to), span, unit))
+	}
+	return per
 }

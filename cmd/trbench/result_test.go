@@ -1,6 +1,7 @@
 package main
 
 import (
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -49,5 +50,70 @@ func TestServerCancelHistogram(t *testing.T) {
 	}
 	if got := bucketDelta(before, before, h); got != nil {
 		t.Errorf("no samples in the window: %+v, want nil", got)
+	}
+}
+
+// TestRSSThatFellIsNotAFigure: RSS growth per connection or per active
+// turn is reported only when RSS grew; when it fell (the runtime gave
+// freed memory back meanwhile) the difference says nothing about
+// connections or turns, and a negative figure is not printed, compared
+// or put in the history.
+func TestRSSThatFellIsNotAFigure(t *testing.T) {
+	tests := []struct {
+		name     string
+		from, to int64
+		n        float64
+		want     float64
+		ok       bool
+	}{
+		{"grew", 100 << 20, 110 << 20, 1024, 10 << 10, true},
+		{"fell", 120 << 20, 110 << 20, 1000, 0, false},
+		{"no sample", 0, 110 << 20, 1000, 0, false},
+		{"no units", 100 << 20, 110 << 20, 0, 0, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := rssGrowth(tt.from, tt.to, tt.n)
+			if got != tt.want || ok != tt.ok {
+				t.Fatalf("rssGrowth(%d, %d, %v) = %v, %v; want %v, %v", tt.from, tt.to, tt.n, got, ok, tt.want, tt.ok)
+			}
+		})
+	}
+
+	var noted Result
+	if per := noted.rssPerUnit(120<<20, 104<<20, 1000, "connection", "while connecting"); per != 0 ||
+		len(noted.Notes) != 1 || !strings.Contains(noted.Notes[0], "RSS per connection not measured: RSS fell from 120.0 MiB to 104.0 MiB while connecting") {
+		t.Errorf("rssPerUnit of RSS that fell: %v, notes %q", per, noted.Notes)
+	}
+
+	// A report of an earlier version holds the negative figure itself.
+	r := &Result{Scenario: "cancel", Params: streamParams{Turns: 1000, Rate: 20, Watchers: 1}, ServerRSSBase: 120 << 20,
+		ServerRSSJoined: 104 << 20, ServerRSSLoaded: 190 << 20, RSSPerConn: -16.2 * 1024, RSSPerTurn: 90 * 1024}
+	var sb strings.Builder
+	r.print(&sb)
+	if out := sb.String(); strings.Contains(out, "-16.2") || !strings.Contains(out, "not measured per connection, 90.0 KiB per active turn") {
+		t.Errorf("report:\n%s", out)
+	}
+	idle := &Result{Scenario: "idle", Conns: 10, ServerRSSBase: 120 << 20, RSSPerConn: -1024}
+	if row := idle.historyRow("2026-01-01", "abc"); strings.Contains(row, "-1.0") || !strings.Contains(row, "RSS per conn not measured") {
+		t.Errorf("history row: %s", row)
+	}
+
+	dir := t.TempDir()
+	write := func(name string, rs ...*Result) string {
+		p := filepath.Join(dir, name)
+		if err := writeJSON(p, &report{Results: rs}); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	newer := *r
+	newer.RSSPerConn = 12 * 1024
+	var cb strings.Builder
+	if err := compare(write("old.json", r), write("new.json", &newer), &cb); err != nil {
+		t.Fatal(err)
+	}
+	if out := cb.String(); strings.Contains(out, "RSS per connection") || !strings.Contains(out, "RSS per active turn") {
+		t.Errorf("compare:\n%s", out)
 	}
 }

@@ -96,9 +96,7 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 	r.ServerRSSJoined = joined.RSS
 	r.SetupCPUs = (joined.CPU - base.CPU).Seconds()
 	rt0 := e.server.scrape(ctx)
-	if r.ServerRSSBase > 0 {
-		r.RSSPerConn = float64(joined.RSS-base.RSS) / float64(watchers)
-	}
+	r.RSSPerConn = r.rssPerUnit(base.RSS, joined.RSS, float64(watchers), "connection", "while connecting")
 
 	// Drive the turns.
 	e.logf("%s: %d conversations connected in %.1fs; running %s warm-up + %s", name, len(convs), r.SetupS, p.Warmup, p.Duration)
@@ -232,9 +230,7 @@ func runStream(ctx context.Context, e *env, name string, p streamParams) (*Resul
 			r.ServerCPUPer1k = cpu / (r.TokensS * w / 1000)
 		}
 		r.ServerRSSLoaded = s1.RSS
-		if r.AvgActive > 0 {
-			r.RSSPerTurn = float64(s1.RSS-joined.RSS) / r.AvgActive
-		}
+		r.RSSPerTurn = r.rssPerUnit(joined.RSS, s1.RSS, r.AvgActive, "active turn", "from the connections joined to the window's end")
 		r.ServerThreads = s1.Thread
 	}
 	r.ClientCPUs = (self1 - self0).Seconds() / w
