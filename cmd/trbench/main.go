@@ -256,6 +256,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		scheme = "https"
 	}
 	e.server.metricsURL = scheme + "://" + u.Host + "/metrics"
+	if e.server.pid != 0 {
+		// A pid that cannot be read would leave every server figure out.
+		if _, err := readProc(e.server.pid); err != nil {
+			return fmt.Errorf("--pid %d: %w", e.server.pid, err)
+		}
+	}
 	if e.server.pid == 0 {
 		if ip := net.ParseIP(u.Hostname()); u.Hostname() == "localhost" || (ip != nil && ip.IsLoopback()) {
 			port, _ := strconv.Atoi(u.Port())

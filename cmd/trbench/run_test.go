@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -105,4 +107,21 @@ func runReport(t *testing.T, timeout time.Duration, out string, args []string) (
 		t.Fatal(err)
 	}
 	return rep, stdout.String()
+}
+
+// TestPIDMustBeAProcess: --pid names the process whose CPU and RSS are
+// read; one that cannot be read stops the run at once instead of leaving
+// every server figure out.
+func TestPIDMustBeAProcess(t *testing.T) {
+	cmd := exec.Command("true")
+	if err := cmd.Run(); err != nil {
+		t.Skip("no true(1):", err)
+	}
+	gone := cmd.Process.Pid
+	var stdout, stderr bytes.Buffer
+	err := run(context.Background(), []string{"--url", "ws://127.0.0.1:1/v1/ws", "--pid", strconv.Itoa(gone), "-q", "-s", "stream turns=1 duration=1s warmup=0s"},
+		func(string) string { return "" }, &stdout, &stderr)
+	if err == nil || !strings.Contains(err.Error(), "--pid "+strconv.Itoa(gone)) {
+		t.Fatalf("run with the pid of no process: %v", err)
+	}
 }
