@@ -11,6 +11,8 @@
 # TRBENCH_COMMIT_NAME when set.
 #
 # TRBENCH_SERVER_LOG=path keeps the server's log.
+# TRBENCH_START_WAIT=s is how long the server may take to answer /healthz
+# (default 30); past it the script stops with the server's log.
 # TRBENCH_TOOL=path runs that trbench binary instead of building the work
 # tree's (to compare two versions of the tool on the same server).
 # -p serves the server's pprof on the next port and saves a CPU profile of
@@ -88,10 +90,15 @@ fi
 ${TRBENCH_SERVER_ENV:+env $TRBENCH_SERVER_ENV} "$work/tokenrelay" serve --addr "127.0.0.1:$port" --data-dir "$work/data" --delta-timestamps \
 	$lifts --log-level warn $extra >"$work/server.log" 2>&1 &
 pid=$!
-for _ in $(seq 100); do
-	curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+deadline=$((SECONDS + ${TRBENCH_START_WAIT:-30}))
+until curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do
 	if ! kill -0 "$pid" 2>/dev/null; then
 		echo "bench/run.sh: the server exited before it was ready:" >&2
+		tail -20 "$work/server.log" >&2
+		exit 1
+	fi
+	if [ "$SECONDS" -ge "$deadline" ]; then
+		echo "bench/run.sh: the server was not ready (GET /healthz) within ${TRBENCH_START_WAIT:-30} s:" >&2
 		tail -20 "$work/server.log" >&2
 		exit 1
 	fi
