@@ -4,21 +4,35 @@
 # OUT (default /tmp/trbench-suite): one .txt and one .json per scenario,
 # and history.md with rows for the history table.
 #
-#   bench/suite.sh [OUT] [-r REV]      (REV defaults to HEAD: the committed
-#                                      server, not the work tree others edit)
+#   bench/suite.sh [OUT] [-r REV | -b BINARY]   (REV defaults to HEAD: the
+#                            committed server, not the work tree others edit)
+#
+# OUT defaults to TRBENCH_SUITE_OUT, or /tmp/trbench-suite. A scenario whose
+# run fails is named with the end of its log, the others still run, and the
+# suite exits non-zero.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-/tmp/trbench-suite}
-shift || true
-mkdir -p "$out"
+out=${TRBENCH_SUITE_OUT:-/tmp/trbench-suite}
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+	out=$1
+	shift
+fi
+mkdir -p "$out" || exit 1
 : >"$out/history.md"
+failed=()
 run() { # name "server flags" trbench args...
-	local name=$1 flags=$2
+	local name=$1 flags=$2 status
 	shift 2
 	echo "=== $name" >&2
 	bench/run.sh "$@" -f "$flags" -- --json "$out/$name.json" --history "${ARGS[@]}" >"$out/$name.txt" 2>"$out/$name.log"
+	status=$?
 	grep '^| ' "$out/$name.txt" | sed "s/| $/| /" >>"$out/history.md"
 	grep -v '^| ' "$out/$name.txt"
+	if [ "$status" -ne 0 ]; then
+		echo "bench/suite.sh: $name failed (exit $status); the end of $out/$name.log:" >&2
+		tail -5 "$out/$name.log" >&2
+		failed+=("$name")
+	fi
 }
 REV=("$@")
 [ ${#REV[@]} -eq 0 ] && REV=(-r HEAD)
@@ -49,3 +63,7 @@ ARGS=(-s "$ramp10 label=batch_50ms");                                           
 ARGS=(-s "cancel turns=400 rate=20 watchers=1 label=8k");                                  run cancel-8k "" "${REV[@]}"
 ARGS=(-s "resume turns=400 rate=20 watchers=1 probe-rate=20 long= label=8k");              run resume-8k "" "${REV[@]}"
 echo "history rows: $out/history.md" >&2
+if [ ${#failed[@]} -gt 0 ]; then
+	echo "bench/suite.sh: failed: ${failed[*]}" >&2
+	exit 1
+fi

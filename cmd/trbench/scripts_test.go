@@ -78,3 +78,26 @@ func TestRunScriptServerNeverReady(t *testing.T) {
 		t.Fatalf("run.sh exited %d:\n%s", code, out)
 	}
 }
+
+// TestSuiteScriptFails: a scenario whose run fails makes the suite say
+// which and why, and exit non-zero once the others have run.
+func TestSuiteScriptFails(t *testing.T) {
+	server := fakeBinary(t, "tokenrelay", `echo "cannot open the data dir" >&2; exit 3`)
+	tool := fakeBinary(t, "trbench", `exit 0`)
+	out := t.TempDir()
+	code, printed := benchScript(t, "suite.sh", []string{"TRBENCH_TOOL=" + tool}, out, "-b", server)
+	if code == 0 || !strings.Contains(printed, "idle failed") || !strings.Contains(printed, "cannot open the data dir") ||
+		!strings.Contains(printed, "resume-8k failed") {
+		t.Fatalf("suite.sh exited %d:\n%s", code, printed)
+	}
+
+	// Without OUT, -b is not taken for it.
+	def := t.TempDir()
+	code, printed = benchScript(t, "suite.sh", []string{"TRBENCH_TOOL=" + tool, "TRBENCH_SUITE_OUT=" + def}, "-b", server)
+	if code == 0 || !strings.Contains(printed, "idle failed") {
+		t.Fatalf("suite.sh -b exited %d:\n%s", code, printed)
+	}
+	if _, err := os.Stat(filepath.Join(def, "idle.log")); err != nil {
+		t.Errorf("no log in the default directory: %v", err)
+	}
+}
