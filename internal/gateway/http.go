@@ -359,10 +359,10 @@ func (s *Server) handlePostMessage() http.Handler {
 			return
 		}
 		var body struct {
-			Text      string `json:"text"`
-			MessageID string `json:"message_id"`
-			TurnID    string `json:"turn_id"`
-			Model     string `json:"model"`
+			Text      string  `json:"text"`
+			MessageID *string `json:"message_id"`
+			TurnID    *string `json:"turn_id"`
+			Model     string  `json:"model"`
 		}
 		limit := s.bodyLimit()
 		data, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
@@ -379,17 +379,28 @@ func (s *Server) handlePostMessage() http.Handler {
 			s.writeError(w, badRequest("invalid JSON body"))
 			return
 		}
-		for name, v := range map[string]string{"message_id": body.MessageID, "turn_id": body.TurnID} {
-			if v != "" && !chat.ValidID(v) {
-				s.writeError(w, badRequest(name+" must match ^[A-Za-z0-9_.:-]{1,128}$"))
+		// An id left out (or null) is made by the server; one given,
+		// even empty, must be valid.
+		var messageID, turnID string
+		for _, id := range []struct {
+			name string
+			v    *string
+			to   *string
+		}{{"message_id", body.MessageID, &messageID}, {"turn_id", body.TurnID, &turnID}} {
+			if id.v == nil {
+				continue
+			}
+			if !chat.ValidID(*id.v) {
+				s.writeError(w, badRequest(id.name+" must match ^[A-Za-z0-9_.:-]{1,128}$"))
 				return
 			}
+			*id.to = *id.v
 		}
 		if body.Text == "" {
 			s.writeError(w, badRequest("text is required"))
 			return
 		}
-		res, err := s.send(ctx, sendRequest{User: userOf(r), ConversationID: conv, MessageID: body.MessageID, TurnID: body.TurnID, Text: body.Text, Model: body.Model})
+		res, err := s.send(ctx, sendRequest{User: userOf(r), ConversationID: conv, MessageID: messageID, TurnID: turnID, Text: body.Text, Model: body.Model})
 		if err != nil {
 			s.writeError(w, err)
 			return

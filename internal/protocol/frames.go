@@ -138,6 +138,11 @@ func DecodeClient(data []byte) (ClientFrame, error) {
 		if err := checkID("turn_id", f.TurnID, false); err != nil {
 			return ClientFrame{}, err
 		}
+		if f.MessageID == "" || f.TurnID == "" {
+			if field := emptyID(data); field != "" {
+				return bad(field + " must match ^[A-Za-z0-9_.:-]{1,128}$")
+			}
+		}
 		if f.Text == "" {
 			return bad("text is required")
 		}
@@ -158,6 +163,24 @@ func DecodeClient(data []byte) (ClientFrame, error) {
 		return bad("unknown type " + strconv.Quote(truncate(f.Type, 32)))
 	}
 	return f, nil
+}
+
+// emptyID names the id of a send frame that is there but empty ("" matches
+// no id, so it is refused like any other bad one), or is "". A frame that
+// leaves an id out, or gives null, has the server make it.
+func emptyID(data []byte) string {
+	var ids struct {
+		MessageID *string `json:"message_id"`
+		TurnID    *string `json:"turn_id"`
+	}
+	_ = json.Unmarshal(data, &ids)
+	switch {
+	case ids.MessageID != nil && *ids.MessageID == "":
+		return "message_id"
+	case ids.TurnID != nil && *ids.TurnID == "":
+		return "turn_id"
+	}
+	return ""
 }
 
 func truncate(s string, n int) string {
