@@ -218,13 +218,16 @@ func (p *Proc) ExitErr() error {
 func (p *Proc) Done() <-chan struct{} { return p.done }
 
 // Stop sends SIGTERM and waits for the exit.
-func (p *Proc) Stop() error {
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+func (p *Proc) Stop() error { return p.StopWith(syscall.SIGTERM) }
+
+// StopWith sends sig and waits for the exit.
+func (p *Proc) StopWith(sig os.Signal) error {
+	_ = p.cmd.Process.Signal(sig)
 	select {
 	case <-p.done:
 	case <-time.After(30 * time.Second):
 		p.Kill()
-		return fmt.Errorf("tokenrelay did not stop within 30s after SIGTERM")
+		return fmt.Errorf("tokenrelay did not stop within 30s after %v", sig)
 	}
 	return p.ExitErr()
 }
