@@ -675,3 +675,28 @@ func TestListeningAddressIsLogged(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestSendDoesNotJoin: a connection that sends to a conversation it has
+// not joined gets the ack and none of the conversation's events; a join
+// whose after names a turn that is not the conversation's is a plain join.
+func TestSendDoesNotJoin(t *testing.T) {
+	p := trtest.Serve(t, "--sim-rate", "0", "--sim-tokens", "3")
+	c := trtest.Dial(t, p.WSURL(), nil)
+	w := trtest.Dial(t, p.WSURL(), nil)
+	w.Join("unjoined", nil)
+	c.Send(map[string]any{"type": "send", "conversation_id": "unjoined", "text": "hi", "turn_id": "ut", "id": "s"})
+	if f := reply(t, c, "s"); f.Type() != "ack" {
+		t.Fatalf("send: %v", f)
+	}
+	finish(t, w, &trtest.Turn{ID: "ut"})
+	c.Send(map[string]any{"type": "ping", "id": "p"})
+	if fs := c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "pong" }); len(fs) != 1 {
+		t.Fatalf("a connection that did not join received %v", fs)
+	}
+	for _, after := range []string{"no-such-turn", "ut"} {
+		j := c.Join("elsewhere", map[string]any{"after": map[string]any{"turn_id": after, "seq": 1}})
+		if j["active"] != nil || j["from"] != nil {
+			t.Fatalf("join with after naming %s, not this conversation's: %v", after, j)
+		}
+	}
+}
