@@ -188,9 +188,32 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 	}
 }
 
+// addForeignFlags defines on fs, whose command is r, the flags only other
+// commands have, so that one set of flags (or one environment) can start
+// every command of a deployment; they set nothing of r's config. It
+// returns their names.
+func addForeignFlags(fs *flag.FlagSet, r role) map[string]bool {
+	foreign := map[string]bool{}
+	for _, other := range []role{roleServe, roleGateway, roleWorker, roleMigrate} {
+		if other == r {
+			continue
+		}
+		ofs := flag.NewFlagSet("", flag.ContinueOnError)
+		new(config).register(ofs, other)
+		ofs.VisitAll(func(f *flag.Flag) {
+			if fs.Lookup(f.Name) == nil {
+				fs.Var(f.Value, f.Name, f.Usage)
+				foreign[f.Name] = true
+			}
+		})
+	}
+	return foreign
+}
+
 // parse reads args, then fills every flag not given on the command line
-// from TOKENRELAY_<NAME> (upper case, - → _).
-func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
+// from TOKENRELAY_<NAME> (upper case, - → _). The flags named in foreign
+// (another command's) are taken from the command line only.
+func parse(fs *flag.FlagSet, args []string, getenv func(string) string, foreign map[string]bool) error {
 	// A bad flag is reported in one line, by main, as the reasons for not
 	// starting are: the flag package would print it and then the whole
 	// usage. The usage is printed when it is asked for.
@@ -210,7 +233,7 @@ func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	fs.VisitAll(func(f *flag.Flag) {
-		if set[f.Name] || err != nil {
+		if set[f.Name] || foreign[f.Name] || err != nil {
 			return
 		}
 		name := "TOKENRELAY_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
@@ -225,17 +248,17 @@ func parse(fs *flag.FlagSet, args []string, getenv func(string) string) error {
 	if err != nil {
 		return err
 	}
-	return checkNotNegative(fs)
+	return checkNotNegative(fs, foreign)
 }
 
 // checkNotNegative refuses a negative number or duration, which no flag
 // gives a meaning to except those whose usage says "negative disables", and
 // a number that is not finite (NaN, Inf), which none gives a meaning to.
-func checkNotNegative(fs *flag.FlagSet) error {
+func checkNotNegative(fs *flag.FlagSet, foreign map[string]bool) error {
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
 		g, ok := f.Value.(flag.Getter)
-		if err != nil || !ok || strings.Contains(f.Usage, "negative disables") {
+		if err != nil || !ok || foreign[f.Name] || strings.Contains(f.Usage, "negative disables") {
 			return
 		}
 		var negative bool
@@ -294,12 +317,26 @@ func load(name string, r role, args []string, getenv func(string) string, stderr
 	c := new(config)
 	fs := newFlagSet(name, stderr)
 	c.register(fs, r)
-	if err := parse(fs, args, getenv); err != nil {
+	// -h lists the command's own flags.
+	own := newFlagSet(name, stderr)
+	new(config).register(own, r)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage of %s:\n", fs.Name())
+		own.SetOutput(fs.Output())
+		own.PrintDefaults()
+	}
+	foreign := addForeignFlags(fs, r)
+	if err := parse(fs, args, getenv, foreign); err != nil {
 		return nil, nil, err
 	}
 	log, err := newLogger(c, stderr)
 	if err != nil {
 		return nil, nil, err
 	}
+	fs.Visit(func(f *flag.Flag) {
+		if foreign[f.Name] {
+			log.Warn("flag ignored: "+name+" has no use for it", "flag", "--"+f.Name)
+		}
+	})
 	return c, log, nil
 }
