@@ -69,11 +69,26 @@ func machineIdle() (total, idle int64) {
 		return 0, 0
 	}
 	line, _, _ := bytes.Cut(b, []byte("\n"))
-	f := strings.Fields(string(line))
+	return parseCPULine(string(line))
+}
+
+// parseCPULine reads /proc/stat's "cpu" line: user nice system idle iowait
+// irq softirq steal guest guest_nice. The guest columns are already in
+// user and nice, so they are not added again; steal (time the hypervisor
+// gave to another guest) is counted as idle, since no process here used
+// it and the "other processes" figure must not take it for one.
+func parseCPULine(line string) (total, idle int64) {
+	f := strings.Fields(line)
+	if len(f) < 2 {
+		return 0, 0
+	}
 	for i, x := range f[1:] {
+		if i >= 8 { // guest, guest_nice
+			break
+		}
 		n, _ := strconv.ParseInt(x, 10, 64)
 		total += n
-		if i == 3 || i == 4 { // idle, iowait
+		if i == 3 || i == 4 || i == 7 { // idle, iowait, steal
 			idle += n
 		}
 	}

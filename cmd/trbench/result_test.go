@@ -117,3 +117,14 @@ func TestRSSThatFellIsNotAFigure(t *testing.T) {
 		t.Errorf("compare:\n%s", out)
 	}
 }
+
+func TestParseCPULine(t *testing.T) {
+	// user nice system idle iowait irq softirq steal guest guest_nice
+	total, idle := parseCPULine("cpu  100 10 50 800 20 0 5 15 40 3")
+	if total != 1000 || idle != 835 {
+		t.Errorf("total, idle = %d, %d; want 1000, 835 (guest columns are in user and nice already; steal is not busy)", total, idle)
+	}
+	if total, idle := parseCPULine("cpu"); total != 0 || idle != 0 {
+		t.Errorf("an empty line gave %d, %d", total, idle)
+	}
+}
