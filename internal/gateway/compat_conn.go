@@ -218,12 +218,30 @@ func (c *compatConn) resolve(f []byte) []byte {
 }
 
 func (c *compatConn) closeWith(code websocket.StatusCode, reason string) {
+	c.closeAfter(0, code, reason)
+}
+
+// closeAfter closes the connection with code, first giving what is queued
+// up to drain (at most, then the rest is dropped).
+func (c *compatConn) closeAfter(drain time.Duration, code websocket.StatusCode, reason string) {
 	c.closeOnce.Do(func() {
 		go func() {
+			if drain > 0 {
+				waitIdle(c.q, drain)
+			}
 			_ = c.raw.close(c.ws, code, reason)
 			c.cancel()
 		}()
 	})
+}
+
+// expired closes the socket when its token expires: COMPAT.md's error
+// frame says why (a page or script would otherwise see only a close, and
+// could not tell it from a refusal at connect), then close 1003 follows
+// once the frame is written (a second at most).
+func (c *compatConn) expired() {
+	c.push(protocol.Encode(compatErrorFrame{Type: "error", Error: "Token expired", Timestamp: protocol.FormatTime(c.s.now())}))
+	c.closeAfter(time.Second, closeCompatRejected, "token expired")
 }
 
 // resolveAll resolves the frames a writer took from the queue, in place
@@ -564,10 +582,10 @@ func (cp *compat) handleWS() http.Handler {
 			}
 			if !id.Expires.IsZero() {
 				// As a native socket: closed when its token expires, with
-				// the compat refusal's code.
+				// the compat refusal's error frame and code.
 				t := time.AfterFunc(time.Until(id.Expires), func() {
 					s.m.authFailures.WithLabelValues("expired").Inc()
-					c.closeWith(closeCompatRejected, "token expired")
+					c.expired()
 				})
 				defer t.Stop()
 			}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/golang-jwt/jwt/v5"
 
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
@@ -529,5 +530,39 @@ func TestReplyLongerThanTheOutboundLimit(t *testing.T) {
 	}
 	if pong := pingPong(t, c); len(pong) != 0 {
 		t.Fatalf("frames before the pong: %v", pong)
+	}
+}
+
+// A socket does not outlive its token, and the page is told why before the
+// close: the compat error frame, then close 1003, as for a bad token. The
+// token here expired 28 s ago (within the 30 s leeway), so it is accepted
+// and the socket closes about 2 s after it opens.
+func TestTokenExpiresOnOpenSocket(t *testing.T) {
+	t.Parallel()
+	secret := "0123456789abcdef0123456789abcdef"
+	p := serve(t, "--jwt-secret", secret)
+	now := time.Now()
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "alice", "iat": now.Add(-time.Hour).Unix(), "exp": now.Add(-28 * time.Second).Unix()}).SignedString([]byte(secret))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := trtest.Dial(t, wsURL(p, "/ws/chat", url.Values{"session_id": {"expiring"}, "user_id": {"alice"}, "token": {tok}}), nil)
+	if f, err := c.Next(wait); err != nil || f.Type() != "welcome" {
+		t.Fatalf("token within the leeway: %v %v", f, err)
+	}
+	f, err := c.Next(wait)
+	if err != nil || f.Type() != "error" || f.Str("error") != "Token expired" {
+		t.Fatalf("when the token expired: %v %v, want the error frame first", f, err)
+	}
+	if _, err := time.Parse(time.RFC3339Nano, f.Str("timestamp")); err != nil {
+		t.Fatalf("error timestamp: %v", err)
+	}
+	select {
+	case <-c.Done():
+	case <-time.After(wait):
+		t.Fatal("the socket outlived its token")
+	}
+	if code := c.CloseStatus(); code != websocket.StatusUnsupportedData {
+		t.Fatalf("closed with %d, want 1003", code)
 	}
 }
