@@ -123,12 +123,35 @@ func (c *compatConn) end(_, turn string, _ int64, status chat.TurnStatus, _ stri
 	if c.closed {
 		return
 	}
-	ct := c.turnLocked(turn)
+	c.endLocked(c.turnLocked(turn), status)
+}
+
+// endLocked queues the final frame of ct, which ended with status, and
+// forgets the turn.
+func (c *compatConn) endLocked(ct *compatTurn, status chat.TurnStatus) {
 	// The final frame supersedes any streaming frame not yet written, and
 	// takes its place in the queue.
 	c.stageLocked(ct, ct.st.finalFrame(ct.n, status, c.nowMS()), ct.n)
-	delete(c.turns, turn)
+	delete(c.turns, ct.st.turn)
 	c.cp.release(ct.st)
+}
+
+// dropped ends a reply this socket was given text of, and whose session
+// was cleared before its end was stored (the clear's cancel was not
+// answered in time: its producer was gone or slow). The page still shows
+// it streaming, and would wait for its end for good; it gets the final
+// frame a cancelled reply gets, since the clear stopped it, as when the
+// cancel is answered in time. A reconnect for it then answers not_found,
+// instead of bringing the deleted text back.
+func (c *compatConn) dropped(_ *view, turn string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	if ct := c.turns[turn]; ct != nil {
+		c.endLocked(ct, chat.StatusCancelled)
+	}
 }
 
 // revoked closes the socket: the session was deleted and another user has

@@ -262,6 +262,27 @@ func TestCompatConnWritesNewestText(t *testing.T) {
 	}
 }
 
+// A turn the view drops (deleted before its end was stored) ends on the
+// socket as a cancelled one, and the socket keeps nothing of it; a turn the
+// socket was given nothing of is dropped without a frame.
+func TestCompatConnDroppedTurn(t *testing.T) {
+	c := newTestCompatConn(t)
+	c.delta("s", "t1", 1, 1, 0, "Hel", 0)
+	c.delta("s", "t1", 2, 2, 3, "lo", 0)
+	c.dropped(nil, "t1")
+	c.dropped(nil, "t2")
+	got := written(c)
+	if len(got) != 1 {
+		t.Fatalf("wrote %q, want the final frame only", got)
+	}
+	if s, done := content(t, got[0]); s != "Hello\n\n[Đã hủy]" || !done {
+		t.Errorf("final content %q complete=%v", s, done)
+	}
+	if c.cp.sharedTexts() != 0 || len(c.turns) != 0 {
+		t.Errorf("the dropped turn is still kept")
+	}
+}
+
 func TestChunkIndex(t *testing.T) {
 	tests := []struct {
 		raw  string

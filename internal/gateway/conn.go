@@ -462,6 +462,10 @@ func (c *conn) gone(v *view) {
 		Message: "conversation " + v.conv + " was deleted"})
 }
 
+// dropped sends nothing: the client was told of the deletion by gone (or
+// learns it from its next join's snapshot), and drops the conversation.
+func (c *conn) dropped(*view, string) {}
+
 func (c *conn) leave(conv string) {
 	c.mu.Lock()
 	v := c.views[conv]

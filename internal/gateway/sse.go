@@ -107,9 +107,10 @@ func (k *sseSink) end(_, turn string, seq int64, status chat.TurnStatus, errMsg 
 		k.add(sseItem{seq: seq, end: true, status: status, errMsg: errMsg})
 	}
 }
-func (k *sseSink) fail(error)    { k.add(sseItem{failed: true}) }
-func (k *sseSink) revoked(*view) {} // its views follow every turn
-func (k *sseSink) gone(*view)    {} // a turn's stream runs to its end
+func (k *sseSink) fail(error)            { k.add(sseItem{failed: true}) }
+func (k *sseSink) revoked(*view)         {} // its views follow every turn
+func (k *sseSink) gone(*view)            {} // a turn's stream runs to its end
+func (k *sseSink) dropped(*view, string) {} // the stream waits for its client to leave
 
 // sseWriter writes a stream's events, each write bounded by the server's
 // write timeout: a client that stops reading is dropped as a WebSocket

@@ -36,6 +36,10 @@ type sink interface {
 	// gone: v's conversation was deleted (v's lock is held). v keeps
 	// following the id: its user may create the conversation afresh.
 	gone(v *view)
+	// dropped: v follows turn no more, and no end of it will come: it was
+	// deleted with its conversation before its end was stored (v's lock is
+	// held). The sink forgets what it keeps of the turn.
+	dropped(v *view, turn string)
 }
 
 // view is one client's window on one conversation: it turns the
@@ -472,6 +476,7 @@ func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 		if err != nil {
 			if errors.Is(err, chat.ErrNotFound) {
 				v.endedLocked(turn) // deleted
+				v.out.dropped(v, turn)
 				return
 			}
 			if v.ctx.Err() == nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -11,7 +12,9 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/nats-io/nats-server/v2/server"
 
+	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -564,5 +567,59 @@ func TestTokenExpiresOnOpenSocket(t *testing.T) {
 	}
 	if code := c.CloseStatus(); code != websocket.StatusUnsupportedData {
 		t.Fatalf("closed with %d, want 1003", code)
+	}
+}
+
+// A session cleared while its reply's producer is gone: the reply's end is
+// never published (its rows are deleted), and each socket's view, finding
+// the turn deleted, follows it no more. Every tab still showing the reply
+// gets its final frame, as when the clear's cancel stops it in time (text
+// so far and the cancelled suffix), and forgets it: a reconnect for it
+// answers not_found rather than bringing the deleted text back. A gateway
+// and a worker of their own make the producer's death possible.
+func TestClearedSessionEndsItsLostReply(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	ns, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: filepath.Join(dir, "js"), Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Server.Shutdown)
+	common := []string{"--nats-url", ns.Server.ClientURL(), "--store-url", "sqlite://" + filepath.Join(dir, "tr.db")}
+	w := trtest.Start(t, append([]string{"worker"}, common...)...)
+	// A short --cancel-wait and --quiet-check keep the test quick: the
+	// clear waits for the cancel no worker answers, and the views read the
+	// silent turn again after --quiet-check.
+	g := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--cancel-wait", "100ms", "--quiet-check", "200ms"}, common...)...)
+	g.WaitReady(t)
+	a := page(t, g, "lost", "demo_user")
+	b := page(t, g, "lost", "demo_user")
+	sendChat(t, g, "lost", "demo_user", "[sim tokens=5000 rate=20] long")
+	ra, rb := &reply{t: t}, &reply{t: t}
+	ra.untilFrames(a, 3)
+	rb.untilFrames(b, 3)
+	w.Kill()
+	code, out, _ := call(t, "DELETE", g.URL+"/api/history/lost", nil, nil)
+	if code != 200 || out["status"] != "success" {
+		t.Fatalf("DELETE = %d %v", code, out)
+	}
+	for _, tab := range []struct {
+		c *trtest.Client
+		r *reply
+	}{{a, ra}, {b, rb}} {
+		tab.r.untilFinal(tab.c)
+		if text, ok := strings.CutSuffix(tab.r.content, cancelledSuffix); !ok || !strings.HasPrefix(text, tab.r.seen[len(tab.r.seen)-2]) {
+			t.Fatalf("final content %q, want the text shown and the cancelled suffix", tab.r.content)
+		}
+		tab.c.Send(map[string]any{"type": "reconnect", "messageId": tab.r.id, "lastChunkIndex": 0})
+		fs := tab.c.UntilType(wait, "recovery_status")
+		if len(fs) != 1 || fs[0].Str("status") != "not_found" {
+			t.Fatalf("reconnect for the deleted reply: %v", fs)
+		}
+	}
+	if strings.Contains(g.Stderr(), "WARNING: DATA RACE") {
+		t.Fatalf("the gateway reported a data race:\n%s", g.Stderr())
 	}
 }
