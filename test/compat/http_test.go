@@ -192,6 +192,10 @@ func TestChatRequests(t *testing.T) {
 	if msgs := history(t, p, "busy"); len(msgs) != 0 {
 		t.Fatalf("history after DELETE: %v", msgs)
 	}
+	// A socket on the cleared session gets no history frame.
+	if before := pingPong(t, page(t, p, "busy", "demo_user")); len(before) != 0 {
+		t.Fatalf("frames on a cleared session: %v", before)
+	}
 	code, out, _ = call(t, "POST", p.URL+"/api/chat", map[string]any{"session_id": "busy", "message": "[sim tokens=3 rate=0] after clearing", "user_id": "demo_user"}, nil)
 	if code != 200 {
 		t.Fatalf("chat after DELETE = %d %v", code, out)
@@ -355,5 +359,37 @@ func TestNoWorkerNoBroker(t *testing.T) {
 	if code, out, _ = call(t, "GET", g.URL+"/health", nil, nil); code != 503 || out["status"] != "DOWN" || out["error"] != "broker failing" {
 		// The cause, which gives addresses away, is in the log only.
 		t.Fatalf("/health without a broker = %d %v, want the error \"broker failing\"", code, out)
+	}
+}
+
+// --compat-allowed-origins restricts the compat paths: a listed origin is
+// served (and named in Access-Control-Allow-Origin), another is refused,
+// on the socket's upgrade and over HTTP, preflight included; a request
+// without an Origin (a script) is served as before.
+func TestConfiguredOrigins(t *testing.T) {
+	t.Parallel()
+	good, bad := "http://page.example", "http://evil.example"
+	p := serve(t, "--compat-allowed-origins", good)
+	q := url.Values{"session_id": {"origins"}, "user_id": {"demo_user"}, "token": {"dev-token"}}
+	c := trtest.Dial(t, wsURL(p, "/ws/chat", q), &trtest.DialOptions{Header: http.Header{"Origin": {good}}})
+	if f, err := c.Next(wait); err != nil || f.Type() != "welcome" {
+		t.Fatalf("listed origin: %v %v", f, err)
+	}
+	if _, err := trtest.TryDial(t, wsURL(p, "/ws/chat", q), &trtest.DialOptions{Header: http.Header{"Origin": {bad}}}); err == nil {
+		t.Fatal("an unlisted origin opened the compat socket")
+	}
+	code, out, hdr := call(t, "GET", p.URL+"/api/history/origins", nil, http.Header{"Origin": {good}})
+	if code != 200 || hdr.Get("Access-Control-Allow-Origin") != good {
+		t.Fatalf("history from the listed origin = %d %v %v", code, out, hdr)
+	}
+	code, out, hdr = call(t, "GET", p.URL+"/api/history/origins", nil, nil)
+	if code != 200 || hdr.Get("Access-Control-Allow-Origin") != "" {
+		t.Fatalf("history without an Origin = %d %v %v", code, out, hdr)
+	}
+	for _, m := range []string{"OPTIONS", "POST"} {
+		code, out, hdr = call(t, m, p.URL+"/api/chat", map[string]any{"session_id": "origins", "message": "hi"}, http.Header{"Origin": {bad}})
+		if code != 403 || out["error"] != "Forbidden" || hdr.Get("Access-Control-Allow-Origin") != "" {
+			t.Fatalf("%s from an unlisted origin = %d %v %v", m, code, out, hdr)
+		}
 	}
 }

@@ -623,3 +623,96 @@ func TestClearedSessionEndsItsLostReply(t *testing.T) {
 		t.Fatalf("the gateway reported a data race:\n%s", g.Stderr())
 	}
 }
+
+// The page across a server restart mid-reply: its socket drops, its
+// 2-second reconnect finds the reply ended with the text it had (history,
+// finished, extending what the page showed); a reconnect frame for it gets
+// its final frame and completed, and Stop then answers completed: the
+// reply did end.
+func TestServerRestartMidReply(t *testing.T) {
+	t.Parallel()
+	for _, crash := range []bool{false, true} {
+		p := serve(t)
+		a := page(t, p, "restart", "demo_user")
+		sendChat(t, p, "restart", "demo_user", "[sim tokens=3000 rate=50] long")
+		r := &reply{t: t}
+		r.untilFrames(a, 5)
+		if crash {
+			p.Kill()
+		} else if err := p.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		<-a.Done()
+		q := p.Restart(t)
+		b := page(t, q, "restart", "demo_user")
+		f, err := b.Next(wait)
+		if err != nil || f.Type() != "history" {
+			t.Fatalf("crash %v: after the restart %v %v, want history", crash, f, err)
+		}
+		final := lastAssistant(t, messages(t, f["messages"]))
+		if final.Str("message_id") != r.id || final["is_complete"] != true || !strings.HasPrefix(final.Str("content"), r.content) {
+			t.Fatalf("crash %v: history's reply %v, the page showed %q of %s", crash, final, r.content, r.id)
+		}
+		b.Send(map[string]any{"type": "reconnect", "messageId": r.id, "lastChunkIndex": r.frames})
+		fs := b.UntilType(wait, "recovery_status")
+		if len(fs) != 2 || fs[0].Obj("data").Str("content") != final.Str("content") || fs[0].Obj("data")["is_complete"] != true || fs[1].Str("status") != "completed" {
+			t.Fatalf("crash %v: reconnect after the restart: %v", crash, fs)
+		}
+		if s := cancelReply(t, q, "restart", r.id); s != "completed" {
+			t.Fatalf("crash %v: stop after the restart answered %q", crash, s)
+		}
+		q.Kill()
+	}
+}
+
+// The page reloaded mid-reply in one tab, Stop clicked twice in the other
+// with the id the reloaded tab learnt from its catch-up frame: the first
+// click answers cancelled (never "already completed"), so does the second,
+// and each tab gets exactly one final frame with the cancelled suffix.
+// A reload before the reply's first token gets no catch-up frame, then the
+// whole text live.
+func TestReloadThenStopFromAnotherTab(t *testing.T) {
+	t.Parallel()
+	p := serve(t)
+	a := page(t, p, "tabs-stop", "demo_user")
+	sendChat(t, p, "tabs-stop", "demo_user", "[sim tokens=3000 rate=50] long")
+	ra := &reply{t: t}
+	ra.untilFrames(a, 3)
+	b := page(t, p, "tabs-stop", "demo_user")
+	b.UntilType(wait, "history")
+	rb := &reply{t: t}
+	rb.untilFrames(b, 1)
+	if rb.id != ra.id {
+		t.Fatalf("catch-up frame of %s, reply %s", rb.id, ra.id)
+	}
+	for click := range 2 {
+		if s := cancelReply(t, p, "tabs-stop", rb.id); s != "cancelled" {
+			t.Fatalf("click %d answered %q", click+1, s)
+		}
+	}
+	ra.untilFinal(a)
+	rb.untilFinal(b)
+	if ra.content != rb.content || !strings.HasSuffix(ra.content, cancelledSuffix) {
+		t.Fatalf("tab a ended with %q, tab b with %q", ra.content, rb.content)
+	}
+	for _, c := range []*trtest.Client{a, b} {
+		if more := pingPong(t, c); len(more) != 0 {
+			t.Fatalf("frames after the final one: %v", more)
+		}
+	}
+
+	userID := sendChat(t, p, "tabs-stop", "demo_user", "[sim tokens=20 rate=200 delay_ms=3000] slow to start")
+	c := page(t, p, "tabs-stop", "demo_user")
+	f, err := c.Next(wait)
+	if err != nil || f.Type() != "history" {
+		t.Fatalf("reload before the first token: %v %v", f, err)
+	}
+	if hm := messages(t, f["messages"]); hm[len(hm)-1].Str("message_id") != userID {
+		t.Fatalf("history before the first token ends with %v, want the user message", hm[len(hm)-1])
+	}
+	rc := &reply{t: t}
+	rc.untilFinal(c)
+	if got := lastAssistant(t, history(t, p, "tabs-stop")).Str("content"); rc.content != got {
+		t.Fatalf("reply after an early reload %q, stored %q", rc.content, got)
+	}
+}
