@@ -691,7 +691,14 @@ function autosize() {
 
 function submit() {
   const text = ui.input.value;
-  if (!text.trim() || activeTurn()) return;
+  if (!text.trim()) return;
+  const running = activeTurn();
+  if (running) {
+    // One answer at a time: the text stays in the composer, to be sent
+    // once this answer ends, and the person is told why nothing went.
+    showAlert(describe({ code: 'turn_active' }), 0, false, running.turn_id);
+    return;
+  }
   hideAlert();
   ui.input.value = '';
   autosize();

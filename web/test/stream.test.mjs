@@ -105,3 +105,31 @@ test('conversations: new, switch, delete', async (t) => {
   assert.equal(await page.evaluate(() => window.tokenrelay.conversationId), first, 'shows the remaining conversation');
   h.noPageErrors(assert, page);
 });
+
+test('Enter while an answer is being written keeps the text and says why', async (t) => {
+  const server = await h.startServer(t, { simRate: 0 });
+  const browser = await h.launchBrowser(t);
+  const { page, conv } = await h.openChat(t, browser, server);
+  const input = page.getByLabel('Message', { exact: true });
+  const alert = page.getByRole('alert');
+  await h.send(page, 'Talk for a while [sim tokens=400 rate=40]');
+  const answer = h.lastAnswer(page);
+  await page.getByRole('button', { name: 'Stop answer' }).waitFor();
+
+  await h.send(page, 'Next question [sim tokens=3]');
+  await alert.getByText('An answer is still being written').waitFor();
+  assert.equal(await input.inputValue(), 'Next question [sim tokens=3]', 'the text stays in the composer');
+  assert.equal(await page.locator('article.msg.user').count(), 1, 'nothing was sent');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'input');
+
+  // The alert goes with the answer; Enter then sends the kept text.
+  await page.keyboard.press('Escape');
+  assert.equal(await h.waitAnswerEnded(answer, 10000), 'cancelled');
+  await alert.waitFor({ state: 'hidden' });
+  await input.press('Enter');
+  await page.locator('article.msg.user', { hasText: 'Next question' }).waitFor();
+  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page)), 'complete');
+  assert.deepEqual((await h.storedMessages(server, conv)).filter((m) => m.role === 'user').map((m) => m.content),
+    ['Talk for a while [sim tokens=400 rate=40]', 'Next question [sim tokens=3]']);
+  h.noPageErrors(assert, page);
+});
