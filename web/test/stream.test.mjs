@@ -133,3 +133,31 @@ test('Enter while an answer is being written keeps the text and says why', async
     ['Talk for a while [sim tokens=400 rate=40]', 'Next question [sim tokens=3]']);
   h.noPageErrors(assert, page);
 });
+
+test('the message list is reached with Tab and scrolled with the keyboard', async (t) => {
+  const server = await h.startServer(t, { simRate: 0 });
+  const browser = await h.launchBrowser(t);
+  const { page } = await h.openChat(t, browser, server, { viewport: { width: 1100, height: 600 } });
+  await h.send(page, 'A long one [sim tokens=1500]');
+  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page)), 'complete');
+  const top = () => page.evaluate(() => document.getElementById('scroller').scrollTop);
+  await page.waitForFunction(() => {
+    const s = document.getElementById('scroller');
+    return s.scrollHeight - s.clientHeight > 1000 && s.scrollHeight - s.scrollTop - s.clientHeight <= 2;
+  });
+  const bottom = await top();
+
+  // From the message box, Shift+Tab goes back to the messages (the answer
+  // holds nothing focusable of its own).
+  await page.getByLabel('Message', { exact: true }).focus();
+  await page.keyboard.press('Shift+Tab');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'scroller');
+  await page.keyboard.press('Home');
+  await page.waitForFunction(() => document.getElementById('scroller').scrollTop === 0);
+  await page.keyboard.press('PageDown');
+  await page.waitForFunction(() => document.getElementById('scroller').scrollTop > 100);
+  assert.ok(await top() < bottom);
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'input', 'Tab goes on to the message box');
+  h.noPageErrors(assert, page);
+});
