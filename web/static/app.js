@@ -809,7 +809,7 @@ ui.scrim.addEventListener('click', closeSidebar);
 
 let alertTimer = 0;
 let alertAboutConnection = false; // the alert shown is about the connection, and ends with it
-let alertTurn = null; // the running answer a turn_active alert is about, which ends it
+let alertTurn = null; // the running answer a turn_active or failed-Stop alert is about, which ends it
 let alertJoin = null; // the conversation whose failed join the alert is about, which joining ends
 function showAlert(text, ms = 0, connection = false, turn = null, join = null) {
   clearTimeout(alertTimer);
@@ -833,6 +833,10 @@ ui.alertClose.addEventListener('click', () => {
 function describe(e) {
   if (e.request === 'join' && e.code === 'unavailable') {
     return 'This conversation could not be loaded just now. Trying again…'; // the client does
+  }
+  if (e.request === 'cancel' && (e.code === 'unavailable' || e.code === 'internal')) {
+    // The answer goes on, and Stop is offered again (the client clears its mark).
+    return 'The answer could not be stopped just now. Press Stop to try again.';
   }
   switch (e.code) {
     case 'rate_limited': {
@@ -897,7 +901,7 @@ client.addEventListener('error', (e) => {
   if (d.conversationId && d.conversationId !== current) return;
   // An error that answers no request is about the connection (closed
   // 4009 for too many connections, 4001 for the token).
-  showAlert(describe(d), retryDelay(d) ? d.retryAfterMs + 1000 : 0, !d.request, d.code === 'turn_active' ? d.turnId ?? null : null,
+  showAlert(describe(d), retryDelay(d) ? d.retryAfterMs + 1000 : 0, !d.request, d.code === 'turn_active' || d.request === 'cancel' ? d.turnId ?? null : null,
     d.request === 'join' ? d.conversationId : null);
 });
 

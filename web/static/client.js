@@ -603,7 +603,21 @@ export class TokenRelayClient extends EventTarget {
         this._emit('turn', { conversationId: conv.id, turn: t, phase: 'cancelling' });
       }
     }
-    return this._request({ type: 'cancel', turn_id: turnId }, { resend: true });
+    const p = this._request({ type: 'cancel', turn_id: turnId }, { resend: true });
+    // A refused cancel (the broker unavailable, say) has not stopped the
+    // answer: it is no longer being stopped, unless another cancel of it
+    // still waits, so that an app can offer Stop again.
+    p.catch(() => {
+      if ([...this._requests.values()].some((r) => r.frame.type === 'cancel' && r.frame.turn_id === turnId)) return;
+      for (const conv of this._convs.values()) {
+        const t = conv.byTurn.get(turnId);
+        if (t?.cancelling && !isTerminal(t.status)) {
+          delete t.cancelling;
+          this._emit('turn', { conversationId: conv.id, turn: t, phase: 'cancelling' });
+        }
+      }
+    });
+    return p;
   }
 
   // ---- HTTP helpers -------------------------------------------------------

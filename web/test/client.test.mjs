@@ -209,6 +209,35 @@ test('a send refused while an answer runs leaves that answer active, so Stop sti
   assert.equal(ws.frames('cancel')[0]?.turn_id, 't9');
 });
 
+test('a refused cancel clears the answer\'s cancelling mark, so Stop can be pressed again', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c);
+  answerFromElsewhere(ws, 'a long one', 'so');
+  const first = c.cancel('t9');
+  assert.equal(c.conversation('c1').byTurn.get('t9').cancelling, true);
+  const f = ws.frames('cancel')[0];
+  ws.receive({ type: 'error', id: f.id, code: 'unavailable', message: 'the message broker is not available' });
+  await assert.rejects(first, (err) => err.code === 'unavailable');
+  const turn = c.conversation('c1').byTurn.get('t9');
+  assert.equal(turn.status, 'streaming');
+  assert.ok(!turn.cancelling, 'no longer marked as being stopped');
+  const last = c.events.filter((e) => e.type === 'turn').at(-1);
+  assert.deepEqual([last.phase, last.turn.turn_id], ['cancelling', 't9'], 'listeners hear of the change');
+
+  // A second cancel, while a first still waits, keeps the mark when either fails.
+  const again = c.cancel('t9');
+  const other = c.cancel('t9');
+  const [f2, f3] = ws.frames('cancel').slice(1);
+  ws.receive({ type: 'error', id: f2.id, code: 'unavailable', message: 'the message broker is not available' });
+  await assert.rejects(again);
+  assert.equal(turn.cancelling, true, 'the other cancel still waits');
+  ws.receive({ type: 'ack', id: f3.id, turn_id: 't9', status: 'cancelled', already: false });
+  await other;
+  ws.receive({ type: 'turn.end', conversation_id: 'c1', turn_id: 't9', seq: 1, status: 'cancelled' });
+  assert.equal(turn.status, 'cancelled');
+  assert.ok(!turn.cancelling);
+});
+
 test('another tab\'s question and answer arrive as events', async (t) => {
   const c = newClient(t);
   const ws = await joined(c);

@@ -84,3 +84,39 @@ test('A double-click on Send sends once and does not stop the answer', async (t)
   assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'cancel').length, 0, 'no cancel');
   h.noPageErrors(assert, page);
 });
+
+test('a Stop the server could not carry out says so, and Stop works again', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  // The server's answer when its broker fails for a moment: the page's
+  // first cancel gets it; everything else goes through.
+  const setup = (p) => p.routeWebSocket(/\/v1\/ws/, (ws) => {
+    const upstream = ws.connectToServer();
+    let refused = false;
+    ws.onMessage((m) => {
+      const f = JSON.parse(m);
+      if (f.type === 'cancel' && !refused) {
+        refused = true;
+        ws.send(JSON.stringify({ type: 'error', id: f.id, code: 'unavailable', message: 'the message broker is unavailable' }));
+        return;
+      }
+      upstream.send(m);
+    });
+  });
+  const { page, conv } = await h.openChat(t, browser, server, { setup });
+  await h.send(page, 'Talk for a while [sim tokens=400 rate=40]');
+  const answer = h.lastAnswer(page);
+  const stop = page.getByRole('button', { name: 'Stop answer' });
+  await stop.waitFor();
+  await stop.click();
+  await page.getByRole('alert').getByText('The answer could not be stopped just now').waitFor();
+  assert.equal(await answer.getAttribute('data-status'), 'streaming');
+  await answer.locator('.meta').waitFor({ state: 'hidden' }); // no longer "Stopping…"
+  assert.equal(await stop.getAttribute('aria-disabled'), 'false');
+
+  await stop.click();
+  assert.equal(await h.waitAnswerEnded(answer, 10000), 'cancelled');
+  assert.equal((await h.storedTurn(server, conv, await answer.getAttribute('data-turn-id'))).status, 'cancelled');
+  await page.getByRole('alert').waitFor({ state: 'hidden' }); // the alert goes with the answer
+  h.noPageErrors(assert, page);
+});
