@@ -445,14 +445,16 @@ function updateMessage(el, item) {
   el._cancelling = !!item.cancelling;
   el.dataset.status = item.status;
   el.classList.toggle('streaming', running);
-  // The streaming answer is a polite live region; aria-busy holds the
-  // announcement until the answer is complete, since the last block is
+  // The streaming answer, with its status note (Stopped, Interrupted, the
+  // model's error), is a polite live region; aria-busy holds the
+  // announcement until the answer has ended, since the last block is
   // rendered again on each frame.
+  const live = el.querySelector('.content');
   if (running) {
-    body.setAttribute('aria-live', 'polite');
-    body.setAttribute('aria-busy', 'true');
-  } else if (body.hasAttribute('aria-live')) {
-    body.setAttribute('aria-busy', 'false');
+    live.setAttribute('aria-live', 'polite');
+    live.setAttribute('aria-busy', 'true');
+  } else if (live.hasAttribute('aria-live')) {
+    live.setAttribute('aria-busy', 'false');
   }
   const meta = el.querySelector('.meta');
   const note = statusNote(item);

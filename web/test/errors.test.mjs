@@ -26,6 +26,8 @@ test('refused sends and a failing model are explained in words', async (t) => {
   const failed = h.lastAnswer(page);
   assert.equal(await h.waitAnswerEnded(failed), 'error');
   await failed.locator('.meta', { hasText: 'The model could not finish this answer' }).waitFor();
+  // Said with the answer's text: the note is in the answer's live region.
+  assert.equal(await failed.locator('.meta').evaluate((el) => el.closest('[aria-live]')?.getAttribute('aria-live')), 'polite');
   const stored = await h.storedTurn(server, conv, await failed.getAttribute('data-turn-id'));
   assert.equal(stored.status, 'error');
 

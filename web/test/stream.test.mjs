@@ -24,7 +24,7 @@ test('an answer streams in, renders as it grows, and ends equal to the stored te
     return a?.dataset.status === 'streaming' && a.querySelector('.body').textContent.length > 20;
   });
   const early = (await answer.locator('.body').textContent()).length;
-  assert.equal(await answer.locator('.body').getAttribute('aria-live'), 'polite');
+  assert.equal(await answer.locator('.content').getAttribute('aria-live'), 'polite');
   await page.waitForFunction((n) => {
     const a = [...document.querySelectorAll('article.msg.assistant')].at(-1);
     return a.dataset.status === 'streaming' && a.querySelector('.body').textContent.length > n + 20;
@@ -37,7 +37,7 @@ test('an answer streams in, renders as it grows, and ends equal to the stored te
   assert.equal((await h.turnState(page, conv, turnId)).content, stored.content);
   assert.equal((await answer.locator('.body').innerText()).trim(), stored.content.trim());
   await page.getByRole('button', { name: 'Send message' }).waitFor();
-  assert.equal(await answer.locator('.body').getAttribute('aria-busy'), 'false');
+  assert.equal(await answer.locator('.content').getAttribute('aria-busy'), 'false');
 
   // The list names the conversation after its first message.
   await page.locator('#conversations li.current a', { hasText: 'Tell me about relays' }).waitFor();
