@@ -16,6 +16,15 @@ test('two pages on one conversation see each other\'s questions and answers live
   const b = await h.openChat(t, browser, server, { conv: a.conv, context: a.context });
   const conv = a.conv;
 
+  // Each page records its answer's text after every delta it applied, by seq.
+  for (const p of [a.page, b.page]) {
+    await p.evaluate(() => {
+      window.__bySeq = {};
+      window.tokenrelay.client.addEventListener('turn', (e) => {
+        if (e.detail.phase === 'delta') (window.__bySeq[e.detail.turn.turn_id] ??= []).push([e.detail.turn.seq, e.detail.turn.content]);
+      });
+    });
+  }
   await h.send(a.page, 'Question from tab A [sim tokens=80 rate=40]');
   const turnA = await h.lastAnswer(a.page).getAttribute('data-turn-id');
   await b.page.locator('article.msg.user', { hasText: 'Question from tab A' }).waitFor();
@@ -27,6 +36,17 @@ test('two pages on one conversation see each other\'s questions and answers live
   const storedA = await h.storedTurn(server, conv, turnA);
   assert.equal((await h.turnState(a.page, conv, turnA)).content, storedA.content);
   assert.equal((await h.turnState(b.page, conv, turnA)).content, storedA.content);
+  // Token by token: both saw the text grow through the same states (at
+  // every seq both applied, the same text), each state a continuation of
+  // the one before and of the stored text.
+  const [seqA, seqB] = await Promise.all([a.page, b.page].map((p) => p.evaluate((id) => window.__bySeq[id], turnA)));
+  assert.ok(seqB.length > 10, `B applied the answer in many steps (${seqB.length})`);
+  const atA = new Map(seqA);
+  for (const [i, [seq, text]] of seqB.entries()) {
+    assert.ok(storedA.content.startsWith(text), `B's text at seq ${seq} continues into the stored text`);
+    if (i) assert.ok(seq > seqB[i - 1][0] && text.length > seqB[i - 1][1].length, `B's text grows at seq ${seq}`);
+    if (atA.has(seq)) assert.equal(text, atA.get(seq), `the same text at seq ${seq} in both tabs`);
+  }
 
   // The other way round, and Stop from the tab that did not ask.
   await h.send(b.page, 'Question from tab B [sim tokens=400 rate=40]');
@@ -36,6 +56,11 @@ test('two pages on one conversation see each other\'s questions and answers live
   await a.page.getByRole('button', { name: 'Stop answer' }).click();
   for (const p of [a.page, b.page]) {
     assert.equal(await h.waitAnswerEnded(p.locator(`article[data-turn-id="${turnB}"]`), 10000), 'cancelled');
+  }
+  // Stop is gone and Send is back in both tabs, the one that asked too.
+  for (const p of [a.page, b.page]) {
+    await p.getByRole('button', { name: 'Send message' }).waitFor();
+    assert.equal(await p.locator('#stop').isHidden(), true);
   }
   const storedB = await h.storedTurn(server, conv, turnB);
   assert.equal(storedB.status, 'cancelled');
