@@ -115,3 +115,48 @@ test('the conversation list shows more than 100 conversations on request', async
   assert.equal(await page.locator('#conversations li.more').count(), 0, 'nothing more to show');
   h.noPageErrors(assert, page);
 });
+
+test('switching between two conversations while both answers stream keeps each one\'s text its own', async (t) => {
+  const server = await h.startServer(t, { simRate: 0 });
+  const browser = await h.launchBrowser(t);
+  const { page, conv: a } = await h.openChat(t, browser, server);
+  const streaming = () => page.waitForFunction(() => {
+    const x = document.querySelector('article.msg.assistant');
+    return x?.dataset.status === 'streaming' && x.querySelector('.body').textContent.length > 30;
+  });
+  await h.send(page, 'Alpha [sim tokens=200 rate=50]');
+  await streaming();
+  const turnA = await h.lastAnswer(page).getAttribute('data-turn-id');
+  await page.getByRole('button', { name: 'New chat', exact: true }).click();
+  await page.waitForFunction((c) => window.tokenrelay.conversationId !== c, a);
+  const b = await page.evaluate(() => window.tokenrelay.conversationId);
+  await h.waitJoined(page, b);
+  assert.equal(await page.locator('#stop').isHidden(), true, 'no Stop in the conversation with no answer running');
+  await h.send(page, 'Beta [sim tokens=200 rate=50]');
+  await streaming();
+  const turnB = await h.lastAnswer(page).getAttribute('data-turn-id');
+
+  // Back and forth through the list while both run: each time the one
+  // conversation's question and answer, none of the other's.
+  for (const [conv, question, turn, other] of [[a, 'Alpha', turnA, turnB], [b, 'Beta', turnB, turnA], [a, 'Alpha', turnA, turnB]]) {
+    await page.locator(`#conversations li[data-id="${conv}"] a`).click();
+    await h.waitJoined(page, conv);
+    await page.locator(`article[data-turn-id="${turn}"]`).waitFor();
+    assert.deepEqual(await page.locator('article.msg.user .body').allTextContents(), [`${question} [sim tokens=200 rate=50]`]);
+    assert.equal(await page.locator('article.msg.assistant').count(), 1);
+    assert.equal(await page.locator(`article[data-turn-id="${other}"]`).count(), 0);
+  }
+  for (const [conv, turn] of [[a, turnA], [b, turnB]]) {
+    if (conv === b) {
+      await page.locator(`#conversations li[data-id="${b}"] a`).click();
+      await h.waitJoined(page, b);
+    }
+    const answer = page.locator(`article[data-turn-id="${turn}"]`);
+    assert.equal(await h.waitAnswerEnded(answer), 'complete');
+    const stored = await h.storedTurn(server, conv, turn);
+    assert.equal((await h.turnState(page, conv, turn)).content, stored.content);
+    assert.equal((await answer.locator('.body').innerText()).trim(), stored.content.trim());
+    await page.getByRole('button', { name: 'Send message' }).waitFor();
+  }
+  h.noPageErrors(assert, page);
+});
