@@ -107,10 +107,18 @@ func (k *sseSink) end(_, turn string, seq int64, status chat.TurnStatus, errMsg 
 		k.add(sseItem{seq: seq, end: true, status: status, errMsg: errMsg})
 	}
 }
-func (k *sseSink) fail(error)            { k.add(sseItem{failed: true}) }
-func (k *sseSink) revoked(*view)         {} // its views follow every turn
-func (k *sseSink) gone(*view)            {} // a turn's stream runs to its end
-func (k *sseSink) dropped(*view, string) {} // the stream waits for its client to leave
+func (k *sseSink) fail(error)    { k.add(sseItem{failed: true}) }
+func (k *sseSink) revoked(*view) {} // its views follow every turn
+func (k *sseSink) gone(*view)    {} // a turn's stream runs to its end
+
+// dropped closes the stream of a turn deleted before its end was stored:
+// no end will come, and the client's resume (EventSource's own, with
+// Last-Event-ID) is answered 404.
+func (k *sseSink) dropped(_ *view, turn string) {
+	if turn == k.turn {
+		k.add(sseItem{failed: true})
+	}
+}
 
 // sseWriter writes a stream's events, each write bounded by the server's
 // write timeout: a client that stops reading is dropped as a WebSocket

@@ -7,14 +7,17 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
+	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/tokenrelay/tokenrelay/internal/auth"
+	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
@@ -374,5 +377,66 @@ func TestSendOutlivesAShutdown(t *testing.T) {
 				t.Fatalf("a send in flight at the shutdown: turn %+v, %v; want it queued", turn, err)
 			}
 		})
+	}
+}
+
+// TestSSEOfATurnDeletedBeforeItsEnd: a turn's producer is gone and its
+// conversation is deleted before any end is stored (the deletion's cancel
+// goes unanswered). The view's quiet check finds the turn deleted; its
+// event stream then closes instead of waiting for an end that cannot
+// come, and the client's resume learns the turn is gone.
+func TestSSEOfATurnDeletedBeforeItsEnd(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	ns, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: filepath.Join(dir, "js"), Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Server.Shutdown)
+	common := []string{"--nats-url", ns.Server.ClientURL(), "--store-url", "sqlite://" + filepath.Join(dir, "tr.db")}
+	w := trtest.Start(t, append([]string{"worker"}, common...)...)
+	g := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--cancel-wait", "100ms", "--quiet-check", "200ms"}, common...)...)
+	g.WaitReady(t)
+	c := trtest.Dial(t, g.WSURL(), nil)
+	c.Join("sse-deleted", nil)
+	tr := startTurn(t, c, "sse-deleted", "a long one [sim tokens=5000 rate=20]", 1)
+
+	ctx := trtest.Ctx(t, 30*time.Second)
+	req, _ := http.NewRequestWithContext(ctx, "GET", g.URL+"/v1/turns/"+tr.ID+"/events", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() && sc.Text() != "event: delta" {
+	}
+	w.Kill()
+	del, _ := http.NewRequest("DELETE", g.URL+"/v1/conversations/sse-deleted", nil)
+	dr, err := http.DefaultClient.Do(del)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dr.Body.Close()
+	if dr.StatusCode/100 != 2 {
+		t.Fatalf("DELETE = %d", dr.StatusCode)
+	}
+	for sc.Scan() {
+		if sc.Text() == "event: end" {
+			t.Fatal("an end event for a turn that never ended")
+		}
+	}
+	if ctx.Err() != nil {
+		t.Fatal("the stream of the deleted turn stayed open")
+	}
+	again, err := http.Get(g.URL + "/v1/turns/" + tr.ID + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	again.Body.Close()
+	if again.StatusCode != http.StatusNotFound {
+		t.Fatalf("resuming the deleted turn's stream: %d, want 404", again.StatusCode)
 	}
 }
