@@ -142,15 +142,15 @@ var (
 	// errBudgetSpent is emit's answer to a token past the owner's budget:
 	// the provider stops, and the turn ends with status error.
 	errBudgetSpent = errors.New("token budget used up")
-	// errNotStored: the store refused a turn's end for finishRetryFor.
+	// errNotStored: the store refused a turn's end for retryFor.
 	// Nothing has announced it, so the job is left unacked: the turn goes
 	// to recovery once the job comes back, rather than stay streaming.
 	errNotStored = errors.New("the turn's end could not be stored")
 )
 
-// finishRetryFor is how long a turn's end is tried again while the store
+// retryFor is how long a turn's end is tried again while the store
 // fails (a database restarting or failing over), the job kept meanwhile.
-const finishRetryFor = 30 * time.Second
+const retryFor = 30 * time.Second
 
 // New returns a worker.
 func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
@@ -807,25 +807,50 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 	return won, nil
 }
 
-// finishTurn stores a turn's end, trying again with a growing pause while
-// the store fails, for up to finishRetryFor, or once the worker is shutting
+// finishTurn stores a turn's end, trying again while the store fails (see
+// retry).
+func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat.TurnStatus) (final chat.TurnStatus, won bool, err error) {
+	err = w.retry("store the end of a turn", func() (bool, error) {
+		var err error
+		final, won, err = w.store.FinishTurn(ctx, r, from...)
+		return errors.Is(err, chat.ErrNotFound), err
+	}, "turn_id", r.TurnID, "status", r.Status)
+	return final, won, err
+}
+
+// retry calls try until it succeeds or its error is final, trying again
+// with a growing pause for up to retryFor, or until the worker is shutting
 // down. While it tries, the turn's run stays registered, so its job is
-// renewed and a worker asking whether it is produced hears that it is.
-func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat.TurnStatus) (chat.TurnStatus, bool, error) {
+// renewed and a worker asking whether it is produced hears that it is. It
+// logs the first failure and, after one, the outcome: a store or bus that
+// flaps would otherwise make a line of every try. An error given up on
+// says how often it was tried.
+func (w *Worker) retry(what string, try func() (final bool, err error), attrs ...any) error {
 	started := time.Now()
 	pause := 100 * time.Millisecond
-	for {
-		final, won, err := w.store.FinishTurn(ctx, r, from...)
-		if err == nil || errors.Is(err, chat.ErrNotFound) || time.Since(started)+pause > finishRetryFor {
-			return final, won, err
+	for tries := 1; ; tries++ {
+		final, err := try()
+		if err == nil || final {
+			if tries > 1 {
+				attrs = append(attrs, "tries", tries, "took", time.Since(started).Round(time.Millisecond))
+				if err != nil {
+					attrs = append(attrs, "err", err)
+				}
+				w.log.Info(what+": done after retrying", attrs...)
+			}
+			return err
 		}
-		w.log.Warn("store the end of a turn; trying again", "turn_id", r.TurnID, "status", r.Status, "err", err, "in", pause)
+		if time.Since(started)+pause > retryFor || w.shutdownCtx.Err() != nil {
+			return fmt.Errorf("%w (tried %d times in %s)", err, tries, time.Since(started).Round(time.Millisecond))
+		}
+		if tries == 1 {
+			w.log.Warn(what+"; trying again", append(attrs, "err", err, "for", retryFor)...)
+		}
 		timer := time.NewTimer(pause)
 		select {
 		case <-timer.C:
 		case <-w.shutdownCtx.Done():
 			timer.Stop()
-			return final, won, err
 		}
 		pause = min(2*pause, 2*time.Second)
 	}
