@@ -146,11 +146,23 @@ var (
 	// Nothing has announced it, so the job is left unacked: the turn goes
 	// to recovery once the job comes back, rather than stay streaming.
 	errNotStored = errors.New("the turn's end could not be stored")
+	// errNotPublished: the turn's end is stored, and the bus refused it
+	// for retryFor. The job is left unacked: its next delivery finds the
+	// turn ended and publishes the stored end (publishLostEnd), so that
+	// the events stream, which resumes and other gateways read, holds it.
+	errNotPublished = errors.New("the turn's end could not be published")
 )
 
-// retryFor is how long a turn's end is tried again while the store
-// fails (a database restarting or failing over), the job kept meanwhile.
-const retryFor = 30 * time.Second
+// ackable reports whether the job of a turn whose work ended with err may
+// be acked: not while its end is missing from the store or the stream.
+func ackable(err error) bool {
+	return !errors.Is(err, errNotStored) && !errors.Is(err, errNotPublished)
+}
+
+// retryFor is how long a turn's end is tried again while the store fails
+// (a database restarting or failing over), and again while the bus refuses
+// it, the job kept meanwhile. A variable for the tests.
+var retryFor = 30 * time.Second
 
 // New returns a worker.
 func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
@@ -549,7 +561,7 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 			status = chat.StatusInterrupted
 		}
 		_, err := w.finish(ctx, t, r, status, nil, 0, "", nil, nil)
-		return !errors.Is(err, errNotStored), err
+		return ackable(err), err
 	}
 	req, err := w.request(ctx, t)
 	if err != nil {
@@ -557,7 +569,7 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		// the reason, rather than leave it to be found interrupted.
 		log.Error("turn failed: the conversation could not be read", "err", err)
 		_, err := w.finish(ctx, t, r, chat.StatusError, nil, 0, "the conversation could not be read", nil, nil)
-		return !errors.Is(err, errNotStored), err
+		return ackable(err), err
 	}
 	return w.stream(ctx, tctx, r, t, req, log)
 }
@@ -570,7 +582,7 @@ func (w *Worker) endQueued(ctx context.Context, t chat.Turn, r *run, status chat
 	if errors.Is(err, errProducerRuns) {
 		return false, nil
 	}
-	return !errors.Is(err, errNotStored), err
+	return ackable(err), err
 }
 
 // loadTurn reads turn id and reports done when it needs no producing: it
@@ -743,6 +755,12 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 		}
 		return false, err
 	}
+	if won && errors.Is(err, errNotPublished) {
+		// Stored, and left to the job's next delivery to publish: the
+		// snapshot is this producer's to save all the same.
+		pub.finalSnapshot(status)
+		return false, err
+	}
 	if err != nil || !won {
 		// Ended by another (a worker that took this one for lost), or
 		// deleted: the stored text is the winner's, and so must the
@@ -798,11 +816,20 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 			w.m.cancelToEnd.Observe(w.cfg.Now().Sub(seen).Seconds())
 		}
 	}
-	if _, err := w.bus.PublishEnd(ctx, end, settle); err != nil {
-		return won, err
-	}
 	if won {
 		w.m.turns.WithLabelValues(string(final)).Inc()
+	}
+	// The end is stored: the stream must hold it too, or a reader of the
+	// stream (a resume, a gateway repairing a view) finds none. A publish
+	// that failed is repeated (settle again too: it does nothing once it
+	// has saved, and the stream stores an end once within two minutes),
+	// and one that still fails leaves the job unacked (errNotPublished).
+	err = w.retry("publish the end of a turn", func() (bool, error) {
+		_, err := w.bus.PublishEnd(ctx, end, settle)
+		return false, err
+	}, "turn_id", t.ID, "status", final)
+	if err != nil {
+		return won, fmt.Errorf("%w: %w", errNotPublished, err)
 	}
 	return won, nil
 }

@@ -877,6 +877,115 @@ func TestEndStoredOnceTheStoreIsBack(t *testing.T) {
 	}
 }
 
+// refusingEnds is a store whose FinishTurn, once it has stored a turn's
+// end, makes the events stream refuse every message, as a stream at its
+// limits does: the end goes live, and the stream does not store it.
+type refusingEnds struct {
+	store.Store
+	refuse func()
+	once   sync.Once
+}
+
+func (s *refusingEnds) FinishTurn(ctx context.Context, r store.TurnResult, from ...chat.TurnStatus) (chat.TurnStatus, bool, error) {
+	final, won, err := s.Store.FinishTurn(ctx, r, from...)
+	if err == nil {
+		s.once.Do(s.refuse)
+	}
+	return final, won, err
+}
+
+// refusingEndsEnv runs a worker whose first stored end the events stream
+// refuses; the returned function makes the stream take messages again.
+func refusingEndsEnv(t *testing.T, cfg worker.Config) (e *env, takeAgain func()) {
+	t.Helper()
+	var js jetstream.JetStream
+	var events jetstream.StreamConfig
+	fs := &refusingEnds{refuse: func() {
+		refusing := events
+		refusing.MaxMsgSize = 1
+		if _, err := js.UpdateStream(context.Background(), refusing); err != nil {
+			t.Error(err)
+		}
+	}}
+	e = setupWith(t, cfg, false, func(st store.Store) store.Store { fs.Store = st; return fs })
+	var err error
+	if js, err = jetstream.New(e.bus.Conn()); err != nil {
+		t.Fatal(err)
+	}
+	s, err := js.Stream(t.Context(), bus.EventsStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	events = s.CachedInfo().Config
+	return e, func() {
+		if _, err := js.UpdateStream(t.Context(), events); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// streamedEnd reads the end the events stream holds of turn t1 of
+// conversation c, or nil.
+func streamedEnd(t *testing.T, b *bus.Bus) *bus.Event {
+	t.Helper()
+	var end *bus.Event
+	if err := b.ReadTurn(t.Context(), "c", "t1", 1, func(ev bus.Event) bool {
+		if ev.Kind == bus.KindEnd {
+			end = &ev
+		}
+		return end == nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return end
+}
+
+// A turn whose end the events stream refuses after the store took it keeps
+// its job while the end is published again: once the stream takes it, a
+// reader of the stream (a resume, another gateway) finds the end, and only
+// then is the job acked.
+func TestEndPublishedOnceTheStreamTakesIt(t *testing.T) {
+	logs := &lockedBuffer{}
+	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	acks := jobAcks(t, e.bus)
+	e.start(t)
+	ends := e.send(t, "c", "t1", "hello", true)
+	if end := waitEnd(t, ends); end.Status != chat.StatusComplete {
+		t.Fatalf("live end %+v", end)
+	}
+	logs.waitFor(t, "publish event: ")
+	takeAgain()
+	if n := waitAck(t, acks); n != 1 {
+		t.Fatalf("acked at delivery %d, want the first", n)
+	}
+	if end := streamedEnd(t, e.bus); end == nil || end.Status != chat.StatusComplete || end.Seq != 20 {
+		t.Fatalf("the stream holds end %+v, want complete at seq 20:\n%s", end, logs.String())
+	}
+	if n := logs.count("publish the end of a turn; trying again"); n != 1 {
+		t.Fatalf("the first failure logged %d times, want once:\n%s", n, logs.String())
+	}
+}
+
+// When the events stream refuses a stored end for longer than the worker
+// tries, the job is left to come back rather than acked: its next delivery
+// publishes the stored end once the stream takes it.
+func TestEndLeftToTheJobsNextDelivery(t *testing.T) {
+	defer worker.SetRetryFor(200 * time.Millisecond)()
+	logs := &lockedBuffer{}
+	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	acks := jobAcks(t, e.bus)
+	e.start(t)
+	e.send(t, "c", "t1", "hello", true)
+	logs.waitFor(t, "the turn's end could not be published")
+	takeAgain()
+	if n := waitAck(t, acks); n < 2 {
+		t.Fatalf("acked at delivery %d, want a later one", n)
+	}
+	if end := streamedEnd(t, e.bus); end == nil || end.Status != chat.StatusComplete || end.Seq != 20 {
+		t.Fatalf("the stream holds end %+v, want complete at seq 20:\n%s", end, logs.String())
+	}
+}
+
 // A turn whose conversation cannot be read for the model ends at once with
 // status error and says why; the model is not asked.
 func TestUnreadableConversationEndsTheTurn(t *testing.T) {
