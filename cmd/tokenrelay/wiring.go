@@ -330,8 +330,8 @@ func (b *countedBudget) Allow(user string) (bool, string) {
 }
 
 // Take counts a turn that the budget stops while it streams.
-func (b *countedBudget) Take(user string) (bool, string) {
-	ok, msg := b.TokenBudget.Take(user)
+func (b *countedBudget) Take(user string, c *worker.Charge) (bool, string) {
+	ok, msg := b.TokenBudget.Take(user, c)
 	if !ok {
 		b.counter().Inc()
 	}

@@ -33,20 +33,26 @@ func (b *HourlyBudget) rollLocked() {
 }
 
 // Allow implements TokenBudget.
-func (b *HourlyBudget) Allow(user string) (bool, string) { return b.take(user, 0) }
-
-// Take implements TokenBudget.
-func (b *HourlyBudget) Take(user string) (bool, string) { return b.take(user, 1) }
-
-// take charges user n tokens, or none when the budget is already used up.
-func (b *HourlyBudget) take(user string, n int) (bool, string) {
+func (b *HourlyBudget) Allow(user string) (bool, string) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.rollLocked()
 	if b.spent[user] >= b.limit {
 		return false, b.refusal()
 	}
-	b.spent[user] += n
+	return true, ""
+}
+
+// Take implements TokenBudget.
+func (b *HourlyBudget) Take(user string, c *Charge) (bool, string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.rollLocked()
+	if b.spent[user] >= b.limit {
+		return false, b.refusal()
+	}
+	b.spent[user]++
+	c.add(b.hour, 1)
 	return true, ""
 }
 
@@ -54,15 +60,47 @@ func (b *HourlyBudget) refusal() string {
 	return "your model token budget of " + strconv.Itoa(b.limit) + " tokens per hour is used up; try again later"
 }
 
-// Spend implements TokenBudget. The spend of an hour does not go below
-// zero: tokens taken before the hour turned are given back to none.
-func (b *HourlyBudget) Spend(user string, tokens int) {
+// Settle implements TokenBudget. Tokens used past what c holds are charged
+// to the current hour; tokens c holds past used are given back from the
+// current hour only as far as c took them in it: what a turn took before
+// the hour turned was charged to an hour that is over, and giving it back
+// now would lower the spend of the user's other turns of this one.
+func (b *HourlyBudget) Settle(user string, c *Charge, used int) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.rollLocked()
-	if n := b.spent[user] + tokens; n > 0 {
-		b.spent[user] = n
+	n := used - c.tokens
+	if n < 0 {
+		mine := 0 // what c took in this hour
+		if c.period == b.hour {
+			mine = c.inPeriod
+		}
+		n = max(n, -mine)
+	}
+	c.add(b.hour, n)
+	if spent := b.spent[user] + n; spent > 0 {
+		b.spent[user] = spent
 	} else {
 		delete(b.spent, user)
 	}
+}
+
+// Charge is what a TokenBudget has charged one turn; the zero Charge is
+// nothing. Only the budget that made it reads or changes it.
+type Charge struct {
+	tokens   int   // in all
+	period   int64 // the budget's period (an hour) of the latest charge
+	inPeriod int   // charged in that period
+}
+
+// Tokens is how many tokens c holds.
+func (c *Charge) Tokens() int { return c.tokens }
+
+// add charges n tokens (given back when negative) in period.
+func (c *Charge) add(period int64, n int) {
+	if c.period != period {
+		c.period, c.inPeriod = period, 0
+	}
+	c.tokens += n
+	c.inPeriod += n
 }

@@ -46,9 +46,9 @@ type publisher struct {
 	saveTimer *time.Timer
 	saveArmed bool
 	stopped   bool
-	// With a token budget: the tokens Take charged this turn, and the
-	// message of the refusal that stopped it; guarded by mu.
-	taken   int
+	// With a token budget: what Take charged this turn, and the message
+	// of the refusal that stopped it; guarded by mu.
+	charge  Charge
 	refusal string
 
 	// Under a journal (see TextAfter): the text length after each delta.
@@ -91,12 +91,11 @@ func (p *publisher) emit(tok string) error {
 		return p.err
 	}
 	if b := p.w.cfg.TokenBudget; b != nil {
-		ok, msg := b.Take(p.turn.Owner)
+		ok, msg := b.Take(p.turn.Owner, &p.charge)
 		if !ok {
 			p.refusal = msg
 			return errBudgetSpent
 		}
-		p.taken++
 	}
 	p.pending = append(p.pending, tok...)
 	if p.w.cfg.DeltaTimestamps {
@@ -116,11 +115,12 @@ func (p *publisher) emit(tok string) error {
 	return nil
 }
 
-// charged is how many tokens the budget charged this turn as it streamed.
-func (p *publisher) charged() int {
+// settle replaces the turn's charge of budget b with used, the provider's
+// count.
+func (p *publisher) settle(b TokenBudget, used int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.taken
+	b.Settle(p.turn.Owner, &p.charge, used)
 }
 
 // budgetRefusal is the message of the budget's refusal that stopped the

@@ -83,17 +83,20 @@ type Config struct {
 
 // TokenBudget limits the model tokens a user may spend. A turn is charged
 // as it streams, a token for each piece of text the model sends (Take), and
-// when it ends the provider's own count replaces that estimate (Spend).
+// when it ends the provider's own count replaces that estimate (Settle).
 type TokenBudget interface {
 	// Allow reports whether user may start another turn; a false answer
 	// comes with the message shown to the user.
 	Allow(user string) (bool, string)
-	// Take charges user one token of a reply as it streams, or refuses it,
-	// with the message shown to the user, when the budget is used up.
-	Take(user string) (bool, string)
-	// Spend records tokens used by user; a negative count gives back
-	// tokens that Take charged and the provider did not count.
-	Spend(user string, tokens int)
+	// Take charges user one token of a reply as it streams, recording it
+	// in the turn's charge c, or refuses it, with the message shown to the
+	// user, when the budget is used up.
+	Take(user string, c *Charge) (bool, string)
+	// Settle replaces what the turn's charge c holds with used, the
+	// provider's count: tokens past c's are charged, and tokens that Take
+	// charged and the provider did not count are given back, to the period
+	// they were charged in.
+	Settle(user string, c *Charge, used int)
 }
 
 // Worker produces turns. Create it with New and run it with Run.
@@ -734,7 +737,7 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 	if b := w.cfg.TokenBudget; b != nil && res.Usage != nil {
 		// Take charged the reply's pieces as they came: the provider's own
 		// count, prompt included, replaces that estimate.
-		b.Spend(t.Owner, res.Usage.PromptTokens+res.Usage.CompletionTokens-pub.charged())
+		pub.settle(b, res.Usage.PromptTokens+res.Usage.CompletionTokens)
 	}
 	w.m.duration.Observe(w.cfg.Now().Sub(startedAt).Seconds())
 	if !pub.firstAt.IsZero() {
