@@ -103,7 +103,7 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	// the caller's context ends now (its client went away, or a shutdown
 	// began), else the turn would end in an error for a broker that was
 	// never down, which the client's retry of the message would then find.
-	ctx, cancel := uncancelled(ctx)
+	ctx, cancel := uncancelled(ctx, s.cfg.RequestTimeout)
 	defer cancel()
 	start := &bus.Event{
 		Kind: bus.KindStart, ConversationID: r.ConversationID, TurnID: res.Turn.ID,
@@ -130,12 +130,19 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	return res, nil
 }
 
-// uncancelled is ctx without its cancellation, within its deadline.
-func uncancelled(ctx context.Context) (context.Context, context.CancelFunc) {
+// uncancelled is ctx without its cancellation, within its deadline, or
+// within floor from now when that has passed: the store answers a send
+// whose COMMIT the deadline cut off once it has found whether it was
+// stored (see store.Send), after the deadline, and a stored turn must
+// still be announced and enqueued.
+func uncancelled(ctx context.Context, floor time.Duration) (context.Context, context.CancelFunc) {
 	d, ok := ctx.Deadline()
 	ctx = context.WithoutCancel(ctx)
 	if !ok {
 		return ctx, func() {}
+	}
+	if time.Until(d) <= 0 {
+		d = time.Now().Add(floor)
 	}
 	return context.WithDeadline(ctx, d)
 }

@@ -178,6 +178,12 @@ func (d dialect) InTx(ctx context.Context, fn func(context.Context, sqlstore.Que
 	})
 }
 
+// MayHaveCommitted reports whether err is a failed COMMIT's.
+func (dialect) MayHaveCommitted(err error) bool {
+	var cf commitFailed
+	return errors.As(err, &cf)
+}
+
 // LockConversation makes concurrent sends to one conversation queue on its
 // row lock (SELECT … FOR UPDATE). Under READ COMMITTED every later statement
 // of the transaction sees the sends that committed while it waited.

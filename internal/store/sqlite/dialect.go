@@ -197,6 +197,10 @@ func (dialect) LockConversation(ctx context.Context, tx sqlstore.Queryer, id, ow
 // LockOwner needs no lock of its own either.
 func (dialect) LockOwner(context.Context, sqlstore.Queryer, string) error { return nil }
 
+// MayHaveCommitted is false: the writer's error means nothing was written
+// (see writer.do).
+func (dialect) MayHaveCommitted(error) bool { return false }
+
 // IsUniqueViolation reports whether err is SQLite's UNIQUE or PRIMARY KEY
 // constraint failure.
 func (dialect) IsUniqueViolation(err error) bool {

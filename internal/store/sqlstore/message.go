@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"time"
 
 	"github.com/google/uuid"
 
@@ -43,10 +44,54 @@ func (s *DB) send(ctx context.Context, req store.SendRequest) (store.SendResult,
 		res, err = sendIn(ctx, s.d, tx, req)
 		return err
 	})
+	if err != nil && s.d.MayHaveCommitted(err) {
+		if res, ok := s.storedAfterAll(ctx, req); ok {
+			return res, nil
+		}
+	}
 	if err != nil {
 		return store.SendResult{}, err
 	}
 	return res, nil
+}
+
+// commitCheckTimeout bounds storedAfterAll.
+const commitCheckTimeout = 5 * time.Second
+
+// errNotStoredBefore rolls back storedAfterAll's transaction.
+var errNotStoredBefore = errors.New("the send was not stored")
+
+// storedAfterAll answers a send whose COMMIT's answer was lost (the
+// request's deadline cut it off, the connection broke) and which may have
+// committed all the same. An error would tell the client that nothing was
+// stored, and a turn stored then would stay queued with no job: the
+// gateway announces and enqueues a turn only once Send answers, and the
+// client's retry would find the pair a duplicate, which starts nothing.
+// So the send is run again, within commitCheckTimeout of its own: its
+// conversation's lock (or, for a new conversation, the unique key of the
+// row the first run inserted) makes it wait until the first run's
+// transaction has ended, and it then finds the pair stored, and answers it
+// as this send's, or stores nothing (it is rolled back) and reports false.
+func (s *DB) storedAfterAll(ctx context.Context, req store.SendRequest) (store.SendResult, bool) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitCheckTimeout)
+	defer cancel()
+	var res store.SendResult
+	err := s.d.InTx(ctx, func(ctx context.Context, tx Queryer) error {
+		r, err := sendIn(ctx, s.d, tx, req)
+		if err != nil {
+			return err
+		}
+		if !r.Duplicate || r.Turn.ID != req.TurnID {
+			return errNotStoredBefore
+		}
+		res = r
+		return nil
+	})
+	if err != nil && !s.d.MayHaveCommitted(err) { // a COMMIT of no write changes nothing
+		return store.SendResult{}, false
+	}
+	res.Duplicate = false
+	return res, true
 }
 
 // sendIn is Send's checks and writes, in its transaction.

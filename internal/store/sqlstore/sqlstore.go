@@ -42,6 +42,12 @@ type Dialect interface {
 	// to it from committing until this one ends.
 	InTx(ctx context.Context, fn func(ctx context.Context, tx Queryer) error) error
 
+	// MayHaveCommitted reports whether InTx's error err leaves it unknown
+	// whether the transaction committed: its COMMIT was sent, and its
+	// answer lost (the caller's deadline cut it off, the connection
+	// broke). Send then looks for what it stored (see DB.Send).
+	MayHaveCommitted(err error) bool
+
 	// LockConversation returns the owner of conversation id, creating it
 	// untitled and owned by owner, at now (unix milliseconds), when it is
 	// missing, and locks it against other sends until tx ends.
