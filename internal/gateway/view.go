@@ -556,15 +556,27 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 	turns := make(map[string]*turnState)
 	var active *chat.Turn
 	wire := make([]protocol.Message, 0, len(msgs))
+	var endedIDs []string
 	for _, m := range msgs {
 		if m.Role == chat.RoleAssistant {
 			if !m.Status.Terminal() {
 				active = &chat.Turn{ID: m.ID, ConversationID: m.ConversationID, ReplyTo: m.ReplyTo, Model: m.Model, Status: m.Status}
 				continue // reported in "active"
 			}
-			turns[m.ID] = &turnState{started: true, ended: true}
+			endedIDs = append(endedIDs, m.ID)
 		}
 		wire = append(wire, protocol.WireMessage(m))
+	}
+	// The view remembers keepEnded ended turns: those it is told of here
+	// are the newest of the history (a late event of an older one ended
+	// long before the join, and a repair finds it in the history), with
+	// room for the active turn and the one named in "after", which may
+	// have ended during this read. Told of more, ready would forget some
+	// at random, and a late live event of a forgotten turn that ended
+	// while the view joined would send the client that turn again.
+	endedIDs = endedIDs[max(0, len(endedIDs)-(keepEnded-2)):]
+	for _, id := range endedIDs {
+		turns[id] = &turnState{started: true, ended: true}
 	}
 	if len(wire) > history {
 		wire = wire[len(wire)-history:]
@@ -633,6 +645,7 @@ func (v *view) join(ctx context.Context, history int, after *protocol.After) (pr
 					}
 				}
 			}
+			turns[t.ID] = &turnState{started: true, ended: true}
 			if !cu.Missed {
 				text, from, to := string(cu.Text), cu.From, cu.To
 				off := cu.ToLen - int64(len(cu.Text))
