@@ -159,12 +159,19 @@ func (c *Client) Done() <-chan struct{} { return c.done }
 // sent as is).
 func (c *Client) Send(v any) {
 	c.t.Helper()
+	if err := c.TrySend(v); err != nil {
+		c.t.Fatalf("write: %v", err)
+	}
+}
+
+// TrySend is Send returning the write's error, for clients that reconnect
+// when the server goes away (and for goroutines, which must not Fatal).
+func (c *Client) TrySend(v any) error {
+	c.t.Helper()
 	data := c.encode(v)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := c.Conn.Write(ctx, websocket.MessageText, data); err != nil {
-		c.t.Fatalf("write: %v", err)
-	}
+	return c.Conn.Write(ctx, websocket.MessageText, data)
 }
 
 // encode is v as Send writes it.

@@ -682,7 +682,9 @@ func (c *chaosClient) join(cl *trtest.Client, useAfter bool) error {
 	if useAfter && tr != nil {
 		m["after"] = map[string]any{"turn_id": tr.ID, "seq": tr.Seq}
 	}
-	cl.Send(m)
+	if err := cl.TrySend(m); err != nil {
+		return fmt.Errorf("join: %v", err)
+	}
 	for {
 		f, err := cl.Next(30 * time.Second)
 		if err != nil {
