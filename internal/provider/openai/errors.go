@@ -190,49 +190,87 @@ func (p *Provider) cut(s string, n int) string {
 // errorDetail extracts the message and code of an error body in any of the
 // shapes OpenAI-compatible servers use: {"error":{"message","code"}}
 // (OpenAI, Ollama /v1, llama.cpp), {"error":"..."} (Ollama native),
-// {"object":"error","message","code"} (older vLLM) and FastAPI's
-// {"detail":"..."} or {"detail":[{"loc","msg"}]} (proxies, routers). It
-// returns "" when body is not one of them.
+// {"object":"error","message","code"} (older vLLM), FastAPI's
+// {"detail":"..."} or {"detail":[{"loc","msg"}]} (proxies, routers), and
+// Mistral's, whose "message" holds FastAPI's validation errors: as an
+// object, a list, or the JSON text of either. It returns "" when body is
+// not one of them.
 func errorDetail(body []byte) (detail, code string) {
-	var e struct {
-		Error   json.RawMessage `json:"error"`
-		Message string          `json:"message"`
-		Code    jsonString      `json:"code"`
-		Detail  json.RawMessage `json:"detail"`
-	}
-	if json.Unmarshal(body, &e) != nil {
-		return "", ""
-	}
-	detail, code = e.Message, string(e.Code)
-	if detail == "" {
-		detail = fastAPIDetail(e.Detail)
-	}
-	var nested struct {
-		Message string     `json:"message"`
-		Code    jsonString `json:"code"`
-		Type    string     `json:"type"`
-	}
-	var flat string
-	switch {
-	case len(e.Error) == 0 || string(e.Error) == "null":
-	case json.Unmarshal(e.Error, &nested) == nil:
-		detail, code = nested.Message, string(nested.Code)
-		if code == "" {
-			code = nested.Type
-		}
-	case json.Unmarshal(e.Error, &flat) == nil:
-		detail = flat
-	}
+	detail, code, _, _ = errorFields(body, 0)
 	return oneLine(detail), code
 }
 
-// fastAPIDetail returns the text of FastAPI's "detail": a string, or a list
-// of validation errors, each told as "field: msg".
-func fastAPIDetail(raw json.RawMessage) string {
-	var flat string
-	if json.Unmarshal(raw, &flat) == nil {
-		return flat
+// maxErrorDepth bounds how deeply errorFields looks into error objects
+// nested in error objects.
+const maxErrorDepth = 3
+
+// errorFields reads the error object raw: its message (or its "detail"),
+// code and type; those of an object in its "error" replace them. ok is
+// false when raw is not a JSON object.
+func errorFields(raw []byte, depth int) (detail, code, typ string, ok bool) {
+	var e struct {
+		Error   json.RawMessage `json:"error"`
+		Message json.RawMessage `json:"message"`
+		Detail  json.RawMessage `json:"detail"`
+		Code    jsonString      `json:"code"`
+		Type    jsonString      `json:"type"`
 	}
+	if json.Unmarshal(raw, &e) != nil {
+		return "", "", "", false
+	}
+	detail, code, typ = errorText(e.Message, depth), string(e.Code), string(e.Type)
+	if detail == "" {
+		detail = errorText(e.Detail, depth)
+	}
+	if len(e.Error) == 0 || string(e.Error) == "null" || depth >= maxErrorDepth {
+		return detail, code, typ, true
+	}
+	if d, c, t, ok := errorFields(e.Error, depth+1); ok {
+		detail, code = d, c
+		if code == "" {
+			code = t
+		}
+		return detail, code, typ, true
+	}
+	var flat string
+	if json.Unmarshal(e.Error, &flat) == nil {
+		detail = flat
+	}
+	return detail, code, typ, true
+}
+
+// errorText returns the text of an error's "message" or "detail": a
+// string, FastAPI's list of validation errors, or an error object; a
+// string that is the JSON text of a list or an object is read as such.
+func errorText(raw json.RawMessage, depth int) string {
+	if len(raw) == 0 || depth >= maxErrorDepth {
+		return ""
+	}
+	switch raw[0] {
+	case '"':
+		var s string
+		if json.Unmarshal(raw, &s) != nil {
+			return ""
+		}
+		if t := strings.TrimSpace(s); t != "" && (t[0] == '{' || t[0] == '[') && json.Valid([]byte(t)) {
+			if text := errorText(json.RawMessage(t), depth+1); text != "" {
+				return text
+			}
+		}
+		return s
+	case '[':
+		return validationErrors(raw)
+	case '{':
+		detail, _, _, _ := errorFields(raw, depth+1)
+		return detail
+	}
+	return ""
+}
+
+// validationErrors returns the text of FastAPI's list of validation
+// errors, each told as "field: msg", the field being the path of "loc"
+// in the request body ("messages.0.name").
+func validationErrors(raw json.RawMessage) string {
 	var list []struct {
 		Loc []any  `json:"loc"` // e.g. ["body", "max_tokens"]
 		Msg string `json:"msg"`
@@ -245,11 +283,18 @@ func fastAPIDetail(raw json.RawMessage) string {
 		if v.Msg == "" {
 			continue
 		}
-		if n := len(v.Loc); n > 0 {
-			if field, ok := v.Loc[n-1].(string); ok && field != "body" {
-				msgs = append(msgs, field+": "+v.Msg)
-				continue
+		if len(v.Loc) > 1 && v.Loc[0] == "body" {
+			path := make([]string, 0, len(v.Loc)-1)
+			for _, l := range v.Loc[1:] {
+				switch l := l.(type) {
+				case string:
+					path = append(path, l)
+				case float64:
+					path = append(path, strconv.FormatFloat(l, 'f', -1, 64))
+				}
 			}
+			msgs = append(msgs, strings.Join(path, ".")+": "+v.Msg)
+			continue
 		}
 		msgs = append(msgs, v.Msg)
 	}

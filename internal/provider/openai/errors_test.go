@@ -556,6 +556,13 @@ func TestErrorDetail(t *testing.T) {
 		{"FastAPI string", `{"detail":"max_tokens must be at least 1, got -5."}`, "max_tokens must be at least 1, got -5.", ""},
 		{"FastAPI validation errors", `{"detail":[{"type":"greater_than","loc":["body","max_tokens"],"msg":"Input should be greater than 0","input":-5},{"loc":["body"],"msg":"bad body"},{"loc":["query",0],"msg":"x"}]}`, "max_tokens: Input should be greater than 0; bad body; x", ""},
 		{"FastAPI detail of another shape", `{"detail":{"a":1}}`, "", ""},
+		{"FastAPI validation error of a nested field", `{"detail":[{"loc":["body","messages",0,"name"],"msg":"Extra inputs are not permitted"}]}`, "messages.0.name: Extra inputs are not permitted", ""},
+		// Mistral's API, as it has answered over time.
+		{"Mistral, validation errors in message", `{"object":"error","message":{"detail":[{"type":"extra_forbidden","loc":["body","stream_options","include_usage"],"msg":"Extra inputs are not permitted","input":true}]},"type":"invalid_request_error","param":null,"code":null}`, "stream_options.include_usage: Extra inputs are not permitted", ""},
+		{"Mistral, validation errors as a list", `{"object":"Error","detail":[{"type":"extra_forbidden","loc":["body","tools"],"msg":"Extra inputs are not permitted","input":[]}],"message":[{"type":"extra_forbidden","loc":["body","tools"],"msg":"Extra inputs are not permitted","input":[]}],"type":"invalid_request_error","code":3001}`, "tools: Extra inputs are not permitted", "3001"},
+		{"Mistral, validation errors as JSON text", `{"object":"error","message":"{\"detail\":[{\"type\":\"extra_forbidden\",\"loc\":[\"body\",\"frequency_penalty\"],\"msg\":\"Extra inputs are not permitted\",\"input\":0.0}]}","type":"internal_error_proxy","param":null,"code":"1000"}`, "frequency_penalty: Extra inputs are not permitted", "1000"},
+		{"error message as an object", `{"error":{"message":{"message":"inner"},"code":"c"}}`, "inner", "c"},
+		{"message as a number", `{"message":42,"detail":"d"}`, "d", ""},
 		{"message before detail", `{"message":"m","detail":"d"}`, "m", ""},
 		{"not JSON", `Bad Gateway`, "", ""},
 		{"white space", `{"error":{"message":" a\n\tb  "}}`, "a b", ""},

@@ -27,6 +27,8 @@ func TestStreamWithoutStreamOptions(t *testing.T) {
 		"Azure's message":   {400, `{"error":{"message":"Unrecognized request argument supplied: stream_options","type":"invalid_request_error","param":null,"code":null}}`},
 		"a flat error body": {400, `{"object":"error","message":"extra field not permitted","type":"BadRequestError","param":"stream_options","code":400}`},
 		"FastAPI's 422":     {422, `{"detail":[{"type":"extra_forbidden","loc":["body","stream_options"],"msg":"Extra inputs are not permitted"}]}`},
+		// Mistral's API: FastAPI's validation errors inside "message".
+		"Mistral's 422": {422, `{"object":"error","message":{"detail":[{"type":"extra_forbidden","loc":["body","stream_options","include_usage"],"msg":"Extra inputs are not permitted","input":true,"url":"https://errors.pydantic.dev/2.10/v/extra_forbidden"}]},"type":"invalid_request_error","param":null,"code":null}`},
 	} {
 		t.Run(name, func(t *testing.T) {
 			var (
