@@ -271,6 +271,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			return provider.Result{}, &failure{err: p.fail(msg, err, false), retry: true}, nil
 		}
 		events++
+		data = bytes.TrimSpace(data)
 		if string(data) == "[DONE]" {
 			// Let the connection be reused: the body ends right after
 			// [DONE]. A server that keeps it open is given trailerWait,
@@ -281,6 +282,11 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		}
 		if event == "error" {
 			return provider.Result{}, p.errorEvent(data), nil
+		}
+		if len(data) == 0 {
+			// A keep-alive some proxies send ("data:" and a blank
+			// line): like a comment, it is not the model answering.
+			continue
 		}
 		var c chunk
 		if err := json.Unmarshal(data, &c); err != nil {

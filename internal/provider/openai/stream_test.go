@@ -143,6 +143,17 @@ func TestStreamWire(t *testing.T) {
 			want:  []string{"Hel"},
 		},
 		{
+			// A keep-alive some proxies send in place of a comment.
+			name:  "empty data events",
+			parts: []string{"data:\n\n", roleChunk, "data: \n\n", hel, "data:  \r\n\r\n", finishChunk, doneEvent},
+			want:  []string{"Hel"},
+		},
+		{
+			name:  "[DONE] with white space around it",
+			parts: []string{hel, "data:  [DONE] \n\n"},
+			want:  []string{"Hel"},
+		},
+		{
 			name:  "[DONE] without blank line at EOF",
 			parts: []string{hel, "data: [DONE]\n"},
 			want:  []string{"Hel"},
