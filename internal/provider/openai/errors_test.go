@@ -369,6 +369,28 @@ func TestStreamBrokenStream(t *testing.T) {
 			wantMsg: "the model server reported an error: upstream reset",
 		},
 		{
+			// vLLM, when its engine drops a request (shutdown, sleep, an
+			// abort): [DONE] follows as after a whole answer.
+			name: "finish_reason abort",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, roleChunk, contentChunk("Hel"),
+					`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"abort","stop_reason":null}]}`+"\n\n",
+					usageChunk, doneEvent)
+			},
+			want:    []string{"Hel"},
+			wantMsg: `the model server broke off the answer (finish_reason "abort")`,
+		},
+		{
+			// OpenRouter's finish_reason for a failed answer, here
+			// without the error object it usually comes with.
+			name: "finish_reason error",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, contentChunk("Hel"), `data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"error"}]}`+"\n\n", doneEvent)
+			},
+			want:    []string{"Hel", "lo"},
+			wantMsg: `the model server broke off the answer (finish_reason "error")`,
+		},
+		{
 			name: "error event before the first token is not retried",
 			respond: func(t testing.TB, w http.ResponseWriter) {
 				writeSSE(t, w, roleChunk, `error: {"code":503,"message":"Loading model","type":"unavailable_error"}`+"\n\n", doneEvent)

@@ -324,6 +324,10 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 				}
 			}
 			finish := ch.FinishReason != nil && *ch.FinishReason != ""
+			if finish && brokenOff(*ch.FinishReason) {
+				msg := fmt.Sprintf("the model server broke off the answer (finish_reason %q)", *ch.FinishReason)
+				return provider.Result{}, &failure{err: p.fail(msg, nil, false)}, nil
+			}
 			if finish {
 				finished, finishBare = true, !token && !prevFinish && (started || *ch.FinishReason != "stop")
 			}
@@ -337,6 +341,14 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.cfg.IdleTimeout})
 		}
 	}
+}
+
+// brokenOff reports whether a finish_reason says the answer did not end
+// but was cut short by a failure: vLLM's "abort" (its engine dropped the
+// request: shutdown, sleep, an abort) and OpenRouter's "error". The server
+// may still send [DONE] after it, as after a whole answer.
+func brokenOff(reason string) bool {
+	return reason == "abort" || reason == "error"
 }
 
 // deltaText returns the text of a delta's content: a JSON string, decoded
