@@ -16,8 +16,9 @@ type Provider interface {
 	// of text in order, from the calling goroutine. It returns when the reply
 	// is complete, when emit returns an error (which Stream returns), or when
 	// ctx is done: then it closes any upstream request at once and returns
-	// ctx's error. Upstream failures are returned as *Error. Stream is safe
-	// for concurrent use.
+	// ctx's error. Upstream failures are returned as *Error, with the
+	// Result's usage when the server reported it all the same. Stream is
+	// safe for concurrent use.
 	Stream(ctx context.Context, req Request, emit func(text string) error) (Result, error)
 }
 

@@ -257,10 +257,17 @@ func TestStreamAnswerOfNoTextEndsWithoutTheServerClosing(t *testing.T) {
 	finish := func(reason string) string {
 		return `data: {"choices":[{"index":0,"delta":{},"finish_reason":"` + reason + `"}]}` + "\n\n"
 	}
-	for name, parts := range map[string][]string{
-		"tool calls only": {role, tool, finish("tool_calls"), usageChunk},
-		"filtered":        {role, finish("content_filter")},
+	for name, tt := range map[string]struct {
+		parts   []string
+		wantMsg string // empty: complete
+	}{
+		"tool calls only": {parts: []string{role, tool, finish("tool_calls"), usageChunk}},
+		"filtered": {
+			parts:   []string{role, finish("content_filter")},
+			wantMsg: `the model server's content filter withheld the answer (finish_reason "content_filter")`,
+		},
 	} {
+		parts := tt.parts
 		t.Run(name, func(t *testing.T) {
 			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
 				writeSSE(t, w, parts...)
@@ -274,7 +281,9 @@ func TestStreamAnswerOfNoTextEndsWithoutTheServerClosing(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
 			got, _, err := f.streamCtx(ctx)
-			if err != nil {
+			if tt.wantMsg != "" {
+				wantProviderError(t, err, tt.wantMsg)
+			} else if err != nil {
 				t.Fatalf("Stream: %v (the answer was complete)", err)
 			}
 			if len(got) != 0 {

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/provider"
 )
 
@@ -271,10 +272,11 @@ func TestStreamNoRetries(t *testing.T) {
 
 func TestStreamBrokenStream(t *testing.T) {
 	tests := []struct {
-		name    string
-		respond func(t testing.TB, w http.ResponseWriter)
-		want    []string // emitted, and kept by the caller
-		wantMsg string
+		name      string
+		respond   func(t testing.TB, w http.ResponseWriter)
+		want      []string // emitted, and kept by the caller
+		wantMsg   string
+		wantUsage *chat.Usage // reported with the error
 	}{
 		{
 			name: "connection reset mid-answer",
@@ -391,6 +393,27 @@ func TestStreamBrokenStream(t *testing.T) {
 			wantMsg: `the model server broke off the answer (finish_reason "error")`,
 		},
 		{
+			// A reasoning model that spent the server's output limit
+			// thinking (vLLM, llama.cpp): nothing to show but an empty
+			// answer.
+			name: "finish_reason length before any text",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, roleChunk,
+					`data: {"choices":[{"index":0,"delta":{"reasoning_content":"Let me think"},"finish_reason":null}]}`+"\n\n",
+					`data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}`+"\n\n",
+					usageChunk, doneEvent)
+			},
+			wantMsg:   `the model reached its output limit before any answer text (finish_reason "length")`,
+			wantUsage: &chat.Usage{PromptTokens: 9, CompletionTokens: 3}, // the thinking is paid for
+		},
+		{
+			name: "finish_reason content_filter before any text",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, roleChunk, `data: {"choices":[{"index":0,"delta":{},"finish_reason":"content_filter"}]}`+"\n\n")
+			},
+			wantMsg: `the model server's content filter withheld the answer (finish_reason "content_filter")`,
+		},
+		{
 			name: "error event before the first token is not retried",
 			respond: func(t testing.TB, w http.ResponseWriter) {
 				writeSSE(t, w, roleChunk, `error: {"code":503,"message":"Loading model","type":"unavailable_error"}`+"\n\n", doneEvent)
@@ -402,10 +425,13 @@ func TestStreamBrokenStream(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, _ *http.Request) { tt.respond(t, w) })
 			f := newFixture(t, srv.baseURL(), nil)
-			got, _, err := f.stream(t)
+			got, res, err := f.stream(t)
 			wantProviderError(t, err, tt.wantMsg)
 			if !slices.Equal(got, tt.want) {
 				t.Errorf("emitted %q, want %q", got, tt.want)
+			}
+			if !equalUsage(res.Usage, tt.wantUsage) {
+				t.Errorf("usage %+v, want %+v", res.Usage, tt.wantUsage)
 			}
 			if n := srv.requests.Load(); n != 1 {
 				t.Errorf("%d requests, want 1 (no retry)", n)

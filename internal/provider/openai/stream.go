@@ -77,7 +77,7 @@ func (p *Provider) Stream(ctx context.Context, req provider.Request, emit func(t
 			attempt--
 			continue
 		case emitted || !f.retry || attempt >= p.cfg.MaxRetries:
-			return provider.Result{}, f.err
+			return res, f.err // the usage of an answer that failed, if reported
 		}
 		delay := f.retryAfter
 		if delay <= 0 {
@@ -229,15 +229,26 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		finishBare       bool
 		prevFinish       = true // the chunk before had a finish_reason (none before the first)
 		finishUnreliable bool
+		lastFinish       string // the last finish_reason that came
 		pairs            pairJoiner
 		sse              = newSSEReader(stream, maxEventBytes)
 	)
 	// end emits what the joiner still holds, once the answer is complete.
-	end := func() error {
+	// An answer of no text that a limit or a filter cut is a failure: the
+	// person would see an empty answer and not know why.
+	end := func() (provider.Result, *failure, error) {
 		if rest := pairs.flush(); rest != "" {
-			return emit(rest)
+			return res, nil, emit(rest)
 		}
-		return nil
+		if !emitted {
+			switch lastFinish {
+			case "length":
+				return res, &failure{err: p.fail(`the model reached its output limit before any answer text (finish_reason "length")`, nil, false)}, nil
+			case "content_filter":
+				return res, &failure{err: p.fail(`the model server's content filter withheld the answer (finish_reason "content_filter")`, nil, false)}, nil
+			}
+		}
+		return res, nil, nil
 	}
 	for {
 		event, data, err := sse.next()
@@ -248,7 +259,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			if finished && (!finishUnreliable || err == io.EOF) {
 				// The answer is complete: a server that omits [DONE] and
 				// closes, or keeps the response open past trailerWait.
-				return res, nil, end()
+				return end()
 			}
 			if f := p.timeoutFailure(actx, err); f != nil {
 				return provider.Result{}, f, nil
@@ -278,7 +289,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			// then the connection is closed.
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
 			_, _ = io.CopyN(io.Discard, resp.Body, 4096)
-			return res, nil, end()
+			return end()
 		}
 		if event == "error" {
 			return provider.Result{}, p.errorEvent(data), nil
@@ -329,6 +340,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 				return provider.Result{}, &failure{err: p.fail(msg, nil, false)}, nil
 			}
 			if finish {
+				lastFinish = *ch.FinishReason
 				finished, finishBare = true, !token && !prevFinish && (started || *ch.FinishReason != "stop")
 			}
 			prevFinish = finish
