@@ -87,6 +87,9 @@ func (p *Provider) statusFailure(resp *http.Response, model string) *failure {
 		msg = fmt.Sprintf("model %q was not found on the model server", model)
 	case st == http.StatusNotFound:
 		msg = "the model server has no chat completions endpoint at the configured base URL (404)"
+		if p.rootHint != "" {
+			msg += ": try " + p.rootHint
+		}
 	case st == http.StatusTooManyRequests && code == "insufficient_quota":
 		msg = "the model server account has run out of quota (429)"
 	case st == http.StatusTooManyRequests:

@@ -136,6 +136,35 @@ func TestStreamStatusErrors(t *testing.T) {
 	}
 }
 
+// A base URL without its /v1 (http://127.0.0.1:11434) is the commonest
+// mistake: the 404 says what to try instead.
+func TestStreamBaseURLWithoutV1(t *testing.T) {
+	for name, body := range map[string]string{
+		"Ollama": "404 page not found\n",
+		"vLLM":   `{"detail":"Not Found"}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/v1/chat/completions" {
+					writeSSE(t, w, contentChunk("ok"), doneEvent)
+					return
+				}
+				w.WriteHeader(http.StatusNotFound)
+				io.WriteString(w, body)
+			})
+			for _, base := range []string{srv.URL, srv.URL + "/"} {
+				f := newFixture(t, base, nil)
+				_, _, err := f.stream(t)
+				wantProviderError(t, err, "the model server has no chat completions endpoint at the configured base URL (404): try "+srv.URL+"/v1")
+			}
+			// Elsewhere than at the root, the base URL is not guessed at.
+			f := newFixture(t, srv.URL+"/api", nil)
+			_, _, err := f.stream(t)
+			wantProviderError(t, err, "the model server has no chat completions endpoint at the configured base URL (404)")
+		})
+	}
+}
+
 func TestStreamRetriesBeforeFirstToken(t *testing.T) {
 	backoff0 := func(d time.Duration) bool { return d >= backoffBase/2 && d <= backoffBase }
 	tests := []struct {

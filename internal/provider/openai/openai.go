@@ -126,6 +126,7 @@ type Provider struct {
 	cfg       Config // defaults applied; read-only after New
 	endpoint  string // {BaseURL}/chat/completions
 	modelsURL string // {BaseURL}/models
+	rootHint  string // {BaseURL}/v1 when BaseURL has no path, else ""
 	client    *http.Client
 	log       *slog.Logger
 	secrets   []string            // redacted from every error, longest first
@@ -167,6 +168,11 @@ func New(cfg Config) (*Provider, error) {
 		if !validHeaderValue(value) {
 			return nil, fmt.Errorf("openai config: header %s: value contains a control character", name)
 		}
+	}
+	if base.Path == "" || base.Path == "/" {
+		// Servers other than llama.cpp serve the API under /v1 only.
+		// Without its query, which may hold a secret.
+		p.rootHint = (&url.URL{Scheme: base.Scheme, Host: base.Host, Path: "/v1"}).String()
 	}
 	p.endpoint = base.JoinPath("chat/completions").String()
 	p.modelsURL = base.JoinPath("models").String()
