@@ -139,9 +139,17 @@ func TestStreamStatusErrors(t *testing.T) {
 // A base URL without its /v1 (http://127.0.0.1:11434) is the commonest
 // mistake: the 404 says what to try instead.
 func TestStreamBaseURLWithoutV1(t *testing.T) {
-	for name, body := range map[string]string{
-		"Ollama": "404 page not found\n",
-		"vLLM":   `{"detail":"Not Found"}`,
+	const noEndpoint = "the model server has no chat completions endpoint at the configured base URL (404)"
+	const lmStudio = "the model server reported an error: Unexpected endpoint or method. (POST /chat/completions)"
+	for name, tt := range map[string]struct {
+		status int
+		body   string
+		msg    string // without the hint
+	}{
+		"Ollama": {404, "404 page not found\n", noEndpoint},
+		"vLLM":   {404, `{"detail":"Not Found"}`, noEndpoint},
+		// LM Studio answers 200 to any path it does not serve.
+		"LM Studio": {200, `{"error":"Unexpected endpoint or method. (POST /chat/completions)"}`, lmStudio},
 	} {
 		t.Run(name, func(t *testing.T) {
 			srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
@@ -149,18 +157,18 @@ func TestStreamBaseURLWithoutV1(t *testing.T) {
 					writeSSE(t, w, contentChunk("ok"), doneEvent)
 					return
 				}
-				w.WriteHeader(http.StatusNotFound)
-				io.WriteString(w, body)
+				w.WriteHeader(tt.status)
+				io.WriteString(w, tt.body)
 			})
 			for _, base := range []string{srv.URL, srv.URL + "/"} {
 				f := newFixture(t, base, nil)
 				_, _, err := f.stream(t)
-				wantProviderError(t, err, "the model server has no chat completions endpoint at the configured base URL (404): try "+srv.URL+"/v1")
+				wantProviderError(t, err, tt.msg+": try "+srv.URL+"/v1")
 			}
 			// Elsewhere than at the root, the base URL is not guessed at.
 			f := newFixture(t, srv.URL+"/api", nil)
 			_, _, err := f.stream(t)
-			wantProviderError(t, err, "the model server has no chat completions endpoint at the configured base URL (404)")
+			wantProviderError(t, err, tt.msg)
 		})
 	}
 }

@@ -446,7 +446,12 @@ func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
 		return whole{}, &failure{err: p.fail(msgMalformed, errEventTooLarge, false)}
 	}
 	if detail, _ := p.errorDetail(raw); detail != "" {
-		return whole{}, &failure{err: p.fail("the model server reported an error: "+detail, fmt.Errorf("status 200: %s", detail), false)}
+		msg := "the model server reported an error: " + detail
+		if p.rootHint != "" && strings.Contains(strings.ToLower(detail), "endpoint") {
+			// LM Studio answers 200 to a path it does not serve.
+			msg += ": try " + p.rootHint
+		}
+		return whole{}, &failure{err: p.fail(msg, fmt.Errorf("status 200: %s", detail), false)}
 	}
 	var c struct {
 		Choices []struct {
