@@ -768,9 +768,12 @@ func (w *Worker) stream(ctx, tctx context.Context, r *run, t chat.Turn, req prov
 		// Ended by another (a worker that took this one for lost), or
 		// deleted: the stored text is the winner's, and so must the
 		// snapshot be; nothing will read what the journal holds of this
-		// producer's deltas, which must not keep its segments.
+		// producer's deltas, which must not keep its segments. The
+		// winner's end, which this one published, may be in the stream
+		// only thanks to it (the winner may have died before publishing):
+		// when the bus refused it, the job's next delivery publishes it.
 		pub.drop()
-		return true, err
+		return ackable(err), err
 	}
 	// After the end: a resume of the finished turn then reads no stream
 	// tail, and the end did not wait for this write (under a journal it

@@ -880,13 +880,28 @@ func TestEndStoredOnceTheStoreIsBack(t *testing.T) {
 // refusingEnds is a store whose FinishTurn, once it has stored a turn's
 // end, makes the events stream refuse every message, as a stream at its
 // limits does: the end goes live, and the stream does not store it.
+//
+// When beaten, another producer stores its end of the turn (interrupted,
+// with the same text) just before the worker's first FinishTurn, and the
+// stream refuses from then on: that producer died before publishing it,
+// and the worker's end loses.
 type refusingEnds struct {
 	store.Store
 	refuse func()
 	once   sync.Once
+	beaten bool
 }
 
 func (s *refusingEnds) FinishTurn(ctx context.Context, r store.TurnResult, from ...chat.TurnStatus) (chat.TurnStatus, bool, error) {
+	if s.beaten {
+		s.once.Do(func() {
+			other := store.TurnResult{TurnID: r.TurnID, Status: chat.StatusInterrupted, Content: r.Content, Seq: r.Seq, Now: r.Now}
+			if _, _, err := s.Store.FinishTurn(ctx, other); err != nil {
+				panic(err)
+			}
+			s.refuse()
+		})
+	}
 	final, won, err := s.Store.FinishTurn(ctx, r, from...)
 	if err == nil {
 		s.once.Do(s.refuse)
@@ -895,12 +910,13 @@ func (s *refusingEnds) FinishTurn(ctx context.Context, r store.TurnResult, from 
 }
 
 // refusingEndsEnv runs a worker whose first stored end the events stream
-// refuses; the returned function makes the stream take messages again.
-func refusingEndsEnv(t *testing.T, cfg worker.Config) (e *env, takeAgain func()) {
+// refuses (see refusingEnds for beaten); the returned function makes the
+// stream take messages again.
+func refusingEndsEnv(t *testing.T, cfg worker.Config, beaten bool) (e *env, takeAgain func()) {
 	t.Helper()
 	var js jetstream.JetStream
 	var events jetstream.StreamConfig
-	fs := &refusingEnds{refuse: func() {
+	fs := &refusingEnds{beaten: beaten, refuse: func() {
 		refusing := events
 		refusing.MaxMsgSize = 1
 		if _, err := js.UpdateStream(context.Background(), refusing); err != nil {
@@ -946,7 +962,7 @@ func streamedEnd(t *testing.T, b *bus.Bus) *bus.Event {
 // then is the job acked.
 func TestEndPublishedOnceTheStreamTakesIt(t *testing.T) {
 	logs := &lockedBuffer{}
-	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, false)
 	acks := jobAcks(t, e.bus)
 	e.start(t)
 	ends := e.send(t, "c", "t1", "hello", true)
@@ -972,7 +988,7 @@ func TestEndPublishedOnceTheStreamTakesIt(t *testing.T) {
 func TestEndLeftToTheJobsNextDelivery(t *testing.T) {
 	defer worker.SetRetryFor(200 * time.Millisecond)()
 	logs := &lockedBuffer{}
-	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, false)
 	acks := jobAcks(t, e.bus)
 	e.start(t)
 	e.send(t, "c", "t1", "hello", true)
@@ -983,6 +999,27 @@ func TestEndLeftToTheJobsNextDelivery(t *testing.T) {
 	}
 	if end := streamedEnd(t, e.bus); end == nil || end.Status != chat.StatusComplete || end.Seq != 20 {
 		t.Fatalf("the stream holds end %+v, want complete at seq 20:\n%s", end, logs.String())
+	}
+}
+
+// A producer whose end lost to another's publishes the winning end, which
+// the stream may lack (its producer stored it and died). When the stream
+// refuses it for longer than the worker tries, the job is not acked either:
+// its next delivery publishes the stored end once the stream takes it.
+func TestLosingEndLeftToTheJobsNextDelivery(t *testing.T) {
+	defer worker.SetRetryFor(200 * time.Millisecond)()
+	logs := &lockedBuffer{}
+	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, true)
+	acks := jobAcks(t, e.bus)
+	e.start(t)
+	e.send(t, "c", "t1", "hello", true)
+	logs.waitFor(t, "the turn's end could not be published")
+	takeAgain()
+	if n := waitAck(t, acks); n < 2 {
+		t.Fatalf("acked at delivery %d, want a later one", n)
+	}
+	if end := streamedEnd(t, e.bus); end == nil || end.Status != chat.StatusInterrupted || end.Seq != 20 {
+		t.Fatalf("the stream holds end %+v, want the winner's, interrupted at seq 20:\n%s", end, logs.String())
 	}
 }
 
