@@ -830,7 +830,7 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 	// that failed is repeated (settle again too: it does nothing once it
 	// has saved, and the stream stores an end once within two minutes),
 	// and one that still fails leaves the job unacked (errNotPublished).
-	err = w.retry("publish the end of a turn", func() (bool, error) {
+	err = w.retry(ctx, "publish the end of a turn", func() (bool, error) {
 		_, err := w.bus.PublishEnd(ctx, end, settle)
 		return false, err
 	}, "turn_id", t.ID, "status", final)
@@ -843,7 +843,7 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 // finishTurn stores a turn's end, trying again while the store fails (see
 // retry).
 func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat.TurnStatus) (final chat.TurnStatus, won bool, err error) {
-	err = w.retry("store the end of a turn", func() (bool, error) {
+	err = w.retry(ctx, "store the end of a turn", func() (bool, error) {
 		var err error
 		final, won, err = w.store.FinishTurn(ctx, r, from...)
 		return errors.Is(err, chat.ErrNotFound), err
@@ -853,12 +853,14 @@ func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat
 
 // retry calls try until it succeeds or its error is final, trying again
 // with a growing pause for up to retryFor, or until the worker is shutting
-// down. While it tries, the turn's run stays registered, so its job is
+// down or ctx, on which try calls the store or bus, is done (every try
+// would then fail at once: RecoverAll's ctx ends as serve is stopped while
+// it starts). While it tries, the turn's run stays registered, so its job is
 // renewed and a worker asking whether it is produced hears that it is. It
 // logs the first failure and, after one, the outcome: a store or bus that
 // flaps would otherwise make a line of every try. An error given up on
 // says how often it was tried.
-func (w *Worker) retry(what string, try func() (final bool, err error), attrs ...any) error {
+func (w *Worker) retry(ctx context.Context, what string, try func() (final bool, err error), attrs ...any) error {
 	started := time.Now()
 	pause := 100 * time.Millisecond
 	for tries := 1; ; tries++ {
@@ -873,7 +875,7 @@ func (w *Worker) retry(what string, try func() (final bool, err error), attrs ..
 			}
 			return err
 		}
-		if time.Since(started)+pause > retryFor || w.shutdownCtx.Err() != nil {
+		if time.Since(started)+pause > retryFor || w.shutdownCtx.Err() != nil || ctx.Err() != nil {
 			return fmt.Errorf("%w (tried %d times in %s)", err, tries, time.Since(started).Round(time.Millisecond))
 		}
 		if tries == 1 {
@@ -883,6 +885,8 @@ func (w *Worker) retry(what string, try func() (final bool, err error), attrs ..
 		select {
 		case <-timer.C:
 		case <-w.shutdownCtx.Done():
+			timer.Stop()
+		case <-ctx.Done():
 			timer.Stop()
 		}
 		pause = min(2*pause, 2*time.Second)

@@ -1023,6 +1023,43 @@ func TestLosingEndLeftToTheJobsNextDelivery(t *testing.T) {
 	}
 }
 
+// cancellingStore cancels the context of a turn's end just before storing
+// it, as a signal that stops serve while it ends its previous run's turns.
+type cancellingStore struct {
+	store.Store
+	cancel context.CancelFunc
+}
+
+func (s *cancellingStore) FinishTurn(ctx context.Context, r store.TurnResult, from ...chat.TurnStatus) (chat.TurnStatus, bool, error) {
+	s.cancel()
+	return s.Store.FinishTurn(ctx, r, from...)
+}
+
+// Ending the turns of a previous run (RecoverAll, as serve starts) stops
+// once its context is done: every try of the end on that context fails at
+// once, and trying again for 30 s kept a stopping serve waiting.
+func TestRecoverAllStopsWithItsContext(t *testing.T) {
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	e := setupWith(t, worker.Config{}, false, func(st store.Store) store.Store {
+		return &cancellingStore{Store: st, cancel: cancel}
+	})
+	e.send(t, "c", "t1", "hello", false)
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.w.RecoverAll(ctx)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("RecoverAll: %v, want the context's end", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("RecoverAll still tries to end a turn on a context that is done")
+	}
+}
+
 // A turn whose conversation cannot be read for the model ends at once with
 // status error and says why; the model is not asked.
 func TestUnreadableConversationEndsTheTurn(t *testing.T) {
