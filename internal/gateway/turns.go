@@ -130,19 +130,20 @@ func (s *Server) send(ctx context.Context, r sendRequest) (store.SendResult, err
 	return res, nil
 }
 
-// uncancelled is ctx without its cancellation, within its deadline, or
-// within floor from now when that has passed: the store answers a send
-// whose COMMIT the deadline cut off once it has found whether it was
-// stored (see store.Send), after the deadline, and a stored turn must
-// still be announced and enqueued.
+// uncancelled is ctx without its cancellation, within its deadline or
+// floor from now, whichever is later: a stored turn must be announced and
+// enqueued however little of the request's time the store left (a store
+// that found a send stored after the deadline cut off its COMMIT answers
+// after it, see store.Send), rather than be ended for a broker that was
+// never down.
 func uncancelled(ctx context.Context, floor time.Duration) (context.Context, context.CancelFunc) {
 	d, ok := ctx.Deadline()
 	ctx = context.WithoutCancel(ctx)
 	if !ok {
 		return ctx, func() {}
 	}
-	if time.Until(d) <= 0 {
-		d = time.Now().Add(floor)
+	if least := time.Now().Add(floor); d.Before(least) {
+		d = least
 	}
 	return context.WithDeadline(ctx, d)
 }

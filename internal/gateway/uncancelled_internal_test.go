@@ -7,10 +7,10 @@ import (
 )
 
 // The announce and enqueue of a stored turn keep the request's deadline,
-// but not one that has passed: a store that found a send stored after the
-// deadline cut off its COMMIT (store.Send) answers after it, and the turn
-// must still be announced and enqueued rather than ended for a broker that
-// was never down.
+// but at least the floor from now: a store that found a send stored after
+// the deadline cut off its COMMIT (store.Send) answers after it, a slow one
+// just before it, and the turn must still be announced and enqueued rather
+// than ended for a broker that was never down.
 func TestUncancelledAfterTheDeadline(t *testing.T) {
 	parent, cancel := context.WithTimeout(context.Background(), time.Hour)
 	defer cancel()
@@ -25,5 +25,12 @@ func TestUncancelledAfterTheDeadline(t *testing.T) {
 	defer stop()
 	if ctx.Err() != nil {
 		t.Fatalf("a passed deadline left the stored turn no time: %v", ctx.Err())
+	}
+	soon, cancel3 := context.WithTimeout(context.Background(), time.Millisecond)
+	defer cancel3()
+	ctx, stop = uncancelled(soon, time.Minute)
+	defer stop()
+	if d, _ := ctx.Deadline(); d.Before(time.Now().Add(50 * time.Second)) {
+		t.Fatalf("a deadline a millisecond away left the stored turn until %v, want a minute", d)
 	}
 }
