@@ -91,7 +91,7 @@ export class TokenRelayClient extends EventTarget {
    * @param {number} [opts.backoffMaxMs] longest reconnect delay (default 15000).
    * @param {number} [opts.pingIntervalMs] keep-alive interval (default 25000; 0 = none).
    * @param {number} [opts.pongTimeoutMs] how long the first unanswered ping waits for its pong
-   *        before the connection is given up (default 10000).
+   *        (or any other frame) before the connection is given up (default 10000).
    * @param {number} [opts.openTimeoutMs] how long a WebSocket may take to open before it is given
    *        up and tried again (default 10000; 0 = as long as the browser waits).
    * @param {number} [opts.maxFrameBytes] largest frame the server takes (its --limit-frame-bytes,
@@ -725,10 +725,15 @@ export class TokenRelayClient extends EventTarget {
   _onFrame(ws, data) {
     if (ws !== this._ws) return;
     if (this.state === 'offline') this._setState('connected'); // it answers: the network is back
+    // Any frame shows the connection alive, not only the pong: the server
+    // queues its pong behind what it has still to send, which on a slow
+    // link can take longer than pongTimeoutMs while the answer streams.
+    clearTimeout(this._pongTimer);
+    this._pongTimer = null;
     let f;
     try { f = JSON.parse(data); } catch { return; }
     switch (f.type) {
-      case 'pong': clearTimeout(this._pongTimer); this._pongTimer = null; return;
+      case 'pong': return;
       case 'ack': return this._onAck(f);
       case 'error': return this._onError(f);
       case 'joined': return this._onJoined(f);

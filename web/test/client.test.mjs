@@ -714,3 +714,22 @@ test('a conversation that comes back empty after a drop was deleted meanwhile: r
   FakeWS.all[1].receive({ type: 'joined', id: j2.id, conversation_id: 'c1', messages: [], active: null });
   assert.equal(d.events.filter((e) => e.type === 'error').length, 0);
 });
+
+test('frames still arriving keep a connection whose pong is queued behind them', async (t) => {
+  // The server answers a ping after what it has queued for the connection
+  // (up to --limit-outbound-bytes): on a slow link that can take longer
+  // than pongTimeoutMs while the stream keeps arriving.
+  const c = newClient(t, { pingIntervalMs: 10, pongTimeoutMs: 30 });
+  const ws = await joined(c, { messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 0, text: '', model: 'sim' } });
+  for (let seq = 1; seq <= 8; seq++) {
+    await until(() => ws.frames('ping').length >= seq || FakeWS.all.length > 1, `ping ${seq}`);
+    ws.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', seq, text: 'x' });
+  }
+  assert.equal(FakeWS.all.length, 1, 'not given up while frames arrive');
+  assert.equal(ws.closedWith, undefined);
+  assert.equal(c.conversation('c1').byTurn.get('t1').content, 'xxxxxxxx');
+  // Silence after a ping still gives it up.
+  await until(() => FakeWS.all.length === 2, 'a reconnect once nothing comes');
+  assert.equal(ws.closedWith, 4000);
+});
