@@ -91,7 +91,7 @@ export class TokenRelayClient extends EventTarget {
    * @param {number} [opts.backoffMaxMs] longest reconnect delay (default 15000).
    * @param {number} [opts.pingIntervalMs] keep-alive interval (default 25000; 0 = none).
    * @param {number} [opts.pongTimeoutMs] how long the first unanswered ping waits for its pong
-   *        (or any other frame) before the connection is given up (default 10000).
+   *        (or any other frame) before the connection is given up (default 10000; 0 = no wait).
    * @param {number} [opts.openTimeoutMs] how long a WebSocket may take to open before it is given
    *        up and tried again (default 10000; 0 = as long as the browser waits).
    * @param {number} [opts.maxFrameBytes] largest frame the server takes (its --limit-frame-bytes,
@@ -140,7 +140,7 @@ export class TokenRelayClient extends EventTarget {
       // A socket that outlived a network change may be dead without a
       // word (its peer's address is gone): ask it now, briefly, instead of
       // waiting for the next ping.
-      else if (this._ws.readyState === 1) this._probe(Math.min(this.opts.pongTimeoutMs, ONLINE_PROBE_MS));
+      else if (this._ws.readyState === 1) this._probe(Math.min(this.opts.pongTimeoutMs || Infinity, ONLINE_PROBE_MS));
     };
     this._onOffline = () => {
       // Shown as offline until the network is back; an open socket is kept
@@ -289,8 +289,8 @@ export class TokenRelayClient extends EventTarget {
     if (!this._write({ type: 'ping' })) return;
     // The timeout runs from the first ping left unanswered: a later ping
     // must not push it back, or a ping interval shorter than the timeout
-    // would never notice a dead connection.
-    if (this._pongTimer) return;
+    // would never notice a dead connection. 0 waits for no pong.
+    if (this._pongTimer || !(this.opts.pongTimeoutMs > 0)) return;
     this._pongTimer = setTimeout(() => this._noPong(), this.opts.pongTimeoutMs);
   }
 

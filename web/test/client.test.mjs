@@ -733,3 +733,11 @@ test('frames still arriving keep a connection whose pong is queued behind them',
   await until(() => FakeWS.all.length === 2, 'a reconnect once nothing comes');
   assert.equal(ws.closedWith, 4000);
 });
+
+test('pongTimeoutMs 0 waits for no pong, as 0 turns the other timeouts off', async (t) => {
+  const c = newClient(t, { pingIntervalMs: 5, pongTimeoutMs: 0 });
+  const ws = await opened(c);
+  await until(() => ws.frames('ping').length >= 4 || FakeWS.all.length > 1, 'pings');
+  assert.equal(FakeWS.all.length, 1, 'the connection is kept');
+  assert.equal(ws.closedWith, undefined);
+});
