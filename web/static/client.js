@@ -771,8 +771,13 @@ export class TokenRelayClient extends EventTarget {
       if (req.frame.type === 'cancel') detail.turnId = req.frame.turn_id;
       req.reject(new ClientError(f.code, f.message, detail));
     } else if (f.id) {
-      for (const conv of [...this._convs.values()]) {
-        if (conv.joinId !== f.id) continue;
+      const conv = [...this._convs.values()].find((c) => c.joinId === f.id);
+      if (!conv) {
+        // The answer to a join of a conversation left since, or joined
+        // again since (that newer join gets its own answer): nobody waits
+        // for it. Request ids start with `r`, join ids with `j`.
+        if (f.id.startsWith('j')) return;
+      } else {
         detail.request = 'join';
         detail.conversationId = conv.id;
         conv.joining = false;

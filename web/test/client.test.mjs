@@ -741,3 +741,28 @@ test('pongTimeoutMs 0 waits for no pong, as 0 turns the other timeouts off', asy
   assert.equal(FakeWS.all.length, 1, 'the connection is kept');
   assert.equal(ws.closedWith, undefined);
 });
+
+test('the answer to a join the client has left, or made again since, is no news', async (t) => {
+  const c = newClient(t);
+  const ws = await opened(c);
+  const left = c.join('c1');
+  const j = ws.frames('join').at(-1);
+  c.leave('c1');
+  assert.equal((await settled(left, 'the join')).code, 'cancelled');
+  ws.receive({ type: 'error', id: j.id, code: 'rate_limited', retry_after_ms: 30000, message: 'too many new conversations' });
+  assert.deepEqual(c.events.filter((e) => e.type === 'error'), [], 'its refusal was for a join nobody waits for');
+
+  // Joined again while the first join was under way: the first one's
+  // refusal does not stand for the second.
+  const first = c.join('c2');
+  const j1 = ws.frames('join').at(-1);
+  c.leave('c2');
+  const second = c.join('c2');
+  const j2 = ws.frames('join').at(-1);
+  ws.receive({ type: 'error', id: j1.id, code: 'unavailable', message: 'try again' });
+  ws.receive({ type: 'joined', id: j2.id, conversation_id: 'c2', messages: [], active: null });
+  assert.equal((await settled(first, 'the first join')).code, 'cancelled');
+  assert.equal(await settled(second, 'the second join'), 'resolved');
+  assert.deepEqual(c.events.filter((e) => e.type === 'error'), []);
+  assert.equal(c.conversation('c2').joinTimer, null, 'no retry of the old join');
+});
