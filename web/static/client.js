@@ -156,6 +156,7 @@ export class TokenRelayClient extends EventTarget {
     if (this._wanted) return;
     this._wanted = true;
     this._stopped = null;
+    this._attempt = 0; // a new start: the drops before close() do not lengthen its backoff
     globalThis.addEventListener?.('online', this._onOnline);
     globalThis.addEventListener?.('offline', this._onOffline);
     this._open();

@@ -766,3 +766,20 @@ test('the answer to a join the client has left, or made again since, is no news'
   assert.deepEqual(c.events.filter((e) => e.type === 'error'), []);
   assert.equal(c.conversation('c2').joinTimer, null, 'no retry of the old join');
 });
+
+test('connect() after close() starts afresh: connecting, and the first backoff again', async (t) => {
+  const c = newClient(t, { backoffInitialMs: 5, backoffMaxMs: 100000 });
+  c.connect();
+  for (let i = 1; i <= 4; i++) {
+    await until(() => FakeWS.all.length === i, `attempt ${i}`);
+    FakeWS.all.at(-1).drop(1006);
+  }
+  c.close();
+  const seen = c.events.length;
+  c.connect();
+  await until(() => FakeWS.all.length === 5, 'a connection');
+  FakeWS.all.at(-1).drop(1006);
+  const statuses = c.events.slice(seen).filter((e) => e.type === 'status');
+  assert.deepEqual(statuses.map((e) => [e.state, e.attempt]), [['connecting', 0], ['reconnecting', 1]]);
+  assert.ok(statuses[1].retryInMs <= 5, `the first delay again, not ${statuses[1].retryInMs} ms`);
+});
