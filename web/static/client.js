@@ -505,7 +505,17 @@ export class TokenRelayClient extends EventTarget {
     conv.joining = true;
     const frame = { type: 'join', conversation_id: conv.id, history: conv.history };
     if (after === undefined) {
-      const t = conv.active && conv.byTurn.get(conv.active);
+      let t = conv.active && conv.byTurn.get(conv.active);
+      if (t?.pending) {
+        // A send made here stands as the active answer until the server
+        // answers it; an answer that was already streaming (which the
+        // server will refuse that send for) is the one to resume.
+        t = null;
+        for (let i = conv.items.length - 1; i >= 0 && !t; i--) {
+          const it = conv.items[i];
+          if (it.role === 'assistant' && !it.pending && !isTerminal(it.status) && it.seq > 0) t = it;
+        }
+      }
       // Also an answer of which nothing has come yet (seq 0), once the
       // server knows it: should it end while we are away and slide out of
       // the snapshot, the catch-up that follows `after` still ends it here.

@@ -783,3 +783,27 @@ test('connect() after close() starts afresh: connecting, and the first backoff a
   assert.deepEqual(statuses.map((e) => [e.state, e.attempt]), [['connecting', 0], ['reconnecting', 1]]);
   assert.ok(statuses[1].retryInMs <= 5, `the first delay again, not ${statuses[1].retryInMs} ms`);
 });
+
+test('a send made while another answer streams does not stop that answer being resumed with after', async (t) => {
+  // The server refuses such a send (turn_active), but the connection may
+  // drop before it says so; the answer that runs is still the one to resume.
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 2, text: 'ab', model: 'sim' } });
+  const { ack } = c.send('c1', 'too eager');
+  ws.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  const ws2 = FakeWS.all[1];
+  ws2.open();
+  const j = ws2.frames('join')[0];
+  assert.deepEqual(j.after, { turn_id: 't1', seq: 2 });
+  ws2.receive({ type: 'joined', id: j.id, conversation_id: 'c1', messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 4, from: 3, text: 'cd', model: 'sim' } });
+  assert.equal(c.events.filter((e) => e.type === 'joined').at(-1).resumed, true);
+  const s = ws2.frames('send')[0];
+  ws2.receive({ type: 'error', id: s.id, code: 'turn_active', turn_id: 't1', message: 'an answer is still being written' });
+  assert.equal((await settled(ack, 'the send')).code, 'turn_active');
+  const conv = c.conversation('c1');
+  assert.equal(conv.byTurn.get('t1').content, 'abcd');
+  assert.equal(conv.active, 't1');
+});
