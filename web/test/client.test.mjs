@@ -784,6 +784,26 @@ test('connect() after close() starts afresh: connecting, and the first backoff a
   assert.ok(statuses[1].retryInMs <= 5, `the first delay again, not ${statuses[1].retryInMs} ms`);
 });
 
+test('close 4001 with a token function asks it again and resumes', async (t) => {
+  const tokens = ['old', 'new'];
+  const c = newClient(t, { token: () => tokens.shift() });
+  const refused = [];
+  c.addEventListener('error', (e) => { if (e.detail.code === 'unauthorized') refused.push(tokens.length); });
+  const ws = await joined(c, { messages: [userMsg('m1', 't1')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 2, text: 'ab', model: 'sim' } });
+  const cancelled = c.cancel('t1');
+  ws.drop(4001);
+  assert.deepEqual(refused, [1], 'the error event comes before the token is asked again');
+  await until(() => FakeWS.all.length === 2, 'a reconnect');
+  const ws2 = FakeWS.all[1];
+  assert.equal(new URL(ws2.url).searchParams.get('access_token'), 'new');
+  ws2.open();
+  assert.deepEqual(ws2.sent.map((f) => f.type), ['join', 'cancel']);
+  assert.deepEqual(ws2.frames('join')[0].after, { turn_id: 't1', seq: 2 });
+  ws2.receive({ type: 'ack', id: ws2.frames('cancel')[0].id, turn_id: 't1', status: 'cancelled', already: false });
+  assert.equal(await settled(cancelled, 'the cancel'), 'resolved');
+});
+
 test('a send made while another answer streams does not stop that answer being resumed with after', async (t) => {
   // The server refuses such a send (turn_active), but the connection may
   // drop before it says so; the answer that runs is still the one to resume.
@@ -806,4 +826,49 @@ test('a send made while another answer streams does not stop that answer being r
   const conv = c.conversation('c1');
   assert.equal(conv.byTurn.get('t1').content, 'abcd');
   assert.equal(conv.active, 't1');
+});
+
+test('after any other close code every joined conversation is resumed, each from its own answer', async (t) => {
+  for (const code of [4008, 1001, 1008, 1011, 1006]) {
+    const c = newClient(t);
+    c.connect();
+    await until(() => FakeWS.all.length === 1, 'a connection');
+    const ws = FakeWS.all[0];
+    const joins = ['c1', 'c2', 'c3'].map((id) => c.join(id));
+    ws.open();
+    const [j1, j2, j3] = ws.frames('join');
+    ws.receive({ type: 'joined', id: j1.id, conversation_id: 'c1', messages: [],
+      active: { turn_id: 'a', reply_to: 'ma', status: 'streaming', seq: 3, text: 'abc', model: 'sim' } });
+    ws.receive({ type: 'joined', id: j2.id, conversation_id: 'c2', messages: [], active: null });
+    ws.receive({ type: 'joined', id: j3.id, conversation_id: 'c3', messages: [],
+      active: { turn_id: 'b', reply_to: 'mb', status: 'streaming', seq: 1, text: 'x', model: 'sim' } });
+    await Promise.all(joins);
+    ws.drop(code);
+    assert.equal(c.state, 'reconnecting', `close ${code}`);
+    await until(() => FakeWS.all.length === 2, `a reconnect after ${code}`);
+    const ws2 = FakeWS.all[1];
+    ws2.open();
+    assert.deepEqual(ws2.frames('join').map((f) => [f.conversation_id, f.after]),
+      [['c1', { turn_id: 'a', seq: 3 }], ['c2', undefined], ['c3', { turn_id: 'b', seq: 1 }]], `close ${code}`);
+    const [k1, , k3] = ws2.frames('join');
+    ws2.receive({ type: 'joined', id: k1.id, conversation_id: 'c1', messages: [],
+      active: { turn_id: 'a', reply_to: 'ma', status: 'streaming', seq: 5, from: 4, text: 'de', model: 'sim' } });
+    ws2.receive({ type: 'joined', id: k3.id, conversation_id: 'c3', messages: [],
+      active: { turn_id: 'b', reply_to: 'mb', status: 'streaming', seq: 1, from: 2, text: '', model: 'sim' } });
+    assert.equal(c.conversation('c1').byTurn.get('a').content, 'abcde');
+    assert.equal(c.conversation('c3').byTurn.get('b').content, 'x');
+    c.close();
+  }
+});
+
+test('close() leaves no timer running: no reconnect, ping or join retry afterwards', async (t) => {
+  const c = newClient(t, { pingIntervalMs: 5, openTimeoutMs: 50 });
+  const ws = await joined(c);
+  c.join('c2').catch(() => {});
+  ws.receive({ type: 'error', id: ws.frames('join').at(-1).id, code: 'unavailable', message: 'try again' });
+  c.send('c1', 'pending').ack.catch(() => {});
+  c.close();
+  await flush();
+  assert.deepEqual(process.getActiveResourcesInfo().filter((r) => r === 'Timeout'), []);
+  assert.equal(FakeWS.all.length, 1);
 });
