@@ -92,6 +92,8 @@ export class TokenRelayClient extends EventTarget {
    * @param {number} [opts.pingIntervalMs] keep-alive interval (default 25000; 0 = none).
    * @param {number} [opts.pongTimeoutMs] how long the first unanswered ping waits for its pong
    *        (or any other frame) before the connection is given up (default 10000; 0 = no wait).
+   * @param {number} [opts.stableAfterMs] how long a connection must stay open before the backoff
+   *        starts again from backoffInitialMs (default 5000).
    * @param {number} [opts.openTimeoutMs] how long a WebSocket may take to open before it is given
    *        up and tried again (default 10000; 0 = as long as the browser waits).
    * @param {number} [opts.maxFrameBytes] largest frame the server takes (its --limit-frame-bytes,
