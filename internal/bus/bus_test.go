@@ -129,6 +129,18 @@ func TestJobCarriesQueuedTurnOnFirstDelivery(t *testing.T) {
 	}
 }
 
+// A worker stopped as it starts (its context ended before its pull
+// began) ends cleanly: ConsumeJobs returns nil once ctx is done, whichever
+// step it was at.
+func TestConsumeJobsStoppedBeforeItPulls(t *testing.T) {
+	b := bustest.Start(t)
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := b.ConsumeJobs(ctx, 16, func(*bus.JobMsg) {}); err != nil {
+		t.Fatalf("ConsumeJobs of a done context: %v, want nil", err)
+	}
+}
+
 // A worker whose job consumer is deleted under it would take no job again:
 // ConsumeJobs says so instead of waiting on.
 func TestConsumeJobsEndsWhenTheConsumerIsDeleted(t *testing.T) {

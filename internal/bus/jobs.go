@@ -127,6 +127,9 @@ func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) erro
 	}
 	cons, err := b.jobs.Consumer(ctx, JobsConsumer)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil // stopped before it pulled
+		}
 		return fmt.Errorf("consume jobs: %w", err)
 	}
 	if batch <= 0 {
@@ -134,6 +137,9 @@ func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) erro
 	}
 	it, err := cons.Messages(jetstream.PullMaxMessages(batch), jetstream.PullHeartbeat(jobPullHeartbeat))
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		return fmt.Errorf("consume jobs: %w", err)
 	}
 	go func() {
