@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -130,6 +131,7 @@ type sseWriter struct {
 	timeout time.Duration
 	buf     []byte
 	err     error
+	slow    bool // dropped for lagging past --limit-outbound-bytes
 }
 
 // delta writes the text of the deltas up to seq as one event.
@@ -194,6 +196,22 @@ func (sw *sseWriter) deadline() error {
 		return err
 	}
 	return nil
+}
+
+// countSSEClose counts a stream that ended for its client, as a socket's
+// close is counted: dropped as a slow consumer (its writes blocked for the
+// write timeout, or it lagged past its limit), or for a failed write. A
+// stream that a shutdown ended (its writes cut by a deadline of now) is
+// neither, nor is one whose client left before a write failed.
+func (s *Server) countSSEClose(sw *sseWriter) {
+	var ne net.Error
+	switch {
+	case s.shutdownCtx.Err() != nil:
+	case sw.slow, errors.As(sw.err, &ne) && ne.Timeout():
+		s.m.slowCloses.Inc()
+	case sw.err != nil && !errors.Is(sw.err, context.Canceled):
+		s.m.writeErrors.Inc()
+	}
 }
 
 // sseHeaders sets the headers of an SSE stream.
@@ -324,6 +342,7 @@ func (s *Server) handleSSE() http.Handler {
 		s.m.sseStreams.Inc()
 		defer s.m.sseStreams.Dec()
 		sw := &sseWriter{w: w, rc: http.NewResponseController(w), ctx: rctx, timeout: s.cfg.WriteTimeout}
+		defer s.countSSEClose(sw)
 		// On shutdown a write blocked on a client that does not read ends
 		// at once; the deadline is cleared for the connection's next
 		// request.
@@ -379,6 +398,7 @@ func (s *Server) handleSSE() http.Handler {
 			sink.items, sink.bytes = nil, 0
 			sink.mu.Unlock()
 			if overflow {
+				sw.slow = true
 				return // the client resumes with Last-Event-ID
 			}
 			for _, it := range items {

@@ -322,8 +322,8 @@ func TestSSEPastRetention(t *testing.T) {
 }
 
 // TestStalledSSEReaderIsDropped: an SSE client that stops reading is
-// dropped after --write-timeout, as a WebSocket one is, and does not hold
-// up a graceful shutdown.
+// dropped after --write-timeout, as a WebSocket one is (and counted as a
+// slow consumer), and does not hold up a graceful shutdown.
 func TestStalledSSEReaderIsDropped(t *testing.T) {
 	p := trtest.Serve(t, "--sim-rate", "0", "--write-timeout", "1s", "--shutdown-timeout", "5s")
 	c := trtest.Dial(t, p.WSURL(), nil)
@@ -351,6 +351,9 @@ func TestStalledSSEReaderIsDropped(t *testing.T) {
 	stall(tr.ID)
 	trtest.WaitMetric(t, p.URL, "tokenrelay_sse_streams", "", wait, func(v float64) bool { return v == 1 })
 	trtest.WaitMetric(t, p.URL, "tokenrelay_sse_streams", "", time.Minute, func(v float64) bool { return v == 0 })
+	if n := trtest.Metric(t, p.URL, "tokenrelay_slow_consumer_closes_total", ""); n != 1 {
+		t.Errorf("slow consumer closes after a stalled SSE stream was dropped: %v, want 1", n)
+	}
 	// Stalled again; then the server stops, without waiting for it.
 	stall(tr.ID)
 	trtest.WaitMetric(t, p.URL, "tokenrelay_sse_streams", "", wait, func(v float64) bool { return v == 1 })
