@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -48,8 +50,28 @@ func Open(ctx context.Context, url string) (*DB, error) {
 	return db, nil
 }
 
-func open(ctx context.Context, url string) (*DB, error) {
+// DefaultConnectTimeout bounds the setting up of a connection (the TCP
+// connection, TLS and the login) when neither the URL nor PGCONNECT_TIMEOUT
+// sets connect_timeout. Without it, a server that takes the connection but
+// never answers (a hung one, a proxy in front of one that is gone) would
+// hold a process starting on it for good, with nothing to say.
+const DefaultConnectTimeout = 10 * time.Second
+
+// parseConfig parses url as pgxpool does, with DefaultConnectTimeout
+// unless a connect_timeout is given (0 there still means none).
+func parseConfig(url string) (*pgxpool.Config, error) {
 	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, err
+	}
+	if _, set := os.LookupEnv("PGCONNECT_TIMEOUT"); !set && !strings.Contains(url, "connect_timeout") {
+		cfg.ConnConfig.ConnectTimeout = DefaultConnectTimeout
+	}
+	return cfg, nil
+}
+
+func open(ctx context.Context, url string) (*DB, error) {
+	cfg, err := parseConfig(url)
 	if err != nil {
 		return nil, err
 	}
@@ -73,7 +95,7 @@ func open(ctx context.Context, url string) (*DB, error) {
 // processes starting together migrate one at a time and the later ones find
 // nothing left to do; it waits for that lock as long as ctx allows.
 func Migrate(ctx context.Context, url string) error {
-	cfg, err := pgxpool.ParseConfig(url)
+	cfg, err := parseConfig(url)
 	if err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
