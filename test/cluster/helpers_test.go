@@ -205,6 +205,9 @@ type clusterOptions struct {
 	gateways, workers int
 	gatewayArgs       []string
 	workerArgs        []string
+	// storeURL, when set, is the store of every process (such as a
+	// pgProxy's URL), instead of a fresh schema.
+	storeURL string
 }
 
 // startCluster starts the NATS cluster, migrates a fresh schema with
@@ -218,7 +221,10 @@ func startCluster(t testing.TB, o clusterOptions) *cluster {
 	if o.workers == 0 {
 		o.workers = 2
 	}
-	pg := postgresURL(t)
+	pg := o.storeURL
+	if pg == "" {
+		pg = postgresURL(t)
+	}
 	c := &cluster{nats: startNATS(t), store: pg, workerX: o.workerArgs}
 	c.common = []string{"--nats-url", c.nats.URLs(), "--store-url", pg, "--replicas", "3"}
 	migrate(t, pg)
