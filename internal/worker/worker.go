@@ -167,6 +167,12 @@ func ackable(err error) bool {
 // it, the job kept meanwhile. A variable for the tests.
 var retryFor = 30 * time.Second
 
+// tryTimeout bounds each try at storing a turn's end: a store that takes a statement and
+// never answers (a hung server, a network that drops packets without a
+// reset, which TCP notices only after many minutes) would otherwise hold a
+// turn's end, and its job, for as long as that lasts, with nothing logged.
+var tryTimeout = 10 * time.Second
+
 // New returns a worker.
 func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
 	if cfg.ID == "" {
@@ -841,11 +847,14 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 }
 
 // finishTurn stores a turn's end, trying again while the store fails (see
-// retry).
+// retry); a try the store does not answer within tryTimeout counts as
+// failed.
 func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat.TurnStatus) (final chat.TurnStatus, won bool, err error) {
 	err = w.retry(ctx, "store the end of a turn", func() (bool, error) {
+		tctx, cancel := context.WithTimeout(ctx, tryTimeout)
+		defer cancel()
 		var err error
-		final, won, err = w.store.FinishTurn(ctx, r, from...)
+		final, won, err = w.store.FinishTurn(tctx, r, from...)
 		return errors.Is(err, chat.ErrNotFound), err
 	}, "turn_id", r.TurnID, "status", r.Status)
 	return final, won, err

@@ -877,6 +877,49 @@ func TestEndStoredOnceTheStoreIsBack(t *testing.T) {
 	}
 }
 
+// hangingStore's first FinishTurn takes the statement and never answers,
+// as a hung server or a network that drops packets without a reset does:
+// it returns only when its context is done.
+type hangingStore struct {
+	store.Store
+	hung    atomic.Bool
+	release chan struct{} // closed at the test's end
+}
+
+func (s *hangingStore) FinishTurn(ctx context.Context, r store.TurnResult, from ...chat.TurnStatus) (chat.TurnStatus, bool, error) {
+	if s.hung.CompareAndSwap(false, true) {
+		select {
+		case <-ctx.Done():
+		case <-s.release:
+		}
+		return "", false, fmt.Errorf("%w: %w", chat.ErrUnavailable, context.DeadlineExceeded)
+	}
+	return s.Store.FinishTurn(ctx, r, from...)
+}
+
+// A try at storing a turn's end that the store never answers is given up
+// after a while and made again, as one the store refuses is: the turn is
+// not left streaming for as long as the connection hangs.
+func TestEndStoredAfterAHungTry(t *testing.T) {
+	defer worker.SetTryTimeout(200 * time.Millisecond)()
+	hs := &hangingStore{release: make(chan struct{})}
+	logs := &lockedBuffer{}
+	e := setupWith(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, true,
+		func(st store.Store) store.Store { hs.Store = st; return hs })
+	t.Cleanup(func() { close(hs.release) }) // before the worker is stopped
+	end := waitEnd(t, e.send(t, "c", "t1", "hello", true))
+	st, err := e.store.Turn(t.Context(), "t1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if end.Status != chat.StatusComplete || st.Status != chat.StatusComplete || st.Seq != 20 {
+		t.Fatalf("end %+v, stored %+v: want complete after 20 deltas", end, st)
+	}
+	if n := logs.count("store the end of a turn; trying again"); n != 1 {
+		t.Fatalf("the hung try logged %d times, want once:\n%s", n, logs.String())
+	}
+}
+
 // refusingEnds is a store whose FinishTurn, once it has stored a turn's
 // end, makes the events stream refuse every message, as a stream at its
 // limits does: the end goes live, and the stream does not store it.
