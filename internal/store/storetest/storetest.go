@@ -35,6 +35,8 @@ func Run(t *testing.T, open func(t testing.TB) store.Store) {
 		{"ActiveTurn", testActiveTurn},
 		{"Messages", testMessages},
 		{"Heads", testHeads},
+		{"HistoryOrder", testHistoryOrder},
+		{"PagingWhileWriting", testPagingWhileWriting},
 		{"Message", testMessage},
 		{"Conversations", testConversations},
 		{"DeleteConversation", testDeleteConversation},
