@@ -187,24 +187,25 @@ func (dialect) MayHaveCommitted(err error) bool {
 // LockConversation makes concurrent sends to one conversation queue on its
 // row lock (SELECT … FOR UPDATE). Under READ COMMITTED every later statement
 // of the transaction sees the sends that committed while it waited.
-func (dialect) LockConversation(ctx context.Context, tx sqlstore.Queryer, id, owner string, now int64) (string, error) {
+func (dialect) LockConversation(ctx context.Context, tx sqlstore.Queryer, id, owner string, now int64) (string, int64, error) {
 	for range 3 {
 		// Create the conversation if need be, so that there is a row to lock.
 		_, err := tx.Exec(ctx, `INSERT INTO conversations (id, owner, title, created_at, updated_at)
 			VALUES (?, ?, '', ?, ?) ON CONFLICT (id) DO NOTHING`, id, owner, now, now)
 		if err != nil {
-			return "", err
+			return "", 0, err
 		}
 		var got string
-		err = tx.QueryRow(ctx, `SELECT owner FROM conversations WHERE id = ? FOR UPDATE`, id).Scan(&got)
+		var updated int64
+		err = tx.QueryRow(ctx, `SELECT owner, updated_at FROM conversations WHERE id = ? FOR UPDATE`, id).Scan(&got, &updated)
 		if !errors.Is(err, pgx.ErrNoRows) {
-			return got, err
+			return got, updated, err
 		}
 		// Deleted between the two statements (a delete held the lock this
 		// waited for): the send goes to the conversation created afresh,
 		// as a send made after the delete does.
 	}
-	return "", fmt.Errorf("conversation %s: deleted as often as it was created", id)
+	return "", 0, fmt.Errorf("conversation %s: deleted as often as it was created", id)
 }
 
 // ownerLockSpace is the first key of the transaction advisory lock that

@@ -183,15 +183,16 @@ func (d dialect) InTx(ctx context.Context, fn func(context.Context, sqlstore.Que
 
 // LockConversation needs no lock of its own: the transaction holds the
 // database's write lock already.
-func (dialect) LockConversation(ctx context.Context, tx sqlstore.Queryer, id, owner string, now int64) (string, error) {
+func (dialect) LockConversation(ctx context.Context, tx sqlstore.Queryer, id, owner string, now int64) (string, int64, error) {
 	var got string
-	err := tx.QueryRow(ctx, `SELECT owner FROM conversations WHERE id = ?`, id).Scan(&got)
+	var updated int64
+	err := tx.QueryRow(ctx, `SELECT owner, updated_at FROM conversations WHERE id = ?`, id).Scan(&got, &updated)
 	if !errors.Is(err, sql.ErrNoRows) {
-		return got, err
+		return got, updated, err
 	}
 	_, err = tx.Exec(ctx, `INSERT INTO conversations (id, owner, title, created_at, updated_at)
 		VALUES (?, ?, '', ?, ?)`, id, owner, now, now)
-	return owner, err
+	return owner, now, err
 }
 
 // LockOwner needs no lock of its own either.

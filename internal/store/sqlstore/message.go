@@ -22,7 +22,9 @@ import (
 // chat.ErrTurnIDOfMessage, chat.ErrTooManyTurns. An empty req.MessageID or req.TurnID is filled with a
 // new UUIDv7; ids that chat.ValidID rejects are an error. The conversation is
 // created when missing; it takes its title from the first message sent to it
-// while its title is empty, and its updated_at from every send.
+// while its title is empty, and its updated_at from every send: req.Now, or
+// the conversation's updated_at when req.Now is earlier (the messages are
+// stamped with the same time).
 //
 // The dialect's InTx and LockConversation keep concurrent sends to one
 // conversation from passing the checks together; with MaxActiveTurns set,
@@ -97,12 +99,20 @@ func (s *DB) storedAfterAll(ctx context.Context, req store.SendRequest) (store.S
 // sendIn is Send's checks and writes, in its transaction.
 func sendIn(ctx context.Context, d Dialect, tx Queryer, req store.SendRequest) (store.SendResult, error) {
 	now := millis(req.Now)
-	owner, err := d.LockConversation(ctx, tx, req.ConversationID, req.Owner, now)
+	owner, updated, err := d.LockConversation(ctx, tx, req.ConversationID, req.Owner, now)
 	if err != nil {
 		return store.SendResult{}, err
 	}
 	if owner != req.Owner {
 		return store.SendResult{}, chat.ErrForbidden
+	}
+	if updated > now {
+		// The clock that stamps this send (another gateway's, or one set
+		// back) is behind the one that stamped the conversation last: the
+		// send takes that time, so that updated_at never goes back and
+		// created_at never decreases along the history.
+		now = updated
+		req.Now = fromMillis(now)
 	}
 
 	// Whether the message id is taken, whether a turn is active and

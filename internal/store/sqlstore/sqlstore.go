@@ -48,10 +48,11 @@ type Dialect interface {
 	// broke). Send then looks for what it stored (see DB.Send).
 	MayHaveCommitted(err error) bool
 
-	// LockConversation returns the owner of conversation id, creating it
-	// untitled and owned by owner, at now (unix milliseconds), when it is
-	// missing, and locks it against other sends until tx ends.
-	LockConversation(ctx context.Context, tx Queryer, id, owner string, now int64) (string, error)
+	// LockConversation returns the owner and updated_at (unix
+	// milliseconds) of conversation id, creating it untitled and owned by
+	// owner, at now, when it is missing, and locks it against other sends
+	// until tx ends.
+	LockConversation(ctx context.Context, tx Queryer, id, owner string, now int64) (string, int64, error)
 
 	// LockOwner serializes owner's sends until tx ends, so that counting the
 	// owner's active turns in tx cannot race another send. Send calls it

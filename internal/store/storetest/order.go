@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/store"
@@ -108,4 +109,41 @@ func testPagingWhileWriting(t *testing.T, s store.Store) {
 	if all := messageIDs(t, s, conv); len(all) != len(want)+2*added || !slices.Equal(all[:len(want)], want) {
 		t.Fatalf("messages after paging: %v", all)
 	}
+}
+
+// testUpdatedAtOrder: a conversation's updated_at is the time of its
+// newest send and never goes back, and its messages' created_at never
+// decreases along its history, even when the clock that stamps a send
+// (another gateway's, or one set back) is behind the one of the send
+// before: such a send takes the time of the one before.
+func testUpdatedAtOrder(t *testing.T, s store.Store) {
+	send(t, s, req("first", "m1", "first-t1", at(5)))
+	finish(t, s, "first-t1", chat.StatusComplete, at(5))
+	send(t, s, req("second", "m1", "second-t1", at(6)))
+	finish(t, s, "second-t1", chat.StatusComplete, at(6))
+	res := send(t, s, req("first", "m2", "first-t2", at(4)))
+	equal(t, "sent message's created_at", res.Message.CreatedAt, at(5))
+	equal(t, "sent turn's created_at", res.Turn.CreatedAt, at(5))
+	cs, err := s.Conversations(t.Context(), "alice", 0)
+	wantErr(t, "Conversations", err, nil)
+	var got []string
+	var updated []time.Time
+	for _, c := range cs {
+		got = append(got, c.ID)
+		updated = append(updated, c.UpdatedAt)
+	}
+	equal(t, "Conversations", got, []string{"second", "first"})
+	equal(t, "updated_at", updated, []time.Time{at(6), at(5)})
+	ms, err := s.Messages(t.Context(), "first", 0, "")
+	wantErr(t, "Messages", err, nil)
+	var created []time.Time
+	for _, m := range ms {
+		created = append(created, m.CreatedAt)
+	}
+	equal(t, "created_at", created, []time.Time{at(5), at(5), at(5), at(5)})
+	// A later clock moves both on again.
+	send(t, s, req("second", "m2", "second-t2", at(9)))
+	c, err := s.Conversation(t.Context(), "second")
+	wantErr(t, "Conversation", err, nil)
+	equal(t, "updated_at after a later send", c.UpdatedAt, at(9))
 }

@@ -37,6 +37,7 @@ func Run(t *testing.T, open func(t testing.TB) store.Store) {
 		{"Heads", testHeads},
 		{"HistoryOrder", testHistoryOrder},
 		{"PagingWhileWriting", testPagingWhileWriting},
+		{"UpdatedAtOrder", testUpdatedAtOrder},
 		{"Message", testMessage},
 		{"Conversations", testConversations},
 		{"DeleteConversation", testDeleteConversation},
