@@ -450,7 +450,10 @@ func (cp *compat) handleHistory() http.Handler {
 		}
 		out := []chatMessage{}
 		if exists {
-			msgs, err := s.store.Messages(ctx, sid, compatHistory, "")
+			// One more than kept: the reply in flight, if any, is the
+			// newest message and is left out, as the socket's history
+			// frame leaves it out (see view.join).
+			msgs, err := s.store.Messages(ctx, sid, compatHistory+1, "")
 			if err == nil {
 				err = s.stillOwned(ctx, sid, owner, msgs)
 			}
@@ -466,6 +469,7 @@ func (cp *compat) handleHistory() http.Handler {
 					out = append(out, cm)
 				}
 			}
+			out = out[max(0, len(out)-compatHistory):]
 		}
 		writeObject(w, http.StatusOK, jsonField{name: "count", v: len(out)}, jsonField{name: "messages", list: listOf(out)}, jsonField{name: "session_id", v: sid})
 	})
