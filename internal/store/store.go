@@ -56,9 +56,12 @@ type Store interface {
 	// conversation is created when missing, titled after the first message.
 	Send(ctx context.Context, req SendRequest) (SendResult, error)
 
-	// Messages returns up to limit messages of conversation id, oldest first:
-	// the newest ones, or when before is not empty the newest ones stored
-	// before message before (chat.ErrNotFound if before is unknown).
+	// Messages returns up to limit messages (all when limit <= 0) of
+	// conversation id in the order they were stored, oldest first: the
+	// newest ones, or when before is not empty the newest ones stored
+	// before message before (chat.ErrNotFound if before is unknown). A
+	// user message is stored before its reply; ids and times play no part
+	// in the order.
 	Messages(ctx context.Context, conversationID string, limit int, before string) ([]chat.Message, error)
 
 	// MessageHeads is Messages(ctx, conversationID, limit, "") with every
