@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tokenrelay/tokenrelay/internal/chat"
@@ -202,11 +203,12 @@ func (sw *sseWriter) deadline() error {
 // close is counted: dropped as a slow consumer (its writes blocked for the
 // write timeout, or it lagged past its limit), or for a failed write. A
 // stream that a shutdown ended (its writes cut by a deadline of now) is
-// neither, nor is one whose client left before a write failed.
-func (s *Server) countSSEClose(sw *sseWriter) {
+// neither, nor is one whose token expired (its writes cut the same way),
+// nor one whose client left before a write failed.
+func (s *Server) countSSEClose(sw *sseWriter, expired bool) {
 	var ne net.Error
 	switch {
-	case s.shutdownCtx.Err() != nil:
+	case s.shutdownCtx.Err() != nil, expired:
 	case sw.slow, errors.As(sw.err, &ne) && ne.Timeout():
 		s.m.slowCloses.Inc()
 	case sw.err != nil && !errors.Is(sw.err, context.Canceled):
@@ -278,12 +280,14 @@ func (s *Server) handleSSE() http.Handler {
 		sink := &sseSink{turn: turnID, limit: s.cfg.Limits.OutboundBytes, notify: make(chan struct{}, 1)}
 		rctx, rcancel := contextWithCancel(r, s)
 		defer rcancel()
+		var expired atomic.Bool
 		if exp := expiresOf(r); !exp.IsZero() {
 			// Like a socket (see handleWS), the stream does not outlive
 			// its token: it ends, and an EventSource reconnecting with the
 			// same token is refused.
 			t := time.AfterFunc(time.Until(exp), func() {
 				s.m.authFailures.WithLabelValues("expired").Inc()
+				expired.Store(true)
 				rcancel()
 			})
 			defer t.Stop()
@@ -342,7 +346,7 @@ func (s *Server) handleSSE() http.Handler {
 		s.m.sseStreams.Inc()
 		defer s.m.sseStreams.Dec()
 		sw := &sseWriter{w: w, rc: http.NewResponseController(w), ctx: rctx, timeout: s.cfg.WriteTimeout}
-		defer s.countSSEClose(sw)
+		defer func() { s.countSSEClose(sw, expired.Load()) }()
 		// On shutdown a write blocked on a client that does not read ends
 		// at once; the deadline is cleared for the connection's next
 		// request.

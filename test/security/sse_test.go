@@ -4,7 +4,10 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
+	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -152,6 +155,46 @@ func TestRequestsInFlightAreLimited(t *testing.T) {
 		}
 		if code != http.StatusTooManyRequests || time.Now().After(deadline) {
 			t.Fatalf("a request after a stream ended: %d %s", code, body)
+		}
+	}
+}
+
+// An SSE stream whose token expires while a write to its client is blocked
+// ends for its token, not as a slow consumer: the expiry cuts the write
+// short (a deadline of now), which must not be counted as one that timed
+// out on a client that stopped reading.
+func TestTokenExpiringOnABlockedSSEWriteIsNoSlowConsumer(t *testing.T) {
+	t.Parallel()
+	p := serveJWT(t, "--write-timeout", "10m")
+	tok := tokenFor(t, "alice")
+	c := trtest.Dial(t, p.WSURL(), &trtest.DialOptions{Token: tok})
+	c.Join("expiring-blocked", nil)
+	turn := startTurn(t, c, "expiring-blocked", "[sim tokens=5000000 rate=0] flood").ID
+	// It expires in about 3 s (the 30 s leeway included): long after the
+	// stream's writes have filled the socket's buffers and blocked.
+	now := time.Now()
+	expiring := sign(t, jwt.SigningMethodHS256, []byte(secret),
+		jwt.MapClaims{"sub": "alice", "iat": now.Add(-time.Hour).Unix(), "exp": now.Add(-27 * time.Second).Unix()})
+	conn, err := net.Dial("tcp", strings.TrimPrefix(p.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	// A small receive buffer, and then no reads past the headers.
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetReadBuffer(4096)
+	}
+	fmt.Fprintf(conn, "GET /v1/turns/%s/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n\r\n", turn, expiring)
+	status, err := bufio.NewReaderSize(conn, 16).ReadString('\n')
+	if err != nil || !strings.Contains(status, " 200 ") {
+		t.Fatalf("SSE request: %q %v", status, err)
+	}
+	trtest.WaitMetric(t, p.URL, "tokenrelay_sse_streams", "", wait, func(v float64) bool { return v == 1 })
+	trtest.WaitMetric(t, p.URL, "tokenrelay_sse_streams", "", wait, func(v float64) bool { return v == 0 })
+	waitMetric(t, p.URL, "tokenrelay_auth_failures_total", `reason="expired"`, 1)
+	for _, m := range []string{slowCloses, "tokenrelay_write_errors_total"} {
+		if n := trtest.Metric(t, p.URL, m, ""); n != 0 {
+			t.Errorf("%s = %v after a stream ended for its token, want 0", m, n)
 		}
 	}
 }
