@@ -94,6 +94,8 @@ type Store interface {
 	// (r.Status, true); otherwise it changes nothing and returns the status
 	// the turn already has and false. This conditional update is what makes
 	// a cancel racing a natural end produce one terminal status everywhere.
+	// The same r again, once it is the end stored (a call whose answer was
+	// lost after it committed, repeated), returns (r.Status, true).
 	FinishTurn(ctx context.Context, r TurnResult, from ...chat.TurnStatus) (chat.TurnStatus, bool, error)
 
 	// UnfinishedTurns returns every turn still queued or streaming.

@@ -90,7 +90,9 @@ func (s *DB) turnStatus(ctx context.Context, id string) (chat.TurnStatus, error)
 // (queued and streaming when from is empty) it stores r and returns
 // (r.Status, true); otherwise it changes nothing and returns the status the
 // turn already has and false, or chat.ErrNotFound. r.Status must be terminal
-// and from may name only queued and streaming.
+// and from may name only queued and streaming. The same r again (a call
+// whose answer was lost, repeated) returns (r.Status, true) once it is the
+// end stored.
 //
 // The UPDATE's condition is checked under the row's write lock, so of two
 // concurrent calls exactly one changes the turn.
@@ -130,11 +132,27 @@ func (s *DB) finishTurn(ctx context.Context, r store.TurnResult, from []chat.Tur
 	if n == 1 {
 		return r.Status, true, nil
 	}
-	st, err := s.turnStatus(ctx, r.TurnID)
+	// The end stored may be this very one: a try whose answer was lost
+	// (its deadline cut it off, its connection broke) after the UPDATE
+	// committed, repeated. It won; told otherwise, its caller would take
+	// its own end for another's. Another end differs in its time at least
+	// (an end without one cannot be told apart, and is taken for another).
+	if r.Now.IsZero() {
+		st, err := s.turnStatus(ctx, r.TurnID)
+		return st, false, err
+	}
+	var st chat.TurnStatus
+	var same bool
+	err = s.write.QueryRow(ctx, `SELECT status, (status = ? AND content = ? AND seq = ? AND error = ?
+		AND finished_at IS NOT NULL AND finished_at = ?) FROM messages
+		WHERE turn_id = ? AND role = 'assistant'`, r.Status, r.Content, r.Seq, r.Error, r.Now.UnixMilli(), r.TurnID).Scan(&st, &same)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", false, chat.ErrNotFound
+	}
 	if err != nil {
 		return "", false, err
 	}
-	return st, false, nil
+	return st, same, nil
 }
 
 // checkFinish rejects a result that would not end the turn, or would end it a
