@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	neturl "net/url"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -64,10 +66,25 @@ func parseConfig(url string) (*pgxpool.Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, set := os.LookupEnv("PGCONNECT_TIMEOUT"); !set && !strings.Contains(url, "connect_timeout") {
+	if os.Getenv("PGCONNECT_TIMEOUT") == "" && !connectTimeoutGiven(url) {
 		cfg.ConnConfig.ConnectTimeout = DefaultConnectTimeout
 	}
 	return cfg, nil
+}
+
+// keywordConnectTimeout finds connect_timeout as a keyword of a
+// key=value connection string.
+var keywordConnectTimeout = regexp.MustCompile(`(^|\s)connect_timeout\s*=`)
+
+// connectTimeoutGiven reports whether dsn, a URL or a key=value string,
+// sets connect_timeout itself (as a query parameter or a keyword, not as
+// part of another one's value).
+func connectTimeoutGiven(dsn string) bool {
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		u, err := neturl.Parse(dsn)
+		return err == nil && u.Query().Has("connect_timeout")
+	}
+	return keywordConnectTimeout.MatchString(dsn)
 }
 
 func open(ctx context.Context, url string) (*DB, error) {
