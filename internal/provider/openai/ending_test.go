@@ -53,6 +53,28 @@ func TestStreamJSONAnswer(t *testing.T) {
 			wantUsage: nil,
 		},
 		{
+			name:      "no text, cut by the output limit",
+			body:      `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":""},"finish_reason":"length"}],"usage":{"prompt_tokens":4,"completion_tokens":100}}`,
+			wantErr:   `the model reached its output limit before any answer text (finish_reason "length")`,
+			wantUsage: &chat.Usage{PromptTokens: 4, CompletionTokens: 100},
+		},
+		{
+			name:    "no text, withheld by a filter",
+			body:    `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":null},"finish_reason":"content_filter"}]}`,
+			wantErr: `the model server's content filter withheld the answer (finish_reason "content_filter")`,
+		},
+		{
+			name:      "text cut by the output limit",
+			body:      `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hel"},"finish_reason":"length"}]}`,
+			want:      []string{"Hel"},
+			wantUsage: nil,
+		},
+		{
+			name:    "broken off",
+			body:    `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hel"},"finish_reason":"abort"}]}`,
+			wantErr: `the model server broke off the answer (finish_reason "abort")`,
+		},
+		{
 			name:    "content of another type",
 			body:    `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":42}}]}`,
 			wantErr: msgMalformed,

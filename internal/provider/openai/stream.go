@@ -199,7 +199,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			if tf := p.timeoutFailure(actx, f.err); tf != nil {
 				return provider.Result{}, tf, nil
 			}
-			return provider.Result{}, f, nil
+			return res.Result, f, nil // the usage, when the server counted it
 		}
 		if res.text != "" {
 			if err := emit(res.text); err != nil {
@@ -241,11 +241,8 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			return res, nil, emit(rest)
 		}
 		if !emitted {
-			switch lastFinish {
-			case "length":
-				return res, &failure{err: p.fail(`the model reached its output limit before any answer text (finish_reason "length")`, nil, false)}, nil
-			case "content_filter":
-				return res, &failure{err: p.fail(`the model server's content filter withheld the answer (finish_reason "content_filter")`, nil, false)}, nil
+			if f := p.emptyAnswerFailure(lastFinish); f != nil {
+				return res, f, nil
 			}
 		}
 		return res, nil, nil
@@ -336,8 +333,7 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			}
 			finish := ch.FinishReason != nil && *ch.FinishReason != ""
 			if finish && brokenOff(*ch.FinishReason) {
-				msg := fmt.Sprintf("the model server broke off the answer (finish_reason %q)", *ch.FinishReason)
-				return provider.Result{}, &failure{err: p.fail(msg, nil, false)}, nil
+				return provider.Result{}, p.brokenOffFailure(*ch.FinishReason), nil
 			}
 			if finish {
 				lastFinish = *ch.FinishReason
@@ -361,6 +357,25 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 // may still send [DONE] after it, as after a whole answer.
 func brokenOff(reason string) bool {
 	return reason == "abort" || reason == "error"
+}
+
+// brokenOffFailure is the failure of an answer whose finish_reason says it
+// was broken off (see brokenOff).
+func (p *Provider) brokenOffFailure(reason string) *failure {
+	return &failure{err: p.fail(fmt.Sprintf("the model server broke off the answer (finish_reason %q)", reason), nil, false)}
+}
+
+// emptyAnswerFailure is the failure of an answer of no text that a limit
+// or a filter cut (its finish_reason), or nil: the person would otherwise
+// see an empty answer and not know why.
+func (p *Provider) emptyAnswerFailure(reason string) *failure {
+	switch reason {
+	case "length":
+		return &failure{err: p.fail(`the model reached its output limit before any answer text (finish_reason "length")`, nil, false)}
+	case "content_filter":
+		return &failure{err: p.fail(`the model server's content filter withheld the answer (finish_reason "content_filter")`, nil, false)}
+	}
+	return nil
 }
 
 // deltaText returns the text of a delta's content: a JSON string, decoded
@@ -459,6 +474,7 @@ func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
 			Message *struct {
 				Content json.RawMessage `json:"content"` // a string, a list of parts or null
 			} `json:"message"`
+			FinishReason string `json:"finish_reason"`
 		} `json:"choices"`
 		Usage *struct {
 			PromptTokens     int `json:"prompt_tokens"`
@@ -470,12 +486,13 @@ func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
 	}
 	var w whole
 	found := false
+	finish := ""
 	for _, ch := range c.Choices {
 		if ch.Index == 0 && ch.Message != nil {
 			if w.text, err = messageText(ch.Message.Content); err != nil {
 				return whole{}, &failure{err: p.fail(msgMalformed, err, false)}
 			}
-			found = true
+			found, finish = true, ch.FinishReason
 		}
 	}
 	if !found {
@@ -483,6 +500,15 @@ func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
 	}
 	if c.Usage != nil {
 		w.Usage = &chat.Usage{PromptTokens: c.Usage.PromptTokens, CompletionTokens: c.Usage.CompletionTokens}
+	}
+	// Its finish_reason means what it means in a stream.
+	if brokenOff(finish) {
+		return whole{}, p.brokenOffFailure(finish)
+	}
+	if w.text == "" {
+		if f := p.emptyAnswerFailure(finish); f != nil {
+			return w, f
+		}
 	}
 	return w, nil
 }
