@@ -839,7 +839,7 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 	err = w.retry(ctx, "publish the end of a turn", func() (bool, error) {
 		_, err := w.bus.PublishEnd(ctx, end, settle)
 		return false, err
-	}, "turn_id", t.ID, "status", final)
+	}, func() []any { return []any{"turn_id", t.ID, "status", final} })
 	if err != nil {
 		return won, fmt.Errorf("%w: %w", errNotPublished, err)
 	}
@@ -856,7 +856,7 @@ func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat
 		var err error
 		final, won, err = w.store.FinishTurn(tctx, r, from...)
 		return errors.Is(err, chat.ErrNotFound), err
-	}, "turn_id", r.TurnID, "status", r.Status)
+	}, func() []any { return []any{"turn_id", r.TurnID, "status", r.Status} })
 	return final, won, err
 }
 
@@ -868,19 +868,21 @@ func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat
 // renewed and a worker asking whether it is produced hears that it is. It
 // logs the first failure and, after one, the outcome: a store or bus that
 // flaps would otherwise make a line of every try. An error given up on
-// says how often it was tried.
-func (w *Worker) retry(ctx context.Context, what string, try func() (final bool, err error), attrs ...any) error {
+// says how often it was tried. attrs gives the log lines' attributes; it
+// is called only for a line, so that a first try that succeeds, as nearly
+// every one does, costs no allocation for them.
+func (w *Worker) retry(ctx context.Context, what string, try func() (final bool, err error), attrs func() []any) error {
 	started := time.Now()
 	pause := 100 * time.Millisecond
 	for tries := 1; ; tries++ {
 		final, err := try()
 		if err == nil || final {
 			if tries > 1 {
-				attrs = append(attrs, "tries", tries, "took", time.Since(started).Round(time.Millisecond))
+				a := append(attrs(), "tries", tries, "took", time.Since(started).Round(time.Millisecond))
 				if err != nil {
-					attrs = append(attrs, "err", err)
+					a = append(a, "err", err)
 				}
-				w.log.Info(what+": done after retrying", attrs...)
+				w.log.Info(what+": done after retrying", a...)
 			}
 			return err
 		}
@@ -888,7 +890,7 @@ func (w *Worker) retry(ctx context.Context, what string, try func() (final bool,
 			return fmt.Errorf("%w (tried %d times in %s)", err, tries, time.Since(started).Round(time.Millisecond))
 		}
 		if tries == 1 {
-			w.log.Warn(what+"; trying again", append(attrs, "err", err, "for", retryFor)...)
+			w.log.Warn(what+"; trying again", append(attrs(), "err", err, "for", retryFor)...)
 		}
 		timer := time.NewTimer(pause)
 		select {
