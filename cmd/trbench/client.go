@@ -118,6 +118,7 @@ type conn struct {
 	joinSent atomic.Int64 // UnixNano of the join waiting for its joined; 0 = none
 	joinKind atomic.Int32
 	joined   chan joinedInfo // capacity 1: the last joined frame
+	joinErr  chan string     // capacity 1: the code of the last refused join
 	ends     chan string     // when set before start: ids of ended turns (never blocks)
 	done     chan struct{}   // closed when the reader ends
 	err      error           // why the reader ended; set before done closes
@@ -150,7 +151,7 @@ func newConn(b *bench, ws *wsConn, idx int, trk *Tracker, ends chan string) *con
 	if trk == nil {
 		trk = NewTracker()
 	}
-	c := &conn{b: b, ws: ws, idx: idx, trk: trk, lat: b.latShard(idx), joined: make(chan joinedInfo, 1), ends: ends, done: make(chan struct{})}
+	c := &conn{b: b, ws: ws, idx: idx, trk: trk, lat: b.latShard(idx), joined: make(chan joinedInfo, 1), joinErr: make(chan string, 1), ends: ends, done: make(chan struct{})}
 	trk.OnViolation = c.violation // the reader now owns the tracker
 	return c
 }
@@ -200,14 +201,39 @@ func (c *conn) join(ctx context.Context, conv string, a *after, history *int) (j
 	case <-c.joined:
 	default:
 	}
+	select { // and a stale refusal
+	case <-c.joinErr:
+	default:
+	}
 	c.joinKind.Store(int32(kind))
 	c.joinSent.Store(time.Now().UnixNano())
-	if err := c.write(ctx, clientFrame{Type: "join", ConversationID: conv, After: a, History: history}); err != nil {
+	if err := c.write(ctx, clientFrame{Type: "join", ID: joinID, ConversationID: conv, After: a, History: history}); err != nil {
 		return joinedInfo{}, err
 	}
+	return c.awaitJoined(ctx)
+}
+
+// joinID marks the join frames, so that the server's refusal of one is
+// told from its other errors.
+const joinID = "join"
+
+// joinTimeout bounds the wait for a join's answer: a server that never
+// answers one (or whose answer is lost) fails that connection rather than
+// hold the whole run.
+const joinTimeout = time.Minute
+
+// awaitJoined waits for the answer to the join just sent: joined, or the
+// server's refusal of it.
+func (c *conn) awaitJoined(ctx context.Context) (joinedInfo, error) {
+	t := time.NewTimer(joinTimeout)
+	defer t.Stop()
 	select {
 	case j := <-c.joined:
 		return j, nil
+	case code := <-c.joinErr:
+		return joinedInfo{}, fmt.Errorf("join refused: %s", code)
+	case <-t.C:
+		return joinedInfo{}, fmt.Errorf("no answer to join within %s", joinTimeout)
 	case <-c.done:
 		return joinedInfo{}, fmt.Errorf("connection ended before joined: %w", c.err)
 	case <-ctx.Done():
@@ -363,6 +389,12 @@ func (c *conn) handle(data []byte, f *frame) {
 	case "error":
 		code := string(f.code)
 		c.b.count("server error: " + code)
+		if string(f.id) == joinID {
+			select {
+			case c.joinErr <- code:
+			default:
+			}
+		}
 		if c.sender && c.conv != nil {
 			c.conv.onError(string(f.id), code)
 		}

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 )
@@ -252,5 +254,21 @@ func TestCancelToEnd(t *testing.T) {
 	cs.onEnd(time.Now(), turn, "complete", 10, 10)
 	if b.cancel.Count() != 1 || b.errs.snapshot()["cancel: turn ended complete first"] != 1 {
 		t.Errorf("a turn that completed before its cancel: %d samples, events %v", b.cancel.Count(), b.errs.snapshot())
+	}
+}
+
+// A join the server refuses fails at once, instead of waiting for a joined
+// frame that will not come (which held a whole run).
+func TestJoinRefused(t *testing.T) {
+	c, _ := testConn(false)
+	feed(c, `{"type":"error","id":"join","code":"unavailable","message":"the store did not answer"}`)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.awaitJoined(ctx); err == nil || !strings.Contains(err.Error(), "unavailable") {
+		t.Fatalf("awaitJoined after a refusal: %v, want the refusal", err)
+	}
+	feed(c, joinedIdle)
+	if _, err := c.awaitJoined(ctx); err != nil {
+		t.Fatalf("awaitJoined after joined: %v", err)
 	}
 }
