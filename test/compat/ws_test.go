@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/url"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -12,9 +11,7 @@ import (
 
 	"github.com/coder/websocket"
 	"github.com/golang-jwt/jwt/v5"
-	"github.com/nats-io/nats-server/v2/server"
 
-	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -579,15 +576,8 @@ func TestTokenExpiresOnOpenSocket(t *testing.T) {
 // and a worker of their own make the producer's death possible.
 func TestClearedSessionEndsItsLostReply(t *testing.T) {
 	t.Parallel()
-	dir := t.TempDir()
-	ns, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
-		JetStream: true, StoreDir: filepath.Join(dir, "js"), Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Server.Shutdown)
-	common := []string{"--nats-url", ns.Server.ClientURL(), "--store-url", "sqlite://" + filepath.Join(dir, "tr.db")}
+	natsURL, storeURL := trtest.ScaleOutDeps(t)
+	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
 	w := trtest.Start(t, append([]string{"worker"}, common...)...)
 	// A short --cancel-wait and --quiet-check keep the test quick: the
 	// clear waits for the cancel no worker answers, and the views read the

@@ -7,17 +7,14 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
-	"github.com/nats-io/nats-server/v2/server"
 
 	"github.com/tokenrelay/tokenrelay/internal/auth"
-	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/bus/bustest"
 	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/gateway"
@@ -387,15 +384,8 @@ func TestSendOutlivesAShutdown(t *testing.T) {
 // come, and the client's resume learns the turn is gone.
 func TestSSEOfATurnDeletedBeforeItsEnd(t *testing.T) {
 	t.Parallel()
-	dir := t.TempDir()
-	ns, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
-		JetStream: true, StoreDir: filepath.Join(dir, "js"), Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Server.Shutdown)
-	common := []string{"--nats-url", ns.Server.ClientURL(), "--store-url", "sqlite://" + filepath.Join(dir, "tr.db")}
+	natsURL, storeURL := trtest.ScaleOutDeps(t)
+	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
 	w := trtest.Start(t, append([]string{"worker"}, common...)...)
 	g := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--cancel-wait", "100ms", "--quiet-check", "200ms"}, common...)...)
 	g.WaitReady(t)

@@ -1,0 +1,26 @@
+package trtest
+
+import (
+	"path/filepath"
+	"testing"
+
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/tokenrelay/tokenrelay/internal/bus"
+)
+
+// ScaleOutDeps starts what a gateway and a worker run against, for t alone:
+// an embedded NATS server with JetStream, and a SQLite file both can open.
+// It returns the --nats-url and --store-url to give them.
+func ScaleOutDeps(t testing.TB) (natsURL, storeURL string) {
+	t.Helper()
+	dir := t.TempDir()
+	ns, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
+		JetStream: true, StoreDir: filepath.Join(dir, "js"), Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true,
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Server.Shutdown)
+	return ns.Server.ClientURL(), "sqlite://" + filepath.Join(dir, "tr.db")
+}
