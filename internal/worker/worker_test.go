@@ -1027,42 +1027,34 @@ func TestEndPublishedOnceTheStreamTakesIt(t *testing.T) {
 
 // When the events stream refuses a stored end for longer than the worker
 // tries, the job is left to come back rather than acked: its next delivery
-// publishes the stored end once the stream takes it.
+// publishes the stored end once the stream takes it. So too for a producer
+// whose end lost to another's (beaten): it publishes the winning end, which
+// the stream may lack (its producer stored it and died).
 func TestEndLeftToTheJobsNextDelivery(t *testing.T) {
 	defer worker.SetRetryFor(200 * time.Millisecond)()
-	logs := &lockedBuffer{}
-	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, false)
-	acks := jobAcks(t, e.bus)
-	e.start(t)
-	e.send(t, "c", "t1", "hello", true)
-	logs.waitFor(t, "the turn's end could not be published")
-	takeAgain()
-	if n := waitAck(t, acks); n < 2 {
-		t.Fatalf("acked at delivery %d, want a later one", n)
-	}
-	if end := streamedEnd(t, e.bus); end == nil || end.Status != chat.StatusComplete || end.Seq != 20 {
-		t.Fatalf("the stream holds end %+v, want complete at seq 20:\n%s", end, logs.String())
-	}
-}
-
-// A producer whose end lost to another's publishes the winning end, which
-// the stream may lack (its producer stored it and died). When the stream
-// refuses it for longer than the worker tries, the job is not acked either:
-// its next delivery publishes the stored end once the stream takes it.
-func TestLosingEndLeftToTheJobsNextDelivery(t *testing.T) {
-	defer worker.SetRetryFor(200 * time.Millisecond)()
-	logs := &lockedBuffer{}
-	e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, true)
-	acks := jobAcks(t, e.bus)
-	e.start(t)
-	e.send(t, "c", "t1", "hello", true)
-	logs.waitFor(t, "the turn's end could not be published")
-	takeAgain()
-	if n := waitAck(t, acks); n < 2 {
-		t.Fatalf("acked at delivery %d, want a later one", n)
-	}
-	if end := streamedEnd(t, e.bus); end == nil || end.Status != chat.StatusInterrupted || end.Seq != 20 {
-		t.Fatalf("the stream holds end %+v, want the winner's, interrupted at seq 20:\n%s", end, logs.String())
+	for _, tc := range []struct {
+		name   string
+		beaten bool
+		want   chat.TurnStatus
+	}{
+		{"its own end", false, chat.StatusComplete},
+		{"the winner's end", true, chat.StatusInterrupted},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			logs := &lockedBuffer{}
+			e, takeAgain := refusingEndsEnv(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, tc.beaten)
+			acks := jobAcks(t, e.bus)
+			e.start(t)
+			e.send(t, "c", "t1", "hello", true)
+			logs.waitFor(t, "the turn's end could not be published")
+			takeAgain()
+			if n := waitAck(t, acks); n < 2 {
+				t.Fatalf("acked at delivery %d, want a later one", n)
+			}
+			if end := streamedEnd(t, e.bus); end == nil || end.Status != tc.want || end.Seq != 20 {
+				t.Fatalf("the stream holds end %+v, want %s at seq 20:\n%s", end, tc.want, logs.String())
+			}
+		})
 	}
 }
 

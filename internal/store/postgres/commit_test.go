@@ -20,18 +20,7 @@ import (
 // starts nothing). Here the COMMIT is held by a deferred trigger, so it
 // commits after the deadline has cut off its client.
 func TestSendWhoseCommitOutlastsTheDeadline(t *testing.T) {
-	u := pgtest.SchemaURL(t)
-	db, err := postgres.Open(t.Context(), u)
-	if err != nil {
-		t.Fatalf("open: %v", err)
-	}
-	t.Cleanup(func() { db.Close() })
-	conn, err := pgx.Connect(t.Context(), u)
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	defer conn.Close(context.Background())
-	for _, q := range []string{
+	db := storeWith(t,
 		// The client's cancel (pgx sends one as it drops the connection)
 		// only cuts the wait short: the COMMIT then goes through, as one
 		// does that has committed locally when its wait for a synchronous
@@ -44,11 +33,7 @@ func TestSendWhoseCommitOutlastsTheDeadline(t *testing.T) {
 		`CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON messages
 			DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
 			WHEN (NEW.role = 'assistant') EXECUTE FUNCTION slow_commit()`,
-	} {
-		if _, err := conn.Exec(t.Context(), q); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
+	)
 	req := store.SendRequest{ConversationID: "c1", Owner: "alice", MessageID: "m1", TurnID: "t1", Text: "hello", Now: time.Now()}
 	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
 	res, err := db.Send(ctx, req)
@@ -72,18 +57,7 @@ func TestSendWhoseCommitOutlastsTheDeadline(t *testing.T) {
 // it would not save its journaled deltas before the end reached the
 // stream, nor count the turn, taking the end stored as another's.
 func TestFinishTurnWhoseAnswerWasLost(t *testing.T) {
-	u := pgtest.SchemaURL(t)
-	db, err := postgres.Open(t.Context(), u)
-	if err != nil {
-		t.Fatalf("open: %v", err)
-	}
-	t.Cleanup(func() { db.Close() })
-	conn, err := pgx.Connect(t.Context(), u)
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	defer conn.Close(context.Background())
-	for _, q := range []string{
+	db := storeWith(t,
 		// The end's UPDATE outlasts the try's deadline, and commits after
 		// its client has given up.
 		`CREATE FUNCTION slow_end() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -94,17 +68,13 @@ func TestFinishTurnWhoseAnswerWasLost(t *testing.T) {
 		`CREATE TRIGGER slow_end AFTER UPDATE ON messages FOR EACH ROW
 			WHEN (OLD.status IN ('queued', 'streaming') AND NEW.status NOT IN ('queued', 'streaming'))
 			EXECUTE FUNCTION slow_end()`,
-	} {
-		if _, err := conn.Exec(t.Context(), q); err != nil {
-			t.Fatalf("%s: %v", q, err)
-		}
-	}
+	)
 	if _, err := db.Send(t.Context(), store.SendRequest{ConversationID: "c1", Owner: "alice", MessageID: "m1", TurnID: "t1", Text: "hello", Now: time.Now()}); err != nil {
 		t.Fatalf("send: %v", err)
 	}
 	r := store.TurnResult{TurnID: "t1", Status: chat.StatusComplete, Content: "the answer", Seq: 3, Now: time.Now()}
 	ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
-	_, _, err = db.FinishTurn(ctx, r)
+	_, _, err := db.FinishTurn(ctx, r)
 	cancel()
 	if err == nil {
 		t.Fatal("the first try answered before its deadline: the trigger did not hold it")
@@ -119,4 +89,27 @@ func TestFinishTurnWhoseAnswerWasLost(t *testing.T) {
 	if st, won, err := db.FinishTurn(t.Context(), other); err != nil || st != chat.StatusComplete || won {
 		t.Fatalf("another end: %s, won %v, %v; want complete, lost", st, won, err)
 	}
+}
+
+// storeWith opens a store in a schema of its own, and runs stmts on it
+// first (the triggers that make a statement outlast its deadline).
+func storeWith(t *testing.T, stmts ...string) *postgres.DB {
+	t.Helper()
+	u := pgtest.SchemaURL(t)
+	db, err := postgres.Open(t.Context(), u)
+	if err != nil {
+		t.Fatalf("open: %v", err)
+	}
+	t.Cleanup(func() { db.Close() })
+	conn, err := pgx.Connect(t.Context(), u)
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer conn.Close(context.Background())
+	for _, q := range stmts {
+		if _, err := conn.Exec(t.Context(), q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	return db
 }
