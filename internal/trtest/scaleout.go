@@ -11,8 +11,9 @@ import (
 
 // ScaleOutDeps starts what a gateway and a worker run against, for t alone:
 // an embedded NATS server with JetStream, and a SQLite file both can open.
-// It returns the --nats-url and --store-url to give them.
-func ScaleOutDeps(t testing.TB) (natsURL, storeURL string) {
+// It returns the server (to stop it, say) and the --nats-url and
+// --store-url to give them.
+func ScaleOutDeps(t testing.TB) (ns *bus.Embedded, natsURL, storeURL string) {
 	t.Helper()
 	dir := t.TempDir()
 	ns, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
@@ -22,5 +23,5 @@ func ScaleOutDeps(t testing.TB) (natsURL, storeURL string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(ns.Server.Shutdown)
-	return ns.Server.ClientURL(), "sqlite://" + filepath.Join(dir, "tr.db")
+	return ns, ns.Server.ClientURL(), "sqlite://" + filepath.Join(dir, "tr.db")
 }

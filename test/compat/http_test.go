@@ -4,7 +4,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -12,9 +11,7 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
-	"github.com/nats-io/nats-server/v2/server"
 
-	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
 
@@ -326,16 +323,8 @@ func TestHealth(t *testing.T) {
 // DOWN. A gateway alone against its own NATS shows all of them.
 func TestNoWorkerNoBroker(t *testing.T) {
 	t.Parallel()
-	dir := t.TempDir()
-	ns, err := bus.StartEmbedded(bus.EmbeddedConfig{Options: &server.Options{
-		JetStream: true, StoreDir: filepath.Join(dir, "js"), Host: "127.0.0.1", Port: -1, NoSigs: true, NoLog: true,
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ns.Server.Shutdown)
-	g := trtest.Start(t, "gateway", "--addr", "127.0.0.1:0", "--nats-url", ns.Server.ClientURL(),
-		"--store-url", "sqlite://"+filepath.Join(dir, "tr.db"))
+	ns, natsURL, storeURL := trtest.ScaleOutDeps(t)
+	g := trtest.Start(t, "gateway", "--addr", "127.0.0.1:0", "--nats-url", natsURL, "--store-url", storeURL)
 
 	code, out, _ := call(t, "POST", g.URL+"/api/chat", map[string]any{"session_id": "s", "message": "hello"}, nil)
 	if code != 502 || out["error"] != "Communication error with AI service" || out["detail"] == "" {

@@ -576,7 +576,7 @@ func TestTokenExpiresOnOpenSocket(t *testing.T) {
 // and a worker of their own make the producer's death possible.
 func TestClearedSessionEndsItsLostReply(t *testing.T) {
 	t.Parallel()
-	natsURL, storeURL := trtest.ScaleOutDeps(t)
+	_, natsURL, storeURL := trtest.ScaleOutDeps(t)
 	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
 	w := trtest.Start(t, append([]string{"worker"}, common...)...)
 	// A short --cancel-wait and --quiet-check keep the test quick: the

@@ -384,7 +384,7 @@ func TestSendOutlivesAShutdown(t *testing.T) {
 // come, and the client's resume learns the turn is gone.
 func TestSSEOfATurnDeletedBeforeItsEnd(t *testing.T) {
 	t.Parallel()
-	natsURL, storeURL := trtest.ScaleOutDeps(t)
+	_, natsURL, storeURL := trtest.ScaleOutDeps(t)
 	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
 	w := trtest.Start(t, append([]string{"worker"}, common...)...)
 	g := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--cancel-wait", "100ms", "--quiet-check", "200ms"}, common...)...)
