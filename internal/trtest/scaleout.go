@@ -25,3 +25,17 @@ func ScaleOutDeps(t testing.TB) (ns *bus.Embedded, natsURL, storeURL string) {
 	t.Cleanup(ns.Server.Shutdown)
 	return ns, ns.Server.ClientURL(), "sqlite://" + filepath.Join(dir, "tr.db")
 }
+
+// StartScaleOut starts a worker and a gateway (on a free loopback port,
+// with gatewayArgs) against ScaleOutDeps, for t alone, and waits until the
+// gateway is ready. A test that kills the worker has a turn whose producer
+// is gone.
+func StartScaleOut(t testing.TB, gatewayArgs ...string) (g, w *Proc) {
+	t.Helper()
+	_, natsURL, storeURL := ScaleOutDeps(t)
+	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
+	w = Start(t, append([]string{"worker"}, common...)...)
+	g = Start(t, append(append([]string{"gateway", "--addr", "127.0.0.1:0"}, gatewayArgs...), common...)...)
+	g.WaitReady(t)
+	return g, w
+}

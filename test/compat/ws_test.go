@@ -576,14 +576,10 @@ func TestTokenExpiresOnOpenSocket(t *testing.T) {
 // and a worker of their own make the producer's death possible.
 func TestClearedSessionEndsItsLostReply(t *testing.T) {
 	t.Parallel()
-	_, natsURL, storeURL := trtest.ScaleOutDeps(t)
-	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
-	w := trtest.Start(t, append([]string{"worker"}, common...)...)
 	// A short --cancel-wait and --quiet-check keep the test quick: the
 	// clear waits for the cancel no worker answers, and the views read the
 	// silent turn again after --quiet-check.
-	g := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--cancel-wait", "100ms", "--quiet-check", "200ms"}, common...)...)
-	g.WaitReady(t)
+	g, w := trtest.StartScaleOut(t, "--cancel-wait", "100ms", "--quiet-check", "200ms")
 	a := page(t, g, "lost", "demo_user")
 	b := page(t, g, "lost", "demo_user")
 	sendChat(t, g, "lost", "demo_user", "[sim tokens=5000 rate=20] long")

@@ -384,11 +384,7 @@ func TestSendOutlivesAShutdown(t *testing.T) {
 // come, and the client's resume learns the turn is gone.
 func TestSSEOfATurnDeletedBeforeItsEnd(t *testing.T) {
 	t.Parallel()
-	_, natsURL, storeURL := trtest.ScaleOutDeps(t)
-	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
-	w := trtest.Start(t, append([]string{"worker"}, common...)...)
-	g := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--cancel-wait", "100ms", "--quiet-check", "200ms"}, common...)...)
-	g.WaitReady(t)
+	g, w := trtest.StartScaleOut(t, "--cancel-wait", "100ms", "--quiet-check", "200ms")
 	c := trtest.Dial(t, g.WSURL(), nil)
 	c.Join("sse-deleted", nil)
 	tr := startTurn(t, c, "sse-deleted", "a long one [sim tokens=5000 rate=20]", 1)
