@@ -107,7 +107,9 @@ test('a Stop the server could not carry out says so, and Stop works again', asyn
   await h.send(page, 'Talk for a while [sim tokens=400 rate=40]');
   const answer = h.lastAnswer(page);
   const stop = page.getByRole('button', { name: 'Stop answer' });
-  await stop.waitFor();
+  // Stop is offered while the turn is still queued; wait for the answer to
+  // stream so that "still streaming after the refusal" means something.
+  await answer.locator('xpath=self::*[@data-status="streaming"]').waitFor();
   await stop.click();
   await page.getByRole('alert').getByText('The answer could not be stopped just now').waitFor();
   assert.equal(await answer.getAttribute('data-status'), 'streaming');
