@@ -3,6 +3,7 @@ package e2e_test
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -24,6 +25,7 @@ type fakeModel struct {
 	closed   chan time.Time
 	answer   func(n int) []string // the pieces of the n-th answer
 	delay    time.Duration        // between pieces
+	finish   string               // the answers' finish_reason; "" is "stop"
 }
 
 type chatRequest struct {
@@ -71,7 +73,11 @@ func (f *fakeModel) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		case <-time.After(f.delay):
 		}
 	}
-	chunk(`{}`, "stop")
+	finish := f.finish
+	if finish == "" {
+		finish = "stop"
+	}
+	chunk(`{}`, finish)
 	fmt.Fprintf(w, "data: {\"id\":\"chatcmpl-%d\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":%q,\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":%d,\"total_tokens\":%d}}\n\n", n, req.Model, len(f.answer(n)), 11+len(f.answer(n)))
 	fmt.Fprint(w, "data: [DONE]\n\n")
 	fl.Flush()
@@ -130,6 +136,53 @@ func TestOpenAIProviderEndToEnd(t *testing.T) {
 	c.Send(`{"type":"send","conversation_id":"oa","text":"x","model":"gpt-huge","id":"bad"}`)
 	if f := ackOf(t, c, "bad"); f.Type() != "error" || f.Str("code") != "bad_request" {
 		t.Fatalf("unknown model answered %v", f)
+	}
+}
+
+// An answer the model server broke off (vLLM's finish_reason "abort",
+// OpenRouter's "error") ends the turn with an error and the text so far,
+// and the usage the server reported after it reaches turn.end and the
+// store: its tokens were spent.
+func TestOpenAIBrokenOffAnswerKeepsItsUsage(t *testing.T) {
+	for _, reason := range []string{"abort", "error"} {
+		t.Run(reason, func(t *testing.T) {
+			fm := &fakeModel{closed: make(chan time.Time, 4), finish: reason, answer: func(int) []string { return []string{"Half", " an"} }}
+			srv := httptest.NewServer(fm)
+			defer srv.Close()
+			p := trtest.Serve(t, "--provider", "openai", "--openai-base-url", srv.URL+"/v1", "--openai-api-key", "sk-test-secret", "--model", "m1")
+			c := trtest.Dial(t, p.WSURL(), nil)
+			c.Join("cut", nil)
+			c.Send(map[string]any{"type": "send", "conversation_id": "cut", "text": "Tell me.", "id": "s"})
+			fs := c.Until(wait, func(f trtest.Frame) bool { return f.Type() == "turn.end" || f.Type() == "error" })
+			end := fs[len(fs)-1]
+			if end.Str("status") != "error" || !strings.Contains(end.Str("error"), reason) {
+				t.Fatalf("turn ended with %v, want an error naming %q", end, reason)
+			}
+			want := map[string]int{"prompt_tokens": 11, "completion_tokens": 2}
+			got := map[string]int{}
+			for k, v := range end.Obj("usage") {
+				n, _ := v.(float64)
+				got[k] = int(n)
+			}
+			if !maps.Equal(got, want) {
+				t.Errorf("turn.end usage %v, want %v", end["usage"], want)
+			}
+			var body struct {
+				Messages []struct {
+					Content string         `json:"content"`
+					Status  string         `json:"status"`
+					Usage   map[string]int `json:"usage"`
+				} `json:"messages"`
+			}
+			trtest.Get(t, p.URL+"/v1/conversations/cut/messages", &body)
+			m := body.Messages[len(body.Messages)-1]
+			if m.Status != "error" || m.Content != "Half an" {
+				t.Errorf("stored %s %q, want error %q", m.Status, m.Content, "Half an")
+			}
+			if !maps.Equal(m.Usage, want) {
+				t.Errorf("stored usage %v, want %v", m.Usage, want)
+			}
+		})
 	}
 }
 

@@ -70,9 +70,10 @@ func TestStreamJSONAnswer(t *testing.T) {
 			wantUsage: nil,
 		},
 		{
-			name:    "broken off",
-			body:    `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hel"},"finish_reason":"abort"}]}`,
-			wantErr: `the model server broke off the answer (finish_reason "abort")`,
+			name:      "broken off",
+			body:      `{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hel"},"finish_reason":"abort"}],"usage":{"prompt_tokens":4,"completion_tokens":1}}`,
+			wantErr:   `the model server broke off the answer (finish_reason "abort")`,
+			wantUsage: &chat.Usage{PromptTokens: 4, CompletionTokens: 1}, // spent all the same
 		},
 		{
 			name:    "content of another type",
@@ -312,5 +313,68 @@ func TestStreamAnswerOfNoTextEndsWithoutTheServerClosing(t *testing.T) {
 				t.Errorf("emitted %q, want nothing", got)
 			}
 		})
+	}
+}
+
+// The usage comes in a chunk of its own after the finish_reason (with
+// stream_options include_usage), or in the finish chunk itself. It is
+// kept whatever the finish_reason, an answer broken off included (its
+// tokens were spent), whether [DONE] follows, the server closes, or it
+// keeps the response open.
+func TestStreamUsageAfterTheFinish(t *testing.T) {
+	finish := func(reason string) string {
+		return `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"` + reason + `"}]}` + "\n\n"
+	}
+	finishWithUsage := func(reason string) string {
+		return `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"` + reason + `"}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12}}` + "\n\n"
+	}
+	wantMsg := map[string]string{
+		"abort": `the model server broke off the answer (finish_reason "abort")`,
+		"error": `the model server broke off the answer (finish_reason "error")`,
+	}
+	endings := map[string]struct {
+		parts []string // after the text
+		open  bool     // the server keeps the response open after them
+	}{
+		"then [DONE]":            {parts: []string{usageChunk, doneEvent}},
+		"then the server closes": {parts: []string{usageChunk}},
+		"then the server stays":  {parts: []string{usageChunk}, open: true},
+		"in the finish chunk":    {parts: []string{doneEvent}},
+	}
+	for _, reason := range []string{"stop", "length", "content_filter", "tool_calls", "abort", "error"} {
+		for name, end := range endings {
+			t.Run(reason+"/"+name, func(t *testing.T) {
+				parts := []string{roleChunk, contentChunk("Hel")}
+				if name == "in the finish chunk" {
+					parts = append(parts, finishWithUsage(reason))
+				} else {
+					parts = append(parts, finish(reason))
+				}
+				parts = append(parts, end.parts...)
+				srv := newFakeServer(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+					writeSSE(t, w, parts...)
+					if end.open {
+						<-r.Context().Done() // until the client closes the connection
+					}
+				})
+				f := newFixture(t, srv.baseURL(), func(c *Config) { c.IdleTimeout = -1 })
+				f.p.trailerWait = 10 * time.Millisecond
+				got, res, err := f.stream(t)
+				if msg := wantMsg[reason]; msg != "" {
+					wantProviderError(t, err, msg)
+				} else if err != nil {
+					t.Fatalf("Stream: %v", err)
+				}
+				if !slices.Equal(got, []string{"Hel"}) {
+					t.Errorf("emitted %q, want [Hel]", got)
+				}
+				if want := (&chat.Usage{PromptTokens: 9, CompletionTokens: 3}); !equalUsage(res.Usage, want) {
+					t.Errorf("usage %+v, want %+v", res.Usage, want)
+				}
+				if n := srv.requests.Load(); n != 1 {
+					t.Errorf("%d requests, want 1", n)
+				}
+			})
+		}
 	}
 }

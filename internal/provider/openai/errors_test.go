@@ -383,6 +383,18 @@ func TestStreamBrokenStream(t *testing.T) {
 			wantMsg: "the model server reported an error: the request exceeds the available context size, try increasing it",
 		},
 		{
+			// vLLM with continuous usage stats counts every chunk: the
+			// tokens spent before the error stay counted.
+			name: "error event after usage",
+			respond: func(t testing.TB, w http.ResponseWriter) {
+				writeSSE(t, w, `data: {"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}`+"\n\n",
+					"event: error\n"+`data: {"error":{"message":"CUDA out of memory","type":"InternalServerError","code":500}}`+"\n\n")
+			},
+			want:      []string{"Hel"},
+			wantMsg:   "the model server reported an error: CUDA out of memory",
+			wantUsage: &chat.Usage{PromptTokens: 9, CompletionTokens: 1},
+		},
+		{
 			name: "error event with a flat error object",
 			respond: func(t testing.TB, w http.ResponseWriter) {
 				writeSSE(t, w, contentChunk("Hel"), "event: error\n"+`data: {"message":"CUDA out of memory","type":"server_error","code":500}`+"\n\n", doneEvent)
@@ -416,8 +428,9 @@ func TestStreamBrokenStream(t *testing.T) {
 					`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"abort","stop_reason":null}]}`+"\n\n",
 					usageChunk, doneEvent)
 			},
-			want:    []string{"Hel"},
-			wantMsg: `the model server broke off the answer (finish_reason "abort")`,
+			want:      []string{"Hel"},
+			wantMsg:   `the model server broke off the answer (finish_reason "abort")`,
+			wantUsage: &chat.Usage{PromptTokens: 9, CompletionTokens: 3}, // spent all the same
 		},
 		{
 			// OpenRouter's finish_reason for a failed answer, here

@@ -230,8 +230,13 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		prevFinish       = true // the chunk before had a finish_reason (none before the first)
 		finishUnreliable bool
 		lastFinish       string // the last finish_reason that came
-		pairs            pairJoiner
-		sse              = newSSEReader(stream, maxEventBytes)
+		// A finish_reason that said the answer was broken off (see
+		// brokenOff): the attempt's failure, returned once the stream
+		// ends, so that the usage that may follow is kept (the tokens
+		// were spent); nothing after it is emitted.
+		broken *failure
+		pairs  pairJoiner
+		sse    = newSSEReader(stream, maxEventBytes)
 	)
 	// end emits what the joiner still holds, once the answer is complete.
 	// An answer of no text that a limit or a filter cut is a failure: the
@@ -252,6 +257,9 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 		if err != nil {
 			if ctx.Err() != nil {
 				return provider.Result{}, nil, ctx.Err()
+			}
+			if broken != nil {
+				return res, broken, nil // whether it closed or stayed open
 			}
 			if finished && (!finishUnreliable || err == io.EOF) {
 				// The answer is complete: a server that omits [DONE] and
@@ -286,10 +294,15 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			// then the connection is closed.
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
 			_, _ = io.CopyN(io.Discard, resp.Body, 4096)
+			if broken != nil {
+				return res, broken, nil
+			}
 			return end()
 		}
+		// An error the server reports keeps the usage it reported before
+		// (vLLM's continuous usage stats), as a broken-off answer does.
 		if event == "error" {
-			return provider.Result{}, p.errorEvent(data), nil
+			return res, p.errorEvent(data), nil
 		}
 		if len(data) == 0 {
 			// A keep-alive some proxies send ("data:" and a blank
@@ -301,10 +314,13 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			return provider.Result{}, &failure{err: p.fail(msgMalformed, err, false)}, nil
 		}
 		if (len(c.Error) > 0 && string(c.Error) != "null") || c.Object == "error" {
-			return provider.Result{}, p.errorEvent(data), nil
+			return res, p.errorEvent(data), nil
 		}
 		if c.Usage != nil {
 			res.Usage = &chat.Usage{PromptTokens: c.Usage.PromptTokens, CompletionTokens: c.Usage.CompletionTokens}
+		}
+		if broken != nil {
+			continue // only the usage (or [DONE]) is wanted now
 		}
 		for _, ch := range c.Choices {
 			if ch.Index != 0 {
@@ -333,7 +349,8 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			}
 			finish := ch.FinishReason != nil && *ch.FinishReason != ""
 			if finish && brokenOff(*ch.FinishReason) {
-				return provider.Result{}, p.brokenOffFailure(*ch.FinishReason), nil
+				broken = p.brokenOffFailure(*ch.FinishReason)
+				break
 			}
 			if finish {
 				lastFinish = *ch.FinishReason
@@ -342,6 +359,9 @@ func (p *Provider) attempt(ctx context.Context, body []byte, model string, emit 
 			prevFinish = finish
 		}
 		switch {
+		case broken != nil:
+			// Only the usage (or [DONE]) may follow, at once.
+			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
 		case finished && finishBare && !finishUnreliable:
 			// Only the usage (or [DONE]) may follow, at once.
 			wd.arm(&timeoutError{phase: phaseIdle, after: p.trailerWait})
@@ -501,9 +521,10 @@ func (p *Provider) wholeAnswer(body io.Reader) (whole, *failure) {
 	if c.Usage != nil {
 		w.Usage = &chat.Usage{PromptTokens: c.Usage.PromptTokens, CompletionTokens: c.Usage.CompletionTokens}
 	}
-	// Its finish_reason means what it means in a stream.
+	// Its finish_reason means what it means in a stream; the tokens of an
+	// answer broken off were spent all the same.
 	if brokenOff(finish) {
-		return whole{}, p.brokenOffFailure(finish)
+		return whole{Result: w.Result}, p.brokenOffFailure(finish)
 	}
 	if w.text == "" {
 		if f := p.emptyAnswerFailure(finish); f != nil {
