@@ -49,6 +49,13 @@ func (s *Server) authed(h http.Handler) http.Handler {
 		id, err := s.auth.Authenticate(r)
 		if err != nil {
 			s.m.authFailures.WithLabelValues("token").Inc()
+			// HTTP requires a 401 to name the scheme it wants (RFC 9110
+			// 11.6.1); RFC 6750 says how a bearer token failed.
+			challenge := `Bearer realm="tokenrelay"`
+			if r.Header.Get("Authorization") != "" || r.URL.Query().Get("access_token") != "" {
+				challenge += `, error="invalid_token"`
+			}
+			w.Header().Set("WWW-Authenticate", challenge)
 			s.writeError(w, protocol.Errorf(protocol.CodeUnauthorized, "a valid token is required"))
 			return
 		}
