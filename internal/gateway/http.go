@@ -209,19 +209,23 @@ func named(err error, what string) error {
 
 // bodyLimit is the largest request body that may hold a message's text:
 // 6 times --limit-text-bytes (JSON escapes may grow text up to 6×) and 4
-// KiB for the rest, or 1 MiB when the text is unlimited. A limit too large
-// to multiply is no limit on the body either, rather than one that wraps
-// around to refuse every body.
+// KiB for the rest. An unlimited text (0) is an unlimited body, as a
+// limit's 0 says; the body must still arrive within --read-timeout. A
+// limit too large to multiply is no limit on the body either, rather than
+// one that wraps around to refuse every body.
 func (s *Server) bodyLimit() int64 {
 	const rest = 4096
 	n := int64(s.cfg.Limits.TextBytes)
-	switch {
-	case n <= 0:
-		return 1 << 20
-	case n > (math.MaxInt64-1-rest)/6:
-		return math.MaxInt64 - 1 // so that limit+1 does not wrap either
+	if n <= 0 || n > (math.MaxInt64-1-rest)/6 {
+		return math.MaxInt64 - 1 // so that limit+1 does not wrap
 	}
 	return n*6 + rest
+}
+
+// bodyTooLarge is the error of a body over bodyLimit.
+func (s *Server) bodyTooLarge() error {
+	return protocol.Errorf(protocol.CodeTooLarge, "request body over "+strconv.FormatInt(s.bodyLimit(), 10)+
+		" bytes: a message's text may have "+itoa(s.cfg.Limits.TextBytes)+" bytes at most (--limit-text-bytes)")
 }
 
 // bodyError says why a request's body could not be read.
@@ -379,7 +383,7 @@ func (s *Server) handlePostMessage() http.Handler {
 		}
 		bodyRead(w)
 		if int64(len(data)) > limit {
-			s.writeError(w, protocol.Errorf(protocol.CodeTooLarge, "request body too large"))
+			s.writeError(w, s.bodyTooLarge())
 			return
 		}
 		if err := json.Unmarshal(data, &body); err != nil {

@@ -1,6 +1,7 @@
 package e2e_test
 
 import (
+	"encoding/json"
 	"net/http"
 	"strings"
 	"testing"
@@ -10,6 +11,47 @@ import (
 
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
+
+// post sends body as it is to POST url and returns the answer's status and
+// its error, if any.
+func post(t *testing.T, url, body string) (int, string, string) {
+	t.Helper()
+	resp, err := http.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var e struct {
+		Error struct{ Code, Message string }
+	}
+	_ = json.NewDecoder(resp.Body).Decode(&e)
+	return resp.StatusCode, e.Error.Code, e.Error.Message
+}
+
+// TestPostedBodyIsNotCappedWhenTheTextIsNot: with --limit-text-bytes 0 (no
+// limit) a POST takes a text of any size, as the limit's 0 says, rather
+// than refusing a body past a size of its own; with a limit, a body too
+// large to hold a text within it is refused with a message that names the
+// limit.
+func TestPostedBodyIsNotCappedWhenTheTextIsNot(t *testing.T) {
+	p := trtest.Serve(t, "--limit-text-bytes", "0", "--sim-rate", "0", "--sim-tokens", "2")
+	text := strings.Repeat("t", 3<<20)
+	var posted struct {
+		Message struct {
+			Content string `json:"content"`
+		} `json:"message"`
+	}
+	if code := trtest.Do(t, "POST", p.URL+"/v1/conversations/huge/messages", "", map[string]any{"text": text}, &posted); code != http.StatusAccepted || posted.Message.Content != text {
+		t.Fatalf("POST of a 3 MiB text with --limit-text-bytes 0: %d, %d bytes stored", code, len(posted.Message.Content))
+	}
+
+	q := trtest.Serve(t, "--limit-text-bytes", "100")
+	body := `{"text":"` + strings.Repeat(`\u0041`, 1000) + `"}`
+	code, errCode, msg := post(t, q.URL+"/v1/conversations/over/messages", body)
+	if code != http.StatusRequestEntityTooLarge || errCode != "too_large" || !strings.Contains(msg, "--limit-text-bytes") || !strings.Contains(msg, "100") {
+		t.Fatalf("a 6 kB body with --limit-text-bytes 100: %d %s %q, want 413 too_large naming the limit", code, errCode, msg)
+	}
+}
 
 // TestUnauthorizedNamesTheScheme: a 401 says how to authenticate, in the
 // WWW-Authenticate header HTTP requires of it, on every API path that
