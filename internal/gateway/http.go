@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -228,6 +229,34 @@ func (s *Server) bodyTooLarge() error {
 		" bytes: a message's text may have "+itoa(s.cfg.Limits.TextBytes)+" bytes at most (--limit-text-bytes)")
 }
 
+// decodeBody decodes data, a request's body, into v, the struct of a JSON
+// object. Its error is a bad_request that says what is wrong, as a bad
+// frame's does: the field of the wrong type, or where the JSON breaks.
+func decodeBody(data []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	err := dec.Decode(v)
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.Is(err, io.EOF):
+		return badRequest("the request body is empty: it must be a JSON object")
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return badRequest("invalid JSON body: it ends before its object does")
+	case errors.As(err, &te) && te.Field == "":
+		return badRequest("the request body must be a JSON object, not " + te.Value)
+	case errors.As(err, &te):
+		return badRequest("invalid JSON body: field " + te.Field + " has the wrong type (" + te.Value + ")")
+	case errors.As(err, &se):
+		return badRequest("invalid JSON body: syntax error at offset " + strconv.FormatInt(se.Offset, 10))
+	case err != nil:
+		return badRequest("invalid JSON body")
+	}
+	if rest := bytes.TrimLeft(data[dec.InputOffset():], " \t\r\n"); len(rest) > 0 {
+		return badRequest("invalid JSON body: one JSON object per request, and nothing after it")
+	}
+	return nil
+}
+
 // bodyError says why a request's body could not be read.
 func (s *Server) bodyError(err error) string {
 	if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -386,8 +415,8 @@ func (s *Server) handlePostMessage() http.Handler {
 			s.writeError(w, s.bodyTooLarge())
 			return
 		}
-		if err := json.Unmarshal(data, &body); err != nil {
-			s.writeError(w, badRequest("invalid JSON body"))
+		if err := decodeBody(data, &body); err != nil {
+			s.writeError(w, err)
 			return
 		}
 		// An id left out (or null) is made by the server; one given,

@@ -53,6 +53,34 @@ func TestPostedBodyIsNotCappedWhenTheTextIsNot(t *testing.T) {
 	}
 }
 
+// TestBadBodySaysWhatIsWrong: a POST body that is not the JSON object of a
+// send is refused with 400 bad_request saying where it went wrong (the
+// field of the wrong type, or where the JSON breaks), as a bad send frame
+// is, and stores nothing.
+func TestBadBodySaysWhatIsWrong(t *testing.T) {
+	p := trtest.Serve(t)
+	url := p.URL + "/v1/conversations/bad-body/messages"
+	for _, tt := range []struct{ body, want string }{
+		{`{"text":5}`, "field text has the wrong type"},
+		{`{"text":"hi","message_id":7}`, "field message_id has the wrong type"},
+		{`{"text":"hi","model":["m"]}`, "field model has the wrong type"},
+		{`["hi"]`, "must be a JSON object"},
+		{`"hi"`, "must be a JSON object"},
+		{`{"text":"hi"`, "ends before its object does"},
+		{`{"text":"hi",}`, "syntax error at offset"},
+		{``, "the request body is empty"},
+		{`{"text":"hi"} {}`, "one JSON object"},
+	} {
+		code, errCode, msg := post(t, url, tt.body)
+		if code != http.StatusBadRequest || errCode != "bad_request" || !strings.Contains(msg, tt.want) {
+			t.Errorf("POST %s: %d %s %q, want 400 bad_request with %q", tt.body, code, errCode, msg, tt.want)
+		}
+	}
+	if code := trtest.Get(t, url, nil); code != http.StatusNotFound {
+		t.Fatalf("history after bad bodies only: %d, want 404 (nothing stored)", code)
+	}
+}
+
 // TestUnauthorizedNamesTheScheme: a 401 says how to authenticate, in the
 // WWW-Authenticate header HTTP requires of it, on every API path that
 // needs a token, the SSE stream's included.
