@@ -55,7 +55,8 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	defer closeBackends()
 	reg := newRegistry()
 	gw := gateway.New(gatewayConfig(&c, log, reg, allowed, nil, a.Dev()), b, st, a)
-	srv, httpDone := serveHTTP(ln, gw, c.ReadTimeout, c.IdleTimeout, log)
+	read, idle := gw.HTTPTimeouts()
+	srv, httpDone := serveHTTP(ln, gw, read, idle, log)
 	log.Info("listening", append([]any{"addr", ln.Addr().String(), "dev", a.Dev()}, startAttrs(&c)...)...)
 	fmt.Fprintf(stdout, "tokenrelay gateway (version %s) listening on http://%s\n", version, ln.Addr())
 	var runErr error

@@ -151,7 +151,8 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	workerDone := make(chan error, 1)
 	go func() { workerDone <- w.Run(workerCtx) }()
 
-	srv, httpDone := serveHTTP(ln, gw, c.ReadTimeout, c.IdleTimeout, log)
+	read, idle := gw.HTTPTimeouts()
+	srv, httpDone := serveHTTP(ln, gw, read, idle, log)
 	log.Info("listening", append([]any{"addr", ln.Addr().String(), "provider", c.Provider, "dev", a.Dev()}, startAttrs(&c)...)...)
 	fmt.Fprintf(stdout, "tokenrelay serve (version %s) listening on http://%s\n", version, ln.Addr())
 

@@ -172,6 +172,20 @@ func New(cfg Config, b *bus.Bus, st store.Store, a *auth.Authenticator) *Server 
 	return s
 }
 
+// HTTPTimeouts returns the timeouts of the HTTP server that serves s, as
+// s's Config gives them once its defaults are applied (a zero field means
+// the default): read bounds how long a request's headers may take to
+// arrive, as it bounds its body, and idle how long a connection kept alive
+// may wait for its next request, as it bounds a WebSocket's answer to a
+// ping (a minute when pings are disabled).
+func (s *Server) HTTPTimeouts() (read, idle time.Duration) {
+	idle = s.cfg.IdleTimeout
+	if idle <= 0 {
+		idle = time.Minute
+	}
+	return s.cfg.ReadTimeout, idle
+}
+
 // armQuiet schedules the next checkQuiet, unless the server is shutting
 // down.
 func (s *Server) armQuiet() {

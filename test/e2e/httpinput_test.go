@@ -2,6 +2,9 @@ package e2e_test
 
 import (
 	"encoding/json"
+	"fmt"
+	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -112,4 +115,37 @@ func TestUnauthorizedNamesTheScheme(t *testing.T) {
 			t.Errorf("%s %s: %d, WWW-Authenticate %q; want 401 with a Bearer challenge", tt.method, tt.path, resp.StatusCode, got)
 		}
 	}
+}
+
+// TestZeroTimeoutsAreTheDefaults: --read-timeout 0 and --idle-timeout 0
+// mean their defaults for every HTTP connection, as they do for a
+// request's body and a WebSocket's pings: a client that never finishes
+// its headers, or keeps an idle connection, is closed rather than held
+// for good.
+func TestZeroTimeoutsAreTheDefaults(t *testing.T) {
+	p := trtest.Serve(t, "--read-timeout", "0", "--idle-timeout", "0", "--ping-interval", "1s")
+	addr := strings.TrimPrefix(p.URL, "http://")
+	closed := func(what string, conn net.Conn) {
+		t.Helper()
+		_ = conn.SetReadDeadline(time.Now().Add(wait))
+		if _, err := io.Copy(io.Discard, conn); err != nil {
+			t.Fatalf("%s: not closed (%v)", what, err)
+		}
+	}
+	// Headers never finished: closed after the default read timeout.
+	half, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer half.Close()
+	fmt.Fprintf(half, "GET /healthz HTTP/1.1\r\nHost: %s\r\n", addr)
+	// Idle after one answer: closed after the idle timeout (2 pings).
+	idle, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	fmt.Fprintf(idle, "GET /healthz HTTP/1.1\r\nHost: %s\r\n\r\n", addr)
+	closed("a connection idle after its answer", idle)
+	closed("a request whose headers never end", half)
 }
