@@ -123,6 +123,7 @@ func TestUnauthorizedNamesTheScheme(t *testing.T) {
 // its headers, or keeps an idle connection, is closed rather than held
 // for good.
 func TestZeroTimeoutsAreTheDefaults(t *testing.T) {
+	t.Parallel() // it waits out the default read timeout
 	p := trtest.Serve(t, "--read-timeout", "0", "--idle-timeout", "0", "--ping-interval", "1s")
 	addr := strings.TrimPrefix(p.URL, "http://")
 	closed := func(what string, conn net.Conn) {
