@@ -70,6 +70,7 @@ type config struct {
 	ReadTimeout     time.Duration
 	IdleTimeout     time.Duration
 	ShutdownTimeout time.Duration
+	ShutdownDrain   time.Duration
 	LogLevel        string
 	DebugAddr       string
 	MetricsAddr     string
@@ -158,6 +159,15 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.DurationVar(&c.ReadTimeout, "read-timeout", 10*time.Second, "an HTTP request's headers, and its body, must arrive within this")
 		fs.DurationVar(&c.PingInterval, "ping-interval", 30*time.Second, "server ping interval per connection (negative disables)")
 		fs.DurationVar(&c.IdleTimeout, "idle-timeout", 60*time.Second, "a connection that does not answer a ping within this is closed, and an HTTP connection idle this long between requests")
+		// A gateway sits behind a load balancer whose health checks need
+		// a few seconds to see /readyz fail (deploy/haproxy.cfg: every 2s,
+		// twice); serve is mostly stopped by hand, where a wait would only
+		// be in the way.
+		drain := 5 * time.Second
+		if r == roleServe {
+			drain = 0
+		}
+		fs.DurationVar(&c.ShutdownDrain, "shutdown-drain", drain, "on SIGTERM, answer /readyz 503 and keep serving this long before closing connections with 1001 (0: close at once)")
 		fs.DurationVar(&c.QuietCheck, "quiet-check", 10*time.Second, "an open turn silent this long is read again from the stream, in case its end was lost (negative disables)")
 	}
 	fs.BoolVar(&c.DeltaTimestamps, "delta-timestamps", false, "stamp every turn.delta with its emission time (\"ts\", Unix µs)")

@@ -62,6 +62,8 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	var runErr error
 	select {
 	case <-ctx.Done():
+		gw.Drain()
+		runErr = waitDrain(c.ShutdownDrain, httpDone, log)
 	case runErr = <-httpDone:
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
@@ -149,6 +151,26 @@ func runWithin(ctx context.Context, run func(context.Context) error, timeout tim
 	case <-t.C:
 		log.Warn("turns still ending at the shutdown timeout; leaving them to recovery", "timeout", timeout)
 		return nil
+	}
+}
+
+// waitDrain waits d, the drain of a stopping gateway (--shutdown-drain),
+// during which it answers /readyz with 503 and goes on serving: a load
+// balancer's health checks see the 503 and send new clients elsewhere
+// before the open connections are closed with 1001. It ends early, with
+// its error, if the HTTP server stops.
+func waitDrain(d time.Duration, httpDone <-chan error, log *slog.Logger) error {
+	if d <= 0 {
+		return nil
+	}
+	log.Info("draining before closing connections", "drain", d)
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case err := <-httpDone:
+		return err
 	}
 }
 

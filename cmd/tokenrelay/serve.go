@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/nats-io/nats.go"
 
@@ -159,10 +160,24 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 	var runErr error
 	select {
 	case <-ctx.Done():
+		// Its turns go on during the drain: a short one may end there.
+		gw.Drain()
+		if c.ShutdownDrain > 0 {
+			log.Info("draining before closing connections", "drain", c.ShutdownDrain)
+			t := time.NewTimer(c.ShutdownDrain)
+			select {
+			case <-t.C:
+			case runErr = <-httpDone:
+			case runErr = <-workerDone:
+				workerDone <- runErr
+			}
+			t.Stop()
+		}
 	case runErr = <-httpDone:
 	case runErr = <-workerDone:
 		workerDone <- runErr
 	}
+	gw.Drain()
 	log.Info("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
 	defer cancel()

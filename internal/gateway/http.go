@@ -588,6 +588,12 @@ func (s *Server) checked(name string, err error) string {
 
 func (s *Server) handleReadyz() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if s.draining.Load() {
+			// Shutting down: nothing else matters to whoever asks, and
+			// the answer must come at once, not after the other checks.
+			writeJSON(w, http.StatusServiceUnavailable, map[string]any{"status": "unavailable", "failing": "shutdown", "checks": map[string]string{"shutdown": "failing"}})
+			return
+		}
 		checks, ok := s.ready(r.Context())
 		if !ok {
 			failing := ""

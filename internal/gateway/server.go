@@ -112,6 +112,7 @@ type Server struct {
 	conns       sync.WaitGroup
 
 	sendsStopped atomic.Bool    // see StopSends
+	draining     atomic.Bool    // see Drain
 	sendGate     sync.RWMutex   // read-held by each send past the check of sendsStopped
 	heldJobs     sync.WaitGroup // jobs connections hold (see sendRequest.hold); added to under sendGate
 
@@ -423,11 +424,24 @@ func (s *Server) StopSends(ctx context.Context) {
 	}
 }
 
+// Drain marks the gateway as going away: from now on /readyz answers 503
+// naming the check "shutdown", so that a load balancer sends new clients
+// elsewhere, while everything else (connections open or new, sends, SSE
+// streams) goes on as before until Shutdown. It returns at once and may be
+// called more than once.
+func (s *Server) Drain() {
+	if !s.draining.Swap(true) {
+		s.log.Info("draining: /readyz answers 503 until the connections close")
+	}
+}
+
 // Shutdown closes every WebSocket connection with 1001 (going away) and
 // waits for their goroutines, or until ctx is done. Events already received
 // from the bus (a turn's end published by a stopping worker, say) are
-// written before the close.
+// written before the close. It drains first (see Drain) if that was not
+// done.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.Drain()
 	s.mu.Lock()
 	s.closing = true
 	if s.quiet != nil {

@@ -217,6 +217,10 @@ func (p *Proc) ExitErr() error {
 // Done is closed when the process has exited.
 func (p *Proc) Done() <-chan struct{} { return p.done }
 
+// Signal sends sig and returns at once; Done tells when the process has
+// exited.
+func (p *Proc) Signal(sig os.Signal) { _ = p.cmd.Process.Signal(sig) }
+
 // Stop sends SIGTERM and waits for the exit.
 func (p *Proc) Stop() error { return p.StopWith(syscall.SIGTERM) }
 
