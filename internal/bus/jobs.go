@@ -100,6 +100,18 @@ func (m *JobMsg) Ack() error {
 	return m.msg.Ack()
 }
 
+// Release hands the job back to the queue for another worker to take at
+// once, where leaving it unacked would keep it from them until the ack
+// wait. A worker calls it, instead of Ack, for a job it stops before
+// starting. Under a Local it does nothing: the process has no other
+// worker, and its queue gives the job out again after the ack wait.
+func (m *JobMsg) Release() error {
+	if m.local != nil {
+		return nil
+	}
+	return m.msg.Nak()
+}
+
 // jobPullHeartbeat is how often the server confirms a worker's waiting pull
 // request for jobs. A pull request lives on the job consumer's leader; when
 // that NATS node stops, the request is lost with it while the worker's own

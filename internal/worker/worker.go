@@ -305,10 +305,15 @@ func (w *Worker) Run(ctx context.Context) error {
 		// --ack-wait it goes to a worker that has one, and this copy,
 		// still a first delivery here, leaves the turn to that worker
 		// when it gets to it (see produce).
+		if jobsCtx.Err() != nil {
+			w.release(jm) // taken as the worker stops: to another worker
+			return
+		}
 		select {
 		case sem <- struct{}{}:
 		case <-jobsCtx.Done():
-			return // not acked: redelivered to another worker
+			w.release(jm) // not started: to another worker
+			return
 		}
 		w.wg.Add(1)
 		go func() {
@@ -474,6 +479,15 @@ func (w *Worker) handle(jm *bus.JobMsg) {
 	}
 }
 
+// release hands jm, which this worker stops before starting it, back to
+// the queue: another worker takes it at once rather than after the ack
+// wait, as a rolling restart of the workers stops each of them.
+func (w *Worker) release(jm *bus.JobMsg) {
+	if err := jm.Release(); err != nil {
+		w.log.Warn("hand back a job not started", "turn_id", jm.TurnID, "err", err)
+	}
+}
+
 // produce does the work of one job and reports whether the job may be acked.
 func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log *slog.Logger) (bool, error) {
 	// The job's first delivery carries the turn as the send stored it;
@@ -503,7 +517,8 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		}
 	}
 	if errors.Is(context.Cause(tctx), errShutdown) {
-		return false, nil // not started: the job goes to another worker or the next run
+		w.release(jm) // not started: the job goes to another worker or the next run
+		return false, nil
 	}
 	// A fresh job's turn was queued when it was enqueued. In one process
 	// (bus.InProcess) every cancel is made here: one that finds the turn
