@@ -46,11 +46,15 @@ func running(m message) bool {
 	return m.Role == "assistant" && (m.Status == "queued" || m.Status == "streaming")
 }
 
-// dialUntilUp dials url until the server answers (it is restarting), or
-// returns nil once stop is closed.
-func dialUntilUp(t *testing.T, url string, stop <-chan struct{}) *trtest.Client {
+// wsURL is the native WebSocket endpoint of the gateway at base.
+func wsURL(base string) string { return "ws" + strings.TrimPrefix(base, "http") + "/v1/ws" }
+
+// dialUntilUp dials the gateway that pick names, asking it again at each
+// attempt, until one answers (it is restarting), or returns nil once stop
+// is closed.
+func dialUntilUp(t *testing.T, pick func() string, stop <-chan struct{}) *trtest.Client {
 	for {
-		if cl, err := trtest.TryDial(t, url, nil); err == nil {
+		if cl, err := trtest.TryDial(t, wsURL(pick()), nil); err == nil {
 			return cl
 		}
 		select {
@@ -64,7 +68,7 @@ func dialUntilUp(t *testing.T, url string, stop <-chan struct{}) *trtest.Client 
 // follow makes c a tab that follows its conversation with a long history, reconnecting and resuming with "after" whenever its connection
 // ends. Once settle is closed it joins one last time and returns when it
 // has every turn to its end.
-func (c *chaosClient) follow(t *testing.T, url string, settle <-chan struct{}) error {
+func (c *chaosClient) follow(t *testing.T, pick func() string, settle <-chan struct{}) error {
 	settling := false
 	for {
 		select {
@@ -72,7 +76,7 @@ func (c *chaosClient) follow(t *testing.T, url string, settle <-chan struct{}) e
 			settling = true
 		default:
 		}
-		cl := dialUntilUp(t, url, nil)
+		cl := dialUntilUp(t, pick, nil)
 		if c.active != "" {
 			c.note(c.active, "reconnected")
 		}
@@ -128,7 +132,7 @@ type restartProducer struct {
 	cancels int
 }
 
-func (p *restartProducer) run(t *testing.T, srv func() *trtest.Proc, stop <-chan struct{}) error {
+func (p *restartProducer) run(t *testing.T, pick func() string, stop <-chan struct{}) error {
 	for i := 0; ; i++ {
 		select {
 		case <-stop:
@@ -142,20 +146,21 @@ func (p *restartProducer) run(t *testing.T, srv func() *trtest.Proc, stop <-chan
 		} else if p.rng.IntN(5) == 0 {
 			cancelAt = int64(p.rng.IntN(50))
 		}
-		if err := p.turn(t, srv, mid, text+" "+mid, cancelAt, stop); err != nil {
+		if err := p.turn(t, pick, mid, text+" "+mid, cancelAt, stop); err != nil {
 			return err
 		}
 	}
 }
 
-func (p *restartProducer) turn(t *testing.T, srv func() *trtest.Proc, mid, text string, cancelAt int64, stop <-chan struct{}) error {
+func (p *restartProducer) turn(t *testing.T, pick func() string, mid, text string, cancelAt int64, stop <-chan struct{}) error {
 	turn := ""
 	for {
-		cl := dialUntilUp(t, srv().WSURL(), stop)
+		base := pick()
+		cl := dialUntilUp(t, func() string { return base }, stop)
 		if cl == nil {
 			return nil
 		}
-		ended, err := p.attempt(cl, srv().URL, mid, text, &turn, &cancelAt)
+		ended, err := p.attempt(cl, base, mid, text, &turn, &cancelAt)
 		_ = cl.Conn.CloseNow()
 		if ended || err != nil {
 			return err
@@ -216,25 +221,29 @@ func (p *restartProducer) attempt(cl *trtest.Client, base, mid, text string, tur
 	}
 }
 
-// TestRestartsUnderLoad keeps conversations busy (short and long answers,
-// some cancelled) with tabs that follow them with a long history, while
-// serve is stopped at random points, by SIGKILL and SIGTERM in turn, and
-// started again on the same data dir and port. No turn of a stopped
-// server is left running once the new one is ready; every tab, resuming
-// with "after" each time, gets every turn exactly once to one end, with
-// the stored text; every message is stored once with one reply.
-func TestRestartsUnderLoad(t *testing.T) {
-	if testing.Short() {
-		t.Skip("restart soak skipped in -short mode")
-	}
+// restartRig is what a restart soak runs against.
+type restartRig struct {
+	// pick names the gateway (its HTTP base) a client connects to now, as a
+	// load balancer would.
+	pick func() string
+	// restart makes the k-th restart, at a random point of the load.
+	restart  func(t *testing.T, k int, rng *rand.Rand)
+	restarts int
+	// logs are the processes' warnings and errors, shown on a failure.
+	logs func() string
+}
+
+// soakRestarts keeps conversations busy (short and long answers, some
+// cancelled) with tabs that follow them with a long history, reconnecting
+// through rig.pick and resuming with "after" each time, while rig makes
+// its restarts. Then every tab must have had every turn exactly once, to
+// one end, with the stored text, and every message must be stored once
+// with one reply.
+func soakRestarts(t *testing.T, rig restartRig) {
 	const (
 		convs     = 4
 		followers = 2
-		restarts  = 8
 	)
-	p := trtest.Serve(t, "--limit-sends", "0", "--limit-connections", "0", "--limit-turns", "0")
-	var mu sync.Mutex
-	srv := func() *trtest.Proc { mu.Lock(); defer mu.Unlock(); return p }
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 3))
@@ -249,48 +258,24 @@ func TestRestartsUnderLoad(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := prods[ci].run(t, srv, stop); err != nil {
+			if err := prods[ci].run(t, rig.pick, stop); err != nil {
 				errs <- fmt.Errorf("%s producer: %w", conv, err)
 			}
 		}()
-		url := p.WSURL() // the same after every restart
 		for fi := range followers {
 			c := &chaosClient{conv: conv, turns: map[string]*trtest.Turn{}, trail: map[string][]string{}}
 			tabs[ci] = append(tabs[ci], c)
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if err := c.follow(t, url, settle); err != nil {
+				if err := c.follow(t, rig.pick, settle); err != nil {
 					errs <- fmt.Errorf("%s tab %d: %w", conv, fi, err)
 				}
 			}()
 		}
 	}
-	for k := range restarts {
-		time.Sleep(time.Duration(100+rng.IntN(1500)) * time.Millisecond) // a random point of the load
-		stoppedAt := time.Now()
-		if k%2 == 0 {
-			p.Kill()
-		} else if err := p.Stop(); err != nil {
-			t.Fatalf("restart %d: exit after SIGTERM: %v\n%s", k, err, p.Stderr())
-		}
-		q := p.Restart(t)
-		mu.Lock()
-		p = q
-		mu.Unlock()
-		// The previous run's turns were ended at its stop or at this start.
-		for ci := range convs {
-			ms, err := tryMessages(q.URL, fmt.Sprintf("restart-%d", ci))
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, m := range ms {
-				created, _ := time.Parse(time.RFC3339Nano, m.CreatedAt)
-				if running(m) && created.Before(stoppedAt) {
-					t.Fatalf("restart %d: turn %s of the stopped server is still %s", k, m.MessageID, m.Status)
-				}
-			}
-		}
+	for k := range rig.restarts {
+		rig.restart(t, k, rng)
 	}
 	close(stop)
 	// The producers stop after their turn in flight; then every tab joins
@@ -298,7 +283,7 @@ func TestRestartsUnderLoad(t *testing.T) {
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
 	for ci := 0; ci < convs; {
-		ms, err := tryMessages(p.URL, fmt.Sprintf("restart-%d", ci))
+		ms, err := tryMessages(rig.pick(), fmt.Sprintf("restart-%d", ci))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -321,7 +306,7 @@ func TestRestartsUnderLoad(t *testing.T) {
 	statuses, checked, cancels := map[string]int{}, 0, 0
 	for ci := range convs {
 		conv := fmt.Sprintf("restart-%d", ci)
-		ms, err := tryMessages(p.URL, conv)
+		ms, err := tryMessages(rig.pick(), conv)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -358,8 +343,54 @@ func TestRestartsUnderLoad(t *testing.T) {
 		}
 		cancels += prods[ci].cancels
 	}
-	t.Logf("%d restarts; turns %v; %d cancels sent; %d (tab, turn) pairs checked", restarts, statuses, cancels, checked)
+	t.Logf("%d restarts; turns %v; %d cancels sent; %d (tab, turn) pairs checked", rig.restarts, statuses, cancels, checked)
 	if t.Failed() {
-		t.Logf("server log (warnings and errors):\n%s", p.Stderr())
+		t.Logf("logs (warnings and errors):\n%s", rig.logs())
 	}
+}
+
+// TestRestartsUnderLoad runs soakRestarts while serve is stopped at random
+// points, by SIGKILL and SIGTERM in turn, and started again on the same
+// data dir and port. No turn of a stopped server is left running once the
+// new one is ready.
+func TestRestartsUnderLoad(t *testing.T) {
+	if testing.Short() {
+		t.Skip("restart soak skipped in -short mode")
+	}
+	const convs = 4 // soakRestarts' conversations
+	p := trtest.Serve(t, "--limit-sends", "0", "--limit-connections", "0", "--limit-turns", "0")
+	var mu sync.Mutex
+	srv := func() *trtest.Proc { mu.Lock(); defer mu.Unlock(); return p }
+	soakRestarts(t, restartRig{
+		pick:     func() string { return srv().URL }, // the same after every restart
+		restarts: 8,
+		logs:     func() string { return srv().Stderr() },
+		restart: func(t *testing.T, k int, rng *rand.Rand) {
+			time.Sleep(time.Duration(100+rng.IntN(1500)) * time.Millisecond) // a random point of the load
+			old := srv()
+			stoppedAt := time.Now()
+			if k%2 == 0 {
+				old.Kill()
+			} else if err := old.Stop(); err != nil {
+				t.Fatalf("restart %d: exit after SIGTERM: %v\n%s", k, err, old.Stderr())
+			}
+			q := old.Restart(t)
+			mu.Lock()
+			p = q
+			mu.Unlock()
+			// The previous run's turns were ended at its stop or at this start.
+			for ci := range convs {
+				ms, err := tryMessages(q.URL, fmt.Sprintf("restart-%d", ci))
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, m := range ms {
+					created, _ := time.Parse(time.RFC3339Nano, m.CreatedAt)
+					if running(m) && created.Before(stoppedAt) {
+						t.Fatalf("restart %d: turn %s of the stopped server is still %s", k, m.MessageID, m.Status)
+					}
+				}
+			}
+		},
+	})
 }
