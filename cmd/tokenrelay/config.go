@@ -159,15 +159,11 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.DurationVar(&c.ReadTimeout, "read-timeout", 10*time.Second, "an HTTP request's headers, and its body, must arrive within this")
 		fs.DurationVar(&c.PingInterval, "ping-interval", 30*time.Second, "server ping interval per connection (negative disables)")
 		fs.DurationVar(&c.IdleTimeout, "idle-timeout", 60*time.Second, "a connection that does not answer a ping within this is closed, and an HTTP connection idle this long between requests")
-		// A gateway sits behind a load balancer whose health checks need
-		// a few seconds to see /readyz fail (deploy/haproxy.cfg: every 2s,
-		// twice); serve is mostly stopped by hand, where a wait would only
-		// be in the way.
-		drain := 5 * time.Second
-		if r == roleServe {
-			drain = 0
-		}
-		fs.DurationVar(&c.ShutdownDrain, "shutdown-drain", drain, "on SIGTERM, answer /readyz 503 and keep serving this long before closing connections with 1001 (0: close at once)")
+		// Off by default: SIGTERM closes sockets with 1001 at once, as
+		// PROTOCOL.md says. Behind a load balancer, set it to the time
+		// its health checks take to see /readyz fail (deploy/compose.yaml
+		// sets 5s for deploy/haproxy.cfg's checks, every 2s, twice).
+		fs.DurationVar(&c.ShutdownDrain, "shutdown-drain", 0, "on SIGTERM, answer /readyz 503 and keep serving this long before closing connections with 1001 (0: close at once)")
 		fs.DurationVar(&c.QuietCheck, "quiet-check", 10*time.Second, "an open turn silent this long is read again from the stream, in case its end was lost (negative disables)")
 	}
 	fs.BoolVar(&c.DeltaTimestamps, "delta-timestamps", false, "stamp every turn.delta with its emission time (\"ts\", Unix µs)")

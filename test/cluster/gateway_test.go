@@ -109,7 +109,7 @@ func sawStart(fs []trtest.Frame, turn string) bool {
 // "after" and gets the rest of the turn with no gap and no duplicate, while
 // a client on the surviving gateway never notices.
 func TestGatewayLost(t *testing.T) {
-	// A short drain keeps the SIGTERM case quick; the turn outlives it.
+	// A drain, as behind a load balancer; the turn outlives it.
 	c := startCluster(t, clusterOptions{gateways: 3, gatewayArgs: []string{"--shutdown-drain", "1s"}})
 	tests := []struct {
 		name string

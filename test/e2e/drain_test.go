@@ -29,8 +29,7 @@ func readyz(base string) (code int, failing string, err error) {
 
 // TestGatewayDrainsOnSIGTERM: a gateway told to stop answers /readyz 503
 // ("shutdown") at once, so that a load balancer stops sending it clients,
-// while it goes on serving for its drain (--shutdown-drain, 5 s by
-// default): open sockets get their deltas, a new one is served. Then it
+// while it goes on serving for its drain (--shutdown-drain): open sockets get their deltas, a new one is served. Then it
 // closes them with 1001, and a client resumes on another gateway with no
 // gap and one end, the stored text.
 func TestGatewayDrainsOnSIGTERM(t *testing.T) {
@@ -38,7 +37,7 @@ func TestGatewayDrainsOnSIGTERM(t *testing.T) {
 	_, natsURL, storeURL := trtest.ScaleOutDeps(t)
 	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
 	trtest.Start(t, append([]string{"worker"}, common...)...)
-	a := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0"}, common...)...)
+	a := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--shutdown-drain", "5s"}, common...)...)
 	b := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0"}, common...)...)
 	a.WaitReady(t)
 	b.WaitReady(t)
