@@ -51,6 +51,7 @@ type config struct {
 	SnapshotInterval  time.Duration
 	JournalSave       time.Duration
 	StartGrace        time.Duration
+	StoreTimeout      time.Duration
 
 	Dev            bool
 	devSet         bool
@@ -189,6 +190,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 			fs.DurationVar(&c.JournalSave, "journal-save-interval", 5*time.Second, "how long a streaming turn's deltas stay in the delta journal alone before its snapshot saves them")
 		}
 		fs.DurationVar(&c.QueuedTimeout, "queued-timeout", 30*time.Second, "enqueue again the job of a turn queued this long (a gateway died before enqueuing it; negative disables)")
+		fs.DurationVar(&c.StoreTimeout, "store-timeout", 10*time.Second, "a store call of a worker (reading, starting or ending a turn) not answered within this fails, and the turn goes on as when the store refuses it (0 means the default)")
 		fs.DurationVar(&c.StartGrace, "start-grace", 50*time.Millisecond, "hold a new turn this long before calling the model, so a cancel sent right behind the message wins (negative disables)")
 		fs.IntVar(&c.TokensPerHour, "limit-tokens-per-hour", 0, "model tokens per user per hour (turn ends error); 0 = unlimited")
 	}

@@ -299,7 +299,7 @@ func workerConfig(c *config, log *slog.Logger, reg prometheus.Registerer) worker
 	wc := worker.Config{
 		Concurrency: c.WorkerConcurrency, SnapshotInterval: c.SnapshotInterval, JournalSaveInterval: c.JournalSave,
 		BatchWindow:     c.BatchWindow,
-		DeltaTimestamps: c.DeltaTimestamps, StartGrace: c.StartGrace, QueuedTimeout: c.QueuedTimeout, Retention: c.Retention, Logger: log, Registry: reg,
+		DeltaTimestamps: c.DeltaTimestamps, StartGrace: c.StartGrace, StoreTimeout: c.StoreTimeout, QueuedTimeout: c.QueuedTimeout, Retention: c.Retention, Logger: log, Registry: reg,
 	}
 	if c.Provider == "sim" {
 		wc.ContextMessages = 1 // the simulator reads only the message it answers

@@ -9,11 +9,3 @@ func SetRetryFor(d time.Duration) (restore func()) {
 	retryFor = d
 	return func() { retryFor = old }
 }
-
-// SetTryTimeout bounds each try of a turn's end by d instead of tryTimeout
-// until the returned function restores it.
-func SetTryTimeout(d time.Duration) (restore func()) {
-	old := tryTimeout
-	tryTimeout = d
-	return func() { tryTimeout = old }
-}

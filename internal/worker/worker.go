@@ -69,6 +69,14 @@ type Config struct {
 	// ago than it and the bus's two-minute duplicate window are let go,
 	// hourly (see forgetDeleted); with 0 they are kept for good too.
 	Retention time.Duration
+	// StoreTimeout bounds each store call a worker makes (default 10s):
+	// reading a turn, starting it, reading its conversation for the model,
+	// each try at storing its end, the sweep for queued turns. A store that
+	// takes a statement and never answers (a hung server, a lock held, a
+	// network that drops packets without a reset, which TCP notices only
+	// after many minutes) would otherwise hold the turn, and its job, for
+	// as long as that lasts, with nothing logged.
+	StoreTimeout time.Duration
 	// ContextMessages is how many stored messages are offered to the
 	// provider as context (default 100; the provider trims to its budget).
 	ContextMessages int
@@ -167,12 +175,6 @@ func ackable(err error) bool {
 // it, the job kept meanwhile. A variable for the tests.
 var retryFor = 30 * time.Second
 
-// tryTimeout bounds each try at storing a turn's end: a store that takes a statement and
-// never answers (a hung server, a network that drops packets without a
-// reset, which TCP notices only after many minutes) would otherwise hold a
-// turn's end, and its job, for as long as that lasts, with nothing logged.
-var tryTimeout = 10 * time.Second
-
 // New returns a worker.
 func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
 	if cfg.ID == "" {
@@ -195,6 +197,9 @@ func New(cfg Config, b *bus.Bus, s store.Store, p provider.Provider) *Worker {
 	}
 	if cfg.QueuedTimeout == 0 {
 		cfg.QueuedTimeout = 30 * time.Second
+	}
+	if cfg.StoreTimeout <= 0 {
+		cfg.StoreTimeout = 10 * time.Second
 	}
 	if cfg.ContextMessages <= 0 {
 		cfg.ContextMessages = 100
@@ -367,7 +372,9 @@ func (w *Worker) requeue(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		turns, err := w.store.UnfinishedTurns(ctx)
+		sctx, cancel := w.storeCtx(ctx)
+		turns, err := w.store.UnfinishedTurns(sctx)
+		cancel()
 		if err != nil {
 			if ctx.Err() == nil {
 				w.log.Warn("look for queued turns", "err", err)
@@ -405,7 +412,9 @@ func (w *Worker) forgetDeleted(ctx context.Context) {
 	defer t.Stop()
 	for {
 		before := w.cfg.Now().Add(-keep)
-		n, err := w.store.ForgetDeletedTurns(ctx, before)
+		sctx, cancel := w.storeCtx(ctx)
+		n, err := w.store.ForgetDeletedTurns(sctx, before)
+		cancel()
 		switch {
 		case err != nil && ctx.Err() == nil:
 			w.log.Warn("forget the ids of deleted turns", "err", err)
@@ -557,7 +566,13 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 			return w.endQueued(ctx, t, r, chat.StatusError, msg)
 		}
 	}
-	started, err := w.store.StartTurn(ctx, t.ID, w.cfg.Now())
+	// A start the store does not answer in time leaves the job to come
+	// back: the turn is then queued, and started anew, or the start was
+	// stored after all, and the turn, which nobody produces, is ended
+	// interrupted (see loadTurn).
+	sctx, cancel := w.storeCtx(ctx)
+	started, err := w.store.StartTurn(sctx, t.ID, w.cfg.Now())
+	cancel()
 	if errors.Is(err, chat.ErrNotFound) {
 		return true, nil // the conversation was deleted
 	}
@@ -567,7 +582,9 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 	if !started {
 		// A cancel ended it while it was queued, or another worker
 		// started it (see above).
-		cur, err := w.store.TurnHead(ctx, t.ID)
+		sctx, cancel := w.storeCtx(ctx)
+		cur, err := w.store.TurnHead(sctx, t.ID)
+		cancel()
 		switch {
 		case errors.Is(err, chat.ErrNotFound):
 			return true, nil
@@ -613,7 +630,11 @@ func (w *Worker) endQueued(ctx context.Context, t chat.Turn, r *run, status chat
 // was deleted or has ended, or another producer started it and died, in
 // which case loadTurn ends it as interrupted.
 func (w *Worker) loadTurn(ctx context.Context, id string, log *slog.Logger) (t chat.Turn, done bool, err error) {
-	t, err = w.store.TurnHead(ctx, id)
+	// A read the store does not answer in time leaves the job to come
+	// back, the turn as it was.
+	sctx, cancel := w.storeCtx(ctx)
+	t, err = w.store.TurnHead(sctx, id)
+	cancel()
 	if errors.Is(err, chat.ErrNotFound) {
 		return t, true, nil // the conversation was deleted
 	}
@@ -681,7 +702,9 @@ func (w *Worker) publishLostEnd(ctx context.Context, t chat.Turn) error {
 // request builds the provider request: the conversation up to the message
 // being answered.
 func (w *Worker) request(ctx context.Context, t chat.Turn) (provider.Request, error) {
-	msgs, err := w.store.Messages(ctx, t.ConversationID, w.cfg.ContextMessages, t.ID)
+	sctx, cancel := w.storeCtx(ctx)
+	defer cancel()
+	msgs, err := w.store.Messages(sctx, t.ConversationID, w.cfg.ContextMessages, t.ID)
 	if err != nil {
 		return provider.Request{}, fmt.Errorf("load context: %w", err)
 	}
@@ -828,9 +851,11 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 		end.Error, end.Usage = errMsg, usage
 	} else {
 		settle = nil // the snapshot is the winner's to save
-		if stored, err := w.store.TurnHead(ctx, t.ID); err == nil {
+		sctx, cancel := w.storeCtx(ctx)
+		if stored, err := w.store.TurnHead(sctx, t.ID); err == nil {
 			end.Seq, end.Error, end.Usage = stored.Seq, stored.Error, stored.Usage
 		}
+		cancel()
 	}
 	if r != nil {
 		// The end goes live first thing in PublishEnd, and a cancel's user
@@ -862,17 +887,24 @@ func (w *Worker) finish(ctx context.Context, t chat.Turn, r *run, status chat.Tu
 }
 
 // finishTurn stores a turn's end, trying again while the store fails (see
-// retry); a try the store does not answer within tryTimeout counts as
+// retry); a try the store does not answer within StoreTimeout counts as
 // failed.
 func (w *Worker) finishTurn(ctx context.Context, r store.TurnResult, from []chat.TurnStatus) (final chat.TurnStatus, won bool, err error) {
 	err = w.retry(ctx, "store the end of a turn", func() (bool, error) {
-		tctx, cancel := context.WithTimeout(ctx, tryTimeout)
+		sctx, cancel := w.storeCtx(ctx)
 		defer cancel()
 		var err error
-		final, won, err = w.store.FinishTurn(tctx, r, from...)
+		final, won, err = w.store.FinishTurn(sctx, r, from...)
 		return errors.Is(err, chat.ErrNotFound), err
 	}, func() []any { return []any{"turn_id", r.TurnID, "status", r.Status} })
 	return final, won, err
+}
+
+// storeCtx bounds one store call by StoreTimeout (see Config). A call
+// that runs out of it fails with context.DeadlineExceeded, as when the
+// store refuses it.
+func (w *Worker) storeCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, w.cfg.StoreTimeout)
 }
 
 // retry calls try until it succeeds or its error is final, trying again
@@ -954,10 +986,10 @@ func (w *Worker) end(ctx context.Context, t chat.Turn, status chat.TurnStatus) e
 	if ended != nil {
 		// Its producer published the end but did not store it: store what
 		// the stream says.
-		_, _, err := w.store.FinishTurn(ctx, store.TurnResult{
+		_, _, err := w.finishTurn(ctx, store.TurnResult{
 			TurnID: t.ID, Status: ended.Status, Content: string(text), Seq: seq,
 			Error: ended.Error, Usage: ended.Usage, Now: w.cfg.Now(),
-		})
+		}, nil)
 		return err
 	}
 	_, err = w.finish(ctx, t, nil, status, text, seq, "", nil, nil)
@@ -968,7 +1000,9 @@ func (w *Worker) end(ctx context.Context, t chat.Turn, status chat.TurnStatus) e
 // a process that is the sole producer (serve, at start) may call it: with
 // several workers it would end their live turns.
 func (w *Worker) RecoverAll(ctx context.Context) (int, error) {
-	turns, err := w.store.UnfinishedTurns(ctx)
+	sctx, cancel := w.storeCtx(ctx)
+	turns, err := w.store.UnfinishedTurns(sctx)
+	cancel()
 	if err != nil {
 		return 0, err
 	}

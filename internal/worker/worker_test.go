@@ -901,10 +901,9 @@ func (s *hangingStore) FinishTurn(ctx context.Context, r store.TurnResult, from 
 // after a while and made again, as one the store refuses is: the turn is
 // not left streaming for as long as the connection hangs.
 func TestEndStoredAfterAHungTry(t *testing.T) {
-	defer worker.SetTryTimeout(200 * time.Millisecond)()
 	hs := &hangingStore{release: make(chan struct{})}
 	logs := &lockedBuffer{}
-	e := setupWith(t, worker.Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, true,
+	e := setupWith(t, worker.Config{StoreTimeout: 200 * time.Millisecond, Logger: slog.New(slog.NewTextHandler(logs, nil))}, true,
 		func(st store.Store) store.Store { hs.Store = st; return hs })
 	t.Cleanup(func() { close(hs.release) }) // before the worker is stopped
 	end := waitEnd(t, e.send(t, "c", "t1", "hello", true))

@@ -1,6 +1,7 @@
 package cluster_test
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -18,7 +20,8 @@ import (
 
 // pgProxy is a TCP proxy between tokenrelay and PostgreSQL that a test can
 // cut: every connection through it is closed and new ones are refused
-// until it is restored, as when the network or the server goes away.
+// until it is restored, as when the network or the server goes away. It
+// can also stall one statement's connection (see stallNext).
 type pgProxy struct {
 	t      testing.TB
 	target string // PostgreSQL's host:port
@@ -29,9 +32,18 @@ type pgProxy struct {
 	url      string
 	password string
 
-	mu    sync.Mutex
-	ln    net.Listener // nil while cut
-	conns map[net.Conn]struct{}
+	mu     sync.Mutex
+	ln     net.Listener // nil while cut
+	conns  map[net.Conn]struct{}
+	stalls []*stall          // armed, oldest first; guarded by mu
+	stmts  map[string]string // prepared statement name → its text; guarded by mu
+}
+
+// stall is a stallNext armed: sql is what the statement's text contains,
+// and done is closed once a connection is stalled for it.
+type stall struct {
+	sql  string
+	done chan struct{}
 }
 
 // newPGProxy starts a proxy to the server of storeURL; it is closed at
@@ -48,7 +60,7 @@ func newPGProxy(t testing.TB, storeURL string) *pgProxy {
 	}
 	var b [8]byte
 	rand.Read(b[:])
-	p := &pgProxy{t: t, target: u.Host, addr: ln.Addr().String(), password: "pw-" + hex.EncodeToString(b[:]), conns: map[net.Conn]struct{}{}}
+	p := &pgProxy{t: t, target: u.Host, addr: ln.Addr().String(), password: "pw-" + hex.EncodeToString(b[:]), conns: map[net.Conn]struct{}{}, stmts: map[string]string{}}
 	u.Host = p.addr
 	u.User = url.UserPassword(u.User.Username(), p.password)
 	p.url = u.String()
@@ -80,8 +92,8 @@ func (p *pgProxy) accept(ln net.Listener) {
 		}
 		p.conns[c], p.conns[s] = struct{}{}, struct{}{}
 		p.mu.Unlock()
-		pipe := func(dst, src net.Conn) {
-			_, _ = io.Copy(dst, src)
+		pipe := func(dst, src net.Conn, from io.Reader) {
+			_, _ = io.Copy(dst, from)
 			dst.Close()
 			src.Close()
 			p.mu.Lock()
@@ -89,9 +101,82 @@ func (p *pgProxy) accept(ln net.Listener) {
 			delete(p.conns, src)
 			p.mu.Unlock()
 		}
-		go pipe(c, s)
-		go pipe(s, c)
+		go pipe(c, s, s)
+		go pipe(s, c, p.watch(c))
 	}
+}
+
+// stallNext makes the proxy stall the next connection that runs a
+// statement whose text contains sql: nothing the client sends from then
+// on reaches the server, and the connection stays open, as when the server
+// is frozen or the network drops the packets without a reset. The
+// returned channel is closed when it happens. Each call stalls one
+// connection.
+func (p *pgProxy) stallNext(sql string) <-chan struct{} {
+	st := &stall{sql: sql, done: make(chan struct{})}
+	p.mu.Lock()
+	p.stalls = append(p.stalls, st)
+	p.mu.Unlock()
+	return st.done
+}
+
+// parseMsg finds, in what a client sends, the name and text of a statement
+// it prepares (a Parse message: 'P', its length, the name, the text; pgx
+// names its cached statements after their text). A statement prepared on
+// a connection is later run by its name alone.
+var (
+	parseMsg = regexp.MustCompile(`(?s)P.{4}(stmtcache_[0-9a-f]+)\x00([^\x00]+)\x00`)
+	stmtName = regexp.MustCompile(`stmtcache_[0-9a-f]+`)
+)
+
+// watch is what a client sends on c, read through the armed stalls.
+func (p *pgProxy) watch(c net.Conn) io.Reader {
+	return &stallReader{p: p, c: c}
+}
+
+type stallReader struct {
+	p       *pgProxy
+	c       net.Conn
+	stalled bool
+}
+
+func (r *stallReader) Read(b []byte) (int, error) {
+	for {
+		n, err := r.c.Read(b)
+		if r.stalled {
+			if err != nil {
+				return 0, err // the client gave up: close the server's side too
+			}
+			continue // dropped
+		}
+		if n > 0 && r.p.stallOn(b[:n]) {
+			r.stalled = true
+			continue
+		}
+		return n, err
+	}
+}
+
+// stallOn reports whether what a client sends, chunk, runs the statement of
+// an armed stall, which it then takes.
+func (p *pgProxy) stallOn(chunk []byte) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, m := range parseMsg.FindAllSubmatch(chunk, -1) {
+		p.stmts[string(m[1])] = string(m[2])
+	}
+	for i, st := range p.stalls {
+		hit := bytes.Contains(chunk, []byte(st.sql))
+		for _, name := range stmtName.FindAll(chunk, -1) {
+			hit = hit || strings.Contains(p.stmts[string(name)], st.sql)
+		}
+		if hit {
+			p.stalls = append(p.stalls[:i], p.stalls[i+1:]...)
+			close(st.done)
+			return true
+		}
+	}
+	return false
 }
 
 // cut closes every connection through the proxy and refuses new ones.

@@ -1,0 +1,98 @@
+package cluster_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/tokenrelay/tokenrelay/internal/store"
+	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
+	"github.com/tokenrelay/tokenrelay/internal/trtest"
+)
+
+// The statements of the store calls a worker makes for a turn, as the
+// PostgreSQL store sends them (a stallNext matches on them).
+const (
+	stmtStartTurn = `UPDATE messages SET status = 'streaming'`
+	stmtTurnHead  = `m.turn_id = $1 AND m.role = 'assistant'`
+	stmtContext   = `m.conversation_id = $1 AND m.position <`
+	stmtQueued    = `ORDER BY m.created_at, m.position`
+)
+
+// hangCluster starts a gateway on the store and a worker whose store is
+// reached through a proxy that can stall it, with args for the worker.
+func hangCluster(t *testing.T, args ...string) (*cluster, *pgProxy) {
+	t.Helper()
+	pg := postgresURL(t)
+	px := newPGProxy(t, pg)
+	c := startCluster(t, clusterOptions{gateways: 1, workers: 1, storeURL: pg,
+		workerArgs: append([]string{"--store-url", px.url}, args...)})
+	return c, px
+}
+
+// stalled waits until the proxy has stalled the connection of a statement.
+func stalled(t *testing.T, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(wait):
+		t.Fatalf("the worker never ran %s", what)
+	}
+}
+
+// A store call of a worker that its connection leaves unanswered (the
+// server frozen, packets dropped: the connection stays open) fails at
+// --store-timeout, and the turn then goes on as when the store refuses
+// the call: a start or a read of the turn not answered leaves the job to
+// come back, which produces the turn; a read of the conversation for the
+// model ends the turn with status error; the sweep for queued turns looks
+// again at its next round and enqueues the turn it finds.
+func TestStoreCallsThatHang(t *testing.T) {
+	c, px := hangCluster(t, "--store-timeout", "1s", "--queued-timeout", "1s")
+	for _, tc := range []struct {
+		name    string
+		id      string
+		stall   []string
+		jobless bool // stored with no job, as by a gateway that died
+		want    string
+		wantErr string
+	}{
+		{name: "start", id: "start", stall: []string{stmtStartTurn}, want: "complete"},
+		{name: "read of a job that came back", id: "reread", stall: []string{stmtStartTurn, stmtTurnHead}, want: "complete"},
+		{name: "read of the conversation", id: "context", stall: []string{stmtContext}, want: "error", wantErr: "the conversation could not be read"},
+		{name: "sweep for queued turns", id: "sweep", stall: []string{stmtQueued}, jobless: true, want: "complete"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			conv, turn := "hang-"+tc.id, "t-"+tc.id
+			cl := trtest.Dial(t, c.gw[0].WSURL(), nil)
+			cl.Join(conv, nil)
+			var stalls []<-chan struct{}
+			for _, sql := range tc.stall {
+				stalls = append(stalls, px.stallNext(sql))
+			}
+			text := "speak [sim tokens=5 rate=0]"
+			if tc.jobless {
+				db, err := postgres.Open(t.Context(), c.store)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer db.Close()
+				if _, err := db.Send(t.Context(), store.SendRequest{ConversationID: conv, Owner: "dev", MessageID: "m-" + turn, TurnID: turn, Text: text, Now: time.Now()}); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				send(cl, conv, turn, text)
+			}
+			for i, ch := range stalls {
+				stalled(t, ch, tc.stall[i])
+			}
+			fs := cl.Until(wait, func(f trtest.Frame) bool { return f.Type() == "turn.end" && f.Str("turn_id") == turn })
+			end := fs[len(fs)-1]
+			if end.Str("status") != tc.want || end.Str("error") != tc.wantErr {
+				t.Fatalf("the turn ended %v, want %s %q", end, tc.want, tc.wantErr)
+			}
+			if m := storedTurn(t, c.gw[0].URL, conv, turn); m.Status != tc.want {
+				t.Fatalf("stored %s, want %s", m.Status, tc.want)
+			}
+		})
+	}
+}
