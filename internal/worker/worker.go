@@ -596,7 +596,7 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 	w.mu.Lock()
 	r.started = true
 	w.mu.Unlock()
-	if tctx.Err() != nil {
+	stopped := func() (bool, error) {
 		status := chat.StatusCancelled
 		if errors.Is(context.Cause(tctx), errShutdown) {
 			status = chat.StatusInterrupted
@@ -604,8 +604,16 @@ func (w *Worker) produce(ctx, tctx context.Context, r *run, jm *bus.JobMsg, log 
 		_, err := w.finish(ctx, t, r, status, nil, 0, "", nil, nil)
 		return ackable(err), err
 	}
-	req, err := w.request(ctx, t)
+	if tctx.Err() != nil {
+		return stopped()
+	}
+	// On tctx: a Stop while the store is slow to answer ends the turn at
+	// once.
+	req, err := w.request(tctx, t)
 	if err != nil {
+		if tctx.Err() != nil {
+			return stopped()
+		}
 		// Started, so no other worker will produce it: end it now, with
 		// the reason, rather than leave it to be found interrupted.
 		log.Error("turn failed: the conversation could not be read", "err", err)

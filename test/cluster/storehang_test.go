@@ -96,3 +96,29 @@ func TestStoreCallsThatHang(t *testing.T) {
 		})
 	}
 }
+
+// A Stop while the worker waits for the store to read the conversation for
+// the model ends the turn cancelled at once: the read does not hold it up
+// to --store-timeout.
+func TestStopWhileTheStoreHangs(t *testing.T) {
+	c, px := hangCluster(t, "--store-timeout", "1h")
+	cl := trtest.Dial(t, c.gw[0].WSURL(), nil)
+	cl.Join("hang-stop", nil)
+	st := px.stallNext(stmtContext)
+	send(cl, "hang-stop", "t-stop", "speak [sim tokens=5 rate=0]")
+	stalled(t, st, stmtContext)
+	cl.Send(map[string]any{"type": "cancel", "turn_id": "t-stop", "id": "stop"})
+	var ack, end trtest.Frame
+	cl.Until(wait, func(f trtest.Frame) bool {
+		switch {
+		case f.Type() == "ack" && f.Str("id") == "stop", f.Type() == "error" && f.Str("id") == "stop":
+			ack = f
+		case f.Type() == "turn.end" && f.Str("turn_id") == "t-stop":
+			end = f
+		}
+		return ack != nil && end != nil
+	})
+	if end.Str("status") != "cancelled" || ack.Type() != "ack" || ack.Str("status") != "cancelled" {
+		t.Fatalf("the turn ended %v, the Stop answered %v: want cancelled", end, ack)
+	}
+}
