@@ -522,6 +522,12 @@ export class TokenRelayClient extends EventTarget {
       // server knows it: should it end while we are away and slide out of
       // the snapshot, the catch-up that follows `after` still ends it here.
       if (t && !isTerminal(t.status) && t.seq != null && (t.seq > 0 || !t.pending)) after = { turn_id: t.turn_id, seq: t.seq };
+      // An answer that slid out of the last snapshot and still waits for
+      // its catch-up goes first: it has ended (the server runs one answer
+      // of a conversation at a time), and without `after` its end would
+      // never come; the running answer then comes whole in the snapshot.
+      const d = conv.detached;
+      if (d && !isTerminal(d.status) && d.seq != null) after = { turn_id: d.turn_id, seq: d.seq };
     }
     if (after) frame.after = after;
     const id = `j${++this._reqSeq}`;
@@ -913,7 +919,7 @@ export class TokenRelayClient extends EventTarget {
     // their one `end` here: the snapshot's final message replaces them, and
     // the catch-up deltas and `turn.end` that may follow are ignored.
     const ended = [];
-    for (const t of old.byTurn.values()) {
+    for (const t of [...old.byTurn.values(), old.detached].filter(Boolean)) {
       const now = fresh.byTurn.get(t.turn_id);
       if (!isTerminal(t.status) && now && isTerminal(now.status)) ended.push(now);
     }
@@ -933,7 +939,7 @@ export class TokenRelayClient extends EventTarget {
     // of the snapshot's `history` messages (newer turns ended while we were
     // away). The server sends its catch-up deltas and `turn.end` next: they
     // finish it as `detached`, outside `items`, for its one `end`.
-    const followed = conv.joinAfter && old.byTurn.get(conv.joinAfter);
+    const followed = conv.joinAfter && this._turn(old, conv.joinAfter);
     conv.detached = followed && !isTerminal(followed.status) && followed.seq != null && !fresh.byTurn.has(followed.turn_id)
       ? followed : null;
     conv.items = fresh.items;
@@ -1031,7 +1037,7 @@ export class TokenRelayClient extends EventTarget {
 
   _gap(conv, turnId, expected, got) {
     this._emit('gap', { conversationId: conv.id, turnId, expected, got });
-    const t = conv.byTurn.get(turnId);
+    const t = this._turn(conv, turnId);
     this._sendJoin(conv, t && t.seq > 0 ? { turn_id: turnId, seq: t.seq } : false);
   }
 }

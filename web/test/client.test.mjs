@@ -578,6 +578,45 @@ test('a resumed answer that ended and slid out of the snapshot still gets its ca
   assert.deepEqual(c.conversation('c1').items.map((i) => i.message_id), ['m2', 't2']);
 });
 
+test('an answer that slid out of the snapshot keeps its place across a second drop, and still gets its end', async (t) => {
+  const c = newClient(t, { history: 2 });
+  const ws = await joined(c, { messages: [userMsg('m1', 't1', 'first')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 2, text: 'ab', model: 'sim' } });
+  ws.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a new connection');
+  const ws2 = FakeWS.all.at(-1);
+  ws2.open();
+  const j2 = ws2.frames('join').at(-1);
+  assert.deepEqual(j2.after, { turn_id: 't1', seq: 2 });
+  // While away t1 ended, tx ran and t2 started: the last two messages are
+  // tx's answer and t2's question. Part of t1's catch-up arrives, then the
+  // connection drops again.
+  const ax = { message_id: 'tx', conversation_id: 'c1', role: 'assistant', content: 'w', status: 'complete', created_at: '2026-01-01T00:00:00.000Z', turn_id: 'tx', reply_to: 'mx' };
+  const m2 = userMsg('m2', 't2', 'second');
+  const a2 = { turn_id: 't2', reply_to: 'm2', status: 'streaming', seq: 1, text: 'x', model: 'sim' };
+  ws2.receive({ type: 'joined', id: j2.id, conversation_id: 'c1', messages: [ax, m2], active: a2 });
+  ws2.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', from: 3, seq: 4, text: 'cd' });
+  ws2.drop(1006);
+  await until(() => FakeWS.all.length === 3, 'a third connection');
+  const ws3 = FakeWS.all.at(-1);
+  ws3.open();
+  const j3 = ws3.frames('join').at(-1);
+  // The answer still missing its end is the one to resume, from what it has.
+  assert.deepEqual(j3.after, { turn_id: 't1', seq: 4 });
+  ws3.receive({ type: 'joined', id: j3.id, conversation_id: 'c1', messages: [ax, m2],
+    active: { ...a2, seq: 2, text: 'xy' } });
+  ws3.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't1', seq: 5, text: 'e' });
+  ws3.receive({ type: 'turn.end', conversation_id: 'c1', turn_id: 't1', seq: 5, status: 'complete' });
+  ws3.receive({ type: 'turn.delta', conversation_id: 'c1', turn_id: 't2', seq: 3, text: 'z' });
+  assert.deepEqual(c.events.filter((e) => e.type === 'gap'), []);
+  const ends = c.events.filter((e) => e.type === 'turn' && e.phase === 'end');
+  assert.deepEqual(ends.map((e) => [e.turn.turn_id, e.turn.content, e.turn.status]), [['t1', 'abcde', 'complete']]);
+  assert.equal(ws3.frames('join').length, 1, 'no further join');
+  const conv = c.conversation('c1');
+  assert.equal(conv.active, 't2');
+  assert.equal(conv.byTurn.get('t2').content, 'xyz');
+});
+
 test('an answer of which nothing has come yet is resumed with after seq 0', async (t) => {
   const c = newClient(t);
   const ws = await joined(c, { messages: [userMsg('m1', 't1', 'first')],
