@@ -744,11 +744,23 @@ ui.input.addEventListener('input', () => {
   autosize();
   updateComposer();
 });
+// Stop takes Send's place as soon as a message goes: the second click of a
+// double-click on Send lands on Stop and must not stop the answer it just
+// asked for. Only that click is let go: the second of a pair (click count
+// 2) whose first one sent, on the same spot, soon after. The browser counts
+// clicks up to the system's double-click time, which can be set to seconds;
+// a Stop clicked after DOUBLE_CLICK_MS, or clicked again (count 3 and up),
+// is meant.
+const DOUBLE_CLICK_MS = 500;
+let sendClick = null; // {x, y, at} of the last click on Send that was the first of its sequence
+ui.send.addEventListener('click', (e) => {
+  sendClick = e.detail === 1 ? { x: e.clientX, y: e.clientY, at: e.timeStamp } : null;
+});
 ui.stop.addEventListener('click', (e) => {
-  // Stop takes Send's place as soon as a message goes: the second click of
-  // a double-click on Send lands on Stop (its click count, detail, is 2)
-  // and must not stop the answer it just asked for.
-  if (e.detail > 1) return;
+  const c = sendClick;
+  sendClick = null;
+  if (e.detail === 2 && c && e.timeStamp - c.at < DOUBLE_CLICK_MS &&
+      Math.abs(e.clientX - c.x) <= 4 && Math.abs(e.clientY - c.y) <= 4) return;
   stop();
 });
 document.addEventListener('keydown', (e) => {

@@ -122,3 +122,54 @@ test('a Stop the server could not carry out says so, and Stop works again', asyn
   await page.getByRole('alert').waitFor({ state: 'hidden' }); // the alert goes with the answer
   h.noPageErrors(assert, page);
 });
+
+// clickAt presses and releases the mouse at (x, y) through the DevTools
+// protocol, with the click count and the time stamp (seconds since the
+// epoch) a browser would give it.
+async function clickAt(cdp, x, y, clickCount, timestamp) {
+  for (const type of ['mousePressed', 'mouseReleased']) {
+    await cdp.send('Input.dispatchMouseEvent', { type, x, y, button: 'left', clickCount, timestamp });
+  }
+}
+
+test('A Stop clicked after Send stops the answer, also when the browser counts it as a second click', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  let frames;
+  const { page } = await h.openChat(t, browser, server, { setup: (p) => { frames = h.recordFrames(p); } });
+  await page.fill('#input', 'Talk for a bit [sim tokens=80 rate=40]');
+  const box = await page.getByRole('button', { name: 'Send message' }).boundingBox();
+  const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
+  const cdp = await page.context().newCDPSession(page);
+  // A system whose double-click time is long (it can be set to seconds)
+  // counts a Stop two seconds after Send as the second click of a pair.
+  const t0 = Date.now() / 1000;
+  await clickAt(cdp, x, y, 1, t0);
+  const answer = h.lastAnswer(page);
+  await answer.locator('xpath=self::*[@data-status="streaming"]').waitFor();
+  await clickAt(cdp, x, y, 2, t0 + 2);
+  assert.equal(await h.waitAnswerEnded(answer, 10000), 'cancelled');
+  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'send').length, 1, 'one send');
+  h.noPageErrors(assert, page);
+});
+
+test('Clicking Stop again after a double-click on Send stops the answer', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  let frames;
+  const { page } = await h.openChat(t, browser, server, { setup: (p) => { frames = h.recordFrames(p); } });
+  await page.fill('#input', 'Talk for a bit [sim tokens=80 rate=40]');
+  const box = await page.getByRole('button', { name: 'Send message' }).boundingBox();
+  const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
+  await page.mouse.click(x, y);
+  await page.getByRole('button', { name: 'Stop answer' }).waitFor();
+  await page.mouse.down({ clickCount: 2 }); // the double-click's second press: let go
+  await page.mouse.up({ clickCount: 2 });
+  await page.mouse.down({ clickCount: 3 }); // one more: the person means Stop
+  await page.mouse.up({ clickCount: 3 });
+  const answer = h.lastAnswer(page);
+  assert.equal(await h.waitAnswerEnded(answer, 10000), 'cancelled');
+  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'send').length, 1, 'one send');
+  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'cancel').length, 1, 'one cancel');
+  h.noPageErrors(assert, page);
+});
