@@ -11,7 +11,7 @@ const ui = {
   newChat: $('new-chat'), list: $('conversations'), title: $('title'),
   connection: $('connection'), connectionLabel: $('connection-label'),
   scroller: $('scroller'), older: $('older'), log: $('log'), empty: $('empty'),
-  alert: $('alert'), alertText: $('alert-text'), alertClose: $('alert-close'),
+  announcer: $('announcer'), alert: $('alert'), alertText: $('alert-text'), alertClose: $('alert-close'),
   form: $('composer'), input: $('input'), send: $('send'), stop: $('stop'),
 };
 
@@ -437,7 +437,7 @@ function updateMessage(el, item) {
       // The one exact render, of the whole text, once the answer is done.
       el._stream = null;
       showMarkdown(body, item.content);
-    } else if (running) body.innerHTML = '<span class="typing" aria-label="Writing"><i></i><i></i><i></i></span>';
+    } else if (running) body.innerHTML = '<span class="typing" role="img" aria-label="Writing…"><i></i><i></i><i></i></span>';
     else body.textContent = '';
   }
   el._content = item.content;
@@ -552,7 +552,14 @@ function renderList() {
     a.textContent = title;
     a.title = title;
     // The conversation on screen knows its answer's state first-hand.
-    if (c.conversation_id === current ? activeTurn() : c.active_turn_id) a.classList.add('busy');
+    if (c.conversation_id === current ? activeTurn() : c.active_turn_id) {
+      // The dot is drawn by CSS; its words are for screen readers.
+      a.classList.add('busy');
+      const note = document.createElement('span');
+      note.className = 'visually-hidden';
+      note.textContent = ', answer being written';
+      a.append(note);
+    }
     if (c.conversation_id === current) a.setAttribute('aria-current', 'page');
     const del = document.createElement('button');
     del.type = 'button';
@@ -935,8 +942,28 @@ client.addEventListener('status', (e) => {
   }
 });
 
+// A screen reader hears that an answer of the conversation on screen
+// started and how it ended: once each per answer, never per delta (the
+// answer's own live region is busy until it ends).
+const announced = new Set(); // answers whose start was said and whose end is still to say
+const endWords = { complete: 'Answer finished.', cancelled: 'Answer stopped.', interrupted: 'Answer interrupted.', error: 'The answer failed.' };
+function announceTurn(conversationId, turn, phase) {
+  const conv = conversationId === current && client.conversation(conversationId);
+  if (!conv || conv.byTurn.get(turn.turn_id) !== turn) return; // not shown
+  if (phase === 'end') {
+    if (!announced.delete(turn.turn_id)) return;
+    ui.announcer.textContent = endWords[turn.status] ?? '';
+  } else if (phase !== 'removed' && !isTerminal(turn.status) && !announced.has(turn.turn_id)) {
+    announced.add(turn.turn_id);
+    ui.announcer.textContent = 'Writing an answer…';
+  }
+}
+
 client.addEventListener('joined', (e) => {
   schedule();
+  const conv = e.detail.conversation;
+  const a = conv.active && conv.byTurn.get(conv.active);
+  if (a && !isTerminal(a.status)) announceTurn(e.detail.conversationId, a, 'start');
   if (alertJoin && e.detail.conversationId === alertJoin && !ui.alert.hidden) hideAlert();
 });
 client.addEventListener('message', (e) => {
@@ -945,6 +972,7 @@ client.addEventListener('message', (e) => {
 });
 client.addEventListener('turn', (e) => {
   schedule();
+  announceTurn(e.detail.conversationId, e.detail.turn, e.detail.phase);
   if (e.detail.phase === 'end' || e.detail.phase === 'start') refreshList(100);
   // "An answer is still being written" holds until that answer ends.
   if (e.detail.phase === 'end' && alertTurn && e.detail.turn.turn_id === alertTurn && !ui.alert.hidden) hideAlert();
