@@ -891,7 +891,11 @@ export class TokenRelayClient extends EventTarget {
       const prev = old.byTurn.get(a.turn_id);
       let content = a.text ?? '';
       if (a.from != null) {
-        if (!prev || prev.seq !== a.from - 1) {
+        // A turn that answers another question than the one we hold is
+        // another turn under a reused id (the conversation was deleted and
+        // made anew, past the server's retention): its text is not ours to
+        // continue.
+        if (!prev || prev.seq !== a.from - 1 || (prev.reply_to && a.reply_to && prev.reply_to !== a.reply_to)) {
           // A snapshot relative to text we do not have: ask for all of it.
           this._sendJoin(conv, false);
           return;

@@ -617,6 +617,28 @@ test('an answer that slid out of the snapshot keeps its place across a second dr
   assert.equal(conv.byTurn.get('t2').content, 'xyz');
 });
 
+test('a resume snapshot of a turn id that now answers another question is taken whole, not added to the old text', async (t) => {
+  const c = newClient(t);
+  const ws = await joined(c, { messages: [userMsg('m1', 't1', 'first')],
+    active: { turn_id: 't1', reply_to: 'm1', status: 'streaming', seq: 2, text: 'ab', model: 'sim' } });
+  ws.drop(1006);
+  await until(() => FakeWS.all.length === 2, 'a new connection');
+  const ws2 = FakeWS.all.at(-1);
+  ws2.open();
+  const j = ws2.frames('join').at(-1);
+  assert.deepEqual(j.after, { turn_id: 't1', seq: 2 });
+  // Meanwhile the conversation was deleted and made anew, and (past the
+  // server's retention) an app that names its turns itself used t1 again.
+  ws2.receive({ type: 'joined', id: j.id, conversation_id: 'c1', messages: [userMsg('m7', 't1', 'other')],
+    active: { turn_id: 't1', reply_to: 'm7', status: 'streaming', seq: 3, from: 3, text: 'z', model: 'sim' } });
+  const again = ws2.frames('join').at(-1);
+  assert.notEqual(again.id, j.id, 'joined again');
+  assert.equal(again.after, undefined, 'for the whole text');
+  ws2.receive({ type: 'joined', id: again.id, conversation_id: 'c1', messages: [userMsg('m7', 't1', 'other')],
+    active: { turn_id: 't1', reply_to: 'm7', status: 'streaming', seq: 3, text: 'xyz', model: 'sim' } });
+  assert.equal(c.conversation('c1').byTurn.get('t1').content, 'xyz');
+});
+
 test('an answer of which nothing has come yet is resumed with after seq 0', async (t) => {
   const c = newClient(t);
   const ws = await joined(c, { messages: [userMsg('m1', 't1', 'first')],
