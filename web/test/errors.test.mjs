@@ -5,7 +5,10 @@ import assert from 'node:assert/strict';
 import * as h from './helpers.mjs';
 
 test('refused sends and a failing model are explained in words', async (t) => {
-  const server = await h.startServer(t, { simRate: 0, args: ['--limit-text-bytes', '200'] });
+  // One send a minute past the burst of 10: on a busy machine the default
+  // (one every 2 s) would give the page's send below a send back before it
+  // is made.
+  const server = await h.startServer(t, { simRate: 0, args: ['--limit-text-bytes', '200', '--limit-sends', '1'] });
   const browser = await h.launchBrowser(t);
   const { page, conv } = await h.openChat(t, browser, server);
   const alert = page.getByRole('alert');
