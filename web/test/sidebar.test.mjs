@@ -160,3 +160,29 @@ test('switching between two conversations while both answers stream keeps each o
   }
   h.noPageErrors(assert, page);
 });
+
+test('the busy dot shows beside a title too long for its row', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  const { page } = await h.openChat(t, browser, server);
+  await h.send(page, 'A question whose title is much longer than the row of the list [sim tokens=400 rate=40]');
+  const link = page.locator('#conversations li.current a.busy');
+  await link.waitFor();
+  // The dot is the link's ::after; the DevTools protocol gives its box.
+  // (A refresh of the list may replace the row meanwhile: then look again.)
+  const cdp = await page.context().newCDPSession(page);
+  const [[dotLeft, , dotRight], box] = await h.waitFor(async () => {
+    const { root } = await cdp.send('DOM.getDocument', { depth: -1 });
+    const { nodeId } = await cdp.send('DOM.querySelector', { nodeId: root.nodeId, selector: '#conversations li.current a.busy' });
+    const { node } = await cdp.send('DOM.describeNode', { nodeId, depth: 1 });
+    const dot = node.pseudoElements?.find((p) => p.pseudoType === 'after');
+    if (!dot) return null;
+    const quad = (await cdp.send('DOM.getBoxModel', { backendNodeId: dot.backendNodeId })).model.border;
+    return [quad, await link.boundingBox()];
+  }, { what: 'the busy link and its dot' });
+  assert.ok(dotRight - dotLeft > 0 && dotLeft >= box.x && dotRight <= box.x + box.width,
+    `the dot (${dotLeft}–${dotRight}) lies within its row's link (${box.x}–${box.x + box.width}), not past the cut title`);
+  await page.getByRole('button', { name: 'Stop answer' }).click();
+  assert.equal(await h.waitAnswerEnded(h.lastAnswer(page)), 'cancelled');
+  h.noPageErrors(assert, page);
+});
