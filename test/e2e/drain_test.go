@@ -48,33 +48,14 @@ func TestGatewayDrainsOnSIGTERM(t *testing.T) {
 	tr := startTurn(t, c, conv, "a long one [sim tokens=2400 rate=300]", 10)
 
 	a.Signal(syscall.SIGTERM)
-	for {
-		code, failing, err := readyz(a.URL)
-		if err != nil {
-			t.Fatalf("/readyz after SIGTERM: %v before any 503: the load balancer learns of the stop from refused connections", err)
-		}
-		if code == http.StatusOK {
-			time.Sleep(5 * time.Millisecond) // polling: the signal is on its way
-			continue
-		}
-		if code != http.StatusServiceUnavailable || failing != "shutdown" {
-			t.Fatalf("/readyz after SIGTERM = %d failing %q, want 503 failing \"shutdown\"", code, failing)
-		}
-		break
-	}
+	waitShuttingDown(t, a.URL)
 	// Draining: the open socket is served, and so is a new one.
 	had := tr.Seq
 	c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return tr.Seq > had })
 	late := trtest.Dial(t, a.WSURL(), nil)
 	late.Join(conv, nil)
 
-	for {
-		f, err := c.Next(wait)
-		if err != nil {
-			break
-		}
-		tr.Apply(f)
-	}
+	applyUntilClosed(c, tr)
 	if code := c.CloseStatus(); code != websocket.StatusGoingAway {
 		t.Fatalf("close code %d after the drain, want 1001", code)
 	}
@@ -112,29 +93,10 @@ func TestServeDrainsOnSIGTERM(t *testing.T) {
 	c.Join(conv, nil)
 	tr := startTurn(t, c, conv, "a long one [sim tokens=3000 rate=300]", 10)
 	p.Signal(syscall.SIGTERM)
-	for {
-		code, failing, err := readyz(p.URL)
-		if err != nil {
-			t.Fatalf("/readyz after SIGTERM: %v before any 503", err)
-		}
-		if code == http.StatusOK {
-			time.Sleep(5 * time.Millisecond) // polling: the signal is on its way
-			continue
-		}
-		if code != http.StatusServiceUnavailable || failing != "shutdown" {
-			t.Fatalf("/readyz after SIGTERM = %d failing %q, want 503 failing \"shutdown\"", code, failing)
-		}
-		break
-	}
+	waitShuttingDown(t, p.URL)
 	had := tr.Seq
 	c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return tr.Seq > had })
-	for {
-		f, err := c.Next(wait)
-		if err != nil {
-			break
-		}
-		tr.Apply(f)
-	}
+	applyUntilClosed(c, tr)
 	if code := c.CloseStatus(); code != websocket.StatusGoingAway || tr.Ends != 1 || tr.Status != "interrupted" || len(tr.Errors) > 0 {
 		t.Fatalf("close %d; turn ended %d times, %s, errors %v; want 1001 after one end, interrupted", code, tr.Ends, tr.Status, tr.Errors)
 	}
@@ -145,5 +107,38 @@ func TestServeDrainsOnSIGTERM(t *testing.T) {
 	q := p.Restart(t)
 	if m := storedTurn(t, q.URL, conv, tr.ID); m.Status != "interrupted" || m.Content != tr.Text.String() {
 		t.Fatalf("stored %s, %d bytes; the client had %d bytes", m.Status, len(m.Content), tr.Text.Len())
+	}
+}
+
+// waitShuttingDown polls the /readyz of the server at url, just sent
+// SIGTERM, until it answers 503 naming "shutdown"; anything else first (a
+// refused connection, another failure) fails t.
+func waitShuttingDown(t *testing.T, url string) {
+	t.Helper()
+	for {
+		code, failing, err := readyz(url)
+		if err != nil {
+			t.Fatalf("/readyz after SIGTERM: %v before any 503: the load balancer learns of the stop from refused connections", err)
+		}
+		if code == http.StatusOK {
+			time.Sleep(5 * time.Millisecond) // polling: the signal is on its way
+			continue
+		}
+		if code != http.StatusServiceUnavailable || failing != "shutdown" {
+			t.Fatalf("/readyz after SIGTERM = %d failing %q, want 503 failing \"shutdown\"", code, failing)
+		}
+		return
+	}
+}
+
+// applyUntilClosed applies c's frames to tr until c closes or is quiet
+// for wait.
+func applyUntilClosed(c *trtest.Client, tr *trtest.Turn) {
+	for {
+		f, err := c.Next(wait)
+		if err != nil {
+			return
+		}
+		tr.Apply(f)
 	}
 }
