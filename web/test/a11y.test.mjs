@@ -5,18 +5,24 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as h from './helpers.mjs';
 
-test('an answer is announced once when it starts and once when it ends, and the list names a running one', async (t) => {
-  const server = await h.startServer(t);
-  const browser = await h.launchBrowser(t);
-  const { page } = await h.openChat(t, browser, server);
-  assert.equal(await page.locator('#announcer').getAttribute('role'), 'status');
+// recordAnnouncements keeps every text the page's status region is given;
+// the function it returns reads them, oldest first.
+async function recordAnnouncements(page) {
   await page.evaluate(() => {
     window.announced = [];
     const el = document.getElementById('announcer');
     new MutationObserver(() => { if (el.textContent) window.announced.push(el.textContent); })
       .observe(el, { childList: true, characterData: true, subtree: true });
   });
-  const announced = () => page.evaluate(() => window.announced);
+  return () => page.evaluate(() => window.announced);
+}
+
+test('an answer is announced once when it starts and once when it ends, and the list names a running one', async (t) => {
+  const server = await h.startServer(t);
+  const browser = await h.launchBrowser(t);
+  const { page } = await h.openChat(t, browser, server);
+  assert.equal(await page.locator('#announcer').getAttribute('role'), 'status');
+  const announced = await recordAnnouncements(page);
 
   await h.send(page, 'First question [sim tokens=60 rate=40]');
   const first = h.lastAnswer(page);
@@ -42,13 +48,7 @@ test('an answer left running in another conversation has its end said once it is
   const server = await h.startServer(t);
   const browser = await h.launchBrowser(t);
   const { page, conv: x } = await h.openChat(t, browser, server);
-  await page.evaluate(() => {
-    window.announced = [];
-    const el = document.getElementById('announcer');
-    new MutationObserver(() => { if (el.textContent) window.announced.push(el.textContent); })
-      .observe(el, { childList: true, characterData: true, subtree: true });
-  });
-  const announced = () => page.evaluate(() => window.announced);
+  const announced = await recordAnnouncements(page);
   await h.send(page, 'A long one [sim tokens=400 rate=40]');
   await h.lastAnswer(page).locator('xpath=self::*[@data-status="streaming"]').waitFor();
 
