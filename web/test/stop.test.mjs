@@ -64,27 +64,6 @@ test('Esc right after Enter stops the turn before the server acknowledged it', a
   h.noPageErrors(assert, page);
 });
 
-test('A double-click on Send sends once and does not stop the answer', async (t) => {
-  const server = await h.startServer(t);
-  const browser = await h.launchBrowser(t);
-  let frames;
-  const { page } = await h.openChat(t, browser, server, { setup: (p) => { frames = h.recordFrames(p); } });
-  await page.fill('#input', 'Keep going [sim tokens=20 rate=40]');
-  // Stop appears where Send was once the message goes; a real double-click
-  // lands its second click (click count 2) there.
-  const box = await page.getByRole('button', { name: 'Send message' }).boundingBox();
-  const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
-  await page.mouse.click(x, y);
-  await page.getByRole('button', { name: 'Stop answer' }).waitFor();
-  await page.mouse.down({ clickCount: 2 }); // the second press of the pair
-  await page.mouse.up({ clickCount: 2 });
-  const answer = h.lastAnswer(page);
-  assert.equal(await h.waitAnswerEnded(answer, 10000), 'complete');
-  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'send').length, 1, 'one send');
-  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'cancel').length, 0, 'no cancel');
-  h.noPageErrors(assert, page);
-});
-
 test('a Stop the server could not carry out says so, and Stop works again', async (t) => {
   const server = await h.startServer(t);
   const browser = await h.launchBrowser(t);
@@ -125,51 +104,59 @@ test('a Stop the server could not carry out says so, and Stop works again', asyn
 
 // clickAt presses and releases the mouse at (x, y) through the DevTools
 // protocol, with the click count and the time stamp (seconds since the
-// epoch) a browser would give it.
+// epoch) a browser would give it: a double-click's timing is the test's,
+// not the machine's.
 async function clickAt(cdp, x, y, clickCount, timestamp) {
   for (const type of ['mousePressed', 'mouseReleased']) {
     await cdp.send('Input.dispatchMouseEvent', { type, x, y, button: 'left', clickCount, timestamp });
   }
 }
 
-test('A Stop clicked after Send stops the answer, also when the browser counts it as a second click', async (t) => {
+// clickSend opens a chat, types text and clicks Send at t0 (seconds since
+// the epoch); it returns what the click tests look at. Stop appears where
+// Send was once the message goes, so a second click at (x, y) lands on it.
+async function clickSend(t, text) {
   const server = await h.startServer(t);
   const browser = await h.launchBrowser(t);
   let frames;
   const { page } = await h.openChat(t, browser, server, { setup: (p) => { frames = h.recordFrames(p); } });
-  await page.fill('#input', 'Talk for a bit [sim tokens=80 rate=40]');
+  await page.fill('#input', text);
   const box = await page.getByRole('button', { name: 'Send message' }).boundingBox();
   const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
   const cdp = await page.context().newCDPSession(page);
-  // A system whose double-click time is long (it can be set to seconds)
-  // counts a Stop two seconds after Send as the second click of a pair.
   const t0 = Date.now() / 1000;
   await clickAt(cdp, x, y, 1, t0);
-  const answer = h.lastAnswer(page);
+  await page.getByRole('button', { name: 'Stop answer' }).waitFor();
+  const sent = (type) => frames.filter((f) => f.dir === 'sent' && f.frame.type === type).length;
+  return { page, answer: h.lastAnswer(page), sent, click: (count, at) => clickAt(cdp, x, y, count, t0 + at) };
+}
+
+test('A double-click on Send sends once and does not stop the answer', async (t) => {
+  const { page, answer, sent, click } = await clickSend(t, 'Keep going [sim tokens=20 rate=40]');
+  await click(2, 0.2); // the second press of the pair
+  assert.equal(await h.waitAnswerEnded(answer, 10000), 'complete');
+  assert.equal(sent('send'), 1, 'one send');
+  assert.equal(sent('cancel'), 0, 'no cancel');
+  h.noPageErrors(assert, page);
+});
+
+test('A Stop clicked after Send stops the answer, also when the browser counts it as a second click', async (t) => {
+  const { page, answer, sent, click } = await clickSend(t, 'Talk for a bit [sim tokens=80 rate=40]');
   await answer.locator('xpath=self::*[@data-status="streaming"]').waitFor();
-  await clickAt(cdp, x, y, 2, t0 + 2);
+  // A system whose double-click time is long (it can be set to seconds)
+  // counts a Stop two seconds after Send as the second click of a pair.
+  await click(2, 2);
   assert.equal(await h.waitAnswerEnded(answer, 10000), 'cancelled');
-  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'send').length, 1, 'one send');
+  assert.equal(sent('send'), 1, 'one send');
   h.noPageErrors(assert, page);
 });
 
 test('Clicking Stop again after a double-click on Send stops the answer', async (t) => {
-  const server = await h.startServer(t);
-  const browser = await h.launchBrowser(t);
-  let frames;
-  const { page } = await h.openChat(t, browser, server, { setup: (p) => { frames = h.recordFrames(p); } });
-  await page.fill('#input', 'Talk for a bit [sim tokens=80 rate=40]');
-  const box = await page.getByRole('button', { name: 'Send message' }).boundingBox();
-  const [x, y] = [box.x + box.width / 2, box.y + box.height / 2];
-  await page.mouse.click(x, y);
-  await page.getByRole('button', { name: 'Stop answer' }).waitFor();
-  await page.mouse.down({ clickCount: 2 }); // the double-click's second press: let go
-  await page.mouse.up({ clickCount: 2 });
-  await page.mouse.down({ clickCount: 3 }); // one more: the person means Stop
-  await page.mouse.up({ clickCount: 3 });
-  const answer = h.lastAnswer(page);
+  const { page, answer, sent, click } = await clickSend(t, 'Talk for a bit [sim tokens=80 rate=40]');
+  await click(2, 0.2); // the double-click's second press: let go
+  await click(3, 0.4); // one more: the person means Stop
   assert.equal(await h.waitAnswerEnded(answer, 10000), 'cancelled');
-  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'send').length, 1, 'one send');
-  assert.equal(frames.filter((f) => f.dir === 'sent' && f.frame.type === 'cancel').length, 1, 'one cancel');
+  assert.equal(sent('send'), 1, 'one send');
+  assert.equal(sent('cancel'), 1, 'one cancel');
   h.noPageErrors(assert, page);
 });
