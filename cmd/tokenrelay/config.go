@@ -142,7 +142,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		fs.StringVar(&c.JWTIssuer, "jwt-issuer", "", "required iss claim, when set")
 		fs.StringVar(&c.JWTAudience, "jwt-audience", "", "required aud claim, when set")
 		fs.StringVar(&c.CompatOrigins, "compat-allowed-origins", "", "comma-separated origins allowed on the compatibility paths /ws/chat and /api/… (default: any)")
-		fs.StringVar(&c.AllowedOrigins, "allowed-origins", "", "comma-separated origins allowed to open /v1/ws besides the server's own (* for any)")
+		fs.StringVar(&c.AllowedOrigins, "allowed-origins", "", "comma-separated origins allowed to open /v1/ws and to POST or DELETE on /v1/ (default: the server's own; a list replaces it, so name the server's own too; * for any)")
 		d := gateway.DefaultLimits()
 		c.Limits = d
 		fs.IntVar(&c.Limits.FrameBytes, "limit-frame-bytes", d.FrameBytes, "largest inbound WebSocket frame (close 1009 above it)")

@@ -35,8 +35,9 @@ import (
 // Config configures a gateway. Zero durations take the documented defaults.
 type Config struct {
 	Limits Limits
-	// AllowedOrigins lists the origins allowed to open /v1/ws besides the
-	// server's own (see auth.OriginAllowed).
+	// AllowedOrigins lists the origins allowed to open /v1/ws (and to POST
+	// or DELETE on the API); empty allows the server's own only, and a list
+	// replaces that default (see auth.OriginAllowed).
 	AllowedOrigins []string
 	// LoopbackHostsOnly refuses requests whose Host is not a loopback name
 	// (localhost, *.localhost, 127.0.0.0/8, ::1). Set for dev mode on a
