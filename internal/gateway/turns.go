@@ -279,7 +279,11 @@ func (s *Server) beginCancel(ctx context.Context, user, turnID string) (*pending
 	t, err := s.store.TurnHead(ctx, turnID)
 	if err != nil {
 		_ = sub.Unsubscribe()
-		s.m.cancels.WithLabelValues("not_found").Inc()
+		// A store that cannot answer says nothing of the turn: such a
+		// cancel is refused (unavailable), as one whose broker failed.
+		if errors.Is(err, chat.ErrNotFound) {
+			s.m.cancels.WithLabelValues("not_found").Inc()
+		}
 		return nil, err
 	}
 	if t.Owner != user {

@@ -2,6 +2,7 @@ package e2e_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -82,5 +83,31 @@ func TestQueuedCancelCountsAsATurnEnded(t *testing.T) {
 	}
 	if n := trtest.Metric(t, p.URL, "tokenrelay_turns_total", `status="cancelled"`); n != 1 {
 		t.Fatalf("tokenrelay_turns_total{status=\"cancelled\"} = %v after a queued turn's cancel, want 1", n)
+	}
+}
+
+// unreadableTurns is the chat store with its turns unreadable, as when the
+// store cannot be reached.
+type unreadableTurns struct{ store.Store }
+
+func (unreadableTurns) TurnHead(context.Context, string) (chat.Turn, error) {
+	return chat.Turn{}, fmt.Errorf("read turn: %w", chat.ErrUnavailable)
+}
+
+// A cancel that fails because the store cannot read the turn is answered
+// unavailable, and is not counted as a cancel of an unknown turn: an
+// outage must not pass for clients stopping turns that do not exist.
+func TestCancelOfAnUnreadableTurnIsNotCountedNotFound(t *testing.T) {
+	server := bustest.Start(t)
+	st, a := storeAndAuth(t)
+	reg := prometheus.NewRegistry()
+	ws := serveGateway(t, gateway.New(gateway.Config{Registry: reg, Gatherer: reg}, bustest.Open(t, server.Conn().ConnectedUrl()), unreadableTurns{st}, a))
+	base := "http" + strings.TrimSuffix(strings.TrimPrefix(ws, "ws"), "/v1/ws")
+	var answer map[string]map[string]string
+	if code := trtest.Do(t, "POST", base+"/v1/turns/some-turn/cancel", "", nil, &answer); code != 503 || answer["error"]["code"] != "unavailable" {
+		t.Fatalf("cancel with the store unreadable: %d %v, want 503 unavailable", code, answer)
+	}
+	if n := trtest.Metric(t, base, "tokenrelay_cancel_requests_total", `outcome="not_found"`); n != 0 {
+		t.Fatalf("tokenrelay_cancel_requests_total{outcome=\"not_found\"} = %v for a cancel the store could not answer, want 0", n)
 	}
 }

@@ -101,6 +101,12 @@ func TestMetricsAddUpWhenAllIsClosed(t *testing.T) {
 	a2.Send(map[string]any{"type": "cancel", "turn_id": long.ID, "id": "again"})
 	a2.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "again" })
 
+	// A Stop of a turn that does not exist.
+	a2.Send(map[string]any{"type": "cancel", "turn_id": "no-such-turn", "id": "unknown"})
+	if f := a2.Until(wait, func(f trtest.Frame) bool { return f.Str("id") == "unknown" }); f[len(f)-1].Str("code") != "not_found" {
+		t.Fatalf("the cancel of an unknown turn answered %v", f[len(f)-1])
+	}
+
 	// A turn the model fails.
 	failed := runTurn(t, b, "m-b", "three [sim tokens=50 rate=0 error_after=3]", nil)
 	if failed.Status != "error" {
@@ -162,6 +168,7 @@ func TestMetricsAddUpWhenAllIsClosed(t *testing.T) {
 		`tokenrelay_turns_total{status="error"}`:                    "1",
 		`tokenrelay_cancel_requests_total{outcome="cancelled"}`:     "2",
 		`tokenrelay_cancel_requests_total{outcome="already_ended"}`: "2",
+		`tokenrelay_cancel_requests_total{outcome="not_found"}`:     "1",
 		"tokenrelay_provider_requests_total":                        "6",
 		`tokenrelay_joins_total{kind="fresh"}`:                      "4",
 		"tokenrelay_cancel_to_end_seconds_count":                    "2",
