@@ -993,11 +993,14 @@ func (w *Worker) end(ctx context.Context, t chat.Turn, status chat.TurnStatus) e
 	}
 	if ended != nil {
 		// Its producer published the end but did not store it: store what
-		// the stream says.
-		_, _, err := w.finishTurn(ctx, store.TurnResult{
+		// the stream says. The turn ends here, so it counts here.
+		final, won, err := w.finishTurn(ctx, store.TurnResult{
 			TurnID: t.ID, Status: ended.Status, Content: string(text), Seq: seq,
 			Error: ended.Error, Usage: ended.Usage, Now: w.cfg.Now(),
 		}, nil)
+		if err == nil && won {
+			w.m.turns.WithLabelValues(string(final)).Inc()
+		}
 		return err
 	}
 	_, err = w.finish(ctx, t, nil, status, text, seq, "", nil, nil)

@@ -1244,3 +1244,50 @@ func TestTokenFromTheModelLiftsUnreachable(t *testing.T) {
 		t.Fatalf("ModelUnreachable after the model answered = %v", err)
 	}
 }
+
+// A turn whose producer published its end but died before storing it is
+// ended from the stream by the worker that recovers it, and that end,
+// stored only now, counts in tokenrelay_turns_total once, with the
+// stream's status: every turn ends there once, however it ends.
+func TestRecoveredEndFromTheStreamIsCounted(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := setup(t, worker.Config{Registry: reg}, false)
+	e.send(t, "c", "t1", "x", false)
+	if ok, err := e.store.StartTurn(t.Context(), "t1", time.Now()); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	for i := int64(1); i <= 3; i++ {
+		if _, err := e.bus.PublishEvent(t.Context(), &bus.Event{Kind: bus.KindDelta, ConversationID: "c", TurnID: "t1", Seq: i, Off: i - 1, Text: "a"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.bus.PublishEnd(t.Context(), &bus.Event{Kind: bus.KindEnd, ConversationID: "c", TurnID: "t1", Seq: 3, Status: chat.StatusComplete}, nil); err != nil {
+		t.Fatal(err)
+	}
+	tn, err := e.store.TurnHead(t.Context(), "t1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.w.Interrupt(t.Context(), tn); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := e.store.Turn(t.Context(), "t1"); st.Status != chat.StatusComplete || st.Content != "aaa" {
+		t.Fatalf("stored %s %q, want the stream's end", st.Status, st.Content)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	counts := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "tokenrelay_turns_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			counts[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+		}
+	}
+	if len(counts) != 1 || counts["complete"] != 1 {
+		t.Fatalf("tokenrelay_turns_total = %v, want complete: 1", counts)
+	}
+}
