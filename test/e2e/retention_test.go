@@ -118,8 +118,9 @@ func TestBusExpiresTurnsAfterRetention(t *testing.T) {
 	}
 }
 
-// serve's embedded NATS expires the turns after --retention the same way,
-// and its delta journal keeps no segment but the one it writes.
+// serve's embedded NATS, reached with --nats-listen (where deltas are stored
+// in the stream, as scaled out), expires the turns after --retention the
+// same way.
 func TestServeExpiresTurnsAfterRetention(t *testing.T) {
 	listen := fmt.Sprintf("127.0.0.1:%d", bustest.FreePorts(t, 1)[0])
 	p := trtest.Serve(t, "--retention", "2s", "--nats-listen", listen)
@@ -142,17 +143,47 @@ func TestServeExpiresTurnsAfterRetention(t *testing.T) {
 	if got := messages(t, p.URL, "kept", ""); len(got) != 6 {
 		t.Fatalf("the history holds %d messages after the bus expired them, want 6", len(got))
 	}
-	segs, err := filepath.Glob(filepath.Join(p.DataDir, "journal", "*"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(segs) > 1 {
-		var names []string
-		for _, s := range segs {
-			if fi, err := os.Stat(s); err == nil {
-				names = append(names, fmt.Sprintf("%s (%d bytes)", filepath.Base(s), fi.Size()))
+}
+
+// serve's delta journal keeps a segment only while it holds deltas not
+// yet saved: after answers that filled several segments have ended, only
+// the segment being written is left.
+func TestServeJournalKeepsOnlyUnsavedSegments(t *testing.T) {
+	p := trtest.Serve(t)
+	dir := filepath.Join(p.DataDir, "journal")
+	segments := func() []string {
+		t.Helper()
+		names, err := filepath.Glob(filepath.Join(dir, "*"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, n := range names {
+			if fi, err := os.Stat(n); err == nil {
+				names[i] = fmt.Sprintf("%s (%d bytes)", filepath.Base(n), fi.Size())
 			}
 		}
-		t.Fatalf("the delta journal keeps %s once every turn ended, want at most the segment it writes", strings.Join(names, ", "))
+		return names
+	}
+	c := trtest.Dial(t, p.WSURL(), nil)
+	c.Join("journal", nil)
+	for i := range 3 {
+		tr := startTurn(t, c, "journal", fmt.Sprintf("long %d [sim tokens=60000 rate=0]", i), 1)
+		finish(t, c, tr)
+		if tr.Status != "complete" {
+			t.Fatalf("turn ended %s", tr.Status)
+		}
+	}
+	deadline := time.Now().Add(time.Minute)
+	segs := segments()
+	for ; len(segs) > 1; segs = segments() {
+		if time.Now().After(deadline) {
+			t.Fatalf("once every turn ended the journal keeps %s, want only the segment it writes", strings.Join(segs, ", "))
+		}
+		time.Sleep(100 * time.Millisecond) // polling the directory, not synchronising
+	}
+	// Segments are numbered from 1 in a new data dir: the one left being
+	// the third or later, the answers did fill the ones before it.
+	if len(segs) != 1 || segs[0] < "0000000000000003" {
+		t.Fatalf("the journal holds %v: the answers did not fill two segments, so this shows nothing", segs)
 	}
 }
