@@ -443,15 +443,22 @@ func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 		var cu catchUpResult
 		var err error
 		for try := max(attempt, 1); ; try++ {
+			// Each try has the deadline of a request: a store or bus that
+			// leaves a read unanswered (a frozen server, a connection that
+			// drops packets) fails the try, and the next one asks again
+			// (on another connection), instead of holding the turn's
+			// events until the client goes.
+			ctx, cancel := context.WithTimeout(v.ctx, v.s.cfg.RequestTimeout)
 			if needStart {
-				info, err = v.s.store.TurnHead(v.ctx, turn)
+				info, err = v.s.store.TurnHead(ctx, turn)
 				if err == nil {
-					userMsg, err = v.s.store.Message(v.ctx, v.conv, info.ReplyTo)
+					userMsg, err = v.s.store.Message(ctx, v.conv, info.ReplyTo)
 				}
 			}
 			if err == nil {
-				cu, err = v.s.catchUp(v.ctx, v.conv, turn, have, haveLen)
+				cu, err = v.s.catchUp(ctx, v.conv, turn, have, haveLen)
 			}
+			cancel()
 			if err == nil || errors.Is(err, chat.ErrNotFound) || v.ctx.Err() != nil || try >= repairAttempts {
 				break
 			}
@@ -466,7 +473,12 @@ func (v *view) fetchLocked(turn string, ts *turnState, attempt int) {
 			}
 		}
 		if attempt == quietFetch && err == nil && cu.End == nil {
-			cu, err = v.s.storedEnd(v.ctx, v.conv, turn, cu, info, needStart)
+			// A store that does not answer in time leaves the turn to the
+			// next sweep, as one that refuses (see storedEnd): a sweep
+			// skips a turn whose read is still under way.
+			ctx, cancel := context.WithTimeout(v.ctx, v.s.cfg.RequestTimeout)
+			cu, err = v.s.storedEnd(ctx, v.conv, turn, cu, info, needStart)
+			cancel()
 		}
 		v.mu.Lock()
 		defer v.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenrelay/tokenrelay/internal/chat"
 	"github.com/tokenrelay/tokenrelay/internal/store"
 	"github.com/tokenrelay/tokenrelay/internal/store/postgres"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
@@ -120,5 +121,46 @@ func TestStopWhileTheStoreHangs(t *testing.T) {
 	})
 	if end.Str("status") != "cancelled" || ack.Type() != "ack" || ack.Str("status") != "cancelled" {
 		t.Fatalf("the turn ended %v, the Stop answered %v: want cancelled", end, ack)
+	}
+}
+
+// A gateway's read of the store for a turn its client follows that its
+// connection leaves unanswered fails at the request timeout, and is made
+// again: here the quiet check of a turn whose end was stored and never
+// published (as when the gateway that cancelled it while queued died
+// before publishing the end) asks the store for the turn, and its first
+// read hangs. The client still gets the turn's end, from the next read.
+func TestGatewayStoreReadThatHangs(t *testing.T) {
+	pg := postgresURL(t)
+	px := newPGProxy(t, pg)
+	c := startCluster(t, clusterOptions{gateways: 1, workers: 1, storeURL: pg,
+		gatewayArgs: []string{"--store-url", px.url, "--quiet-check", "200ms"},
+		// The turn is stored with no job: no worker is to take it up.
+		workerArgs: []string{"--queued-timeout", "-1s"}})
+	const conv, turn = "hang-quiet", "t-quiet"
+	db, err := postgres.Open(t.Context(), c.store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Send(t.Context(), store.SendRequest{ConversationID: conv, Owner: "dev", MessageID: "m-" + turn, TurnID: turn, Text: "speak", Now: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	cl := trtest.Dial(t, c.gw[0].WSURL(), nil)
+	if a := cl.Join(conv, nil).Obj("active"); a == nil || a.Str("turn_id") != turn {
+		t.Fatalf("joined with active turn %v, want %s", a, turn)
+	}
+	st := px.stallNext(stmtTurnHead)
+	if _, ok, err := db.FinishTurn(t.Context(), store.TurnResult{TurnID: turn, Status: chat.StatusCancelled, Now: time.Now()}); err != nil || !ok {
+		t.Fatalf("finish the turn in the store: %v %v", ok, err)
+	}
+	select {
+	case <-st:
+	case <-time.After(wait):
+		t.Fatal("the gateway never read the turn from the store")
+	}
+	fs := cl.Until(wait, func(f trtest.Frame) bool { return f.Type() == "turn.end" && f.Str("turn_id") == turn })
+	if end := fs[len(fs)-1]; end.Str("status") != "cancelled" || end.Int("seq") != 0 {
+		t.Fatalf("the turn ended %v, want cancelled at seq 0", end)
 	}
 }
