@@ -117,6 +117,13 @@ func connectNATS(c *config, name string, log *slog.Logger) (*nats.Conn, error) {
 		// its caller has long taken it for failed: a delta landing in a
 		// turn that another worker has ended meanwhile.
 		nats.ReconnectBufSize(-1),
+		// A server that stops answering with the connection left open
+		// (frozen, or the packets dropped on the way) is found out by
+		// its missed pings: with nats.go's defaults, two minutes apart,
+		// that takes four to six, while every publish and read on it
+		// fails at its timeout and no job is pulled. Then the connection
+		// goes to another server of the cluster.
+		nats.PingInterval(natsPingInterval), nats.MaxPingsOutstanding(natsMaxPingsOut),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err == nil {
 				log.Info("nats disconnected") // closed by this process
@@ -142,6 +149,14 @@ func connectNATS(c *config, name string, log *slog.Logger) (*nats.Conn, error) {
 	}
 	return nc, nil
 }
+
+// A connection whose server has not answered natsMaxPingsOut pings sent
+// natsPingInterval apart is dropped and made again, to another server when
+// the URL names several: 10 to 15 s after the server stopped answering.
+const (
+	natsPingInterval = 5 * time.Second
+	natsMaxPingsOut  = 2
+)
 
 // logNATSError logs the connection's asynchronous errors (a slow
 // consumer, a JetStream consumer that could not be recreated, a permission
