@@ -131,6 +131,43 @@ func natsAddr(t testing.TB, u string) string {
 	return pu.Host
 }
 
+// A gateway whose NATS server stops answering (frozen, or the packets
+// dropped: the connection stays open) answers each request that needs
+// the broker with an error frame, unavailable, rather than never: a send,
+// a cancel and a join, each on a connection of its own.
+func TestGatewayBrokerThatHangs(t *testing.T) {
+	pg := postgresURL(t)
+	nc := startNATS(t)
+	px := newHoldProxy(t, natsAddr(t, nc.nodes[0].Server.ClientURL()))
+	c := &cluster{nats: nc, store: pg}
+	c.common = []string{"--nats-url", nc.URLs(), "--store-url", pg, "--replicas", "3"}
+	migrate(t, pg)
+	c.startWorker(t)
+	c.startGateway(t, "--nats-url", "nats://"+px.addr)
+
+	running := trtest.Dial(t, c.gw[0].WSURL(), nil)
+	running.Join("hang-running", nil)
+	send(running, "hang-running", "t-long", "go on [sim tokens=5000 rate=50]")
+	until(t, running, &trtest.Turn{ID: "t-long"}, 3)
+
+	px.hold()
+	clients := map[string]*trtest.Client{}
+	for _, id := range []string{"send", "cancel", "join"} {
+		clients[id] = trtest.Dial(t, c.gw[0].WSURL(), nil)
+	}
+	send(clients["send"], "hang-send", "send", "hello [sim tokens=5 rate=0]")
+	clients["cancel"].Send(map[string]any{"type": "cancel", "turn_id": "t-long", "id": "cancel"})
+	clients["join"].Send(map[string]any{"type": "join", "conversation_id": "hang-join", "id": "join"})
+	for id, cl := range clients {
+		fs := cl.Until(wait, func(f trtest.Frame) bool {
+			return f.Str("id") == id && (f.Type() == "error" || f.Type() == "ack" || f.Type() == "joined")
+		})
+		if f := fs[len(fs)-1]; f.Type() != "error" || f.Str("code") != "unavailable" {
+			t.Errorf("%s while the broker hangs answered %v, want an unavailable error", id, f)
+		}
+	}
+}
+
 // A worker whose NATS server stops answering while it streams a turn (the
 // server frozen, or the packets dropped: the connection stays open) finds
 // the connection stale within seconds and goes on through another server
