@@ -532,18 +532,18 @@ func TestChaos(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				r := rand.New(rand.NewPCG(seed, 1))
-				st := chaosClient{conv: conv, turns: map[string]*trtest.Turn{}, slow: slow, trail: map[string][]string{}}
+				st := chaosClient{Tab: trtest.NewTab(conv), slow: slow}
 				err := st.run(t, p.WSURL(), r, &drops, stop)
 				if err != nil {
 					errs <- fmt.Errorf("%s tab %d: %w", conv, tab, err)
 				}
 				final := map[string]string{}
-				for id, tr := range st.turns {
+				for id, tr := range st.Turns {
 					if tr.Ends == 1 {
 						final[id] = tr.Text.String()
 					}
 				}
-				results <- result{conv, final, st.trail}
+				results <- result{conv, final, st.Trail}
 			}()
 		}
 	}
@@ -612,15 +612,8 @@ func allEnded(t *testing.T, base string, convs, turns int) bool {
 
 // chaosClient is one tab that keeps reconnecting.
 type chaosClient struct {
-	conv   string
-	turns  map[string]*trtest.Turn
-	active string // the turn being followed, unfinished
-	slow   bool
-	trail  map[string][]string // turn → what the client got of it, in order
-}
-
-func (c *chaosClient) note(turn, format string, args ...any) {
-	c.trail[turn] = append(c.trail[turn], fmt.Sprintf(format, args...))
+	*trtest.Tab
+	slow bool
 }
 
 func (c *chaosClient) run(t *testing.T, url string, r *rand.Rand, drops *atomic.Int64, stop <-chan struct{}) error {
@@ -635,7 +628,7 @@ func (c *chaosClient) run(t *testing.T, url string, r *rand.Rand, drops *atomic.
 			return err
 		}
 		useAfter := r.IntN(3) > 0
-		if err := c.join(cl, useAfter); err != nil {
+		if err := c.Join(cl, useAfter); err != nil {
 			return err
 		}
 		budget := 1 + r.IntN(40)
@@ -644,7 +637,7 @@ func (c *chaosClient) run(t *testing.T, url string, r *rand.Rand, drops *atomic.
 			if err != nil {
 				break // idle conversation: drop anyway
 			}
-			if err := c.apply(f); err != nil {
+			if err := c.Apply(f); err != nil {
 				return err
 			}
 			if c.slow && i%4 == 0 {
@@ -664,110 +657,17 @@ func (c *chaosClient) settle(t *testing.T, url string) error {
 		return err
 	}
 	defer cl.Conn.CloseNow()
-	if err := c.join(cl, true); err != nil {
+	if err := c.Join(cl, true); err != nil {
 		return err
 	}
-	for c.active != "" {
+	for c.Active != "" {
 		f, err := cl.Next(30 * time.Second)
 		if err != nil {
 			return fmt.Errorf("settling: %v", err)
 		}
-		if err := c.apply(f); err != nil {
+		if err := c.Apply(f); err != nil {
 			return err
 		}
-	}
-	return nil
-}
-
-func (c *chaosClient) join(cl *trtest.Client, useAfter bool) error {
-	m := map[string]any{"type": "join", "conversation_id": c.conv, "history": 500}
-	tr := c.turns[c.active]
-	if useAfter && tr != nil {
-		m["after"] = map[string]any{"turn_id": tr.ID, "seq": tr.Seq}
-	}
-	if err := cl.TrySend(m); err != nil {
-		return fmt.Errorf("join: %v", err)
-	}
-	for {
-		f, err := cl.Next(30 * time.Second)
-		if err != nil {
-			return fmt.Errorf("join: %v", err)
-		}
-		if f.Type() != "joined" {
-			if f.Type() == "error" {
-				return fmt.Errorf("join: %v", f)
-			}
-			continue
-		}
-		withAfter := m["after"] != nil
-		// History: adopt finished turns the client does not follow.
-		for _, x := range f["messages"].([]any) {
-			msg := trtest.Frame(x.(map[string]any))
-			if msg.Str("role") != "assistant" {
-				continue
-			}
-			id := msg.Str("message_id")
-			if withAfter && id == c.active {
-				continue // the server sends the rest and the end
-			}
-			if old := c.turns[id]; old == nil || old.Ends == 0 {
-				c.note(id, "history %s %dB", msg.Str("status"), len(msg.Str("content")))
-				tr := &trtest.Turn{ID: id, Ends: 1, Status: msg.Str("status")}
-				tr.Text.WriteString(msg.Str("content"))
-				c.turns[id] = tr
-				if c.active == id {
-					c.active = ""
-				}
-			}
-		}
-		if a := f.Obj("active"); a != nil {
-			id := a.Str("turn_id")
-			c.note(id, "joined active (after %v) seq %d %dB", withAfter, a.Int("seq"), len(a.Str("text")))
-			if withAfter && id == c.active {
-				if a.Int("from") != tr.Seq+1 {
-					return fmt.Errorf("resume from %d, had %d", a.Int("from"), tr.Seq)
-				}
-			} else {
-				tr = &trtest.Turn{ID: id}
-				c.turns[id] = tr
-			}
-			tr.Text.WriteString(a.Str("text"))
-			tr.Seq = a.Int("seq")
-			c.active = id
-		} else if !withAfter && c.active != "" {
-			c.active = ""
-		}
-		return nil
-	}
-}
-
-func (c *chaosClient) apply(f trtest.Frame) error {
-	switch f.Type() {
-	case "turn.start":
-		id := f.Str("turn_id")
-		c.note(id, "turn.start")
-		if _, ok := c.turns[id]; ok {
-			return fmt.Errorf("turn.start for known turn %s", id)
-		}
-		c.turns[id] = &trtest.Turn{ID: id}
-		c.active = id
-	case "turn.delta", "turn.end":
-		if f.Type() == "turn.end" || len(c.trail[f.Str("turn_id")]) < 100 {
-			c.note(f.Str("turn_id"), "%s seq %d %dB", f.Type(), f.Int("seq"), len(f.Str("text")))
-		}
-		tr := c.turns[f.Str("turn_id")]
-		if tr == nil {
-			return fmt.Errorf("%s for unknown turn %s", f.Type(), f.Str("turn_id"))
-		}
-		tr.Apply(f)
-		if len(tr.Errors) > 0 {
-			return fmt.Errorf("turn %s: %v", tr.ID, tr.Errors)
-		}
-		if tr.Ends > 0 && c.active == tr.ID {
-			c.active = ""
-		}
-	case "error":
-		return fmt.Errorf("error frame %v", f)
 	}
 	return nil
 }

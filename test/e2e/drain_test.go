@@ -1,31 +1,13 @@
 package e2e_test
 
 import (
-	"encoding/json"
-	"net/http"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/coder/websocket"
 
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
-
-// readyz asks base's /readyz; err is set when nothing answered (the port
-// is closed).
-func readyz(base string) (code int, failing string, err error) {
-	resp, err := http.Get(base + "/readyz")
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	var body struct {
-		Failing string `json:"failing"`
-	}
-	_ = json.NewDecoder(resp.Body).Decode(&body)
-	return resp.StatusCode, body.Failing, nil
-}
 
 // TestGatewayDrainsOnSIGTERM: a gateway told to stop answers /readyz 503
 // ("shutdown") at once, so that a load balancer stops sending it clients,
@@ -48,7 +30,7 @@ func TestGatewayDrainsOnSIGTERM(t *testing.T) {
 	tr := startTurn(t, c, conv, "a long one [sim tokens=2400 rate=300]", 10)
 
 	a.Signal(syscall.SIGTERM)
-	waitShuttingDown(t, a.URL)
+	trtest.WaitShuttingDown(t, a.URL)
 	// Draining: the open socket is served, and so is a new one.
 	had := tr.Seq
 	c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return tr.Seq > had })
@@ -93,7 +75,7 @@ func TestServeDrainsOnSIGTERM(t *testing.T) {
 	c.Join(conv, nil)
 	tr := startTurn(t, c, conv, "a long one [sim tokens=3000 rate=300]", 10)
 	p.Signal(syscall.SIGTERM)
-	waitShuttingDown(t, p.URL)
+	trtest.WaitShuttingDown(t, p.URL)
 	had := tr.Seq
 	c.Until(wait, func(f trtest.Frame) bool { tr.Apply(f); return tr.Seq > had })
 	applyUntilClosed(c, tr)
@@ -107,27 +89,6 @@ func TestServeDrainsOnSIGTERM(t *testing.T) {
 	q := p.Restart(t)
 	if m := storedTurn(t, q.URL, conv, tr.ID); m.Status != "interrupted" || m.Content != tr.Text.String() {
 		t.Fatalf("stored %s, %d bytes; the client had %d bytes", m.Status, len(m.Content), tr.Text.Len())
-	}
-}
-
-// waitShuttingDown polls the /readyz of the server at url, just sent
-// SIGTERM, until it answers 503 naming "shutdown"; anything else first (a
-// refused connection, another failure) fails t.
-func waitShuttingDown(t *testing.T, url string) {
-	t.Helper()
-	for {
-		code, failing, err := readyz(url)
-		if err != nil {
-			t.Fatalf("/readyz after SIGTERM: %v before any 503: the load balancer learns of the stop from refused connections", err)
-		}
-		if code == http.StatusOK {
-			time.Sleep(5 * time.Millisecond) // polling: the signal is on its way
-			continue
-		}
-		if code != http.StatusServiceUnavailable || failing != "shutdown" {
-			t.Fatalf("/readyz after SIGTERM = %d failing %q, want 503 failing \"shutdown\"", code, failing)
-		}
-		return
 	}
 }
 
