@@ -122,7 +122,9 @@ const jobPullHeartbeat = time.Second
 
 // ConsumeJobs calls fn with each job, one at a time from one goroutine, until
 // ctx is done; fn should hand the job off quickly (it may block to apply
-// backpressure). Undecodable jobs are acked and dropped. ConsumeJobs returns
+// backpressure). Jobs fetched but not yet given to fn when ctx is done go
+// back to the queue for another worker (see handBack). Undecodable jobs
+// are acked and dropped. ConsumeJobs returns
 // nil when ctx is done and fn has returned, and an error when the pull ends
 // before that (the job consumer deleted, the connection closed). Under a
 // Local it takes the jobs of the process's own queue, and none from the
@@ -154,15 +156,12 @@ func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) erro
 		}
 		return fmt.Errorf("consume jobs: %w", err)
 	}
-	go func() {
-		<-ctx.Done()
-		it.Stop()
-	}()
 	var last error // the iterator's last error, which may have ended it
 	for {
-		m, err := it.Next()
+		m, err := it.Next(jetstream.NextContext(ctx))
 		if err != nil {
 			if ctx.Err() != nil {
+				handBack(it)
 				return nil
 			}
 			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
@@ -187,6 +186,32 @@ func (b *Bus) ConsumeJobs(ctx context.Context, batch int, fn func(*JobMsg)) erro
 			jm.Redelivered = md.NumDelivered > 1
 		}
 		fn(jm)
+	}
+}
+
+// handBackWait bounds how long a worker that stops taking jobs waits for
+// those already on their way to it, so that a broker that does not answer
+// cannot hold its stop.
+const handBackWait = time.Second
+
+// handBack ends it, handing back to the queue (NAK) the jobs it had
+// fetched but not yet given out, and those the server sent before it
+// heard that the pull ended: left alone, they would wait for the ack wait
+// before another worker got them. It waits for them at most handBackWait.
+func handBack(it jetstream.MessagesContext) {
+	defer it.Stop()
+	it.Drain()
+	deadline := time.Now().Add(handBackWait)
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return
+		}
+		m, err := it.Next(jetstream.NextMaxWait(left))
+		if err != nil {
+			return // drained, or no answer in time
+		}
+		_ = m.Nak()
 	}
 }
 
