@@ -164,7 +164,7 @@ func (c *config) register(fs *flag.FlagSet, r role) {
 		// PROTOCOL.md says. Behind a load balancer, set it to the time
 		// its health checks take to see /readyz fail (deploy/compose.yaml
 		// sets 5s for deploy/haproxy.cfg's checks, every 2s, twice).
-		fs.DurationVar(&c.ShutdownDrain, "shutdown-drain", 0, "on SIGTERM, answer /readyz 503 and keep serving this long before closing connections with 1001 (0: close at once)")
+		fs.DurationVar(&c.ShutdownDrain, "shutdown-drain", 0, "on SIGTERM, answer /readyz 503 and keep serving this long before closing connections with 1001 (0: close at once; a second signal cuts it short)")
 		fs.DurationVar(&c.QuietCheck, "quiet-check", 10*time.Second, "an open turn silent this long is read again from the stream, in case its end was lost (negative disables)")
 	}
 	fs.BoolVar(&c.DeltaTimestamps, "delta-timestamps", false, "stamp every turn.delta with its emission time (\"ts\", Unix µs)")

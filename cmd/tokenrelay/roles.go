@@ -63,7 +63,7 @@ func runGateway(ctx context.Context, args []string, getenv func(string) string, 
 	select {
 	case <-ctx.Done():
 		gw.Drain()
-		runErr = waitDrain(c.ShutdownDrain, httpDone, log)
+		runErr = waitDrain(c.ShutdownDrain, httpDone, hurried(ctx), log)
 	case runErr = <-httpDone:
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), c.ShutdownTimeout)
@@ -158,8 +158,9 @@ func runWithin(ctx context.Context, run func(context.Context) error, timeout tim
 // during which it answers /readyz with 503 and goes on serving: a load
 // balancer's health checks see the 503 and send new clients elsewhere
 // before the open connections are closed with 1001. It ends early, with
-// its error, if the HTTP server stops.
-func waitDrain(d time.Duration, httpDone <-chan error, log *slog.Logger) error {
+// its error, if the HTTP server stops, and when hurry is closed (a second
+// signal).
+func waitDrain(d time.Duration, httpDone <-chan error, hurry <-chan struct{}, log *slog.Logger) error {
 	if d <= 0 {
 		return nil
 	}
@@ -168,6 +169,9 @@ func waitDrain(d time.Duration, httpDone <-chan error, log *slog.Logger) error {
 	defer t.Stop()
 	select {
 	case <-t.C:
+		return nil
+	case <-hurry:
+		log.Info("drain cut short by a second signal")
 		return nil
 	case err := <-httpDone:
 		return err

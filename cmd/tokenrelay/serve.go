@@ -167,6 +167,8 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 			t := time.NewTimer(c.ShutdownDrain)
 			select {
 			case <-t.C:
+			case <-hurried(ctx):
+				log.Info("drain cut short by a second signal")
 			case runErr = <-httpDone:
 			case runErr = <-workerDone:
 				workerDone <- runErr

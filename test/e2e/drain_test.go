@@ -3,6 +3,7 @@ package e2e_test
 import (
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/coder/websocket"
 
@@ -101,5 +102,46 @@ func applyUntilClosed(c *trtest.Client, tr *trtest.Turn) {
 			return
 		}
 		tr.Apply(f)
+	}
+}
+
+// TestSecondSignalCutsDrainShort: a gateway or serve draining after a
+// SIGTERM or SIGINT (here for ten minutes) stops draining at a second
+// signal, as an operator pressing Ctrl-C again expects, and shuts down as
+// it would after its drain: its sockets get 1001 and it exits cleanly.
+func TestSecondSignalCutsDrainShort(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name  string
+		start func(t *testing.T) *trtest.Proc
+		sig   syscall.Signal
+	}{
+		{"gateway", func(t *testing.T) *trtest.Proc {
+			g, _ := trtest.StartScaleOut(t, "--shutdown-drain", "10m")
+			return g
+		}, syscall.SIGTERM},
+		{"serve", func(t *testing.T) *trtest.Proc { return trtest.Serve(t, "--shutdown-drain", "10m") }, syscall.SIGINT},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			p := tt.start(t)
+			c := trtest.Dial(t, p.WSURL(), nil)
+			c.Join("hurry", nil)
+			p.Signal(tt.sig)
+			trtest.WaitShuttingDown(t, p.URL) // draining
+			p.Signal(tt.sig)
+			select {
+			case <-p.Done():
+			case <-time.After(time.Minute):
+				t.Fatalf("still draining a minute after the second %v", tt.sig)
+			}
+			if err := p.ExitErr(); err != nil {
+				t.Fatalf("exit: %v\n%s", err, p.Stderr())
+			}
+			if code := c.CloseStatus(); code != websocket.StatusGoingAway {
+				t.Fatalf("socket closed with %d, want 1001", code)
+			}
+		})
 	}
 }
