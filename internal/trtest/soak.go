@@ -572,3 +572,46 @@ func (b *Balancer) Restart(t *testing.T, i int, g *Proc) *Proc {
 	b.rotate(i, true)
 	return q
 }
+
+// Procs keeps every process a soak starts, for the logs its failure
+// prints (SoakRig.Logs).
+type Procs struct {
+	mu    sync.Mutex
+	procs []*Proc
+}
+
+// Add records p and returns it.
+func (ps *Procs) Add(p *Proc) *Proc {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	ps.procs = append(ps.procs, p)
+	return p
+}
+
+// Logs returns the standard error of every process recorded, each under
+// its command's name.
+func (ps *Procs) Logs() string {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	var b strings.Builder
+	for _, p := range ps.procs {
+		fmt.Fprintf(&b, "== %v\n%s", p.Args[0], p.Stderr())
+	}
+	return b.String()
+}
+
+// RestartWorker stops worker i, w, with SIGTERM and starts it again with
+// the same arguments, recorded in ps. It fails t when the worker exits
+// badly or its turns were still ending at its --shutdown-timeout.
+func (ps *Procs) RestartWorker(t *testing.T, i int, w *Proc) *Proc {
+	t.Helper()
+	stopped := time.Now()
+	if err := w.Stop(); err != nil {
+		t.Fatalf("worker %d: exit after SIGTERM: %v\n%s", i, err, w.Stderr())
+	}
+	if strings.Contains(w.Stderr(), "leaving them to recovery") {
+		t.Fatalf("worker %d: turns still ending at its --shutdown-timeout\n%s", i, w.Stderr())
+	}
+	t.Logf("worker %d stopped in %v", i, time.Since(stopped).Round(time.Millisecond))
+	return ps.Add(Start(t, w.Args...))
+}

@@ -1,10 +1,7 @@
 package cluster_test
 
 import (
-	"fmt"
 	"math/rand/v2"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,29 +25,15 @@ func TestClusterRollingRestart(t *testing.T) {
 	})
 	nc := c.nats.connect(t)
 	waitStreamsCurrent(t, c.nats, nc)
-	var mu sync.Mutex
-	procs := append(append([]*trtest.Proc(nil), c.gw...), c.wk...) // every process started, for the logs
-	started := func(p *trtest.Proc) *trtest.Proc {
-		mu.Lock()
-		procs = append(procs, p)
-		mu.Unlock()
-		return p
+	var procs trtest.Procs // every process started, for the logs
+	for _, p := range append(append([]*trtest.Proc(nil), c.gw...), c.wk...) {
+		procs.Add(p)
 	}
 	var urls []string
 	for _, g := range c.gw {
 		urls = append(urls, g.URL)
 	}
 	lb := trtest.NewBalancer(urls...)
-	restartWorker := func(t *testing.T, i int) {
-		w := c.wk[i]
-		if err := w.Stop(); err != nil {
-			t.Fatalf("worker %d: exit after SIGTERM: %v\n%s", i, err, w.Stderr())
-		}
-		if strings.Contains(w.Stderr(), "leaving them to recovery") {
-			t.Fatalf("worker %d: turns still ending at its --shutdown-timeout\n%s", i, w.Stderr())
-		}
-		c.wk[i] = started(trtest.Start(t, w.Args...))
-	}
 	restartNATS := func(t *testing.T, i int) {
 		c.nats.nodes[i].Shutdown()
 		c.nats.restart(t, i)
@@ -65,22 +48,14 @@ func TestClusterRollingRestart(t *testing.T) {
 			time.Sleep(time.Duration(200+rng.IntN(800)) * time.Millisecond) // a random point of the load
 			switch i := k / 3; k % 3 {
 			case 0:
-				c.gw[i%2] = started(lb.Restart(t, i%2, c.gw[i%2]))
+				c.gw[i%2] = procs.Add(lb.Restart(t, i%2, c.gw[i%2]))
 			case 1:
-				restartWorker(t, i%2)
+				c.wk[i%2] = procs.RestartWorker(t, i%2, c.wk[i%2])
 			case 2:
 				restartNATS(t, i%3)
 			}
 			t.Logf("restart %d done", k)
 		},
-		Logs: func() string {
-			mu.Lock()
-			defer mu.Unlock()
-			var b strings.Builder
-			for _, p := range procs {
-				fmt.Fprintf(&b, "== %v\n%s", p.Args[0], p.Stderr())
-			}
-			return b.String()
-		},
+		Logs: procs.Logs,
 	})
 }

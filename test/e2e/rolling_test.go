@@ -1,10 +1,7 @@
 package e2e_test
 
 import (
-	"fmt"
 	"math/rand/v2"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,58 +22,31 @@ func TestRollingRestart(t *testing.T) {
 	}
 	_, natsURL, storeURL := trtest.ScaleOutDeps(t)
 	common := []string{"--nats-url", natsURL, "--store-url", storeURL}
-	var mu sync.Mutex
-	var procs []*trtest.Proc // every process started, for the logs
-	started := func(p *trtest.Proc) *trtest.Proc {
-		mu.Lock()
-		procs = append(procs, p)
-		mu.Unlock()
-		return p
-	}
+	var procs trtest.Procs // every process started, for the logs
 	wk := make([]*trtest.Proc, 2)
 	for i := range wk {
-		wk[i] = started(trtest.Start(t, append([]string{"worker", "--shutdown-timeout", "5s"}, common...)...))
+		wk[i] = procs.Add(trtest.Start(t, append([]string{"worker", "--shutdown-timeout", "5s"}, common...)...))
 	}
 	gw := make([]*trtest.Proc, 2)
 	var urls []string
 	for i := range gw {
-		gw[i] = started(trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--shutdown-drain", "500ms",
+		gw[i] = procs.Add(trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0", "--shutdown-drain", "500ms",
 			"--limit-sends", "0", "--limit-connections", "0", "--limit-turns", "0"}, common...)...))
 		gw[i].WaitReady(t)
 		urls = append(urls, gw[i].URL)
 	}
 	lb := trtest.NewBalancer(urls...)
-	restartWorker := func(t *testing.T, i int) {
-		w := wk[i]
-		stopped := time.Now()
-		if err := w.Stop(); err != nil {
-			t.Fatalf("worker %d: exit after SIGTERM: %v\n%s", i, err, w.Stderr())
-		}
-		if strings.Contains(w.Stderr(), "leaving them to recovery") {
-			t.Fatalf("worker %d: turns still ending at its --shutdown-timeout\n%s", i, w.Stderr())
-		}
-		t.Logf("worker %d stopped in %v", i, time.Since(stopped).Round(time.Millisecond))
-		wk[i] = started(trtest.Start(t, w.Args...))
-	}
 	trtest.SoakRestarts(t, trtest.SoakRig{
 		Pick:     lb.Pick,
 		Restarts: 8, // each process twice: gateway 0, worker 0, gateway 1, worker 1, …
 		Restart: func(t *testing.T, k int, rng *rand.Rand) {
 			time.Sleep(time.Duration(200+rng.IntN(800)) * time.Millisecond) // a random point of the load
 			if i := k / 2 % 2; k%2 == 0 {
-				gw[i] = started(lb.Restart(t, i, gw[i]))
+				gw[i] = procs.Add(lb.Restart(t, i, gw[i]))
 			} else {
-				restartWorker(t, i)
+				wk[i] = procs.RestartWorker(t, i, wk[i])
 			}
 		},
-		Logs: func() string {
-			mu.Lock()
-			defer mu.Unlock()
-			var b strings.Builder
-			for _, p := range procs {
-				fmt.Fprintf(&b, "== %v\n%s", p.Args[0], p.Stderr())
-			}
-			return b.String()
-		},
+		Logs: procs.Logs,
 	})
 }
