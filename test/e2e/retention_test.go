@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenrelay/tokenrelay/internal/bus"
@@ -81,21 +80,13 @@ func retentionTurns(t *testing.T, ws string) {
 // streams and buckets are empty (the jobs stream is empty once each job is
 // acked), while the history store still has every turn.
 func TestBusExpiresTurnsAfterRetention(t *testing.T) {
-	ns, natsURL, storeURL := trtest.ScaleOutDeps(t)
+	_, natsURL, storeURL := trtest.ScaleOutDeps(t)
 	common := []string{"--nats-url", natsURL, "--store-url", storeURL, "--retention", "2s"}
 	w := trtest.Start(t, append([]string{"worker", "--metrics-addr", "127.0.0.1:0"}, common...)...)
 	g := trtest.Start(t, append([]string{"gateway", "--addr", "127.0.0.1:0"}, common...)...)
 	g.WaitReady(t)
 
-	nc, err := ns.Connect("retention-test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := trtest.JetStream(t, natsURL)
 
 	retentionTurns(t, g.WSURL())
 	held := busCounts(t, js)
@@ -124,15 +115,7 @@ func TestBusExpiresTurnsAfterRetention(t *testing.T) {
 func TestServeExpiresTurnsAfterRetention(t *testing.T) {
 	listen := fmt.Sprintf("127.0.0.1:%d", bustest.FreePorts(t, 1)[0])
 	p := trtest.Serve(t, "--retention", "2s", "--nats-listen", listen)
-	nc, err := nats.Connect("nats://" + listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := trtest.JetStream(t, "nats://"+listen)
 
 	retentionTurns(t, p.WSURL())
 	held := busCounts(t, js)

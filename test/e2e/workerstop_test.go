@@ -5,9 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/tokenrelay/tokenrelay/internal/bus"
 	"github.com/tokenrelay/tokenrelay/internal/trtest"
 )
@@ -53,15 +50,7 @@ func TestStoppedWorkerHandsBackUnstartedJobs(t *testing.T) {
 // waits in the queue.
 func waitJobsTaken(t *testing.T, natsURL string, n int) {
 	t.Helper()
-	nc, err := nats.Connect(natsURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := trtest.JetStream(t, natsURL)
 	cons, err := js.Consumer(trtest.Ctx(t, wait), bus.JobsStream, bus.JobsConsumer)
 	if err != nil {
 		t.Fatal(err)
