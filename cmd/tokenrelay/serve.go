@@ -80,6 +80,8 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		defer emb.Shutdown()
 		if a := emb.Server.Addr(); a != nil {
 			log.Info("nats listening", "addr", a.String())
+			// The start line names the port taken, not a :0 asked for.
+			c.NATSListen = a.String()
 		}
 	}
 	gwNC, err := connect(&c, emb, "tokenrelay-gateway", log)

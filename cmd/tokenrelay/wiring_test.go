@@ -1,8 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"context"
+	"io"
 	"log/slog"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -120,5 +124,42 @@ func TestStartAttrs(t *testing.T) {
 		if line := buf.String(); !strings.Contains(line, tt.want) || strings.Contains(line, "s3cret") || strings.Contains(line, "tr:") {
 			t.Errorf("%+v logged %s, want %s", tt.c, line, tt.want)
 		}
+	}
+}
+
+// serve --nats-listen with port 0 names, in its first log line, the port
+// the embedded server took, which NATS clients are to be given.
+func TestServeStartLineNamesTheNATSPortTaken(t *testing.T) {
+	ctx, cancel := context.WithCancel(t.Context())
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := run(ctx, []string{"serve", "--addr", "127.0.0.1:0", "--data-dir", t.TempDir(), "--nats-listen", "127.0.0.1:0"},
+			func(string) string { return "" }, io.Discard, pw)
+		pw.Close()
+		done <- err
+	}()
+	t.Cleanup(func() {
+		cancel()
+		go io.Copy(io.Discard, pr)
+		<-done
+	})
+	taken := regexp.MustCompile(`msg="nats listening" addr=(\S+)`)
+	var addr, line string
+	sc := bufio.NewScanner(pr)
+	for sc.Scan() {
+		if m := taken.FindStringSubmatch(sc.Text()); m != nil {
+			addr = m[1]
+		}
+		if strings.Contains(sc.Text(), "msg=listening") {
+			line = sc.Text()
+			break
+		}
+	}
+	if addr == "" || line == "" {
+		t.Fatalf("serve logged no \"nats listening\" line or no start line before it stopped")
+	}
+	if want := `nats="embedded, listening on ` + addr + `"`; !strings.Contains(line, want) {
+		t.Errorf("start line:\n%s\nwant %s", line, want)
 	}
 }
