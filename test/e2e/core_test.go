@@ -46,15 +46,8 @@ func runTurn(t *testing.T, c *trtest.Client, conv, text string, extra map[string
 	return tr
 }
 
-type message struct {
-	MessageID string `json:"message_id"`
-	Role      string `json:"role"`
-	Content   string `json:"content"`
-	Status    string `json:"status"`
-	TurnID    string `json:"turn_id"`
-	ReplyTo   string `json:"reply_to"`
-	CreatedAt string `json:"created_at"`
-}
+// message is a stored message as the HTTP API returns it.
+type message = trtest.Message
 
 func messages(t *testing.T, base, conv, query string) []message {
 	t.Helper()
